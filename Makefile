@@ -1,0 +1,61 @@
+# Two commands for a newcomer: `make test` and `make run`. Everything else is optional.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed on its own first so pip takes these builds (local copies on our CI machines).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast run demo lint fmt bench services migrate clean help
+
+help:
+	@echo "make install  - create $(VENV) and install the package with dev extras"
+	@echo "make test     - install if needed, start PostgreSQL/Redis if down, run all tests"
+	@echo "make run      - start the service (embedded mode: SQLite, local data, in-process jobs)"
+	@echo "make demo     - offline end-to-end demo through the HTTP API on the demo model"
+	@echo "make lint     - ruff + mypy"
+	@echo "make bench    - run the benchmarks in bench/ (writes bench/results/*.json)"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+services:
+	@scripts/ensure-services.sh
+
+test: install services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not postgres and not redis" $(PYTEST_ARGS)
+
+run: install
+	$(VENV)/bin/polar serve
+
+demo: install
+	$(PY) -m app.demo.run_demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+migrate: install
+	$(VENV)/bin/alembic upgrade head
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,3 @@
+"""POLAR personalized image search service."""
+
+__version__ = "0.1.0"

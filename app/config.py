@@ -1,0 +1,91 @@
+"""Settings: one place, one env prefix (`POLAR_`), nested groups (`POLAR_MODEL__NAME=...`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSettings(BaseModel):
+    """Which CLIP serves the text and image towers."""
+
+    name: str = Field("ViT-B-32", description="open_clip model name (or the demo model's name)")
+    pretrained: str = Field(
+        "openai", description="open_clip pretrained tag, or a path to a local checkpoint file"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA if present")
+    cache_dir: Path | None = Field(None, description="where open_clip caches downloaded weights")
+    fallback_to_demo: bool = Field(
+        True, description="serve the bundled demo model (loudly) if the weights cannot be had"
+    )
+
+
+class TrainingSettings(BaseModel):
+    """POLAR adapter training (docs/POLAR.md)."""
+
+    lam: float | None = Field(
+        None, description="λ regulariser on mean(B²); empty = the model's calibrated default"
+    )
+    steps: int = Field(500, ge=1, le=20_000, description="full-batch Adam steps")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seed: int = Field(0, description="fixed seed for the rank-1 init")
+    token_mode: Literal["shared", "distinct"] = Field(
+        "shared", description="shared `sks` placeholder, or a distinct rare token per concept"
+    )
+    min_photos: int = Field(3, ge=1, description="fewest photos a concept accepts")
+    max_photos: int = Field(13, ge=1, description="most photos a concept accepts")
+
+
+class LimitSettings(BaseModel):
+    """Guards against bad or hostile input."""
+
+    max_upload_bytes: int = Field(25 * 1024 * 1024, description="largest accepted file")
+    max_pixels: int = Field(50_000_000, description="decompression-bomb guard (width × height)")
+    max_files_per_request: int = Field(200, description="files in one upload request")
+    max_k: int = Field(200, description="largest page a search returns")
+    max_query_chars: int = Field(1000, description="longest query string accepted")
+
+
+class Settings(BaseSettings):
+    """All configuration of the API and the workers."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="POLAR_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    data_dir: Path = Field(Path("./data"), description="images, thumbnails, index files")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty = SQLite file in the data folder"
+    )
+    broker_url: str = Field(
+        "", description="Celery broker (redis://...); empty = in-process job runner"
+    )
+    host: str = Field("127.0.0.1", description="address `polar serve` binds")
+    port: int = Field(8000, description="port `polar serve` binds")
+    log_level: str = Field("info", description="logging level")
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
+    limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'polar.db').as_posix()}"
+        if self.training.min_photos > self.training.max_photos:
+            raise ValueError("training.min_photos must not exceed training.max_photos")
+        return self
+
+    @property
+    def embedded_jobs(self) -> bool:
+        """True when jobs run in the API process (no broker configured)."""
+        return not self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
