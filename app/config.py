@@ -67,9 +67,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `polar serve` binds")
     port: int = Field(8000, description="port `polar serve` binds")
     log_level: str = Field("info", description="logging level")
-    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
-    training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
-    limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
