@@ -8,25 +8,53 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api.routes import health
+from app.api.deps import AUTH
+from app.api.errors import install_error_handlers
+from app.api.routes import health, images
 from app.config import Settings, get_settings
+from app.db import make_engine, make_session_factory, migrate
+from app.storage import ImageStore
+
+# Multipart framing per file part (headers, boundary), on top of the files' own bytes.
+_PART_OVERHEAD_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app; tests pass their own settings."""
     settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        yield
+        # Idempotent, and serialised across replicas on Postgres (advisory lock);
+        # deployments may also run `polar migrate` first.
+        migrate(engine)
+        try:
+            yield
+        finally:
+            engine.dispose()
 
     app = FastAPI(
         title="POLAR personalized image search",
         version=__version__,
         description="Teach CLIP your own objects from a few photos, then search for them.",
         lifespan=lifespan,
+        dependencies=[AUTH],  # every route needs a key, except deps.PUBLIC_PATHS
     )
     app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.image_store = ImageStore(settings.data_dir)
+    install_error_handlers(app)
     app.include_router(health.router)
+    limits = settings.limits
+    app.include_router(
+        images.router,
+        # Stop reading an oversized request early; each file is also capped while it is read.
+        max_body_size=limits.max_files_per_request
+        * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
+        # One more than allowed, so the service can answer `too_many_files` with the limit.
+        form_limits={"max_files": limits.max_files_per_request + 1},
+    )
     return app

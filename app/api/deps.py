@@ -1,0 +1,82 @@
+"""FastAPI dependencies: settings, database session, image store, and the authenticated user.
+
+Authentication is installed app-wide (`create_app(dependencies=[AUTH])`), so every route,
+including ones added later, needs a key unless its path is in PUBLIC_PATHS. Routes that need the
+user take `user: CurrentUser`; FastAPI caches dependencies per request, so the key is checked once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Unauthorized
+from app.models import User
+from app.services import users as users_service
+from app.storage import ImageStore
+
+# Reachable without a key: probes and the API docs.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `polar create-user` / `polar create-key`: polar_<prefix>_<secret>",
+)
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The app's settings (tests pass their own to create_app)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_db_session(request: Request) -> Iterator[Session]:
+    """One session per request; services commit, anything uncommitted is rolled back on close."""
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_store(request: Request) -> ImageStore:
+    """The image store of the app's data folder."""
+    store: ImageStore = request.app.state.image_store
+    return store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_db_session)]
+StoreDep = Annotated[ImageStore, Depends(get_store)]
+
+
+def authenticate(
+    request: Request,
+    db_session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> User | None:
+    """The key's user; None on public paths; Unauthorized when the key is missing or bad."""
+    route = request.scope.get("route")
+    if getattr(route, "path", request.url.path) in PUBLIC_PATHS:
+        return None
+    if credentials is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    return users_service.authenticate(credentials.credentials, db_session=db_session)
+
+
+AUTH = Depends(authenticate)
+
+
+def get_current_user(user: Annotated[User | None, AUTH]) -> User:
+    """The authenticated user (for routes that act on someone's data)."""
+    if user is None:
+        raise Unauthorized("this route needs an API key")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]

@@ -1,0 +1,131 @@
+"""The one place where errors become HTTP responses.
+
+Every error response, whatever raised it (a domain error, request validation, routing 404/405,
+an unexpected exception), has this JSON body:
+
+    {"error": {"code": "<stable snake_case>", "message": "<for people>", "detail": <any>}}
+
+`detail` is present only when there is something structured to say: the bad files of an upload
+(`{"files": [{"index", "filename", "code", "message"}]}`), the failing fields of a request
+(`[{"loc": [...], "msg": "...", "type": "..."}]`), limits that were exceeded. Clients branch on
+`code`, never on `message`. 401 responses carry `WWW-Authenticate: Bearer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import (
+    Conflict,
+    DomainError,
+    ModelUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMedia,
+    UploadRejected,
+    ValidationFailed,
+)
+
+log = logging.getLogger(__name__)
+
+# Domain error class -> HTTP status; subclasses inherit their base's status.
+STATUS_BY_ERROR: dict[type[DomainError], int] = {
+    NotFound: 404,
+    ValidationFailed: 422,
+    Conflict: 409,
+    Unauthorized: 401,
+    PayloadTooLarge: 413,
+    UnsupportedMedia: 415,
+    ModelUnavailable: 503,
+}
+
+# Codes for errors raised as plain HTTP exceptions (routing, the body-size limit, multipart).
+_CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media",
+    422: "validation_failed",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def status_for(error: DomainError) -> int:
+    """HTTP status of a domain error (an upload rejection takes its first bad file's)."""
+    if isinstance(error, UploadRejected):
+        return status_for(error.failures[0].error)
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 400
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    """The JSON error shape."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return {"error": body}
+
+
+def _response(
+    status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse(error_body(code, message, detail), status_code=status, headers=headers)
+
+
+async def handle_domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return _response(status_for(exc), exc.code, exc.message, exc.detail)
+
+
+async def handle_http_exception(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    code = _CODE_BY_STATUS.get(status, "internal_error" if status >= 500 else f"http_{status}")
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    if isinstance(exc.detail, str) and exc.detail:
+        message, detail = exc.detail, None
+    else:
+        message, detail = phrase, exc.detail
+    return _response(status, code, message, detail, dict(exc.headers or {}))
+
+
+async def handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Drop `input`/`ctx`: they can hold uploaded bytes or objects that are not JSON.
+    problems = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type"))}
+        for e in exc.errors()
+    ]
+    where = "; ".join(f"{'.'.join(str(p) for p in pr['loc'])}: {pr['msg']}" for pr in problems)
+    return _response(422, "validation_failed", f"invalid request: {where}", problems)
+
+
+async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every handler on the app."""
+    app.add_exception_handler(DomainError, handle_domain_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(Exception, handle_unexpected)

@@ -1,0 +1,126 @@
+"""/images: upload, list, fetch, delete a user's library images (logic in services/images)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, Response, UploadFile
+from fastapi.responses import FileResponse
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.errors import NotFound
+from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
+from app.schemas import error_responses as errors
+from app.services import images as service
+from app.storage import THUMB_MIME
+
+router = APIRouter(prefix="/images", tags=["images"], responses=errors(401))
+
+# Content-addressed, so a URL's bytes never change; `private`: it is behind a key.
+_IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=UploadResponse,
+    summary="Upload images (one or many); they are embedded in the background",
+    responses=errors(409, 413, 415, 422),
+)
+def upload_images(
+    files: Annotated[
+        list[UploadFile],
+        File(description="image files: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF"),
+    ],
+    user: CurrentUser,
+    db_session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> UploadResponse:
+    """All or nothing: one bad file rejects the request (naming it) and stores nothing."""
+    incoming = [service.IncomingFile(f.filename, f.file) for f in files]
+    outcome = service.upload_images(
+        user.id, incoming, db_session=db_session, store=store, limits=settings.limits
+    )
+    return UploadResponse(
+        images=[
+            UploadedImageOut(**ImageOut.from_model(u.image).model_dump(), duplicate=u.duplicate)
+            for u in outcome.images
+        ],
+        job=JobOut.from_model(outcome.job) if outcome.job is not None else None,
+    )
+
+
+@router.get(
+    "",
+    response_model=ImagePage,
+    summary="List images, oldest first, by cursor",
+    responses=errors(422),
+)
+def list_images(
+    user: CurrentUser,
+    db_session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> ImagePage:
+    page = service.list_images(user.id, db_session=db_session, limit=limit, cursor=cursor)
+    return ImagePage(
+        items=[ImageOut.from_model(i) for i in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{image_id}", response_model=ImageOut, responses=errors(404))
+def get_image(image_id: str, user: CurrentUser, db_session: SessionDep) -> ImageOut:
+    return ImageOut.from_model(service.get_image(user.id, image_id, db_session=db_session))
+
+
+@router.get(
+    "/{image_id}/file",
+    response_class=FileResponse,
+    summary="The original bytes, as uploaded",
+    responses=errors(404),
+)
+def get_image_file(
+    image_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+) -> FileResponse:
+    image = service.get_image(user.id, image_id, db_session=db_session)
+    path = store.path(image.storage_path)
+    if not path.is_file():
+        raise NotFound("the stored file is missing; upload the image again", code="file_missing")
+    return FileResponse(
+        path,
+        media_type=image.mime,
+        filename=image.original_filename,
+        content_disposition_type="inline",
+        headers=_IMMUTABLE,
+    )
+
+
+@router.get(
+    "/{image_id}/thumbnail",
+    response_class=FileResponse,
+    summary=f"A {THUMB_MIME} thumbnail, 256 px on its longest side",
+    responses=errors(404),
+)
+def get_image_thumbnail(
+    image_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+) -> FileResponse:
+    image = service.get_image(user.id, image_id, db_session=db_session)
+    path = store.path(store.thumbnail_relpath(image.storage_path))
+    if not path.is_file():
+        raise NotFound("the thumbnail is missing; upload the image again", code="file_missing")
+    return FileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
+
+
+@router.delete(
+    "/{image_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete an image (it also leaves the search index)",
+    responses=errors(404),
+)
+def delete_image(
+    image_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+) -> Response:
+    service.delete_image(user.id, image_id, db_session=db_session, store=store)
+    return Response(status_code=204)

@@ -1,0 +1,273 @@
+"""SQLAlchemy 2 models: the database is the source of truth (docs/CONTRACTS.md, Database)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names, so migrations name things the same on SQLite and Postgres.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Aware UTC now: every timestamp in the database is UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh primary key (UUID4 string)."""
+    return str(uuid.uuid4())
+
+
+def new_vec_id() -> int:
+    """A random positive 63-bit FAISS id (int64, never -1 which FAISS uses for 'missing')."""
+    return secrets.randbelow(2**63 - 1) + 1
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamp that always comes back aware-UTC (SQLite drops the zone; Postgres keeps it)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: use app.models.utcnow()")
+        value = value.astimezone(UTC)
+        # SQLite stores text; naive UTC keeps the text sortable, so keyset pagination works.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobKind(StrEnum):
+    """What a job does; each kind maps to one service function."""
+
+    EMBED_IMAGES = "embed_images"
+    TRAIN_CONCEPT = "train_concept"
+    REBUILD_INDEX = "rebuild_index"
+
+
+class JobState(StrEnum):
+    """Job life cycle: queued → running → succeeded | failed."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ConceptState(StrEnum):
+    """Concept life cycle: training → ready | failed."""
+
+    TRAINING = "training"
+    READY = "ready"
+    FAILED = "failed"
+
+
+def _in(column: str, values: type[StrEnum]) -> str:
+    """SQL CHECK text: `column` holds one of the enum's values."""
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base; its metadata is what Alembic migrates."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+class User(Base):
+    """An owner of images, concepts and keys."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Bumped on every change of the user's embedded image set; API processes compare it with
+    # the generation their cached FAISS index was built from.
+    index_generation: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+class ApiKey(Base):
+    """A bearer key `polar_<prefix>_<secret>`; only its sha256 is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell keys apart
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex sha256 of the full key
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Image(Base):
+    """A library image of one user; its embedding is filled in by the embed job."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("user_id", "sha256"),
+        UniqueConstraint("user_id", "vec_id"),
+        Index(None, "user_id", "created_at", "id"),  # keyset pagination
+        Index(None, "storage_path"),  # "is this file still referenced?" on delete
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    vec_id: Mapped[int] = mapped_column(BigInteger, default=new_vec_id)  # FAISS id
+    sha256: Mapped[str] = mapped_column(String(64))
+    original_filename: Mapped[str | None] = mapped_column(String(255))  # display only
+    mime: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)  # after EXIF orientation
+    height: Mapped[int] = mapped_column(Integer)
+    storage_path: Mapped[str] = mapped_column(String(512))  # relative to settings.data_dir
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (D,), L2-normalised
+    embedding_model: Mapped[str | None] = mapped_column(String(255))  # ModelFingerprint.model_id
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Concept(Base):
+    """A personal concept ("Fido") with its POLAR adapter versions."""
+
+    __tablename__ = "concepts"
+    __table_args__ = (
+        UniqueConstraint("user_id", "name_key"),
+        CheckConstraint(_in("state", ConceptState), name="state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    name_key: Mapped[str] = mapped_column(String(200))  # name.casefold(): names match that way
+    category: Mapped[str | None] = mapped_column(String(100))
+    token: Mapped[str] = mapped_column(String(64))  # placeholder token, e.g. "sks"
+    state: Mapped[str] = mapped_column(String(16), default=ConceptState.TRAINING.value)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    metrics: Mapped[dict[str, Any] | None]
+    retention_score: Mapped[float | None] = mapped_column(Float)
+    retention_flagged: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    examples: Mapped[list[ConceptExample]] = relationship(
+        back_populates="concept", passive_deletes=True, order_by="ConceptExample.created_at"
+    )
+    adapters: Mapped[list[Adapter]] = relationship(
+        back_populates="concept", passive_deletes=True, order_by="Adapter.version"
+    )
+
+
+class ConceptExample(Base):
+    """One training photo of a concept."""
+
+    __tablename__ = "concept_examples"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    concept_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("concepts.id", ondelete="CASCADE"), index=True
+    )
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_path: Mapped[str] = mapped_column(String(512), index=True)
+    mime: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    embedding_model: Mapped[str | None] = mapped_column(String(255))
+    version_added: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    concept: Mapped[Concept] = relationship(back_populates="examples")
+
+
+class Adapter(Base):
+    """Weights of one trained version of a concept (ConceptAdapter.to_bytes())."""
+
+    __tablename__ = "adapters"
+    # A retried training task must leave exactly one row per version.
+    __table_args__ = (UniqueConstraint("concept_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    concept_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("concepts.id", ondelete="CASCADE")
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    model_id: Mapped[str] = mapped_column(String(255))
+    meta: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    concept: Mapped[Concept] = relationship(back_populates="adapters")
+
+
+class Job(Base):
+    """Background work (embed, train, rebuild) with progress a client can poll."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("kind", JobKind), name="kind"),
+        CheckConstraint(_in("state", JobState), name="state"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        Index(None, "user_id", "created_at"),
+        Index(None, "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,186 @@
+"""HTTP request/response schemas (pydantic v2), with OpenAPI examples."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import Image, Job
+
+_IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
+_JOB_ID = "0b7e4a91-5c2d-4d8e-8a43-7d6b1e9f2c33"
+_TS = "2025-06-01T12:00:00Z"
+
+
+class ErrorBody(BaseModel):
+    """What went wrong: a stable `code`, a sentence for people, optional structured `detail`."""
+
+    code: str = Field(description="stable, machine-readable (snake_case)")
+    message: str = Field(description="for people; may change between versions")
+    detail: Any = Field(None, description="optional structured data; absent when there is none")
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every error response."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": {"code": "not_found", "message": "image not found"}},
+                {
+                    "error": {
+                        "code": "invalid_image",
+                        "message": "1 of 2 file(s) rejected, nothing was stored. #1 a.jpg: ...",
+                        "detail": {
+                            "files": [
+                                {
+                                    "index": 1,
+                                    "filename": "a.jpg",
+                                    "code": "invalid_image",
+                                    "message": "the file is empty (0 bytes)",
+                                }
+                            ]
+                        },
+                    }
+                },
+            ]
+        }
+    )
+
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error shape for these statuses."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+class ImageOut(BaseModel):
+    """A library image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _IMAGE_ID,
+                    "filename": "beach.jpg",
+                    "mime": "image/jpeg",
+                    "size_bytes": 482113,
+                    "width": 1600,
+                    "height": 1200,
+                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "embedded": False,
+                    "created_at": _TS,
+                    "file_url": f"/images/{_IMAGE_ID}/file",
+                    "thumbnail_url": f"/images/{_IMAGE_ID}/thumbnail",
+                }
+            ]
+        }
+    )
+
+    id: str
+    filename: str | None = Field(description="base name the client sent, for display only")
+    mime: str
+    size_bytes: int
+    width: int = Field(description="pixels, after EXIF orientation")
+    height: int
+    sha256: str = Field(description="hex digest of the original bytes")
+    embedded: bool = Field(description="true once the embed job has indexed it for search")
+    created_at: datetime
+    file_url: str
+    thumbnail_url: str
+
+    @classmethod
+    def from_model(cls, image: Image) -> ImageOut:
+        """Build from the ORM row."""
+        return cls(
+            id=image.id,
+            filename=image.original_filename,
+            mime=image.mime,
+            size_bytes=image.size_bytes,
+            width=image.width,
+            height=image.height,
+            sha256=image.sha256,
+            embedded=image.embedding is not None,
+            created_at=image.created_at,
+            file_url=f"/images/{image.id}/file",
+            thumbnail_url=f"/images/{image.id}/thumbnail",
+        )
+
+
+class UploadedImageOut(ImageOut):
+    """An image in an upload's answer."""
+
+    duplicate: bool = Field(description="the user already had this content; nothing new stored")
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A background job a client can poll at GET /jobs/{id}."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _JOB_ID,
+                    "kind": "embed_images",
+                    "state": "queued",
+                    "progress": 0.0,
+                    "error": None,
+                    "created_at": _TS,
+                    "started_at": None,
+                    "finished_at": None,
+                }
+            ]
+        }
+    )
+
+    id: str
+    kind: str = Field(description="embed_images | train_concept | rebuild_index")
+    state: str = Field(description="queued | running | succeeded | failed")
+    progress: float = Field(ge=0, le=1)
+    error: JobError | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_model(cls, job: Job) -> JobOut:
+        """Build from the ORM row."""
+        error = None
+        if job.error_code is not None:
+            error = JobError(code=job.error_code, message=job.error_message or "")
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            state=job.state,
+            progress=job.progress,
+            error=error,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class UploadResponse(BaseModel):
+    """Answer to POST /images: the images in request order, and the job embedding the new ones."""
+
+    images: list[UploadedImageOut]
+    job: JobOut | None = Field(
+        description="embeds the images not embedded yet; null when all were already embedded"
+    )
+
+
+class ImagePage(BaseModel):
+    """One page of GET /images; pass `next_cursor` back as `cursor` for the next page."""
+
+    items: list[ImageOut]
+    next_cursor: str | None = Field(description="null on the last page")

@@ -1,0 +1,253 @@
+"""Content-addressed image files under settings.data_dir, and upload validation with Pillow.
+
+Layout (paths in the database are relative to data_dir, so the folder can move):
+    originals/ab/cd/<sha256>.<ext>   the uploaded bytes, unchanged (EXIF and all)
+    thumbs/ab/cd/<sha256>.webp       256 px (longest side), EXIF orientation applied, made once
+    tmp/                             staging; same filesystem, so os.replace is atomic
+One file serves every row (any user, images or concept examples) with the same content; callers
+delete it only when no row references it any more (see services/images.delete_image).
+
+An upload is staged first (streamed to tmp/ with its size checked while reading, hashed, fully
+decoded), then committed (moved into place) or discarded: a rejected file leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMedia
+
+# Pillow format name -> (MIME type, file extension). Anything else is refused.
+ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
+    "JPEG": ("image/jpeg", "jpg"),
+    "PNG": ("image/png", "png"),
+    "WEBP": ("image/webp", "webp"),
+    "GIF": ("image/gif", "gif"),
+    "BMP": ("image/bmp", "bmp"),
+    "TIFF": ("image/tiff", "tiff"),
+}
+THUMB_SIZE = 256
+THUMB_MIME = "image/webp"
+_CHUNK = 1024 * 1024
+_MAX_NAME_CHARS = 255
+
+
+class BinaryStream(Protocol):
+    """What an upload must offer: `read(n)` returning at most n bytes, b"" at the end."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class StagedImage:
+    """A validated upload waiting in tmp/ to be committed or discarded."""
+
+    temp_path: Path
+    sha256: str
+    size_bytes: int
+    format: str  # Pillow format name, one of ALLOWED_FORMATS
+    width: int  # after EXIF orientation
+    height: int
+    filename: str | None  # sanitised display name, never used in a path
+    thumbnail: bytes  # WebP
+
+    @property
+    def mime(self) -> str:
+        return ALLOWED_FORMATS[self.format][0]
+
+    @property
+    def ext(self) -> str:
+        return ALLOWED_FORMATS[self.format][1]
+
+
+def display_filename(raw: str | None) -> str | None:
+    """The base name of a client-supplied filename, for display only ("../../a.png" -> "a.png")."""
+    if not raw:
+        return None
+    base = re.split(r"[\\/]", raw)[-1]  # both separators: clients on Windows send C:\...\a.png
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    if base in ("", ".", ".."):
+        return None
+    return base[-_MAX_NAME_CHARS:] if len(base) > _MAX_NAME_CHARS else base
+
+
+def _atomic_write(dest: Path, data: bytes) -> None:
+    """Write `data` to `dest` so readers see the old file or the whole new one, never a part."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _make_thumbnail(img: Image.Image) -> bytes:
+    """A WebP at most THUMB_SIZE px on its longest side, alpha kept when the image has any."""
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    if img.mode not in ("RGB", "RGBA", "L", "LA"):
+        img = img.convert("RGBA" if has_alpha else "RGB")  # P, CMYK, I;16... do not resample well
+    thumb = img.copy()
+    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+    thumb = thumb.convert("RGBA" if has_alpha else "RGB")
+    buf = io.BytesIO()
+    thumb.save(buf, "WEBP", quality=80, method=4)
+    return buf.getvalue()
+
+
+def _sniff_format(path: Path) -> str | None:
+    """The format Pillow would recognise without our allow-list (to word the error)."""
+    try:
+        with Image.open(path) as img:
+            return str(img.format)
+    except Exception:
+        return None
+
+
+class ImageStore:
+    """The image files of one data folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.tmp_dir = self.root / "tmp"
+
+    # -- paths ------------------------------------------------------------------------------
+
+    @staticmethod
+    def original_relpath(sha256: str, ext: str) -> str:
+        """Relative path of the original with this content."""
+        return f"originals/{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
+
+    @staticmethod
+    def thumbnail_relpath(storage_path: str) -> str:
+        """Relative path of the thumbnail belonging to an original."""
+        sha = Path(storage_path).stem
+        return f"thumbs/{sha[:2]}/{sha[2:4]}/{sha}.webp"
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a stored file; refuses anything outside the data folder."""
+        p = (self.root / relpath).resolve()
+        if not p.is_relative_to(self.root):
+            raise ValueError(f"storage path escapes the data folder: {relpath!r}")
+        return p
+
+    # -- upload -----------------------------------------------------------------------------
+
+    def stage(
+        self, stream: BinaryStream, filename: str | None, *, max_bytes: int, max_pixels: int
+    ) -> StagedImage:
+        """Copy an upload to tmp/ and validate it; raises a DomainError and keeps nothing if bad."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                sha, size = _copy_limited(stream, out, max_bytes)
+            if size == 0:
+                raise InvalidImage("the file is empty (0 bytes)")
+            fmt, width, height, thumb = _inspect(tmp, max_pixels)
+            return StagedImage(
+                temp_path=tmp,
+                sha256=sha,
+                size_bytes=size,
+                format=fmt,
+                width=width,
+                height=height,
+                filename=display_filename(filename),
+                thumbnail=thumb,
+            )
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def commit(self, staged: StagedImage) -> tuple[str, bool]:
+        """Move a staged upload into place; returns (storage_path, whether this call created it).
+
+        If the content is already stored the temp file is dropped; a missing thumbnail is
+        (re)written either way, so re-uploading heals a damaged store.
+        """
+        relpath = self.original_relpath(staged.sha256, staged.ext)
+        dest = self.path(relpath)
+        created = False
+        if dest.exists():
+            staged.temp_path.unlink(missing_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(staged.temp_path, "rb") as f:
+                os.fsync(f.fileno())  # the bytes must be on disk before the name points at them
+            os.replace(staged.temp_path, dest)
+            created = True
+        thumb = self.path(self.thumbnail_relpath(relpath))
+        if not thumb.exists():
+            _atomic_write(thumb, staged.thumbnail)
+        return relpath, created
+
+    def discard(self, staged: StagedImage) -> None:
+        """Drop a staged upload (no-op once committed)."""
+        staged.temp_path.unlink(missing_ok=True)
+
+    def delete(self, storage_path: str) -> None:
+        """Remove an original and its thumbnail (callers check nothing references them)."""
+        self.path(storage_path).unlink(missing_ok=True)
+        self.path(self.thumbnail_relpath(storage_path)).unlink(missing_ok=True)
+
+
+def _copy_limited(stream: BinaryStream, out: BinaryIO, max_bytes: int) -> tuple[str, int]:
+    """Copy in chunks, hashing; stop as soon as the limit is passed (never read it all)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(min(_CHUNK, max_bytes + 1 - size)):
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(
+                f"the file is larger than the limit of {max_bytes} bytes",
+                detail={"max_bytes": max_bytes},
+            )
+        digest.update(chunk)
+        out.write(chunk)
+    return digest.hexdigest(), size
+
+
+def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int, bytes]:
+    """Fully decode the first frame: (format, width, height, thumbnail) after EXIF orientation."""
+    allowed = ", ".join(ALLOWED_FORMATS)
+    try:
+        with Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
+            fmt = str(img.format)
+            # Check the header's claim before decoding: a 100-byte PNG can promise 10^10 pixels.
+            if img.width * img.height > max_pixels:
+                raise ImageTooLarge(
+                    f"the image has {img.width}×{img.height} pixels, more than the limit of "
+                    f"{max_pixels}",
+                    detail={"width": img.width, "height": img.height, "max_pixels": max_pixels},
+                )
+            img.load()  # full decode: truncated and corrupt files fail here, not later
+            upright = ImageOps.exif_transpose(img)
+            width, height = upright.size
+            thumb = _make_thumbnail(upright)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"the image has too many pixels: {e}") from e
+    except UnidentifiedImageError as e:
+        other = _sniff_format(path)
+        if other is not None:
+            raise UnsupportedMedia(
+                f"{other} images are not accepted; send one of {allowed}",
+                detail={"format": other, "allowed": list(ALLOWED_FORMATS)},
+            ) from e
+        raise InvalidImage(f"not an image (or not one of {allowed})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InvalidImage(f"the image cannot be decoded (truncated or corrupt): {e}") from e
+    return fmt, width, height, thumb
