@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.deps import AUTH
-from app.api.errors import install_error_handlers
+from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.routes import health, images
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory, migrate
@@ -47,14 +47,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.image_store = ImageStore(settings.data_dir)
     install_error_handlers(app)
-    app.include_router(health.router)
     limits = settings.limits
-    app.include_router(
-        images.router,
-        # Stop reading an oversized request early; each file is also capped while it is read.
-        max_body_size=limits.max_files_per_request
-        * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
-        # One more than allowed, so the service can answer `too_many_files` with the limit.
-        form_limits={"max_files": limits.max_files_per_request + 1},
+    # The largest sane request: a full upload. Each file is also capped while it is read.
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=limits.max_files_per_request * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
     )
+    app.include_router(health.router)
+    # One file more than allowed is parsed, so the service can answer `too_many_files`.
+    app.include_router(images.router, form_limits={"max_files": limits.max_files_per_request + 1})
     return app

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.db_fixtures import *  # noqa: F403
 
 
 @pytest.fixture

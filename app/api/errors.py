@@ -20,7 +20,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
     Conflict,
@@ -121,6 +123,42 @@ async def handle_validation_error(_request: Request, exc: Exception) -> JSONResp
 async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return _response(500, "internal_error", "internal server error")
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes`, in the JSON error shape.
+
+    A declared Content-Length over the limit is answered before any byte is read; a body that
+    turns out longer (chunked, or lying) is cut off once it passes the limit. Starlette's own
+    limiter answers in plain text, hence this one.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request is larger than the limit of {self.max_bytes} bytes"
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            detail = {"max_bytes": self.max_bytes}
+            await _response(413, "payload_too_large", message, detail)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, detail=message)
+            return event
+
+        await self.app(scope, limited_receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

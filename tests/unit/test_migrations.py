@@ -1,0 +1,198 @@
+"""Migrations: upgrade/downgrade round trip, agreement with the models, constraints, on both DBs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import current_revision, downgrade, head_revision, make_engine, migrate
+from app.models import (
+    Adapter,
+    ApiKey,
+    Base,
+    Concept,
+    ConceptExample,
+    Image,
+    Job,
+    User,
+    utcnow,
+)
+
+APP_TABLES = {t.name for t in Base.metadata.sorted_tables}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a brand-new, never-migrated database."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+        yield engine
+        engine.dispose()
+        return
+    url = request.getfixturevalue("postgres_schema_url")
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def schema_diff(engine: Engine) -> list:
+    with engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+
+
+def test_upgrade_downgrade_upgrade_round_trip(empty_engine):
+    assert current_revision(empty_engine) is None
+    migrate(empty_engine)
+    assert tables(empty_engine) == APP_TABLES | {"alembic_version"}
+    assert current_revision(empty_engine) == head_revision()
+
+    downgrade(empty_engine, "base")
+    assert tables(empty_engine) == {"alembic_version"}
+    assert current_revision(empty_engine) is None
+
+    migrate(empty_engine)
+    assert tables(empty_engine) == APP_TABLES | {"alembic_version"}
+    assert schema_diff(empty_engine) == []
+
+
+def test_models_and_migrations_agree(empty_engine):
+    migrate(empty_engine)
+    assert schema_diff(empty_engine) == []
+
+
+def test_a_drifted_model_is_detected(empty_engine):
+    """The agreement check can fail: drop a column the models have, and it reports it."""
+    migrate(empty_engine)
+    with empty_engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("DROP INDEX ix_images_storage_path"))
+        else:
+            conn.execute(text("ALTER TABLE images DROP COLUMN embedding_model"))
+    assert schema_diff(empty_engine) != []
+
+
+def test_migrate_is_idempotent(empty_engine):
+    migrate(empty_engine)
+    migrate(empty_engine)
+    assert current_revision(empty_engine) == head_revision()
+
+
+def _user_with_everything(session: Session) -> User:
+    user = User(name="u")
+    session.add(user)
+    session.flush()
+    concept = Concept(user_id=user.id, name="Fido", name_key="fido", token="sks")
+    session.add_all(
+        [
+            ApiKey(user_id=user.id, prefix="abcd1234", key_hash="0" * 64),
+            Image(
+                user_id=user.id,
+                sha256="a" * 64,
+                mime="image/png",
+                size_bytes=1,
+                width=1,
+                height=1,
+                storage_path="originals/x",
+            ),
+            concept,
+            Job(user_id=user.id, kind="embed_images", payload={"image_ids": []}),
+        ]
+    )
+    session.flush()
+    session.add_all(
+        [
+            ConceptExample(
+                concept_id=concept.id,
+                sha256="b" * 64,
+                storage_path="originals/y",
+                mime="image/png",
+                width=1,
+                height=1,
+            ),
+            Adapter(concept_id=concept.id, version=1, weights=b"w", model_id="m"),
+        ]
+    )
+    session.commit()
+    return user
+
+
+def test_deleting_a_user_cascades_to_everything_it_owns(empty_engine):
+    migrate(empty_engine)
+    with Session(empty_engine) as session:
+        user = _user_with_everything(session)
+        session.execute(text("DELETE FROM users WHERE id = :id"), {"id": user.id})
+        session.commit()
+        for model in (ApiKey, Image, Concept, ConceptExample, Adapter, Job):
+            assert session.scalars(select(model)).all() == [], model.__tablename__
+
+
+@pytest.mark.parametrize(
+    ("make_duplicate", "what"),
+    [
+        (
+            lambda u: Image(
+                user_id=u.id,
+                sha256="a" * 64,
+                mime="image/png",
+                size_bytes=1,
+                width=1,
+                height=1,
+                storage_path="originals/z",
+            ),
+            "same user, same sha256",
+        ),
+        (
+            lambda u: Concept(user_id=u.id, name="FIDO", name_key="fido", token="sks"),
+            "same user, same name_key",
+        ),
+        (
+            lambda u: Job(user_id=u.id, kind="no_such_kind", payload={}),
+            "unknown job kind",
+        ),
+        (
+            lambda u: Job(user_id=u.id, kind="embed_images", payload={}, progress=1.5),
+            "progress above 1",
+        ),
+    ],
+)
+def test_constraints_refuse_bad_rows(empty_engine, make_duplicate, what):
+    migrate(empty_engine)
+    with Session(empty_engine) as session:
+        user = _user_with_everything(session)
+        session.add(make_duplicate(user))
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_one_adapter_per_concept_version(empty_engine):
+    migrate(empty_engine)
+    with Session(empty_engine) as session:
+        _user_with_everything(session)
+        concept = session.scalars(select(Concept)).one()
+        session.add(Adapter(concept_id=concept.id, version=1, weights=b"again", model_id="m"))
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_timestamps_come_back_aware_utc(empty_engine):
+    migrate(empty_engine)
+    with Session(empty_engine) as session:
+        before = utcnow()
+        session.add(User(name="t"))
+        session.commit()
+        session.expunge_all()
+        created = session.scalars(select(User.created_at)).one()
+    assert created.tzinfo is not None
+    assert created.utcoffset().total_seconds() == 0
+    assert abs((created - before).total_seconds()) < 60

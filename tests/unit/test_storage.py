@@ -1,0 +1,197 @@
+"""Storage: upload validation, content addressing, atomic writes, bounded reads."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.errors import ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMedia
+from app.storage import THUMB_SIZE, ImageStore, display_filename
+from tests.db_fixtures import image_bytes, noisy_jpeg, png_claiming
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "data")
+
+
+def stage(store: ImageStore, data: bytes, name: str | None = "x", **limits: int):
+    return store.stage(
+        io.BytesIO(data),
+        name,
+        max_bytes=limits.get("max_bytes", 10 * MB),
+        max_pixels=limits.get("max_pixels", 10_000_000),
+    )
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "ext"),
+    [
+        ("JPEG", "image/jpeg", "jpg"),
+        ("PNG", "image/png", "png"),
+        ("WEBP", "image/webp", "webp"),
+        ("GIF", "image/gif", "gif"),
+        ("BMP", "image/bmp", "bmp"),
+        ("TIFF", "image/tiff", "tiff"),
+    ],
+)
+def test_allowed_formats_are_staged_and_committed(store, fmt, mime, ext):
+    data = image_bytes(fmt, (300, 120))
+    staged = stage(store, data)
+    assert (staged.mime, staged.ext, staged.width, staged.height) == (mime, ext, 300, 120)
+    assert staged.size_bytes == len(data)
+
+    relpath, created = store.commit(staged)
+
+    assert created
+    assert relpath == f"originals/{staged.sha256[:2]}/{staged.sha256[2:4]}/{staged.sha256}.{ext}"
+    assert store.path(relpath).read_bytes() == data
+    with Image.open(store.path(store.thumbnail_relpath(relpath))) as thumb:
+        assert thumb.format == "WEBP"
+        assert thumb.size == (THUMB_SIZE, round(120 * THUMB_SIZE / 300))
+    assert files_under(store.tmp_dir) == []
+
+
+def test_same_content_is_stored_once(store):
+    data = image_bytes("PNG")
+    first, created1 = store.commit(stage(store, data, "a.png"))
+    second, created2 = store.commit(stage(store, data, "b.png"))
+    assert first == second
+    assert (created1, created2) == (True, False)
+    assert len(files_under(store.root / "originals")) == 1
+    assert files_under(store.tmp_dir) == []
+
+
+def test_commit_restores_a_missing_file(store):
+    data = image_bytes("PNG")
+    relpath, _ = store.commit(stage(store, data))
+    store.delete(relpath)
+    assert not store.path(relpath).exists()
+    again, created = store.commit(stage(store, data))
+    assert (again, created) == (relpath, True)
+    assert store.path(relpath).read_bytes() == data
+    assert store.path(store.thumbnail_relpath(relpath)).exists()
+
+
+def test_gif_uses_its_first_frame(store):
+    frames = [Image.new("RGB", (40, 20), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    staged = stage(store, buf.getvalue())
+    relpath, _ = store.commit(staged)
+    with Image.open(store.path(store.thumbnail_relpath(relpath))) as thumb:
+        r, _g, b = thumb.convert("RGB").getpixel((5, 5))
+    assert r > 200 and b < 50  # red, the first frame
+
+
+def test_exif_orientation_is_applied_to_dimensions_and_thumbnail(store):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    data = image_bytes("JPEG", (60, 20), exif=exif.tobytes())
+    staged = stage(store, data)
+    assert (staged.width, staged.height) == (20, 60)
+    relpath, _ = store.commit(staged)
+    assert store.path(relpath).read_bytes() == data  # the original is kept as uploaded
+    with Image.open(store.path(store.thumbnail_relpath(relpath))) as thumb:
+        assert thumb.width < thumb.height
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "words"),
+    [
+        (b"", InvalidImage, "empty"),
+        (b"hello, I am text", InvalidImage, "not an image"),
+        (noisy_jpeg()[: len(noisy_jpeg()) * 2 // 3], InvalidImage, "truncated"),
+        (png_claiming(100_000, 100_000), ImageTooLarge, "pixels"),
+        (png_claiming(5_000, 5_000), ImageTooLarge, "5000×5000"),
+        (image_bytes("ICO", (16, 16)), UnsupportedMedia, "ICO"),
+        (image_bytes("PPM", (16, 16)), UnsupportedMedia, "PPM"),
+    ],
+    ids=["empty", "text", "truncated-jpeg", "bomb", "over-max-pixels", "ico", "ppm"],
+)
+def test_bad_uploads_are_refused_and_leave_nothing(store, data, error, words):
+    with pytest.raises(error, match=words):
+        stage(store, data, max_pixels=1_000_000)
+    assert files_under(store.root) == []
+
+
+def test_pixel_limit_counts_width_times_height(store):
+    data = image_bytes("PNG", (100, 50))
+    with pytest.raises(ImageTooLarge):
+        stage(store, data, max_pixels=4_999)
+    assert stage(store, data, max_pixels=5_000).width == 100
+
+
+class EndlessStream:
+    """A stream that never ends, counting what was read from it."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        assert size > 0, "must read in bounded chunks"
+        self.read_bytes += size
+        return b"\xff" * size
+
+
+def test_size_limit_is_enforced_while_reading(store):
+    stream = EndlessStream()
+    with pytest.raises(PayloadTooLarge):
+        store.stage(stream, "huge.jpg", max_bytes=3 * MB, max_pixels=10**6)
+    assert stream.read_bytes == 3 * MB + 1  # stopped one byte past the limit
+    assert files_under(store.root) == []
+
+
+def test_size_limit_is_inclusive(store):
+    data = image_bytes("PNG")
+    assert stage(store, data, max_bytes=len(data)).size_bytes == len(data)
+    with pytest.raises(PayloadTooLarge):
+        stage(store, data, max_bytes=len(data) - 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("cat.jpg", "cat.jpg"),
+        ("../../etc/passwd", "passwd"),
+        ("/abs/path/dog.png", "dog.png"),
+        ("C:\\Users\\me\\a.png", "a.png"),
+        ("..", None),
+        ("dir/", None),
+        ("bad\x00name\n.png", "badname.png"),
+        ("", None),
+        (None, None),
+        ("x" * 300 + ".png", ("x" * 300 + ".png")[-255:]),
+    ],
+)
+def test_display_filename_keeps_only_a_safe_base_name(raw, shown):
+    assert display_filename(raw) == shown
+
+
+def test_stored_paths_never_use_the_client_filename(store):
+    staged = stage(store, image_bytes("PNG"), "../../../../tmp/evil.png")
+    relpath, _ = store.commit(staged)
+    assert staged.filename == "evil.png"
+    assert "evil" not in relpath
+    assert store.path(relpath).is_relative_to(store.root)
+
+
+def test_path_refuses_to_leave_the_data_folder(store):
+    with pytest.raises(ValueError, match="escapes"):
+        store.path("../outside.png")
+
+
+def test_delete_removes_original_and_thumbnail(store):
+    relpath, _ = store.commit(stage(store, image_bytes("PNG")))
+    store.delete(relpath)
+    assert files_under(store.root / "originals") == []
+    assert files_under(store.root / "thumbs") == []
