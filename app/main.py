@@ -13,6 +13,7 @@ from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.routes import health, images
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory, migrate
+from app.runner import job_runtime
 from app.storage import ImageStore
 
 # Multipart framing per file part (headers, boundary), on top of the files' own bytes.
@@ -27,11 +28,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        app.state.image_store.sweep_tmp()
         # Idempotent, and serialised across replicas on Postgres (advisory lock);
         # deployments may also run `polar migrate` first.
         migrate(engine)
         try:
-            yield
+            # Embedded mode (no broker): a job thread pool in this process, stopped on exit.
+            with job_runtime(settings, app.state.session_factory) as dispatcher:
+                app.state.job_dispatcher = dispatcher
+                yield
         finally:
             engine.dispose()
 

@@ -18,6 +18,7 @@ import io
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -198,6 +199,18 @@ class ImageStore:
     def discard(self, staged: StagedImage) -> None:
         """Drop a staged upload (no-op once committed)."""
         staged.temp_path.unlink(missing_ok=True)
+
+    def sweep_tmp(self, older_than_s: float = 3600.0) -> int:
+        """Remove staging files a crashed process left behind; returns how many."""
+        if not self.tmp_dir.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s  # not 0: another process may be staging right now
+        removed = 0
+        for p in self.tmp_dir.iterdir():
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def delete(self, storage_path: str) -> None:
         """Remove an original and its thumbnail (callers check nothing references them)."""

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app import cli
+from app import cli, errors
 from app.db import get_engine
 from app.main import create_app
 from app.models import ApiKey
@@ -149,3 +149,50 @@ def test_cli_unknown_ids_fail_cleanly(cli_settings, capsys, argv):
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 1
     assert "not found" in err
+
+
+# -- the error shape for every kind of failure ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (errors.NotFound.of("thing"), 404),
+        (errors.ValidationFailed("bad", code="too_few_photos"), 422),
+        (errors.QueryTooLong("77 tokens at most", detail={"max_tokens": 77}), 422),
+        (errors.Conflict("name taken"), 409),
+        (errors.ConceptNotReady("still training"), 409),
+        (errors.Unauthorized("nope"), 401),
+        (errors.PayloadTooLarge("big"), 413),
+        (errors.UnsupportedMedia("ico"), 415),
+        (errors.ModelUnavailable("set POLAR_MODEL__NAME"), 503),
+    ],
+    ids=lambda v: v.code if isinstance(v, errors.DomainError) else str(v),
+)
+def test_domain_errors_map_to_one_status_and_the_shape(db_settings, make_user, error, status):
+    app = create_app(db_settings)
+
+    @app.get("/raise")
+    def raise_it() -> None:
+        raise error
+
+    with TestClient(app) as client:
+        user = make_user(client)
+        body = assert_error(client.get("/raise", headers=user.headers), status, error.code)
+    assert body["message"] == error.message
+    assert body.get("detail") == error.detail
+    assert ("detail" in body) == (error.detail is not None)
+
+
+def test_unexpected_exceptions_are_500_with_the_shape_and_no_internals(db_settings, make_user):
+    app = create_app(db_settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        user = make_user(client)
+        r = client.get("/boom", headers=user.headers)
+    body = assert_error(r, 500, "internal_error")
+    assert "secret" not in r.text and body["message"] == "internal server error"

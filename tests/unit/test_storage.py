@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,13 @@ def test_delete_removes_original_and_thumbnail(store):
     store.delete(relpath)
     assert files_under(store.root / "originals") == []
     assert files_under(store.root / "thumbs") == []
+
+
+def test_sweep_tmp_removes_only_old_leftovers(store):
+    store.tmp_dir.mkdir(parents=True)
+    old, fresh = store.tmp_dir / "upload-old", store.tmp_dir / "upload-fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (0, 0))
+    assert store.sweep_tmp(older_than_s=3600) == 1
+    assert not old.exists() and fresh.exists()
