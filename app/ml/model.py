@@ -1,0 +1,252 @@
+"""Loading the CLIP model: one read-only instance per process, with a fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+from app.ml.text import text_tower
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "polar-demo"
+DEFAULT_LAM = 0.1  # the paper's λ for DeepFashion2; small models want their own (polar.json)
+_HERE = Path(__file__).parent
+MODEL_CONFIG_DIR = _HERE / "model_configs"
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+
+
+def _register_model_configs() -> None:
+    """Make the project's own open_clip configs (e.g. polar-demo) known by name."""
+    if MODEL_CONFIG_DIR.is_dir():
+        for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):
+            open_clip.add_model_config(path)
+
+
+_register_model_configs()
+
+
+def demo_checkpoint_path() -> Path:
+    """Where the bundled demo checkpoint lives (it may be absent)."""
+    return _HERE / "assets" / DEMO_MODEL_NAME / "weights.safetensors"
+
+
+class ModelUnavailableError(RuntimeError):
+    """The configured model cannot be built; the message names the setting to change."""
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter was trained on a different text tower than the one loaded."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Identity of the text tower an adapter was trained on."""
+
+    name: str  # open_clip model name, e.g. "ViT-B-32" or "polar-demo"
+    pretrained: str  # tag ("openai") or checkpoint file name (not the full path)
+    text_sha256: str  # hash of the text tower's weights
+
+    def as_dict(self) -> dict[str, str]:
+        """Plain dict for JSON or safetensors metadata."""
+        return {"name": self.name, "pretrained": self.pretrained, "text_sha256": self.text_sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
+        """Inverse of as_dict."""
+        return cls(
+            name=str(d["name"]), pretrained=str(d["pretrained"]), text_sha256=str(d["text_sha256"])
+        )
+
+    @property
+    def model_id(self) -> str:
+        """Short stable id stored next to embeddings."""
+        return f"{self.name}/{self.pretrained}@{self.text_sha256[:12]}"
+
+
+@dataclass
+class ClipBundle:
+    """The loaded model and what goes with it; read-only after load."""
+
+    model: nn.Module  # open_clip model, eval mode, never mutated after load
+    tokenizer: Callable[..., torch.Tensor]  # open_clip tokenizer
+    preprocess: Callable[..., torch.Tensor]  # PIL image -> tensor (open_clip eval transform)
+    device: torch.device
+    fingerprint: ModelFingerprint
+    embed_dim: int  # joint embedding size D
+    text_width: int  # d of the text transformer
+    context_length: int  # 77 for OpenAI CLIP, 32 for the demo model
+    default_lam: float  # λ calibrated for this model (demo model ships its own)
+
+
+def text_state_sha256(model: nn.Module) -> str:
+    """sha256 over the text tower's tensors (names, dtypes, shapes, bytes), in name order."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for key in sorted(state):
+        if key.startswith("visual.") or key in ("logit_scale", "logit_bias"):
+            continue
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for absent CUDA is a configuration error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailableError(
+            f"POLAR_MODEL__DEVICE={device} but no CUDA device is available; "
+            "set POLAR_MODEL__DEVICE=cpu (or auto)."
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ModelUnavailableError(
+            f"POLAR_MODEL__DEVICE={device!r} is not a device; use auto, cpu or cuda."
+        ) from e
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return "/" in pretrained or "\\" in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _default_lam(pretrained: str) -> float:
+    """λ from polar.json next to a local checkpoint, else the paper's default."""
+    if not _looks_like_path(pretrained):
+        return DEFAULT_LAM
+    cfg = Path(pretrained).parent / "polar.json"
+    if not cfg.is_file():
+        return DEFAULT_LAM
+    try:
+        return float(json.loads(cfg.read_text())["default_lam"])
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable %s: %s", cfg, e)
+        return DEFAULT_LAM
+
+
+def _offline_hint(name: str) -> str:
+    demo = demo_checkpoint_path()
+    hint = (
+        "set POLAR_MODEL__PRETRAINED to a local checkpoint file (.safetensors or .pt) for "
+        f"POLAR_MODEL__NAME={name}, or point open_clip's cache at pre-downloaded weights"
+    )
+    if demo.is_file():
+        hint += (
+            f"; or use the bundled demo model: POLAR_MODEL__NAME={DEMO_MODEL_NAME} "
+            f"POLAR_MODEL__PRETRAINED={demo}"
+        )
+    return hint
+
+
+def _create(
+    name: str, pretrained: str, device: torch.device, cache_dir: str | None
+) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
+    """open_clip model and eval transform, with configuration errors made actionable."""
+    if name not in open_clip.list_models():
+        raise ModelUnavailableError(
+            f"unknown model POLAR_MODEL__NAME={name!r}; set it to an open_clip model name "
+            f"such as ViT-B-32 or {DEMO_MODEL_NAME}."
+        )
+    if _looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise ModelUnavailableError(
+            f"checkpoint POLAR_MODEL__PRETRAINED={pretrained} does not exist; "
+            f"set POLAR_MODEL__PRETRAINED to an existing file or an open_clip tag "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'})."
+        )
+    try:
+        # open_clip >= 2.24 loads .safetensors itself when `pretrained` is a file path.
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir
+        )
+    except RuntimeError as e:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained and not _looks_like_path(pretrained) and pretrained not in tags:
+            raise ModelUnavailableError(
+                f"POLAR_MODEL__PRETRAINED={pretrained!r} is not a tag of {name} "
+                f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file."
+            ) from e
+        raise ModelUnavailableError(
+            f"could not obtain weights for {name}/{pretrained} ({e}); {_offline_hint(name)}."
+        ) from e
+    return model, preprocess
+
+
+def load_clip(
+    name: str, pretrained: str, device: str = "auto", cache_dir: str | None = None
+) -> ClipBundle:
+    """Build the model in eval mode with frozen weights; raises ModelUnavailableError."""
+    if not pretrained:
+        raise ModelUnavailableError(
+            "POLAR_MODEL__PRETRAINED is empty; set it to an open_clip tag or a checkpoint file."
+        )
+    dev = resolve_device(device)
+    model, preprocess = _create(name, pretrained, dev, cache_dir)
+    label = Path(pretrained).name if _looks_like_path(pretrained) else pretrained
+    bundle = bundle_from_model(
+        model, preprocess, name=name, pretrained=label, default_lam=_default_lam(pretrained)
+    )
+    log.info("loaded %s on %s", bundle.fingerprint.model_id, dev)
+    return bundle
+
+
+def _tokenizer(name: str, context_length: int) -> Callable[..., torch.Tensor]:
+    """The model's tokenizer; OpenAI's BPE for architectures open_clip does not know by name."""
+    if name in open_clip.list_models():
+        return open_clip.get_tokenizer(name, context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
+
+
+def bundle_from_model(
+    model: nn.Module,
+    preprocess: Callable[..., torch.Tensor],
+    *,
+    name: str,
+    pretrained: str,
+    default_lam: float = DEFAULT_LAM,
+) -> ClipBundle:
+    """Wrap an already built open_clip model (tests and benchmarks use random weights)."""
+    model.eval().requires_grad_(False)
+    tower = text_tower(model)
+    return ClipBundle(
+        model=model,
+        tokenizer=_tokenizer(name, tower.context_length),
+        preprocess=preprocess,
+        device=tower.last.attn.in_proj_weight.device,
+        fingerprint=ModelFingerprint(name, pretrained, text_state_sha256(model)),
+        embed_dim=tower.embed_dim,
+        text_width=tower.width,
+        context_length=tower.context_length,
+        default_lam=default_lam,
+    )
+
+
+_cache: dict[tuple[str, str, str, str | None], ClipBundle] = {}
+_lock = threading.Lock()
+
+
+def get_clip(
+    name: str, pretrained: str, device: str = "auto", cache_dir: str | None = None
+) -> ClipBundle:
+    """The process-wide bundle for this configuration, loaded on first use under a lock."""
+    key = (name, pretrained, str(resolve_device(device)), cache_dir)
+    bundle = _cache.get(key)
+    if bundle is None:
+        with _lock:
+            bundle = _cache.get(key)
+            if bundle is None:
+                bundle = _cache[key] = load_clip(name, pretrained, device, cache_dir)
+    return bundle

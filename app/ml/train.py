@@ -1,0 +1,243 @@
+"""POLAR training: fit one concept's rank-1 V update to its photos' embeddings (docs/POLAR.md)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from app.ml.adapter import ConceptAdapter
+from app.ml.fast import FastObjective
+from app.ml.model import ClipBundle
+from app.ml.text import text_tower
+from app.ml.tokens import pick_token
+
+TEMPLATES: tuple[str, ...] = (
+    "This is a photo of *",
+    "This photo contains *",
+    "A *",
+    "A photo of *",
+    "An image of *",
+    "This is *",
+    "An image showing *",
+    "* is shown in this image",
+    "* can be seen in this picture",
+    "A * is visible in this photo",
+    "This photo shows *",
+    "We can see * in this scene",
+    "A scene containing *",
+)
+
+Progress = Callable[[int, int, float], None]  # (step, steps, loss)
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a, b) -> scalar loss
+
+
+def placeholder_phrase(token: str, category: str | None) -> str:
+    """How a query names the concept: "sks hat", or "sks" without a category."""
+    return f"{token} {category}" if category else token
+
+
+def training_texts(token: str, category: str | None, n: int, seed: int) -> list[str]:
+    """One template per image, drawn without replacement (seeded), cycling past 13."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(TEMPLATES), generator=gen).tolist()
+    phrase = placeholder_phrase(token, category)
+    return [TEMPLATES[order[i % len(order)]].replace("*", phrase) for i in range(n)]
+
+
+def pick_concept_token(bundle: ClipBundle, taken: set[str], mode: str) -> str:
+    """ "shared" -> "sks"; "distinct" -> an unused rare single-BPE vocabulary token."""
+    vocab = text_tower(bundle.model).token_embedding.num_embeddings
+    return pick_token(bundle.tokenizer, vocab, taken, mode)
+
+
+def init_factors(
+    d: int, seed: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) leaves: a LoRA-style Kaiming-uniform (a=√5) row, b zero so training starts at CLIP."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.empty(1, d, dtype=torch.float64)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    a = a.reshape(d).to(device=device, dtype=dtype).requires_grad_(True)
+    b = torch.zeros(d, dtype=dtype, device=device, requires_grad=True)
+    return a, b
+
+
+def _targets(
+    bundle: ClipBundle, image_embeddings: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Validated, L2-normalised image embeddings on the model's device, (N, D)."""
+    y = torch.as_tensor(image_embeddings).to(device=bundle.device, dtype=dtype)
+    if y.ndim != 2 or y.shape[0] == 0 or y.shape[1] != bundle.embed_dim:
+        raise ValueError(
+            f"image_embeddings must be (N>0, {bundle.embed_dim}), got {tuple(y.shape)}"
+        )
+    if not torch.isfinite(y).all():
+        raise ValueError("image_embeddings contain NaN or infinity")
+    return F.normalize(y, dim=-1)
+
+
+def _loss(
+    features: torch.Tensor, target: torch.Tensor, b: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Per-element MSE of normalised text features to image embeddings + λ·mean(B²)."""
+    return (F.normalize(features, dim=-1) - target).pow(2).mean() + lam * b.pow(2).mean()
+
+
+class _RankOneV(nn.Module):
+    """Parametrization W -> W + [0; 0; B·Â] of a copied in_proj_weight (reference only)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        d = w.shape[1]
+        update = torch.outer(self.b, self.a / self.a.norm())  # (d, d)
+        return torch.cat([w[: 2 * d], w[2 * d :] + update])
+
+
+class ReferenceObjective:
+    """The same loss through open_clip's own full forward (full context, every block)."""
+
+    def __init__(self, bundle: ClipBundle, tokens: torch.Tensor, target: torch.Tensor, lam: float):
+        model = bundle.model
+        # Copy the text side only; the shared model is never touched.
+        memo = {id(m): m for m in (getattr(model, "visual", None),) if m is not None}
+        self.model: Any = copy.deepcopy(model, memo)
+        d = text_tower(self.model).width
+        self.update = _RankOneV(torch.ones(d), torch.zeros(d))  # replaced on every call
+        parametrize.register_parametrization(
+            text_tower(self.model).last.attn, "in_proj_weight", self.update, unsafe=True
+        )
+        self.tokens, self.target, self.lam = tokens, target, lam
+
+    def features(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features under V + B·Â via model.encode_text, (N, D)."""
+        self.update.a, self.update.b = a, b
+        return self.model.encode_text(self.tokens)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _loss(self.features(a, b), self.target, b, self.lam)
+
+
+Grads = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def autograd_grads(objective: Objective) -> Grads:
+    """(loss, dL/da, dL/db) of any differentiable objective by autograd."""
+
+    def grads(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss = objective(a, b)
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        return loss.detach(), ga, gb
+
+    return grads
+
+
+def optimize(
+    grads: Grads,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    progress: Progress | None = None,
+) -> None:
+    """Full-batch Adam on the leaves (a, b), in place."""
+    opt = torch.optim.Adam([a, b], lr=lr)
+    every = max(1, steps // 50)  # reading the loss syncs the device: not every step
+    for step in range(1, steps + 1):
+        loss, a.grad, b.grad = grads(a, b)
+        opt.step()
+        if progress is not None and (step % every == 0 or step == steps):
+            progress(step, steps, float(loss))
+
+
+def _train(
+    bundle: ClipBundle,
+    image_embeddings: torch.Tensor,
+    token: str,
+    category: str | None,
+    *,
+    lam: float,
+    steps: int,
+    lr: float,
+    seed: int,
+    progress: Progress | None,
+    fast: bool,
+) -> ConceptAdapter:
+    """Shared setup of the fast and the reference trainer."""
+    if steps < 1 or lr <= 0 or lam < 0:
+        raise ValueError("steps must be >= 1, lr > 0 and lam >= 0")
+    tower = text_tower(bundle.model)
+    target = _targets(bundle, image_embeddings, tower.dtype)
+    texts = training_texts(token, category, target.shape[0], seed)
+    tokens = bundle.tokenizer(texts).to(bundle.device)  # (N, C)
+    a, b = init_factors(tower.width, seed, tower.dtype, bundle.device)
+    objective: Objective
+    if fast:
+        objective = FastObjective.build(tower, tokens, target, lam)
+        grads: Grads = objective.loss_and_grads
+        a.requires_grad_(False), b.requires_grad_(False)  # gradients are written by hand
+    else:
+        objective = ReferenceObjective(bundle, tokens, target, lam)
+        grads = autograd_grads(objective)
+    optimize(grads, a, b, steps=steps, lr=lr, progress=progress)
+    with torch.no_grad():
+        final = float(objective(a, b))
+    return ConceptAdapter(
+        b=b.detach().to("cpu", torch.float32),
+        a=a.detach().to("cpu", torch.float32),
+        fingerprint=bundle.fingerprint,
+        token=token,
+        category=category,
+        lam=lam,
+        steps=steps,
+        lr=lr,
+        final_loss=final,
+    )
+
+
+def train_adapter(
+    bundle: ClipBundle,
+    image_embeddings: torch.Tensor,
+    token: str,
+    category: str | None,
+    *,
+    lam: float,
+    steps: int = 500,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> ConceptAdapter:
+    """Train one concept with the exact fast path (frozen part computed once)."""
+    return _train(
+        bundle, image_embeddings, token, category, lam=lam, steps=steps, lr=lr, seed=seed,
+        progress=progress, fast=True,
+    )  # fmt: skip
+
+
+def train_adapter_reference(
+    bundle: ClipBundle,
+    image_embeddings: torch.Tensor,
+    token: str,
+    category: str | None,
+    *,
+    lam: float,
+    steps: int = 500,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> ConceptAdapter:
+    """The straightforward trainer (full forward every step): the baseline tests compare to."""
+    return _train(
+        bundle, image_embeddings, token, category, lam=lam, steps=steps, lr=lr, seed=seed,
+        progress=progress, fast=False,
+    )  # fmt: skip
