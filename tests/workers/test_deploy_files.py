@@ -69,8 +69,10 @@ def settings_env_vars() -> dict[str, tuple[str, str, str]]:
                 continue
             default = field.get_default(call_default_factory=True)
             desc = field.description or ""
-            if get_origin(ann) is not None and get_args(ann) and all(
-                isinstance(a, str) for a in get_args(ann)
+            if (
+                get_origin(ann) is not None
+                and get_args(ann)
+                and all(isinstance(a, str) for a in get_args(ann))
             ):
                 desc += f" ({' | '.join(get_args(ann))})"
             out[f"{prefix}{name.upper()}"] = (_env_value(default), desc, group)
@@ -204,8 +206,8 @@ def test_env_example_round_trips_through_settings(
     env_file.write_text(re.sub(r"^[A-Z0-9_]+=$", "", text, flags=re.M))
     for name in settings_env_vars():
         monkeypatch.delenv(name, raising=False)
-    loaded = Settings(_env_file=env_file)  # type: ignore[call-arg]
-    assert loaded.model_dump() == Settings(_env_file=None).model_dump()  # type: ignore[call-arg]
+    loaded = Settings(_env_file=env_file)
+    assert loaded.model_dump() == Settings(_env_file=None).model_dump()
     assert re.search(r"^POLAR_MODEL__NAME=\S+$", text, flags=re.M)
 
 
@@ -229,16 +231,14 @@ def test_compose_services_have_healthchecks_volumes_and_ordering() -> None:
     declared = set(compose["volumes"])
     for name, svc in services.items():
         for mount in svc.get("volumes", []):
-            source, target = mount.split(":")[:2]
+            source, _target = mount.split(":")[:2]
             assert source in declared, f"{name} mounts {source}, not a named volume"
     mounts = {m.split(":")[1]: m.split(":")[0] for m in services["api"]["volumes"]}
     env = services["api"]["environment"]
     assert env["POLAR_DATA_DIR"] in mounts and env["POLAR_MODEL__CACHE_DIR"] in mounts
     # The worker reads the images the API stored: the same data volume.
     assert set(services["worker"]["volumes"]) == set(services["api"]["volumes"])
-    assert "/var/lib/postgresql/data" in {
-        m.split(":")[1] for m in services["postgres"]["volumes"]
-    }
+    assert "/var/lib/postgresql/data" in {m.split(":")[1] for m in services["postgres"]["volumes"]}
     for name in ("api", "worker"):
         deps = services[name]["depends_on"]
         assert {"postgres", "redis"} <= set(deps)

@@ -1,0 +1,159 @@
+"""The embedded job runner: a small thread pool in the API process, used when no broker is set.
+
+Same job states and progress as the Celery worker (both call app.services.jobs.run_job). Jobs
+found 'queued' or 'running' at start (the process died with them) are queued again. One process
+only: two API processes on one database would each re-run the other's jobs at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
+from sqlalchemy import select, update
+
+from app.config import Settings
+from app.db import session_scope
+from app.models import Job, JobState, utcnow
+from app.services import jobs
+from app.services.jobs import JobDispatcher, JobInterrupted, SessionFactory
+
+log = logging.getLogger(__name__)
+
+# Waits before each retry after a transient error (the Celery task backs off similarly).
+RETRY_DELAYS_S: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class JobRunner:
+    """A bounded pool of threads that run jobs by id; start() it, stop() it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: SessionFactory,
+        *,
+        max_workers: int = 1,
+        retry_delays: Sequence[float] = RETRY_DELAYS_S,
+    ) -> None:
+        # Jobs are CPU/GPU heavy and share one model: more threads than this only contend.
+        assert 1 <= max_workers <= 2, "the embedded runner is for one small machine"
+        self.settings = settings
+        self.session_factory = session_factory
+        self.max_workers = max_workers
+        self.retry_delays = tuple(retry_delays)
+        self._stopping = threading.Event()
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def running(self) -> bool:
+        """Started and not stopped."""
+        return self._executor is not None and not self._stopping.is_set()
+
+    def start(self) -> list[str]:
+        """Start the threads and queue again the jobs a previous process left unfinished."""
+        assert self._executor is None, "start() once"
+        self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="polar-job")
+        recovered = self.requeue_unfinished()
+        for job_id in recovered:
+            self.submit(job_id)
+        if recovered:
+            log.info("re-queued %d unfinished job(s) from a previous run", len(recovered))
+        return recovered
+
+    def requeue_unfinished(self) -> list[str]:
+        """Set every 'running' job back to 'queued'; the ids of all queued jobs, oldest first."""
+        with session_scope(self.session_factory) as s:
+            s.execute(
+                update(Job)
+                .where(Job.state == JobState.RUNNING.value)
+                .values(state=JobState.QUEUED.value, updated_at=utcnow())
+            )
+            ids = s.scalars(
+                select(Job.id)
+                .where(Job.state == JobState.QUEUED.value)
+                .order_by(Job.created_at, Job.id)
+            ).all()
+        return list(ids)
+
+    def submit(self, job_id: str) -> Future[None]:
+        """Queue a job id; it runs when a thread is free."""
+        if self._executor is None or self._stopping.is_set():
+            raise RuntimeError("the job runner is not running")
+        return self._executor.submit(self._run, job_id)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop taking jobs, interrupt running ones at their next progress report, and wait.
+
+        Jobs that did not finish stay (or go back to) 'queued' and run after the next start.
+        """
+        executor = self._executor
+        if executor is None or self._stopping.is_set():
+            return
+        self._stopping.set()
+        executor.shutdown(wait=False, cancel_futures=True)
+        # Wait in a helper thread, so that the wait itself can time out.
+        waiter = threading.Thread(target=executor.shutdown, name="polar-job-stop", daemon=True)
+        waiter.start()
+        waiter.join(timeout)
+        if waiter.is_alive():
+            log.warning("job threads still busy after %.0f s; leaving them to finish", timeout)
+
+    def _run(self, job_id: str) -> None:
+        """run_job with retries after transient errors; never raises (it runs in a pool)."""
+        for attempt in range(len(self.retry_delays) + 1):
+            if self._stopping.is_set():
+                return  # still 'queued' in the database
+            try:
+                jobs.run_job(
+                    job_id,
+                    settings=self.settings,
+                    session_factory=self.session_factory,
+                    should_stop=self._stopping.is_set,
+                )
+                return
+            except JobInterrupted:
+                log.info("job %s interrupted by shutdown; it will run after the next start", job_id)
+                return
+            except jobs.TRANSIENT_ERRORS as e:
+                if attempt == len(self.retry_delays):
+                    self._give_up(job_id, e)
+                    return
+                # wait() returns early on shutdown: the job stays queued for the next start.
+                self._stopping.wait(self.retry_delays[attempt])
+            except Exception:
+                log.exception("job %s: the runner caught an unexpected error", job_id)
+                return
+
+    def _give_up(self, job_id: str, error: BaseException) -> None:
+        try:
+            jobs.mark_failed(
+                job_id,
+                jobs.RETRIES_EXHAUSTED,
+                f"gave up after {len(self.retry_delays)} retries: {error}",
+                session_factory=self.session_factory,
+            )
+        except Exception:
+            log.exception("could not mark job %s failed", job_id)
+
+
+@contextmanager
+def job_runtime(
+    settings: Settings, session_factory: SessionFactory, *, max_workers: int = 1
+) -> Iterator[JobDispatcher]:
+    """For the app's lifespan: a running embedded runner (without a broker) and the dispatcher.
+
+    The dispatcher is also installed for `app.services.jobs.dispatch`, and removed on exit.
+    """
+    runner = JobRunner(settings, session_factory, max_workers=max_workers)
+    if settings.embedded_jobs:
+        runner.start()
+    dispatcher = JobDispatcher(settings, runner if settings.embedded_jobs else None)
+    jobs.install_dispatcher(dispatcher)
+    try:
+        yield dispatcher
+    finally:
+        jobs.install_dispatcher(None)
+        runner.stop()

@@ -1,0 +1,256 @@
+"""The Celery app and task; one test runs a real `celery worker` against the real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from app.config import Settings
+from app.db import make_engine, make_session_factory, migrate, session_scope
+from app.errors import ValidationFailed
+from app.models import Job, JobKind
+from app.services import jobs, users
+from app.services.jobs import JobContext
+from workers import celery_app as celery_module
+from workers.celery_app import create_celery
+from workers.tasks import MAX_RETRIES, run_job_task
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("POLAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+def test_celery_config_comes_from_settings(tmp_path: Path) -> None:
+    app = create_celery(Settings(data_dir=tmp_path, broker_url="redis://cache:6379/3"))
+    conf = app.conf
+    assert conf.broker_url == "redis://cache:6379/3"
+    assert conf.result_backend == "redis://cache:6379/3"
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert (conf.task_serializer, conf.result_serializer) == ("json", "json")
+    assert list(conf.accept_content) == ["json"]
+    # Redis redelivers unacknowledged tasks after this: it must outlast a long job.
+    assert conf.broker_transport_options["visibility_timeout"] >= 3600
+    app.loader.import_default_modules()
+    assert "polar.run_job" in app.tasks
+
+
+def test_run_job_task_retries_only_transient_errors() -> None:
+    assert run_job_task.name == "polar.run_job"
+    assert set(run_job_task.autoretry_for) == set(jobs.TRANSIENT_ERRORS)
+    assert OperationalError in run_job_task.autoretry_for
+    assert ConnectionError in run_job_task.autoretry_for
+    assert not any(issubclass(ValidationFailed, e) for e in run_job_task.autoretry_for)
+    assert run_job_task.max_retries == MAX_RETRIES == 5
+    assert run_job_task.retry_backoff and run_job_task.retry_jitter
+
+
+def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ran: list[str] = []
+    failed: list[tuple[str, str]] = []
+    monkeypatch.setattr(jobs, "run_job", ran.append)
+    monkeypatch.setattr(
+        jobs, "mark_failed", lambda job_id, code, message: failed.append((job_id, code))
+    )
+    run_job_task.run("job-1")
+    assert ran == ["job-1"]
+    run_job_task.on_failure(ConnectionError("down"), "task-id", ["job-2"], {}, None)
+    assert failed == [("job-2", jobs.RETRIES_EXHAUSTED)]
+
+
+def test_worker_process_init_warms_the_model_in_the_background(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import app.ml.model as model_module
+
+    called = threading.Event()
+    args: list[tuple[Any, ...]] = []
+
+    def fake_get_clip(*a: Any) -> None:
+        args.append(a)
+        called.set()
+
+    monkeypatch.setattr(model_module, "get_clip", fake_get_clip)
+    monkeypatch.setattr(celery_module, "WARM_MODEL", True)
+    from celery import signals
+
+    signals.worker_process_init.send(sender="test")
+    assert called.wait(10)
+    from app.config import get_settings
+
+    model = get_settings().model
+    assert args == [
+        (
+            model.name,
+            model.pretrained,
+            model.device,
+            None if model.cache_dir is None else str(model.cache_dir),
+        )
+    ]
+
+
+def test_warm_model_survives_a_missing_or_failing_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.ml.model as model_module
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("no weights")
+
+    monkeypatch.setattr(model_module, "get_clip", broken)
+    thread = celery_module.warm_model()
+    assert thread is not None
+    thread.join(10)  # the error is logged, not raised
+    monkeypatch.setitem(sys.modules, "app.ml.model", None)  # import fails
+    assert celery_module.warm_model() is None
+
+
+# --- a real worker ----------------------------------------------------------------------------
+
+# Run inside the worker process: its jobs of KIND go to `worker_handler` below.
+WORKER_MAIN = textwrap.dedent(
+    """
+    import sys
+    import workers.celery_app as m
+    from app.services import jobs
+    from tests.workers.test_celery_app import KIND, worker_handler
+    m.WARM_MODEL = False  # these jobs need no model
+    jobs.register_handler(KIND, worker_handler)
+    m.celery_app.worker_main(["worker", "-P", "solo", "-Q", sys.argv[1], "-n", sys.argv[2],
+        "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    """
+)
+# Run in a separate client process: the real dispatch() path with a broker configured.
+CLIENT_MAIN = textwrap.dedent(
+    """
+    import sys
+    import workers.celery_app as m
+    from app.services import jobs
+    m.celery_app.conf.task_default_queue = sys.argv[1]  # this test's own queue
+    for job_id in sys.argv[2:]:
+        jobs.dispatch(job_id)
+    """
+)
+KIND = JobKind.REBUILD_INDEX.value
+
+
+def worker_handler(ctx: JobContext) -> None:
+    """A dummy job: proves where it ran, fails or flakes on request."""
+    out = Path(ctx.payload["out"])
+    attempts = out.with_suffix(".attempts")
+    n = int(attempts.read_text()) + 1 if attempts.exists() else 1
+    attempts.write_text(str(n))
+    if n <= ctx.payload.get("transient_failures", 0):
+        raise ConnectionError("broker hiccup")
+    if ctx.payload.get("fail"):
+        raise ValidationFailed("the dummy job was told to fail", code="dummy_failure")
+    ctx.progress(0.5)
+    out.write_text(str(os.getpid()))
+
+
+@pytest.fixture
+def worker_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLAR_")}
+    env.update(
+        POLAR_DATA_DIR=str(tmp_path / "data"),
+        POLAR_DATABASE_URL=f"sqlite:///{(tmp_path / 'jobs.db').as_posix()}",
+        POLAR_BROKER_URL=REDIS_URL,
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+@pytest.fixture
+def celery_worker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    queue = f"polar-test-{uuid.uuid4().hex[:8]}"
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_MAIN, queue, f"{queue}@%h"],
+        cwd=ROOT,
+        env=worker_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so cleanup reaches any child
+    )
+    try:
+        yield queue, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        log.close()
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).delete(queue)
+
+
+@pytest.mark.redis
+def test_real_celery_worker_runs_dispatched_jobs(
+    celery_worker: tuple[str, subprocess.Popen[bytes]], worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue, proc = celery_worker
+    url = worker_env["POLAR_DATABASE_URL"]
+    engine = make_engine(url)
+    migrate(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        uid = users.create_user("alice", db_session=s).id
+        payloads: dict[str, dict[str, Any]] = {
+            "ok": {"out": str(tmp_path / "ok.txt")},
+            "fail": {"out": str(tmp_path / "fail.txt"), "fail": True},
+            "flaky": {"out": str(tmp_path / "flaky.txt"), "transient_failures": 1},
+        }
+        ids = {
+            name: jobs.create_job(db_session=s, user_id=uid, kind=KIND, payload=p).id
+            for name, p in payloads.items()
+        }
+    client = subprocess.run(
+        [sys.executable, "-c", CLIENT_MAIN, queue, *ids.values()],
+        cwd=ROOT,
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert client.returncode == 0, client.stderr
+
+    deadline = time.monotonic() + 90
+    states: dict[str, Job] = {}
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+        with factory() as s:
+            states = {name: s.get_one(Job, job_id) for name, job_id in ids.items()}
+        if all(j.state in ("succeeded", "failed") for j in states.values()):
+            break
+        time.sleep(0.2)
+    engine.dispose()
+    log = (tmp_path / "worker.log").read_text()
+    summary = {name: (j.state, j.error_code, j.attempts) for name, j in states.items()}
+    assert summary == {
+        "ok": ("succeeded", None, 1),
+        "fail": ("failed", "dummy_failure", 1),
+        "flaky": ("succeeded", None, 2),  # retried by Celery after a ConnectionError
+    }, log
+    assert states["ok"].progress == 1.0
+    # It ran in the worker process, not here.
+    assert int((tmp_path / "ok.txt").read_text()) == proc.pid
+    assert "polar.run_job" in log

@@ -1,0 +1,386 @@
+"""Job service (app/services/jobs.py) and the embedded runner (app/runner.py) on a real database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
+
+from app.config import Settings
+from app.db import make_engine, make_session_factory, migrate, session_scope
+from app.errors import NotFound, ValidationFailed
+from app.main import create_app
+from app.models import Job, JobKind
+from app.runner import JobRunner, job_runtime
+from app.services import jobs, users
+from app.services.jobs import JobContext, JobDispatcher, SessionFactory
+
+KIND = JobKind.REBUILD_INDEX.value
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> SessionFactory:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def user_id(factory: SessionFactory) -> str:
+    with session_scope(factory) as s:
+        return users.create_user("alice", db_session=s).id
+
+
+@pytest.fixture
+def handlers(monkeypatch: pytest.MonkeyPatch) -> dict[str, jobs.JobHandler]:
+    """The handler registry, emptied for the test and restored afterwards."""
+    monkeypatch.setattr(jobs, "HANDLERS", {})
+    return jobs.HANDLERS
+
+
+def new_job(factory: SessionFactory, user_id: str, payload: dict[str, Any] | None = None) -> str:
+    with session_scope(factory) as s:
+        return jobs.create_job(db_session=s, user_id=user_id, kind=KIND, payload=payload or {}).id
+
+
+def load(factory: SessionFactory, job_id: str) -> Job:
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def wait_for(factory: SessionFactory, job_id: str, states: set[str], timeout: float = 20) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = load(factory, job_id)
+        if job.state in states:
+            return job
+        assert time.monotonic() < deadline, f"job stuck in {job.state}"
+        time.sleep(0.02)
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+def test_create_and_get_job_scoped_by_user(factory: SessionFactory, user_id: str) -> None:
+    job_id = new_job(factory, user_id, {"image_ids": ["a"]})
+    with session_scope(factory) as s:
+        other = users.create_user("bob", db_session=s).id
+    with factory() as s:
+        job = jobs.get_job(db_session=s, user_id=user_id, job_id=job_id)
+        assert (job.state, job.progress, job.kind, job.payload) == (
+            "queued",
+            0.0,
+            KIND,
+            {"image_ids": ["a"]},
+        )
+        with pytest.raises(NotFound):
+            jobs.get_job(db_session=s, user_id=other, job_id=job_id)
+        with pytest.raises(NotFound):
+            jobs.get_job(db_session=s, user_id=user_id, job_id="no-such-job")
+        with pytest.raises(ValueError):
+            jobs.create_job(db_session=s, user_id=user_id, kind="make_coffee", payload={})
+
+
+def test_run_job_succeeds_with_progress_and_context(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], settings: Settings
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def handler(ctx: JobContext) -> None:
+        ctx.progress(0.25)
+        row = load(ctx.session_factory, ctx.job_id)  # another session sees it mid-run
+        seen.update(state=row.state, progress=row.progress, payload=ctx.payload, user=ctx.user_id)
+        assert ctx.settings is settings
+
+    handlers[KIND] = handler
+    job_id = new_job(factory, user_id, {"n": 3})
+    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    assert seen == {"state": "running", "progress": 0.25, "payload": {"n": 3}, "user": user_id}
+    job = load(factory, job_id)
+    assert (job.state, job.progress, job.attempts, job.error_code) == ("succeeded", 1.0, 1, None)
+    assert job.started_at is not None and job.finished_at is not None
+    assert job.finished_at >= job.started_at
+
+
+def test_run_job_is_idempotent_once_succeeded(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], settings: Settings
+) -> None:
+    calls: list[str] = []
+    handlers[KIND] = lambda ctx: calls.append(ctx.job_id)
+    job_id = new_job(factory, user_id)
+    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    jobs.run_job(job_id, settings=settings, session_factory=factory)  # a redelivered task
+    assert calls == [job_id]
+    assert load(factory, job_id).attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (ValidationFailed("too few photos", code="too_few"), "too_few", "too few photos"),
+        (KeyError("boom"), jobs.INTERNAL_ERROR, "KeyError: 'boom'"),
+    ],
+)
+def test_run_job_records_failures(
+    factory: SessionFactory,
+    user_id: str,
+    handlers: dict[str, Any],
+    settings: Settings,
+    error: Exception,
+    code: str,
+    message: str,
+) -> None:
+    def handler(ctx: JobContext) -> None:
+        raise error
+
+    handlers[KIND] = handler
+    job_id = new_job(factory, user_id)
+    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    job = load(factory, job_id)
+    assert (job.state, job.error_code, job.error_message) == ("failed", code, message)
+    assert job.finished_at is not None
+
+
+def test_run_job_without_handler_fails_the_job(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], settings: Settings
+) -> None:
+    job_id = new_job(factory, user_id)
+    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    job = load(factory, job_id)
+    assert (job.state, job.error_code) == ("failed", jobs.NO_HANDLER)
+
+
+@pytest.mark.parametrize(
+    "error", [OperationalError("SELECT 1", {}, Exception("db gone")), ConnectionError("reset")]
+)
+def test_run_job_reraises_transient_errors_and_requeues(
+    factory: SessionFactory,
+    user_id: str,
+    handlers: dict[str, Any],
+    settings: Settings,
+    error: Exception,
+) -> None:
+    def handler(ctx: JobContext) -> None:
+        raise error
+
+    handlers[KIND] = handler
+    job_id = new_job(factory, user_id)
+    with pytest.raises(type(error)):
+        jobs.run_job(job_id, settings=settings, session_factory=factory)
+    job = load(factory, job_id)
+    assert (job.state, job.attempts, job.error_code) == ("queued", 1, None)
+
+
+def test_progress_is_throttled_monotonic_and_clamped(
+    factory: SessionFactory, engine: Engine, user_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = new_job(factory, user_id)
+    jobs.mark_running(job_id, session_factory=factory)
+    updates: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE JOBS"):
+            updates.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        written = [
+            jobs.set_progress(job_id, i / 500, session_factory=factory) for i in range(1, 501)
+        ]
+        assert written[0] and sum(written) <= 2  # 500 steps in well under a second
+        assert len(updates) == sum(written)
+        monkeypatch.setattr(jobs, "PROGRESS_MIN_INTERVAL_S", 0.0)
+        assert not jobs.set_progress(job_id, 0.0001, session_factory=factory)  # never backwards
+        assert jobs.set_progress(job_id, 7.0, session_factory=factory)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert load(factory, job_id).progress == 1.0
+
+
+def test_progress_is_not_written_to_finished_jobs(factory: SessionFactory, user_id: str) -> None:
+    job_id = new_job(factory, user_id)
+    jobs.mark_failed(job_id, "x", "y", session_factory=factory)
+    jobs.set_progress(job_id, 0.5, session_factory=factory)
+    assert load(factory, job_id).progress == 0.0
+
+
+def test_dispatcher_routes_to_runner_or_celery(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    submitted: list[str] = []
+
+    class Runner:
+        def submit(self, job_id: str) -> None:
+            submitted.append(job_id)
+
+    embedded = Settings(data_dir=tmp_path, broker_url="")
+    JobDispatcher(embedded, Runner()).dispatch("j1")
+    JobDispatcher(embedded, None).dispatch("j2")  # no runner: stays queued, no error
+    assert submitted == ["j1"]
+
+    from workers.tasks import run_job_task
+
+    delayed: list[str] = []
+    monkeypatch.setattr(run_job_task, "delay", delayed.append)
+    brokered = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/9")
+    JobDispatcher(brokered, Runner()).dispatch("j3")
+    jobs.install_dispatcher(JobDispatcher(brokered))
+    try:
+        jobs.dispatch("j4")
+    finally:
+        jobs.install_dispatcher(None)
+    assert delayed == ["j3", "j4"] and submitted == ["j1"]
+
+
+# --- the embedded runner --------------------------------------------------------------------
+
+
+def embedded(db_url: str, tmp_path: Any) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=db_url, broker_url="")
+
+
+def test_runner_runs_dispatched_jobs_and_records_outcomes(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], db_url: str, tmp_path: Any
+) -> None:
+    progress_seen: list[float] = []
+
+    def handler(ctx: JobContext) -> None:
+        if ctx.payload.get("fail"):
+            raise ValidationFailed("no such images", code="no_images")
+        ctx.progress(0.5)
+        progress_seen.append(load(ctx.session_factory, ctx.job_id).progress)
+        assert threading.current_thread().name.startswith("polar-job")
+
+    handlers[KIND] = handler
+    with job_runtime(embedded(db_url, tmp_path), factory) as dispatcher:
+        assert dispatcher.runner is not None
+        ok, bad = new_job(factory, user_id), new_job(factory, user_id, {"fail": True})
+        jobs.dispatch(ok)  # through the installed dispatcher, like the services do
+        dispatcher.dispatch(bad)
+        good_job = wait_for(factory, ok, {"succeeded", "failed"})
+        bad_job = wait_for(factory, bad, {"succeeded", "failed"})
+    assert (good_job.state, good_job.progress) == ("succeeded", 1.0)
+    assert progress_seen == [0.5]
+    assert (bad_job.state, bad_job.error_code) == ("failed", "no_images")
+
+
+def test_runner_requeues_jobs_left_by_a_crash(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], db_url: str, tmp_path: Any
+) -> None:
+    ran: list[str] = []
+    handlers[KIND] = lambda ctx: ran.append(ctx.job_id)
+    queued, running, done = (new_job(factory, user_id) for _ in range(3))
+    jobs.mark_running(running, session_factory=factory)  # the process died mid-job
+    jobs.mark_succeeded(done, session_factory=factory)
+    runner = JobRunner(embedded(db_url, tmp_path), factory)
+    try:
+        assert sorted(runner.start()) == sorted([queued, running])
+        for job_id in (queued, running):
+            assert wait_for(factory, job_id, {"succeeded"}).state == "succeeded"
+    finally:
+        runner.stop()
+    assert sorted(ran) == sorted([queued, running])
+    assert load(factory, running).attempts == 2
+    assert load(factory, done).attempts == 0  # untouched
+
+
+def test_runner_retries_transient_errors_then_gives_up(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], db_url: str, tmp_path: Any
+) -> None:
+    failures = {"flaky": 2, "dead": 99}
+
+    def handler(ctx: JobContext) -> None:
+        name = ctx.payload["name"]
+        if failures[name] > 0:
+            failures[name] -= 1
+            raise ConnectionError(f"{name}: connection reset")
+
+    handlers[KIND] = handler
+    runner = JobRunner(embedded(db_url, tmp_path), factory, retry_delays=(0.01, 0.01, 0.01))
+    runner.start()
+    try:
+        flaky = new_job(factory, user_id, {"name": "flaky"})
+        dead = new_job(factory, user_id, {"name": "dead"})
+        runner.submit(flaky).result(timeout=20)
+        runner.submit(dead).result(timeout=20)
+    finally:
+        runner.stop()
+    job = load(factory, flaky)
+    assert (job.state, job.attempts) == ("succeeded", 3)
+    job = load(factory, dead)
+    assert (job.state, job.attempts, job.error_code) == ("failed", 4, jobs.RETRIES_EXHAUSTED)
+    assert "connection reset" in (job.error_message or "")
+
+
+def test_runner_stop_interrupts_and_the_next_start_finishes(
+    factory: SessionFactory, user_id: str, handlers: dict[str, Any], db_url: str, tmp_path: Any
+) -> None:
+    started = threading.Event()
+
+    def endless(ctx: JobContext) -> None:
+        started.set()
+        while True:  # a long job reporting progress
+            ctx.progress(0.1)
+            time.sleep(0.01)
+
+    handlers[KIND] = endless
+    runner = JobRunner(embedded(db_url, tmp_path), factory)
+    runner.start()
+    job_id = new_job(factory, user_id)
+    waiting = new_job(factory, user_id)
+    runner.submit(job_id)
+    runner.submit(waiting)  # never started: cancelled by stop
+    assert started.wait(20)
+    t0 = time.monotonic()
+    runner.stop(timeout=10)
+    assert time.monotonic() - t0 < 5 and not runner.running
+    assert load(factory, job_id).state == "queued"
+    assert load(factory, waiting).state == "queued"
+    with pytest.raises(RuntimeError):
+        runner.submit(job_id)
+
+    handlers[KIND] = lambda ctx: None
+    again = JobRunner(embedded(db_url, tmp_path), factory)
+    try:
+        assert set(again.start()) == {job_id, waiting}
+        wait_for(factory, job_id, {"succeeded"})
+        wait_for(factory, waiting, {"succeeded"})
+    finally:
+        again.stop()
+
+
+def test_runner_pool_is_bounded(factory: SessionFactory, db_url: str, tmp_path: Any) -> None:
+    with pytest.raises(AssertionError):
+        JobRunner(embedded(db_url, tmp_path), factory, max_workers=8)
+
+
+def test_app_lifespan_runs_jobs_in_process(
+    db_settings: Settings, handlers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = threading.Event()
+    handlers[KIND] = lambda ctx: done.set()
+    with TestClient(create_app(db_settings)) as client:
+        app: Any = client.app
+        dispatcher: JobDispatcher = app.state.job_dispatcher
+        assert isinstance(dispatcher.runner, JobRunner) and dispatcher.runner.running
+        factory = app.state.session_factory
+        with session_scope(factory) as s:
+            uid = users.create_user("carol", db_session=s).id
+        job_id = new_job(factory, uid)
+        jobs.dispatch(job_id)
+        assert wait_for(factory, job_id, {"succeeded"}).state == "succeeded"
+    assert done.is_set() and not dispatcher.runner.running

@@ -1,0 +1,44 @@
+"""Celery tasks: a job id in, one service call out (app.services.jobs.run_job)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from app.services import jobs
+from workers.celery_app import celery_app
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 5
+
+
+class _JobTask(Task):
+    """Marks the job failed once Celery gives up on it, so it never stays 'running'."""
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id = args[0] if args else kwargs.get("job_id")
+        if job_id is None:
+            return
+        try:
+            jobs.mark_failed(job_id, "job_retries_exhausted", f"gave up after retries: {exc}")
+        except Exception:  # the database may be the thing that is down
+            log.exception("could not mark job %s failed", job_id)
+
+
+@celery_app.task(
+    name="polar.run_job",
+    base=_JobTask,
+    autoretry_for=jobs.TRANSIENT_ERRORS,
+    max_retries=MAX_RETRIES,
+    retry_backoff=2,  # 2, 4, 8, 16, 32 s (capped below), with jitter
+    retry_backoff_max=120,
+    retry_jitter=True,
+)
+def run_job_task(job_id: str) -> None:
+    """Run one job; transient errors (database or broker connection) are retried with backoff."""
+    jobs.run_job(job_id)
