@@ -589,7 +589,8 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
+    """'a ball' / 'an orange ball'."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -623,7 +624,7 @@ def _object_phrase(p: Placement, rng: np.random.Generator, detail: str) -> str:
         phrase += " " + (
             POSITION_PHRASES[p.position][0] if full else _pick(rng, POSITION_PHRASES[p.position])
         )
-    return _article(phrase)
+    return article(phrase)
 
 
 def caption_vocabulary() -> set[str]:

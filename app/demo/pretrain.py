@@ -1,0 +1,389 @@
+"""Pretrain the tiny demo CLIP ("polar-demo") on the synthetic world within a wall-clock budget.
+
+    python -m app.demo.pretrain --minutes 20 --device auto --out app/ml/assets/polar-demo \
+        --data-workers 2
+
+The budget covers everything: data generation, training, saving and the final quality check.
+The learning rate follows the clock (linear warmup, then cosine to zero at the deadline), so a
+run ends on time on any machine; the number of steps therefore depends on the machine, while
+the data, the initialisation and the batch order are fixed by --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.demo import quality
+from app.demo.world import render_examples
+
+MODEL_NAME = quality.MODEL_NAME
+CONFIG_FILE = quality.CONFIG_DIR / f"{MODEL_NAME}.json"
+DEFAULT_OUT = quality.DEFAULT_CHECKPOINT.parent
+WEIGHTS_FILE = "weights.safetensors"
+CHUNK = 500  # images per data-generation task
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OpenAI normalisation, as at serving
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that defines a pretraining run."""
+
+    minutes: float = 20.0  # total wall-clock budget, data generation and saving included
+    images: int = 100_000  # pre-generated training images, 3 captions each
+    batch_size: int = 256
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.1  # on weight matrices only (not embeddings, norms, biases)
+    warmup: float = 0.05  # fraction of the training time spent in linear warmup
+    seed: int = 0  # world seed (data) and torch seed (init, batch order)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    data_workers: int = 0  # processes generating data; 0 = one per CPU
+    eval_images: int = 1000  # held-out pool for the final quality check
+    reserve_seconds: float = 15.0  # kept back from training for saving and the quality check
+    out: Path = field(default=DEFAULT_OUT)
+    model_config: Path = field(default=CONFIG_FILE)  # open_clip config, named polar-demo.json
+    data_cache: Path | None = None  # .npz to reuse generated data across runs (same seed/images)
+
+
+@dataclass
+class TrainData:
+    """Pre-generated training set, already on the training device."""
+
+    images: torch.Tensor  # (N, 3, 64, 64) uint8
+    caption_ids: torch.Tensor  # (N, 3) int64 index into tokens
+    tokens: torch.Tensor  # (U, context) int64, one row per distinct caption
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(progress: float, warmup: float) -> float:
+    """Learning-rate multiplier at a fraction of the training time: warmup, then cosine to 0."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (the CLIP loss) over a batch of matching (image, text) rows.
+
+    Short captions repeat within a batch ("a ball on the beach"). Making identical captions
+    joint positives changes nothing: their embeddings are identical, so the loss is the same
+    function. Its optimum ranks images by p(text | image), which is what retrieval needs.
+    """
+    logits = scale * image.float() @ text.float().T  # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer: Any) -> torch.Tensor:
+    """(U, context) token ids, identical to `tokenizer(captions)` for our plain-word captions.
+
+    The caption vocabulary is a few dozen words, so each word is BPE-encoded once instead of
+    running the full tokenizer on millions of captions.
+    """
+    ctx = tokenizer.context_length
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    words: dict[str, list[int]] = {}
+    out = np.zeros((len(captions), ctx), np.int64)
+    for i, caption in enumerate(captions):
+        ids = [sot]
+        for w in caption.split():
+            if w not in words:
+                words[w] = tokenizer.encode(w)
+            ids += words[w]
+        ids.append(eot)
+        if len(ids) > ctx:
+            raise ValueError(f"caption longer than {ctx} tokens: {caption!r}")
+        out[i, : len(ids)] = ids
+    tokens = torch.from_numpy(out)
+    probe = list(captions[:64])
+    assert torch.equal(tokens[: len(probe)], tokenizer(probe)), "fast tokenizer disagrees"
+    return tokens
+
+
+def render_dataset(
+    seed: int, images: int, workers: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (N, 64, 64, 3) uint8, caption ids (N, 3) and distinct captions, in parallel."""
+    ranges = [(s, min(s + CHUNK, images)) for s in range(0, images, CHUNK)]
+    task = partial(render_examples, seed, "train")
+    if workers == 1:
+        parts = [task(*r) for r in ranges]
+    else:  # spawn: forking a process that holds torch threads can deadlock
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.starmap(task, ranges)
+    index: dict[str, int] = {}
+    ids = np.array(
+        [[index.setdefault(c, len(index)) for c in caps] for p in parts for caps in p[1]],
+        np.int64,
+    )  # (N, 3)
+    return np.concatenate([p[0] for p in parts]), ids, list(index)
+
+
+def load_data(cfg: PretrainConfig, tokenizer: Any, device: torch.device) -> TrainData:
+    """Render (or reuse from cfg.data_cache) the training set and move it to the device."""
+    started = time.perf_counter()
+    cache = cfg.data_cache
+    workers = cfg.data_workers or os.cpu_count() or 1
+    if cache is not None and cache.exists():
+        with np.load(cache) as z:
+            if (int(z["seed"]), len(z["images"])) != (cfg.seed, cfg.images):
+                raise ValueError(f"{cache} holds other data (seed/images differ)")
+            images, ids, captions = z["images"], z["caption_ids"], [str(c) for c in z["captions"]]
+    else:
+        images, ids, captions = render_dataset(cfg.seed, cfg.images, workers)
+        if cache is not None:
+            np.savez(cache, images=images, caption_ids=ids, captions=captions, seed=cfg.seed)
+    tokens = tokenize_captions(captions, tokenizer)
+    data = TrainData(
+        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+        caption_ids=torch.from_numpy(ids).to(device),
+        tokens=tokens.to(device),
+        seconds=time.perf_counter() - started,
+    )
+    print(
+        f"data: {len(images)} images, {len(captions)} distinct captions, "
+        f"{workers} workers, {data.seconds:.1f}s",
+        flush=True,
+    )
+    return data
+
+
+def build_model(seed: int, device: torch.device) -> torch.nn.Module:
+    """Randomly initialised polar-demo model from the registered open_clip config."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model(MODEL_NAME, device=device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices; leave embeddings alone so unseen tokens ('sks') keep their scale."""
+    decay: list[torch.nn.Parameter] = []
+    keep: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or "embedding" in name or "logit_scale" in name
+        (keep if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def train(
+    model: torch.nn.Module,
+    data: TrainData,
+    cfg: PretrainConfig,
+    deadline: float,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train until `deadline` (perf_counter seconds) with the time-driven schedule."""
+    device = data.images.device
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        fused=device.type == "cuda",  # one kernel per step instead of one per tensor
+    )
+    logit_scale: torch.Tensor = model.logit_scale  # type: ignore[assignment]
+    n, batch = len(data.images), min(cfg.batch_size, len(data.images))
+    order, cursor = torch.randperm(n, generator=gen, device=device), 0
+    start = time.perf_counter()
+    span = max(deadline - start, 1e-3)
+    steps, recent, last_log = 0, torch.zeros((), device=device), start
+    losses: list[float] = []
+    model.train()
+    while time.perf_counter() < deadline:
+        lr = cfg.lr * lr_factor((time.perf_counter() - start) / span, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if cursor + batch > n:
+            order, cursor = torch.randperm(n, generator=gen, device=device), 0
+        idx = order[cursor : cursor + batch]
+        cursor += batch
+        pick = torch.randint(0, 3, (batch,), generator=gen, device=device)
+        caption = data.caption_ids[idx, pick]  # (B,)
+        x = (data.images[idx].float() - mean) / std  # (B, 3, 64, 64)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            image_f, text_f, scale = model(x, data.tokens[caption])[:3]
+            loss = contrastive_loss(image_f, text_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            logit_scale.clamp_(0.0, math.log(100.0))
+        recent += loss.detach()
+        steps += 1
+        if steps % 25 == 0:  # syncing every step would stall a GPU
+            losses.append(recent.item() / 25)
+            recent.zero_()
+            now = time.perf_counter()
+            if now - last_log > 30:
+                seen = steps * batch
+                log(
+                    f"step {steps:6d}  {now - start:6.0f}s  lr {lr:.2e}  loss {losses[-1]:.3f}  "
+                    f"scale {logit_scale.exp().item():5.1f}  {seen / (now - start):7.0f} img/s"
+                )
+                last_log = now
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    model.eval()
+    seconds = time.perf_counter() - start
+    tail = losses[-4:] or [float("nan")]
+    return {
+        "steps": steps,
+        "images_seen": steps * batch,
+        "epochs": round(steps * batch / n, 2),
+        "final_loss": round(float(np.mean(tail)), 4),  # mean over the last 100 steps
+        "logit_scale": round(float(logit_scale.exp().item()), 2),
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(steps * batch / seconds, 1),
+    }
+
+
+def save_checkpoint(model: torch.nn.Module, out: Path, config: Path = CONFIG_FILE) -> Path:
+    """fp16 safetensors (floats halved; open_clip casts them back to fp32 on load) + config."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    path = out / WEIGHTS_FILE
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"model": MODEL_NAME, "format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    if config.resolve() != (out / config.name).resolve():
+        shutil.copyfile(config, out / config.name)
+    return path
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """The whole pipeline: data, model, training to the deadline, save, reload and check."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    started = time.perf_counter()
+    deadline = started + cfg.minutes * 60.0
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions
+    if cfg.model_config.name != f"{MODEL_NAME}.json":
+        raise ValueError(f"the model config must be named {MODEL_NAME}.json")
+    open_clip.add_model_config(cfg.model_config)
+    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    data = load_data(cfg, tokenizer, device)
+    model: Any = build_model(cfg.seed, device)  # open_clip CLIP
+    train_deadline = deadline - cfg.reserve_seconds
+    if train_deadline <= time.perf_counter():
+        raise RuntimeError("no time left to train: raise --minutes or lower --images")
+    stats = train(model, data, cfg, train_deadline)
+    data_seconds = data.seconds
+    del data
+
+    path = save_checkpoint(model, cfg.out, cfg.model_config)
+    pool = quality.eval_pool(cfg.eval_images, cfg.seed)
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    fp32 = quality.evaluate(model, preprocess, tokenizer, pool)
+    reloaded, preprocess, tokenizer = quality.load_demo_model(path, str(device), cfg.out)
+    text_weight = reloaded.state_dict()["transformer.resblocks.0.attn.in_proj_weight"]
+    assert text_weight.dtype == torch.float32, "text tower must load back in fp32"
+    fp16 = quality.evaluate(reloaded, preprocess, tokenizer, pool)
+    report = {
+        "model": MODEL_NAME,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "model_config": json.loads(cfg.model_config.read_text()),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_bytes": path.stat().st_size,
+        "data_seconds": round(data_seconds, 1),
+        **stats,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "quality_fp16_checkpoint": fp16,
+        "quality_fp32_in_memory": fp32,
+    }
+    (cfg.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(quality.format_table(fp16))
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
+    """Command-line flags -> PretrainConfig."""
+    d = PretrainConfig()
+    p = argparse.ArgumentParser(description="Pretrain the polar-demo CLIP on the synthetic world.")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="total wall-clock budget")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=Path, default=d.out, help="asset folder to write")
+    p.add_argument("--data-workers", type=int, default=d.data_workers, help="0 = all CPUs")
+    p.add_argument("--images", type=int, default=d.images)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of training time")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-images", type=int, default=d.eval_images)
+    p.add_argument("--reserve-seconds", type=float, default=d.reserve_seconds)
+    p.add_argument("--model-config", type=Path, default=d.model_config)
+    p.add_argument("--data-cache", type=Path, default=None, help=".npz to reuse or create")
+    a = p.parse_args(argv)
+    return PretrainConfig(
+        minutes=a.minutes,
+        images=a.images,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        warmup=a.warmup,
+        seed=a.seed,
+        device=a.device,
+        data_workers=a.data_workers,
+        eval_images=a.eval_images,
+        reserve_seconds=a.reserve_seconds,
+        out=a.out,
+        model_config=a.model_config,
+        data_cache=a.data_cache,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

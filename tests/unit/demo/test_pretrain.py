@@ -1,0 +1,89 @@
+"""Pretraining pieces: schedule, loss, tokenization, and a seconds-long end-to-end run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.demo import pretrain
+from app.demo.world import World
+
+
+def test_lr_factor_warms_up_then_decays_to_zero() -> None:
+    assert pretrain.lr_factor(0.0, 0.1) == 0.0
+    assert pretrain.lr_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert pretrain.lr_factor(0.1, 0.1) == pytest.approx(1.0)
+    values = [pretrain.lr_factor(p / 100, 0.1) for p in range(10, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert pretrain.lr_factor(1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert pretrain.lr_factor(2.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_loss_is_the_clip_loss() -> None:
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * img @ txt.T
+    loss_i2t = -torch.log_softmax(logits, dim=1).diag().mean()
+    loss_t2i = -torch.log_softmax(logits, dim=0).diag().mean()
+    loss = pretrain.contrastive_loss(img, txt, scale)
+    assert torch.allclose(loss, (loss_i2t + loss_t2i) / 2)
+
+
+def test_loss_is_low_for_aligned_pairs_and_high_for_shuffled() -> None:
+    img = torch.eye(8)
+    aligned = pretrain.contrastive_loss(img, img, torch.tensor(50.0))
+    shuffled = pretrain.contrastive_loss(img, img.roll(1, dims=0), torch.tensor(50.0))
+    assert aligned < 1e-6 and shuffled > 10
+
+
+def test_fast_tokenizer_matches_open_clip() -> None:
+    import open_clip
+
+    open_clip.add_model_config(pretrain.quality.CONFIG_DIR)
+    tokenizer = open_clip.get_tokenizer("polar-demo")
+    captions = [c for i in range(100) for c in World(0).example(i).captions]
+    assert torch.equal(pretrain.tokenize_captions(captions, tokenizer), tokenizer(captions))
+    with pytest.raises(ValueError):
+        pretrain.tokenize_captions(["ball " * 40], tokenizer)
+
+
+def test_embeddings_are_not_decayed() -> None:
+    model = pretrain.build_model(0, torch.device("cpu"))
+    decay, keep = pretrain.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    assert any(p is model.token_embedding.weight for p in keep["params"])
+    assert any(p is model.text_projection for p in decay["params"])
+    assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_short_run_writes_a_loadable_fp16_checkpoint(tmp_path: Path) -> None:
+    cfg = pretrain.PretrainConfig(
+        minutes=0.3,
+        images=128,
+        batch_size=32,
+        data_workers=1,
+        eval_images=32,
+        reserve_seconds=6.0,
+        out=tmp_path / "asset",
+        device="cpu",
+    )
+    report = pretrain.run(cfg)
+    stats = json.loads((tmp_path / "asset" / "training.json").read_text())
+    assert stats["steps"] == report["steps"] > 0 and stats["images_seen"] > 0
+    assert stats["wall_seconds"] <= 0.3 * 60 + 5
+    assert (tmp_path / "asset" / "polar-demo.json").exists()
+
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "asset" / pretrain.WEIGHTS_FILE))
+    assert weights["token_embedding.weight"].dtype == torch.float16
+    model, _, _ = pretrain.quality.load_demo_model(tmp_path / "asset" / pretrain.WEIGHTS_FILE)
+    assert model.token_embedding.weight.dtype == torch.float32
+    assert torch.equal(model.token_embedding.weight.half(), weights["token_embedding.weight"])

@@ -1,0 +1,183 @@
+"""The synthetic world: determinism, images, captions, instances and look-alikes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields, replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.demo.world import (
+    CATEGORIES,
+    COLORS,
+    IMAGE_SIZE,
+    PATTERNS,
+    SCENES,
+    Instance,
+    World,
+    caption_vocabulary,
+)
+
+HIDDEN = ("variant", "aspect", "period", "orientation", "phase")
+
+
+def _words(caption: str) -> list[str]:
+    return caption.split()
+
+
+def test_examples_are_deterministic_by_seed_and_index() -> None:
+    a, b = World(3).example(5), World(3).example(5)
+    assert np.array_equal(a.image, b.image) and a.captions == b.captions
+    assert not np.array_equal(a.image, World(3).example(6).image)
+    assert not np.array_equal(a.image, World(4).example(5).image)
+    assert not np.array_equal(a.image, World(3).example(5, "eval").image)
+
+
+def test_random_scene_image_is_deterministic_by_rng() -> None:
+    world = World(0)
+    img1, caps1 = world.random_scene_image(np.random.default_rng(7))
+    img2, caps2 = world.random_scene_image(np.random.default_rng(7))
+    assert isinstance(img1, Image.Image) and img1.mode == "RGB"
+    assert img1.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert img1.tobytes() == img2.tobytes() and caps1 == caps2
+    assert len(caps1) == 3
+
+
+def test_image_shape_dtype_and_content() -> None:
+    world = World(0)
+    for i in range(20):
+        ex = world.example(i)
+        assert ex.image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and ex.image.dtype == np.uint8
+        assert ex.image.std() > 10  # textured scene, not a flat fill
+    scenes = {world.example(i).scene for i in range(200)}
+    assert scenes == set(SCENES)
+
+
+def test_objects_change_the_image() -> None:
+    world = World(0)
+    inst = world.instance(0)
+    empty = world.render("beach", [], np.random.default_rng(1))
+    with_obj = world.render("beach", [inst], np.random.default_rng(1))
+    diff = np.abs(np.asarray(empty, np.int16) - np.asarray(with_obj, np.int16)).max(axis=2)
+    assert (diff > 40).sum() > 100  # at least a 10×10 object's worth of pixels
+
+
+def test_captions_name_category_and_scene_with_known_words_only() -> None:
+    world, vocab = World(1), caption_vocabulary()
+    for i in range(300):
+        ex = world.example(i)
+        for caption in ex.captions:
+            words = _words(caption)
+            assert ex.scene in words, caption
+            for p in ex.objects:
+                assert p.instance.category in words, caption
+            assert set(words) <= vocab, caption
+            assert not re.search(r"\d", caption)
+
+
+def test_full_caption_names_every_visible_attribute() -> None:
+    world = World(2)
+    for i in range(100):
+        ex = world.example(i)
+        words = set(_words(ex.captions[0]))
+        for p in ex.objects:
+            inst = p.instance
+            assert {inst.color, inst.pattern if inst.pattern != "dotted" else "dots"} <= words
+            assert p.size in words and p.position in words
+
+
+def test_captions_never_depend_on_hidden_attributes() -> None:
+    world = World(0)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        inst = world.sample_instance(rng)
+        twin = replace(
+            inst,
+            variant=(inst.variant + 1) % 3,
+            aspect=round(inst.aspect * 0.9, 2),
+            period=round(inst.period + 0.05, 2),
+            orientation=(inst.orientation + 45) % 180,
+            phase=round((inst.phase + 0.5) % 1.0, 2),
+        )
+        place = world.place(inst, rng)
+        for detail in ("full", "random", "minimal"):
+            seed = int(rng.integers(1 << 30))
+            a = world.caption("snow", [place], np.random.default_rng(seed), detail)
+            twin_place = replace(place, instance=twin)
+            b = world.caption("snow", [twin_place], np.random.default_rng(seed), detail)
+            assert a == b
+        assert inst.key != twin.key
+
+
+def test_instance_key_is_stable() -> None:
+    inst = Instance("ball", 1, 1.05, "red", "blue", "striped", 0.3, 45, 0.25)
+    assert inst.key == "ball.v1.a1.05.red-blue.striped.p0.30.o45.f0.25"
+    assert World(0).instance(3) == World(0).instance(3)
+    assert World(0).instance(3).key != World(0).instance(4).key
+
+
+def test_sample_instance_respects_arguments() -> None:
+    world, rng = World(0), np.random.default_rng(0)
+    for cat in CATEGORIES:
+        inst = world.sample_instance(rng, category=cat, pattern="dotted")
+        assert inst.category == cat and inst.pattern == "dotted"
+        assert inst.color != inst.color2 and {inst.color, inst.color2} <= set(COLORS)
+    assert world.instance(0).pattern != "plain"
+    with pytest.raises(ValueError):
+        world.sample_instance(rng, category="dog")
+
+
+def test_lookalikes_differ_in_exactly_the_intended_attribute() -> None:
+    world, rng = World(0), np.random.default_rng(0)
+    expected = {"colors": {"color", "color2"}, "pattern": {"pattern"}, "shape": {"variant"}}
+    for i in range(40):
+        inst = world.instance(i)
+        looks = world.lookalikes(inst, rng)
+        assert set(looks) == set(expected)
+        for kind, other in looks.items():
+            changed = {
+                f.name for f in fields(Instance) if getattr(inst, f.name) != getattr(other, f.name)
+            }
+            assert changed == expected[kind], (kind, inst, other)
+        assert {looks["colors"].color, looks["colors"].color2}.isdisjoint({inst.color, inst.color2})
+        assert looks["pattern"].pattern in PATTERNS
+
+
+def test_lookalikes_look_different_in_the_same_spot() -> None:
+    world, rng = World(0), np.random.default_rng(5)
+    inst = world.instance(1)
+    place = world.place(inst, rng, "middle", "large")
+    base = world.render_array("grass", [place], np.random.default_rng(9))
+    for kind, other in world.lookalikes(inst, rng).items():
+        img = world.render_array(
+            "grass", [replace(place, instance=other)], np.random.default_rng(9)
+        )
+        changed = (np.abs(img.astype(np.int16) - base).max(axis=2) > 40).sum()
+        assert changed > 30, kind
+
+
+def test_two_objects_are_side_by_side() -> None:
+    world, rng = World(0), np.random.default_rng(3)
+    a, b = world.sample_instance(rng), world.sample_instance(rng)
+    left, right = world.layout([a, b], rng)
+    assert (left.position, right.position) == ("left", "right")
+    assert left.x + left.width / 2 <= right.x - right.width / 2 + 2
+    caption = world.caption("kitchen", [left, right], rng, "full")
+    assert caption.index(a.category) < caption.index(" and a")
+
+
+def test_full_captions_fit_the_demo_context() -> None:
+    import open_clip
+
+    tokenizer = open_clip.SimpleTokenizer(context_length=77)
+    world = World(0)
+    longest = max(len(tokenizer.encode(world.example(i).captions[0])) + 2 for i in range(400))
+    assert longest <= 32
+
+
+def test_hidden_attributes_have_no_caption_words() -> None:
+    vocab = caption_vocabulary()
+    assert not vocab & {"variant", "aspect", "period", "orientation", "phase", "vertical"}
+    assert set(HIDDEN) <= {f.name for f in fields(Instance)}
