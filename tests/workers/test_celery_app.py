@@ -199,7 +199,9 @@ def celery_worker(
         log.close()
         import redis
 
-        redis.Redis.from_url(REDIS_URL).delete(queue)
+        redis.Redis.from_url(REDIS_URL).delete(
+            queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
+        )
 
 
 @pytest.mark.redis
