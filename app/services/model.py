@@ -1,0 +1,75 @@
+"""The serving model: the configured CLIP, or the bundled demo model when it cannot be had."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from app.config import ModelSettings
+from app.errors import ModelUnavailable
+from app.ml.model import (
+    DEMO_MODEL_NAME,
+    ClipBundle,
+    ModelUnavailableError,
+    demo_checkpoint_path,
+    get_clip,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """The loaded model and how it came to be the one serving."""
+
+    bundle: ClipBundle
+    requested: str  # "name/pretrained" as configured
+    fallback_reason: str | None  # why the demo model serves instead; None = as configured
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.fingerprint.model_id
+
+    @property
+    def is_demo(self) -> bool:
+        return self.bundle.fingerprint.name == DEMO_MODEL_NAME
+
+
+_lock = threading.Lock()
+_serving: dict[tuple[str, str, str, str | None, bool], ServingModel] = {}
+
+
+def load_serving_model(cfg: ModelSettings) -> ServingModel:
+    """Load (once per process and configuration) the model this process serves with."""
+    cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None
+    key = (cfg.name, cfg.pretrained, cfg.device, cache_dir, cfg.fallback_to_demo)
+    with _lock:
+        found = _serving.get(key)
+        if found is not None:
+            return found
+        requested = f"{cfg.name}/{cfg.pretrained}"
+        try:
+            serving = ServingModel(
+                get_clip(cfg.name, cfg.pretrained, cfg.device, cache_dir), requested, None
+            )
+        except ModelUnavailableError as e:
+            if not cfg.fallback_to_demo or cfg.name == DEMO_MODEL_NAME:
+                raise ModelUnavailable(str(e)) from e
+            reason = f"{requested} could not be loaded: {e}"
+            log.warning(
+                "\n%s\n!! SERVING THE SYNTHETIC DEMO MODEL, NOT %s.\n!! %s\n!! Searches of real "
+                "photos will be poor. Set POLAR_MODEL__PRETRAINED to a local checkpoint, or "
+                "POLAR_MODEL__FALLBACK_TO_DEMO=false to refuse to start.\n%s",
+                "!" * 78,
+                requested,
+                reason,
+                "!" * 78,
+            )
+            try:
+                bundle = get_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), cfg.device)
+            except ModelUnavailableError as demo_error:
+                raise ModelUnavailable(f"{e}; the demo model failed too: {demo_error}") from e
+            serving = ServingModel(bundle, requested, reason)
+        _serving[key] = serving
+        return serving
