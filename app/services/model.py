@@ -43,7 +43,7 @@ _serving: dict[tuple[str, str, str, str | None, bool], ServingModel] = {}
 def load_serving_model(cfg: ModelSettings) -> ServingModel:
     """Load (once per process and configuration) the model this process serves with."""
     cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None
-    key = (cfg.name, cfg.pretrained, cfg.device, cache_dir, cfg.fallback_to_demo)
+    key = _key(cfg)
     with _lock:
         found = _serving.get(key)
         if found is not None:
@@ -73,3 +73,22 @@ def load_serving_model(cfg: ModelSettings) -> ServingModel:
             serving = ServingModel(bundle, requested, reason)
         _serving[key] = serving
         return serving
+
+
+def _key(cfg: ModelSettings) -> tuple[str, str, str, str | None, bool]:
+    cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None
+    return (cfg.name, cfg.pretrained, cfg.device, cache_dir, cfg.fallback_to_demo)
+
+
+def install_serving_model(cfg: ModelSettings, bundle: ClipBundle) -> ServingModel:
+    """Make `bundle` the model served for `cfg` in this process (tests inject tiny models)."""
+    serving = ServingModel(bundle, f"{cfg.name}/{cfg.pretrained}", None)
+    with _lock:
+        _serving[_key(cfg)] = serving
+    return serving
+
+
+def forget_serving_models() -> None:
+    """Drop every loaded serving model (tests)."""
+    with _lock:
+        _serving.clear()
