@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,11 +73,17 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     assert failed == [("job-2", jobs.RETRIES_EXHAUSTED)]
 
 
+def fake_model_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """Stands in for app.ml.model (no torch import); its get_clip is set by each test."""
+    module = types.ModuleType("app.ml.model")
+    monkeypatch.setitem(sys.modules, "app.ml.model", module)
+    return module
+
+
 def test_worker_process_init_warms_the_model_in_the_background(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import app.ml.model as model_module
-
+    model_module = fake_model_module(monkeypatch)
     called = threading.Event()
     args: list[tuple[Any, ...]] = []
 
@@ -84,7 +91,7 @@ def test_worker_process_init_warms_the_model_in_the_background(
         args.append(a)
         called.set()
 
-    monkeypatch.setattr(model_module, "get_clip", fake_get_clip)
+    monkeypatch.setattr(model_module, "get_clip", fake_get_clip, raising=False)
     monkeypatch.setattr(celery_module, "WARM_MODEL", True)
     from celery import signals
 
@@ -104,12 +111,12 @@ def test_worker_process_init_warms_the_model_in_the_background(
 
 
 def test_warm_model_survives_a_missing_or_failing_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.ml.model as model_module
+    model_module = fake_model_module(monkeypatch)
 
     def broken(*_: Any) -> None:
         raise RuntimeError("no weights")
 
-    monkeypatch.setattr(model_module, "get_clip", broken)
+    monkeypatch.setattr(model_module, "get_clip", broken, raising=False)
     thread = celery_module.warm_model()
     assert thread is not None
     thread.join(10)  # the error is logged, not raised
