@@ -27,14 +27,15 @@ MODEL_CONFIG_DIR = _HERE / "model_configs"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 
 
-def _register_model_configs() -> None:
-    """Make the project's own open_clip configs (e.g. polar-demo) known by name."""
-    if MODEL_CONFIG_DIR.is_dir():
-        for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):
-            open_clip.add_model_config(path)
+def register_model_configs(directory: Path = MODEL_CONFIG_DIR) -> list[str]:
+    """Make open_clip config JSONs (e.g. polar-demo) known by file stem; returns the names."""
+    paths = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    for path in paths:
+        open_clip.add_model_config(path)
+    return [p.stem for p in paths]
 
 
-_register_model_configs()
+register_model_configs()
 
 
 def demo_checkpoint_path() -> Path:
