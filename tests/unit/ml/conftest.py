@@ -35,7 +35,7 @@ def tiny_clip(seed: int = 0, dtype: torch.dtype = torch.float32) -> ClipBundle:
 
 
 def tiny_custom(seed: int = 0, dtype: torch.dtype = torch.float64) -> ClipBundle:
-    """CustomTextCLIP layout (`model.text`), QuickGELU, layer scale, Linear projection, context 32."""
+    """CustomTextCLIP layout (`model.text`), QuickGELU, layer scale, Linear projection."""
     torch.manual_seed(seed)
     text = CLIPTextCfg(
         context_length=32, width=32, heads=2, layers=3, ls_init_value=0.5, proj_bias=True

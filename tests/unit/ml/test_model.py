@@ -99,7 +99,7 @@ def test_unknown_model_name_names_the_setting() -> None:
 
 
 def test_missing_checkpoint_names_the_setting(tiny_checkpoint, tmp_path: Path) -> None:
-    with pytest.raises(ModelUnavailableError, match="POLAR_MODEL__PRETRAINED=.*does not exist"):
+    with pytest.raises(ModelUnavailableError, match=r"POLAR_MODEL__PRETRAINED=.*does not exist"):
         load_clip(tiny_checkpoint[0], str(tmp_path / "missing.safetensors"), device="cpu")
     with pytest.raises(ModelUnavailableError, match="POLAR_MODEL__PRETRAINED"):
         load_clip("ViT-B-32", "", device="cpu")
