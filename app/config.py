@@ -38,6 +38,9 @@ class TrainingSettings(BaseModel):
     )
     min_photos: int = Field(3, ge=1, description="fewest photos a concept accepts")
     max_photos: int = Field(13, ge=1, description="most photos a concept accepts")
+    retention_max_drop: float = Field(
+        0.03, ge=0, description="flag a concept whose update costs more general retrieval than this"
+    )
 
 
 class LimitSettings(BaseModel):

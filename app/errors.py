@@ -145,3 +145,36 @@ class UploadRejected(DomainError):
             detail={"files": [f.as_dict() for f in failures]},
         )
         self.failures = failures
+
+
+# -- concepts --------------------------------------------------------------------------------
+
+
+class InvalidConceptName(ValidationFailed):
+    """Empty, too long, or without a letter or digit (names are matched as whole words)."""
+
+    code = "invalid_concept_name"
+
+
+class InvalidCategory(ValidationFailed):
+    """A category that cannot be part of the placeholder phrase ("sks <category>")."""
+
+    code = "invalid_category"
+
+
+class PhotoCountOutOfRange(ValidationFailed):
+    """Too few or too many distinct photos for a concept (settings.training min/max_photos)."""
+
+    code = "photo_count_out_of_range"
+
+
+class DuplicateConceptName(Conflict):
+    """Another of the user's concepts already has this name (compared case-insensitively)."""
+
+    code = "duplicate_concept_name"
+
+
+class ConceptDeleted(NotFound):
+    """The concept a training job was for no longer exists."""
+
+    code = "concept_deleted"

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
-from app.api.routes import health, images
+from app.api.routes import concepts, health, images, jobs
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory, migrate
 from app.runner import job_runtime
@@ -61,4 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     # One file more than allowed is parsed, so the service can answer `too_many_files`.
     app.include_router(images.router, form_limits={"max_files": limits.max_files_per_request + 1})
+    # Past training.max_photos too, so the answer can name the allowed range.
+    app.include_router(concepts.router, form_limits={"max_files": limits.max_files_per_request + 1})
+    app.include_router(jobs.router)
     return app

@@ -184,3 +184,134 @@ class ImagePage(BaseModel):
 
     items: list[ImageOut]
     next_cursor: str | None = Field(description="null on the last page")
+
+
+# -- concepts and jobs -----------------------------------------------------------------------
+
+_CONCEPT_ID = "2d0f3c4e-1a9b-4c7d-8e6f-5a4b3c2d1e0f"
+
+
+class ConceptOut(BaseModel):
+    """A personal concept and the state of its POLAR adapter."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _CONCEPT_ID,
+                    "name": "Fido",
+                    "category": "dog",
+                    "state": "ready",
+                    "version": 1,
+                    "token": "sks",
+                    "placeholder": "sks dog",
+                    "example_count": 5,
+                    "metrics": {
+                        "final_loss": 0.0012,
+                        "train_seconds": 0.41,
+                        "steps": 500,
+                        "lam": 0.1,
+                        "n_photos": 5,
+                        "model_id": "ViT-B-32/openai@3f1a9c0d2b7e",
+                        "retention_method": "caption_r@10",
+                        "retention_base": 0.91,
+                        "retention_adapted": 0.9,
+                    },
+                    "retention_score": 0.989,
+                    "retention_flagged": False,
+                    "job_id": _JOB_ID,
+                    "created_at": _TS,
+                    "updated_at": _TS,
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str
+    category: str | None = Field(description="coarse class; part of the placeholder phrase")
+    state: str = Field(description="training | ready | failed")
+    version: int = Field(description="bumped by every retraining (new photos, new category)")
+    token: str = Field(description="placeholder token the query rewriter substitutes")
+    placeholder: str = Field(description='what a query naming the concept encodes: "sks dog"')
+    example_count: int = Field(description="training photos, all versions together")
+    metrics: dict[str, Any] | None = Field(
+        description="of the current version once trained: final_loss, train_seconds, steps, lam, "
+        "n_photos, model_id, retention_method, retention_base, retention_adapted"
+    )
+    retention_score: float | None = Field(
+        description="general retrieval kept with this concept's update (1.0 = all of it)"
+    )
+    retention_flagged: bool = Field(
+        description="the update costs more general retrieval than training.retention_max_drop"
+    )
+    job_id: str | None = Field(description="the job training the current version (GET /jobs/{id})")
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConceptPage(BaseModel):
+    """One page of GET /concepts; pass `next_cursor` back as `cursor` for the next page."""
+
+    items: list[ConceptOut]
+    next_cursor: str | None = Field(description="null on the last page")
+
+
+class ConceptJobResponse(BaseModel):
+    """A concept after a change, and the job retraining it (null when nothing retrains)."""
+
+    concept: ConceptOut
+    job: JobOut | None = Field(description="trains the new version; null if no retraining")
+
+
+class ConceptPatch(BaseModel):
+    """PATCH /concepts/{id}: rename, and/or change the category (which retrains)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "Rex"}, {"category": "puppy"}]}
+    )
+
+    name: str | None = Field(None, description="new name (1-64 characters, a letter or digit)")
+    category: str | None = Field(
+        None, description="new category, or null to drop it; a change retrains the concept"
+    )
+
+
+class JobLinks(BaseModel):
+    """Where the objects a job works on can be fetched."""
+
+    concept: str | None = Field(None, description="/concepts/{id} of a train_concept job")
+    images: list[str] | None = Field(None, description="/images/{id} of an embed_images job")
+
+
+class JobDetail(JobOut):
+    """A job with its attempts and links to what it works on (GET /jobs, GET /jobs/{id})."""
+
+    attempts: int = Field(description="runs started so far (retries after transient errors)")
+    updated_at: datetime
+    links: JobLinks
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobDetail:
+        """Build from the ORM row; links come from the job's payload."""
+        payload = job.payload or {}
+        links = JobLinks()
+        concept_id = payload.get("concept_id")
+        if isinstance(concept_id, str):
+            links.concept = f"/concepts/{concept_id}"
+        image_ids = payload.get("image_ids")
+        if isinstance(image_ids, list):
+            links.images = [f"/images/{i}" for i in image_ids if isinstance(i, str)]
+        return cls(
+            **JobOut.from_model(job).model_dump(),
+            attempts=job.attempts,
+            updated_at=job.updated_at,
+            links=links,
+        )
+
+
+class JobPage(BaseModel):
+    """One page of GET /jobs, newest first; pass `next_cursor` back as `cursor`."""
+
+    items: list[JobDetail]
+    next_cursor: str | None = Field(description="null on the last page")

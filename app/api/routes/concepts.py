@@ -1,0 +1,163 @@
+"""/concepts: teach the service a personal object from photos (logic in services/concepts)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.schemas import ConceptJobResponse, ConceptOut, ConceptPage, ConceptPatch, JobOut
+from app.schemas import error_responses as errors
+from app.services import concepts as service
+from app.services.images import IncomingFile
+
+router = APIRouter(prefix="/concepts", tags=["concepts"], responses=errors(401))
+
+_PHOTOS_DOC = "photos of the concept: 3-13 in all (training.min_photos..max_photos)"
+
+
+def concept_out(view: service.ConceptView) -> ConceptOut:
+    """The API form of a concept."""
+    c = view.concept
+    return ConceptOut(
+        id=c.id,
+        name=c.name,
+        category=c.category,
+        state=c.state,
+        version=c.version,
+        token=c.token,
+        placeholder=view.placeholder,
+        example_count=view.example_count,
+        metrics=c.metrics,
+        retention_score=c.retention_score,
+        retention_flagged=c.retention_flagged,
+        job_id=view.job_id,
+        created_at=c.created_at,
+        updated_at=c.updated_at,
+    )
+
+
+def change_out(change: service.ConceptChange) -> ConceptJobResponse:
+    job = JobOut.from_model(change.job) if change.job is not None else None
+    return ConceptJobResponse(concept=concept_out(change.view), job=job)
+
+
+def _incoming(files: list[UploadFile]) -> list[IncomingFile]:
+    return [IncomingFile(f.filename, f.file) for f in files]
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=ConceptJobResponse,
+    summary="Create a concept from photos; it trains in the background",
+    responses=errors(409, 413, 415, 422),
+)
+def create_concept(
+    name: Annotated[str, Form(description="what queries call it, e.g. Fido (1-64 characters)")],
+    files: Annotated[list[UploadFile], File(description=_PHOTOS_DOC)],
+    user: CurrentUser,
+    db_session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    category: Annotated[
+        str | None, Form(description='coarse class, e.g. "dog": placeholder "sks dog"')
+    ] = None,
+) -> ConceptJobResponse:
+    """All or nothing: a bad photo, a taken name or a wrong photo count stores nothing."""
+    change = service.create_concept(
+        user.id,
+        name,
+        category,
+        _incoming(files),
+        db_session=db_session,
+        store=store,
+        training=settings.training,
+        limits=settings.limits,
+    )
+    return change_out(change)
+
+
+@router.get(
+    "",
+    response_model=ConceptPage,
+    summary="List concepts, oldest first, by cursor",
+    responses=errors(422),
+)
+def list_concepts(
+    user: CurrentUser,
+    db_session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> ConceptPage:
+    page = service.list_concepts(user.id, db_session=db_session, limit=limit, cursor=cursor)
+    return ConceptPage(items=[concept_out(v) for v in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{concept_id}", response_model=ConceptOut, responses=errors(404))
+def get_concept(concept_id: str, user: CurrentUser, db_session: SessionDep) -> ConceptOut:
+    return concept_out(service.get_concept(user.id, concept_id, db_session=db_session))
+
+
+@router.patch(
+    "/{concept_id}",
+    response_model=ConceptJobResponse,
+    summary="Rename a concept and/or change its category",
+    description=(
+        "Renaming changes only which word queries match; nothing retrains. A new category (or "
+        "`null` to drop it) changes the placeholder phrase the adapter is trained on, so it "
+        "starts a new version and returns its training job."
+    ),
+    responses=errors(404, 409, 422),
+)
+def update_concept(
+    concept_id: str, body: ConceptPatch, user: CurrentUser, db_session: SessionDep
+) -> ConceptJobResponse:
+    category = body.category if "category" in body.model_fields_set else service.KEEP
+    change = service.update_concept(
+        user.id, concept_id, db_session=db_session, name=body.name, category=category
+    )
+    return change_out(change)
+
+
+@router.post(
+    "/{concept_id}/examples",
+    status_code=202,
+    response_model=ConceptJobResponse,
+    summary="Add photos to a concept; a new version trains on all of them",
+    responses=errors(404, 413, 415, 422),
+)
+def add_examples(
+    concept_id: str,
+    files: Annotated[list[UploadFile], File(description=_PHOTOS_DOC)],
+    user: CurrentUser,
+    db_session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> ConceptJobResponse:
+    """All or nothing; the concept's photos stay within training.max_photos in total."""
+    change = service.add_examples(
+        user.id,
+        concept_id,
+        _incoming(files),
+        db_session=db_session,
+        store=store,
+        training=settings.training,
+        limits=settings.limits,
+    )
+    return change_out(change)
+
+
+@router.delete(
+    "/{concept_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a concept with its photos and adapters",
+    responses=errors(404),
+)
+def delete_concept(
+    concept_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+) -> Response:
+    service.delete_concept(user.id, concept_id, db_session=db_session, store=store)
+    return Response(status_code=204)
