@@ -47,6 +47,16 @@ def _act_backward(act: nn.Module, grad: torch.Tensor, z: torch.Tensor) -> torch.
     return dz
 
 
+def _projection(tower: TextTower, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text projection as (weight (D, d), bias) of a Linear."""
+    proj = tower.text_projection
+    if proj is None:
+        return torch.eye(tower.width, dtype=like.dtype, device=like.device), None
+    if isinstance(proj, nn.Linear):
+        return proj.weight, proj.bias
+    return proj.T.contiguous(), None
+
+
 @dataclass(frozen=True)
 class _Cache:
     """Forward intermediates the backward needs."""
@@ -55,14 +65,16 @@ class _Cache:
     a_hat: torch.Tensor  # (d,)
     s: torch.Tensor  # (N, H)
     cq: torch.Tensor  # (H, 5d)
-    r_c: torch.Tensor  # (N, d)
-    inv_s: torch.Tensor  # (N, 1)
+    r_hat: torch.Tensor  # (N, d) ln_2's normalised input (before its affine part)
+    inv_s: torch.Tensor  # (N, 1) ln_2's 1/σ
     z_pre: torch.Tensor  # (N, 4d)
     z: torch.Tensor  # (N, 4d)
-    y_hat: torch.Tensor  # (N, d)
-    inv_f: torch.Tensor  # (N, 1)
+    y: torch.Tensor  # (N, d) block output at the pooled row
+    y_mean: torch.Tensor  # (N, 1) ln_final statistics
+    y_rstd: torch.Tensor  # (N, 1)
     f_norm: torch.Tensor  # (N, 1)
     f_n: torch.Tensor  # (N, D)
+    diff: torch.Tensor  # (N, D) f_n - target
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,11 @@ class FastObjective:
     z_bias: torch.Tensor  # (4d,) β2 W1ᵀ + b1
     g: torch.Tensor  # (H, dh, d + 4d): B_h -> [residual change | c_fc pre-activation change]
     w2: torch.Tensor  # (d, 4d) c_proj weight with ls_2 folded in
+    w2_t: torch.Tensor  # (4d, d) its transpose, contiguous: x @ Wᵀ is MKL's fastest layout
     b2: torch.Tensor  # (d,)
+    proj_w: torch.Tensor  # (D, d) text projection as a Linear weight (identity if none)
+    proj_w_t: torch.Tensor  # (d, D)
+    proj_b: torch.Tensor | None  # (D,)
     eps: float  # ln_2 epsilon
     target: torch.Tensor  # (N, D)
     lam: float
@@ -102,6 +118,8 @@ class FastObjective:
             # (H, dh, 5d): a row-vector bmm per head is far faster on CPU than a column one.
             g = torch.cat([w_o, w1g @ w_o_c]).T.reshape(heads, d // heads, -1).contiguous()
             gamma2 = _layer_scale(block.ls_2, d, r0)
+            w2 = gamma2[:, None] * proj.weight
+            proj_w, proj_b = _projection(tower, r0)
             return cls(
                 tower=tower,
                 act=block.mlp.gelu,
@@ -111,8 +129,12 @@ class FastObjective:
                 z0=(r0 - r0.mean(dim=-1, keepdim=True)) @ w1g.T,
                 z_bias=ln2.bias @ fc.weight.T + fc.bias,
                 g=g,
-                w2=gamma2[:, None] * proj.weight,
+                w2=w2,
+                w2_t=w2.T.contiguous(),
                 b2=gamma2 * proj.bias,
+                proj_w=proj_w,
+                proj_w_t=proj_w.T.contiguous(),
+                proj_b=proj_b,
                 eps=float(ln2.eps),
                 target=target,
                 lam=lam,
@@ -122,41 +144,28 @@ class FastObjective:
         """Loss and intermediates; differentiable, so autograd can check the hand backward."""
         d, heads = self.r0.shape[1], self.g.shape[0]
         ln_f = self.ln_f
-        a_norm = a.norm()
+        a_norm = torch.linalg.vector_norm(a)
         a_hat = a / a_norm
         s = self.u @ a_hat  # (N, H) how strongly Â fires per head
         cq = torch.bmm(b.view(heads, 1, -1), self.g).squeeze(1)  # (H, 5d)
         change = s @ cq  # (N, 5d)
         r = self.r0 + change[:, :d]  # (N, d) pooled row after the attention residual
-        r_c = r - r.mean(dim=-1, keepdim=True)
-        inv_s = torch.rsqrt(r_c.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (N, 1)
+        var, mean = torch.var_mean(r, dim=-1, keepdim=True, correction=0)
+        inv_s = torch.rsqrt(var + self.eps)  # (N, 1) ln_2's 1/σ
+        r_hat = (r - mean) * inv_s
         z_pre = self.z0 + change[:, d:]
-        z = z_pre * inv_s + self.z_bias  # (N, 4d) = c_fc(ln_2(r))
+        z = torch.addcmul(self.z_bias, z_pre, inv_s)  # (N, 4d) = c_fc(ln_2(r))
         y = r + F.linear(self.act(z), self.w2, self.b2)  # (N, d)
-        y_c = y - y.mean(dim=-1, keepdim=True)
-        inv_f = torch.rsqrt(y_c.pow(2).mean(dim=-1, keepdim=True) + ln_f.eps)  # (N, 1)
-        y_hat = y_c * inv_f
-        f = self._project(y_hat * ln_f.weight + ln_f.bias)  # (N, D)
-        f_norm = f.norm(dim=-1, keepdim=True)
+        y_ln, y_mean, y_rstd = torch.native_layer_norm(y, (d,), ln_f.weight, ln_f.bias, ln_f.eps)
+        f = F.linear(y_ln, self.proj_w, self.proj_b)  # (N, D)
+        f_norm = torch.linalg.vector_norm(f, dim=-1, keepdim=True)
         f_n = f / f_norm
-        loss = (f_n - self.target).pow(2).mean() + self.lam * b.pow(2).mean()
-        return loss, _Cache(a_norm, a_hat, s, cq, r_c, inv_s, z_pre, z, y_hat, inv_f, f_norm, f_n)
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.tower.text_projection
-        if proj is None:
-            return x
-        if isinstance(proj, nn.Linear):
-            return proj(x)
-        return x @ proj
-
-    def _project_back(self, grad: torch.Tensor) -> torch.Tensor:
-        proj = self.tower.text_projection
-        if proj is None:
-            return grad
-        if isinstance(proj, nn.Linear):
-            return grad @ proj.weight
-        return grad @ proj.T
+        diff = f_n - self.target
+        loss = diff.pow(2).mean() + self.lam * b.pow(2).mean()
+        cache = _Cache(
+            a_norm, a_hat, s, cq, r_hat, inv_s, z_pre, z, y, y_mean, y_rstd, f_norm, f_n, diff
+        )
+        return loss, cache
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The loss (autograd-capable)."""
@@ -168,22 +177,23 @@ class FastObjective:
         """(loss, dL/da, dL/db) with the backward written out (the training hot loop)."""
         with torch.no_grad():
             loss, c = self._forward(a, b)
-            d = c.r_c.shape[1]
-            heads = self.g.shape[0]
-            d_fn = 2 * (c.f_n - self.target) / self.target.numel()
-            d_f = (d_fn - c.f_n * (c.f_n * d_fn).sum(dim=-1, keepdim=True)) / c.f_norm
-            d_yh = self._project_back(d_f) * self.ln_f.weight  # (N, d) into ln_final's x̂
-            mean = (d_yh.mean(dim=-1, keepdim=True), (d_yh * c.y_hat).mean(dim=-1, keepdim=True))
-            d_y = c.inv_f * (d_yh - mean[0] - c.y_hat * mean[1])  # (N, d)
-            d_z = _act_backward(self.act, d_y @ self.w2, c.z)  # (N, 4d)
-            d_inv_s = (d_z * c.z_pre).sum(dim=-1, keepdim=True)  # (N, 1)
-            d_rc = d_inv_s * (-c.inv_s.pow(3)) * c.r_c / d  # via 1/σ = (mean(r_c²)+ε)^(-1/2)
-            d_r = d_y + d_rc - d_rc.mean(dim=-1, keepdim=True)
+            d, heads = c.y.shape[1], self.g.shape[0]
+            ln_f = self.ln_f
+            d_fn = c.diff * (2 / c.diff.numel())
+            d_f = (d_fn - c.f_n * torch.linalg.vecdot(c.f_n, d_fn)[:, None]) / c.f_norm
+            d_y = torch.ops.aten.native_layer_norm_backward(
+                F.linear(d_f, self.proj_w_t), c.y, [d], c.y_mean, c.y_rstd,
+                ln_f.weight, ln_f.bias, [True, False, False],
+            )[0]  # (N, d)  # fmt: skip
+            d_z = _act_backward(self.act, F.linear(d_y, self.w2_t), c.z)  # (N, 4d)
+            d_inv_s = torch.linalg.vecdot(d_z, c.z_pre)[:, None]  # (N, 1)
+            # 1/σ = (mean(r_c²) + ε)^(-1/2): d/dr = -(1/σ)³ r_c / d = -(1/σ)² r̂ / d (zero-mean).
+            d_r = torch.addcmul(d_y, c.r_hat, d_inv_s * c.inv_s.pow(2), value=-1 / d)
             d_change = torch.cat([d_r, d_z * c.inv_s], dim=-1)  # (N, 5d)
             d_s = d_change @ c.cq.T  # (N, H)
             d_cq = c.s.T @ d_change  # (H, 5d)
-            d_b = torch.bmm(d_cq.view(heads, 1, -1), self.g.transpose(1, 2)).reshape(d)
-            d_b = d_b + (2 * self.lam / d) * b
-            d_ahat = torch.einsum("nh,nhd->d", d_s, self.u)
+            d_b = torch.bmm(d_cq.view(heads, 1, -1), self.g.transpose(1, 2)).view(d)
+            d_b = d_b.add(b, alpha=2 * self.lam / d)
+            d_ahat = d_s.reshape(-1) @ self.u.reshape(-1, d)  # (d,)
             d_a = (d_ahat - c.a_hat * (c.a_hat @ d_ahat)) / c.a_norm
         return loss, d_a, d_b
