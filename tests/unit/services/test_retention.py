@@ -227,3 +227,18 @@ def test_the_demo_fallback_looks_next_to_the_demo_checkpoint(bundle, rset, tmp_p
     assert retention.retention_set_path(serving, cfg) == demo.parent / "retention.npz"
     result = retention.measure_retention(serving, cfg, adapter(bundle, 1.0), max_drop=0.03)
     assert result.method == "caption_r@10"
+
+
+def test_the_demo_set_builder_writes_a_set_the_service_uses(bundle, tmp_path):
+    from app.demo.retention_set import build
+
+    built = build(bundle, n=12, start=1000, seed=0)
+    assert len(built.captions) == 12 and built.image_embeddings.shape == (12, bundle.embed_dim)
+    assert built.model_id == bundle.fingerprint.model_id
+    assert len(set(built.captions)) > 1 and all(isinstance(c, str) and c for c in built.captions)
+    np.testing.assert_allclose(np.linalg.norm(built.image_embeddings, axis=1), 1.0, atol=1e-5)
+    assert build(bundle, n=12, start=1000, seed=0).digest == built.digest  # deterministic
+    serving, cfg = serving_with_checkpoint(bundle, tmp_path)
+    built.save(tmp_path / "retention.npz")
+    result = retention.measure_retention(serving, cfg, adapter(bundle, 1.0), max_drop=0.03)
+    assert result.method == "caption_r@10" and result.n == 12
