@@ -753,7 +753,7 @@ def train_concept(ctx: JobContext) -> None:
         _save(ctx, concept_id, version, fitted)
     except JobInterrupted:
         raise  # shutdown: the job runs again later and the concept stays `training`
-    except BaseException as e:
+    except Exception as e:  # not SystemExit & co: a killed worker's job is delivered again
         _mark_failed(ctx, concept_id, version, e)
         raise
 
