@@ -153,14 +153,16 @@ def load_data(cfg: PretrainConfig, tokenizer: Any, device: torch.device) -> Trai
         with np.load(cache) as z:
             if (int(z["seed"]), len(z["images"])) != (cfg.seed, cfg.images):
                 raise ValueError(f"{cache} holds other data (seed/images differ)")
-            images, ids, captions = z["images"], z["caption_ids"], [str(c) for c in z["captions"]]
+            images, ids = z["images"], z["caption_ids"]
+            captions = z["captions"].tobytes().decode().split("\n")
     else:
         images, ids, captions = render_dataset(cfg.seed, cfg.images, workers)
         if cache is not None:
-            np.savez(cache, images=images, caption_ids=ids, captions=captions, seed=cfg.seed)
+            text = np.frombuffer("\n".join(captions).encode(), np.uint8)  # compact, no pickle
+            np.savez(cache, images=images, caption_ids=ids, captions=text, seed=cfg.seed)
     tokens = tokenize_captions(captions, tokenizer)
     data = TrainData(
-        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+        images=torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous(),
         caption_ids=torch.from_numpy(ids).to(device),
         tokens=tokens.to(device),
         seconds=time.perf_counter() - started,
@@ -253,12 +255,11 @@ def train(
         torch.cuda.synchronize()
     model.eval()
     seconds = time.perf_counter() - start
-    tail = losses[-4:] or [float("nan")]
     return {
         "steps": steps,
         "images_seen": steps * batch,
         "epochs": round(steps * batch / n, 2),
-        "final_loss": round(float(np.mean(tail)), 4),  # mean over the last 100 steps
+        "final_loss": round(float(np.mean(losses[-4:])), 4) if losses else None,  # last 100 steps
         "logit_scale": round(float(logit_scale.exp().item()), 2),
         "train_seconds": round(seconds, 1),
         "images_per_second": round(steps * batch / seconds, 1),
