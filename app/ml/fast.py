@@ -57,6 +57,30 @@ def _projection(tower: TextTower, like: torch.Tensor) -> tuple[torch.Tensor, tor
     return proj.T.contiguous(), None
 
 
+class _Linear:
+    """x Wᵀ + b; on CPU float32 with oneDNN's pre-packed weight (about 3x MKL's at N = 5 rows)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+        self.weight, self.bias = weight.contiguous(), bias
+        self.packed: torch.Tensor | None = None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+                probe = torch.randn(
+                    rows, weight.shape[1], generator=torch.Generator().manual_seed(0)
+                )
+                got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                if torch.allclose(got, F.linear(probe, self.weight, bias), rtol=1e-4, atol=1e-4):
+                    self.packed = packed
+            except (AttributeError, RuntimeError):  # torch built without oneDNN
+                pass
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass(frozen=True)
 class _Cache:
     """Forward intermediates the backward needs."""
@@ -89,12 +113,10 @@ class FastObjective:
     z0: torch.Tensor  # (N, 4d) c_fc input part of r0, before ln_2's 1/σ: (cen(r0)·g2) W1ᵀ
     z_bias: torch.Tensor  # (4d,) β2 W1ᵀ + b1
     g: torch.Tensor  # (H, dh, d + 4d): B_h -> [residual change | c_fc pre-activation change]
-    w2: torch.Tensor  # (d, 4d) c_proj weight with ls_2 folded in
-    w2_t: torch.Tensor  # (4d, d) its transpose, contiguous: x @ Wᵀ is MKL's fastest layout
-    b2: torch.Tensor  # (d,)
-    proj_w: torch.Tensor  # (D, d) text projection as a Linear weight (identity if none)
-    proj_w_t: torch.Tensor  # (d, D)
-    proj_b: torch.Tensor | None  # (D,)
+    c_proj: _Linear  # (N, 4d) -> (N, d), ls_2 folded in
+    c_proj_back: _Linear  # (N, d) -> (N, 4d): its transpose, for the backward
+    proj: _Linear  # (N, d) -> (N, D) text projection (identity if none)
+    proj_back: _Linear  # (N, D) -> (N, d)
     eps: float  # ln_2 epsilon
     target: torch.Tensor  # (N, D)
     lam: float
@@ -111,7 +133,7 @@ class FastObjective:
             x, mask = prefix_states(tower, tokens)  # (N, L, d)
             att = pooled_attention(block, x, pool_indices(tower, tokens), mask)
             r0 = att.x + block.ls_1(block.attn.out_proj(att.o))  # (N, d)
-            d, heads = tower.width, tower.heads
+            d, heads, n = tower.width, tower.heads, tokens.shape[0]
             w_o = _layer_scale(block.ls_1, d, r0)[:, None] * block.attn.out_proj.weight  # (d, d)
             w_o_c = w_o - w_o.mean(dim=0, keepdim=True)  # centring the output, folded in
             w1g = fc.weight * ln2.weight  # (4d, d)
@@ -129,12 +151,10 @@ class FastObjective:
                 z0=(r0 - r0.mean(dim=-1, keepdim=True)) @ w1g.T,
                 z_bias=ln2.bias @ fc.weight.T + fc.bias,
                 g=g,
-                w2=w2,
-                w2_t=w2.T.contiguous(),
-                b2=gamma2 * proj.bias,
-                proj_w=proj_w,
-                proj_w_t=proj_w.T.contiguous(),
-                proj_b=proj_b,
+                c_proj=_Linear(w2, gamma2 * proj.bias, n),
+                c_proj_back=_Linear(w2.T, None, n),
+                proj=_Linear(proj_w, proj_b, n),
+                proj_back=_Linear(proj_w.T, None, n),
                 eps=float(ln2.eps),
                 target=target,
                 lam=lam,
@@ -155,9 +175,9 @@ class FastObjective:
         r_hat = (r - mean) * inv_s
         z_pre = self.z0 + change[:, d:]
         z = torch.addcmul(self.z_bias, z_pre, inv_s)  # (N, 4d) = c_fc(ln_2(r))
-        y = r + F.linear(self.act(z), self.w2, self.b2)  # (N, d)
+        y = r + self.c_proj(self.act(z))  # (N, d)
         y_ln, y_mean, y_rstd = torch.native_layer_norm(y, (d,), ln_f.weight, ln_f.bias, ln_f.eps)
-        f = F.linear(y_ln, self.proj_w, self.proj_b)  # (N, D)
+        f = self.proj(y_ln)  # (N, D)
         f_norm = torch.linalg.vector_norm(f, dim=-1, keepdim=True)
         f_n = f / f_norm
         diff = f_n - self.target
@@ -182,10 +202,10 @@ class FastObjective:
             d_fn = c.diff * (2 / c.diff.numel())
             d_f = (d_fn - c.f_n * torch.linalg.vecdot(c.f_n, d_fn)[:, None]) / c.f_norm
             d_y = torch.ops.aten.native_layer_norm_backward(
-                F.linear(d_f, self.proj_w_t), c.y, [d], c.y_mean, c.y_rstd,
+                self.proj_back(d_f), c.y, [d], c.y_mean, c.y_rstd,
                 ln_f.weight, ln_f.bias, [True, False, False],
             )[0]  # (N, d)  # fmt: skip
-            d_z = _act_backward(self.act, F.linear(d_y, self.w2_t), c.z)  # (N, 4d)
+            d_z = _act_backward(self.act, self.c_proj_back(d_y), c.z)  # (N, 4d)
             d_inv_s = torch.linalg.vecdot(d_z, c.z_pre)[:, None]  # (N, 1)
             # 1/σ = (mean(r_c²) + ε)^(-1/2): d/dr = -(1/σ)³ r_c / d = -(1/σ)² r̂ / d (zero-mean).
             d_r = torch.addcmul(d_y, c.r_hat, d_inv_s * c.inv_s.pow(2), value=-1 / d)
