@@ -22,6 +22,7 @@ class ModelSettings(BaseModel):
     fallback_to_demo: bool = Field(
         True, description="serve the bundled demo model (loudly) if the weights cannot be had"
     )
+    preload: bool = Field(True, description="load the model at startup (else on first use)")
 
 
 class TrainingSettings(BaseModel):

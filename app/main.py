@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
-from app.api.routes import concepts, health, images, jobs
+from app.api.routes import concepts, health, images, jobs, search
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory, migrate
+from app.metrics import Metrics
 from app.runner import job_runtime
+from app.services import job_handlers
+from app.services.index import IndexCache
+from app.services.model import ModelLoader
+from app.services.search import AdapterCache
 from app.storage import ImageStore
 
 # Multipart framing per file part (headers, boundary), on top of the files' own bytes.
@@ -32,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Idempotent, and serialised across replicas on Postgres (advisory lock);
         # deployments may also run `polar migrate` first.
         migrate(engine)
+        app.state.model_loader.start()
         try:
             # Embedded mode (no broker): a job thread pool in this process, stopped on exit.
             with job_runtime(settings, app.state.session_factory) as dispatcher:
@@ -51,7 +59,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.image_store = ImageStore(settings.data_dir)
+    app.state.index_cache = IndexCache(settings.data_dir / "index")
+    app.state.adapter_cache = AdapterCache()
+    app.state.model_loader = ModelLoader(settings.model)
+    app.state.metrics = Metrics()
+    job_handlers.install()
     install_error_handlers(app)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     limits = settings.limits
     # The largest sane request: a full upload. Each file is also capped while it is read.
     app.add_middleware(
@@ -64,4 +78,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Past training.max_photos too, so the answer can name the allowed range.
     app.include_router(concepts.router, form_limits={"max_files": limits.max_files_per_request + 1})
     app.include_router(jobs.router)
+    app.include_router(search.router)
     return app
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time requests by route template (raw paths are unbounded)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)

@@ -186,6 +186,107 @@ class ImagePage(BaseModel):
     next_cursor: str | None = Field(description="null on the last page")
 
 
+class SearchFiltersIn(BaseModel):
+    """Only images matching every given condition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    mime: list[str] = Field(default_factory=list, description="e.g. ['image/jpeg']")
+
+
+class SearchRequest(BaseModel):
+    """POST /search: a query with explicit concepts and filters."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "q": "Fido at the beach",
+                    "k": 20,
+                    "offset": 0,
+                    "personalize": True,
+                    "concept_ids": [],
+                    "filters": {"created_after": "2025-01-01T00:00:00Z", "mime": ["image/jpeg"]},
+                }
+            ]
+        },
+    )
+
+    q: str = Field(description="what to look for; your concepts' names personalise it")
+    k: int = Field(20, ge=1, description="hits per page (at most limits.max_k)")
+    offset: int = Field(0, ge=0, description="hits to skip (for the next page)")
+    personalize: bool = Field(True, description="false = plain CLIP, for comparison")
+    concept_ids: list[str] = Field(
+        default_factory=list, description="concepts to apply even if the query does not name them"
+    )
+    filters: SearchFiltersIn | None = None
+
+
+class SearchConceptOut(BaseModel):
+    """A concept the search recognised."""
+
+    id: str
+    name: str
+    version: int | None = Field(description="adapter version applied; null if none could be")
+    mentioned: bool = Field(description="named in the query text (vs. given in concept_ids)")
+    applied: bool = Field(description="its adapter personalised the text encoder")
+
+
+class SearchHitOut(BaseModel):
+    """One ranked image."""
+
+    rank: int = Field(description="1-based rank over the whole result")
+    score: float = Field(description="cosine similarity of query and image embeddings")
+    image: ImageOut
+
+
+class SearchResponse(BaseModel):
+    """Ranked hits and how the query was understood."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "Fido at the beach",
+                    "rewritten": "sks dog at the beach",
+                    "personalized": True,
+                    "model": "ViT-B-32/openai@3f1a9c0d2b7e",
+                    "concepts": [
+                        {
+                            "id": "2d0f3c4e-1a9b-4c7d-8e6f-5a4b3c2d1e0f",
+                            "name": "Fido",
+                            "version": 1,
+                            "mentioned": True,
+                            "applied": True,
+                        }
+                    ],
+                    "hits": [],
+                    "k": 20,
+                    "offset": 0,
+                    "indexed": 1834,
+                    "pending": 0,
+                    "warnings": [],
+                }
+            ]
+        }
+    )
+
+    query: str
+    rewritten: str = Field(description="the text that was encoded, concept names replaced")
+    personalized: bool = Field(description="at least one concept adapter was applied")
+    model: str = Field(description="id of the model that served this search")
+    concepts: list[SearchConceptOut]
+    hits: list[SearchHitOut]
+    k: int
+    offset: int
+    indexed: int = Field(description="images in your searchable index")
+    pending: int = Field(description="images not yet embedded by the serving model")
+    warnings: list[str]
+
+
 # -- concepts and jobs -----------------------------------------------------------------------
 
 _CONCEPT_ID = "2d0f3c4e-1a9b-4c7d-8e6f-5a4b3c2d1e0f"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,16 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from app.ml.model import demo_checkpoint_path
 from tests.db_fixtures import *  # noqa: F403
+
+# Apps built by tests load their model on first use, not at startup: most tests need none, and
+# those that do install a tiny one (tests/model_fixtures.py) or load the demo model explicitly.
+os.environ.setdefault("POLAR_MODEL__PRELOAD", "false")
+# Jobs that need a model use the bundled demo model; nothing is fetched from the network.
+os.environ.setdefault("POLAR_MODEL__NAME", "polar-demo")
+os.environ.setdefault("POLAR_MODEL__PRETRAINED", str(demo_checkpoint_path()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

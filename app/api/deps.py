@@ -18,6 +18,9 @@ from app.config import Settings
 from app.errors import Unauthorized
 from app.models import User
 from app.services import users as users_service
+from app.services.index import IndexCache
+from app.services.model import ServingModel, load_serving_model
+from app.services.search import AdapterCache
 from app.storage import ImageStore
 
 # Reachable without a key: probes and the API docs.
@@ -80,3 +83,19 @@ def get_current_user(user: Annotated[User | None, AUTH]) -> User:
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+class SearchContext:
+    """What a search needs from the app: settings, model, per-user index and adapter caches."""
+
+    def __init__(self, request: Request) -> None:
+        self.settings: Settings = request.app.state.settings
+        self.index_cache: IndexCache = request.app.state.index_cache
+        self.adapter_cache: AdapterCache = request.app.state.adapter_cache
+
+    def serving(self) -> ServingModel:
+        """The serving model (loaded on first use; ModelUnavailable → 503)."""
+        return load_serving_model(self.settings.model)
+
+
+SearchContextDep = Annotated[SearchContext, Depends(SearchContext)]

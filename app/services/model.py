@@ -92,3 +92,46 @@ def forget_serving_models() -> None:
     """Drop every loaded serving model (tests)."""
     with _lock:
         _serving.clear()
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    serving: ServingModel | None
+    detail: str
+    ok: bool  # ready as far as the model goes (loaded, or deliberately loaded on first use)
+
+
+class ModelLoader:
+    """Loads the serving model in the background at startup, so the API answers at once."""
+
+    def __init__(self, cfg: ModelSettings) -> None:
+        self.cfg = cfg
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._serving: ServingModel | None = None
+
+    def start(self) -> None:
+        if not self.cfg.preload or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._load, name="polar-model-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._serving = load_serving_model(self.cfg)
+        except ModelUnavailable as e:
+            self._error = e.message
+            log.error("model unavailable: %s", e.message)
+
+    def state(self) -> LoaderState:
+        """What /readyz reports; a model loaded on first use by a request counts too."""
+        if self._serving is None:
+            with _lock:
+                self._serving = _serving.get(_key(self.cfg))
+        if self._serving is not None:
+            return LoaderState(self._serving, f"{self._serving.model_id} loaded", True)
+        if self._error is not None:
+            return LoaderState(None, self._error, False)
+        if self._thread is not None:
+            return LoaderState(None, f"loading {self.cfg.name}/{self.cfg.pretrained}", False)
+        return LoaderState(None, "loads on first use (POLAR_MODEL__PRELOAD=false)", True)

@@ -1,9 +1,15 @@
-"""Liveness: answers as long as the process serves requests."""
+"""Probes and metrics: /healthz (process up), /readyz (db, broker, model), /metrics."""
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from sqlalchemy import text
 
 from app import __version__
+from app.config import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -13,6 +19,80 @@ class Health(BaseModel):
     version: str
 
 
+class Check(BaseModel):
+    ok: bool
+    detail: str = ""
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready | not_ready")
+    version: str
+    model: str | None = Field(description="id of the model serving searches, once loaded")
+    demo_model: bool = Field(description="true when the synthetic demo model is serving")
+    warning: str | None = Field(description="why the demo model serves instead of the configured")
+    checks: dict[str, Check]
+
+
 @router.get("/healthz", response_model=Health, summary="Process is up")
 def healthz() -> Health:
     return Health(status="ok", version=__version__)
+
+
+def _check_db(request: Request) -> Check:
+    try:
+        with request.app.state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return Check(ok=True)
+    except Exception as e:  # any failure means "not ready"; the detail says which
+        return Check(ok=False, detail=f"{type(e).__name__}: {e}"[:300])
+
+
+def _check_broker(settings: Settings) -> Check:
+    if settings.embedded_jobs:
+        return Check(ok=True, detail="embedded job runner (no broker configured)")
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+        client.ping()
+        return Check(ok=True, detail="broker answers")
+    except Exception as e:
+        return Check(ok=False, detail=f"{type(e).__name__}: {e}"[:300])
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Ready to serve: database, broker and model",
+    responses={503: {"model": Readiness, "description": "not ready; `checks` says why"}},
+)
+def readyz(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    loader = request.app.state.model_loader
+    state = loader.state()
+    checks = {
+        "database": _check_db(request),
+        "broker": _check_broker(settings),
+        "model": Check(ok=state.ok, detail=state.detail),
+    }
+    ok = all(c.ok for c in checks.values())
+    serving = state.serving
+    body = Readiness(
+        status="ready" if ok else "not_ready",
+        version=__version__,
+        model=serving.model_id if serving else None,
+        demo_model=bool(serving and serving.is_demo),
+        warning=serving.fallback_reason if serving else None,
+        checks=checks,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    m = request.app.state.metrics
+    m.index_rebuilds.set(request.app.state.index_cache.rebuilds)
+    serving = request.app.state.model_loader.state().serving
+    if serving is not None:
+        m.model_info.labels(serving.model_id, str(int(serving.is_demo))).set(1)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,85 @@
+"""Embedding library images with the serving model (the `embed_images` and `rebuild_index` jobs)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from PIL import Image as PILImage
+from PIL import ImageOps, UnidentifiedImageError
+from sqlalchemy import or_, select, update
+
+from app import repositories
+from app.db import session_scope
+from app.ml.encode import encode_images
+from app.models import Image, JobKind
+from app.services import jobs
+from app.services.jobs import JobContext
+from app.services.model import ServingModel, load_serving_model
+from app.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+BATCH = 32  # images per forward pass and per commit: progress moves, memory stays flat
+
+
+def _open_rgb(store: ImageStore, storage_path: str) -> PILImage.Image | None:
+    try:
+        with PILImage.open(store.path(storage_path)) as im:
+            # Stored originals keep their EXIF orientation; the upload validated that it decodes.
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        log.warning("cannot read %s for embedding: %s", storage_path, e)
+        return None
+
+
+def embed_pending(
+    ctx: JobContext, image_ids: Sequence[str] | None, serving: ServingModel | None = None
+) -> int:
+    """Embed the user's listed images (None: all) that lack an embedding from the serving model."""
+    serving = serving or load_serving_model(ctx.settings.model)
+    model_id = serving.model_id
+    store = ImageStore(ctx.settings.data_dir)
+    with session_scope(ctx.session_factory) as s:
+        query = select(Image.id, Image.storage_path).where(
+            Image.user_id == ctx.user_id,
+            or_(Image.embedding.is_(None), Image.embedding_model != model_id),
+        )
+        if image_ids is not None:
+            query = query.where(Image.id.in_(list(image_ids)))
+        todo = list(s.execute(query.order_by(Image.created_at, Image.id)))
+    done = 0
+    for start in range(0, len(todo), BATCH):
+        batch = todo[start : start + BATCH]
+        opened = [(image_id, _open_rgb(store, path)) for image_id, path in batch]
+        readable = [(i, im) for i, im in opened if im is not None]
+        if readable:
+            vectors = encode_images(serving.bundle, [im for _, im in readable])  # (B, D)
+            with session_scope(ctx.session_factory) as s:
+                for (image_id, _), vec in zip(readable, vectors, strict=True):
+                    # A row deleted meanwhile simply matches nothing.
+                    s.execute(
+                        update(Image)
+                        .where(Image.id == image_id, Image.user_id == ctx.user_id)
+                        .values(embedding=vec.tobytes(), embedding_model=model_id)
+                    )
+                repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
+        done += len(batch)
+        ctx.progress(done / len(todo))
+    return done
+
+
+def embed_images_job(ctx: JobContext) -> None:
+    """Handler of `embed_images` (payload {"image_ids": [...]}); embedded ones are skipped."""
+    embed_pending(ctx, list(ctx.payload.get("image_ids") or []))
+
+
+def rebuild_index_job(ctx: JobContext) -> None:
+    """Handler of `rebuild_index`: (re-)embed every image of the user not embedded by this model."""
+    embed_pending(ctx, None)
+    with session_scope(ctx.session_factory) as s:
+        repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
+
+
+jobs.register_handler(JobKind.EMBED_IMAGES, embed_images_job)
+jobs.register_handler(JobKind.REBUILD_INDEX, rebuild_index_job)

@@ -1,0 +1,144 @@
+"""Per-user FAISS indexes: a derived cache of the database, persisted under the data folder.
+
+The database is the source of truth. `users.index_generation` is bumped in the same transaction
+as every change of a user's embedded images, so any API process (on any host) notices a change
+by comparing that number with the generation its cached index was built from. A stale, missing
+or corrupt index file is rebuilt from the embeddings in the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound
+from app.ml.index import IndexCorruptError, VectorIndex
+from app.models import Image, User
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedIndex:
+    """An index and the database state it reflects."""
+
+    index: VectorIndex
+    generation: int
+    model_id: str
+
+
+def _model_slug(model_id: str) -> str:
+    # Readable and filesystem-safe, unique by the digest suffix.
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)[:60]
+    return f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+
+
+def load_embeddings(
+    *, db_session: Session, user_id: str, model_id: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(vec_ids (N,) int64, vectors (N, D) float32) of the user's images embedded by `model_id`."""
+    rows = db_session.execute(
+        select(Image.vec_id, Image.embedding)
+        .where(
+            Image.user_id == user_id,
+            Image.embedding_model == model_id,
+            Image.embedding.is_not(None),
+        )
+        .execution_options(yield_per=2000)
+    )
+    ids: list[int] = []
+    chunks: list[bytes] = []
+    for vec_id, blob in rows:
+        if blob is not None:
+            ids.append(vec_id)
+            chunks.append(blob)
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    vectors = np.frombuffer(b"".join(chunks), dtype=np.float32).reshape(len(ids), -1)
+    return np.asarray(ids, dtype=np.int64), vectors
+
+
+class IndexCache:
+    """In-memory LRU of per-user indexes, backed by files under `root`."""
+
+    def __init__(self, root: Path, max_users: int = 256) -> None:
+        self.root = Path(root)
+        self.max_users = max_users
+        self._entries: OrderedDict[tuple[str, str], CachedIndex] = OrderedDict()
+        self._lock = threading.Lock()
+        self._user_locks: dict[tuple[str, str], threading.Lock] = {}
+        self.rebuilds = 0  # how often the database was read to build an index (for tests/metrics)
+
+    def path(self, user_id: str, model_id: str) -> Path:
+        return self.root / _model_slug(model_id) / f"{user_id}.faiss"
+
+    def get(self, *, db_session: Session, user_id: str, model_id: str, dim: int) -> CachedIndex:
+        """The user's index at the database's current generation."""
+        generation = db_session.scalar(select(User.index_generation).where(User.id == user_id))
+        if generation is None:
+            raise NotFound.of("user")
+        key = (user_id, model_id)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.generation == generation:
+                self._entries.move_to_end(key)
+                return entry
+            user_lock = self._user_locks.setdefault(key, threading.Lock())
+        with user_lock:
+            with self._lock:
+                entry = self._entries.get(key)
+            if entry is None or entry.generation != generation:
+                entry = self._load_file(user_id, model_id, generation)
+            if entry is None:
+                entry = self._rebuild(db_session, user_id, model_id, generation, dim)
+            with self._lock:
+                self._entries[key] = entry
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.max_users:
+                    self._entries.popitem(last=False)
+            return entry
+
+    def _load_file(self, user_id: str, model_id: str, generation: int) -> CachedIndex | None:
+        path = self.path(user_id, model_id)
+        if not path.exists():
+            return None
+        try:
+            index, meta = VectorIndex.load(path)
+        except IndexCorruptError as e:
+            log.warning("rebuilding the index of user %s: %s", user_id, e)
+            return None
+        if meta.get("generation") != generation or meta.get("model_id") != model_id:
+            return None
+        return CachedIndex(index, generation, model_id)
+
+    def _rebuild(
+        self, db_session: Session, user_id: str, model_id: str, generation: int, dim: int
+    ) -> CachedIndex:
+        # `generation` was read before the rows: a change racing with this read bumps it
+        # again, so the next search rebuilds rather than trusting a half-old index.
+        ids, vectors = load_embeddings(db_session=db_session, user_id=user_id, model_id=model_id)
+        index = VectorIndex.build(ids, vectors) if len(ids) else VectorIndex.empty(dim)
+        self.rebuilds += 1
+        path = self.path(user_id, model_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            index.save(path, {"generation": generation, "model_id": model_id, "user_id": user_id})
+        except OSError as e:  # a read-only or full disk costs speed, not correctness
+            log.warning("could not persist the index of user %s: %s", user_id, e)
+        return CachedIndex(index, generation, model_id)
+
+    def forget(self, user_id: str) -> None:
+        """Drop the user's cached indexes and files (e.g. when the user is deleted)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == user_id]:
+                del self._entries[key]
+        for path in self.root.glob(f"*/{user_id}.faiss*"):
+            path.unlink(missing_ok=True)

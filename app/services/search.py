@@ -1,0 +1,262 @@
+"""Search a user's library: rewrite concept names, stack their adapters, encode, rank."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import LimitSettings
+from app.errors import NotFound, QueryTooLong, ValidationFailed
+from app.ml.adapter import ConceptAdapter
+from app.ml.encode import count_tokens, encode_texts
+from app.ml.model import AdapterMismatchError
+from app.ml.train import placeholder_phrase
+from app.models import Adapter, Concept, Image
+from app.services.index import IndexCache
+from app.services.model import ServingModel
+from app.services.query import NamedConcept, rewrite_query
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Restrict hits to images matching all given conditions."""
+
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    mime: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.created_after or self.created_before or self.mime)
+
+
+@dataclass(frozen=True)
+class AppliedConcept:
+    """A concept the search recognised, and whether its adapter was applied."""
+
+    id: str
+    name: str
+    version: int | None  # adapter version applied; None when none could be
+    mentioned: bool
+    applied: bool
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    image: Image
+    score: float
+    rank: int  # 1-based over the whole ranking
+
+
+@dataclass
+class SearchOutcome:
+    query: str
+    text: str  # what was encoded
+    personalized: bool
+    model_id: str
+    hits: list[SearchHit]
+    concepts: list[AppliedConcept]
+    indexed: int  # images in the user's index
+    warnings: list[str] = field(default_factory=list)
+
+
+class AdapterCache:
+    """Deserialised adapters by row id (rows are immutable once written)."""
+
+    def __init__(self, max_items: int = 4096) -> None:
+        self._items: OrderedDict[str, ConceptAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_items = max_items
+
+    def get(self, row: Adapter) -> ConceptAdapter:
+        with self._lock:
+            found = self._items.get(row.id)
+            if found is not None:
+                self._items.move_to_end(row.id)
+                return found
+        adapter = ConceptAdapter.from_bytes(row.weights)
+        with self._lock:
+            self._items[row.id] = adapter
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return adapter
+
+
+def _latest_adapters(db_session: Session, concept_ids: Sequence[str]) -> dict[str, Adapter]:
+    """The newest stored adapter per concept: a concept keeps searching while it retrains."""
+    if not concept_ids:
+        return {}
+    newest = (
+        select(Adapter.concept_id, func.max(Adapter.version).label("v"))
+        .where(Adapter.concept_id.in_(list(concept_ids)))
+        .group_by(Adapter.concept_id)
+        .subquery()
+    )
+    rows = db_session.scalars(
+        select(Adapter).join(
+            newest, (Adapter.concept_id == newest.c.concept_id) & (Adapter.version == newest.c.v)
+        )
+    )
+    return {row.concept_id: row for row in rows}
+
+
+def validate_query(query: str, limits: LimitSettings) -> str:
+    text = " ".join(query.split())
+    if not text:
+        raise ValidationFailed("the query is empty; say what to look for", code="empty_query")
+    if len(text) > limits.max_query_chars:
+        raise QueryTooLong(
+            f"the query has {len(text)} characters; at most {limits.max_query_chars} are accepted"
+        )
+    return text
+
+
+def search_images(
+    user_id: str,
+    query: str,
+    *,
+    k: int,
+    offset: int = 0,
+    personalize: bool = True,
+    concept_ids: Sequence[str] = (),
+    filters: SearchFilters | None = None,
+    db_session: Session,
+    serving: ServingModel,
+    index_cache: IndexCache,
+    adapter_cache: AdapterCache,
+    limits: LimitSettings,
+) -> SearchOutcome:
+    """Rank the user's images for `query`; concept names in it personalise the text encoder."""
+    text = validate_query(query, limits)
+    if not 1 <= k <= limits.max_k:
+        raise ValidationFailed(f"k must be between 1 and {limits.max_k}", code="invalid_k")
+    if offset < 0:
+        raise ValidationFailed("offset must be 0 or more", code="invalid_offset")
+    bundle = serving.bundle
+    warnings: list[str] = []
+    applied: list[AppliedConcept] = []
+    adapters: list[ConceptAdapter] = []
+    encoded = text
+    if personalize:
+        concepts = list(db_session.scalars(select(Concept).where(Concept.user_id == user_id)))
+        by_id = {c.id: c for c in concepts}
+        for cid in concept_ids:
+            if cid not in by_id:
+                raise NotFound.of("concept")
+        stored = _latest_adapters(db_session, [c.id for c in concepts])
+        loaded: dict[str, ConceptAdapter] = {}
+        for cid, row in stored.items():
+            try:
+                adapter = adapter_cache.get(row)
+                adapter.check_compatible(bundle.fingerprint)
+            except AdapterMismatchError:
+                warnings.append(
+                    f"'{by_id[cid].name}' was trained on another model; add a photo or "
+                    "re-register it to retrain it for the serving model"
+                )
+                continue
+            loaded[cid] = adapter
+        named = [NamedConcept(c.id, c.name) for c in concepts]
+        phrases = {
+            c.id: (
+                placeholder_phrase(loaded[c.id].token, loaded[c.id].category)
+                if c.id in loaded
+                else c.name  # untrained: search for the name as plain text
+            )
+            for c in concepts
+        }
+        rewritten = rewrite_query(text, named, phrases)
+        encoded = rewritten.text
+        wanted = list(dict.fromkeys([*rewritten.concept_ids, *concept_ids]))
+        for cid in wanted:
+            concept = by_id[cid]
+            adapter_row = stored.get(cid)
+            ok = cid in loaded
+            if ok:
+                adapters.append(loaded[cid])
+            elif adapter_row is None:
+                warnings.append(
+                    f"'{concept.name}' is {concept.state} and has no trained version yet; "
+                    "its name was searched as plain text"
+                )
+            applied.append(
+                AppliedConcept(
+                    id=cid,
+                    name=concept.name,
+                    version=adapter_row.version if ok and adapter_row else None,
+                    mentioned=cid in rewritten.concept_ids,
+                    applied=ok,
+                )
+            )
+    n_tokens = count_tokens(bundle, encoded)
+    if n_tokens > bundle.context_length:
+        raise QueryTooLong(
+            f"the query is {n_tokens} tokens long but the model reads at most "
+            f"{bundle.context_length} (CLIP's context, start and end tokens included); shorten it",
+            detail={"tokens": n_tokens, "context_length": bundle.context_length},
+        )
+    q = encode_texts(bundle, [encoded], adapters)  # (1, D)
+    cached = index_cache.get(
+        db_session=db_session, user_id=user_id, model_id=serving.model_id, dim=bundle.embed_dim
+    )
+    index = cached.index
+    want = offset + k
+    # Filters are checked on image rows, so rank everything when any is set (exact search).
+    scores, ids = index.search(q, len(index) if filters and filters.active else want)
+    ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+    images = _images_by_vec_id(db_session, user_id, [i for i, _ in ranked], filters)
+    # Rows deleted after the index was read are simply absent.
+    ranked = [(i, s) for i, s in ranked if i in images]
+    hits = [SearchHit(images[i], s, offset + n + 1) for n, (i, s) in enumerate(ranked[offset:want])]
+    return SearchOutcome(
+        query=query,
+        text=encoded,
+        personalized=bool(adapters),
+        model_id=serving.model_id,
+        hits=hits,
+        concepts=applied,
+        indexed=len(index),
+        warnings=warnings,
+    )
+
+
+def _images_by_vec_id(
+    db_session: Session, user_id: str, vec_ids: list[int], filters: SearchFilters | None
+) -> dict[int, Image]:
+    if not vec_ids:
+        return {}
+    found: dict[int, Image] = {}
+    for start in range(0, len(vec_ids), 900):  # stay under SQLite's bound-parameter limit
+        query = select(Image).where(
+            Image.user_id == user_id, Image.vec_id.in_(vec_ids[start : start + 900])
+        )
+        if filters:
+            if filters.created_after:
+                query = query.where(Image.created_at >= filters.created_after)
+            if filters.created_before:
+                query = query.where(Image.created_at < filters.created_before)
+            if filters.mime:
+                query = query.where(Image.mime.in_(filters.mime))
+        found.update((img.vec_id, img) for img in db_session.scalars(query))
+    return found
+
+
+def unembedded_count(db_session: Session, user_id: str, model_id: str) -> int:
+    """Images of the user not (yet) embedded by the serving model."""
+    return int(
+        db_session.scalar(
+            select(func.count())
+            .select_from(Image)
+            .where(
+                Image.user_id == user_id,
+                (Image.embedding_model.is_(None)) | (Image.embedding_model != model_id),
+            )
+        )
+        or 0
+    )

@@ -1,0 +1,218 @@
+"""/search through HTTP, on SQLite and PostgreSQL, with a tiny random CLIP serving."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from app.ml.train import train_adapter
+from app.models import Adapter, Concept, Image, Job, JobState
+from tests.db_fixtures import noisy_jpeg
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+
+def wait_jobs(client: Any, timeout: float = 60.0) -> None:
+    """Until no job is queued or running (the embedded runner works in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with client.app.state.session_factory() as s:
+            states = [j.state for j in s.query(Job).all()]
+        if all(st in (JobState.SUCCEEDED, JobState.FAILED) for st in states):
+            assert JobState.FAILED not in states, "a job failed"
+            return
+        time.sleep(0.05)
+    raise AssertionError("jobs did not finish")
+
+
+def upload(client: Any, user: Any, seeds: range) -> list[str]:
+    files = [("files", (f"p{i}.jpg", noisy_jpeg(seed=i), "image/jpeg")) for i in seeds]
+    r = client.post("/images", files=files, headers=user.headers)
+    assert r.status_code == 202, r.text
+    return [i["id"] for i in r.json()["images"]]
+
+
+@pytest.fixture
+def library(api_client, make_user, tiny_serving):  # noqa: F811
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(6))
+    wait_jobs(api_client)
+    return user, ids
+
+
+def test_plain_search_ranks_every_image_by_cosine(api_client, library, tiny_serving):  # noqa: F811
+    user, ids = library
+    r = api_client.get("/search", params={"q": "a photo of a hat", "k": 10}, headers=user.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["personalized"] is False and body["concepts"] == []
+    assert body["rewritten"] == "a photo of a hat"
+    assert body["model"] == tiny_serving.fingerprint.model_id
+    assert body["indexed"] == 6 and body["pending"] == 0
+    hits = body["hits"]
+    assert sorted(h["image"]["id"] for h in hits) == sorted(ids)
+    assert [h["rank"] for h in hits] == list(range(1, 7))
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    # The scores are the cosine of the stored embeddings with the encoded query.
+    from app.ml.encode import encode_texts
+
+    q = encode_texts(tiny_serving, ["a photo of a hat"])[0]
+    with api_client.app.state.session_factory() as s:
+        emb = {i.id: np.frombuffer(i.embedding, np.float32) for i in s.query(Image).all()}
+    for h in hits:
+        assert h["score"] == pytest.approx(float(emb[h["image"]["id"]] @ q), abs=1e-5)
+
+
+def test_pages_are_slices_of_one_ranking(api_client, library):
+    user, _ = library
+    full = api_client.get("/search", params={"q": "snow", "k": 6}, headers=user.headers).json()
+    page = api_client.get(
+        "/search", params={"q": "snow", "k": 2, "offset": 2}, headers=user.headers
+    ).json()
+    assert [h["image"]["id"] for h in page["hits"]] == [
+        h["image"]["id"] for h in full["hits"][2:4]
+    ]
+    assert [h["rank"] for h in page["hits"]] == [3, 4]
+
+
+def test_other_users_see_nothing(api_client, library, make_user):
+    other = make_user(api_client, "mallory")
+    r = api_client.get("/search", params={"q": "anything"}, headers=other.headers)
+    assert r.status_code == 200
+    assert r.json()["hits"] == [] and r.json()["indexed"] == 0
+
+
+def test_deleted_image_leaves_the_results_at_once(api_client, library):
+    user, ids = library
+    api_client.get("/search", params={"q": "x"}, headers=user.headers)  # warm the cache
+    assert api_client.delete(f"/images/{ids[0]}", headers=user.headers).status_code == 204
+    body = api_client.get("/search", params={"q": "x", "k": 10}, headers=user.headers).json()
+    assert ids[0] not in [h["image"]["id"] for h in body["hits"]]
+    assert body["indexed"] == 5
+
+
+def test_index_file_is_persisted_and_a_corrupt_one_is_rebuilt(api_client, library):
+    user, _ = library
+    before = api_client.get("/search", params={"q": "x"}, headers=user.headers).json()
+    files = list(api_client.app.state.settings.data_dir.glob("index/*/*.faiss"))
+    assert len(files) == 1
+    files[0].write_bytes(b"garbage")
+    cache = api_client.app.state.index_cache
+    cache._entries.clear()  # as if another process: only the file and the database remain
+    after = api_client.get("/search", params={"q": "x"}, headers=user.headers).json()
+    assert [h["image"]["id"] for h in after["hits"]] == [h["image"]["id"] for h in before["hits"]]
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"q": ""}, "empty_query"),
+        ({"q": "   "}, "empty_query"),
+        ({"q": "hat " * 80}, "query_too_long"),
+        ({"q": "x" * 2000}, "query_too_long"),
+        ({"q": "hat", "k": 0}, None),
+        ({"q": "hat", "k": 10_000}, "invalid_k"),
+        ({"q": "hat", "offset": -1}, None),
+    ],
+)
+def test_bad_queries_get_422_with_the_error_shape(api_client, library, params, code):
+    user, _ = library
+    r = api_client.get("/search", params=params, headers=user.headers)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    if code:
+        assert err["code"] == code
+
+
+def test_too_long_query_says_the_context_length(api_client, library):
+    user, _ = library
+    r = api_client.get("/search", params={"q": "hat " * 80}, headers=user.headers)
+    assert "77" in r.json()["error"]["message"]
+
+
+def test_search_needs_a_key(api_client):
+    assert api_client.get("/search", params={"q": "x"}).status_code == 401
+
+
+def _add_concept(client: Any, user_id: str, bundle: Any, name: str, category: str) -> str:
+    emb = torch.nn.functional.normalize(torch.randn(5, bundle.embed_dim), dim=-1)
+    adapter = train_adapter(bundle, emb, "sks", category, lam=0.01, steps=30)
+    with client.app.state.session_factory() as s:
+        c = Concept(
+            user_id=user_id, name=name, name_key=name.casefold(), category=category,
+            token="sks", state="ready", version=1,
+        )  # fmt: skip
+        s.add(c)
+        s.flush()
+        s.add(Adapter(concept_id=c.id, version=1, weights=adapter.to_bytes(),
+                      model_id=bundle.fingerprint.model_id))  # fmt: skip
+        s.commit()
+        return c.id
+
+
+def test_concept_names_personalise_the_query(api_client, library, tiny_serving):  # noqa: F811
+    user, _ = library
+    cid = _add_concept(api_client, user.id, tiny_serving, "Fido", "hat")
+    mine = api_client.get(
+        "/search", params={"q": "fido's hat on the beach", "k": 6}, headers=user.headers
+    ).json()
+    assert mine["personalized"] is True
+    assert mine["rewritten"] == "sks hat's hat on the beach"
+    assert mine["concepts"] == [
+        {"id": cid, "name": "Fido", "version": 1, "mentioned": True, "applied": True}
+    ]
+    plain = api_client.get(
+        "/search",
+        params={"q": "fido's hat on the beach", "k": 6, "personalize": "false"},
+        headers=user.headers,
+    ).json()
+    assert plain["personalized"] is False and plain["concepts"] == []
+    assert plain["rewritten"] == "fido's hat on the beach"
+    assert [h["score"] for h in mine["hits"]] != [h["score"] for h in plain["hits"]]
+
+
+def test_post_applies_explicit_concepts_and_filters(api_client, library, tiny_serving):  # noqa: F811
+    user, ids = library
+    cid = _add_concept(api_client, user.id, tiny_serving, "Fido", "hat")
+    r = api_client.post(
+        "/search",
+        json={"q": "a hat", "k": 6, "concept_ids": [cid], "filters": {"mime": ["image/png"]}},
+        headers=user.headers,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["hits"] == []  # every image is a JPEG
+    assert body["concepts"][0]["mentioned"] is False and body["concepts"][0]["applied"] is True
+    r = api_client.post(
+        "/search", json={"q": "a hat", "filters": {"mime": ["image/jpeg"]}}, headers=user.headers
+    )
+    assert len(r.json()["hits"]) == 6
+
+
+def test_post_with_a_foreign_concept_is_404(api_client, library, make_user, tiny_serving):  # noqa: F811
+    user, _ = library
+    other = make_user(api_client, "bob")
+    foreign = _add_concept(api_client, other.id, tiny_serving, "Rex", "dog")
+    r = api_client.post("/search", json={"q": "x", "concept_ids": [foreign]}, headers=user.headers)
+    missing = api_client.post(
+        "/search", json={"q": "x", "concept_ids": ["nope"]}, headers=user.headers
+    )
+    assert r.status_code == missing.status_code == 404
+    assert r.json() == missing.json()
+
+
+def test_untrained_concept_is_searched_as_text_with_a_warning(api_client, library):
+    user, _ = library
+    with api_client.app.state.session_factory() as s:
+        s.add(Concept(user_id=user.id, name="Luna", name_key="luna", token="sks",
+                      state="training", version=1))  # fmt: skip
+        s.commit()
+    body = api_client.get("/search", params={"q": "Luna on snow"}, headers=user.headers).json()
+    assert body["rewritten"] == "Luna on snow"
+    assert body["personalized"] is False
+    assert any("Luna" in w and "training" in w for w in body["warnings"])
