@@ -51,16 +51,16 @@ celery_app = create_celery()
 def warm_model() -> threading.Thread | None:
     """Start loading the model in the background; tasks that need it wait on the loader's lock."""
     try:
-        from app.ml.model import get_clip
+        from app.services.model import load_serving_model
     except ImportError:  # the ML engine is optional for workers that only run light jobs
-        log.warning("app.ml.model is not available; the model is not preloaded")
+        log.warning("the model loader is not available; the model is not preloaded")
         return None
     model = get_settings().model
-    cache_dir = str(model.cache_dir) if model.cache_dir else None
 
     def load() -> None:
         try:
-            get_clip(model.name, model.pretrained, model.device, cache_dir)
+            # The same loader as the API: the configured model, or the demo model, loudly.
+            load_serving_model(model)
         except Exception:  # the first task that needs the model reports the error properly
             log.exception("preloading the model failed")
 

@@ -7,12 +7,15 @@ from typing import Any
 
 from celery import Task
 
-from app.services import jobs
+from app.services import job_handlers, jobs
 from workers.celery_app import celery_app
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
+
+# The worker runs the same service functions as the embedded runner.
+job_handlers.install()
 
 
 class _JobTask(Task):

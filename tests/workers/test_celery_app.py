@@ -74,9 +74,9 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
 
 
 def fake_model_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Stands in for app.ml.model (no torch import); its get_clip is set by each test."""
-    module = types.ModuleType("app.ml.model")
-    monkeypatch.setitem(sys.modules, "app.ml.model", module)
+    """Stands in for app.services.model (no torch import); its loader is set by each test."""
+    module = types.ModuleType("app.services.model")
+    monkeypatch.setitem(sys.modules, "app.services.model", module)
     return module
 
 
@@ -87,11 +87,11 @@ def test_worker_process_init_warms_the_model_in_the_background(
     called = threading.Event()
     args: list[tuple[Any, ...]] = []
 
-    def fake_get_clip(*a: Any) -> None:
+    def fake_load(*a: Any) -> None:
         args.append(a)
         called.set()
 
-    monkeypatch.setattr(model_module, "get_clip", fake_get_clip, raising=False)
+    monkeypatch.setattr(model_module, "load_serving_model", fake_load, raising=False)
     monkeypatch.setattr(celery_module, "WARM_MODEL", True)
     from celery import signals
 
@@ -99,15 +99,7 @@ def test_worker_process_init_warms_the_model_in_the_background(
     assert called.wait(10)
     from app.config import get_settings
 
-    model = get_settings().model
-    assert args == [
-        (
-            model.name,
-            model.pretrained,
-            model.device,
-            None if model.cache_dir is None else str(model.cache_dir),
-        )
-    ]
+    assert args == [(get_settings().model,)]
 
 
 def test_warm_model_survives_a_missing_or_failing_loader(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,11 +108,11 @@ def test_warm_model_survives_a_missing_or_failing_loader(monkeypatch: pytest.Mon
     def broken(*_: Any) -> None:
         raise RuntimeError("no weights")
 
-    monkeypatch.setattr(model_module, "get_clip", broken, raising=False)
+    monkeypatch.setattr(model_module, "load_serving_model", broken, raising=False)
     thread = celery_module.warm_model()
     assert thread is not None
     thread.join(10)  # the error is logged, not raised
-    monkeypatch.setitem(sys.modules, "app.ml.model", None)  # import fails
+    monkeypatch.setitem(sys.modules, "app.services.model", None)  # import fails
     assert celery_module.warm_model() is None
 
 
