@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast run demo lint fmt bench services migrate clean help
+.PHONY: install test test-fast run demo lint fmt bench services system-deps migrate clean help
 
 help:
 	@echo "make install  - create $(VENV) and install the package with dev extras"
@@ -30,7 +30,11 @@ $(VENV)/.installed: pyproject.toml
 services:
 	@scripts/ensure-services.sh
 
-test: install services
+# Tools the tests call that come from the OS: docker-compose v1 validates the compose files.
+system-deps:
+	@scripts/ensure-system-deps.sh
+
+test: install services system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
