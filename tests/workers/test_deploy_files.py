@@ -5,7 +5,7 @@ docker-compose v1 `config`) and against the code they start: the CLI parser, the
 module, the Settings fields and the /healthz route.
 
 Regenerate .env.example from the Settings model with:
-    .venv/bin/python -m tests.workers.test_deploy_files > .env.example
+    .venv/bin/python -m app.settings_doc env > .env.example
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from app.cli import build_parser
 from app.config import Settings
+from app.settings_doc import COMPOSE_ONLY_VARS, settings_env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -35,73 +35,7 @@ COMPOSE_GPU = ROOT / "compose.gpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 SERVICES = {"api", "worker", "redis", "postgres"}
-# Variables that only docker compose reads (documented in .env.example, not Settings fields).
-COMPOSE_ONLY_VARS = {
-    "API_PORT": ("8000", "host port the API is published on"),
-    "POSTGRES_PASSWORD": ("polar", "password of the `polar` PostgreSQL role"),
-    "IMAGE_TAG": ("latest", "tag of the built images (the GPU worker adds -cuda)"),
-    "TORCH_CUDA_VARIANT": ("cu128", "PyTorch wheel index of the GPU worker image (cu126, ...)"),
-}
 INSTALL_COMPOSE = "apt-get install -y docker-compose"
-
-
-# --- Settings -> environment variables --------------------------------------------------------
-
-
-def _env_value(value: Any) -> str:
-    """How a default is written in a .env file."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def settings_env_vars() -> dict[str, tuple[str, str, str]]:
-    """Every setting as POLAR_ env name -> (default, description, group), nested with `__`."""
-    out: dict[str, tuple[str, str, str]] = {}
-
-    def walk(model: type[BaseModel], prefix: str, group: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name.upper()}__", name)
-                continue
-            default = field.get_default(call_default_factory=True)
-            desc = field.description or ""
-            if (
-                get_origin(ann) is not None
-                and get_args(ann)
-                and all(isinstance(a, str) for a in get_args(ann))
-            ):
-                desc += f" ({' | '.join(get_args(ann))})"
-            out[f"{prefix}{name.upper()}"] = (_env_value(default), desc, group)
-
-    walk(Settings, "POLAR_", "")
-    return out
-
-
-def render_env_example() -> str:
-    """The text of .env.example, generated from the Settings model."""
-    lines = [
-        "# POLAR settings, each with its default (commented out). `polar serve`, `polar migrate`",
-        "# and the Celery worker read them from the environment or from a .env file in the working",
-        "# directory; docker compose also fills the ${...} in docker-compose.yml from .env.",
-        "# Nested groups use a double underscore: POLAR_MODEL__NAME=ViT-B-32.",
-        "# Regenerate: .venv/bin/python -m tests.workers.test_deploy_files > .env.example",
-    ]
-    current_group: str | None = None
-    for name, (default, desc, group) in settings_env_vars().items():
-        if group != current_group:
-            current_group = group
-            doc = (Settings.model_fields[group].annotation.__doc__ or "") if group else ""
-            title = f"{group}: {doc.strip()}" if group else "general"
-            lines += ["", f"# --- {title}"]
-        lines += [f"# {desc}", f"#{name}={default}"]
-    lines += ["", "# --- docker compose only (docker-compose.yml, compose.gpu.yml)"]
-    for name, (default, desc) in COMPOSE_ONLY_VARS.items():
-        lines += [f"# {desc}", f"#{name}={default}"]
-    return "\n".join(lines) + "\n"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -385,7 +319,3 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     for needed in ("pyproject.toml", "README.md", "app", "workers", "migrations", "alembic.ini"):
         assert needed not in ignored
     assert {".git", ".venv", "data", ".env"} <= ignored
-
-
-if __name__ == "__main__":
-    sys.stdout.write(render_env_example())
