@@ -47,7 +47,7 @@ class PretrainConfig:
     """Everything that defines a pretraining run."""
 
     minutes: float = 20.0  # total wall-clock budget, data generation and saving included
-    images: int = 100_000  # pre-generated training images, 3 captions each
+    images: int = 100_000  # pre-generated training images, 4 captions each
     batch_size: int = 256
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.1  # on weight matrices only (not embeddings, norms, biases)
@@ -67,7 +67,7 @@ class TrainData:
     """Pre-generated training set, already on the training device."""
 
     images: torch.Tensor  # (N, 3, 64, 64) uint8
-    caption_ids: torch.Tensor  # (N, 3) int64 index into tokens
+    caption_ids: torch.Tensor  # (N, C) int64 index into tokens, C captions per image
     tokens: torch.Tensor  # (U, context) int64, one row per distinct caption
     seconds: float
 
@@ -128,7 +128,7 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Any) -> torch.Tensor:
 def render_dataset(
     seed: int, images: int, workers: int
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (N, 64, 64, 3) uint8, caption ids (N, 3) and distinct captions, in parallel."""
+    """Images (N, 64, 64, 3) uint8, caption ids (N, C) and distinct captions, in parallel."""
     ranges = [(s, min(s + CHUNK, images)) for s in range(0, images, CHUNK)]
     task = partial(render_examples, seed, "train")
     if workers == 1:
@@ -140,7 +140,7 @@ def render_dataset(
     ids = np.array(
         [[index.setdefault(c, len(index)) for c in caps] for p in parts for caps in p[1]],
         np.int64,
-    )  # (N, 3)
+    )  # (N, C)
     return np.concatenate([p[0] for p in parts]), ids, list(index)
 
 
@@ -227,7 +227,7 @@ def train(
             order, cursor = torch.randperm(n, generator=gen, device=device), 0
         idx = order[cursor : cursor + batch]
         cursor += batch
-        pick = torch.randint(0, 3, (batch,), generator=gen, device=device)
+        pick = torch.randint(0, data.caption_ids.shape[1], (batch,), generator=gen, device=device)
         caption = data.caption_ids[idx, pick]  # (B,)
         x = (data.images[idx].float() - mean) / std  # (B, 3, 64, 64)
         with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -181,6 +181,46 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+CARD_START, CARD_END = "<!-- metrics:start -->", "<!-- metrics:end -->"
+
+
+def card_metrics(report: dict[str, Any], training: dict[str, Any] | None) -> str:
+    """Markdown for the model card's metrics block, from a quality report (+ training stats)."""
+    m = report["metrics"]
+    lines = [
+        f"Held-out pool: {int(m['pool_images'])} images of the world's eval split "
+        f"(seed {report['world_seed']}), {int(m['single_object_images'])} with one object.",
+        "",
+        "| metric | value | target |",
+        "|---|---|---|",
+    ]
+    for name, value in m.items():
+        if not name.endswith("images"):
+            target = TARGETS.get(name)
+            lines.append(f"| {name} | {value:.3f} | {'' if target is None else f'≥ {target}'} |")
+    if training is not None:
+        lines += [
+            "",
+            f"Training: {training['steps']} steps, {training['images_seen']} images seen "
+            f"({training['epochs']} epochs of {training['config']['images']}), batch "
+            f"{training['config']['batch_size']}, lr {training['config']['lr']}, "
+            f"{training['wall_seconds']:.0f} s wall on {training['device_name']} "
+            f"(torch {training['torch']}), final loss {training['final_loss']}, "
+            f"{training['parameters']} parameters, {training['weights_bytes']} bytes (fp16).",
+        ]
+    return "\n".join(lines)
+
+
+def update_card(card: Path, block: str) -> None:
+    """Replace the text between the card's metrics markers."""
+    text = card.read_text()
+    head, _, rest = text.partition(CARD_START)
+    _, _, tail = rest.partition(CARD_END)
+    if not rest:
+        raise ValueError(f"{card} has no {CARD_START} ... {CARD_END} block")
+    card.write_text(f"{head}{CARD_START}\n{block}\n{CARD_END}{tail}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -189,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="world seed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--card", type=Path, default=None, help="model card to update")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -208,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.card is not None:
+        stats = args.checkpoint.parent / "training.json"
+        training = json.loads(stats.read_text()) if stats.exists() else None
+        update_card(args.card, card_metrics(report, training))
     missed = [k for k, v in TARGETS.items() if metrics[k] < v]
     return 1 if args.strict and missed else 0
 

@@ -110,7 +110,10 @@ class Example:
     image: np.ndarray  # (64, 64, 3) uint8
     scene: str
     objects: tuple[Placement, ...]
-    captions: tuple[str, ...]  # [0] names every visible attribute; the rest name a random subset
+    # [0] names every visible attribute and the scene; [1], [2] a random subset and the scene;
+    # [3] a random subset without the scene, so that prompts like "a photo of a ball" are
+    # in distribution (zero-shot classification, POLAR's concept templates)
+    captions: tuple[str, ...]
 
 
 # ---------------------------------------------- shapes (u right, v down, both in [-1, 1])
@@ -553,22 +556,25 @@ class World:
         objects: Sequence[Placement],
         rng: np.random.Generator,
         detail: Literal["full", "random", "minimal"] = "random",
+        with_scene: bool = True,
     ) -> str:
-        """A caption that names every object's category and the scene, never hidden attributes."""
+        """A caption naming every object's category (and the scene), never hidden attributes."""
         phrases = [_object_phrase(p, rng, detail) for p in objects]
         if detail == "full":
             template, scene_phrase = TEMPLATES[0], SCENE_PHRASES[scene][0]
         else:
             template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
             scene_phrase = _pick(rng, SCENE_PHRASES[scene])
-        return template.format(objects=" and ".join(phrases), scene=scene_phrase)
+        if not with_scene:
+            scene_phrase = ""
+        return template.format(objects=" and ".join(phrases), scene=scene_phrase).strip()
 
     def example(self, index: int, split: Split = "train") -> Example:
         """The index-th captioned random scene of a split (train, eval and bench never overlap)."""
         return self._example(self.rng(split, index))
 
     def random_scene_image(self, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
-        """A random captioned scene: (image, 3 captions, the first naming every attribute)."""
+        """A random captioned scene: (image, its 4 captions; see `Example.captions`)."""
         ex = self._example(rng)
         return Image.fromarray(ex.image), list(ex.captions)
 
@@ -581,6 +587,7 @@ class World:
             self.caption(scene, placed, rng, "full"),
             self.caption(scene, placed, rng, "random"),
             self.caption(scene, placed, rng, "random"),
+            self.caption(scene, placed, rng, "random", with_scene=False),
         )
         return Example(image, scene, tuple(placed), captions)
 

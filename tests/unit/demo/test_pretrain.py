@@ -77,7 +77,9 @@ def test_short_run_writes_a_loadable_fp16_checkpoint(tmp_path: Path) -> None:
     report = pretrain.run(cfg)
     stats = json.loads((tmp_path / "asset" / "training.json").read_text())
     assert stats["steps"] == report["steps"] > 0 and stats["images_seen"] > 0
-    assert stats["wall_seconds"] <= 0.3 * 60 + 5
+    # training stops at the deadline; saving and the check use the reserve (more under load)
+    assert stats["data_seconds"] + stats["train_seconds"] <= 0.3 * 60 - 6.0 + 2.0
+    assert stats["wall_seconds"] < 0.3 * 60 + 30
     assert (tmp_path / "asset" / "polar-demo.json").exists()
 
     from safetensors.torch import load_file

@@ -42,7 +42,7 @@ def test_random_scene_image_is_deterministic_by_rng() -> None:
     assert isinstance(img1, Image.Image) and img1.mode == "RGB"
     assert img1.size == (IMAGE_SIZE, IMAGE_SIZE)
     assert img1.tobytes() == img2.tobytes() and caps1 == caps2
-    assert len(caps1) == 3
+    assert len(caps1) == 4
 
 
 def test_image_shape_dtype_and_content() -> None:
@@ -64,13 +64,14 @@ def test_objects_change_the_image() -> None:
     assert (diff > 40).sum() > 100  # at least a 10×10 object's worth of pixels
 
 
-def test_captions_name_category_and_scene_with_known_words_only() -> None:
+def test_captions_name_categories_and_scene_with_known_words_only() -> None:
+    """All captions name every category; all but the last (object-only) name the scene."""
     world, vocab = World(1), caption_vocabulary()
     for i in range(300):
         ex = world.example(i)
-        for caption in ex.captions:
+        for k, caption in enumerate(ex.captions):
             words = _words(caption)
-            assert ex.scene in words, caption
+            assert (ex.scene in words) == (k < 3), caption
             for p in ex.objects:
                 assert p.instance.category in words, caption
             assert set(words) <= vocab, caption
@@ -181,3 +182,28 @@ def test_hidden_attributes_have_no_caption_words() -> None:
     vocab = caption_vocabulary()
     assert not vocab & {"variant", "aspect", "period", "orientation", "phase", "vertical"}
     assert set(HIDDEN) <= {f.name for f in fields(Instance)}
+
+
+def _training_instances(world: World, n_examples: int) -> list[Instance]:
+    """The objects of the first training examples, drawn exactly as `World.example` draws them."""
+    out = []
+    for i in range(n_examples):
+        rng = world.rng("train", i)
+        rng.integers(len(SCENES))
+        n = 2 if rng.random() < 0.3 else 1
+        out += [world.sample_instance(rng) for _ in range(n)]
+    return out
+
+
+def test_replayed_training_objects_match_rendered_examples() -> None:
+    world = World(0)
+    objects = [p.instance for i in range(30) for p in world.example(i).objects]
+    assert _training_instances(world, 30) == objects
+
+
+def test_reserved_instances_never_occur_in_training_data() -> None:
+    world = World(0)
+    seen = {inst.key for inst in _training_instances(world, 20_000)}
+    reserved = [world.instance(i).key for i in range(300)]
+    assert len(set(reserved)) == 300
+    assert not seen & set(reserved)
