@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from app.services import embedding, images, jobs
+from app.services import concepts, embedding, images, jobs
 
 
 def install() -> None:
     """Register handlers and dispatch new jobs after their rows are committed."""
-    # The modules register their handlers at import; importing them here makes that explicit.
-    import importlib
-
-    try:
-        importlib.import_module("app.services.concepts")
-    except ModuleNotFoundError as e:  # TODO(lead): drop once concepts lands
-        if e.name != "app.services.concepts":
-            raise
+    # Each module registers its handlers at import; these references keep the imports explicit.
+    assert concepts.train_concept is not None
     assert embedding.embed_images_job is not None
     images.on_job_created = jobs.dispatch
