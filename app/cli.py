@@ -86,6 +86,15 @@ def _revoke_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from app.bench.cli import main as bench_main
+
+    if args.suite != "pervl":
+        print(f"error: unknown benchmark {args.suite!r} (known: pervl)", file=sys.stderr)
+        return 2
+    return bench_main(args.args)
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=_migrate)
@@ -110,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(func=_serve)
     _add_admin_commands(sub)
+    bench = sub.add_parser("bench", help="run a benchmark: `polar bench pervl --help`")
+    bench.add_argument("suite", help="pervl")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=_bench)
     return parser
 
 

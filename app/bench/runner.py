@@ -1,0 +1,151 @@
+"""Run methods on a PerVL dataset: embed the pool once, fit every concept, score every query."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from app.bench.datasets import QUERY_KINDS, PerVLDataset, chunks
+from app.bench.methods import (
+    Composed,
+    Inversion,
+    Method,
+    Polar,
+    PolarEmbeddingSum,
+    PolarPlusImage,
+    TextOnly,
+)
+from app.bench.metrics import caption_recall, retrieval_metrics
+from app.bench.variants import selective_trainer
+from app.ml.encode import encode_images, encode_texts
+from app.ml.model import ClipBundle
+
+IMAGE_CHUNK = 256  # images decoded and embedded at a time
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Knobs shared by the methods; recorded in the results JSON."""
+
+    lam: float  # POLAR λ of the default method (the model's calibrated default_lam)
+    steps: int = 500  # Adam steps, POLAR and textual inversion alike
+    lr: float = 1e-3  # POLAR Adam learning rate (the paper's)
+    inversion_lr: float = 1e-3  # textual-inversion Adam learning rate
+    fuse_weight: float = 1.0  # photo-mean weight of polar+img
+    keep: float = 1.0  # keep-term weight μ of the polar_keep variants (app.bench.variants)
+    seed: int = 0  # training seed (template order, A init)
+
+
+MethodFactory = Callable[[ClipBundle, BenchSettings], Method]
+
+
+def _polar(name: str, cls: type[Polar] = Polar, keep: bool = False, **kw: object) -> MethodFactory:
+    def make(b: ClipBundle, s: BenchSettings) -> Method:
+        opts = {"lam": s.lam, "steps": s.steps, "lr": s.lr, "seed": s.seed} | kw
+        if keep:
+            opts["trainer"] = selective_trainer(keep=s.keep)
+        if cls is PolarPlusImage:
+            opts["weight"] = s.fuse_weight
+        return cls(b, name, **opts)  # type: ignore[arg-type]
+
+    return make
+
+
+METHODS: dict[str, MethodFactory] = {
+    "text": lambda b, s: TextOnly(b, "text"),
+    "composed": lambda b, s: Composed(b, "composed"),
+    "inversion": lambda b, s: Inversion(
+        b, "inversion", steps=s.steps, lr=s.inversion_lr, seed=s.seed
+    ),
+    "polar": _polar("polar"),
+    "polar_distinct": _polar("polar_distinct", token_mode="distinct"),
+    "polar_lam0": _polar("polar_lam0", lam=0.0),
+    "polar+img": _polar("polar+img", PolarPlusImage),
+    "polar_esum": _polar("polar_esum", PolarEmbeddingSum),
+    "polar_keep": _polar("polar_keep", keep=True),
+    "polar_keep_distinct": _polar("polar_keep_distinct", keep=True, token_mode="distinct"),
+}
+DEFAULT_METHODS = ("text", "composed", "inversion", "polar", "polar_distinct", "polar_lam0")
+DEFAULT_METHOD = "polar"  # the personalization the service runs (app.ml as it is)
+
+
+def embed_images(bundle: ClipBundle, sources: Sequence[object]) -> np.ndarray:
+    """Unit image embeddings, (N, D), decoding at most IMAGE_CHUNK images at a time."""
+    parts = [np.zeros((0, bundle.embed_dim), dtype=np.float32)]
+    parts += [encode_images(bundle, batch) for batch in chunks(sources, IMAGE_CHUNK)]  # type: ignore[arg-type]
+    return np.concatenate(parts)
+
+
+@dataclass
+class Embedded:
+    """A dataset's frozen embeddings: computed once, shared by every method."""
+
+    pool: np.ndarray  # (N, D)
+    photos: dict[str, np.ndarray]  # concept id -> (n, D)
+    captions: np.ndarray | None  # (N, D) base-model caption embeddings
+    seconds: float
+
+
+def embed_dataset(bundle: ClipBundle, ds: PerVLDataset) -> Embedded:
+    """Embed the pool, every concept's photos and (base model) every pool caption."""
+    start = time.perf_counter()
+    pool = embed_images(bundle, ds.pool)
+    photos = {cid: embed_images(bundle, c.train) for cid, c in ds.concepts.items()}
+    captions = None if ds.captions is None else encode_texts(bundle, ds.captions)
+    return Embedded(pool, photos, captions, time.perf_counter() - start)
+
+
+def evaluate(method: Method, ds: PerVLDataset, emb: Embedded) -> dict[str, object]:
+    """Fit every concept (timed), then metrics per query kind and general-knowledge retention."""
+    seconds = []
+    for cid, concept in ds.concepts.items():
+        start = time.perf_counter()
+        method.fit(concept, emb.photos[cid])
+        seconds.append(time.perf_counter() - start)
+    out: dict[str, object] = {
+        "train_seconds": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))}
+    }
+    for kind in QUERY_KINDS:
+        queries = ds.queries_of(kind)
+        if queries:
+            scores = method.encode(queries) @ emb.pool.T  # (Q, N)
+            out[kind] = retrieval_metrics(scores, [q.gt for q in queries])
+    if emb.captions is not None and ds.captions is not None:
+        base = caption_recall(emb.captions, emb.pool)
+        per_concept = []
+        for cid in ds.concepts:
+            texts = method.retention_texts(cid, ds.captions)
+            per_concept.append(base if texts is None else caption_recall(texts, emb.pool))
+        mean = float(np.mean(per_concept))
+        out["retention"] = {
+            "r@10": mean,
+            "base_r@10": base,
+            "drop": base - mean,
+            "worst_r@10": float(np.min(per_concept)),
+        }
+    return out
+
+
+def run_methods(
+    bundle: ClipBundle,
+    ds: PerVLDataset,
+    names: Sequence[str],
+    settings: BenchSettings,
+    emb: Embedded | None = None,
+    factories: dict[str, MethodFactory] | None = None,
+) -> dict[str, dict[str, object]]:
+    """Metrics of each named method on one dataset."""
+    table = factories or METHODS
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(table)}")
+    emb = emb or embed_dataset(bundle, ds)
+    return {name: evaluate(table[name](bundle, settings), ds, emb) for name in names}
+
+
+def settings_dict(settings: BenchSettings) -> dict[str, object]:
+    """Settings as plain JSON values."""
+    return asdict(settings)
