@@ -5,6 +5,7 @@ composed       normalised mean of the concept photos' embeddings + the text-only
 inversion      textual inversion: a learned input embedding for the placeholder token
 polar          POLAR (app.ml): rank-1 V update per concept, several concepts summed
 polar+img      POLAR query embedding fused with the photos' mean embedding (query-time only)
+(research variants of POLAR's training live in app.bench.variants)
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class Polar(Method):
     lr: float = 1e-3
     seed: int = 0
     trainer: Trainer = train_adapter  # research variants plug in their own trainer here
+    # Several concepts: "params" = V + Σ_k B_k Â_k (the paper, app.ml); "embeddings" = the query
+    # encoded under each concept's update alone, embeddings summed (a research alternative).
+    stack: str = "params"
     adapters: dict[str, ConceptAdapter] = field(default_factory=dict)
 
     def _fit(self, concept: Concept, photos: np.ndarray) -> None:
@@ -154,30 +158,15 @@ class Polar(Method):
         for ids, rows in groups.items():
             texts = [render(queries[i].text, [self.phrase(c) for c in ids]) for i in rows]
             adapters = [self.adapters[c] for c in dict.fromkeys(ids)]
-            out[rows] = encode_texts(self.bundle, texts, adapters)
+            if self.stack == "params" or len(adapters) == 1:
+                out[rows] = encode_texts(self.bundle, texts, adapters)
+            else:
+                parts = [encode_texts(self.bundle, texts, [ad]) for ad in adapters]
+                out[rows] = normalize(np.sum(parts, axis=0))
         return out
 
     def retention_texts(self, concept_id: str, texts: Sequence[str]) -> np.ndarray | None:
         return encode_texts(self.bundle, texts, [self.adapters[concept_id]])
-
-
-@dataclass
-class PolarEmbeddingSum(Polar):
-    """Several concepts by embedding addition: the query under each concept's update alone, summed.
-
-    A research alternative to parameter addition; single-concept queries are unchanged.
-    """
-
-    def encode(self, queries: Sequence[Query]) -> np.ndarray:
-        out = np.zeros((len(queries), self.bundle.embed_dim), dtype=np.float32)
-        for i, q in enumerate(queries):
-            text = render(q.text, [self.phrase(c) for c in q.concepts])
-            parts = [
-                encode_texts(self.bundle, [text], [self.adapters[c]])
-                for c in dict.fromkeys(q.concepts)
-            ]
-            out[i] = normalize(np.concatenate(parts).sum(axis=0))
-        return out
 
 
 @dataclass

@@ -14,7 +14,6 @@ from app.bench.methods import (
     Inversion,
     Method,
     Polar,
-    PolarEmbeddingSum,
     PolarPlusImage,
     TextOnly,
 )
@@ -64,7 +63,7 @@ METHODS: dict[str, MethodFactory] = {
     "polar_distinct": _polar("polar_distinct", token_mode="distinct"),
     "polar_lam0": _polar("polar_lam0", lam=0.0),
     "polar+img": _polar("polar+img", PolarPlusImage),
-    "polar_esum": _polar("polar_esum", PolarEmbeddingSum),
+    "polar_esum": _polar("polar_esum", stack="embeddings"),
     "polar_keep": _polar("polar_keep", keep=True),
     "polar_keep_distinct": _polar("polar_keep_distinct", keep=True, token_mode="distinct"),
 }
