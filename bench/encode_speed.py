@@ -4,7 +4,7 @@ open_clip's full-context encode_text, all in one run (interleaved, medians).
 ViT-B-32 architecture with random weights and random adapters (cost does not depend on the
 values). Writes bench/results/encode_speed.json.
 
-    .venv/bin/python bench/encode_speed.py [--threads 2] [--repeats 200]
+    .venv/bin/python bench/encode_speed.py [--threads 1] [--repeats 200]
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def adapters(bundle: ClipBundle, k: int) -> list[ConceptAdapter]:
 def main() -> None:
     """Time each configuration round-robin and report medians and ratios."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    # One thread: the cores are shared, and OpenMP barriers stall badly when oversubscribed.
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=200, help="timed calls per configuration")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

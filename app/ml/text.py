@@ -190,7 +190,8 @@ def rank_delta(u: torch.Tensor, a_hat: torch.Tensor, b: torch.Tensor) -> torch.T
     """Change of the attention output from V' = V + Σ_k B_k Â_k, (B, d).
 
     u (B, H, d); a_hat (K, d) unit rows; b (K, d). Per head h the output moves by
-    Σ_k B_k[h] (Â_k · u_h), which is exact because each head's probabilities sum to one.
+    Σ_j P_h[p, j] Σ_k B_k[h] (Â_k · h_j) = Σ_k B_k[h] (Â_k · u_h): exact, the V bias is
+    untouched and stays in the base output.
     """
     bsz, heads, d = u.shape
     s = torch.einsum("nhd,kd->nkh", u, a_hat)  # (B, K, H)
