@@ -57,6 +57,11 @@ def test_choose_lam_respects_the_retention_budget() -> None:
     assert cli.choose_lam(rows, 0.03) == 0.01
     assert cli.choose_lam(rows, 0.1) == 0.0
     assert cli.choose_lam(rows, -1.0) == 0.1  # nothing fits: the smallest drop
+    near = [
+        {"lam": 0.001, "context_mrr": 0.677, "retention_drop": 0.018},
+        {"lam": 0.003, "context_mrr": 0.675, "retention_drop": 0.015},
+    ]
+    assert cli.choose_lam(near, 0.02) == 0.003  # near-ties go to the stronger regulariser
 
 
 def test_cli_writes_results(
