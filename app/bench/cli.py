@@ -26,6 +26,7 @@ from app.bench.runner import (
     DEFAULT_METHOD,
     DEFAULT_METHODS,
     METHODS,
+    TUNED_SETTINGS,
     BenchSettings,
     Embedded,
     embed_dataset,
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "pervl",
         "dataset": dataset_summary(ds, emb),
         "model": model_summary(bundle, pretrained),
-        "settings": asdict(settings) | {"bench_seed": args.bench_seed, "methods": names},
+        "settings": asdict(settings)
+        | {"bench_seed": args.bench_seed, "methods": names, "polar_tuned": TUNED_SETTINGS},
         "default_method": args.default_method,
         "methods": results,
         "targets": targets,

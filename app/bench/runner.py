@@ -52,6 +52,7 @@ TUNED: dict[str, object] = {
     "stack": "embeddings",
     "weight": 0.5,  # photo-mean weight in the query
 }
+TUNED_SETTINGS = {k: v for k, v in TUNED.items() if k != "trainer"} | {"keep": 3.0, "others": 2}
 
 
 def _polar(name: str, cls: type[Polar] = Polar, keep: bool = False, **kw: object) -> MethodFactory:
