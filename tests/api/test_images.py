@@ -20,6 +20,16 @@ from app.services import images as images_service
 from tests.db_fixtures import image_bytes, noisy_jpeg, png_claiming
 
 
+@pytest.fixture(autouse=True)
+def _jobs_stay_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about /images; embedding runs (and is tested) in test_search.py."""
+    from app.services import images as images_module
+    from app.services import job_handlers
+
+    monkeypatch.setattr(job_handlers, "install", lambda: None)
+    monkeypatch.setattr(images_module, "on_job_created", None)
+
+
 def colour(i: int) -> tuple[int, int, int]:
     """A distinct colour per index (so each image has distinct content)."""
     return (i * 37 % 256, i * 91 % 256, i * 53 % 256)
