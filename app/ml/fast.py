@@ -9,6 +9,8 @@ projection and the loss run, on N rows, with a hand-written backward (no autogra
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +60,12 @@ def _projection(tower: TextTower, like: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class _Linear:
-    """x Wᵀ + b; on CPU float32 with oneDNN's pre-packed weight (about 3x MKL's at N = 5 rows)."""
+    """x Wᵀ + b; on CPU float32 with oneDNN's pre-packed weight (about 3x MKL's at N = 5 rows).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+    `rows` is oneDNN's batch hint: any hint from 5 up packs equally well for 3-16 rows.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 16) -> None:
         self.weight, self.bias = weight.contiguous(), bias
         self.packed: torch.Tensor | None = None
         if weight.device.type == "cpu" and weight.dtype == torch.float32:
@@ -102,22 +107,80 @@ class _Cache:
 
 
 @dataclass(frozen=True)
-class FastObjective:
-    """L(a, b) = mean((normalize(f(a, b)) - target)²) + λ·mean(b²), f the text features."""
+class _ModelConstants:
+    """Per model, not per concept: the folded and packed weights of the last block's tail."""
 
-    tower: TextTower
     act: nn.Module  # the MLP activation (GELU or QuickGELU)
     ln_f: nn.LayerNorm  # ln_final
-    u: torch.Tensor  # (N, H, d) attention-weighted LN'd inputs of the last block
-    r0: torch.Tensor  # (N, d) pooled row after the base attention residual
-    z0: torch.Tensor  # (N, 4d) c_fc input part of r0, before ln_2's 1/σ: (cen(r0)·g2) W1ᵀ
-    z_bias: torch.Tensor  # (4d,) β2 W1ᵀ + b1
     g: torch.Tensor  # (H, dh, d + 4d): B_h -> [residual change | c_fc pre-activation change]
+    c_fc: _Linear  # (N, d) -> (N, 4d): W1 with ln_2's scale, no bias
+    z_bias: torch.Tensor  # (4d,) β2 W1ᵀ + b1
     c_proj: _Linear  # (N, 4d) -> (N, d), ls_2 folded in
     c_proj_back: _Linear  # (N, d) -> (N, 4d): its transpose, for the backward
     proj: _Linear  # (N, d) -> (N, D) text projection (identity if none)
     proj_back: _Linear  # (N, D) -> (N, d)
     eps: float  # ln_2 epsilon
+
+    @classmethod
+    def build(cls, tower: TextTower) -> _ModelConstants:
+        """Fold out_proj, ls_1, ln_2's centring and scale and c_fc into G; pack the rest."""
+        block = tower.last
+        ln2, fc, proj = _affine_ln(block.ln_2), block.mlp.c_fc, block.mlp.c_proj
+        d, heads = tower.width, tower.heads
+        w = block.attn.out_proj.weight
+        w_o = _layer_scale(block.ls_1, d, w)[:, None] * w  # (d, d)
+        w_o_c = w_o - w_o.mean(dim=0, keepdim=True)  # centring the output, folded in
+        w1g = fc.weight * ln2.weight  # (4d, d)
+        # (H, dh, 5d): a row-vector bmm per head is far faster on CPU than a column one.
+        g = torch.cat([w_o, w1g @ w_o_c]).T.reshape(heads, d // heads, -1).contiguous()
+        gamma2 = _layer_scale(block.ls_2, d, w)
+        w2 = gamma2[:, None] * proj.weight  # (d, 4d)
+        proj_w, proj_b = _projection(tower, w)
+        return cls(
+            act=block.mlp.gelu,
+            ln_f=_affine_ln(tower.ln_final),
+            g=g,
+            c_fc=_Linear(w1g, None),
+            z_bias=ln2.bias @ fc.weight.T + fc.bias,
+            c_proj=_Linear(w2, gamma2 * proj.bias),
+            c_proj_back=_Linear(w2.T, None),
+            proj=_Linear(proj_w, proj_b),
+            proj_back=_Linear(proj_w.T, None),
+            eps=float(ln2.eps),
+        )
+
+
+_constants: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _ModelConstants]] = (
+    weakref.WeakKeyDictionary()
+)
+_constants_lock = threading.Lock()
+
+
+def _model_constants(tower: TextTower) -> _ModelConstants:
+    """Cached per last block; rebuilt if any weight involved was modified in place."""
+    params = [*tower.last.parameters(), *tower.ln_final.parameters()]
+    if isinstance(tower.text_projection, torch.Tensor):
+        params.append(tower.text_projection)
+    elif tower.text_projection is not None:
+        params.extend(tower.text_projection.parameters())
+    key = (tower.dtype, tower.last.attn.in_proj_weight.device, *(p._version for p in params))
+    with _constants_lock:
+        found = _constants.get(tower.last)
+        if found is None or found[0] != key:
+            with torch.no_grad():
+                found = (key, _ModelConstants.build(tower))
+            _constants[tower.last] = found
+        return found[1]
+
+
+@dataclass(frozen=True)
+class FastObjective:
+    """L(a, b) = mean((normalize(f(a, b)) - target)²) + λ·mean(b²), f the text features."""
+
+    consts: _ModelConstants
+    u: torch.Tensor  # (N, H, d) attention-weighted LN'd inputs of the last block
+    r0: torch.Tensor  # (N, d) pooled row after the base attention residual
+    z0: torch.Tensor  # (N, 4d) c_fc input part of r0, before ln_2's 1/σ: (cen(r0)·g2) W1ᵀ
     target: torch.Tensor  # (N, D)
     lam: float
 
@@ -127,57 +190,35 @@ class FastObjective:
     ) -> FastObjective:
         """Run the frozen part once: all blocks but the last, and the last one's attention."""
         block = tower.last
-        ln2, fc, proj = _affine_ln(block.ln_2), block.mlp.c_fc, block.mlp.c_proj
+        consts = _model_constants(tower)
         with torch.no_grad():
             tokens = truncate(tower, tokens)
             x, mask = prefix_states(tower, tokens)  # (N, L, d)
             att = pooled_attention(block, x, pool_indices(tower, tokens), mask)
             r0 = att.x + block.ls_1(block.attn.out_proj(att.o))  # (N, d)
-            d, heads, n = tower.width, tower.heads, tokens.shape[0]
-            w_o = _layer_scale(block.ls_1, d, r0)[:, None] * block.attn.out_proj.weight  # (d, d)
-            w_o_c = w_o - w_o.mean(dim=0, keepdim=True)  # centring the output, folded in
-            w1g = fc.weight * ln2.weight  # (4d, d)
-            # (H, dh, 5d): a row-vector bmm per head is far faster on CPU than a column one.
-            g = torch.cat([w_o, w1g @ w_o_c]).T.reshape(heads, d // heads, -1).contiguous()
-            gamma2 = _layer_scale(block.ls_2, d, r0)
-            w2 = gamma2[:, None] * proj.weight
-            proj_w, proj_b = _projection(tower, r0)
-            return cls(
-                tower=tower,
-                act=block.mlp.gelu,
-                ln_f=_affine_ln(tower.ln_final),
-                u=att.u,
-                r0=r0,
-                z0=(r0 - r0.mean(dim=-1, keepdim=True)) @ w1g.T,
-                z_bias=ln2.bias @ fc.weight.T + fc.bias,
-                g=g,
-                c_proj=_Linear(w2, gamma2 * proj.bias, n),
-                c_proj_back=_Linear(w2.T, None, n),
-                proj=_Linear(proj_w, proj_b, n),
-                proj_back=_Linear(proj_w.T, None, n),
-                eps=float(ln2.eps),
-                target=target,
-                lam=lam,
-            )
+            z0 = consts.c_fc(r0 - r0.mean(dim=-1, keepdim=True))
+        return cls(consts=consts, u=att.u, r0=r0, z0=z0, target=target, lam=lam)
 
     def _forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, _Cache]:
         """Loss and intermediates; differentiable, so autograd can check the hand backward."""
-        d, heads = self.r0.shape[1], self.g.shape[0]
-        ln_f = self.ln_f
+        k = self.consts
+        d, heads = self.r0.shape[1], k.g.shape[0]
         a_norm = torch.linalg.vector_norm(a)
         a_hat = a / a_norm
         s = self.u @ a_hat  # (N, H) how strongly Â fires per head
-        cq = torch.bmm(b.view(heads, 1, -1), self.g).squeeze(1)  # (H, 5d)
+        cq = torch.bmm(b.view(heads, 1, -1), k.g).squeeze(1)  # (H, 5d)
         change = s @ cq  # (N, 5d)
         r = self.r0 + change[:, :d]  # (N, d) pooled row after the attention residual
         var, mean = torch.var_mean(r, dim=-1, keepdim=True, correction=0)
-        inv_s = torch.rsqrt(var + self.eps)  # (N, 1) ln_2's 1/σ
+        inv_s = torch.rsqrt(var + k.eps)  # (N, 1) ln_2's 1/σ
         r_hat = (r - mean) * inv_s
         z_pre = self.z0 + change[:, d:]
-        z = torch.addcmul(self.z_bias, z_pre, inv_s)  # (N, 4d) = c_fc(ln_2(r))
-        y = r + self.c_proj(self.act(z))  # (N, d)
-        y_ln, y_mean, y_rstd = torch.native_layer_norm(y, (d,), ln_f.weight, ln_f.bias, ln_f.eps)
-        f = self.proj(y_ln)  # (N, D)
+        z = torch.addcmul(k.z_bias, z_pre, inv_s)  # (N, 4d) = c_fc(ln_2(r))
+        y = r + k.c_proj(k.act(z))  # (N, d)
+        y_ln, y_mean, y_rstd = torch.native_layer_norm(
+            y, (d,), k.ln_f.weight, k.ln_f.bias, k.ln_f.eps
+        )
+        f = k.proj(y_ln)  # (N, D)
         f_norm = torch.linalg.vector_norm(f, dim=-1, keepdim=True)
         f_n = f / f_norm
         diff = f_n - self.target
@@ -197,22 +238,22 @@ class FastObjective:
         """(loss, dL/da, dL/db) with the backward written out (the training hot loop)."""
         with torch.no_grad():
             loss, c = self._forward(a, b)
-            d, heads = c.y.shape[1], self.g.shape[0]
-            ln_f = self.ln_f
+            k = self.consts
+            d, heads = c.y.shape[1], k.g.shape[0]
             d_fn = c.diff * (2 / c.diff.numel())
             d_f = (d_fn - c.f_n * torch.linalg.vecdot(c.f_n, d_fn)[:, None]) / c.f_norm
             d_y = torch.ops.aten.native_layer_norm_backward(
-                self.proj_back(d_f), c.y, [d], c.y_mean, c.y_rstd,
-                ln_f.weight, ln_f.bias, [True, False, False],
+                k.proj_back(d_f), c.y, [d], c.y_mean, c.y_rstd,
+                k.ln_f.weight, k.ln_f.bias, [True, False, False],
             )[0]  # (N, d)  # fmt: skip
-            d_z = _act_backward(self.act, self.c_proj_back(d_y), c.z)  # (N, 4d)
+            d_z = _act_backward(k.act, k.c_proj_back(d_y), c.z)  # (N, 4d)
             d_inv_s = torch.linalg.vecdot(d_z, c.z_pre)[:, None]  # (N, 1)
             # 1/σ = (mean(r_c²) + ε)^(-1/2): d/dr = -(1/σ)³ r_c / d = -(1/σ)² r̂ / d (zero-mean).
             d_r = torch.addcmul(d_y, c.r_hat, d_inv_s * c.inv_s.pow(2), value=-1 / d)
             d_change = torch.cat([d_r, d_z * c.inv_s], dim=-1)  # (N, 5d)
             d_s = d_change @ c.cq.T  # (N, H)
             d_cq = c.s.T @ d_change  # (H, 5d)
-            d_b = torch.bmm(d_cq.view(heads, 1, -1), self.g.transpose(1, 2)).view(d)
+            d_b = torch.bmm(d_cq.view(heads, 1, -1), k.g.transpose(1, 2)).view(d)
             d_b = d_b.add(b, alpha=2 * self.lam / d)
             d_ahat = d_s.reshape(-1) @ self.u.reshape(-1, d)  # (d,)
             d_a = (d_ahat - c.a_hat * (c.a_hat @ d_ahat)) / c.a_norm

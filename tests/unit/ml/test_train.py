@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -164,3 +166,16 @@ def test_pick_concept_token(clip32: ClipBundle) -> None:
         assert not set(word) & set("aeiouy")
     with pytest.raises(ValueError, match="mode"):
         pick_concept_token(clip32, set(), "other")
+
+
+def test_cached_model_constants_follow_in_place_weight_changes(clip64: ClipBundle) -> None:
+    bundle = bundle_from_model(
+        copy.deepcopy(clip64.model), clip64.preprocess, name="tiny", pretrained="copy"
+    )
+    fast, ref, a, b = _objectives(bundle, n=4, seed=9)
+    before = fast(a, b)
+    with torch.no_grad():
+        text_tower(bundle.model).last.mlp.c_proj.weight.mul_(1.5)
+    fast, ref, a, b = _objectives(bundle, n=4, seed=9)
+    torch.testing.assert_close(fast(a, b), ref(a, b), rtol=1e-10, atol=1e-14)
+    assert abs(float(fast(a, b).detach() - before.detach())) > 1e-6
