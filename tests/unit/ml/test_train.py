@@ -13,6 +13,7 @@ from app.ml.model import ClipBundle, bundle_from_model
 from app.ml.text import text_tower
 from app.ml.train import (
     TEMPLATES,
+    Adam,
     ReferenceObjective,
     init_factors,
     pick_concept_token,
@@ -179,3 +180,17 @@ def test_cached_model_constants_follow_in_place_weight_changes(clip64: ClipBundl
     fast, ref, a, b = _objectives(bundle, n=4, seed=9)
     torch.testing.assert_close(fast(a, b), ref(a, b), rtol=1e-10, atol=1e-14)
     assert abs(float(fast(a, b).detach() - before.detach())) > 1e-6
+
+
+def test_adam_matches_torch_optim_adam_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(64, generator=g), torch.zeros(64)]
+    theirs = [p.clone().requires_grad_(True) for p in ours]
+    opt, ref = Adam(ours, lr=1e-3), torch.optim.Adam(theirs, lr=1e-3, foreach=False)
+    for _ in range(50):
+        grads = [torch.randn(64, generator=g) for _ in ours]
+        opt.step(grads)
+        for p, gr in zip(theirs, grads, strict=True):
+            p.grad = gr
+        ref.step()
+    assert all(torch.equal(x, y.detach()) for x, y in zip(ours, theirs, strict=True))
