@@ -128,7 +128,10 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Any) -> torch.Tensor:
 def render_dataset(
     seed: int, images: int, workers: int
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (N, 64, 64, 3) uint8, caption ids (N, C) and distinct captions, in parallel."""
+    """Images (N, 64, 64, 3) uint8, caption ids (N, C) and distinct captions, in parallel.
+
+    Workers are spawned, so a calling script needs the `if __name__ == "__main__":` guard.
+    """
     ranges = [(s, min(s + CHUNK, images)) for s in range(0, images, CHUNK)]
     task = partial(render_examples, seed, "train")
     if workers == 1:

@@ -511,7 +511,7 @@ class World:
         return Placement(inst, x, y, height, width, size, position)
 
     def layout(self, objects: Sequence[Instance], rng: np.random.Generator) -> list[Placement]:
-        """Place one object anywhere, or two side by side (left and right)."""
+        """Place one object anywhere, or two side by side (the first on the left)."""
         if len(objects) == 1:
             return [self.place(objects[0], rng)]
         if len(objects) == 2:

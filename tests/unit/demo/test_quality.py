@@ -31,6 +31,12 @@ def test_recall_mrr_and_accuracy() -> None:
     assert quality.accuracy(scores, np.array([0, 3, 3, 0])) == 1.0
 
 
+def test_top1_in_accepts_any_allowed_column_and_rejects_ties() -> None:
+    scores = np.array([[0.1, 0.9, 0.3], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.9, 0.0, 0.1]])
+    allowed = [{1}, {0}, {0, 1}, {1, 2}]
+    assert quality.top1_in(scores, allowed) == 0.5  # rows 0 and 2
+
+
 def test_constant_scores_score_nothing() -> None:
     scores = np.zeros((5, 5))
     assert quality.recall_at_k(scores, np.arange(5), 4) == 0.0
