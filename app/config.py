@@ -29,18 +29,41 @@ class TrainingSettings(BaseModel):
     """POLAR adapter training (docs/POLAR.md)."""
 
     lam: float | None = Field(
-        None, description="λ regulariser on mean(B²); empty = the model's calibrated default"
+        None,
+        description="λ regulariser on mean(B²); empty = 0 with the keep term, else the model's "
+        "calibrated default",
+    )
+    keep_weight: float = Field(
+        3.0,
+        ge=0,
+        description="weight of the keep term (texts without the concept keep their embedding); "
+        "0 = the paper's objective",
     )
     steps: int = Field(500, ge=1, le=20_000, description="full-batch Adam steps")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr: float = Field(
+        3e-3, gt=0, description="Adam learning rate (the paper's 1e-3 suits keep_weight=0)"
+    )
     seed: int = Field(0, description="fixed seed for the rank-1 init")
     token_mode: Literal["shared", "distinct"] = Field(
-        "shared", description="shared `sks` placeholder, or a distinct rare token per concept"
+        "distinct", description="shared `sks` placeholder, or a distinct rare token per concept"
     )
     min_photos: int = Field(3, ge=1, description="fewest photos a concept accepts")
     max_photos: int = Field(13, ge=1, description="most photos a concept accepts")
     retention_max_drop: float = Field(
         0.03, ge=0, description="flag a concept whose update costs more general retrieval than this"
+    )
+
+
+class SearchSettings(BaseModel):
+    """How a query that names concepts is encoded (bench/results/pervl_synthetic*.json)."""
+
+    stack: Literal["embeddings", "parameters"] = Field(
+        "embeddings",
+        description="several concepts: sum of the query encoded under each update alone, or "
+        "the paper's exact parameter sum V + Σ B_k Â_k",
+    )
+    photo_weight: float = Field(
+        0.5, ge=0, description="weight of the concepts' photo-embedding mean fused into the query"
     )
 
 
@@ -73,6 +96,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="logging level")
     model: ModelSettings = Field(default_factory=ModelSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")

@@ -50,6 +50,7 @@ from app.errors import (
 from app.ml.adapter import ConceptAdapter
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
+from app.ml.selective import train_selective
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
 from app.models import (
@@ -642,23 +643,37 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
     """Train and measure retention; an unsaved Adapter row carrying the metrics in `meta`."""
     cfg = ctx.settings.training
     bundle = serving.bundle
-    lam = cfg.lam if cfg.lam is not None else bundle.default_lam
+    lam = cfg.lam if cfg.lam is not None else (0.0 if cfg.keep_weight > 0 else bundle.default_lam)
 
     def progress(step: int, steps: int, _loss: float) -> None:
         ctx.progress(_EMBED_SHARE + _TRAIN_SHARE * step / steps)
 
     started = time.perf_counter()
-    adapter: ConceptAdapter = train_adapter(
-        bundle,
-        torch.from_numpy(photos),
-        plan.token,
-        plan.category,
-        lam=lam,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        progress=progress,
-    )
+    if cfg.keep_weight > 0:
+        adapter: ConceptAdapter = train_selective(
+            bundle,
+            torch.from_numpy(photos),
+            plan.token,
+            plan.category,
+            lam=lam,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            keep=cfg.keep_weight,
+            progress=progress,
+        )
+    else:  # the paper's objective, on the exact fast path
+        adapter = train_adapter(
+            bundle,
+            torch.from_numpy(photos),
+            plan.token,
+            plan.category,
+            lam=lam,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            progress=progress,
+        )
     train_seconds = time.perf_counter() - started
     kept = retention.measure_retention(
         serving, ctx.settings.model, adapter, max_drop=cfg.retention_max_drop
@@ -669,6 +684,8 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         "retention_seconds": round(time.perf_counter() - started - train_seconds, 4),
         "steps": adapter.steps,
         "lam": lam,
+        "keep_weight": cfg.keep_weight,
+        "lr": cfg.lr,
         "n_photos": int(photos.shape[0]),
         "model_id": serving.model_id,
         **kept.as_metrics(),

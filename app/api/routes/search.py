@@ -63,6 +63,7 @@ def _run(
         index_cache=ctx.index_cache,
         adapter_cache=ctx.adapter_cache,
         limits=ctx.settings.limits,
+        search_settings=ctx.settings.search,
     )
     pending = service.unembedded_count(db_session, user.id, serving.model_id)
     return _respond(outcome, body.k, body.offset, pending)
