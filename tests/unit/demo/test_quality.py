@@ -59,3 +59,11 @@ def test_evaluate_runs_on_an_untrained_model() -> None:
     for name in ("caption_r@10", "scene_accuracy", "category_accuracy", "color_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0
     assert metrics["caption_r@1"] <= metrics["caption_r@5"] <= metrics["caption_r@10"]
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_meets_the_quality_targets() -> None:
+    model, preprocess, tokenizer = quality.load_demo_model(quality.DEFAULT_CHECKPOINT)
+    metrics = quality.evaluate(model, preprocess, tokenizer, quality.eval_pool(300))
+    for name, target in quality.TARGETS.items():
+        assert metrics[name] >= target, (name, metrics[name])
