@@ -108,6 +108,8 @@ def train_selective(
             base = F.normalize(head_out(tower, block_tail(tower.last, neg, neg.o)), dim=-1)
     lib = None if library is None else F.normalize(library.to(dev, dtype), dim=-1)  # (M, D)
     a, b = init_factors(tower.width, seed, dtype, dev)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
     opt = torch.optim.Adam([a, b], lr=lr)
 
     def objective() -> torch.Tensor:
