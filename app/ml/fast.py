@@ -199,8 +199,8 @@ class FastObjective:
             z0 = consts.c_fc(r0 - r0.mean(dim=-1, keepdim=True))
         return cls(consts=consts, u=att.u, r0=r0, z0=z0, target=target, lam=lam)
 
-    def _forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, _Cache]:
-        """Loss and intermediates; differentiable, so autograd can check the hand backward."""
+    def _forward(self, a: torch.Tensor, b: torch.Tensor) -> _Cache:
+        """Intermediates up to f_n - target; differentiable, so autograd can check the backward."""
         k = self.consts
         d, heads = self.r0.shape[1], k.g.shape[0]
         a_norm = torch.linalg.vector_norm(a)
@@ -222,22 +222,27 @@ class FastObjective:
         f_norm = torch.linalg.vector_norm(f, dim=-1, keepdim=True)
         f_n = f / f_norm
         diff = f_n - self.target
-        loss = diff.pow(2).mean() + self.lam * b.pow(2).mean()
-        cache = _Cache(
+        return _Cache(
             a_norm, a_hat, s, cq, r_hat, inv_s, z_pre, z, y, y_mean, y_rstd, f_norm, f_n, diff
         )
-        return loss, cache
+
+    def _loss(self, c: _Cache, b: torch.Tensor) -> torch.Tensor:
+        return c.diff.pow(2).mean() + self.lam * b.pow(2).mean()
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The loss (autograd-capable)."""
-        return self._forward(a, b)[0]
+        return self._loss(self._forward(a, b), b)
 
     def loss_and_grads(
-        self, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, dL/da, dL/db) with the backward written out (the training hot loop)."""
+        self, a: torch.Tensor, b: torch.Tensor, want_loss: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(loss, dL/da, dL/db) with the backward written out (the training hot loop).
+
+        The loss itself is not needed for the gradients: skipped unless `want_loss`.
+        """
         with torch.no_grad():
-            loss, c = self._forward(a, b)
+            c = self._forward(a, b)
+            loss = self._loss(c, b) if want_loss else None
             k = self.consts
             d, heads = c.y.shape[1], k.g.shape[0]
             d_fn = c.diff * (2 / c.diff.numel())

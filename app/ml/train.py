@@ -60,12 +60,12 @@ def pick_concept_token(bundle: ClipBundle, taken: set[str], mode: str) -> str:
 def init_factors(
     d: int, seed: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) leaves: a LoRA-style Kaiming-uniform (a=√5) row, b zero so training starts at CLIP."""
+    """(a, b): a LoRA-style Kaiming-uniform (a=√5) row, b zero so training starts at CLIP."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.empty(1, d, dtype=torch.float64)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-    a = a.reshape(d).to(device=device, dtype=dtype).requires_grad_(True)
-    b = torch.zeros(d, dtype=dtype, device=device, requires_grad=True)
+    a = a.reshape(d).to(device=device, dtype=dtype)
+    b = torch.zeros(d, dtype=dtype, device=device)
     return a, b
 
 
@@ -127,13 +127,15 @@ class ReferenceObjective:
         return _loss(self.features(a, b), self.target, b, self.lam)
 
 
-Grads = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+GradsOut = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # (loss or None, dL/da, dL/db)
+Grads = Callable[[torch.Tensor, torch.Tensor, bool], GradsOut]  # (a, b, want_loss)
 
 
 def autograd_grads(objective: Objective) -> Grads:
     """(loss, dL/da, dL/db) of any differentiable objective by autograd."""
 
-    def grads(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def grads(a: torch.Tensor, b: torch.Tensor, want_loss: bool) -> GradsOut:
+        a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
         loss = objective(a, b)
         ga, gb = torch.autograd.grad(loss, (a, b))
         return loss.detach(), ga, gb
@@ -174,15 +176,18 @@ def optimize(
     steps: int,
     lr: float,
     progress: Progress | None = None,
-) -> None:
-    """Full-batch Adam on (a, b), in place."""
-    opt = Adam([a, b], lr=lr)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch Adam from (a, b); returns the trained (a, b)."""
+    ab = torch.stack([a.detach(), b.detach()])  # (2, d): Adam is elementwise, one tensor will do
+    opt = Adam([ab], lr=lr)
     every = max(1, steps // 50)  # reading the loss syncs the device: not every step
     for step in range(1, steps + 1):
-        loss, ga, gb = grads(a, b)
-        opt.step([ga, gb])
-        if progress is not None and (step % every == 0 or step == steps):
+        report = progress is not None and (step % every == 0 or step == steps)
+        loss, ga, gb = grads(ab[0], ab[1], report)
+        opt.step([torch.stack([ga, gb])])
+        if report and progress is not None and loss is not None:
             progress(step, steps, float(loss))
+    return ab[0], ab[1]
 
 
 def _train(
@@ -205,21 +210,20 @@ def _train(
     target = _targets(bundle, image_embeddings, tower.dtype)
     texts = training_texts(token, category, target.shape[0], seed)
     tokens = bundle.tokenizer(texts).to(bundle.device)  # (N, C)
-    a, b = init_factors(tower.width, seed, tower.dtype, bundle.device)
     objective: Objective
     if fast:
         objective = FastObjective.build(tower, tokens, target, lam)
-        grads: Grads = objective.loss_and_grads
-        a.requires_grad_(False), b.requires_grad_(False)  # gradients are written by hand
+        grads: Grads = objective.loss_and_grads  # gradients written by hand
     else:
         objective = ReferenceObjective(bundle, tokens, target, lam)
         grads = autograd_grads(objective)
-    optimize(grads, a, b, steps=steps, lr=lr, progress=progress)
+    a, b = init_factors(tower.width, seed, tower.dtype, bundle.device)
+    a, b = optimize(grads, a, b, steps=steps, lr=lr, progress=progress)
     with torch.no_grad():
         final = float(objective(a, b))
     return ConceptAdapter(
-        b=b.detach().to("cpu", torch.float32),
-        a=a.detach().to("cpu", torch.float32),
+        b=b.detach().to("cpu", torch.float32).clone(),  # own storage, not a view of (2, d)
+        a=a.detach().to("cpu", torch.float32).clone(),
         fingerprint=bundle.fingerprint,
         token=token,
         category=category,

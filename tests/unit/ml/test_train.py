@@ -8,6 +8,7 @@ import open_clip
 import pytest
 import torch
 
+from app.ml.adapter import ConceptAdapter
 from app.ml.fast import FastObjective
 from app.ml.model import ClipBundle, bundle_from_model
 from app.ml.text import text_tower
@@ -118,6 +119,8 @@ def test_training_lowers_the_loss_and_pulls_text_to_images(clip32: ClipBundle, u
     assert adapter.final_loss < seen[0][2]
     assert (adapter.steps, adapter.lam, adapter.lr, adapter.token) == (150, 0.01, 1e-2, "sks")
     assert adapter.fingerprint == clip32.fingerprint
+    back = ConceptAdapter.from_bytes(adapter.to_bytes())
+    assert torch.equal(back.a, adapter.a) and torch.equal(back.b, adapter.b)
 
 
 def test_training_is_deterministic_per_seed(clip32: ClipBundle, unit_rows) -> None:
