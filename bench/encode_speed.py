@@ -51,7 +51,7 @@ def adapters(bundle: ClipBundle, k: int) -> list[ConceptAdapter]:
 def main() -> None:
     """Time each configuration round-robin and report medians and ratios."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # One thread: the cores are shared, and OpenMP barriers stall badly when oversubscribed.
+    # One thread: a query is one short sequence, and the cores are shared by the API workers.
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=200, help="timed calls per configuration")
     args = p.parse_args()
