@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.config import get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
+
+    from app.client import Job, PolarClient, UploadBatch
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,6 +100,242 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
+# -- client commands: talk to a running service over HTTP (app/client.py) -------------------
+
+
+def _make_client(url: str, key: str) -> PolarClient:
+    from app.client import PolarClient
+
+    return PolarClient(url, key)
+
+
+# Builds the HTTP client of the client commands; tests swap it for one over their in-process app.
+client_factory: Callable[[str, str], PolarClient] = _make_client
+
+
+class _CliFailure(Exception):
+    """A client command cannot go on: print the message, exit with the code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _client_command(
+    run: Callable[[PolarClient, argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Wrap a client command: the key check, the client's lifetime, one-line errors."""
+
+    def command(args: argparse.Namespace) -> int:
+        import httpx
+
+        from app.client import PolarAPIError
+
+        if not args.key:
+            print(
+                "error: no API key: pass --key or set POLAR_API_KEY (an admin makes a user and "
+                "its key with `polar create-user NAME`, another key with `polar create-key`)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            with client_factory(args.url, args.key) as client:
+                return run(client, args)
+        except PolarAPIError as e:
+            hint = " (check --key / POLAR_API_KEY)" if e.status == 401 else ""
+            print(f"error: {e.message} ({e.code}){hint}", file=sys.stderr)
+        except httpx.TransportError as e:
+            print(
+                f"error: cannot reach {args.url}: {e} (is `polar serve` running?)", file=sys.stderr
+            )
+        except (OSError, TimeoutError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except _CliFailure as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        return 1
+
+    return command
+
+
+class _ProgressLine:
+    """One progress line on stderr: rewritten in place on a terminal, every 10% otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.shown: tuple[str, int] | None = None
+
+    def __call__(self, job: Job) -> None:
+        percent = round(job.progress * 100)
+        key = (job.state, percent if self.tty else percent // 10)
+        if key == self.shown:
+            return
+        self.shown = key
+        line = f"{self.label}: {percent:3d}% ({job.state})"
+        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr)
+
+    def finish(self) -> None:
+        if self.tty and self.shown is not None:
+            print(file=sys.stderr)
+
+
+def _wait(client: PolarClient, job_id: str, label: str, timeout: float | None) -> Job:
+    progress = _ProgressLine(label)
+    try:
+        return client.wait_job(job_id, progress, timeout=timeout)
+    finally:
+        progress.finish()
+
+
+def _print_batch(batch: UploadBatch, total_files: int, sent: list[int]) -> None:
+    sent[0] += len(batch.images) + len(batch.rejected)
+    new = sum(not i.duplicate for i in batch.images)
+    job = f"; job {batch.job.id}" if batch.job is not None else ""
+    print(
+        f"batch {batch.number} ({sent[0]}/{total_files} files): {new} new, "
+        f"{len(batch.images) - new} duplicate(s), {len(batch.rejected)} rejected{job}"
+    )
+    for image in batch.images:
+        if image.duplicate:
+            print(f"  duplicate: {image.path} (image {image.id})")
+    for r in batch.rejected:
+        print(f"  rejected: {r.path}: {r.message} ({r.code})")
+
+
+def _collect(paths: list[str], *, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """Image files under `paths`; lists what it skips."""
+    from app.client import collect_images
+
+    images, skipped = collect_images([Path(p) for p in paths], recursive=recursive)
+    for path in skipped:
+        why = "a folder (use --recursive)" if path.is_dir() else "not an image file"
+        print(f"skipped: {path}: {why}")
+    return images, skipped
+
+
+def _upload(client: PolarClient, args: argparse.Namespace) -> int:
+    from app.client import IMAGE_SUFFIXES
+
+    images, skipped = _collect(args.paths, recursive=args.recursive)
+    if not images:
+        raise _CliFailure(f"no image files to upload ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    print(f"uploading {len(images)} image file(s) to {args.url}")
+    sent = [0]
+    result = client.upload_images(
+        images,
+        args.batch_size,
+        skip_rejected=True,
+        on_batch=lambda batch: _print_batch(batch, len(images), sent),
+    )
+    new = sum(not i.duplicate for i in result.images)
+    print(
+        f"done: {new} new, {len(result.images) - new} duplicate(s), {len(skipped)} skipped, "
+        f"{len(result.rejected)} rejected"
+    )
+    failed = 0
+    if args.wait:
+        job_ids = result.job_ids
+        for n, job_id in enumerate(job_ids, 1):
+            job = _wait(client, job_id, f"embedding (job {n}/{len(job_ids)})", args.timeout)
+            if job.state == "failed":
+                failed += 1
+                print(f"embedding job {job.id} failed: {job.error_message} ({job.error_code})")
+        if not failed:
+            print(f"embedded: {len(result.images)} image(s) searchable")
+    return 1 if result.rejected or failed else 0
+
+
+def _concept_create(client: PolarClient, args: argparse.Namespace) -> int:
+    photos, _ = _collect(args.photos, recursive=False)
+    concept, job = client.create_concept(args.name, args.category, photos)
+    print(
+        f"concept {concept.name} ({concept.id}): {concept.state}, version {concept.version}, "
+        f"{concept.example_count} photo(s), placeholder {concept.placeholder!r}"
+    )
+    if job is None or args.no_wait:
+        if job is not None:
+            print(f"training job: {job.id}")
+        return 0
+    _wait(client, job.id, "training", args.timeout)
+    concept = client.get_concept(concept.id)
+    print(f"state: {concept.state} (version {concept.version})")
+    metrics = dict(concept.metrics or {})
+    error = metrics.pop("error", None)
+    for name, value in metrics.items():
+        print(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
+    if concept.retention_score is not None:
+        flag = " (flagged: costs general retrieval)" if concept.retention_flagged else ""
+        print(f"  retention_score: {concept.retention_score:.4f}{flag}")
+    if concept.state != "ready":
+        detail = f": {error['message']} ({error['code']})" if isinstance(error, dict) else ""
+        raise _CliFailure(f"training {concept.name} failed{detail}")
+    return 0
+
+
+def _search(client: PolarClient, args: argparse.Namespace) -> int:
+    result = client.search(args.query, args.k, personalize=not args.plain)
+    print(f"query: {result.query}")
+    print(f"rewritten: {result.rewritten}")
+    if result.concepts:
+        names = [
+            f"{c.name} (v{c.version}, {'applied' if c.applied else 'not applied'})"
+            for c in result.concepts
+        ]
+        print("concepts: " + ", ".join(names))
+    else:
+        print("concepts: none" + (" (--plain)" if args.plain else ""))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if result.hits:
+        width = max(len(h.filename or "-") for h in result.hits)
+        print(f"{'rank':>4}  {'score':>7}  {'filename':<{width}}  id")
+        for h in result.hits:
+            print(f"{h.rank:>4}  {h.score:>7.4f}  {h.filename or '-':<{width}}  {h.image_id}")
+    else:
+        print("no results")
+    print(f"({result.indexed} image(s) indexed, {result.pending} pending)")
+    return 0
+
+
+def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument(
+        "--url",
+        default=os.environ.get("POLAR_URL", "http://127.0.0.1:8000"),
+        help="the service (env POLAR_URL; default http://127.0.0.1:8000)",
+    )
+    conn.add_argument(
+        "--key", default=os.environ.get("POLAR_API_KEY"), help="API key (env POLAR_API_KEY)"
+    )
+    conn.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for a job (default: forever)"
+    )
+    upload = sub.add_parser(
+        "upload", parents=[conn], help="upload image files and folders to your library"
+    )
+    upload.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    upload.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
+    upload.add_argument("--wait", action="store_true", help="wait until they are searchable")
+    upload.add_argument("--batch-size", type=int, default=50, help="files per request")
+    upload.set_defaults(func=_client_command(_upload))
+    concept = sub.add_parser("concept", help="personal concepts: `polar concept create --help`")
+    concept_sub = concept.add_subparsers(dest="concept_command", required=True)
+    create = concept_sub.add_parser(
+        "create", parents=[conn], help="teach a concept from 3-13 photos; waits for training"
+    )
+    create.add_argument("name", help="what queries call it, e.g. Fido")
+    create.add_argument("--category", default=None, help='coarse class, e.g. "dog"')
+    create.add_argument("photos", nargs="+", metavar="PHOTO", help="photos (or a folder of them)")
+    create.add_argument("--no-wait", action="store_true", help="return once training is queued")
+    create.set_defaults(func=_client_command(_concept_create))
+    search = sub.add_parser("search", parents=[conn], help="search your library")
+    search.add_argument("query", help='e.g. "Fido at the beach"')
+    search.add_argument("-k", type=int, default=20, help="number of hits")
+    search.add_argument("--plain", action="store_true", help="plain CLIP: apply no concepts")
+    search.set_defaults(func=_client_command(_search))
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=_migrate)
@@ -119,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(func=_serve)
     _add_admin_commands(sub)
+    _add_client_commands(sub)
     bench = sub.add_parser("bench", help="run a benchmark: `polar bench pervl --help`")
     bench.add_argument("suite", help="pervl")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
