@@ -39,12 +39,10 @@ from app.errors import (
     ConceptDeleted,
     DomainError,
     DuplicateConceptName,
-    FileFailure,
     InvalidCategory,
     InvalidConceptName,
     NotFound,
     PhotoCountOutOfRange,
-    UploadRejected,
     ValidationFailed,
 )
 from app.ml.adapter import ConceptAdapter
@@ -63,11 +61,11 @@ from app.models import (
     new_id,
 )
 from app.services import jobs, retention
-from app.services.images import IncomingFile, decode_cursor
+from app.services.images import IncomingFile, decode_cursor, stage_all
 from app.services.jobs import JobContext, JobInterrupted
 from app.services.model import ServingModel, load_serving_model
 from app.services.query import normalize_name
-from app.storage import ImageStore, StagedImage, display_filename
+from app.storage import ImageStore, StagedImage
 
 log = logging.getLogger(__name__)
 
@@ -236,34 +234,6 @@ def _view(db_session: Session, concept: Concept) -> ConceptView:
 # --- photos -------------------------------------------------------------------------------------
 
 
-def _stage_all(
-    files: Sequence[IncomingFile], store: ImageStore, limits: LimitSettings
-) -> list[StagedImage]:
-    """Validate every file like /images does; UploadRejected (nothing kept) if any is bad."""
-    staged: list[StagedImage] = []
-    failures: list[FileFailure] = []
-    try:
-        for index, f in enumerate(files):
-            try:
-                staged.append(
-                    store.stage(
-                        f.stream,
-                        f.filename,
-                        max_bytes=limits.max_upload_bytes,
-                        max_pixels=limits.max_pixels,
-                    )
-                )
-            except DomainError as e:
-                failures.append(FileFailure(index, display_filename(f.filename), e))
-        if failures:
-            raise UploadRejected(failures, total=len(files))
-    except BaseException:
-        for s in staged:
-            store.discard(s)
-        raise
-    return staged
-
-
 def _distinct(staged: Iterable[StagedImage], known: set[str]) -> list[StagedImage]:
     """The photos whose content is not in `known` nor earlier in the list."""
     seen = set(known)
@@ -356,7 +326,7 @@ def create_concept(
     if not training.min_photos <= len(files) <= training.max_photos:
         raise _photo_range_error(len(files), training, "got")
     _check_name_free(db_session, user_id, name)
-    staged = _stage_all(files, store, limits)
+    staged = stage_all(files, store, limits)
     created_paths: list[str] = []
     try:
         photos = _distinct(staged, set())
@@ -464,7 +434,7 @@ def add_examples(
         raise ValidationFailed("send at least one photo in the form field 'files'")
     if len(files) > training.max_photos:
         raise _photo_range_error(len(files), training, "this request sends")
-    staged = _stage_all(files, store, limits)
+    staged = stage_all(files, store, limits)
     created_paths: list[str] = []
     try:
         concept = _get(db_session, user_id, concept_id, lock=True)

@@ -88,6 +88,26 @@ def upload_images(
             f"{len(files)} files in one request; the limit is {limits.max_files_per_request}",
             detail={"max_files": limits.max_files_per_request},
         )
+    staged = stage_all(files, store, limits)
+    try:
+        outcome = _persist(user_id, staged, db_session=db_session, store=store)
+    finally:
+        for s in staged:
+            store.discard(s)  # no-op for the committed ones
+    if outcome.job is not None and on_job_created is not None:
+        try:
+            on_job_created(outcome.job)
+        except Exception:
+            # The rows are committed and the job is queued in the database; failing the request
+            # now would make the client retry an upload that succeeded.
+            log.exception("dispatching job %s failed; it stays queued", outcome.job.id)
+    return outcome
+
+
+def stage_all(
+    files: Sequence[IncomingFile], store: ImageStore, limits: LimitSettings
+) -> list[StagedImage]:
+    """Validate and stage every file; UploadRejected naming each bad one (nothing kept) if any."""
     staged: list[StagedImage] = []
     failures: list[FileFailure] = []
     try:
@@ -105,18 +125,11 @@ def upload_images(
                 failures.append(FileFailure(index, display_filename(f.filename), e))
         if failures:
             raise UploadRejected(failures, total=len(files))
-        outcome = _persist(user_id, staged, db_session=db_session, store=store)
-    finally:
+    except BaseException:
         for s in staged:
-            store.discard(s)  # no-op for the committed ones
-    if outcome.job is not None and on_job_created is not None:
-        try:
-            on_job_created(outcome.job)
-        except Exception:
-            # The rows are committed and the job is queued in the database; failing the request
-            # now would make the client retry an upload that succeeded.
-            log.exception("dispatching job %s failed; it stays queued", outcome.job.id)
-    return outcome
+            store.discard(s)
+        raise
+    return staged
 
 
 def _persist(

@@ -56,6 +56,7 @@ def tiny_settings(db_settings: Settings, tiny_bundle: ClipBundle) -> Settings:
     """db_settings serving the tiny model, 30 training steps."""
     db_settings.model = TINY.model_copy()
     db_settings.training.steps = 30
+    db_settings.training.token_mode = "shared"  # most tests read the token; one tests "distinct"
     install_serving_model(db_settings.model, tiny_bundle)
     return db_settings
 
@@ -185,7 +186,8 @@ def test_create_trains_to_ready_with_metrics_and_retention(client, user):
     got = get(client, user, concept["id"])
     assert (got["state"], got["version"], got["job_id"]) == ("ready", 1, job["id"])
     m = got["metrics"]
-    assert m["n_photos"] == 5 and m["steps"] == 30 and m["lam"] == pytest.approx(0.1)
+    assert m["n_photos"] == 5 and m["steps"] == 30
+    assert m["keep_weight"] == 3.0 and m["lam"] == 0.0  # the keep term regularises instead of λ
     assert m["model_id"].startswith("tiny-concepts/random-0@")
     assert m["final_loss"] > 0 and m["train_seconds"] > 0
     # The tiny model ships no retention set: the text-only proxy is used, and says so.
@@ -653,6 +655,16 @@ def test_cached_embeddings_are_recomputed_when_the_model_changed(
         assert {r.embedding_model for r in rows} == {tiny_bundle.fingerprint.model_id}
     for vec in got.values():
         assert np.abs(expected - vec).max(axis=1).min() < 1e-5  # one photo's fresh embedding
+
+
+def test_paper_objective_uses_the_models_calibrated_lambda(tiny_settings, make_user):
+    tiny_settings.training.keep_weight = 0.0
+    with TestClient(create_app(tiny_settings)) as c:
+        u = make_user(c)
+        r = create(c, u, files=photos(5))
+        assert wait_job(c, u, r.json()["job"]["id"])["state"] == "succeeded"
+        m = get(c, u, r.json()["concept"]["id"])["metrics"]
+    assert m["keep_weight"] == 0.0 and m["lam"] == pytest.approx(0.1)  # the tiny model's default
 
 
 def test_distinct_token_mode_gives_each_concept_its_own_token(tiny_settings):
