@@ -630,6 +630,10 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
             lr=cfg.lr,
             seed=cfg.seed,
             keep=cfg.keep_weight,
+            # Keep texts: the bare category (+ "sks" for distinct tokens). Foreign placeholder
+            # tokens as well changed nothing on the validation split (ctx mRR 0.789 without,
+            # 0.781 with two) and cost 30% more training time.
+            others=0,
             progress=progress,
         )
     else:  # the paper's objective, on the exact fast path
