@@ -1,0 +1,330 @@
+"""The HTTP client (app/client.py) and the `polar` client commands, against the real app.
+
+The app runs in-process behind FastAPI's TestClient (SQLite and PostgreSQL, the embedded job
+runner), serving a tiny random CLIP, so embedding and training really happen, in well under a
+second. The CLI runs through `app.cli.main([...])` with `app.cli.client_factory` swapped for a
+PolarClient over that TestClient.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app import cli
+from app.client import PolarAPIError, PolarClient, collect_images
+from app.config import Settings
+from app.models import Concept, Image
+from tests.db_fixtures import ApiUser, image_bytes, noisy_jpeg
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+
+@dataclass
+class Run:
+    """What one `polar ...` invocation did."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def fast_training(db_settings: Settings) -> Settings:
+    """A few training steps are enough to go through the whole path."""
+    db_settings.training.steps = 30
+    return db_settings
+
+
+@pytest.fixture
+def user(api_client: Any, make_user: Callable[..., ApiUser]) -> ApiUser:
+    return make_user(api_client, "alice")
+
+
+@pytest.fixture
+def polar(
+    api_client: Any,
+    user: ApiUser,
+    tiny_serving: Any,  # noqa: F811
+    fast_training: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[..., Run]:
+    """`polar("upload", path, ...)` runs the CLI as `user` against the test app."""
+    monkeypatch.setattr(
+        cli, "client_factory", lambda url, key: PolarClient(url, key, http=api_client)
+    )
+    monkeypatch.delenv("POLAR_API_KEY", raising=False)
+
+    def run(*argv: str, key: str | None = user.key) -> Run:
+        capsys.readouterr()
+        args = list(argv) + (["--key", key] if key is not None else [])
+        code = cli.main(args)
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+def images_in_db(client: Any) -> dict[str, Image]:
+    """filename -> row, for every library image."""
+    with client.app.state.session_factory() as s:
+        return {i.original_filename: i for i in s.query(Image).all()}
+
+
+def write_library(root: Path) -> Path:
+    """lib/{a.jpg, b.png, notes.txt, .hidden.jpg, sub/c.jpg, sub/deeper/d.JPEG}."""
+    lib = root / "lib"
+    (lib / "sub" / "deeper").mkdir(parents=True)
+    (lib / "a.jpg").write_bytes(noisy_jpeg(seed=1))
+    (lib / "b.png").write_bytes(image_bytes("PNG", color=(10, 200, 10)))
+    (lib / "notes.txt").write_text("not a picture")
+    (lib / ".hidden.jpg").write_bytes(noisy_jpeg(seed=9))
+    (lib / "sub" / "c.jpg").write_bytes(noisy_jpeg(seed=3))
+    (lib / "sub" / "deeper" / "d.JPEG").write_bytes(noisy_jpeg(seed=4))
+    return lib
+
+
+# -- upload ---------------------------------------------------------------------------------
+
+
+def test_upload_folder_skips_and_lists_non_images_then_embeds(polar, api_client, tmp_path):
+    lib = write_library(tmp_path)
+    r = polar("upload", str(lib), "--wait")
+    assert r.code == 0, r.err
+    assert f"skipped: {lib / 'notes.txt'}: not an image file" in r.out
+    assert f"skipped: {lib / 'sub'}: a folder (use --recursive)" in r.out
+    assert "batch 1 (2/2 files): 2 new, 0 duplicate(s), 0 rejected; job " in r.out
+    assert "done: 2 new, 0 duplicate(s), 2 skipped, 0 rejected" in r.out
+    assert "embedding (job 1/1): 100% (succeeded)" in r.err
+    rows = images_in_db(api_client)
+    assert sorted(rows) == ["a.jpg", "b.png"]  # not the text file, not the hidden file
+    assert all(row.embedding is not None for row in rows.values())
+
+
+def test_recursive_reupload_reports_duplicates(polar, api_client, tmp_path):
+    lib = write_library(tmp_path)
+    assert polar("upload", str(lib / "a.jpg"), "--wait").code == 0
+    first = images_in_db(api_client)["a.jpg"].id
+    r = polar("upload", str(lib), "--recursive", "--wait", "--batch-size", "2")
+    assert r.code == 0, r.err
+    # a.jpg, b.png | sub/c.jpg, sub/deeper/d.JPEG: two requests, the first has the duplicate.
+    assert "batch 1 (2/4 files): 1 new, 1 duplicate(s), 0 rejected" in r.out
+    assert f"  duplicate: {lib / 'a.jpg'} (image {first})" in r.out
+    assert "batch 2 (4/4 files): 2 new, 0 duplicate(s), 0 rejected" in r.out
+    assert "done: 3 new, 1 duplicate(s), 1 skipped, 0 rejected" in r.out  # notes.txt
+    assert "sub: a folder" not in r.out
+    assert sorted(images_in_db(api_client)) == ["a.jpg", "b.png", "c.jpg", "d.JPEG"]
+    again = polar("upload", str(lib / "sub" / "c.jpg"))
+    assert "0 new, 1 duplicate(s)" in again.out and "; job " not in again.out  # nothing to embed
+
+
+def test_a_bad_file_is_rejected_and_the_rest_uploaded(polar, api_client, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(noisy_jpeg(seed=1))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "fine.png").write_bytes(image_bytes("PNG"))
+    r = polar("upload", str(folder), "--wait")
+    assert r.code == 1  # something was refused
+    assert re.search(
+        rf"rejected: {re.escape(str(folder / 'broken.jpg'))}: .+ \(invalid_image\)", r.out
+    )
+    assert re.search(
+        rf"rejected: {re.escape(str(folder / 'empty.png'))}: .+\(invalid_image\)", r.out
+    )
+    assert "done: 2 new, 0 duplicate(s), 0 skipped, 2 rejected" in r.out
+    assert sorted(images_in_db(api_client)) == ["fine.png", "good.jpg"]
+
+
+def test_client_follows_the_servers_file_limit(api_client, user, tiny_serving, tmp_path):  # noqa: F811
+    api_client.app.state.settings.limits.max_files_per_request = 2
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"p{i}.jpg")
+        paths[-1].write_bytes(noisy_jpeg(seed=i))
+    client = PolarClient(api_key=user.key, http=api_client)
+    seen: list[int] = []
+    result = client.upload_images(paths, batch_size=50, on_batch=lambda b: seen.append(b.number))
+    assert [len(b.images) for b in result.batches] == [2, 2, 1]
+    assert seen == [1, 2, 3]
+    assert [i.path for i in result.images] == paths  # request order is kept
+    assert len(result.job_ids) == 3 and not any(i.duplicate for i in result.images)
+    jobs = [client.wait_job(j, poll_interval=0.02, timeout=60) for j in result.job_ids]
+    assert [j.state for j in jobs] == ["succeeded"] * 3
+    assert {i.id for i in result.images} == {r.id for r in images_in_db(api_client).values()}
+
+
+def test_client_raises_the_servers_refusal_unless_told_to_skip(api_client, user, tmp_path):
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    good.write_bytes(noisy_jpeg(seed=1))
+    bad.write_bytes(b"plain text")
+    client = PolarClient(api_key=user.key, http=api_client)
+    with pytest.raises(PolarAPIError) as e:
+        client.upload_images([good, bad])
+    assert (e.value.status, e.value.code) == (422, "invalid_image")
+    assert e.value.detail["files"][0]["index"] == 1
+    assert images_in_db(api_client) == {}  # the server stored nothing of the request
+
+
+def test_wait_job_reports_progress_until_done(api_client, user, tiny_serving, tmp_path):  # noqa: F811
+    (tmp_path / "x.jpg").write_bytes(noisy_jpeg(seed=5))
+    client = PolarClient(api_key=user.key, http=api_client)
+    [job_id] = client.upload_images([tmp_path / "x.jpg"]).job_ids
+    updates: list[Any] = []
+    job = client.wait_job(job_id, updates.append, poll_interval=0.02, timeout=60)
+    assert job.state == "succeeded" and job.progress == 1.0 and job.kind == "embed_images"
+    assert updates[-1] == job
+    assert all(u.id == job_id for u in updates)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_a_bad_key_is_an_unauthorized_error(polar, api_client, tmp_path):
+    client = PolarClient(api_key="polar_nope_0000", http=api_client)
+    with pytest.raises(PolarAPIError) as e:
+        client.search("a dog")
+    assert (e.value.status, e.value.code) == (401, "unauthorized")
+    (tmp_path / "a.jpg").write_bytes(noisy_jpeg())
+    r = polar("upload", str(tmp_path / "a.jpg"), key="polar_nope_0000")
+    assert r.code == 1
+    assert r.err.startswith("error: ") and "(unauthorized)" in r.err and "POLAR_API_KEY" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert images_in_db(api_client) == {}
+
+
+def test_a_missing_key_says_how_to_get_one(polar):
+    r = polar("search", "a dog", key=None)
+    assert r.code == 2
+    assert "POLAR_API_KEY" in r.err and "polar create-user" in r.err
+
+
+def test_server_errors_print_code_and_message(polar, tmp_path):
+    r = polar("search", "   ")
+    assert r.code == 1
+    assert r.err.startswith("error: ") and r.err.rstrip().endswith("(empty_query)")
+    only_text = tmp_path / "notes.txt"
+    only_text.write_text("hello")
+    r = polar("upload", str(only_text))
+    assert r.code == 1 and "no image files to upload" in r.err
+    r = polar("upload", str(tmp_path / "missing"))
+    assert r.code == 1 and "no such file or folder" in r.err
+    r = polar("concept", "create", "Fido", str(tmp_path / "nothing-here.jpg"))
+    assert r.code == 1 and "no such file or folder" in r.err
+
+
+def test_unreachable_service_is_one_line(monkeypatch, capsys):
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    monkeypatch.setattr(
+        cli, "client_factory", lambda url, key: PolarClient(url, key, httpx.MockTransport(refuse))
+    )
+    code = cli.main(["search", "x", "--key", "k", "--url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: cannot reach http://127.0.0.1:9") and "polar serve" in err
+
+
+def test_error_without_the_json_shape_still_maps():
+    transport = httpx.MockTransport(lambda r: httpx.Response(502, text="<h1>Bad gateway</h1>"))
+    with (
+        PolarClient("http://polar.example", "k", transport) as client,
+        pytest.raises(PolarAPIError) as e,
+    ):
+        client.get_job("j")
+    assert (e.value.status, e.value.code, e.value.message) == (
+        502,
+        "http_502",
+        "<h1>Bad gateway</h1>",
+    )
+
+
+def test_the_key_travels_as_a_bearer_token():
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200, json={"id": "j", "kind": "embed_images", "state": "running", "progress": 0.5}
+        )
+
+    with PolarClient("http://polar.example/", "polar_k", httpx.MockTransport(answer)) as client:
+        job = client.get_job("j")
+    assert (job.state, job.progress, job.done) == ("running", 0.5, False)
+    assert str(seen[0].url) == "http://polar.example/jobs/j"
+    assert seen[0].headers["Authorization"] == "Bearer polar_k"
+
+
+# -- concepts and search ------------------------------------------------------------------
+
+
+def test_concept_create_then_search_through_the_cli(polar, api_client, user, tmp_path):
+    lib = tmp_path / "library"
+    lib.mkdir()
+    for i in range(4):
+        (lib / f"scene{i}.jpg").write_bytes(noisy_jpeg(seed=i))
+    assert polar("upload", str(lib), "--wait").code == 0
+    photos = tmp_path / "fido"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"fido{i}.jpg").write_bytes(noisy_jpeg(seed=100 + i))
+
+    r = polar("concept", "create", "Fido", "--category", "hat", str(photos))
+    assert r.code == 0, r.err
+    with api_client.app.state.session_factory() as s:
+        concept = s.query(Concept).one()
+        assert (concept.name, concept.state, concept.version) == ("Fido", "ready", 1)
+        placeholder = f"{concept.token} hat"
+    assert f"concept Fido ({concept.id}): training, version 1, 3 photo(s)" in r.out
+    assert "state: ready (version 1)" in r.out
+    assert re.search(r"^  final_loss: [0-9.e-]+$", r.out, re.M)
+    assert "  n_photos: 3" in r.out and "  retention_score: " in r.out
+    assert "training: 100% (succeeded)" in r.err
+
+    r = polar("search", "fido's hat at the beach", "-k", "3")
+    assert r.code == 0, r.err
+    api = api_client.get(
+        "/search", params={"q": "fido's hat at the beach", "k": 3}, headers=user.headers
+    ).json()
+    assert f"rewritten: {api['rewritten']}" in r.out and placeholder in api["rewritten"]
+    assert "concepts: Fido (v1, applied)" in r.out
+    rows = re.findall(r"^\s+(\d+)\s+(-?[0-9.]+)\s+(\S+)\s+([0-9a-f-]{36})$", r.out, re.M)
+    assert [(int(n), f, i) for n, _, f, i in rows] == [
+        (h["rank"], h["image"]["filename"], h["image"]["id"]) for h in api["hits"]
+    ]
+    assert [float(s) for _, s, _, _ in rows] == pytest.approx(
+        [h["score"] for h in api["hits"]], abs=1e-4
+    )
+    assert "(4 image(s) indexed, 0 pending)" in r.out
+
+    plain = polar("search", "fido's hat at the beach", "--plain")
+    assert plain.code == 0
+    assert "rewritten: fido's hat at the beach" in plain.out and "concepts: none" in plain.out
+    assert len(re.findall(r"^\s+\d+\s+-?[0-9.]+\s+scene\d\.jpg", plain.out, re.M)) == 4
+
+
+def test_concept_create_refusal_is_an_error(polar, api_client, tmp_path):
+    (tmp_path / "one.jpg").write_bytes(noisy_jpeg(seed=1))
+    r = polar("concept", "create", "Fido", str(tmp_path / "one.jpg"))
+    assert r.code == 1
+    assert "(too_few_photos)" in r.err
+    with api_client.app.state.session_factory() as s:
+        assert s.query(Concept).count() == 0
+
+
+def test_collect_images_orders_dedupes_and_skips(tmp_path):
+    lib = write_library(tmp_path)
+    images, skipped = collect_images([lib, lib / "a.jpg"], recursive=True)
+    names = [p.relative_to(lib).as_posix() for p in images]
+    assert names == ["a.jpg", "b.png", "sub/c.jpg", "sub/deeper/d.JPEG"]
+    assert skipped == [lib / "notes.txt"]
+    with pytest.raises(FileNotFoundError):
+        collect_images([tmp_path / "nope"], recursive=False)
