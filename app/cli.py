@@ -142,7 +142,7 @@ def _client_command(
             with client_factory(args.url, args.key) as client:
                 return run(client, args)
         except PolarAPIError as e:
-            hint = " (check --key / POLAR_API_KEY)" if e.status == 401 else ""
+            hint = "; check --key or POLAR_API_KEY" if e.status == 401 else ""
             print(f"error: {e.message} ({e.code}){hint}", file=sys.stderr)
         except httpx.TransportError as e:
             print(
@@ -259,7 +259,9 @@ def _concept_create(client: PolarClient, args: argparse.Namespace) -> int:
         return 0
     _wait(client, job.id, "training", args.timeout)
     concept = client.get_concept(concept.id)
-    print(f"state: {concept.state} (version {concept.version})")
+    print(
+        f"state: {concept.state} (version {concept.version}, placeholder {concept.placeholder!r})"
+    )
     metrics = dict(concept.metrics or {})
     error = metrics.pop("error", None)
     for name, value in metrics.items():

@@ -284,7 +284,7 @@ def test_concept_create_then_search_through_the_cli(polar, api_client, user, tmp
         assert (concept.name, concept.state, concept.version) == ("Fido", "ready", 1)
         placeholder = f"{concept.token} hat"
     assert f"concept Fido ({concept.id}): training, version 1, 3 photo(s)" in r.out
-    assert "state: ready (version 1)" in r.out
+    assert f"state: ready (version 1, placeholder {placeholder!r})" in r.out
     assert re.search(r"^  final_loss: [0-9.e-]+$", r.out, re.M)
     assert "  n_photos: 3" in r.out and "  retention_score: " in r.out
     assert "training: 100% (succeeded)" in r.err
