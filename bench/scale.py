@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,13 +93,34 @@ def clustered_rows(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.
     return x
 
 
-def rss_bytes() -> int | None:
-    """Resident memory of this process (Linux), or None."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
+# Run in a fresh process: in this one, freed heap from earlier sizes would absorb the growth.
+_RSS_CHILD = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from app.ml.index import VectorIndex
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+n, d = int(sys.argv[1]), int(sys.argv[2])
+x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+before = rss()
+index = VectorIndex.build(np.arange(1, n + 1, dtype=np.int64), x)
+print((rss() - before) / n)
+"""
+
+
+def index_rss_per_image(n: int) -> float | None:
+    """Resident bytes per image of a VectorIndex of n vectors (Linux), or None."""
+    if not Path("/proc/self/statm").exists():
         return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(n), str(D)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return round(float(done.stdout.split()[-1]), 1)
 
 
 def available_bytes() -> int | None:
@@ -177,8 +199,9 @@ def table_size(engine: sqlalchemy.Engine, db_path: Path | None) -> dict[str, int
         with engine.begin() as conn:
             conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
         return {"total": db_path.stat().st_size}
-    with engine.begin() as conn:
-        conn.execute(text("ANALYZE images"))  # autovacuum would; the planner needs it
+    # Steady state, as autovacuum leaves it: hint bits set, statistics for the planner.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM (ANALYZE) images"))
         row = conn.execute(
             text(
                 "SELECT pg_total_relation_size('images'), pg_relation_size('images'), "
@@ -291,10 +314,13 @@ def bench_db_one(
         "table_bytes": size,
         "table_bytes_per_image": round(size["total"] / n),
         "cold_s": r4(cold_s),
+        "cold_samples_s": [r4(t) for t in cold],
         "cold_parts_s": {k: r4(statistics.median(v)) for k, v in parts.items()},
         "warm_s": r4(statistics.median(warm)),
+        "warm_samples_s": [r4(t) for t in warm],
         "hot_ms": r3(1000 * hot),
         "after_change_s": r4(statistics.median(changed)),
+        "after_change_samples_s": [r4(t) for t in changed],
         "search_ms": r3(1000 * search_s),
         "filtered_search_s": r4(filtered_s) if filtered_s is not None else None,
         "warm_over_cold": ratio(statistics.median(warm), cold_s),
@@ -385,11 +411,9 @@ def bench_faiss_one(n: int, work: Path, queries: np.ndarray) -> dict[str, Any]:
     rng = np.random.default_rng(10 + n)
     vectors = unit_rows(rng, n)
     ids = np.arange(1, n + 1, dtype=np.int64)
-    before = rss_bytes()
     t0 = time.perf_counter()
     index = VectorIndex.build(ids, vectors)
     build_s = time.perf_counter() - t0
-    after = rss_bytes()
     del vectors
     path = work / f"flat{n}.faiss"
     save_s = timed(lambda: index.save(path, {}))[0]
@@ -403,7 +427,6 @@ def bench_faiss_one(n: int, work: Path, queries: np.ndarray) -> dict[str, Any]:
     return {
         "n": n,
         "build_s": r4(build_s),
-        "rss_bytes_per_image": round((after - before) / n) if after and before else None,
         "file_bytes_per_image": round(file_bytes / n),
         "save_s": r4(save_s),
         "load_s": r4(load_s),
@@ -417,7 +440,7 @@ def bench_faiss(sizes: list[int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     first: float | None = None
     print(
-        f"\n{'faiss N':<9}{'build s':>9}{'RSS B/img':>10}{'file B/img':>11}{'save s':>8}"
+        f"\n{'faiss N':<9}{'build s':>9}{'file B/img':>11}{'save s':>8}"
         f"{'load s':>8}{'k=20 ms':>9}{'k=N ms':>10}{'vs first':>9}"
     )
     for n in sizes:
@@ -433,7 +456,7 @@ def bench_faiss(sizes: list[int]) -> list[dict[str, Any]]:
         row["search_k20_vs_first"] = ratio(row["search_k20_ms"], first)
         rows.append(row)
         print(
-            f"{n:<9}{row['build_s']:>9.3f}{row['rss_bytes_per_image'] or 0:>10}"
+            f"{n:<9}{row['build_s']:>9.3f}"
             f"{row['file_bytes_per_image']:>11}{row['save_s']:>8.3f}{row['load_s']:>8.3f}"
             f"{row['search_k20_ms']:>9.2f}{row['search_all_ms']:>10.1f}"
             f"{row['search_k20_vs_first']:>9.1f}",
@@ -588,6 +611,9 @@ def main() -> None:
     # The model is freed when this returns, before the 1M index needs the memory.
     encode_s, db = bench_service(sizes, args.repeats, not args.no_postgres, args.filtered_max)
     faiss_rows = bench_faiss(faiss_sizes)
+    rss_n = min(200_000, max(faiss_sizes))
+    rss = index_rss_per_image(rss_n)
+    print(f"resident memory of a VectorIndex, fresh process, N={rss_n}: {rss} B/image")
     ann = bench_ann(max(sizes), args.quick)
 
     result = {
@@ -598,6 +624,7 @@ def main() -> None:
         "query_encode_ms": r3(1000 * encode_s),
         "db": db,
         "faiss_index": faiss_rows,
+        "index_rss_bytes_per_image": {"n": rss_n, "bytes": rss},
         "ann": ann,
         "total_s": round(time.perf_counter() - t_start, 1),
         "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
