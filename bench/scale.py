@@ -37,7 +37,7 @@ import numpy as np
 import open_clip
 import sqlalchemy
 import torch
-from sqlalchemy import insert, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,10 +159,14 @@ def serving_model() -> ServingModel:
 
 
 def insert_images(
-    factory: sessionmaker[Session], user_id: str, vectors: np.ndarray, model_id: str
+    factory: sessionmaker[Session],
+    user_id: str,
+    vectors: np.ndarray,
+    model_id: str,
+    first: int = 0,
 ) -> None:
-    """Bulk-insert one image row per vector, with realistic column contents."""
-    rng = np.random.default_rng(len(vectors))
+    """Bulk-insert one image row per vector (numbered from `first`), with realistic contents."""
+    rng = np.random.default_rng([len(vectors), first])
     vec_ids = rng.integers(1, 2**63 - 1, size=len(vectors), dtype=np.int64)
     assert len(np.unique(vec_ids)) == len(vec_ids)
     now = utcnow()
@@ -170,13 +174,14 @@ def insert_images(
     with factory() as s:
         for start in range(0, len(vectors), chunk):
             rows = []
-            for i in range(start, min(start + chunk, len(vectors))):
+            for j in range(start, min(start + chunk, len(vectors))):
+                i = first + j
                 sha = f"{i:064x}"
                 rows.append(
                     {
                         "id": f"00000000-0000-4000-8000-{i:012d}",
                         "user_id": user_id,
-                        "vec_id": int(vec_ids[i]),
+                        "vec_id": int(vec_ids[j]),
                         "sha256": sha,
                         "original_filename": f"IMG_{i:06d}.jpg",
                         "mime": "image/jpeg",
@@ -184,7 +189,7 @@ def insert_images(
                         "width": 4032,
                         "height": 3024,
                         "storage_path": f"originals/{sha[:2]}/{sha[2:4]}/{sha}.jpg",
-                        "embedding": vectors[i].tobytes(),
+                        "embedding": vectors[j].tobytes(),
                         "embedding_model": model_id,
                         "created_at": now,
                     }
@@ -304,6 +309,7 @@ def bench_db_one(
         filtered_s = (
             median_time(lambda: search(mime), 1 if n >= 50_000 else 3) if filtered else None
         )
+        sync_s = bench_sync(factory, user_id, model_id, n, repeats)
     finally:
         engine.dispose()
     cold_s = statistics.median(cold)
@@ -323,11 +329,58 @@ def bench_db_one(
         "after_change_samples_s": [r4(t) for t in changed],
         "search_ms": r3(1000 * search_s),
         "filtered_search_s": r4(filtered_s) if filtered_s is not None else None,
+        "sync_s": r4(sync_s),
+        "sync_over_cold": ratio(sync_s, cold_s),
         "warm_over_cold": ratio(statistics.median(warm), cold_s),
         "hot_over_cold": ratio(hot, cold_s),
         "after_change_over_cold": ratio(statistics.median(changed), cold_s),
     }
     return out
+
+
+def sync_index(
+    index: VectorIndex, factory: sessionmaker[Session], user_id: str, model_id: str
+) -> None:
+    """Bring `index` up to date by id difference: read only the ids, fetch only new vectors."""
+    with factory() as s:
+        mine = (
+            Image.user_id == user_id,
+            Image.embedding_model == model_id,
+            Image.embedding.is_not(None),
+        )
+        db_ids = np.fromiter(s.scalars(select(Image.vec_id).where(*mine)), dtype=np.int64)
+        have = index.ids()
+        new = np.setdiff1d(db_ids, have)
+        rows = s.execute(
+            select(Image.vec_id, Image.embedding).where(*mine, Image.vec_id.in_(new.tolist()))
+        ).all()
+    found = [(vec_id, blob) for vec_id, blob in rows if blob is not None]
+    index.remove(np.setdiff1d(have, db_ids))
+    if found:
+        vectors = np.frombuffer(b"".join(b for _, b in found), np.float32).reshape(len(found), -1)
+        index.add(np.array([v for v, _ in found], dtype=np.int64), vectors)
+
+
+def bench_sync(
+    factory: sessionmaker[Session], user_id: str, model_id: str, n: int, repeats: int
+) -> float:
+    """Seconds to apply one embedding batch (32 new images) and one deletion by id difference:
+    the incremental update that would replace a full rebuild (not what the service does yet)."""
+    with factory() as s:
+        ids_before, vecs_before = load_embeddings(db_session=s, user_id=user_id, model_id=model_id)
+    insert_images(factory, user_id, unit_rows(np.random.default_rng(1), 32), model_id, first=n)
+    with factory() as s:
+        s.execute(delete(Image).where(Image.user_id == user_id, Image.vec_id == int(ids_before[0])))
+        s.commit()
+        want = np.sort(load_embeddings(db_session=s, user_id=user_id, model_id=model_id)[0])
+    times = []
+    for _ in range(repeats):
+        index = VectorIndex.build(ids_before, vecs_before)  # the hot index before the change
+        t0 = time.perf_counter()
+        sync_index(index, factory, user_id, model_id)
+        times.append(time.perf_counter() - t0)
+        assert np.array_equal(np.sort(index.ids()), want)
+    return statistics.median(times)
 
 
 @contextmanager
@@ -387,7 +440,7 @@ def bench_service(
 DB_HEADER = (
     f"{'backend':<9}{'N':>9}{'insert s':>9}{'B/row':>7}{'cold s':>8}{'read':>7}{'build':>7}"
     f"{'save':>7}{'warm s':>8}{'hot ms':>8}{'chg s':>7}{'search ms':>10}{'filt s':>8}"
-    f"{'warm/cold':>10}"
+    f"{'sync s':>8}{'warm/cold':>10}"
 )
 
 
@@ -398,7 +451,7 @@ def print_db_row(name: str, r: dict[str, Any]) -> None:
         f"{name:<9}{r['n']:>9}{r['insert_s']:>9.1f}{r['table_bytes_per_image']:>7}"
         f"{r['cold_s']:>8.3f}{p['read']:>7.3f}{p['build']:>7.3f}{p['save']:>7.3f}"
         f"{r['warm_s']:>8.3f}{r['hot_ms']:>8.2f}{r['after_change_s']:>7.3f}"
-        f"{r['search_ms']:>10.1f}{filt}{r['warm_over_cold']:>10.3f}",
+        f"{r['search_ms']:>10.1f}{filt}{r['sync_s']:>8.3f}{r['warm_over_cold']:>10.3f}",
         flush=True,
     )
 
