@@ -73,9 +73,7 @@ def test_pages_are_slices_of_one_ranking(api_client, library):
     page = api_client.get(
         "/search", params={"q": "snow", "k": 2, "offset": 2}, headers=user.headers
     ).json()
-    assert [h["image"]["id"] for h in page["hits"]] == [
-        h["image"]["id"] for h in full["hits"][2:4]
-    ]
+    assert [h["image"]["id"] for h in page["hits"]] == [h["image"]["id"] for h in full["hits"][2:4]]
     assert [h["rank"] for h in page["hits"]] == [3, 4]
 
 
@@ -177,7 +175,7 @@ def test_concept_names_personalise_the_query(api_client, library, tiny_serving):
 
 
 def test_post_applies_explicit_concepts_and_filters(api_client, library, tiny_serving):  # noqa: F811
-    user, ids = library
+    user, _ = library
     cid = _add_concept(api_client, user.id, tiny_serving, "Fido", "hat")
     r = api_client.post(
         "/search",
