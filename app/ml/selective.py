@@ -37,6 +37,7 @@ from app.ml.text import (
 )
 from app.ml.tokens import pick_token
 from app.ml.train import TEMPLATES, Progress, init_factors, placeholder_phrase, training_texts
+from app.ml.train import _targets as image_targets
 
 
 def frozen_rows(tower: TextTower, tokens: torch.Tensor) -> PooledAttention:
@@ -90,14 +91,7 @@ def train_selective(
     """POLAR with the keep term (weight `keep`) and an optional library-contrastive term."""
     tower = text_tower(bundle.model)
     dtype, dev = tower.dtype, bundle.device
-    target = torch.as_tensor(image_embeddings).to(dev, dtype)
-    if target.ndim != 2 or target.shape[0] == 0 or target.shape[1] != bundle.embed_dim:
-        raise ValueError(
-            f"image_embeddings must be (N>0, {bundle.embed_dim}), got {tuple(target.shape)}"
-        )
-    if not torch.isfinite(target).all():
-        raise ValueError("image_embeddings contain NaN or infinity")
-    target = F.normalize(target, dim=-1)  # (N, D)
+    target = image_targets(bundle, image_embeddings, dtype)  # (N, D), validated, unit norm
     texts = training_texts(token, category, target.shape[0], seed)
     pos = frozen_rows(tower, bundle.tokenizer(texts).to(dev))
     neg_texts = keep_texts(bundle, token, category, others) if keep > 0 else []
