@@ -12,7 +12,7 @@ Random unit vectors (D = 512, like ViT-B/32) stand in for image embeddings. Thre
 Every comparison is a ratio taken in the same run. Prints tables, writes
 bench/results/scale.json; never run by the tests.
 
-    .venv/bin/python bench/scale.py             # about 6 minutes on 2 shared CPUs
+    .venv/bin/python bench/scale.py             # 4 to 7 minutes on 2 shared CPUs
     .venv/bin/python bench/scale.py --quick     # smoke run, about a minute
 """
 
