@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -102,7 +104,7 @@ def concept_photos(world: World, fido: Instance, n: int = 5) -> list[bytes]:
     return [_png(world.render(scenes[i % len(scenes)], [fido], rng)) for i in range(n)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "POLAR_DATA_DIR": str(out / "data"),
         "POLAR_DATABASE_URL": "",
@@ -227,25 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"1. starting the server on http://127.0.0.1:{port} (data in {out / 'data'})")
     _polar("migrate", env=env)
-    log = (out / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not become ready; see {out / 'server.log'}")
-            time.sleep(0.3)
+    with local_server(env, port, out / "server.log") as base:
         print("2. creating a user and an API key (polar create-user)")
         key = re.search(r"api_key: (\S+)", _polar("create-user", "demo", env=env))
         assert key is not None
@@ -253,10 +237,42 @@ def main(argv: list[str] | None = None) -> int:
             base_url=base, headers={"Authorization": f"Bearer {key.group(1)}"}, timeout=120
         )
         return _run(client, a, out)
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
+
+
+@contextmanager
+def local_server(
+    env: dict[str, str], port: int, log_path: Path, timeout: float = 180
+) -> Iterator[str]:
+    """`polar serve` in a child process until /readyz answers 200; yields its base URL."""
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the server did not become ready:\n{log_path.read_text()[-3000:]}"
+                    )
+                time.sleep(0.3)
+            yield base
+        finally:
+            server.terminate()
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(5)
 
 
 def _run(client: httpx.Client, a: argparse.Namespace, out: Path) -> int:

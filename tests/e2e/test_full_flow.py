@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,14 @@ import httpx
 import pytest
 import redis
 
-from app.demo.run_demo import FIDO_CATEGORY, FIDO_INDEX, build_library, concept_photos
+from app.demo.run_demo import (
+    FIDO_CATEGORY,
+    FIDO_INDEX,
+    build_library,
+    concept_photos,
+    free_port,
+    local_server,
+)
 from app.demo.world import World
 from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path
 
@@ -33,12 +39,6 @@ pytestmark = pytest.mark.slow
 
 REDIS_URL = os.environ.get("POLAR_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(data_dir: Path, database_url: str, broker_url: str) -> dict[str, str]:
@@ -76,32 +76,8 @@ def _cli(env: dict[str, str], *args: str) -> str:
     return out.stdout
 
 
-@contextmanager
-def _serve(env: dict[str, str], log: Path) -> Iterator[str]:
-    port = _free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "server not ready:\n" + log.read_text()
-                time.sleep(0.3)
-            yield base
-        finally:
-            _stop(proc)
+def _serve(env: dict[str, str], log: Path) -> AbstractContextManager[str]:
+    return local_server(env, free_port(), log)
 
 
 def _wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
