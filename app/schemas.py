@@ -103,7 +103,8 @@ class ImageOut(BaseModel):
             width=image.width,
             height=image.height,
             sha256=image.sha256,
-            embedded=image.embedding is not None,
+            # Set together with the embedding; reading it does not load the 2-4 KB vector.
+            embedded=image.embedding_model is not None,
             created_at=image.created_at,
             file_url=f"/images/{image.id}/file",
             thumbnail_url=f"/images/{image.id}/thumbnail",

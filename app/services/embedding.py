@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from PIL import Image as PILImage
@@ -21,6 +22,9 @@ from app.storage import ImageStore
 log = logging.getLogger(__name__)
 
 BATCH = 32  # images per forward pass and per commit: progress moves, memory stays flat
+# A generation bump makes the next search rebuild the user's index (bench/scale.py: 1.5 s at
+# 100k images), so during a long upload new images become searchable at most this often.
+PUBLISH_INTERVAL_S = 10.0
 
 
 def _open_rgb(store: ImageStore, storage_path: str) -> PILImage.Image | None:
@@ -49,6 +53,7 @@ def embed_pending(
             query = query.where(Image.id.in_(list(image_ids)))
         todo = list(s.execute(query.order_by(Image.created_at, Image.id)))
     done = 0
+    last_publish, unpublished = time.monotonic(), False
     for start in range(0, len(todo), BATCH):
         batch = todo[start : start + BATCH]
         opened = [(image_id, _open_rgb(store, path)) for image_id, path in batch]
@@ -63,9 +68,15 @@ def embed_pending(
                         .where(Image.id == image_id, Image.user_id == ctx.user_id)
                         .values(embedding=vec.tobytes(), embedding_model=model_id)
                     )
-                repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
+                unpublished = True
+                if time.monotonic() - last_publish >= PUBLISH_INTERVAL_S:
+                    repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
+                    last_publish, unpublished = time.monotonic(), False
         done += len(batch)
         ctx.progress(done / len(todo))
+    if unpublished:
+        with session_scope(ctx.session_factory) as s:
+            repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
     return done
 
 

@@ -9,6 +9,7 @@ or corrupt index file is rebuilt from the embeddings in the database.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -109,6 +110,13 @@ class IndexCache:
     def _load_file(self, user_id: str, model_id: str, generation: int) -> CachedIndex | None:
         path = self.path(user_id, model_id)
         if not path.exists():
+            return None
+        try:  # the small sidecar first: a stale file is not worth reading and checksumming
+            side = json.loads(path.with_name(path.name + ".json").read_text())
+            meta = side.get("meta") or {}
+            if meta.get("generation") != generation or meta.get("model_id") != model_id:
+                return None
+        except (OSError, ValueError, AttributeError):
             return None
         try:
             index, meta = VectorIndex.load(path)

@@ -198,12 +198,12 @@ def retention_set_path(serving: ServingModel, cfg: ModelSettings) -> Path | None
     return path if path.is_file() else None
 
 
-_sets: dict[tuple[Path, float], RetentionSet | None] = {}
+_sets: dict[tuple[Path, float, str], RetentionSet | None] = {}
 
 
 def load_retention_set(path: Path, model_id: str) -> RetentionSet | None:
-    """The set at `path` if it was built with this model (cached by path and mtime), else None."""
-    key = (path.resolve(), path.stat().st_mtime)
+    """The set at `path` if it was built with this model (cached by path, mtime, model)."""
+    key = (path.resolve(), path.stat().st_mtime, model_id)
     with _lock:
         if key in _sets:
             return _sets[key]

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app.config import LimitSettings, SearchSettings
 from app.errors import NotFound, QueryTooLong, ValidationFailed
@@ -290,8 +290,10 @@ def _images_by_vec_id(
         return {}
     found: dict[int, Image] = {}
     for start in range(0, len(vec_ids), 900):  # stay under SQLite's bound-parameter limit
-        query = select(Image).where(
-            Image.user_id == user_id, Image.vec_id.in_(vec_ids[start : start + 900])
+        query = (
+            select(Image)
+            .options(defer(Image.embedding))  # hits need metadata, not their vectors
+            .where(Image.user_id == user_id, Image.vec_id.in_(vec_ids[start : start + 900]))
         )
         if filters:
             if filters.created_after:

@@ -171,7 +171,8 @@ def test_uploading_only_embedded_duplicates_queues_no_job(api_client, make_user)
     user = make_user(api_client)
     img_id = upload(api_client, user, ("a.jpg", jpeg())).json()["images"][0]["id"]
     with api_client.app.state.session_factory() as s:
-        s.get(ImageRow, img_id).embedding = b"\0" * 16
+        row = s.get(ImageRow, img_id)
+        row.embedding, row.embedding_model = b"\0" * 16, "some-model"  # as the embed job does
         s.commit()
     r = upload(api_client, user, ("a.jpg", jpeg()))
     assert r.status_code == 202
