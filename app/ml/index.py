@@ -96,8 +96,14 @@ class VectorIndex:
         with self._lock:
             return int(self._index.remove_ids(ids))  # type: ignore[arg-type]  # numpy accepted
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids), each (Q, k), best first; missing slots have id -1 and score -inf."""
+    def search(
+        self, queries: np.ndarray, k: int, among: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids), each (Q, k), best first; missing slots have id -1 and score -inf.
+
+        `among` (int64 ids) restricts the search to those ids (e.g. the images a filter allows),
+        inside FAISS, without ranking the rest.
+        """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got {q.shape}")
@@ -105,11 +111,19 @@ class VectorIndex:
             raise ValueError("k must be >= 0")
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         ids = np.full((q.shape[0], k), -1, dtype=np.int64)
+        params = selector = None
+        if among is not None:
+            allowed = np.ascontiguousarray(among, dtype=np.int64)
+            # `selector` stays referenced here until the search is done (SWIG does not own it).
+            selector = faiss.IDSelectorBatch(allowed)
+            params = faiss.SearchParameters()
+            params.sel = selector
         with self._lock:
-            n = self._index.ntotal
+            n = self._index.ntotal if among is None else min(self._index.ntotal, len(among))
             kk = min(k, n)
             if kk and q.shape[0]:
-                scores[:, :kk], ids[:, :kk] = self._index.search(q, kk)
+                scores[:, :kk], ids[:, :kk] = self._index.search(q, kk, params=params)
+        del selector
         scores[ids < 0] = -np.inf
         return scores, ids
 

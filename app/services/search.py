@@ -264,10 +264,11 @@ def search_images(
     )
     index = cached.index
     want = offset + k
-    # Filters are checked on image rows, so rank everything when any is set (exact search).
-    scores, ids = index.search(q, len(index) if filters and filters.active else want)
+    # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
+    among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
+    scores, ids = index.search(q, want, among=among)
     ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    images = _images_by_vec_id(db_session, user_id, [i for i, _ in ranked], filters)
+    images = _images_by_vec_id(db_session, user_id, [i for i, _ in ranked])
     # Rows deleted after the index was read are simply absent.
     ranked = [(i, s) for i, s in ranked if i in images]
     hits = [SearchHit(images[i], s, offset + n + 1) for n, (i, s) in enumerate(ranked[offset:want])]
@@ -283,9 +284,19 @@ def search_images(
     )
 
 
-def _images_by_vec_id(
-    db_session: Session, user_id: str, vec_ids: list[int], filters: SearchFilters | None
-) -> dict[int, Image]:
+def _filtered_vec_ids(db_session: Session, user_id: str, filters: SearchFilters) -> np.ndarray:
+    """FAISS ids of the user's images that pass every filter, (M,) int64."""
+    query = select(Image.vec_id).where(Image.user_id == user_id)
+    if filters.created_after:
+        query = query.where(Image.created_at >= filters.created_after)
+    if filters.created_before:
+        query = query.where(Image.created_at < filters.created_before)
+    if filters.mime:
+        query = query.where(Image.mime.in_(filters.mime))
+    return np.fromiter(db_session.scalars(query), dtype=np.int64)
+
+
+def _images_by_vec_id(db_session: Session, user_id: str, vec_ids: list[int]) -> dict[int, Image]:
     if not vec_ids:
         return {}
     found: dict[int, Image] = {}
@@ -295,13 +306,6 @@ def _images_by_vec_id(
             .options(defer(Image.embedding))  # hits need metadata, not their vectors
             .where(Image.user_id == user_id, Image.vec_id.in_(vec_ids[start : start + 900]))
         )
-        if filters:
-            if filters.created_after:
-                query = query.where(Image.created_at >= filters.created_after)
-            if filters.created_before:
-                query = query.where(Image.created_at < filters.created_before)
-            if filters.mime:
-                query = query.where(Image.mime.in_(filters.mime))
         found.update((img.vec_id, img) for img in db_session.scalars(query))
     return found
 

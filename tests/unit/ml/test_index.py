@@ -104,3 +104,20 @@ def test_corruption_is_detected(data, tmp_path: Path, damage: str) -> None:
         path.unlink()
     with pytest.raises(IndexCorruptError):
         VectorIndex.load(path)
+
+
+def test_search_among_ranks_only_the_allowed_ids_exactly():
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(100, 150, dtype=np.int64)
+    index = VectorIndex.build(ids, vectors)
+    allowed = np.array([103, 120, 149, 111], dtype=np.int64)
+    scores, got = index.search(vectors[:2], 10, among=allowed)
+    for row in range(2):
+        expect = sorted(allowed, key=lambda i: -float(vectors[i - 100] @ vectors[row]))
+        assert got[row, :4].tolist() == expect
+        assert (got[row, 4:] == -1).all() and np.isneginf(scores[row, 4:]).all()
+    assert index.search(vectors[:1], 3, among=np.array([], dtype=np.int64))[1].tolist() == [
+        [-1, -1, -1]
+    ]
