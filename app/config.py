@@ -23,6 +23,9 @@ class ModelSettings(BaseModel):
         True, description="serve the bundled demo model (loudly) if the weights cannot be had"
     )
     preload: bool = Field(True, description="load the model at startup (else on first use)")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads for this process; 0 = torch's default (all cores)"
+    )
 
 
 class TrainingSettings(BaseModel):

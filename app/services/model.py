@@ -6,6 +6,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from app.config import ModelSettings
 from app.errors import ModelUnavailable
 from app.ml.model import (
@@ -49,6 +51,10 @@ def load_serving_model(cfg: ModelSettings) -> ServingModel:
         if found is not None:
             return found
         requested = f"{cfg.name}/{cfg.pretrained}"
+        if cfg.threads:
+            # On cores shared with other work, torch's multi-threaded kernels stall (training
+            # 0.34 s -> 6.4 s measured); one thread held 0.56 s (bench/train_speed.py).
+            torch.set_num_threads(cfg.threads)
         try:
             serving = ServingModel(
                 get_clip(cfg.name, cfg.pretrained, cfg.device, cache_dir), requested, None
