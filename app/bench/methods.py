@@ -60,6 +60,10 @@ class Method(ABC):
     def encode(self, queries: Sequence[Query]) -> np.ndarray:
         """Unit query embeddings, (Q, D)."""
 
+    def score(self, queries: Sequence[Query], pool: np.ndarray) -> np.ndarray:
+        """Scores of every pool image (N, D) for each query, (Q, N): one vector per query here."""
+        return self.encode(queries) @ pool.T
+
     def retention_texts(self, concept_id: str, texts: Sequence[str]) -> np.ndarray | None:
         """Embeddings of concept-free texts with this concept learned; None = model unchanged."""
         return None

@@ -18,6 +18,7 @@ from app.bench.methods import (
     TextOnly,
 )
 from app.bench.metrics import caption_recall, retrieval_metrics
+from app.bench.multi import MULTI_VARIANTS, PolarMulti
 from app.bench.variants import selective_trainer
 from app.ml.encode import encode_images, encode_texts
 from app.ml.model import ClipBundle
@@ -82,6 +83,14 @@ METHODS: dict[str, MethodFactory] = {
     "polar_keep_distinct": _polar("polar_keep_distinct", keep=True, token_mode="distinct"),
     "polar_tuned": lambda b, s: PolarPlusImage(b, "polar_tuned", seed=s.seed, **TUNED),  # type: ignore[arg-type]
 }
+
+
+def _multi(name: str, opts: dict[str, object]) -> MethodFactory:
+    """polar_tuned with one of app.bench.multi's recipes for multi-concept queries."""
+    return lambda b, s: PolarMulti(b, name, seed=s.seed, **TUNED, **opts)  # type: ignore[arg-type]
+
+
+METHODS |= {name: _multi(name, opts) for name, opts in MULTI_VARIANTS.items()}
 DEFAULT_METHODS = (
     "text",
     "composed",
@@ -134,7 +143,7 @@ def evaluate(method: Method, ds: PerVLDataset, emb: Embedded) -> dict[str, objec
     for kind in QUERY_KINDS:
         queries = ds.queries_of(kind)
         if queries:
-            scores = method.encode(queries) @ emb.pool.T  # (Q, N)
+            scores = method.score(queries, emb.pool)  # (Q, N)
             out[kind] = retrieval_metrics(scores, [q.gt for q in queries])
     if emb.captions is not None and ds.captions is not None:
         base = caption_recall(emb.captions, emb.pool)
