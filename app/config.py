@@ -66,7 +66,19 @@ class SearchSettings(BaseModel):
         "the paper's exact parameter sum V + Σ B_k Â_k",
     )
     photo_weight: float = Field(
-        0.5, ge=0, description="weight of the concepts' photo-embedding mean fused into the query"
+        0.5, ge=0, description="weight of the concept's photo-embedding mean fused into the query"
+    )
+    multi_photo_weight: float = Field(
+        1.0,
+        ge=0,
+        description="several concepts (stack=embeddings): weight of each concept's photo mean "
+        "in its own part of the query",
+    )
+    multi_context_weight: float = Field(
+        1.0,
+        ge=0,
+        description="several concepts (stack=embeddings): weight of the plain query added for "
+        "the context",
     )
 
 

@@ -100,8 +100,11 @@ DEFAULT_METHODS = (
     "polar_lam0",
     "polar_esum",
     "polar_tuned",
+    "polar_multi_ctx",
 )
-DEFAULT_METHOD = "polar_tuned"  # the recommended default; "polar" is app.ml as it is today
+# The service's default (app/services/search.py encode_query, app.ml.selective training);
+# "polar" is the paper's recipe through app.ml.
+DEFAULT_METHOD = "polar_multi_ctx"
 
 
 def embed_images(bundle: ClipBundle, sources: Sequence[object]) -> np.ndarray:

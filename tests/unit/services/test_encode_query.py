@@ -49,16 +49,37 @@ def test_no_concepts_is_the_base_encoding(setup):
 
 def test_parameter_stacking_is_the_exact_sum(setup):
     serving, ads = setup
-    q = encode_query(serving, TEXT, ads, [], SearchSettings(stack="parameters", photo_weight=0))
+    q = encode_query(
+        serving, TEXT, ads, [None, None], SearchSettings(stack="parameters", photo_weight=0)
+    )
     assert np.allclose(q, encode_texts(serving.bundle, [TEXT], ads), atol=1e-6)
 
 
 def test_embedding_stacking_sums_single_concept_encodings(setup):
     serving, ads = setup
-    q = encode_query(serving, TEXT, ads, [], SearchSettings(stack="embeddings", photo_weight=0))
+    cfg = SearchSettings(stack="embeddings", multi_photo_weight=0, multi_context_weight=0)
+    q = encode_query(serving, TEXT, ads, [None, None], cfg)
     parts = [encode_texts(serving.bundle, [TEXT], [a]) for a in ads]
     assert np.allclose(q, unit(parts[0] + parts[1]), atol=1e-6)
     assert not np.allclose(q, encode_texts(serving.bundle, [TEXT], ads), atol=1e-4)
+
+
+def test_several_concepts_fuse_each_ones_photos_and_the_plain_context(setup):
+    serving, ads = setup
+    d = serving.bundle.embed_dim
+    m0, m1 = unit(np.ones(d, np.float32)), unit(np.arange(d, dtype=np.float32))
+    cfg = SearchSettings(stack="embeddings", multi_photo_weight=1.0, multi_context_weight=0.5)
+    q = encode_query(serving, TEXT, ads, [m0, m1], cfg)
+    p0 = unit(unit(encode_texts(serving.bundle, [TEXT], [ads[0]])) + m0)
+    p1 = unit(unit(encode_texts(serving.bundle, [TEXT], [ads[1]])) + m1)
+    expect = unit(unit(p0 + p1) + 0.5 * encode_texts(serving.bundle, [TEXT]))
+    assert np.allclose(q, expect, atol=1e-6)
+    # A concept without photos contributes its text part alone.
+    q_missing = encode_query(serving, TEXT, ads, [m0, None], cfg)
+    p1_text = unit(encode_texts(serving.bundle, [TEXT], [ads[1]]))
+    assert np.allclose(
+        q_missing, unit(unit(p0 + p1_text) + 0.5 * encode_texts(serving.bundle, [TEXT])), atol=1e-6
+    )
 
 
 def test_photo_fusion_adds_the_weighted_photo_mean(setup):
