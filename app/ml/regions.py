@@ -1,0 +1,109 @@
+"""Region embeddings: a few crops of each library image, for queries that name several concepts.
+
+A whole-image CLIP embedding of a photo with two objects says little about *which* instance of
+each object is there (synthetic PerVL: a concept's photo mean ranks its own two-object scene above
+the look-alike's in only 74 % of pairs). Crops give each object most of the frame, so a concept
+can be matched where it stands. At index time each image gets the embeddings of the crops of a
+fixed layout; at query time the top candidates of the usual one-vector search are re-ranked with
+
+    score = base + weight × mean_k max_{r ∈ regions ∪ {whole}} <part_k, r>
+
+where part_k is the query's part for concept k (its text under that concept's update, fused
+with that concept's photos). Layout, weight and candidate count were chosen on the synthetic
+validation split (bench/results/pervl_synthetic_regions.json); single-concept queries gained
+nothing there, so they keep the one-vector ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from app.ml.encode import encode_images
+from app.ml.model import ClipBundle
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
+
+# "five": the four 60 % corners and the 60 % centre (torchvision's FiveCrop, relative size).
+LAYOUTS: dict[str, tuple[Box, ...]] = {
+    "none": (),
+    "five": (
+        (0.0, 0.0, 0.6, 0.6),
+        (0.4, 0.0, 1.0, 0.6),
+        (0.0, 0.4, 0.6, 1.0),
+        (0.4, 0.4, 1.0, 1.0),
+        (0.2, 0.2, 0.8, 0.8),
+    ),
+}
+
+
+def layout_boxes(layout: str) -> tuple[Box, ...]:
+    """The crop boxes of a named layout."""
+    try:
+        return LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown region layout {layout!r}; known: {sorted(LAYOUTS)}") from None
+
+
+def crop_regions(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
+    """The image cropped to each box (at least one pixel each way)."""
+    w, h = image.size
+    out = []
+    for left, top, right, bottom in boxes:
+        x0, y0 = round(left * w), round(top * h)
+        x1, y1 = max(round(right * w), x0 + 1), max(round(bottom * h), y0 + 1)
+        out.append(image.crop((x0, y0, x1, y1)))
+    return out
+
+
+def encode_regions(
+    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, batch_size: int = 64
+) -> np.ndarray:
+    """Unit embeddings of every image's crops, (N, R, D) float32 (R = 0 for "none")."""
+    boxes = layout_boxes(layout)
+    if not boxes:
+        return np.zeros((len(images), 0, bundle.embed_dim), dtype=np.float32)
+    crops = [c for im in images for c in crop_regions(im, boxes)]
+    flat = encode_images(bundle, crops, batch_size=batch_size)  # (N * R, D)
+    return flat.reshape(len(images), len(boxes), bundle.embed_dim)
+
+
+def pack_regions(regions: np.ndarray) -> bytes:
+    """One image's (R, D) region embeddings as float16 bytes (unit vectors lose ~1e-3)."""
+    return np.ascontiguousarray(regions, dtype=np.float16).tobytes()
+
+
+def unpack_regions(blob: bytes | None, dim: int) -> np.ndarray:
+    """(R, D) float32 from `pack_regions` bytes; (0, D) for None or a blob of another width."""
+    if not blob or len(blob) % (2 * dim):
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(blob, dtype=np.float16).reshape(-1, dim).astype(np.float32)
+
+
+def region_match(parts: np.ndarray, whole: np.ndarray, regions: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean over the query parts of each part's best match among an image's crops and the whole
+    image, (N,).
+
+    parts (K, D) unit rows; whole (N, D) whole-image embeddings; regions[n] (R_n, D), R_n may be
+    0 (an image embedded without regions is matched on its whole embedding only).
+    """
+    if len(whole) != len(regions):
+        raise ValueError("one region array per image is needed")
+    out = np.empty(len(whole), dtype=np.float32)
+    for n, (w, r) in enumerate(zip(whole, regions, strict=True)):
+        views = np.concatenate([r, w[None]]) if len(r) else w[None]  # (R + 1, D)
+        out[n] = float((parts @ views.T).max(axis=1).mean())
+    return out
+
+
+def rerank_scores(
+    base: np.ndarray,
+    parts: np.ndarray,
+    whole: np.ndarray,
+    regions: Sequence[np.ndarray],
+    weight: float,
+) -> np.ndarray:
+    """base + weight × region_match: the re-ranking score of the candidates, (N,)."""
+    return (base + weight * region_match(parts, whole, regions)).astype(np.float32)
