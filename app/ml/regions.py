@@ -62,7 +62,13 @@ def encode_regions(
     bundle: ClipBundle, images: Sequence[Image.Image], layout: str, batch_size: int = 64
 ) -> np.ndarray:
     """Unit embeddings of every image's crops, (N, R, D) float32 (R = 0 for "none")."""
-    boxes = layout_boxes(layout)
+    return encode_boxes(bundle, images, layout_boxes(layout), batch_size)
+
+
+def encode_boxes(
+    bundle: ClipBundle, images: Sequence[Image.Image], boxes: Sequence[Box], batch_size: int = 64
+) -> np.ndarray:
+    """Unit embeddings of every image cropped to each of the given boxes, (N, R, D) float32."""
     if not boxes:
         return np.zeros((len(images), 0, bundle.embed_dim), dtype=np.float32)
     crops = [c for im in images for c in crop_regions(im, boxes)]
@@ -82,27 +88,40 @@ def unpack_regions(blob: bytes | None, dim: int) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float16).reshape(-1, dim).astype(np.float32)
 
 
-def region_match(parts: np.ndarray, whole: np.ndarray, regions: Sequence[np.ndarray]) -> np.ndarray:
-    """Mean over the query parts of each part's best match among an image's crops and the whole
-    image, (N,).
+def part_matches(
+    parts: np.ndarray, whole: np.ndarray, regions: np.ndarray | Sequence[np.ndarray]
+) -> np.ndarray:
+    """Each query part's best match among each image's crops and the whole image, (K, N).
 
     parts (K, D) unit rows; whole (N, D) whole-image embeddings; regions[n] (R_n, D), R_n may be
     0 (an image embedded without regions is matched on its whole embedding only).
     """
     if len(whole) != len(regions):
         raise ValueError("one region array per image is needed")
-    out = np.empty(len(whole), dtype=np.float32)
+    if isinstance(regions, np.ndarray) and regions.ndim == 3:  # same R for every image
+        views = np.concatenate([regions, whole[:, None, :]], axis=1)  # (N, R + 1, D)
+        return np.einsum("kd,nrd->knr", parts, views).max(axis=2).astype(np.float32)
+    out = np.empty((len(parts), len(whole)), dtype=np.float32)
     for n, (w, r) in enumerate(zip(whole, regions, strict=True)):
         views = np.concatenate([r, w[None]]) if len(r) else w[None]  # (R + 1, D)
-        out[n] = float((parts @ views.T).max(axis=1).mean())
+        out[:, n] = (parts @ views.T).max(axis=1)
     return out
+
+
+def region_match(
+    parts: np.ndarray, whole: np.ndarray, regions: np.ndarray | Sequence[np.ndarray]
+) -> np.ndarray:
+    """Mean over the query parts of each part's best match among an image's crops and the whole
+    image, (N,); arguments as for `part_matches`.
+    """
+    return part_matches(parts, whole, regions).mean(axis=0).astype(np.float32)
 
 
 def rerank_scores(
     base: np.ndarray,
     parts: np.ndarray,
     whole: np.ndarray,
-    regions: Sequence[np.ndarray],
+    regions: np.ndarray | Sequence[np.ndarray],
     weight: float,
 ) -> np.ndarray:
     """base + weight × region_match: the re-ranking score of the candidates, (N,)."""
