@@ -135,6 +135,7 @@ def dataset_summary(ds: PerVLDataset, emb: Embedded) -> dict[str, Any]:
         "queries": {k: len(ds.queries_of(k)) for k in ("context", "concept", "multi")},
         "captions": ds.captions is not None,
         "embed_seconds": round(emb.seconds, 2),
+        "region_embed_seconds": {k: round(v, 2) for k, v in emb.region_seconds.items()},
         "info": ds.info,
     }
 

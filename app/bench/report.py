@@ -67,7 +67,7 @@ def check_targets(results: Results, default: str) -> dict[str, Any]:
 def format_table(results: Results) -> str:
     """One row per method: context, concept-only and multi-concept metrics, retention, seconds."""
     head = (
-        f"{'method':<18}{'ctx mRR':>8}{'R@1':>6}{'R@5':>6}{'R@10':>6}{'mAP':>6}"
+        f"{'method':<21}{'ctx mRR':>8}{'R@1':>6}{'R@5':>6}{'R@10':>6}{'mAP':>6}"
         f"{'con mRR':>8}{'con mAP':>8}{'2c mRR':>8}{'ret R@10':>9}{'drop':>7}{'train s':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -81,7 +81,7 @@ def format_table(results: Results) -> str:
             return _get(results, name, *path)
 
         lines.append(
-            f"{name:<18}{f(g('context', 'mrr'), 8)}{f(g('context', 'r@1'), 6, 2)}"
+            f"{name:<21}{f(g('context', 'mrr'), 8)}{f(g('context', 'r@1'), 6, 2)}"
             f"{f(g('context', 'r@5'), 6, 2)}{f(g('context', 'r@10'), 6, 2)}"
             f"{f(g('context', 'map'), 6)}{f(g('concept', 'mrr'), 8)}{f(g('concept', 'map'), 8)}"
             f"{f(g('multi', 'mrr'), 8)}{f(g('retention', 'r@10'), 9)}"

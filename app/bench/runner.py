@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -19,9 +19,11 @@ from app.bench.methods import (
 )
 from app.bench.metrics import caption_recall, retrieval_metrics
 from app.bench.multi import MULTI_VARIANTS, PolarMulti
+from app.bench.regions import REGION_DEFAULTS, PolarRegions
 from app.bench.variants import selective_trainer
 from app.ml.encode import encode_images, encode_texts
 from app.ml.model import ClipBundle
+from app.ml.regions import encode_regions, layout_boxes
 
 IMAGE_CHUNK = 256  # images decoded and embedded at a time
 
@@ -91,6 +93,11 @@ def _multi(name: str, opts: dict[str, object]) -> MethodFactory:
 
 
 METHODS |= {name: _multi(name, opts) for name, opts in MULTI_VARIANTS.items()}
+# polar_multi_ctx + region re-ranking of multi-concept queries (app.bench.regions).
+METHODS["polar_multi_regions"] = lambda b, s: PolarRegions(
+    b, "polar_multi_regions", seed=s.seed, **TUNED, **MULTI_VARIANTS["polar_multi_ctx"],  # type: ignore[arg-type]
+    **REGION_DEFAULTS,  # type: ignore[arg-type]
+)  # fmt: skip
 DEFAULT_METHODS = (
     "text",
     "composed",
@@ -101,10 +108,11 @@ DEFAULT_METHODS = (
     "polar_esum",
     "polar_tuned",
     "polar_multi_ctx",
+    "polar_multi_regions",
 )
-# The service's default (app/services/search.py encode_query, app.ml.selective training);
-# "polar" is the paper's recipe through app.ml.
-DEFAULT_METHOD = "polar_multi_ctx"
+# The service's default (app/services/search.py encode_query + region re-ranking,
+# app.ml.selective training); "polar" is the paper's recipe through app.ml.
+DEFAULT_METHOD = "polar_multi_regions"
 
 
 def embed_images(bundle: ClipBundle, sources: Sequence[object]) -> np.ndarray:
@@ -122,6 +130,10 @@ class Embedded:
     photos: dict[str, np.ndarray]  # concept id -> (n, D)
     captions: np.ndarray | None  # (N, D) base-model caption embeddings
     seconds: float
+    # layout -> (N, R, D) crop embeddings of the pool, filled by pool_regions when a method
+    # that re-ranks by regions runs (other methods never pay for them)
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
+    region_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def embed_dataset(bundle: ClipBundle, ds: PerVLDataset) -> Embedded:
@@ -133,8 +145,22 @@ def embed_dataset(bundle: ClipBundle, ds: PerVLDataset) -> Embedded:
     return Embedded(pool, photos, captions, time.perf_counter() - start)
 
 
+def pool_regions(bundle: ClipBundle, ds: PerVLDataset, emb: Embedded, layout: str) -> np.ndarray:
+    """The pool's crop embeddings for a layout, (N, R, D): computed on first use, then shared."""
+    if layout not in emb.regions:
+        start = time.perf_counter()
+        boxes = len(layout_boxes(layout))
+        parts = [np.zeros((0, boxes, bundle.embed_dim), dtype=np.float32)]
+        parts += [encode_regions(bundle, batch, layout) for batch in chunks(ds.pool, IMAGE_CHUNK)]
+        emb.regions[layout] = np.concatenate(parts)
+        emb.region_seconds[layout] = time.perf_counter() - start
+    return emb.regions[layout]
+
+
 def evaluate(method: Method, ds: PerVLDataset, emb: Embedded) -> dict[str, object]:
     """Fit every concept (timed), then metrics per query kind and general-knowledge retention."""
+    if isinstance(method, PolarRegions):
+        method.regions = pool_regions(method.bundle, ds, emb, method.layout)
     seconds = []
     for cid, concept in ds.concepts.items():
         start = time.perf_counter()

@@ -75,7 +75,8 @@ def test_cli_writes_results(
     assert doc["model"]["id"] == tiny.fingerprint.model_id
     assert doc["settings"]["steps"] == 20 and doc["settings"]["lam"] == tiny.default_lam
     assert doc["dataset"]["pool"] == 2 * 3 * 4 + 1 * 2 * 4 + 3  # default scenes per concept
-    assert doc["default_method"] == "polar_multi_ctx"  # not run here: its targets are n/a
+    assert doc["default_method"] == "polar_multi_regions"  # not run here: its targets are n/a
+    assert doc["dataset"]["region_embed_seconds"] == {}  # no region method ran
     assert doc["targets"]["context_mrr_min"]["met"] is None
     assert "sha" in doc["environment"]["git"]
 
