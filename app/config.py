@@ -80,6 +80,17 @@ class SearchSettings(BaseModel):
         description="several concepts (stack=embeddings): weight of the plain query added for "
         "the context",
     )
+    regions: Literal["five", "none"] = Field(
+        "five",
+        description="crops embedded per image at index time to re-rank queries that name several "
+        "concepts (five = four 60 % corners + centre, 6x the embedding work; none = off)",
+    )
+    region_weight: float = Field(
+        8.0, ge=0, description="weight of the concepts' best crop matches in the re-ranking score"
+    )
+    region_candidates: int = Field(
+        200, ge=1, le=10_000, description="top hits of the one-vector search that get re-ranked"
+    )
 
 
 class LimitSettings(BaseModel):

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
-from app.api.routes import concepts, health, images, jobs, search
+from app.api.routes import concepts, health, images, index, jobs, search
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory, migrate
 from app.metrics import Metrics
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(concepts.router, form_limits={"max_files": limits.max_files_per_request + 1})
     app.include_router(jobs.router)
     app.include_router(search.router)
+    app.include_router(index.router)
     return app
 
 

@@ -168,6 +168,10 @@ class Image(Base):
     storage_path: Mapped[str] = mapped_column(String(512))  # relative to settings.data_dir
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (D,), L2-normalised
     embedding_model: Mapped[str | None] = mapped_column(String(255))  # ModelFingerprint.model_id
+    # float16 (R, D) crop embeddings (app.ml.regions), same model as `embedding`; loaded only
+    # when asked for (search re-ranking reads them for its top candidates).
+    region_embeddings: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    region_layout: Mapped[str | None] = mapped_column(String(32))  # app.ml.regions.LAYOUTS key
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

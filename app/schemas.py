@@ -417,3 +417,26 @@ class JobPage(BaseModel):
 
     items: list[JobDetail]
     next_cursor: str | None = Field(description="null on the last page")
+
+
+class IndexOut(BaseModel):
+    """How much of your library the serving model can search (GET /index)."""
+
+    model: str = Field(description="the serving model's id")
+    images: int = Field(description="images in your library")
+    embedded: int = Field(description="embedded by the serving model: searchable")
+    pending: int = Field(description="not (yet) searchable: being embedded, or from another model")
+    region_layout: str = Field(
+        description="crops embedded per image for queries naming several concepts (none = off)"
+    )
+    with_regions: int = Field(description="searchable images that also have those crops")
+    rebuild_job: JobOut | None = Field(
+        description="a queued or running rebuild (POST /index/rebuild); poll /jobs/{id}"
+    )
+
+
+class RebuildOut(BaseModel):
+    """The rebuild job POST /index/rebuild queued, or the one already queued or running."""
+
+    job: JobOut
+    created: bool = Field(description="false when an open rebuild job was returned instead")

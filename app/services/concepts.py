@@ -288,14 +288,7 @@ def _queue_training(db_session: Session, concept: Concept) -> Job:
 
 
 def _dispatch(job: Job | None) -> None:
-    if job is None:
-        return
-    try:
-        jobs.dispatch(job)
-    except Exception:
-        # The rows are committed and the job is queued in the database; failing the request
-        # now would make the client retry a change that succeeded.
-        log.exception("dispatching job %s failed; it stays queued", job.id)
+    jobs.dispatch_committed(job)
 
 
 def _start_new_version(concept: Concept) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from app import repositories
 from app.db import session_scope
 from app.ml.encode import encode_images
-from app.models import Image, JobKind
+from app.ml.regions import encode_regions, pack_regions
+from app.models import Image, Job, JobKind, JobState
 from app.services import jobs
 from app.services.jobs import JobContext
 from app.services.model import ServingModel, load_serving_model
@@ -40,14 +43,18 @@ def _open_rgb(store: ImageStore, storage_path: str) -> PILImage.Image | None:
 def embed_pending(
     ctx: JobContext, image_ids: Sequence[str] | None, serving: ServingModel | None = None
 ) -> int:
-    """Embed the user's listed images (None: all) that lack an embedding from the serving model."""
+    """Embed the user's listed images (None: all) that lack an embedding from the serving model
+    or region embeddings of the configured layout (app.ml.regions; both come from one decode)."""
     serving = serving or load_serving_model(ctx.settings.model)
     model_id = serving.model_id
+    layout = ctx.settings.search.regions
     store = ImageStore(ctx.settings.data_dir)
     with session_scope(ctx.session_factory) as s:
+        stale = [Image.embedding.is_(None), Image.embedding_model != model_id]
+        if layout != "none":
+            stale += [Image.region_layout.is_(None), Image.region_layout != layout]
         query = select(Image.id, Image.storage_path).where(
-            Image.user_id == ctx.user_id,
-            or_(Image.embedding.is_(None), Image.embedding_model != model_id),
+            Image.user_id == ctx.user_id, or_(*stale)
         )
         if image_ids is not None:
             query = query.where(Image.id.in_(list(image_ids)))
@@ -59,14 +66,21 @@ def embed_pending(
         opened = [(image_id, _open_rgb(store, path)) for image_id, path in batch]
         readable = [(i, im) for i, im in opened if im is not None]
         if readable:
-            vectors = encode_images(serving.bundle, [im for _, im in readable])  # (B, D)
+            pictures = [im for _, im in readable]
+            vectors = encode_images(serving.bundle, pictures)  # (B, D)
+            regions = encode_regions(serving.bundle, pictures, layout)  # (B, R, D)
             with session_scope(ctx.session_factory) as s:
-                for (image_id, _), vec in zip(readable, vectors, strict=True):
+                for (image_id, _), vec, reg in zip(readable, vectors, regions, strict=True):
                     # A row deleted meanwhile simply matches nothing.
                     s.execute(
                         update(Image)
                         .where(Image.id == image_id, Image.user_id == ctx.user_id)
-                        .values(embedding=vec.tobytes(), embedding_model=model_id)
+                        .values(
+                            embedding=vec.tobytes(),
+                            embedding_model=model_id,
+                            region_embeddings=pack_regions(reg) if len(reg) else None,
+                            region_layout=layout if len(reg) else None,
+                        )
                     )
                 unpublished = True
                 if time.monotonic() - last_publish >= PUBLISH_INTERVAL_S:
@@ -94,3 +108,59 @@ def rebuild_index_job(ctx: JobContext) -> None:
 
 jobs.register_handler(JobKind.EMBED_IMAGES, embed_images_job)
 jobs.register_handler(JobKind.REBUILD_INDEX, rebuild_index_job)
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """How much of a user's library the serving model can search, and how well."""
+
+    images: int
+    embedded: int  # embedded by the serving model (searchable)
+    with_regions: int  # ... that also have crops of the configured layout
+    region_layout: str
+    rebuild_job: Job | None  # a queued or running rebuild, if any
+
+
+def index_status(db_session: Session, user_id: str, model_id: str, layout: str) -> IndexStatus:
+    """Counts for GET /index (one query)."""
+    current = Image.embedding_model == model_id
+    row = db_session.execute(
+        select(
+            func.count(),
+            func.count(case((current, 1))),
+            func.count(case((current & (Image.region_layout == layout), 1))),
+        ).where(Image.user_id == user_id)
+    ).one()
+    return IndexStatus(
+        images=int(row[0]),
+        embedded=int(row[1]),
+        with_regions=int(row[2]) if layout != "none" else 0,
+        region_layout=layout,
+        rebuild_job=_open_rebuild(db_session, user_id),
+    )
+
+
+def _open_rebuild(db_session: Session, user_id: str) -> Job | None:
+    return db_session.scalars(
+        select(Job)
+        .where(
+            Job.user_id == user_id,
+            Job.kind == JobKind.REBUILD_INDEX.value,
+            Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]),
+        )
+        .order_by(Job.created_at.desc())
+        .limit(1)
+    ).first()
+
+
+def request_rebuild(db_session: Session, user_id: str) -> tuple[Job, bool]:
+    """Queue a rebuild_index job (embeds what the serving model and region layout lack), or
+    return the one already queued or running; (job, created). Commits."""
+    open_job = _open_rebuild(db_session, user_id)
+    if open_job is not None:
+        return open_job, False
+    job = repositories.add_job(
+        db_session=db_session, user_id=user_id, kind=JobKind.REBUILD_INDEX.value, payload={}
+    )
+    db_session.commit()
+    return job, True

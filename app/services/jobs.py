@@ -298,3 +298,15 @@ def dispatch(job: Job | str) -> None:
     """Queue a committed job with the installed dispatcher (else per the process settings)."""
     job_id = job if isinstance(job, str) else job.id
     (_dispatcher or JobDispatcher(get_settings())).dispatch(job_id)
+
+
+def dispatch_committed(job: Job | None) -> None:
+    """`dispatch` for a job already committed by a request: a failure is logged, not raised."""
+    if job is None:
+        return
+    try:
+        dispatch(job)
+    except Exception:
+        # The rows are committed and the job is queued in the database; failing the request
+        # now would make the client retry a change that succeeded.
+        log.exception("dispatching job %s failed; it stays queued", job.id)

@@ -17,6 +17,7 @@ from app.errors import NotFound, QueryTooLong, ValidationFailed
 from app.ml.adapter import ConceptAdapter
 from app.ml.encode import count_tokens, encode_texts
 from app.ml.model import AdapterMismatchError
+from app.ml.regions import rerank_scores, unpack_regions
 from app.ml.train import placeholder_phrase
 from app.models import Adapter, Concept, ConceptExample, Image
 from app.services.index import IndexCache
@@ -118,6 +119,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+@dataclass(frozen=True)
+class QueryEncoding:
+    """A query's one search vector and, for several concepts, its per-concept parts."""
+
+    vector: np.ndarray  # (1, D) unit
+    parts: np.ndarray | None = None  # (K, D) unit: concept k's text under its update + photos
+
+
 def encode_query(
     serving: ServingModel,
     text: str,
@@ -125,7 +134,18 @@ def encode_query(
     photo_means: Sequence[np.ndarray | None],
     settings: SearchSettings,
 ) -> np.ndarray:
-    """The query embedding, (1, D): text under the concepts' updates, fused with their photos.
+    """The query embedding, (1, D): text under the concepts' updates, fused with their photos."""
+    return encode_query_parts(serving, text, adapters, photo_means, settings).vector
+
+
+def encode_query_parts(
+    serving: ServingModel,
+    text: str,
+    adapters: Sequence[ConceptAdapter],
+    photo_means: Sequence[np.ndarray | None],
+    settings: SearchSettings,
+) -> QueryEncoding:
+    """The query embedding and, when it names several concepts, the part of each.
 
     `photo_means[i]` is the photo-embedding mean of the concept of `adapters[i]` (None: none).
     """
@@ -145,12 +165,45 @@ def encode_query(
         q = _unit(np.sum(parts, axis=0))
         if settings.multi_context_weight > 0:
             q = _unit(q + settings.multi_context_weight * encode_texts(bundle, [text]))
-        return q.astype(np.float32)
+        return QueryEncoding(q.astype(np.float32), np.concatenate(parts).astype(np.float32))
     q = encode_texts(bundle, [text], adapters)
     if means and settings.photo_weight > 0:
         photos = _unit(_unit(np.stack(means)).mean(axis=0))  # (D,)
         q = _unit(q + settings.photo_weight * photos[None])
-    return q.astype(np.float32)
+    return QueryEncoding(q.astype(np.float32))
+
+
+def rerank_by_regions(
+    db_session: Session,
+    user_id: str,
+    ranked: list[tuple[int, float]],
+    parts: np.ndarray,
+    weight: float,
+) -> list[tuple[int, float]]:
+    """Candidates (vec id, score) re-scored with each concept's best crop match, best first.
+
+    Images embedded without regions are matched on their whole embedding; rows deleted since
+    the index was read are dropped.
+    """
+    if not ranked:
+        return ranked
+    dim = parts.shape[1]
+    rows: dict[int, tuple[bytes | None, bytes | None]] = {}
+    ids = [i for i, _ in ranked]
+    for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+        query = select(Image.vec_id, Image.embedding, Image.region_embeddings).where(
+            Image.user_id == user_id, Image.vec_id.in_(ids[start : start + 900])
+        )
+        rows.update((v, (e, r)) for v, e, r in db_session.execute(query))
+    kept = [(i, s) for i, s in ranked if i in rows and rows[i][0] is not None]
+    if not kept:
+        return []
+    whole = np.stack([np.frombuffer(rows[i][0], np.float32) for i, _ in kept])  # type: ignore[arg-type]
+    regions = [unpack_regions(rows[i][1], dim) for i, _ in kept]
+    base = np.array([s for _, s in kept], dtype=np.float32)
+    scores = rerank_scores(base, parts, whole, regions, weight)
+    order = np.argsort(-scores, kind="stable")
+    return [(kept[n][0], float(scores[n])) for n in order]
 
 
 def _latest_adapters(db_session: Session, concept_ids: Sequence[str]) -> dict[str, Adapter]:
@@ -272,16 +325,26 @@ def search_images(
             f"{bundle.context_length} (CLIP's context, start and end tokens included); shorten it",
             detail={"tokens": n_tokens, "context_length": bundle.context_length},
         )
-    q = encode_query(serving, encoded, adapters, photo_means, search_settings or SearchSettings())
+    cfg = search_settings or SearchSettings()
+    encoding = encode_query_parts(serving, encoded, adapters, photo_means, cfg)
     cached = index_cache.get(
         db_session=db_session, user_id=user_id, model_id=serving.model_id, dim=bundle.embed_dim
     )
     index = cached.index
     want = offset + k
+    regions = encoding.parts is not None and cfg.regions != "none" and cfg.region_weight > 0
+    # Several concepts: the top candidates of the one-vector search are re-ranked by where each
+    # concept best matches a crop of the image (app.ml.regions).
+    fetch = max(want, cfg.region_candidates) if regions else want
     # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
     among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
-    scores, ids = index.search(q, want, among=among)
+    scores, ids = index.search(encoding.vector, fetch, among=among)
     ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+    if regions:
+        assert encoding.parts is not None
+        ranked = rerank_by_regions(db_session, user_id, ranked, encoding.parts, cfg.region_weight)[
+            :want
+        ]
     images = _images_by_vec_id(db_session, user_id, [i for i, _ in ranked])
     # Rows deleted after the index was read are simply absent.
     ranked = [(i, s) for i, s in ranked if i in images]

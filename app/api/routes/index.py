@@ -1,0 +1,52 @@
+"""/index: what the serving model can search in your library, and re-embedding it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import CurrentUser, SearchContextDep, SessionDep
+from app.schemas import IndexOut, JobOut, RebuildOut
+from app.schemas import error_responses as errors
+from app.services import embedding as service
+from app.services import jobs
+
+router = APIRouter(prefix="/index", tags=["index"], responses=errors(401))
+
+
+@router.get(
+    "",
+    response_model=IndexOut,
+    summary="How much of your library is searchable",
+    responses=errors(503),
+)
+def get_index(user: CurrentUser, db_session: SessionDep, ctx: SearchContextDep) -> IndexOut:
+    """After a model change or a new region layout, `pending` / `with_regions` say what a
+    rebuild would do."""
+    serving = ctx.serving()
+    layout = ctx.settings.search.regions
+    status = service.index_status(db_session, user.id, serving.model_id, layout)
+    return IndexOut(
+        model=serving.model_id,
+        images=status.images,
+        embedded=status.embedded,
+        pending=status.images - status.embedded,
+        region_layout=layout,
+        with_regions=status.with_regions,
+        rebuild_job=JobOut.from_model(status.rebuild_job) if status.rebuild_job else None,
+    )
+
+
+@router.post(
+    "/rebuild",
+    status_code=202,
+    response_model=RebuildOut,
+    summary="Embed every image the serving model (or the region layout) has not covered yet",
+)
+def rebuild_index(user: CurrentUser, db_session: SessionDep, response: Response) -> RebuildOut:
+    """Idempotent while one runs: a second call returns the open job with `created: false`."""
+    job, created = service.request_rebuild(db_session, user.id)
+    if created:
+        jobs.dispatch_committed(job)
+    else:
+        response.status_code = 200
+    return RebuildOut(job=JobOut.from_model(job), created=created)

@@ -1,0 +1,193 @@
+"""Region embeddings at index time, /index status and rebuild, and multi-concept re-ranking."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select, update
+
+from app.config import SearchSettings
+from app.ml.encode import encode_images
+from app.ml.regions import LAYOUTS, encode_regions, rerank_scores, unpack_regions
+from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
+from app.services.model import load_serving_model
+from app.services.search import encode_query_parts
+from tests.api.test_search import (
+    _add_concept,
+    library,  # noqa: F401
+    upload,
+    wait_jobs,
+)
+from tests.db_fixtures import noisy_jpeg
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+FIVE = len(LAYOUTS["five"])
+
+
+def _rows(client: Any) -> dict[str, Image]:
+    with client.app.state.session_factory() as s:
+        rows = s.scalars(select(Image)).all()
+        for r in rows:
+            _ = r.region_embeddings  # deferred column: load it before the session closes
+        return {r.id: r for r in rows}
+
+
+def test_embedding_stores_the_crops_of_each_image(api_client, library, tiny_serving):  # noqa: F811
+    _, ids = library
+    rows = _rows(api_client)
+    assert sorted(rows) == sorted(ids)
+    d = tiny_serving.embed_dim
+    for seed, image_id in enumerate(ids):
+        row = rows[image_id]
+        assert row.region_layout == "five"
+        regions = unpack_regions(row.region_embeddings, d)
+        assert regions.shape == (FIVE, d)
+        # The stored crops are the layout's crops of the uploaded picture (float16 storage).
+        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        expected = encode_regions(tiny_serving, [picture], "five")[0]
+        np.testing.assert_allclose(regions, expected, atol=2e-3)
+        whole = np.frombuffer(row.embedding, np.float32)
+        np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture])[0], atol=1e-5)
+
+
+def test_regions_off_stores_none_and_index_says_so(api_client, make_user, tiny_serving):  # noqa: F811
+    api_client.app.state.settings.search.regions = "none"
+    user = make_user(api_client)
+    upload(api_client, user, range(3))
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    assert all(r.region_embeddings is None and r.region_layout is None for r in rows.values())
+    assert all(r.embedding is not None for r in rows.values())
+    body = api_client.get("/index", headers=user.headers).json()
+    assert body["region_layout"] == "none"
+    assert (body["images"], body["embedded"], body["pending"], body["with_regions"]) == (3, 3, 0, 0)
+
+
+def test_rebuild_fills_missing_regions_and_is_idempotent_while_open(api_client, library):  # noqa: F811
+    user, ids = library
+    before = {i: r.region_embeddings for i, r in _rows(api_client).items()}
+    with api_client.app.state.session_factory() as s:
+        s.execute(update(Image).values(region_embeddings=None, region_layout=None))
+        s.commit()
+    status = api_client.get("/index", headers=user.headers).json()
+    assert status["model"] and status["region_layout"] == "five"
+    assert (status["images"], status["embedded"], status["with_regions"]) == (6, 6, 0)
+    assert status["rebuild_job"] is None
+    r = api_client.post("/index/rebuild", headers=user.headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["created"] is True and r.json()["job"]["kind"] == "rebuild_index"
+    wait_jobs(api_client)
+    after = api_client.get("/index", headers=user.headers).json()
+    assert after["with_regions"] == 6 and after["pending"] == 0
+    rows = _rows(api_client)
+    for i in ids:  # the same picture gives the same crops again
+        np.testing.assert_array_equal(
+            np.frombuffer(rows[i].region_embeddings, np.float16),
+            np.frombuffer(before[i], np.float16),
+        )
+    # An open rebuild is returned, not duplicated.
+    with api_client.app.state.session_factory() as s:
+        job = Job(user_id=user.id, kind="rebuild_index", state=JobState.QUEUED.value, payload={})
+        s.add(job)
+        s.commit()
+        open_id = job.id
+    again = api_client.post("/index/rebuild", headers=user.headers)
+    assert again.status_code == 200
+    assert again.json() == {**again.json(), "created": False}
+    assert again.json()["job"]["id"] == open_id
+    assert api_client.get("/index", headers=user.headers).json()["rebuild_job"]["id"] == open_id
+
+
+def test_index_is_per_user_and_needs_a_key(api_client, library, make_user):  # noqa: F811
+    other = make_user(api_client, "bob")
+    body = api_client.get("/index", headers=other.headers).json()
+    assert (body["images"], body["embedded"], body["with_regions"]) == (0, 0, 0)
+    assert api_client.get("/index").status_code == 401
+    assert api_client.post("/index/rebuild").status_code == 401
+
+
+def _two_concepts(client: Any, user: Any, bundle: Any) -> None:
+    a = _add_concept(client, user.id, bundle, "Fido", "hat")
+    b = _add_concept(client, user.id, bundle, "Rex", "ball")
+    # distinct tokens, as the service trains them
+    with client.app.state.session_factory() as s:
+        s.execute(update(Concept).where(Concept.id == b).values(token="tok"))
+        s.commit()
+    assert a != b
+
+
+def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> dict[str, float]:
+    """The re-ranking score of every image, computed from the stored rows."""
+    with client.app.state.session_factory() as s:
+        adapters = [
+            client.app.state.adapter_cache.get(a)
+            for a in s.scalars(select(Adapter).join(Concept).order_by(Concept.name))
+        ]
+        assert not s.scalars(select(ConceptExample)).all()  # no photos: parts are text only
+    rows = _rows(client)
+    serving = load_serving_model(client.app.state.settings.model)
+    enc = encode_query_parts(serving, rewritten, adapters, [None] * len(adapters), cfg)
+    assert enc.parts is not None and enc.parts.shape == (2, bundle.embed_dim)
+    ids = list(rows)
+    whole = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids])
+    regions = [unpack_regions(rows[i].region_embeddings, bundle.embed_dim) for i in ids]
+    base = whole @ enc.vector[0]
+    if cfg.regions == "none":
+        return dict(zip(ids, base.tolist(), strict=True))
+    scores = rerank_scores(base, enc.parts, whole, regions, cfg.region_weight)
+    return dict(zip(ids, scores.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("regions", ["five", "none"])
+def test_two_concept_queries_are_reranked_by_crops(api_client, library, tiny_serving, regions):  # noqa: F811
+    user, _ = library
+    _two_concepts(api_client, user, tiny_serving)
+    cfg = api_client.app.state.settings.search
+    cfg.regions = regions
+    body = api_client.get(
+        "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
+    ).json()
+    assert [c["applied"] for c in body["concepts"]] == [True, True]
+    expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
+    got = {h["image"]["id"]: h["score"] for h in body["hits"]}
+    assert got == pytest.approx(expected, abs=2e-4)
+    assert [h["score"] for h in body["hits"]] == sorted(got.values(), reverse=True)
+    # Pages stay slices of the same re-ranked order.
+    page = api_client.get(
+        "/search", params={"q": "Fido and Rex on the beach", "k": 2, "offset": 2},
+        headers=user.headers,
+    ).json()  # fmt: skip
+    assert [h["image"]["id"] for h in page["hits"]] == [h["image"]["id"] for h in body["hits"][2:4]]
+
+
+def test_single_concept_queries_keep_the_one_vector_ranking(api_client, library, tiny_serving):  # noqa: F811
+    user, _ = library
+    _add_concept(api_client, user.id, tiny_serving, "Fido", "hat")
+    body = api_client.get(
+        "/search", params={"q": "Fido on the beach", "k": 6}, headers=user.headers
+    ).json()
+    rows = _rows(api_client)
+    with api_client.app.state.session_factory() as s:
+        adapter = api_client.app.state.adapter_cache.get(s.scalars(select(Adapter)).one())
+    serving = load_serving_model(api_client.app.state.settings.model)
+    q = encode_query_parts(
+        serving, body["rewritten"], [adapter], [None], api_client.app.state.settings.search
+    )
+    assert q.parts is None
+    for h in body["hits"]:
+        whole = np.frombuffer(rows[h["image"]["id"]].embedding, np.float32)
+        assert h["score"] == pytest.approx(float(whole @ q.vector[0]), abs=1e-5)
+
+
+def test_deleted_candidates_drop_out_of_the_reranking(api_client, library, tiny_serving):  # noqa: F811
+    user, ids = library
+    _two_concepts(api_client, user, tiny_serving)
+    assert api_client.delete(f"/images/{ids[0]}", headers=user.headers).status_code == 204
+    body = api_client.get(
+        "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
+    ).json()
+    assert sorted(h["image"]["id"] for h in body["hits"]) == sorted(ids[1:])
