@@ -14,7 +14,7 @@ from app.config import get_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from app.client import Job, PolarClient, UploadBatch
+    from app.client import IndexStatus, Job, PolarClient, UploadBatch
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -300,6 +300,32 @@ def _search(client: PolarClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_index(status: IndexStatus) -> None:
+    print(f"model: {status.model}")
+    print(f"images: {status.images} ({status.embedded} searchable, {status.pending} pending)")
+    if status.region_layout != "none":
+        print(f"regions ({status.region_layout}): {status.with_regions} of {status.embedded}")
+
+
+def _index(client: PolarClient, args: argparse.Namespace) -> int:
+    status = client.index_status()
+    _print_index(status)
+    if not args.rebuild:
+        if status.rebuild_job is not None:
+            print(f"rebuild job: {status.rebuild_job.id} ({status.rebuild_job.state})")
+        return 0
+    job, created = client.rebuild_index()
+    print(f"rebuild job: {job.id} ({'queued' if created else 'already ' + job.state})")
+    if args.no_wait:
+        return 0
+    job = _wait(client, job.id, "rebuilding", args.timeout)
+    if job.state != "succeeded":
+        detail = f": {job.error_message} ({job.error_code})" if job.error_code else ""
+        raise _CliFailure(f"the rebuild failed{detail}")
+    _print_index(client.index_status())
+    return 0
+
+
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument(
@@ -331,6 +357,16 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     create.add_argument("photos", nargs="+", metavar="PHOTO", help="photos (or a folder of them)")
     create.add_argument("--no-wait", action="store_true", help="return once training is queued")
     create.set_defaults(func=_client_command(_concept_create))
+    index = sub.add_parser(
+        "index", parents=[conn], help="what the serving model can search; --rebuild to re-embed"
+    )
+    index.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="embed every image the serving model or region layout has not covered; waits",
+    )
+    index.add_argument("--no-wait", action="store_true", help="return once the rebuild is queued")
+    index.set_defaults(func=_client_command(_index))
     search = sub.add_parser("search", parents=[conn], help="search your library")
     search.add_argument("query", help='e.g. "Fido at the beach"')
     search.add_argument("-k", type=int, default=20, help="number of hits")

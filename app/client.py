@@ -164,6 +164,32 @@ class Concept:
 
 
 @dataclass(frozen=True)
+class IndexStatus:
+    """GET /index: how much of the library the serving model can search."""
+
+    model: str
+    images: int
+    embedded: int
+    pending: int
+    region_layout: str
+    with_regions: int
+    rebuild_job: Job | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IndexStatus:
+        job = d.get("rebuild_job")
+        return cls(
+            model=d["model"],
+            images=int(d["images"]),
+            embedded=int(d["embedded"]),
+            pending=int(d["pending"]),
+            region_layout=d["region_layout"],
+            with_regions=int(d["with_regions"]),
+            rebuild_job=Job.from_json(job) if job else None,
+        )
+
+
+@dataclass(frozen=True)
 class SearchConcept:
     """A concept the search recognised in the query."""
 
@@ -433,6 +459,16 @@ class PolarClient:
 
     def get_concept(self, concept_id: str) -> Concept:
         return Concept.from_json(self._request("GET", f"/concepts/{concept_id}"))
+
+    # -- index --
+
+    def index_status(self) -> IndexStatus:
+        return IndexStatus.from_json(self._request("GET", "/index"))
+
+    def rebuild_index(self) -> tuple[Job, bool]:
+        """POST /index/rebuild: (the job, whether it was created rather than already open)."""
+        body = self._request("POST", "/index/rebuild")
+        return Job.from_json(body["job"]), bool(body["created"])
 
     # -- search --
 

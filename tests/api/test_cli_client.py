@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from app import cli
 from app.client import PolarAPIError, PolarClient, collect_images
@@ -328,3 +329,27 @@ def test_collect_images_orders_dedupes_and_skips(tmp_path):
     assert skipped == [lib / "notes.txt"]
     with pytest.raises(FileNotFoundError):
         collect_images([tmp_path / "nope"], recursive=False)
+
+
+# -- index ----------------------------------------------------------------------------------
+
+
+def test_index_status_and_rebuild_through_the_cli(polar, api_client, tmp_path):
+    lib = write_library(tmp_path)
+    assert polar("upload", str(lib), "--wait").code == 0
+    r = polar("index")
+    assert r.code == 0, r.err
+    assert "images: 2 (2 searchable, 0 pending)" in r.out
+    assert "regions (five): 2 of 2" in r.out
+    # A layout the stored crops do not have: the rebuild embeds them again.
+    with api_client.app.state.session_factory() as s:
+        s.query(Image).update({Image.region_layout: None, Image.region_embeddings: None})
+        s.commit()
+    assert "regions (five): 0 of 2" in polar("index").out
+    r = polar("index", "--rebuild")
+    assert r.code == 0, r.err
+    assert re.search(r"rebuild job: \S+ \(queued\)", r.out)
+    assert "rebuilding: 100% (succeeded)" in r.err
+    assert r.out.rstrip().endswith("regions (five): 2 of 2")
+    with api_client.app.state.session_factory() as s:
+        assert all(s.scalars(select(Image.region_embeddings)).all())
