@@ -339,4 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main())
+    # Run the imported module's main: classes defined in __main__ are not the runner's.
+    from app.bench import regions
+
+    sys.exit(regions.main())
