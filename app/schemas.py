@@ -269,6 +269,7 @@ class SearchResponse(BaseModel):
                     "offset": 0,
                     "indexed": 1834,
                     "pending": 0,
+                    "reranked": False,
                     "warnings": [],
                 }
             ]
@@ -285,6 +286,11 @@ class SearchResponse(BaseModel):
     offset: int
     indexed: int = Field(description="images in your searchable index")
     pending: int = Field(description="images not yet embedded by the serving model")
+    reranked: bool = Field(
+        False,
+        description="several concepts: the top hits were re-ranked by where each concept best "
+        "matches a crop of the image; scores are then cosine + weighted crop match, not cosines",
+    )
     warnings: list[str]
 
 

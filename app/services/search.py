@@ -66,6 +66,7 @@ class SearchOutcome:
     concepts: list[AppliedConcept]
     indexed: int  # images in the user's index
     warnings: list[str] = field(default_factory=list)
+    reranked: bool = False  # scores are base + region match (app.ml.regions), not cosines
 
 
 class AdapterCache:
@@ -358,6 +359,7 @@ def search_images(
         concepts=applied,
         indexed=len(index),
         warnings=warnings,
+        reranked=regions,
     )
 
 

@@ -152,6 +152,7 @@ def test_two_concept_queries_are_reranked_by_crops(api_client, library, tiny_ser
         "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
     ).json()
     assert [c["applied"] for c in body["concepts"]] == [True, True]
+    assert body["reranked"] is (regions == "five")
     expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
     got = {h["image"]["id"]: h["score"] for h in body["hits"]}
     assert got == pytest.approx(expected, abs=2e-4)
@@ -177,7 +178,7 @@ def test_single_concept_queries_keep_the_one_vector_ranking(api_client, library,
     q = encode_query_parts(
         serving, body["rewritten"], [adapter], [None], api_client.app.state.settings.search
     )
-    assert q.parts is None
+    assert q.parts is None and body["reranked"] is False
     for h in body["hits"]:
         whole = np.frombuffer(rows[h["image"]["id"]].embedding, np.float32)
         assert h["score"] == pytest.approx(float(whole @ q.vector[0]), abs=1e-5)

@@ -35,6 +35,7 @@ def _respond(outcome: service.SearchOutcome, k: int, offset: int, pending: int) 
         offset=offset,
         indexed=outcome.indexed,
         pending=pending,
+        reranked=outcome.reranked,
         warnings=outcome.warnings,
     )
 
