@@ -91,6 +91,12 @@ class SearchSettings(BaseModel):
     region_candidates: int = Field(
         200, ge=1, le=10_000, description="top hits of the one-vector search that get re-ranked"
     )
+    index_cache_mb: int = Field(
+        1024,
+        ge=1,
+        description="memory for per-user FAISS indexes in each API process (least recently "
+        "searched users are dropped first; about 2.1 KB per image at D=512)",
+    )
 
 
 class LimitSettings(BaseModel):

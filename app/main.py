@@ -59,7 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.image_store = ImageStore(settings.data_dir)
-    app.state.index_cache = IndexCache(settings.data_dir / "index")
+    app.state.index_cache = IndexCache(
+        settings.data_dir / "index", max_bytes=settings.search.index_cache_mb * 1024 * 1024
+    )
     app.state.adapter_cache = AdapterCache()
     app.state.model_loader = ModelLoader(settings.model)
     app.state.metrics = Metrics()

@@ -32,6 +32,16 @@ class Metrics:
             "Per-user indexes this process built from the database",
             registry=self.registry,
         )
+        self.index_cache_bytes = Gauge(
+            "polar_index_cache_bytes",
+            "Approximate memory held by this process's cached per-user indexes",
+            registry=self.registry,
+        )
+        self.index_evictions = Gauge(
+            "polar_index_evictions",
+            "Per-user indexes dropped from memory to stay within POLAR_SEARCH__INDEX_CACHE_MB",
+            registry=self.registry,
+        )
         self.model_info = Gauge(
             "polar_model_info",
             "The model serving this process (value 1); demo=1 when it is the fallback demo model",

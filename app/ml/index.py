@@ -16,6 +16,10 @@ import numpy as np
 INDEX_FORMAT_VERSION = 1
 
 
+ID_MAP_BYTES = 48  # IndexIDMap2's reverse map: one std::unordered_map node per vector (approx.)
+INDEX_OVERHEAD_BYTES = 4096
+
+
 class IndexCorruptError(RuntimeError):
     """The saved index is missing, unreadable or fails its checksum: rebuild it."""
 
@@ -137,6 +141,11 @@ class VectorIndex:
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held: float32 vectors, int64 ids and the id -> row hash map."""
+        return len(self) * (4 * self.dim + 8 + ID_MAP_BYTES) + INDEX_OVERHEAD_BYTES
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
         """Atomically write the index and a sidecar JSON with its sha256 and `meta`."""

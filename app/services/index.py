@@ -68,11 +68,18 @@ def load_embeddings(
 
 
 class IndexCache:
-    """In-memory LRU of per-user indexes, backed by files under `root`."""
+    """In-memory LRU of per-user indexes, backed by files under `root`.
 
-    def __init__(self, root: Path, max_users: int = 256) -> None:
+    Bounded by users and by bytes (`VectorIndex.nbytes`): the least recently searched indexes
+    are dropped first (their files stay, so the next search of that user loads the file). The
+    index just asked for is always kept, even when it alone is over the byte budget.
+    """
+
+    def __init__(self, root: Path, max_users: int = 256, max_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.max_users = max_users
+        self.max_bytes = max_bytes
+        self.evictions = 0  # indexes dropped to stay within the bounds (for tests/metrics)
         self._entries: OrderedDict[tuple[str, str], CachedIndex] = OrderedDict()
         self._lock = threading.Lock()
         self._user_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -103,9 +110,25 @@ class IndexCache:
             with self._lock:
                 self._entries[key] = entry
                 self._entries.move_to_end(key)
-                while len(self._entries) > self.max_users:
-                    self._entries.popitem(last=False)
+                self._evict()
             return entry
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by the cached indexes."""
+        with self._lock:
+            return sum(e.index.nbytes for e in self._entries.values())
+
+    def _evict(self) -> None:
+        """Drop least recently used entries beyond the bounds (caller holds the lock)."""
+        total = sum(e.index.nbytes for e in self._entries.values())
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.max_users
+            or (self.max_bytes is not None and total > self.max_bytes)
+        ):
+            _, dropped = self._entries.popitem(last=False)
+            total -= dropped.index.nbytes
+            self.evictions += 1
 
     def _load_file(self, user_id: str, model_id: str, generation: int) -> CachedIndex | None:
         path = self.path(user_id, model_id)

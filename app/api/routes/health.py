@@ -91,7 +91,10 @@ def readyz(request: Request) -> Response:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     m = request.app.state.metrics
-    m.index_rebuilds.set(request.app.state.index_cache.rebuilds)
+    cache = request.app.state.index_cache
+    m.index_rebuilds.set(cache.rebuilds)
+    m.index_cache_bytes.set(cache.nbytes)
+    m.index_evictions.set(cache.evictions)
     serving = request.app.state.model_loader.state().serving
     if serving is not None:
         m.model_info.labels(serving.model_id, str(int(serving.is_demo))).set(1)
