@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.job_dispatcher = dispatcher
                 yield
         finally:
+            app.state.index_cache.close()
             engine.dispose()
 
     app = FastAPI(

@@ -8,11 +8,13 @@ or corrupt index file is rebuilt from the embeddings in the database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +69,55 @@ def load_embeddings(
     return np.asarray(ids, dtype=np.int64), vectors
 
 
+def sync_index(
+    index: VectorIndex,
+    *,
+    db_session: Session,
+    user_id: str,
+    model_id: str,
+    max_changes: int | None = None,
+) -> tuple[int, int] | None:
+    """Bring `index` up to date by id difference: read only the ids, fetch only new vectors.
+
+    Returns (added, removed), or None without touching the index when more than `max_changes`
+    ids differ (a full rebuild is cheaper then). Embeddings of one model never change in place
+    (a re-upload is a new row with a new vec_id), so ids alone tell what changed.
+    """
+    mine = (
+        Image.user_id == user_id,
+        Image.embedding_model == model_id,
+        Image.embedding.is_not(None),
+    )
+    db_ids = np.fromiter(db_session.scalars(select(Image.vec_id).where(*mine)), dtype=np.int64)
+    have = index.ids()
+    new = np.setdiff1d(db_ids, have)
+    gone = np.setdiff1d(have, db_ids)
+    if max_changes is not None and len(new) + len(gone) > max_changes:
+        return None
+    found: list[tuple[int, bytes]] = []
+    for start in range(0, len(new), 900):  # stay under SQLite's bound-parameter limit
+        chunk = new[start : start + 900].tolist()
+        rows = db_session.execute(
+            select(Image.vec_id, Image.embedding).where(*mine, Image.vec_id.in_(chunk))
+        )
+        found += [(int(v), b) for v, b in rows if b is not None]
+    removed = index.remove(gone)
+    if found:
+        vectors = np.frombuffer(b"".join(b for _, b in found), np.float32).reshape(len(found), -1)
+        index.add(np.array([v for v, _ in found], dtype=np.int64), vectors)
+    return len(found), removed
+
+
 class IndexCache:
     """In-memory LRU of per-user indexes, backed by files under `root`.
 
     Bounded by users and by bytes (`VectorIndex.nbytes`): the least recently searched indexes
     are dropped first (their files stay, so the next search of that user loads the file). The
     index just asked for is always kept, even when it alone is over the byte budget.
+
+    A cached index whose generation moved on is brought up to date in place by id difference
+    (`sync_index`) and written to its file in the background; a missing one is loaded from its
+    file or rebuilt from the database (bench/scale.py compares the two).
     """
 
     def __init__(self, root: Path, max_users: int = 256, max_bytes: int | None = None) -> None:
@@ -80,6 +125,8 @@ class IndexCache:
         self.max_users = max_users
         self.max_bytes = max_bytes
         self.evictions = 0  # indexes dropped to stay within the bounds (for tests/metrics)
+        self.refreshes = 0  # indexes updated in place by id difference (for tests/metrics)
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-save")
         self._entries: OrderedDict[tuple[str, str], CachedIndex] = OrderedDict()
         self._lock = threading.Lock()
         self._user_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -103,7 +150,9 @@ class IndexCache:
         with user_lock:
             with self._lock:
                 entry = self._entries.get(key)
-            if entry is None or entry.generation != generation:
+            if entry is not None and entry.generation != generation:
+                entry = self._refresh(db_session, entry, user_id, generation)
+            if entry is None:
                 entry = self._load_file(user_id, model_id, generation)
             if entry is None:
                 entry = self._rebuild(db_session, user_id, model_id, generation, dim)
@@ -129,6 +178,42 @@ class IndexCache:
             _, dropped = self._entries.popitem(last=False)
             total -= dropped.index.nbytes
             self.evictions += 1
+
+    def _refresh(
+        self, db_session: Session, stale: CachedIndex, user_id: str, generation: int
+    ) -> CachedIndex | None:
+        """The stale in-memory index updated in place; None when a rebuild is cheaper."""
+        # `generation` was read before the ids, as in _rebuild: a racing change bumps it again.
+        index, model_id = stale.index, stale.model_id
+        limit = len(index) // 2 + 1000
+        changed = sync_index(
+            index, db_session=db_session, user_id=user_id, model_id=model_id, max_changes=limit
+        )
+        if changed is None:
+            return None
+        self.refreshes += 1
+        try:
+            self._saver.submit(self._save, index, user_id, model_id, generation)
+        except RuntimeError:  # closed (the app is stopping): write it now
+            self._save(index, user_id, model_id, generation)
+        return CachedIndex(index, generation, model_id)
+
+    def _save(self, index: VectorIndex, user_id: str, model_id: str, generation: int) -> None:
+        path = self.path(user_id, model_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            index.save(path, {"generation": generation, "model_id": model_id, "user_id": user_id})
+        except OSError as e:  # a read-only or full disk costs speed, not correctness
+            log.warning("could not persist the index of user %s: %s", user_id, e)
+
+    def flush(self) -> None:
+        """Wait until every background index write has finished."""
+        with contextlib.suppress(RuntimeError):  # closed: shutdown already waited for them
+            self._saver.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Finish the background writes and stop the writer thread."""
+        self._saver.shutdown(wait=True)
 
     def _load_file(self, user_id: str, model_id: str, generation: int) -> CachedIndex | None:
         path = self.path(user_id, model_id)
@@ -158,16 +243,12 @@ class IndexCache:
         ids, vectors = load_embeddings(db_session=db_session, user_id=user_id, model_id=model_id)
         index = VectorIndex.build(ids, vectors) if len(ids) else VectorIndex.empty(dim)
         self.rebuilds += 1
-        path = self.path(user_id, model_id)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            index.save(path, {"generation": generation, "model_id": model_id, "user_id": user_id})
-        except OSError as e:  # a read-only or full disk costs speed, not correctness
-            log.warning("could not persist the index of user %s: %s", user_id, e)
+        self._save(index, user_id, model_id, generation)
         return CachedIndex(index, generation, model_id)
 
     def forget(self, user_id: str) -> None:
         """Drop the user's cached indexes and files (e.g. when the user is deleted)."""
+        self.flush()  # a queued write must not bring a file back afterwards
         with self._lock:
             for key in [k for k in self._entries if k[0] == user_id]:
                 del self._entries[key]

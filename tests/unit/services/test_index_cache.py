@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db import get_session_factory, make_engine, migrate
@@ -82,3 +83,80 @@ def test_user_bound_still_applies(db: Session, tmp_path: Path) -> None:
     for u in users:
         get(cache, db, u)
     assert cache.evictions == 1
+
+
+def bump(s: Session, user_id: str) -> None:
+    user = s.get(User, user_id)
+    assert user is not None
+    user.index_generation += 1
+    s.commit()
+
+
+def db_ids(s: Session, user_id: str) -> list[int]:
+    return sorted(s.scalars(select(Image.vec_id).where(Image.user_id == user_id)))
+
+
+def test_a_change_updates_the_cached_index_in_place(db: Session, tmp_path: Path) -> None:
+    user = add_user(db, "w", 50)
+    cache = IndexCache(tmp_path / "index")
+    first = cache.get(db_session=db, user_id=user, model_id=MODEL, dim=D)
+    assert cache.rebuilds == 1 and cache.refreshes == 0
+    # 7 new images (as an embed batch commits them) and 3 deleted, one generation bump.
+    rng = np.random.default_rng(7)
+    for n in range(7):
+        v = rng.normal(size=D).astype(np.float32)
+        db.add(
+            Image(
+                user_id=user, sha256=f"new{n:06d}".ljust(64, "0"), mime="image/png", size_bytes=1,
+                width=1, height=1, storage_path=f"new/{n}.png",
+                embedding=(v / np.linalg.norm(v)).tobytes(), embedding_model=MODEL,
+            )
+        )  # fmt: skip
+    for vec_id in db_ids(db, user)[:3]:
+        db.execute(delete(Image).where(Image.vec_id == vec_id))
+    db.commit()
+    bump(db, user)
+    second = cache.get(db_session=db, user_id=user, model_id=MODEL, dim=D)
+    assert cache.rebuilds == 1 and cache.refreshes == 1  # no full read of the embeddings
+    assert second.generation == first.generation + 1
+    assert sorted(second.index.ids().tolist()) == db_ids(db, user)
+    # The added vectors are the stored ones: each one is its own best match.
+    for vec_id, blob in db.execute(select(Image.vec_id, Image.embedding)):
+        _, ids = second.index.search(np.frombuffer(blob, np.float32)[None], 1)
+        assert ids[0, 0] == vec_id
+    # The file is written in the background at the new generation: a new process loads it.
+    cache.flush()
+    fresh = IndexCache(tmp_path / "index")
+    loaded = fresh.get(db_session=db, user_id=user, model_id=MODEL, dim=D)
+    assert fresh.rebuilds == 0 and loaded.generation == second.generation
+    assert sorted(loaded.index.ids().tolist()) == db_ids(db, user)
+    cache.close()
+
+
+def test_a_large_change_rebuilds_instead(db: Session, tmp_path: Path) -> None:
+    user = add_user(db, "x", 10)
+    cache = IndexCache(tmp_path / "index")
+    get(cache, db, user)
+    db.execute(delete(Image).where(Image.user_id == user))
+    db.commit()
+    bump(db, user)
+    assert get(cache, db, user) == 0
+    assert cache.refreshes == 1  # 10 changes are under the limit (n/2 + 1000)
+    big = add_user(db, "y", 0)
+    get(cache, db, big)
+    many = 1200
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(many, D)).astype(np.float32)
+    for n in range(many):
+        db.add(
+            Image(
+                user_id=big, sha256=f"m{n:06d}".ljust(64, "0"), mime="image/png", size_bytes=1,
+                width=1, height=1, storage_path=f"m/{n}.png",
+                embedding=(vecs[n] / np.linalg.norm(vecs[n])).tobytes(), embedding_model=MODEL,
+            )
+        )  # fmt: skip
+    db.commit()
+    bump(db, big)
+    rebuilds = cache.rebuilds
+    assert get(cache, db, big) == many
+    assert cache.rebuilds == rebuilds + 1 and cache.refreshes == 1
