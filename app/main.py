@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import __version__
+from app import __version__, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.routes import concepts, health, images, index, jobs, search
@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(search.router)
     app.include_router(index.router)
+    # The web UI at /ui/ (static files; it calls the API above with the user's key).
+    web.install(app)
     return app
 
 

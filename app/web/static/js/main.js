@@ -1,0 +1,111 @@
+// Entry point: sign-in, sign-out, and the four views behind #search, #library, #concepts, #index.
+
+import { getKey, isAbort, onUnauthorized, signIn, signOut } from "./api.js";
+import { $, busy, setAlert, toast } from "./dom.js";
+import { loadConcepts, resetConcepts, setupConcepts } from "./concepts.js";
+import { loadLibrary, resetLibrary, setupLibrary } from "./library.js";
+import { resetSearch, setupSearch } from "./search.js";
+import { loadStatus, resetStatus, setupStatus } from "./status.js";
+import { setupViewer } from "./viewer.js";
+
+const VIEWS = {
+  search: { focus: "search-q" },
+  library: { load: loadLibrary, focus: "library-title" },
+  concepts: { load: loadConcepts, focus: "concepts-title" },
+  index: { load: loadStatus, focus: "index-title" },
+};
+
+function currentView() {
+  const name = window.location.hash.replace(/^#/, "");
+  return Object.hasOwn(VIEWS, name) ? name : "search";
+}
+
+function showOnly(id) {
+  for (const section of document.querySelectorAll("main > .view")) {
+    section.hidden = section.id !== id;
+  }
+}
+
+function route({ focus = true } = {}) {
+  if (!getKey()) {
+    showSignIn();
+    return;
+  }
+  $("nav").hidden = false;
+  $("signout").hidden = false;
+  $("toast").hidden = true; // it spoke of the view being left
+  const name = currentView();
+  showOnly(`view-${name}`);
+  for (const link of $("nav").querySelectorAll("a")) {
+    if (link.dataset.view === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  document.title = `${name[0].toUpperCase()}${name.slice(1)} · POLAR search`;
+  const view = VIEWS[name];
+  if (focus) $(view.focus)?.focus();
+  view.load?.();
+}
+
+function showSignIn(message = "") {
+  $("nav").hidden = true;
+  $("signout").hidden = true;
+  showOnly("view-signin");
+  document.title = "Sign in · POLAR search";
+  setAlert($("signin-error"), message);
+  $("signin-key").focus();
+}
+
+function resetViews() {
+  resetSearch();
+  resetLibrary();
+  resetConcepts();
+  resetStatus();
+}
+
+function setupSignIn() {
+  const form = $("signin-form");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = $("signin-key").value.trim();
+    if (!key) {
+      setAlert($("signin-error"), "Enter your API key.");
+      return;
+    }
+    await busy(form.querySelector("button[type=submit]"), async () => {
+      try {
+        await signIn(key);
+        $("signin-key").value = "";
+        setAlert($("signin-error"), "");
+        route();
+      } catch (error) {
+        if (!isAbort(error)) setAlert($("signin-error"), error.message);
+      }
+    });
+  });
+  $("signout").addEventListener("click", () => {
+    signOut();
+    resetViews();
+    showSignIn();
+    toast("Signed out. The key was removed from this browser.");
+  });
+  // The key stopped working (revoked, or another one was signed in elsewhere): start over.
+  onUnauthorized((error) => {
+    signOut();
+    resetViews();
+    showSignIn(`Signed out: ${error.message}`);
+  });
+}
+
+function start() {
+  setupViewer();
+  setupSignIn();
+  setupSearch();
+  setupLibrary();
+  setupConcepts();
+  setupStatus();
+  window.addEventListener("hashchange", () => route());
+  route({ focus: false });
+  document.body.dataset.ready = "true";
+}
+
+start();

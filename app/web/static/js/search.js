@@ -1,0 +1,224 @@
+// Search view: a query, how the service understood it, and a page of ranked thumbnails.
+
+import { api, isAbort } from "./api.js";
+import { $, busy, clear, el, plural, setAlert } from "./dom.js";
+import { Thumbs } from "./thumbs.js";
+import { openViewer } from "./viewer.js";
+
+const thumbs = new Thumbs();
+const state = { q: "", k: 24, offset: 0, personalize: true, last: null };
+
+export function setupSearch() {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const q = $("search-q").value.trim();
+    if (!q) {
+      setAlert($("search-error"), "Type what you are looking for.");
+      $("search-q").focus();
+      return;
+    }
+    state.q = q;
+    state.offset = 0;
+    run();
+  });
+  $("search-personalize").addEventListener("change", () => {
+    if (state.q) {
+      state.offset = 0;
+      run();
+    }
+  });
+  $("search-k").addEventListener("change", () => {
+    if (state.q) {
+      state.offset = 0;
+      run();
+    }
+  });
+  $("search-prev").addEventListener("click", () => {
+    state.offset = Math.max(0, state.offset - state.k);
+    run();
+  });
+  $("search-next").addEventListener("click", () => {
+    state.offset += state.k;
+    run();
+  });
+}
+
+/** Search for `q` from elsewhere (a concept's "Search" button). */
+export function searchFor(q) {
+  $("search-q").value = q;
+  state.q = q;
+  state.offset = 0;
+  run();
+}
+
+export function resetSearch() {
+  thumbs.clear();
+  state.q = "";
+  state.offset = 0;
+  state.last = null;
+  $("search-q").value = "";
+  clear($("search-summary"));
+  clear($("search-results"));
+  $("search-pager").hidden = true;
+  setAlert($("search-error"), "");
+}
+
+async function run() {
+  state.k = Number($("search-k").value);
+  state.personalize = $("search-personalize").checked;
+  const controls = [
+    $("search-form").querySelector("button[type=submit]"),
+    $("search-prev"),
+    $("search-next"),
+  ];
+  setAlert($("search-error"), "");
+  $("search-results").setAttribute("aria-busy", "true");
+  await busy(controls, async () => {
+    try {
+      const body = await api.get("/search", {
+        q: state.q,
+        k: state.k,
+        offset: state.offset,
+        personalize: state.personalize,
+      });
+      state.last = body;
+      render(body);
+    } catch (error) {
+      if (isAbort(error)) return;
+      setAlert($("search-error"), error.message);
+    }
+  });
+  $("search-results").removeAttribute("aria-busy");
+  updatePager();
+}
+
+function render(body) {
+  renderSummary(body);
+  thumbs.clear();
+  const grid = clear($("search-results"));
+  for (const hit of body.hits) {
+    const name = hit.image.filename || "untitled";
+    const img = el("img", { alt: name, width: 160, height: 160, decoding: "async" });
+    const scoreTitle = body.reranked
+      ? "cosine similarity plus the weighted crop match (re-ranked)"
+      : "cosine similarity of the query and the image";
+    const open = el(
+      "button",
+      {
+        type: "button",
+        className: "thumb",
+        attrs: { "aria-label": `Open result ${hit.rank}: ${name}` },
+        on: { click: () => openViewer(hit.image, `#${hit.rank} · score ${hit.score.toFixed(3)}`) },
+      },
+      img,
+    );
+    grid.append(
+      el(
+        "li",
+        { className: "card hit", dataset: { imageId: hit.image.id } },
+        open,
+        el(
+          "div",
+          { className: "card-meta" },
+          el("span", { className: "rank", text: `#${hit.rank}` }),
+          el("span", {
+            className: "score",
+            text: hit.score.toFixed(3),
+            attrs: { title: scoreTitle },
+          }),
+        ),
+        el("div", { className: "name", text: name, attrs: { title: name } }),
+      ),
+    );
+    thumbs.attach(img, hit.image.thumbnail_url);
+  }
+}
+
+function renderSummary(body) {
+  const box = clear($("search-summary"));
+  const first = body.hits.length ? body.offset + 1 : 0;
+  const last = body.offset + body.hits.length;
+  const headline = el(
+    "p",
+    { className: "headline" },
+    body.hits.length
+      ? `Results ${first}–${last} for `
+      : body.offset > 0
+        ? "No more results for "
+        : "No results for ",
+    el("q", { text: body.query }),
+    ` among ${plural(body.indexed, "searchable image")}`,
+  );
+  box.append(headline);
+
+  const facts = el("div", { className: "facts" });
+  facts.append(
+    el("span", {
+      className: body.personalized ? "badge good" : "badge",
+      text: body.personalized ? "Personalized" : "Plain CLIP",
+    }),
+  );
+  if (body.reranked) {
+    facts.append(
+      el("span", {
+        className: "badge info",
+        text: "Re-ranked by crops",
+        attrs: { title: "several concepts: the top hits were re-ranked by where each matches" },
+      }),
+    );
+  }
+  for (const concept of body.concepts) {
+    const how = concept.applied ? "applied" : "not applied";
+    const version = concept.version ? ` v${concept.version}` : "";
+    facts.append(
+      el(
+        "span",
+        {
+          className: concept.applied ? "chip applied" : "chip",
+          dataset: { concept: concept.name },
+          attrs: { title: concept.mentioned ? "named in the query" : "applied by id" },
+        },
+        el("strong", { text: concept.name }),
+        `${version} · ${how}`,
+      ),
+    );
+  }
+  box.append(facts);
+
+  const details = el("dl", { className: "meta" });
+  const row = (term, value, className) =>
+    details.append(el("dt", { text: term }), el("dd", { text: value, className }));
+  row("Encoded as", body.rewritten, "rewritten");
+  row("Model", body.model, "model");
+  box.append(details);
+
+  if (body.pending > 0) {
+    const verb = body.pending === 1 ? "is" : "are";
+    box.append(
+      el("p", {
+        className: "notice pending",
+        text: `${plural(body.pending, "image")} ${verb} still being embedded and not searchable yet.`,
+      }),
+    );
+  }
+  if (body.warnings.length) {
+    const list = el("ul", { className: "warnings", attrs: { "aria-label": "Warnings" } });
+    for (const warning of body.warnings) list.append(el("li", { text: warning }));
+    box.append(list);
+  }
+}
+
+function updatePager() {
+  const body = state.last;
+  const pager = $("search-pager");
+  if (!body || (body.offset === 0 && body.hits.length < body.k)) {
+    pager.hidden = true;
+    return;
+  }
+  pager.hidden = false;
+  $("search-prev").disabled = body.offset === 0;
+  $("search-next").disabled = body.hits.length < body.k || body.offset + body.k >= body.indexed;
+  const page = Math.floor(body.offset / body.k) + 1;
+  const pages = Math.max(1, Math.ceil(body.indexed / body.k));
+  $("search-range").textContent = `Page ${page} of ${pages}`;
+}
