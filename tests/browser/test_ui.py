@@ -1,0 +1,497 @@
+"""The web UI in a real browser against a real server (the bundled demo model, SQLite).
+
+Debian's chromium, driven by PyPI's playwright; no browser is ever downloaded. The story: sign
+in with a key from the admin CLI, upload a generated library by file picker, see it embedded,
+teach "Fido" from five photos, search "Fido on the beach" and see it personalized, see the index
+status and rebuild it, get clear errors for a bad upload and a wrong key, delete a photo, work at
+400 px, sign out. `POLAR_UI_SCREENSHOT=docs/ui.png` saves the search view for the README.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.demo.run_demo import FIDO_CATEGORY, FIDO_INDEX, concept_photos, free_port, local_server
+from app.demo.world import CATEGORIES, SCENES, World
+from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+# docs/ui.png is the search view as this test sees it; a run writes it there only when asked
+# (POLAR_UI_SCREENSHOT=docs/ui.png), so that testing leaves the working tree alone.
+SCREENSHOT_ENV = "POLAR_UI_SCREENSHOT"
+TIMEOUT_MS = 30_000  # training a concept on two shared cores can take a while
+
+# What the browser may log as an error: the failed requests the tests provoke on purpose (4xx
+# answers, and loading a blob: URL after the UI revoked it).
+EXPECTED_CONSOLE = re.compile(
+    r"Failed to load resource: (the server responded with a status of 4|net::ERR_FILE_NOT_FOUND)"
+)
+
+
+@dataclass(frozen=True)
+class Server:
+    base: str
+    key: str
+    library: list[Path]  # PNG files of the library, in upload order
+    photos: list[Path]  # Fido's five concept photos
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A small library: Fido (one specific hat) and another hat in every scene, two other
+    objects per scene; and five photos of Fido to teach it from."""
+    world = World(seed=0)
+    fido = world.instance(FIDO_INDEX, FIDO_CATEGORY)
+    rng = world.rng("bench", 30_000)
+    others = [c for c in CATEGORIES if c != FIDO_CATEGORY]
+    folder.mkdir()
+    library: list[Path] = []
+
+    def add(name: str, png: bytes) -> None:
+        path = folder / name
+        path.write_bytes(png)
+        library.append(path)
+
+    for n, scene in enumerate(SCENES):
+        add(f"fido-{scene}.png", _png(world.render(scene, [fido], rng)))
+        hat = world.sample_instance(rng, FIDO_CATEGORY)
+        add(f"hat-{scene}.png", _png(world.render(scene, [hat], rng)))
+        for m in range(2):
+            category = others[(2 * n + m) % len(others)]
+            thing = world.sample_instance(rng, category)
+            add(f"{category}-{scene}.png", _png(world.render(scene, [thing], rng)))
+    photos = []
+    for i, png in enumerate(concept_photos(world, fido)):
+        path = folder / f"fido-photo-{i}.png"
+        path.write_bytes(png)
+        photos.append(path)
+    return library, photos
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("ui")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLAR_")} | {
+        "POLAR_DATA_DIR": str(tmp / "data"),
+        "POLAR_DATABASE_URL": "",
+        "POLAR_BROKER_URL": "",
+        "POLAR_MODEL__NAME": DEMO_MODEL_NAME,
+        "POLAR_MODEL__PRETRAINED": str(demo_checkpoint_path()),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Two cores shared with the browser (and whatever else runs): one torch thread trains a
+        # concept in about a second where two threads can stall for many.
+        "POLAR_MODEL__THREADS": "1",
+    }
+    library, photos = _write_images(tmp / "images")
+    with local_server(env, free_port(), tmp / "server.log") as base:
+        out = subprocess.run(
+            [sys.executable, "-m", "app.cli", "create-user", "ui-tester"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        key = re.search(r"api_key: (\S+)", out)
+        assert key is not None, out
+        yield Server(base, key[1], library, photos)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/ensure-system-deps.sh (as root)")
+    from playwright.sync_api import expect as pw_expect
+    from playwright.sync_api import sync_playwright
+
+    pw_expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    """A fresh browser profile (empty localStorage); fails the test on script errors, CSP
+    violations or requests to anywhere but the server."""
+    context = browser.new_context(
+        base_url=server.base, viewport={"width": 1280, "height": 900}, device_scale_factor=1
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page = context.new_page()
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(f"console {m.type}: {m.text}")
+            if m.type == "error" and not EXPECTED_CONSOLE.search(m.text)
+            else None
+        ),
+    )
+    page.on(
+        "request",
+        lambda r: (
+            None
+            if r.url.startswith((server.base, "blob:", "data:"))
+            else problems.append(f"request to another origin: {r.url}")
+        ),
+    )
+    yield page
+    context.close()
+    assert not problems, problems
+
+
+def expect(locator: Any) -> Any:
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+def sign_in(page: Any, key: str) -> None:
+    page.goto("/")
+    assert page.url.endswith("/ui/")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.get_by_label("API key").fill(key)
+    page.get_by_label("API key").press("Enter")
+    expect(page.locator("#nav")).to_be_visible()
+
+
+def nav(page: Any, view: str) -> None:
+    page.locator("#nav").get_by_role("link", name=view, exact=True).click()
+
+
+def api(server: Server) -> httpx.Client:
+    return httpx.Client(
+        base_url=server.base, headers={"Authorization": f"Bearer {server.key}"}, timeout=30
+    )
+
+
+def drop_files(page: Any, selector: str, files: list[tuple[str, bytes, str]]) -> None:
+    """Drag and drop files onto an element, as a user's desktop would."""
+    payload = [
+        {"name": name, "type": mime, "b64": base64.b64encode(data).decode()}
+        for name, data, mime in files
+    ]
+    page.evaluate(
+        """([selector, files]) => {
+            const dt = new DataTransfer();
+            for (const f of files) {
+                const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
+                dt.items.add(new File([bytes], f.name, { type: f.type }));
+            }
+            const zone = document.querySelector(selector);
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(
+                    new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: dt }));
+            }
+        }""",
+        [selector, payload],
+    )
+
+
+def loaded_blob_images(page: Any, selector: str) -> list[str]:
+    """src of the images under `selector` in view (thumbnails load as they scroll into view),
+    once all of them are loaded from blob: URLs."""
+    script = """(sel) => {
+        const imgs = [...document.querySelectorAll(sel)].filter(
+            (i) => i.getBoundingClientRect().top < window.innerHeight);
+        const ok = imgs.length > 0 && imgs.every(
+            (i) => i.src.startsWith("blob:") && i.complete && i.naturalWidth > 0);
+        return ok ? imgs.map((i) => i.src) : null;
+    }"""
+    srcs: list[str] = page.wait_for_function(script, arg=selector).json_value()
+    return srcs
+
+
+def no_horizontal_scroll(page: Any) -> bool:
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+def test_a_wrong_key_shows_the_api_message_and_is_not_kept(page, server):
+    page.goto("/ui/")
+    key_box = page.get_by_label("API key")
+    # Well formed, unknown: the API's 401 message, verbatim.
+    wrong = server.key[:-4] + ("AAAA" if not server.key.endswith("AAAA") else "BBBB")
+    key_box.fill(wrong)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#signin-error")).to_have_text("invalid API key")
+    # Malformed: the API says what a key looks like.
+    key_box.fill("hunter2")
+    key_box.press("Enter")
+    expect(page.locator("#signin-error")).to_have_text(
+        "invalid API key (expected polar_<prefix>_<secret>)"
+    )
+    assert page.evaluate("localStorage.getItem('polar.apiKey')") is None
+    expect(page.locator("#nav")).to_be_hidden()
+    # A key that stops working later sends the user back to sign in, with the reason.
+    page.evaluate("k => localStorage.setItem('polar.apiKey', k)", wrong)
+    page.goto("/ui/#library")
+    expect(page.locator("#signin-error")).to_have_text("Signed out: invalid API key")
+    assert page.evaluate("localStorage.getItem('polar.apiKey')") is None
+
+
+def test_the_whole_story_in_the_browser(page, server, tmp_path):
+    client = api(server)
+    n = len(server.library)
+
+    # Sign in; the key is kept for the next visit.
+    sign_in(page, server.key)
+    expect(page.locator("#view-search")).to_be_visible()
+    assert page.evaluate("localStorage.getItem('polar.apiKey')") == server.key
+    page.reload()
+    expect(page.locator("#nav")).to_be_visible()
+
+    # Library: upload by file picker, watch the embedding job, see the grid.
+    nav(page, "Library")
+    expect(page.locator("#library-count")).to_have_text("0 photos")
+    page.get_by_label("Photos to upload").set_input_files([str(p) for p in server.library])
+    expect(page.locator("#library-upload")).to_contain_text(
+        f"Done: {n} new photos searchable.", timeout=60_000
+    )
+    cards = page.locator("#library-grid > li")
+    expect(cards).to_have_count(n)
+    expect(page.locator("#library-grid .badge.good")).to_have_count(n)  # "searchable"
+    expect(page.locator("#library-count")).to_have_text(f"{n} photos")
+    loaded_blob_images(page, "#library-grid .thumb img")
+
+    # The same photo again (drag and drop): a duplicate, nothing new.
+    dup = server.library[0]
+    drop_files(page, "#library-drop", [(dup.name, dup.read_bytes(), "image/png")])
+    expect(page.locator("#library-upload")).to_contain_text("Uploaded 0 new photos, 1 duplicate.")
+    expect(page.locator("#library-upload .duplicates")).to_have_text(
+        f"Already in your library: {dup.name}"
+    )
+
+    # A bad upload: text renamed .png next to a good photo. The API's message and its per-file
+    # rejection are shown; nothing was stored.
+    drop_files(
+        page,
+        "#library-drop",
+        [
+            (server.photos[0].name, server.photos[0].read_bytes(), "image/png"),
+            ("notes.png", b"these are my notes, not a picture\n", "image/png"),
+        ],
+    )
+    rejected = client.post(
+        "/images",
+        files=[
+            ("files", (server.photos[0].name, server.photos[0].read_bytes(), "image/png")),
+            ("files", ("notes.png", b"these are my notes, not a picture\n", "image/png")),
+        ],
+    )
+    assert rejected.status_code in (415, 422), rejected.text
+    api_error = rejected.json()["error"]
+    expect(page.locator("#library-error")).to_have_text(api_error["message"])
+    assert "1 of 2 file(s) rejected, nothing was stored" in api_error["message"]
+    rejection = page.locator("#library-rejections li")
+    expect(rejection).to_have_count(1)
+    expect(rejection).to_have_text(f"notes.png — {api_error['detail']['files'][0]['message']}")
+    assert len(client.get("/images", params={"limit": 200}).json()["items"]) == n
+
+    # Concepts: Fido from five photos; training progress, then ready with its quality.
+    nav(page, "Concepts")
+    expect(page.locator("#concepts-list")).to_contain_text("No concepts yet")
+    teach = page.get_by_role("button", name="Teach concept")
+    # Too few photos: the API's message (nothing is created).
+    too_few = client.post(
+        "/concepts",
+        data={"name": "Fido"},
+        files=[("files", (p.name, p.read_bytes(), "image/png")) for p in server.photos[:2]],
+    )
+    assert too_few.status_code == 422, too_few.text
+    page.get_by_label("Name").fill("Fido")
+    page.get_by_label("Photos (3–13)").set_input_files([str(p) for p in server.photos[:2]])
+    teach.click()
+    expect(page.locator("#concept-error")).to_have_text(too_few.json()["error"]["message"])
+    # Five photos: the button is disabled while the request runs, the training job's progress
+    # shows, then the concept is ready with its quality.
+    page.evaluate(
+        """() => {
+            const button = document.getElementById("concept-submit");
+            window.submitWasDisabled = false;
+            new MutationObserver(() => {
+                if (button.disabled) window.submitWasDisabled = true;
+            }).observe(button, { attributes: true });
+        }"""
+    )
+    page.get_by_label("Category").fill(FIDO_CATEGORY)
+    page.get_by_label("Photos (3–13)").set_input_files([str(p) for p in server.photos])
+    expect(page.locator("#concept-previews img")).to_have_count(5)
+    teach.click()
+    fido = page.locator('#concepts-list li[data-state="ready"]', has_text="Fido")
+    expect(fido).to_be_visible(timeout=90_000)
+    expect(page.locator("#concept-progress")).to_contain_text("Fido is ready")
+    expect(page.locator("#concept-error")).to_be_hidden()
+    expect(teach).to_be_enabled()
+    assert page.evaluate("window.submitWasDisabled") is True
+    concept = client.get("/concepts").json()["items"][0]
+    expect(fido).to_contain_text(f"Encodes as{concept['placeholder']}")
+    expect(fido).to_contain_text(f"Retention{concept['retention_score']:.3f}")
+    expect(fido.locator(".flagged")).to_have_count(1 if concept["retention_flagged"] else 0)
+
+    # Search by its name, from the keyboard: personalized, the concept applied.
+    nav(page, "Search")
+    expect(page.get_by_label("Search your photos")).to_be_focused()
+    page.keyboard.type("Fido on the beach")
+    page.keyboard.press("Enter")
+    summary = page.locator("#search-summary")
+    expect(summary.locator(".badge.good")).to_have_text("Personalized")
+    chip = summary.locator('.chip[data-concept="Fido"]')
+    expect(chip).to_have_class(re.compile(r"\bapplied\b"))
+    expect(chip).to_have_text("Fido v1 · applied")
+    expect(summary.locator(".rewritten")).to_have_text(f"{concept['placeholder']} on the beach")
+    expect(summary.locator(".model")).to_contain_text(DEMO_MODEL_NAME)
+    hits = page.locator("#search-results > li")
+    expect(hits).to_have_count(min(24, n))
+    expect(hits.first.locator(".rank")).to_have_text("#1")
+    names = hits.locator(".name").all_text_contents()
+    assert "fido-beach.png" in names[:2], names[:5]
+    first_srcs = loaded_blob_images(page, "#search-results .thumb img")
+
+    # docs/ui.png: the search view down to the second row of results.
+    second_row = hits.nth(13).bounding_box()
+    assert second_row is not None
+    bottom = second_row["y"] + second_row["height"] + 10  # half the grid gap
+    shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ui.png")
+    page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1280, "height": bottom})
+    assert shot.stat().st_size > 10_000
+
+    # Plain CLIP for comparison; the old thumbnails' blob: URLs are revoked.
+    page.get_by_label("Personalize with my concepts").uncheck()
+    expect(summary.locator(".badge").first).to_have_text("Plain CLIP")
+    expect(summary.locator(".chip.applied")).to_have_count(0)
+    loaded_blob_images(page, "#search-results .thumb img")
+    revoked = page.evaluate(
+        """(url) => new Promise((resolve) => {
+            const probe = new Image();
+            probe.onload = () => resolve(false);
+            probe.onerror = () => resolve(true);
+            probe.src = url;
+        })""",
+        first_srcs[0],
+    )
+    assert revoked, "a replaced thumbnail's blob: URL must be revoked"
+    page.get_by_label("Personalize with my concepts").check()
+
+    # Paging with offset.
+    page.get_by_label("Per page").select_option("12")
+    expect(page.locator("#search-range")).to_have_text(f"Page 1 of {-(-n // 12)}")
+    expect(page.get_by_role("button", name="← Previous")).to_be_disabled()
+    page.get_by_role("button", name="Next →").click()
+    expect(hits.first.locator(".rank")).to_have_text("#13")
+    expect(summary.locator(".headline")).to_contain_text(f"Results 13–{min(24, n)} for")
+    page.get_by_role("button", name="← Previous").click()
+    expect(hits.first.locator(".rank")).to_have_text("#1")
+
+    # What the API says about pending images, warnings and re-ranking is shown as it says it.
+    def doctored(route: Any) -> None:
+        body = route.fetch().json()
+        body |= {"pending": 3, "reranked": True, "warnings": ["<b>not markup</b>"]}
+        route.fulfill(json=body)
+
+    page.route(re.compile(r".*/search\?.*"), doctored)
+    page.get_by_role("button", name="Search", exact=True).click()
+    expect(summary.locator(".pending")).to_have_text(
+        "3 images are still being embedded and not searchable yet."
+    )
+    expect(summary.locator(".warnings li")).to_have_text("<b>not markup</b>")
+    expect(summary.locator("b")).to_have_count(0)
+    expect(summary.locator(".badge.info")).to_have_text("Re-ranked by crops")
+    page.unroute(re.compile(r".*/search\?.*"))
+
+    # Index status and a rebuild.
+    nav(page, "Index")
+    stats = page.locator("#index-stats")
+    expect(stats.locator('[data-stat="images"] dd')).to_have_text(str(n))
+    expect(stats.locator('[data-stat="embedded"] dd')).to_have_text(str(n))
+    expect(stats.locator('[data-stat="pending"] dd')).to_have_text("0")
+    expect(stats.locator('[data-stat="with_regions"] dd')).to_have_text(str(n))
+    expect(stats.locator('[data-stat="model"] dd')).to_contain_text(DEMO_MODEL_NAME)
+    page.get_by_role("button", name="Rebuild").click()
+    expect(page.locator("#index-progress")).to_contain_text("Rebuild finished.")
+    expect(page.get_by_role("button", name="Rebuild")).to_be_enabled()
+
+    # Delete a photo (after confirming).
+    nav(page, "Library")
+    expect(cards).to_have_count(n)
+    victim = server.library[-1].name
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name=f"Delete {victim}", exact=True).click()
+    expect(cards).to_have_count(n - 1)
+    expect(page.locator("#library-count")).to_have_text(f"{n - 1} photos")
+    items = client.get("/images", params={"limit": 200}).json()["items"]
+    remaining = [i["filename"] for i in items]
+    assert victim not in remaining and len(remaining) == n - 1
+    # Declining the confirmation keeps it.
+    page.once("dialog", lambda d: d.dismiss())
+    page.get_by_role("button", name=f"Delete {server.library[0].name}", exact=True).click()
+    expect(cards).to_have_count(n - 1)
+
+    # 400 px wide: everything still fits.
+    page.set_viewport_size({"width": 400, "height": 800})
+    for view in ("Search", "Library", "Concepts", "Index"):
+        nav(page, view)
+        page.wait_for_timeout(200)
+        assert no_horizontal_scroll(page), view
+
+    # Sign out: the key is gone from the browser.
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.evaluate("localStorage.getItem('polar.apiKey')") is None
+    page.reload()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+
+def test_ui_responses_carry_the_security_headers(browser, server):
+    context = browser.new_context(base_url=server.base)
+    try:
+        page = context.new_page()
+        response = page.goto("/ui/")
+        assert response is not None
+        csp = response.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "img-src 'self' blob: data:" in csp
+        # The policy holds in the browser: an injected inline script does not run.
+        outcome = page.evaluate(
+            """() => new Promise((resolve) => {
+                document.addEventListener("securitypolicyviolation", (e) =>
+                    resolve(`blocked ${e.violatedDirective}`));
+                const s = document.createElement("script");
+                s.textContent = "window.inlineRan = true";
+                document.body.append(s);
+                setTimeout(() => resolve(window.inlineRan ? "ran" : "silent"), 1000);
+            })"""
+        )
+        assert outcome.startswith("blocked script-src"), outcome
+    finally:
+        context.close()
