@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import ColumnElement, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import repositories
 from app.db import session_scope
 from app.ml.encode import encode_images
-from app.ml.regions import encode_regions, pack_regions
+from app.ml.model import ClipBundle
+from app.ml.regions import encode_regions, layout_boxes, pack_regions
 from app.models import Image, Job, JobKind, JobState
 from app.services import jobs
 from app.services.jobs import JobContext
@@ -30,9 +31,13 @@ BATCH = 32  # images per forward pass and per commit: progress moves, memory sta
 PUBLISH_INTERVAL_S = 10.0
 
 
-def _open_rgb(store: ImageStore, storage_path: str) -> PILImage.Image | None:
+def _open_rgb(store: ImageStore, storage_path: str, min_side: int = 0) -> PILImage.Image | None:
+    """The stored original, EXIF-oriented, RGB. A JPEG is decoded at the smallest 1/2, 1/4 or
+    1/8 scale that keeps both sides >= `min_side` (the model resizes far below that anyway)."""
     try:
         with PILImage.open(store.path(storage_path)) as im:
+            if min_side:
+                im.draft("RGB", (min_side, min_side))  # no-op for formats other than JPEG
             # Stored originals keep their EXIF orientation; the upload validated that it decodes.
             return ImageOps.exif_transpose(im).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -40,58 +45,101 @@ def _open_rgb(store: ImageStore, storage_path: str) -> PILImage.Image | None:
         return None
 
 
-def embed_pending(
-    ctx: JobContext, image_ids: Sequence[str] | None, serving: ServingModel | None = None
-) -> int:
-    """Embed the user's listed images (None: all) that lack an embedding from the serving model
-    or region embeddings of the configured layout (app.ml.regions; both come from one decode)."""
-    serving = serving or load_serving_model(ctx.settings.model)
-    model_id = serving.model_id
-    layout = ctx.settings.search.regions
-    store = ImageStore(ctx.settings.data_dir)
+def decode_side(bundle: ClipBundle) -> int:
+    """Smallest side an image is decoded at: twice the model's input side, so that a 60 % crop
+    still has more pixels than the model reads (0 = decode at full size)."""
+    size = getattr(getattr(bundle.model, "visual", None), "image_size", None)
+    if isinstance(size, int):
+        return 2 * size
+    if isinstance(size, tuple | list) and size and all(isinstance(v, int) for v in size):
+        return 2 * max(size)
+    return 0
+
+
+def _pending(
+    ctx: JobContext, image_ids: Sequence[str] | None, *conditions: ColumnElement[bool]
+) -> list[tuple[str, str]]:
+    """(id, storage_path) of the user's images (among `image_ids`) matching all conditions."""
     with session_scope(ctx.session_factory) as s:
-        stale = [Image.embedding.is_(None), Image.embedding_model != model_id]
-        if layout != "none":
-            stale += [Image.region_layout.is_(None), Image.region_layout != layout]
         query = select(Image.id, Image.storage_path).where(
-            Image.user_id == ctx.user_id, or_(*stale)
+            Image.user_id == ctx.user_id, *conditions
         )
         if image_ids is not None:
             query = query.where(Image.id.in_(list(image_ids)))
-        todo = list(s.execute(query.order_by(Image.created_at, Image.id)))
-    done = 0
+        return [(i, p) for i, p in s.execute(query.order_by(Image.created_at, Image.id))]
+
+
+def embed_pending(
+    ctx: JobContext, image_ids: Sequence[str] | None, serving: ServingModel | None = None
+) -> int:
+    """Embed the user's listed images (None: all) that lack an embedding from the serving model,
+    then the crops (app.ml.regions) of those that lack the configured layout's; returns how
+    many images were touched.
+
+    Whole-image embeddings come first and are published as they land (at most every
+    PUBLISH_INTERVAL_S), so a new library is searchable after the cheap pass; the crops cost
+    R more encodes per image (bench/region_cost.py) and only refine queries naming several
+    concepts, so they follow. Progress counts encodes: a crop costs as much as a whole image.
+    """
+    serving = serving or load_serving_model(ctx.settings.model)
+    model_id, bundle = serving.model_id, serving.bundle
+    layout = ctx.settings.search.regions
+    boxes = len(layout_boxes(layout))
+    store = ImageStore(ctx.settings.data_dir)
+    side = decode_side(bundle)
+    current = Image.embedding_model == model_id
+    whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
+    stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != layout)
+    crops_left = len(_pending(ctx, image_ids, current, stale_regions)) if boxes else 0
+    total = max(1, len(whole) + boxes * (len(whole) + crops_left))
+    work = 0
     last_publish, unpublished = time.monotonic(), False
-    for start in range(0, len(todo), BATCH):
-        batch = todo[start : start + BATCH]
-        opened = [(image_id, _open_rgb(store, path)) for image_id, path in batch]
-        readable = [(i, im) for i, im in opened if im is not None]
+    for start in range(0, len(whole), BATCH):
+        batch = whole[start : start + BATCH]
+        readable = [(i, im) for i, p in batch if (im := _open_rgb(store, p, side)) is not None]
         if readable:
-            pictures = [im for _, im in readable]
-            vectors = encode_images(serving.bundle, pictures)  # (B, D)
-            regions = encode_regions(serving.bundle, pictures, layout)  # (B, R, D)
+            vectors = encode_images(bundle, [im for _, im in readable])  # (B, D)
             with session_scope(ctx.session_factory) as s:
-                for (image_id, _), vec, reg in zip(readable, vectors, regions, strict=True):
-                    # A row deleted meanwhile simply matches nothing.
+                for (image_id, _), vec in zip(readable, vectors, strict=True):
+                    # A row deleted meanwhile simply matches nothing. Crops of another model
+                    # are dropped with its embedding.
                     s.execute(
                         update(Image)
                         .where(Image.id == image_id, Image.user_id == ctx.user_id)
                         .values(
                             embedding=vec.tobytes(),
                             embedding_model=model_id,
-                            region_embeddings=pack_regions(reg) if len(reg) else None,
-                            region_layout=layout if len(reg) else None,
+                            region_embeddings=None,
+                            region_layout=None,
                         )
                     )
                 unpublished = True
                 if time.monotonic() - last_publish >= PUBLISH_INTERVAL_S:
                     repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
                     last_publish, unpublished = time.monotonic(), False
-        done += len(batch)
-        ctx.progress(done / len(todo))
+        work += len(batch)
+        ctx.progress(work / total)
     if unpublished:
         with session_scope(ctx.session_factory) as s:
             repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
-    return done
+    crops = _pending(ctx, image_ids, current, stale_regions) if boxes else []
+    total = max(1, work + boxes * len(crops))
+    for start in range(0, len(crops), BATCH):
+        batch = crops[start : start + BATCH]
+        readable = [(i, im) for i, p in batch if (im := _open_rgb(store, p, side)) is not None]
+        if readable:
+            regions = encode_regions(bundle, [im for _, im in readable], layout)  # (B, R, D)
+            with session_scope(ctx.session_factory) as s:
+                for (image_id, _), reg in zip(readable, regions, strict=True):
+                    # Only next to an embedding of the same model (a model switch may race).
+                    s.execute(
+                        update(Image)
+                        .where(Image.id == image_id, Image.user_id == ctx.user_id, current)
+                        .values(region_embeddings=pack_regions(reg), region_layout=layout)
+                    )
+        work += boxes * len(batch)
+        ctx.progress(work / total)
+    return len({i for i, _ in whole} | {i for i, _ in crops})
 
 
 def embed_images_job(ctx: JobContext) -> None:

@@ -192,3 +192,75 @@ def test_deleted_candidates_drop_out_of_the_reranking(api_client, library, tiny_
         "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
     ).json()
     assert sorted(h["image"]["id"] for h in body["hits"]) == sorted(ids[1:])
+
+
+def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_serving):  # noqa: F811
+    """Every image is searchable before the crop pass starts; progress only moves forward."""
+    from app.services.embedding import embed_pending
+    from app.services.jobs import JobContext
+
+    api_client.app.state.settings.search.regions = "none"  # upload without crops first
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(40, 75))  # 35 images: two batches per pass
+    wait_jobs(api_client)
+    api_client.app.state.settings.search.regions = "five"
+    with api_client.app.state.session_factory() as s:  # as after a model switch
+        s.execute(update(Image).values(embedding_model="old-model"))
+        s.commit()
+    seen: list[tuple[float, int, int]] = []
+
+    def progress(fraction: float) -> None:
+        with api_client.app.state.session_factory() as s:
+            rows = s.execute(select(Image.embedding_model, Image.region_layout)).all()
+        current = sum(m == tiny_serving.fingerprint.model_id for m, _ in rows)
+        seen.append((fraction, current, sum(r == "five" for _, r in rows)))
+
+    ctx = JobContext(
+        "job", user.id, "rebuild_index", {}, api_client.app.state.settings,
+        api_client.app.state.session_factory, progress,
+    )  # fmt: skip
+    assert embed_pending(ctx, None, load_serving_model(ctx.settings.model)) == 35
+    fractions = [f for f, _, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    first_crop = next(n for n, (_, _, crops) in enumerate(seen) if crops)
+    assert seen[first_crop - 1][1] == 35  # all whole embeddings were in before the first crop
+    # Whole pass: 35 of 35 + 5 x 35 encodes => the whole pass is 1/6 of the work.
+    assert seen[first_crop - 1][0] == pytest.approx(1 / 6)
+    assert seen[-1][1:] == (35, 35)
+    assert sorted(ids) == sorted(_rows(api_client))
+
+
+def test_a_model_switch_drops_the_old_models_crops(api_client, library, tiny_serving):  # noqa: F811
+    user, _ = library
+    good = {i: r.region_embeddings for i, r in _rows(api_client).items()}
+    junk = np.zeros((FIVE, tiny_serving.embed_dim), np.float16).tobytes()
+    with api_client.app.state.session_factory() as s:
+        s.execute(update(Image).values(embedding_model="old-model", region_embeddings=junk))
+        s.commit()
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 0
+    assert api_client.post("/index/rebuild", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    assert {i: r.region_embeddings for i, r in rows.items()} == good
+    assert {r.embedding_model for r in rows.values()} == {tiny_serving.fingerprint.model_id}
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path):
+    from app.services.embedding import _open_rgb, decode_side
+    from app.storage import ImageStore
+    from tests.model_fixtures import tiny_clip
+
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    buf = io.BytesIO()
+    PILImage.new("RGB", (2400, 1600), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
+    store = ImageStore(tmp_path)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(buf.getvalue())
+    full = _open_rgb(store, "big.jpg")
+    small = _open_rgb(store, "big.jpg", 448)
+    assert full is not None and small is not None
+    assert full.size == (1600, 2400)  # EXIF orientation applied
+    assert small.size == (800, 1200)  # 1/2: the smallest JPEG scale keeping both sides >= 448
+    assert np.asarray(small)[400, 400].tolist() == pytest.approx([200, 30, 30], abs=6)
+    assert decode_side(tiny_clip(0)) == 2 * 32  # twice the model's input side
