@@ -11,6 +11,7 @@ const MAX_PHOTOS = 13;
 let photos = []; // File objects chosen for the new concept
 let previewUrls = [];
 let cursor = null;
+let generation = 0; // bumped by every reload: pages of an older listing are dropped
 const watching = new Set(); // concept ids whose training job is being polled
 
 export function setupConcepts() {
@@ -34,6 +35,7 @@ export function resetConcepts() {
   setAlert($("concepts-error"), "");
   showRejections($("concept-rejections"), null);
   cursor = null;
+  generation += 1;
   watching.clear();
 }
 
@@ -118,15 +120,18 @@ async function create() {
 
 /** Reload the list from the first page. */
 export async function loadConcepts() {
+  generation += 1;
   cursor = null;
   clear($("concepts-list"));
   await loadPage();
 }
 
 async function loadPage() {
+  const mine = generation;
   await busy([$("concepts-more"), $("concepts-refresh")], async () => {
     try {
       const page = await api.get("/concepts", { limit: 50, cursor });
+      if (mine !== generation) return;
       for (const concept of page.items) {
         $("concepts-list").append(card(concept));
         if (concept.state === "training") watch(concept);
@@ -139,9 +144,10 @@ async function loadPage() {
         );
       }
     } catch (error) {
-      if (!isAbort(error)) setAlert($("concepts-error"), error.message);
+      if (!isAbort(error) && mine === generation) setAlert($("concepts-error"), error.message);
     }
   });
+  if (mine !== generation) return;
   $("concepts-more").hidden = !cursor;
 }
 

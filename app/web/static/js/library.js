@@ -23,6 +23,7 @@ const BATCH = 50;
 const thumbs = new Thumbs();
 let cursor = null;
 let shown = 0;
+let generation = 0; // bumped by every reload: pages of an older listing are dropped
 
 export function setupLibrary() {
   const input = $("library-files");
@@ -61,6 +62,7 @@ export function dropTarget(zone, onFiles) {
 }
 
 export function resetLibrary() {
+  generation += 1;
   thumbs.clear();
   cursor = null;
   shown = 0;
@@ -72,6 +74,7 @@ export function resetLibrary() {
 
 /** Reload the grid from the first page. */
 export async function loadLibrary() {
+  generation += 1;
   thumbs.clear();
   cursor = null;
   shown = 0;
@@ -80,17 +83,20 @@ export async function loadLibrary() {
 }
 
 async function loadPage() {
+  const mine = generation;
   await busy([$("library-more"), $("library-refresh")], async () => {
     try {
       const page = await api.get("/images", { limit: PAGE, cursor });
+      if (mine !== generation) return;
       for (const image of page.items) $("library-grid").append(card(image));
       shown += page.items.length;
       cursor = page.next_cursor;
       setAlert($("library-error"), "");
     } catch (error) {
-      if (!isAbort(error)) setAlert($("library-error"), error.message);
+      if (!isAbort(error) && mine === generation) setAlert($("library-error"), error.message);
     }
   });
+  if (mine !== generation) return;
   $("library-more").hidden = !cursor;
   $("library-count").textContent = cursor
     ? `${shown} shown, more below`

@@ -1,12 +1,13 @@
 // Search view: a query, how the service understood it, and a page of ranked thumbnails.
 
 import { api, isAbort } from "./api.js";
-import { $, busy, clear, el, plural, setAlert } from "./dom.js";
+import { $, clear, el, plural, setAlert } from "./dom.js";
 import { Thumbs } from "./thumbs.js";
 import { openViewer } from "./viewer.js";
 
 const thumbs = new Thumbs();
 const state = { q: "", k: 24, offset: 0, personalize: true, last: null };
+let latest = 0; // the newest search: answers to older ones (out of order) are dropped
 
 export function setupSearch() {
   $("search-form").addEventListener("submit", (event) => {
@@ -52,6 +53,7 @@ export function searchFor(q) {
 }
 
 export function resetSearch() {
+  latest += 1;
   thumbs.clear();
   state.q = "";
   state.offset = 0;
@@ -63,33 +65,49 @@ export function resetSearch() {
   setAlert($("search-error"), "");
 }
 
-async function run() {
-  state.k = Number($("search-k").value);
-  state.personalize = $("search-personalize").checked;
+/** Disable the search's buttons while a search runs (not busy(): runs can overlap). */
+function setRunning(running) {
   const controls = [
     $("search-form").querySelector("button[type=submit]"),
     $("search-prev"),
     $("search-next"),
   ];
+  for (const control of controls) {
+    control.disabled = running;
+    if (running) control.setAttribute("aria-busy", "true");
+    else control.removeAttribute("aria-busy");
+  }
+  if (running) $("search-results").setAttribute("aria-busy", "true");
+  else $("search-results").removeAttribute("aria-busy");
+}
+
+async function run() {
+  const mine = ++latest;
+  state.k = Number($("search-k").value);
+  state.personalize = $("search-personalize").checked;
+  const focused = document.activeElement;
   setAlert($("search-error"), "");
-  $("search-results").setAttribute("aria-busy", "true");
-  await busy(controls, async () => {
-    try {
-      const body = await api.get("/search", {
-        q: state.q,
-        k: state.k,
-        offset: state.offset,
-        personalize: state.personalize,
-      });
-      state.last = body;
-      render(body);
-    } catch (error) {
-      if (isAbort(error)) return;
-      setAlert($("search-error"), error.message);
-    }
-  });
-  $("search-results").removeAttribute("aria-busy");
+  setRunning(true);
+  try {
+    const body = await api.get("/search", {
+      q: state.q,
+      k: state.k,
+      offset: state.offset,
+      personalize: state.personalize,
+    });
+    if (mine !== latest) return;
+    state.last = body;
+    render(body);
+  } catch (error) {
+    if (isAbort(error) || mine !== latest) return;
+    setAlert($("search-error"), error.message);
+  }
+  if (mine !== latest) return; // a newer search owns the controls now
+  setRunning(false);
   updatePager();
+  // Keep the keyboard user's place (a button that is now disabled cannot keep focus).
+  const lost = document.activeElement === document.body;
+  if (lost && focused instanceof HTMLElement && !focused.disabled) focused.focus();
 }
 
 function render(body) {
