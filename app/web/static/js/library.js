@@ -24,6 +24,7 @@ const thumbs = new Thumbs();
 let cursor = null;
 let shown = 0;
 let generation = 0; // bumped by every reload: pages of an older listing are dropped
+let uploading = false;
 
 export function setupLibrary() {
   const input = $("library-files");
@@ -165,6 +166,19 @@ async function removeImage(image, item, img, button) {
 }
 
 async function upload(files) {
+  if (uploading) {
+    toast("An upload is still running; drop more photos when it is done.");
+    return;
+  }
+  uploading = true;
+  try {
+    await uploadNow(files);
+  } finally {
+    uploading = false;
+  }
+}
+
+async function uploadNow(files) {
   const status = clear($("library-upload"));
   setAlert($("library-error"), "");
   showRejections($("library-rejections"), null);
