@@ -202,8 +202,9 @@ def train(
     cfg: PretrainConfig,
     deadline: float,
     log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
-    """Train until `deadline` (perf_counter seconds) with the time-driven schedule."""
+    """Train until `deadline` (`clock` seconds) with the time-driven schedule."""
     device = data.images.device
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0
@@ -217,13 +218,13 @@ def train(
     logit_scale: torch.Tensor = model.logit_scale  # type: ignore[assignment]
     n, batch = len(data.images), min(cfg.batch_size, len(data.images))
     order, cursor = torch.randperm(n, generator=gen, device=device), 0
-    start = time.perf_counter()
+    start = clock()
     span = max(deadline - start, 1e-3)
     steps, recent, last_log = 0, torch.zeros((), device=device), start
     losses: list[float] = []
     model.train()
-    while time.perf_counter() < deadline:
-        lr = cfg.lr * lr_factor((time.perf_counter() - start) / span, cfg.warmup)
+    while clock() < deadline:
+        lr = cfg.lr * lr_factor((clock() - start) / span, cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         if cursor + batch > n:
@@ -246,7 +247,7 @@ def train(
         if steps % 25 == 0:  # syncing every step would stall a GPU
             losses.append(recent.item() / 25)
             recent.zero_()
-            now = time.perf_counter()
+            now = clock()
             if now - last_log > 30:
                 seen = steps * batch
                 log(
@@ -257,7 +258,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.synchronize()
     model.eval()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return {
         "steps": steps,
         "images_seen": steps * batch,

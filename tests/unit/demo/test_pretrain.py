@@ -77,9 +77,7 @@ def test_short_run_writes_a_loadable_fp16_checkpoint(tmp_path: Path) -> None:
     report = pretrain.run(cfg)
     stats = json.loads((tmp_path / "asset" / "training.json").read_text())
     assert stats["steps"] == report["steps"] > 0 and stats["images_seen"] > 0
-    # training stops at the deadline; saving and the check use the reserve (more under load)
-    assert stats["data_seconds"] + stats["train_seconds"] <= 0.3 * 60 - 6.0 + 2.0
-    assert stats["wall_seconds"] < 0.3 * 60 + 30
+    # (that training stops at the deadline is checked with a fake clock below, not wall time)
     assert (tmp_path / "asset" / "polar-demo.json").exists()
 
     from safetensors.torch import load_file
@@ -89,3 +87,30 @@ def test_short_run_writes_a_loadable_fp16_checkpoint(tmp_path: Path) -> None:
     model, _, _ = pretrain.quality.load_demo_model(tmp_path / "asset" / pretrain.WEIGHTS_FILE)
     assert model.token_embedding.weight.dtype == torch.float32
     assert torch.equal(model.token_embedding.weight.half(), weights["token_embedding.weight"])
+
+
+def test_training_stops_at_the_deadline_and_the_lr_follows_the_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake clock that moves 1 s per reading: the loop checks it before every step."""
+    import open_clip
+
+    cfg = pretrain.PretrainConfig(images=64, batch_size=16, data_workers=1, out=tmp_path, seed=0)
+    open_clip.add_model_config(cfg.model_config)
+    data = pretrain.load_data(
+        cfg, open_clip.get_tokenizer(pretrain.MODEL_NAME), torch.device("cpu")
+    )
+    model = pretrain.build_model(cfg.seed, torch.device("cpu"))
+    ticks = itertools.count()
+    lrs: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self: torch.optim.Optimizer, *a: object, **k: object) -> object:
+        lrs.append(self.param_groups[0]["lr"])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    stats = pretrain.train(model, data, cfg, 20.0, log=lambda _: None, clock=lambda: next(ticks))
+    # start reads 0; step i reads 2i+1 (loop test, < 20) and 2i+2 (its lr): 10 steps
+    assert stats["steps"] == len(lrs) == 10
+    assert lrs == [cfg.lr * pretrain.lr_factor((2 * i + 2) / 20, cfg.warmup) for i in range(10)]
