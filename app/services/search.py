@@ -180,14 +180,15 @@ def rerank_by_regions(
     ranked: list[tuple[int, float]],
     parts: np.ndarray,
     weight: float,
-) -> list[tuple[int, float]]:
-    """Candidates (vec id, score) re-scored with each concept's best crop match, best first.
+) -> tuple[list[tuple[int, float]], int]:
+    """Candidates (vec id, score) re-scored with each concept's best crop match, best first,
+    and how many of them had no crops.
 
     Images embedded without regions are matched on their whole embedding; rows deleted since
     the index was read are dropped.
     """
     if not ranked:
-        return ranked
+        return ranked, 0
     dim = parts.shape[1]
     rows: dict[int, tuple[bytes | None, bytes | None]] = {}
     ids = [i for i, _ in ranked]
@@ -198,13 +199,13 @@ def rerank_by_regions(
         rows.update((v, (e, r)) for v, e, r in db_session.execute(query))
     kept = [(i, s) for i, s in ranked if i in rows and rows[i][0] is not None]
     if not kept:
-        return []
+        return [], 0
     whole = np.stack([np.frombuffer(rows[i][0], np.float32) for i, _ in kept])  # type: ignore[arg-type]
     regions = [unpack_regions(rows[i][1], dim) for i, _ in kept]
     base = np.array([s for _, s in kept], dtype=np.float32)
     scores = rerank_scores(base, parts, whole, regions, weight)
     order = np.argsort(-scores, kind="stable")
-    return [(kept[n][0], float(scores[n])) for n in order]
+    return [(kept[n][0], float(scores[n])) for n in order], sum(not len(r) for r in regions)
 
 
 def _latest_adapters(db_session: Session, concept_ids: Sequence[str]) -> dict[str, Adapter]:
@@ -343,9 +344,17 @@ def search_images(
     ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
     if regions:
         assert encoding.parts is not None
-        ranked = rerank_by_regions(db_session, user_id, ranked, encoding.parts, cfg.region_weight)[
-            :want
-        ]
+        ranked, missing = rerank_by_regions(
+            db_session, user_id, ranked, encoding.parts, cfg.region_weight
+        )
+        candidates, ranked = len(ranked), ranked[:want]
+        if missing:
+            warnings.append(
+                f"{missing} of the {candidates} re-ranked "
+                "images have no crop embeddings yet (still being embedded, or added before "
+                "crops were on: POST /index/rebuild adds them); they were matched on the whole "
+                "image only"
+            )
     images = _images_by_vec_id(db_session, user_id, [i for i, _ in ranked])
     # Rows deleted after the index was read are simply absent.
     ranked = [(i, s) for i, s in ranked if i in images]

@@ -264,3 +264,28 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path):
     assert small.size == (800, 1200)  # 1/2: the smallest JPEG scale keeping both sides >= 448
     assert np.asarray(small)[400, 400].tolist() == pytest.approx([200, 30, 30], abs=6)
     assert decode_side(tiny_clip(0)) == 2 * 32  # twice the model's input side
+
+
+def test_candidates_without_crops_are_matched_whole_and_named_in_a_warning(
+    api_client,
+    library,  # noqa: F811
+    tiny_serving,  # noqa: F811
+):
+    user, ids = library
+    _two_concepts(api_client, user, tiny_serving)
+    q = {"q": "Fido and Rex on the beach", "k": 6}
+    assert not api_client.get("/search", params=q, headers=user.headers).json()["warnings"]
+    with api_client.app.state.session_factory() as s:
+        s.execute(
+            update(Image)
+            .where(Image.id.in_(ids[:2]))
+            .values(region_embeddings=None, region_layout=None)
+        )
+        s.commit()
+    body = api_client.get("/search", params=q, headers=user.headers).json()
+    assert body["reranked"] is True
+    assert any(w.startswith("2 of the 6 re-ranked images have no crop") for w in body["warnings"])
+    expected = _expected(
+        api_client, tiny_serving, body["rewritten"], api_client.app.state.settings.search
+    )
+    assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)
