@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image as PILImage
 from PIL import ImageDraw
@@ -63,9 +62,6 @@ from app.ml.encode import encode_images  # noqa: E402
 from app.ml.model import (  # noqa: E402
     DEMO_MODEL_NAME,
     ClipBundle,
-    bundle_from_model,
-    demo_checkpoint_path,
-    load_clip,
 )
 from app.ml.regions import LAYOUTS, crop_regions, encode_regions  # noqa: E402
 from app.models import Image, utcnow  # noqa: E402
@@ -75,6 +71,7 @@ from app.services.jobs import JobContext  # noqa: E402
 from app.services.model import ServingModel  # noqa: E402
 from app.services.users import create_user  # noqa: E402
 from app.storage import ImageStore  # noqa: E402
+from bench.common import demo, loadavg, vit_b32  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "embed_pipeline.json"
 CAMERA = (4032, 3024)  # a 12 MP phone photo
@@ -84,24 +81,6 @@ LAYOUT = "five"
 BOXES = LAYOUTS[LAYOUT]
 PORTRAIT_EVERY = 4  # every 4th library photo is a portrait shot: EXIF orientation 6
 NOISE_SIGMA = 4.0  # sensor-like noise, in 8-bit levels
-
-
-def loadavg() -> str:
-    """The three load averages, as /proc/loadavg has them."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def vit_b32() -> ClipBundle:
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    return bundle_from_model(model, preprocess, name="ViT-B-32", pretrained="random")
-
-
-def demo() -> ClipBundle:
-    return load_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), device="cpu")
 
 
 # -- pictures -------------------------------------------------------------------------------

@@ -36,10 +36,9 @@ from typing import Any
 
 import faiss
 import numpy as np
-import open_clip
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import insert, text, update
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,17 +51,15 @@ from app.ml.encode import encode_images  # noqa: E402
 from app.ml.model import (  # noqa: E402
     DEMO_MODEL_NAME,
     ClipBundle,
-    bundle_from_model,
-    demo_checkpoint_path,
-    load_clip,
 )
 from app.ml.regions import LAYOUTS, encode_regions, pack_regions  # noqa: E402
-from app.models import Adapter, Concept, ConceptExample, Image, utcnow  # noqa: E402
+from app.models import Adapter, Concept, ConceptExample, Image  # noqa: E402
 from app.services import search as search_module  # noqa: E402
 from app.services.index import IndexCache  # noqa: E402
 from app.services.model import ServingModel  # noqa: E402
 from app.services.search import AdapterCache, search_images  # noqa: E402
 from app.services.users import create_user  # noqa: E402
+from bench.common import demo, insert_images, loadavg, unit_rows, vit_b32  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "region_cost.json"
 BATCH = 32  # app.services.embedding.BATCH: images per encode call in embed_pending
@@ -73,31 +70,6 @@ K = 20
 QUERY = "Fido and Luna asleep on the sofa"
 CONCEPTS = (("Fido", "dog"), ("Luna", "cat"))
 N_REGIONS = len(LAYOUTS["five"])
-
-
-def loadavg() -> str:
-    """The three load averages, as /proc/loadavg has them."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    """(n, d) float32 random unit vectors."""
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    return x
-
-
-def vit_b32() -> ClipBundle:
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    return bundle_from_model(model, preprocess, name="ViT-B-32", pretrained="random")
-
-
-def demo() -> ClipBundle:
-    return load_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), device="cpu")
 
 
 # -- indexing -------------------------------------------------------------------------------
@@ -191,32 +163,11 @@ def build_library(factory: sessionmaker[Session], n: int, bundle: ClipBundle) ->
     d, model_id = bundle.embed_dim, bundle.fingerprint.model_id
     rng = np.random.default_rng(n)
     vectors = unit_rows(rng, n, d)
-    vec_ids = rng.choice(2**62, size=n, replace=False).astype(np.int64) + 1
-    now = utcnow()
     with factory() as s:
         user_id = create_user("regions", db_session=s).id
-        for start in range(0, n, 5000):
-            rows = []
-            for i in range(start, min(start + 5000, n)):
-                sha = f"{i:064x}"
-                rows.append(
-                    {
-                        "id": f"00000000-0000-4000-8000-{i:012d}",
-                        "user_id": user_id,
-                        "vec_id": int(vec_ids[i]),
-                        "sha256": sha,
-                        "original_filename": f"IMG_{i:06d}.jpg",
-                        "mime": "image/jpeg",
-                        "size_bytes": 2_400_000,
-                        "width": 4032,
-                        "height": 3024,
-                        "storage_path": f"originals/{sha[:2]}/{sha[2:4]}/{sha}.jpg",
-                        "embedding": vectors[i].tobytes(),
-                        "embedding_model": model_id,
-                        "created_at": now,
-                    }
-                )
-            s.execute(insert(Image), rows)
+        s.commit()
+    insert_images(factory, user_id, vectors, model_id)
+    with factory() as s:
         for seed, (name, category) in enumerate(CONCEPTS):
             c = Concept(
                 user_id=user_id,

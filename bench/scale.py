@@ -34,10 +34,9 @@ from typing import Any, TypeVar
 
 import faiss
 import numpy as np
-import open_clip
 import sqlalchemy
 import torch
-from sqlalchemy import delete, insert, text
+from sqlalchemy import delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +47,13 @@ from app.config import LimitSettings  # noqa: E402
 from app.db import make_engine, make_session_factory, migrate  # noqa: E402
 from app.ml.encode import encode_texts  # noqa: E402
 from app.ml.index import VectorIndex  # noqa: E402
-from app.ml.model import bundle_from_model  # noqa: E402
-from app.models import Image, utcnow  # noqa: E402
+from app.models import Image  # noqa: E402
 from app.services.index import IndexCache, load_embeddings, sync_index  # noqa: E402
 from app.services.model import ServingModel  # noqa: E402
 from app.services.search import AdapterCache, SearchFilters, search_images  # noqa: E402
 from app.services.users import create_user  # noqa: E402
+from bench.common import insert_images, vit_b32  # noqa: E402
+from bench.common import unit_rows as common_unit_rows  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "scale.json"
 D = 512
@@ -78,11 +78,8 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int = D) -> np.ndarray:
-    """(n, d) float32 random unit vectors, normalised in chunks (no float64 temporaries)."""
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    for s in range(0, n, 65536):
-        x[s : s + 65536] /= np.linalg.norm(x[s : s + 65536], axis=1, keepdims=True)
-    return x
+    """(n, d) float32 random unit vectors (D = 512 unless told)."""
+    return common_unit_rows(rng, n, d)
 
 
 def clustered_rows(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarray:
@@ -151,51 +148,9 @@ def ratio(a: float, b: float) -> float:
 
 def serving_model() -> ServingModel:
     """ViT-B-32 with random weights: query encoding costs what it costs with real weights."""
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-    bundle = bundle_from_model(model, preprocess, name="ViT-B-32", pretrained="random")
+    bundle = vit_b32()
     assert bundle.embed_dim == D
     return ServingModel(bundle, "ViT-B-32/random", None)
-
-
-def insert_images(
-    factory: sessionmaker[Session],
-    user_id: str,
-    vectors: np.ndarray,
-    model_id: str,
-    first: int = 0,
-) -> None:
-    """Bulk-insert one image row per vector (numbered from `first`), with realistic contents."""
-    rng = np.random.default_rng([len(vectors), first])
-    vec_ids = rng.integers(1, 2**63 - 1, size=len(vectors), dtype=np.int64)
-    assert len(np.unique(vec_ids)) == len(vec_ids)
-    now = utcnow()
-    chunk = 5000
-    with factory() as s:
-        for start in range(0, len(vectors), chunk):
-            rows = []
-            for j in range(start, min(start + chunk, len(vectors))):
-                i = first + j
-                sha = f"{i:064x}"
-                rows.append(
-                    {
-                        "id": f"00000000-0000-4000-8000-{i:012d}",
-                        "user_id": user_id,
-                        "vec_id": int(vec_ids[j]),
-                        "sha256": sha,
-                        "original_filename": f"IMG_{i:06d}.jpg",
-                        "mime": "image/jpeg",
-                        "size_bytes": 2_400_000,
-                        "width": 4032,
-                        "height": 3024,
-                        "storage_path": f"originals/{sha[:2]}/{sha[2:4]}/{sha}.jpg",
-                        "embedding": vectors[j].tobytes(),
-                        "embedding_model": model_id,
-                        "created_at": now,
-                    }
-                )
-            s.execute(insert(Image), rows)
-            s.commit()
 
 
 def table_size(engine: sqlalchemy.Engine, db_path: Path | None) -> dict[str, int]:
