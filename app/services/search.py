@@ -1,28 +1,49 @@
-"""Search a user's library: rewrite concept names, stack their adapters, encode, rank."""
+"""Search a user's library: rewrite concept names, stack their adapters, encode, rank.
+
+The query math is `app.services.recipe` (shared with the benchmark); the SQL is in
+`app.repositories`; this module resolves the user's concepts and orchestrates.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
+from app import repositories
 from app.config import LimitSettings, SearchSettings
 from app.errors import NotFound, QueryTooLong, ValidationFailed
 from app.ml.adapter import ConceptAdapter
-from app.ml.encode import count_tokens, encode_texts
+from app.ml.encode import count_tokens
 from app.ml.model import AdapterMismatchError
-from app.ml.regions import rerank_scores, unpack_regions
+from app.ml.regions import unpack_regions
 from app.ml.train import placeholder_phrase
-from app.models import Adapter, Concept, ConceptExample, Image
-from app.services.index import IndexCache
+from app.models import Adapter, Concept, Image
+from app.services import recipe
+from app.services.index import CachedIndex, IndexCache
 from app.services.model import ServingModel
 from app.services.query import NamedConcept, rewrite_query
+from app.services.recipe import QueryEncoding
+
+__all__ = [
+    "AdapterCache",
+    "AppliedConcept",
+    "QueryEncoding",
+    "SearchFilters",
+    "SearchHit",
+    "SearchOutcome",
+    "encode_query",
+    "encode_query_parts",
+    "rerank_by_regions",
+    "search_images",
+    "unembedded_count",
+    "validate_query",
+]
 
 
 @dataclass(frozen=True)
@@ -70,37 +91,13 @@ class SearchOutcome:
 
 
 class AdapterCache:
-    """Deserialised adapters by row id (rows are immutable once written)."""
+    """Deserialised adapters and their photo means by row id (rows are immutable once written)."""
 
     def __init__(self, max_items: int = 4096) -> None:
         self._items: OrderedDict[str, ConceptAdapter] = OrderedDict()
         self._means: dict[str, np.ndarray | None] = {}
         self._lock = threading.Lock()
         self.max_items = max_items
-
-    def photo_mean(self, db_session: Session, row: Adapter, model_id: str) -> np.ndarray | None:
-        """Normalised mean of the normalised photo embeddings this adapter was trained on."""
-        key = f"{row.id}:{model_id}"
-        with self._lock:
-            if key in self._means:
-                return self._means[key]
-        blobs = db_session.scalars(
-            select(ConceptExample.embedding).where(
-                ConceptExample.concept_id == row.concept_id,
-                ConceptExample.version_added <= row.version,
-                ConceptExample.embedding_model == model_id,
-                ConceptExample.embedding.is_not(None),
-            )
-        ).all()
-        mean = None
-        if blobs:
-            vecs = np.stack([np.frombuffer(b, np.float32) for b in blobs if b is not None])
-            mean = _unit(_unit(vecs).mean(axis=0))
-        with self._lock:
-            self._means[key] = mean
-            while len(self._means) > self.max_items:
-                self._means.pop(next(iter(self._means)))
-        return mean
 
     def get(self, row: Adapter) -> ConceptAdapter:
         with self._lock:
@@ -115,17 +112,36 @@ class AdapterCache:
                 self._items.popitem(last=False)
         return adapter
 
+    def photo_mean(
+        self, row: Adapter, model_id: str, load: Callable[[], np.ndarray | None]
+    ) -> np.ndarray | None:
+        """The adapter's photo mean under `model_id`: cached, else `load()`ed and kept."""
+        key = f"{row.id}:{model_id}"
+        with self._lock:
+            if key in self._means:
+                return self._means[key]
+        mean = load()
+        with self._lock:
+            self._means[key] = mean
+            while len(self._means) > self.max_items:
+                self._means.pop(next(iter(self._means)))
+        return mean
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
+def photo_mean(
+    db_session: Session, cache: AdapterCache, row: Adapter, model_id: str
+) -> np.ndarray | None:
+    """Normalised mean of the normalised photo embeddings the adapter was trained on, (D,)."""
 
-@dataclass(frozen=True)
-class QueryEncoding:
-    """A query's one search vector and, for several concepts, its per-concept parts."""
+    def load() -> np.ndarray | None:
+        blobs = repositories.adapter_photo_embeddings(
+            db_session=db_session, adapter=row, model_id=model_id
+        )
+        if not blobs:
+            return None
+        return recipe.photo_mean(np.stack([np.frombuffer(b, np.float32) for b in blobs]))
 
-    vector: np.ndarray  # (1, D) unit
-    parts: np.ndarray | None = None  # (K, D) unit: concept k's text under its update + photos
+    return cache.photo_mean(row, model_id, load)
 
 
 def encode_query(
@@ -136,7 +152,7 @@ def encode_query(
     settings: SearchSettings,
 ) -> np.ndarray:
     """The query embedding, (1, D): text under the concepts' updates, fused with their photos."""
-    return encode_query_parts(serving, text, adapters, photo_means, settings).vector
+    return recipe.encode_query(serving.bundle, text, adapters, photo_means, settings).vector
 
 
 def encode_query_parts(
@@ -146,32 +162,9 @@ def encode_query_parts(
     photo_means: Sequence[np.ndarray | None],
     settings: SearchSettings,
 ) -> QueryEncoding:
-    """The query embedding and, when it names several concepts, the part of each.
-
-    `photo_means[i]` is the photo-embedding mean of the concept of `adapters[i]` (None: none).
-    """
-    bundle = serving.bundle
-    means = [m for m in photo_means if m is not None]
-    if len(adapters) >= 2 and settings.stack == "embeddings":
-        # Each update fires on its own token, so the query is encoded once per concept, each
-        # part fused with its own concept's photos, and the plain query added for the context
-        # (synthetic PerVL: two-concept mRR 0.355 -> 0.421 on test, better on 4/4 validation
-        # seeds than one global photo mean; bench/results/pervl_synthetic_multi.json).
-        parts = []
-        for adapter, mean in zip(adapters, photo_means, strict=True):
-            part = _unit(encode_texts(bundle, [text], [adapter]))  # (1, D)
-            if mean is not None and settings.multi_photo_weight > 0:
-                part = _unit(part + settings.multi_photo_weight * _unit(mean)[None])
-            parts.append(part)
-        q = _unit(np.sum(parts, axis=0))
-        if settings.multi_context_weight > 0:
-            q = _unit(q + settings.multi_context_weight * encode_texts(bundle, [text]))
-        return QueryEncoding(q.astype(np.float32), np.concatenate(parts).astype(np.float32))
-    q = encode_texts(bundle, [text], adapters)
-    if means and settings.photo_weight > 0:
-        photos = _unit(_unit(np.stack(means)).mean(axis=0))  # (D,)
-        q = _unit(q + settings.photo_weight * photos[None])
-    return QueryEncoding(q.astype(np.float32))
+    """The query embedding and, when it names several concepts, the part of each
+    (`app.services.recipe.encode_query` on the serving model)."""
+    return recipe.encode_query(serving.bundle, text, adapters, photo_means, settings)
 
 
 def rerank_by_regions(
@@ -190,40 +183,18 @@ def rerank_by_regions(
     if not ranked:
         return ranked, 0
     dim = parts.shape[1]
-    rows: dict[int, tuple[bytes | None, bytes | None]] = {}
-    ids = [i for i, _ in ranked]
-    for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-        query = select(Image.vec_id, Image.embedding, Image.region_embeddings).where(
-            Image.user_id == user_id, Image.vec_id.in_(ids[start : start + 900])
-        )
-        rows.update((v, (e, r)) for v, e, r in db_session.execute(query))
+    rows = repositories.image_vectors(
+        db_session=db_session, user_id=user_id, vec_ids=[i for i, _ in ranked]
+    )
     kept = [(i, s) for i, s in ranked if i in rows and rows[i][0] is not None]
     if not kept:
         return [], 0
     whole = np.stack([np.frombuffer(rows[i][0], np.float32) for i, _ in kept])  # type: ignore[arg-type]
     regions = [unpack_regions(rows[i][1], dim) for i, _ in kept]
     base = np.array([s for _, s in kept], dtype=np.float32)
-    scores = rerank_scores(base, parts, whole, regions, weight)
-    order = np.argsort(-scores, kind="stable")
-    return [(kept[n][0], float(scores[n])) for n in order], sum(not len(r) for r in regions)
-
-
-def _latest_adapters(db_session: Session, concept_ids: Sequence[str]) -> dict[str, Adapter]:
-    """The newest stored adapter per concept: a concept keeps searching while it retrains."""
-    if not concept_ids:
-        return {}
-    newest = (
-        select(Adapter.concept_id, func.max(Adapter.version).label("v"))
-        .where(Adapter.concept_id.in_(list(concept_ids)))
-        .group_by(Adapter.concept_id)
-        .subquery()
-    )
-    rows = db_session.scalars(
-        select(Adapter).join(
-            newest, (Adapter.concept_id == newest.c.concept_id) & (Adapter.version == newest.c.v)
-        )
-    )
-    return {row.concept_id: row for row in rows}
+    order, scores = recipe.rerank(base, parts, whole, regions, weight)
+    reranked = [(kept[n][0], float(s)) for n, s in zip(order, scores, strict=True)]
+    return reranked, sum(not len(r) for r in regions)
 
 
 def validate_query(query: str, limits: LimitSettings) -> str:
@@ -235,6 +206,102 @@ def validate_query(query: str, limits: LimitSettings) -> str:
             f"the query has {len(text)} characters; at most {limits.max_query_chars} are accepted"
         )
     return text
+
+
+@dataclass
+class _Personalized:
+    """What a query's concept names resolved to: the text to encode and the recipe's inputs."""
+
+    text: str
+    adapters: list[ConceptAdapter] = field(default_factory=list)
+    photo_means: list[np.ndarray | None] = field(default_factory=list)
+    applied: list[AppliedConcept] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _personalize(
+    db_session: Session,
+    user_id: str,
+    text: str,
+    concept_ids: Sequence[str],
+    serving: ServingModel,
+    adapter_cache: AdapterCache,
+) -> _Personalized:
+    """Rewrite the user's concept names into placeholders; load the named concepts' adapters."""
+    concepts = repositories.user_concepts(db_session=db_session, user_id=user_id)
+    by_id = {c.id: c for c in concepts}
+    for cid in concept_ids:
+        if cid not in by_id:
+            raise NotFound.of("concept")
+    stored = repositories.latest_adapters(db_session=db_session, concept_ids=list(by_id))
+    out = _Personalized(text)
+    loaded = _compatible_adapters(stored, by_id, serving, adapter_cache, out.warnings)
+    phrases = {
+        c.id: (
+            placeholder_phrase(loaded[c.id].token, loaded[c.id].category)
+            if c.id in loaded
+            else c.name  # untrained: search for the name as plain text
+        )
+        for c in concepts
+    }
+    rewritten = rewrite_query(text, [NamedConcept(c.id, c.name) for c in concepts], phrases)
+    out.text = rewritten.text
+    for cid in dict.fromkeys([*rewritten.concept_ids, *concept_ids]):
+        concept, row = by_id[cid], stored.get(cid)
+        ok = cid in loaded
+        if ok:
+            assert row is not None
+            out.adapters.append(loaded[cid])
+            out.photo_means.append(photo_mean(db_session, adapter_cache, row, serving.model_id))
+        elif row is None:
+            out.warnings.append(
+                f"'{concept.name}' is {concept.state} and has no trained version yet; "
+                "its name was searched as plain text"
+            )
+        out.applied.append(
+            AppliedConcept(
+                id=cid,
+                name=concept.name,
+                version=row.version if ok and row else None,
+                mentioned=cid in rewritten.concept_ids,
+                applied=ok,
+            )
+        )
+    return out
+
+
+def _compatible_adapters(
+    stored: dict[str, Adapter],
+    by_id: dict[str, Concept],
+    serving: ServingModel,
+    adapter_cache: AdapterCache,
+    warnings: list[str],
+) -> dict[str, ConceptAdapter]:
+    """concept id -> its newest adapter, for those trained on the serving model."""
+    loaded: dict[str, ConceptAdapter] = {}
+    for cid, row in stored.items():
+        try:
+            adapter = adapter_cache.get(row)
+            adapter.check_compatible(serving.bundle.fingerprint)
+        except AdapterMismatchError:
+            warnings.append(
+                f"'{by_id[cid].name}' was trained on another model; add a photo or "
+                "re-register it to retrain it for the serving model"
+            )
+            continue
+        loaded[cid] = adapter
+    return loaded
+
+
+def _check_length(serving: ServingModel, text: str) -> None:
+    bundle = serving.bundle
+    n_tokens = count_tokens(bundle, text)
+    if n_tokens > bundle.context_length:
+        raise QueryTooLong(
+            f"the query is {n_tokens} tokens long but the model reads at most "
+            f"{bundle.context_length} (CLIP's context, start and end tokens included); shorten it",
+            detail={"tokens": n_tokens, "context_length": bundle.context_length},
+        )
 
 
 def search_images(
@@ -259,155 +326,92 @@ def search_images(
         raise ValidationFailed(f"k must be between 1 and {limits.max_k}", code="invalid_k")
     if offset < 0:
         raise ValidationFailed("offset must be 0 or more", code="invalid_offset")
-    bundle = serving.bundle
-    warnings: list[str] = []
-    applied: list[AppliedConcept] = []
-    adapters: list[ConceptAdapter] = []
-    photo_means: list[np.ndarray | None] = []
-    encoded = text
-    if personalize:
-        concepts = list(db_session.scalars(select(Concept).where(Concept.user_id == user_id)))
-        by_id = {c.id: c for c in concepts}
-        for cid in concept_ids:
-            if cid not in by_id:
-                raise NotFound.of("concept")
-        stored = _latest_adapters(db_session, [c.id for c in concepts])
-        loaded: dict[str, ConceptAdapter] = {}
-        for cid, row in stored.items():
-            try:
-                adapter = adapter_cache.get(row)
-                adapter.check_compatible(bundle.fingerprint)
-            except AdapterMismatchError:
-                warnings.append(
-                    f"'{by_id[cid].name}' was trained on another model; add a photo or "
-                    "re-register it to retrain it for the serving model"
-                )
-                continue
-            loaded[cid] = adapter
-        named = [NamedConcept(c.id, c.name) for c in concepts]
-        phrases = {
-            c.id: (
-                placeholder_phrase(loaded[c.id].token, loaded[c.id].category)
-                if c.id in loaded
-                else c.name  # untrained: search for the name as plain text
-            )
-            for c in concepts
-        }
-        rewritten = rewrite_query(text, named, phrases)
-        encoded = rewritten.text
-        wanted = list(dict.fromkeys([*rewritten.concept_ids, *concept_ids]))
-        for cid in wanted:
-            concept = by_id[cid]
-            adapter_row = stored.get(cid)
-            ok = cid in loaded
-            if ok:
-                adapters.append(loaded[cid])
-                assert adapter_row is not None
-                photo_means.append(
-                    adapter_cache.photo_mean(db_session, adapter_row, serving.model_id)
-                )
-            elif adapter_row is None:
-                warnings.append(
-                    f"'{concept.name}' is {concept.state} and has no trained version yet; "
-                    "its name was searched as plain text"
-                )
-            applied.append(
-                AppliedConcept(
-                    id=cid,
-                    name=concept.name,
-                    version=adapter_row.version if ok and adapter_row else None,
-                    mentioned=cid in rewritten.concept_ids,
-                    applied=ok,
-                )
-            )
-    n_tokens = count_tokens(bundle, encoded)
-    if n_tokens > bundle.context_length:
-        raise QueryTooLong(
-            f"the query is {n_tokens} tokens long but the model reads at most "
-            f"{bundle.context_length} (CLIP's context, start and end tokens included); shorten it",
-            detail={"tokens": n_tokens, "context_length": bundle.context_length},
-        )
-    cfg = search_settings or SearchSettings()
-    encoding = encode_query_parts(serving, encoded, adapters, photo_means, cfg)
-    cached = index_cache.get(
-        db_session=db_session, user_id=user_id, model_id=serving.model_id, dim=bundle.embed_dim
+    named = (
+        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
+        if personalize
+        else _Personalized(text)
     )
-    index = cached.index
+    _check_length(serving, named.text)
+    cfg = search_settings or SearchSettings()
+    encoding = recipe.encode_query(
+        serving.bundle, named.text, named.adapters, named.photo_means, cfg
+    )
+    cached = index_cache.get(
+        db_session=db_session,
+        user_id=user_id,
+        model_id=serving.model_id,
+        dim=serving.bundle.embed_dim,
+    )
     want = offset + k
-    regions = encoding.parts is not None and cfg.regions != "none" and cfg.region_weight > 0
-    # Several concepts: the top candidates of the one-vector search are re-ranked by where each
-    # concept best matches a crop of the image (app.ml.regions).
-    fetch = max(want, cfg.region_candidates) if regions else want
-    # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
-    among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
-    scores, ids = index.search(encoding.vector, fetch, among=among)
-    ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    if regions:
-        assert encoding.parts is not None
-        ranked, missing = rerank_by_regions(
-            db_session, user_id, ranked, encoding.parts, cfg.region_weight
-        )
-        candidates, ranked = len(ranked), ranked[:want]
-        if missing:
-            warnings.append(
-                f"{missing} of the {candidates} re-ranked "
-                "images have no crop embeddings yet (still being embedded, or added before "
-                "crops were on: POST /index/rebuild adds them); they were matched on the whole "
-                "image only"
-            )
-    images = _images_by_vec_id(db_session, user_id, [i for i, _ in ranked])
+    ranked = _rank(db_session, user_id, encoding, cached, want, filters, cfg, named.warnings)
+    images = repositories.images_by_vec_id(
+        db_session=db_session, user_id=user_id, vec_ids=[i for i, _ in ranked]
+    )
     # Rows deleted after the index was read are simply absent.
     ranked = [(i, s) for i, s in ranked if i in images]
     hits = [SearchHit(images[i], s, offset + n + 1) for n, (i, s) in enumerate(ranked[offset:want])]
     return SearchOutcome(
         query=query,
-        text=encoded,
-        personalized=bool(adapters),
+        text=named.text,
+        personalized=bool(named.adapters),
         model_id=serving.model_id,
         hits=hits,
-        concepts=applied,
-        indexed=len(index),
-        warnings=warnings,
-        reranked=regions,
+        concepts=named.applied,
+        indexed=len(cached.index),
+        warnings=named.warnings,
+        reranked=recipe.reranks_by_regions(encoding, cfg),
     )
+
+
+def _rank(
+    db_session: Session,
+    user_id: str,
+    encoding: QueryEncoding,
+    cached: CachedIndex,
+    want: int,
+    filters: SearchFilters | None,
+    cfg: SearchSettings,
+    warnings: list[str],
+) -> list[tuple[int, float]]:
+    """The `want` best (vec id, score) of the user's index for the encoded query."""
+    regions = recipe.reranks_by_regions(encoding, cfg)
+    # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
+    among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
+    fetch = recipe.candidates_to_fetch(want, regions, cfg)
+    scores, ids = cached.index.search(encoding.vector, fetch, among=among)
+    ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+    if not regions:
+        return ranked
+    # Several concepts: the best candidates are re-ranked by where each concept best matches a
+    # crop of the image.
+    assert encoding.parts is not None
+    ranked, missing = rerank_by_regions(
+        db_session, user_id, ranked, encoding.parts, cfg.region_weight
+    )
+    if missing:
+        warnings.append(
+            f"{missing} of the {len(ranked)} re-ranked "
+            "images have no crop embeddings yet (still being embedded, or added before "
+            "crops were on: POST /index/rebuild adds them); they were matched on the whole "
+            "image only"
+        )
+    return ranked[:want]
 
 
 def _filtered_vec_ids(db_session: Session, user_id: str, filters: SearchFilters) -> np.ndarray:
     """FAISS ids of the user's images that pass every filter, (M,) int64."""
-    query = select(Image.vec_id).where(Image.user_id == user_id)
-    if filters.created_after:
-        query = query.where(Image.created_at >= filters.created_after)
-    if filters.created_before:
-        query = query.where(Image.created_at < filters.created_before)
-    if filters.mime:
-        query = query.where(Image.mime.in_(filters.mime))
-    return np.fromiter(db_session.scalars(query), dtype=np.int64)
-
-
-def _images_by_vec_id(db_session: Session, user_id: str, vec_ids: list[int]) -> dict[int, Image]:
-    if not vec_ids:
-        return {}
-    found: dict[int, Image] = {}
-    for start in range(0, len(vec_ids), 900):  # stay under SQLite's bound-parameter limit
-        query = (
-            select(Image)
-            .options(defer(Image.embedding))  # hits need metadata, not their vectors
-            .where(Image.user_id == user_id, Image.vec_id.in_(vec_ids[start : start + 900]))
-        )
-        found.update((img.vec_id, img) for img in db_session.scalars(query))
-    return found
+    ids = repositories.filtered_vec_ids(
+        db_session=db_session,
+        user_id=user_id,
+        created_after=filters.created_after,
+        created_before=filters.created_before,
+        mime=filters.mime,
+    )
+    return np.asarray(ids, dtype=np.int64)
 
 
 def unembedded_count(db_session: Session, user_id: str, model_id: str) -> int:
     """Images of the user not (yet) embedded by the serving model."""
-    return int(
-        db_session.scalar(
-            select(func.count())
-            .select_from(Image)
-            .where(
-                Image.user_id == user_id,
-                (Image.embedding_model.is_(None)) | (Image.embedding_model != model_id),
-            )
-        )
-        or 0
+    return repositories.count_unembedded_images(
+        db_session=db_session, user_id=user_id, model_id=model_id
     )

@@ -1,0 +1,129 @@
+"""The query recipe: how a query that names concepts becomes a vector and, maybe, a re-ranking.
+
+Pure math on a model bundle, adapters and photo embeddings: no database, no web. The service
+(`app.services.search`) and the benchmark's default method (`app.bench.service`) both call it,
+so the benchmark's headline row is what the service does
+(tests/unit/bench/test_recipe_parity.py). The steps, each chosen on the synthetic PerVL
+validation split (bench/results/pervl_synthetic*.json):
+
+1. one concept: the query encoded under the concept's update, fused with its photo mean;
+2. several concepts (`stack="embeddings"`): one *part* per concept — the query under that
+   concept's update alone, fused with that concept's photos — summed, plus the plain query for
+   the context; `stack="parameters"` is the paper's exact sum of the updates instead;
+3. several concepts: the best candidates of the one-vector search are re-ranked by where each
+   part best matches a crop of the image (`app.ml.regions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.config import SearchSettings
+from app.ml.adapter import ConceptAdapter
+from app.ml.encode import encode_texts
+from app.ml.model import ClipBundle
+from app.ml.regions import rerank_scores
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm."""
+    out: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+def photo_mean(embeddings: np.ndarray) -> np.ndarray | None:
+    """Normalised mean of a concept's normalised photo embeddings (n, D) -> (D,); None if n = 0."""
+    if not len(embeddings):
+        return None
+    return unit(unit(np.asarray(embeddings, dtype=np.float32)).mean(axis=0))
+
+
+@dataclass(frozen=True)
+class QueryEncoding:
+    """A query's one search vector and, for several concepts, its per-concept parts."""
+
+    vector: np.ndarray  # (1, D) unit
+    parts: np.ndarray | None = None  # (K, D) unit: concept k's text under its update + photos
+
+
+def splits_by_concept(adapters: Sequence[ConceptAdapter], settings: SearchSettings) -> bool:
+    """Whether the query is encoded once per concept (and may then be re-ranked by regions)."""
+    return len(adapters) >= 2 and settings.stack == "embeddings"
+
+
+def encode_batch(
+    bundle: ClipBundle,
+    texts: Sequence[str],
+    adapters: Sequence[ConceptAdapter],
+    photo_means: Sequence[np.ndarray | None],
+    settings: SearchSettings,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Texts that name the same concepts, encoded: vectors (Q, D) and parts (Q, K, D) or None.
+
+    `photo_means[k]` is the photo mean (`photo_mean`) of the concept of `adapters[k]`, None when
+    it has no photos for this model (one per adapter when the query is split by concept).
+    """
+    if splits_by_concept(adapters, settings):
+        # Each update fires on its own token, so the query is encoded once per concept, each
+        # part fused with its own concept's photos, and the plain query added for the context
+        # (synthetic PerVL: two-concept mRR 0.355 -> 0.421 on test, better on 4/4 validation
+        # seeds than one global photo mean; bench/results/pervl_synthetic_multi.json).
+        parts = []
+        for adapter, mean in zip(adapters, photo_means, strict=True):
+            part = unit(encode_texts(bundle, texts, [adapter]))  # (Q, D)
+            if mean is not None and settings.multi_photo_weight > 0:
+                part = unit(part + settings.multi_photo_weight * unit(mean)[None])
+            parts.append(part)
+        q = unit(np.sum(parts, axis=0))
+        if settings.multi_context_weight > 0:
+            q = unit(q + settings.multi_context_weight * encode_texts(bundle, texts))
+        return q.astype(np.float32), np.stack(parts, axis=1).astype(np.float32)
+    q = encode_texts(bundle, texts, adapters)  # (Q, D); several adapters: the exact sum
+    means = [m for m in photo_means if m is not None]
+    if means and settings.photo_weight > 0:
+        photos = unit(unit(np.stack(means)).mean(axis=0))  # (D,)
+        q = unit(q + settings.photo_weight * photos[None])
+    return q.astype(np.float32), None
+
+
+def encode_query(
+    bundle: ClipBundle,
+    text: str,
+    adapters: Sequence[ConceptAdapter],
+    photo_means: Sequence[np.ndarray | None],
+    settings: SearchSettings,
+) -> QueryEncoding:
+    """One query's vector and, when it names several concepts, the part of each."""
+    vectors, parts = encode_batch(bundle, [text], adapters, photo_means, settings)
+    return QueryEncoding(vectors, None if parts is None else parts[0])
+
+
+def reranks_by_regions(encoding: QueryEncoding, settings: SearchSettings) -> bool:
+    """Whether the query's best candidates are re-ranked by crop matches."""
+    return encoding.parts is not None and settings.regions != "none" and settings.region_weight > 0
+
+
+def candidates_to_fetch(want: int, rerank: bool, settings: SearchSettings) -> int:
+    """How many hits of the one-vector search the ranking needs."""
+    return max(want, settings.region_candidates) if rerank else want
+
+
+def rerank(
+    base: np.ndarray,
+    parts: np.ndarray,
+    whole: np.ndarray,
+    regions: np.ndarray | Sequence[np.ndarray],
+    weight: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates re-scored with each part's best crop match: (order, scores), best first.
+
+    base (N,) one-vector scores; parts (K, D); whole (N, D); regions[n] (R_n, D), R_n may be 0
+    (an image embedded without crops is matched on its whole embedding). Ties keep the
+    candidates' order.
+    """
+    scores = rerank_scores(base, parts, whole, regions, weight)  # (N,)
+    order = np.argsort(-scores, kind="stable")
+    return order, scores[order]
