@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host or settings.host,
         port=args.port or settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep the format main() configured (app/logs.py) for uvicorn too
     )
     return 0
 
@@ -408,8 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from app.errors import DomainError
+    from app.logs import configure_logging
 
     args = build_parser().parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.func(args))
     except DomainError as e:

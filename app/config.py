@@ -125,7 +125,12 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address `polar serve` binds")
     port: int = Field(8000, description="port `polar serve` binds")
-    log_level: str = Field("info", description="logging level")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="logging level of every process (API, worker, CLI)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as plain text, or one JSON object per line"
+    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)

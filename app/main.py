@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import __version__, web
+from app import __version__, bootstrap, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.routes import concepts, health, images, index, jobs, search
 from app.config import Settings, get_settings
-from app.db import make_engine, make_session_factory, migrate
+from app.db import migrate
 from app.metrics import Metrics
-from app.runner import job_runtime
-from app.services import job_handlers
+from app.runner import JobRunner
 from app.services.index import IndexCache
+from app.services.jobs import JobHandler
 from app.services.model import ModelLoader
 from app.services.search import AdapterCache
-from app.storage import ImageStore
 
 # Multipart framing per file part (headers, boundary), on top of the files' own bytes.
 _PART_OVERHEAD_BYTES = 64 * 1024
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the ASGI app; tests pass their own settings."""
+def create_app(
+    settings: Settings | None = None, *, handlers: Mapping[str, JobHandler] | None = None
+) -> FastAPI:
+    """Build the ASGI app; tests pass their own settings (and job handlers)."""
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    container = bootstrap.build(settings, handlers=handlers)
+    engine = container.engine
+    queue = bootstrap.job_queue(container)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,12 +43,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # deployments may also run `polar migrate` first.
         migrate(engine)
         app.state.model_loader.start()
+        # Embedded mode (no broker): a job thread pool in this process, stopped on exit.
+        runner = queue if isinstance(queue, JobRunner) else None
         try:
-            # Embedded mode (no broker): a job thread pool in this process, stopped on exit.
-            with job_runtime(settings, app.state.session_factory) as dispatcher:
-                app.state.job_dispatcher = dispatcher
-                yield
+            if runner is not None:
+                runner.start()
+            yield
         finally:
+            if runner is not None:
+                runner.stop()
             app.state.index_cache.close()
             engine.dispose()
 
@@ -56,17 +62,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         dependencies=[AUTH],  # every route needs a key, except deps.PUBLIC_PATHS
     )
+    app.state.container = container
     app.state.settings = settings
     app.state.engine = engine
-    app.state.session_factory = make_session_factory(engine)
-    app.state.image_store = ImageStore(settings.data_dir)
+    app.state.session_factory = container.session_factory
+    app.state.image_store = container.store
+    app.state.job_queue = queue
     app.state.index_cache = IndexCache(
         settings.data_dir / "index", max_bytes=settings.search.index_cache_mb * 1024 * 1024
     )
     app.state.adapter_cache = AdapterCache()
     app.state.model_loader = ModelLoader(settings.model)
     app.state.metrics = Metrics()
-    job_handlers.install()
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     limits = settings.limits

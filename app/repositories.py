@@ -2,14 +2,90 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
-from app.models import Adapter, ApiKey, Concept, ConceptExample, Image, Job, JobState, User
+from app.errors import InvalidCursor
+from app.models import (
+    Adapter,
+    ApiKey,
+    Concept,
+    ConceptExample,
+    Image,
+    Job,
+    JobKind,
+    JobState,
+    User,
+    utcnow,
+)
+
+_MALFORMED_CURSOR = "malformed cursor: pass back next_cursor unchanged"
+
+
+# --- keyset pagination, written once ------------------------------------------------------------
+
+
+RowT = TypeVar("RowT")
+
+
+@dataclass(frozen=True)
+class Page(Generic[RowT]):
+    """One page of a listing; `next_cursor` is None on the last page."""
+
+    items: Sequence[RowT]
+    next_cursor: str | None
+
+
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    """Opaque cursor just after the row keyed (created_at, id): url-safe base64, no padding."""
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) key inside a cursor; InvalidCursor if we did not make it."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, row_id = raw.split("|")
+        created_at = datetime.fromisoformat(stamp)
+        uuid.UUID(row_id)
+    except (binascii.Error, UnicodeError, ValueError) as e:
+        raise InvalidCursor(_MALFORMED_CURSOR) from e
+    if created_at.tzinfo is None:
+        raise InvalidCursor(_MALFORMED_CURSOR)
+    return created_at, row_id
+
+
+def keyset_page(
+    db_session: Session,
+    query: Select[Any],
+    *,
+    created_at: InstrumentedAttribute[datetime],
+    row_id: InstrumentedAttribute[str],
+    limit: int,
+    cursor: str | None,
+    newest_first: bool = False,
+) -> Page[Any]:
+    """A page of `query`'s rows in (created_at, id) order, stable under concurrent inserts."""
+    if cursor:
+        at, key = decode_cursor(cursor)
+        if newest_first:
+            query = query.where(or_(created_at < at, and_(created_at == at, row_id < key)))
+        else:
+            query = query.where(or_(created_at > at, and_(created_at == at, row_id > key)))
+    order = (created_at.desc(), row_id.desc()) if newest_first else (created_at, row_id)
+    rows = db_session.scalars(query.order_by(*order).limit(limit + 1)).all()
+    items = rows[:limit]
+    last = items[-1] if len(rows) > limit else None
+    return Page(items, encode_cursor(last.created_at, last.id) if last is not None else None)
 
 
 def get_user(*, db_session: Session, user_id: str) -> User | None:
@@ -48,23 +124,17 @@ def get_image_by_sha256(*, db_session: Session, user_id: str, sha256: str) -> Im
 
 
 def list_images_page(
-    *,
-    db_session: Session,
-    user_id: str,
-    limit: int,
-    after: tuple[datetime, str] | None = None,
-) -> Sequence[Image]:
-    """Up to `limit` images ordered by (created_at, id), strictly after the `after` key."""
-    query = select(Image).where(Image.user_id == user_id)
-    if after is not None:
-        created_at, image_id = after
-        query = query.where(
-            or_(
-                Image.created_at > created_at,
-                and_(Image.created_at == created_at, Image.id > image_id),
-            )
-        )
-    return db_session.scalars(query.order_by(Image.created_at, Image.id).limit(limit)).all()
+    *, db_session: Session, user_id: str, limit: int, cursor: str | None = None
+) -> Page[Image]:
+    """A page of the user's images, oldest first."""
+    return keyset_page(
+        db_session,
+        select(Image).where(Image.user_id == user_id),
+        created_at=Image.created_at,
+        row_id=Image.id,
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 def storage_path_in_use(*, db_session: Session, storage_path: str) -> bool:
@@ -80,6 +150,155 @@ def add_job(*, db_session: Session, user_id: str, kind: str, payload: dict[str, 
     db_session.add(job)
     db_session.flush()
     return job
+
+
+def get_job(*, db_session: Session, user_id: str, job_id: str) -> Job | None:
+    """One of the user's jobs (None for a missing or foreign id)."""
+    return db_session.scalar(select(Job).where(Job.id == job_id, Job.user_id == user_id))
+
+
+def requeue_running_jobs(*, db_session: Session) -> int:
+    """Every 'running' job back to 'queued' (their process died); how many."""
+    result = db_session.execute(
+        update(Job)
+        .where(Job.state == JobState.RUNNING.value)
+        .values(state=JobState.QUEUED.value, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def queued_job_ids(*, db_session: Session) -> list[str]:
+    """Ids of every queued job, oldest first."""
+    return list(
+        db_session.scalars(
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED.value)
+            .order_by(Job.created_at, Job.id)
+        )
+    )
+
+
+def list_jobs_page(
+    *,
+    db_session: Session,
+    user_id: str,
+    limit: int,
+    cursor: str | None = None,
+    state: str | None = None,
+    kind: str | None = None,
+) -> Page[Job]:
+    """A page of the user's jobs, newest first, optionally of one state and kind."""
+    query = select(Job).where(Job.user_id == user_id)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    return keyset_page(
+        db_session,
+        query,
+        created_at=Job.created_at,
+        row_id=Job.id,
+        limit=limit,
+        cursor=cursor,
+        newest_first=True,
+    )
+
+
+# --- concepts -----------------------------------------------------------------------------------
+
+
+def get_concept(
+    *, db_session: Session, user_id: str, concept_id: str, lock: bool = False
+) -> Concept | None:
+    """One of the user's concepts; `lock` re-reads it under a row lock (SELECT ... FOR UPDATE)."""
+    query = select(Concept).where(Concept.id == concept_id, Concept.user_id == user_id)
+    if lock:  # another request may have just bumped the version: take the row as it is now
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return db_session.scalar(query)
+
+
+def concept_name_taken(
+    *, db_session: Session, user_id: str, name_key: str, except_id: str | None = None
+) -> bool:
+    """Whether another of the user's concepts has this normalised name."""
+    query = select(Concept.id).where(Concept.user_id == user_id, Concept.name_key == name_key)
+    if except_id is not None:
+        query = query.where(Concept.id != except_id)
+    return db_session.scalar(query.limit(1)) is not None
+
+
+def list_concepts_page(
+    *, db_session: Session, user_id: str, limit: int, cursor: str | None = None
+) -> Page[Concept]:
+    """A page of the user's concepts, oldest first."""
+    return keyset_page(
+        db_session,
+        select(Concept).where(Concept.user_id == user_id),
+        created_at=Concept.created_at,
+        row_id=Concept.id,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+def example_counts(*, db_session: Session, concept_ids: Sequence[str]) -> dict[str, int]:
+    """concept id -> number of photos (concepts without photos are absent)."""
+    rows = db_session.execute(
+        select(ConceptExample.concept_id, func.count())
+        .where(ConceptExample.concept_id.in_(concept_ids))
+        .group_by(ConceptExample.concept_id)
+    ).all()
+    return {concept_id: int(n) for concept_id, n in rows}
+
+
+def example_hashes(*, db_session: Session, concept_id: str) -> set[str]:
+    """The content hashes of a concept's photos."""
+    return set(
+        db_session.scalars(
+            select(ConceptExample.sha256).where(ConceptExample.concept_id == concept_id)
+        )
+    )
+
+
+def example_storage_paths(*, db_session: Session, concept_id: str) -> list[str]:
+    """The stored files of a concept's photos, sorted."""
+    return sorted(
+        set(
+            db_session.scalars(
+                select(ConceptExample.storage_path).where(ConceptExample.concept_id == concept_id)
+            )
+        )
+    )
+
+
+def current_training_jobs(*, db_session: Session, concepts: Sequence[Concept]) -> dict[str, str]:
+    """concept id -> id of the newest job training its current version (one user's concepts)."""
+    if not concepts:
+        return {}
+    wanted = {c.id: c.version for c in concepts}
+    rows = db_session.scalars(
+        select(Job)
+        .where(
+            Job.user_id == concepts[0].user_id,
+            Job.kind == JobKind.TRAIN_CONCEPT.value,
+            Job.payload["concept_id"].as_string().in_(list(wanted)),
+        )
+        .order_by(Job.created_at, Job.id)
+    ).all()
+    found: dict[str, str] = {}
+    for job in rows:  # oldest first: the newest match wins
+        concept_id = job.payload.get("concept_id")
+        if concept_id in wanted and job.payload.get("version") == wanted[concept_id]:
+            found[concept_id] = job.id
+    return found
+
+
+def delete_concept(*, db_session: Session, concept_id: str) -> None:
+    """Core DELETE; the database cascades to photos and adapters (ON DELETE CASCADE)."""
+    db_session.execute(
+        delete(Concept).where(Concept.id == concept_id).execution_options(synchronize_session=False)
+    )
 
 
 # --- search: what a query reads (app.services.search) -------------------------------------------

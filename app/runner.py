@@ -1,25 +1,22 @@
-"""The embedded job runner: a small thread pool in the API process, used when no broker is set.
+"""The embedded job queue: a small thread pool in the API process, used when no broker is set.
 
-Same job states and progress as the Celery worker (both call app.services.jobs.run_job). Jobs
-found 'queued' or 'running' at start (the process died with them) are queued again. One process
-only: two API processes on one database would each re-run the other's jobs at start.
+It is a `JobQueue` (app/services/jobs.py) like the Celery queue in workers/queue.py, and runs the
+same `run_job` with the same job states and progress. Jobs found 'queued' or 'running' at start
+(the process died with them) are queued again. One process only: two API processes on one
+database would each re-run the other's jobs at start.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 
-from sqlalchemy import select, update
-
-from app.config import Settings
+from app import repositories
 from app.db import session_scope
-from app.models import Job, JobState, utcnow
 from app.services import jobs
-from app.services.jobs import JobDispatcher, JobInterrupted, SessionFactory
+from app.services.jobs import JobEnvironment, JobInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +29,15 @@ class JobRunner:
 
     def __init__(
         self,
-        settings: Settings,
-        session_factory: SessionFactory,
+        env: JobEnvironment,
         *,
         max_workers: int = 1,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
     ) -> None:
         # Jobs are CPU/GPU heavy and share one model: more threads than this only contend.
         assert 1 <= max_workers <= 2, "the embedded runner is for one small machine"
-        self.settings = settings
-        self.session_factory = session_factory
+        self.env = env
+        self.session_factory = env.session_factory
         self.max_workers = max_workers
         self.retry_delays = tuple(retry_delays)
         self._stopping = threading.Event()
@@ -66,17 +62,12 @@ class JobRunner:
     def requeue_unfinished(self) -> list[str]:
         """Set every 'running' job back to 'queued'; the ids of all queued jobs, oldest first."""
         with session_scope(self.session_factory) as s:
-            s.execute(
-                update(Job)
-                .where(Job.state == JobState.RUNNING.value)
-                .values(state=JobState.QUEUED.value, updated_at=utcnow())
-            )
-            ids = s.scalars(
-                select(Job.id)
-                .where(Job.state == JobState.QUEUED.value)
-                .order_by(Job.created_at, Job.id)
-            ).all()
-        return list(ids)
+            repositories.requeue_running_jobs(db_session=s)
+            return repositories.queued_job_ids(db_session=s)
+
+    def enqueue(self, job_id: str) -> None:
+        """Run the (committed) job when a thread is free (the JobQueue protocol)."""
+        self.submit(job_id)
 
     def submit(self, job_id: str) -> Future[None]:
         """Queue a job id; it runs when a thread is free."""
@@ -107,12 +98,7 @@ class JobRunner:
             if self._stopping.is_set():
                 return  # still 'queued' in the database
             try:
-                jobs.run_job(
-                    job_id,
-                    settings=self.settings,
-                    session_factory=self.session_factory,
-                    should_stop=self._stopping.is_set,
-                )
+                jobs.run_job(job_id, self.env, should_stop=self._stopping.is_set)
                 return
             except JobInterrupted:
                 log.info("job %s interrupted by shutdown; it will run after the next start", job_id)
@@ -129,31 +115,13 @@ class JobRunner:
 
     def _give_up(self, job_id: str, error: BaseException) -> None:
         try:
+            log.error("job %s: giving up after %d retries: %s", job_id, len(self.retry_delays),
+                      error, extra={"job_id": job_id})  # fmt: skip
             jobs.mark_failed(
                 job_id,
                 jobs.RETRIES_EXHAUSTED,
-                f"gave up after {len(self.retry_delays)} retries: {error}",
+                jobs.RETRIES_EXHAUSTED_MESSAGE,
                 session_factory=self.session_factory,
             )
         except Exception:
             log.exception("could not mark job %s failed", job_id)
-
-
-@contextmanager
-def job_runtime(
-    settings: Settings, session_factory: SessionFactory, *, max_workers: int = 1
-) -> Iterator[JobDispatcher]:
-    """For the app's lifespan: a running embedded runner (without a broker) and the dispatcher.
-
-    The dispatcher is also installed for `app.services.jobs.dispatch`, and removed on exit.
-    """
-    runner = JobRunner(settings, session_factory, max_workers=max_workers)
-    if settings.embedded_jobs:
-        runner.start()
-    dispatcher = JobDispatcher(settings, runner if settings.embedded_jobs else None)
-    jobs.install_dispatcher(dispatcher)
-    try:
-        yield dispatcher
-    finally:
-        jobs.install_dispatcher(None)
-        runner.stop()

@@ -67,7 +67,7 @@ from app.ml.regions import LAYOUTS, crop_regions, encode_regions  # noqa: E402
 from app.models import Image, utcnow  # noqa: E402
 from app.services import embedding  # noqa: E402
 from app.services.embedding import _open_rgb, decode_side, embed_pending  # noqa: E402
-from app.services.jobs import JobContext  # noqa: E402
+from app.services.jobs import JobContext, JobEnvironment  # noqa: E402
 from app.services.model import ServingModel  # noqa: E402
 from app.services.users import create_user  # noqa: E402
 from app.storage import ImageStore  # noqa: E402
@@ -451,7 +451,8 @@ def run_job(
 
         return wrapper
 
-    ctx = JobContext("bench", user_id, "embed_images", {}, settings, factory, on_progress)
+    env = JobEnvironment(settings, factory, ImageStore(settings.data_dir), {}, lambda: serving)
+    ctx = JobContext("bench", user_id, "embed_images", {}, env, on_progress)
     with (
         patched(repositories, "bump_index_generation", timed_bump),
         patched(embedding, "_open_rgb", timed(embedding._open_rgb, decode_s)),

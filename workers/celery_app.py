@@ -1,77 +1,86 @@
-"""The Celery app: `celery -A workers.celery_app worker`, configured from the same Settings."""
+"""The Celery app: `celery -A workers.celery_app worker`, configured from the same Settings.
+
+The worker's wiring (database, storage, model, handler table) comes from the composition root
+(app/bootstrap.py), built once per worker process on first use and kept on the Celery app.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, signals
 
+from app.bootstrap import Container, build
 from app.config import Settings, get_settings
+from app.logs import configure_logging
+from app.services.jobs import JobEnvironment, JobHandler
+from workers.queue import celery_config
 
 log = logging.getLogger(__name__)
 
-# Set to False by tests that start a worker without a model.
-WARM_MODEL = True
+
+class PolarCelery(Celery):
+    """A Celery app that carries its process's settings and wiring."""
+
+    def __init__(self, settings: Settings, *, warm_model: bool = True) -> None:
+        super().__init__("polar", include=["workers.tasks"])
+        self.conf.update(celery_config(settings))
+        self.settings = settings
+        self.warm_model_at_start = warm_model  # tests start workers that need no model
+        self._lock = threading.Lock()
+        self._container: Container | None = None
+
+    def container(self) -> Container:
+        """This process's wiring (built on first use)."""
+        with self._lock:
+            if self._container is None:
+                self._container = build(self.settings)
+            return self._container
+
+    def use_handlers(self, handlers: Mapping[str, JobHandler]) -> None:
+        """Run jobs with this handler table instead of the service's (tests)."""
+        with self._lock:
+            self._container = build(self.settings, handlers=handlers)
+
+    def job_environment(self) -> JobEnvironment:
+        return self.container().jobs
+
+    def warm_model(self) -> threading.Thread | None:
+        """Start loading the model in the background; tasks that need it wait on the loader."""
+        serving = self.job_environment().serving
+
+        def load() -> None:
+            try:
+                # The same loader as the API: the configured model, or the demo model, loudly.
+                serving()
+            except Exception:  # the first task that needs the model reports the error properly
+                log.exception("preloading the model failed")
+
+        # In a thread, because Celery gives worker_process_init only a few seconds to return.
+        thread = threading.Thread(target=load, name="polar-model-warmup", daemon=True)
+        thread.start()
+        return thread
 
 
-def create_celery(settings: Settings | None = None) -> Celery:
+def create_celery(settings: Settings | None = None, *, warm_model: bool = True) -> PolarCelery:
     """A Celery app whose broker and result backend are `settings.broker_url`."""
-    settings = settings or get_settings()
-    app = Celery("polar", include=["workers.tasks"])
-    app.conf.update(
-        broker_url=settings.broker_url or None,
-        result_backend=settings.broker_url or None,
-        # A task is acknowledged only once it has finished, so a worker that dies mid-task
-        # (OOM, node lost) hands it back to the queue; run_job is idempotent, so a rerun is safe.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # Training and embedding are long and hold the model: take one task at a time.
-        worker_prefetch_multiplier=1,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        # The database holds each job's state; results are only kept for `celery inspect`.
-        result_expires=timedelta(days=1),
-        # With acks_late, Redis redelivers a task that has not been acknowledged within this
-        # time, so it must exceed the longest job (embedding a large library).
-        broker_transport_options={"visibility_timeout": int(timedelta(hours=6).total_seconds())},
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        task_track_started=True,
-    )
-    return app
+    return PolarCelery(settings or get_settings(), warm_model=warm_model)
 
 
 celery_app = create_celery()
 
 
-def warm_model() -> threading.Thread | None:
-    """Start loading the model in the background; tasks that need it wait on the loader's lock."""
-    try:
-        from app.services.model import load_serving_model
-    except ImportError:  # the ML engine is optional for workers that only run light jobs
-        log.warning("the model loader is not available; the model is not preloaded")
-        return None
-    model = get_settings().model
-
-    def load() -> None:
-        try:
-            # The same loader as the API: the configured model, or the demo model, loudly.
-            load_serving_model(model)
-        except Exception:  # the first task that needs the model reports the error properly
-            log.exception("preloading the model failed")
-
-    # In a thread, because Celery gives worker_process_init only a few seconds to return.
-    thread = threading.Thread(target=load, name="polar-model-warmup", daemon=True)
-    thread.start()
-    return thread
+@signals.setup_logging.connect
+def _on_setup_logging(**_: Any) -> None:
+    """Our format instead of Celery's (connecting here stops Celery configuring its own)."""
+    configure_logging(celery_app.settings.log_level, celery_app.settings.log_format)
 
 
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
     """Each worker process loads the model once, before its first task needs it."""
-    if WARM_MODEL:
-        warm_model()
+    if celery_app.warm_model_at_start:
+        celery_app.warm_model()

@@ -7,15 +7,13 @@ from typing import Any
 
 from celery import Task
 
-from app.services import job_handlers, jobs
-from workers.celery_app import celery_app
+from app.services import jobs
+from workers.celery_app import PolarCelery, celery_app
+from workers.queue import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
-
-# The worker runs the same service functions as the embedded runner.
-job_handlers.install()
 
 
 class _JobTask(Task):
@@ -27,14 +25,28 @@ class _JobTask(Task):
         job_id = args[0] if args else kwargs.get("job_id")
         if job_id is None:
             return
+        log.error("job %s: Celery gave up after retries: %r", job_id, exc,
+                  extra={"job_id": job_id})  # fmt: skip
         try:
-            jobs.mark_failed(job_id, "job_retries_exhausted", f"gave up after retries: {exc}")
+            jobs.mark_failed(
+                job_id,
+                jobs.RETRIES_EXHAUSTED,
+                jobs.RETRIES_EXHAUSTED_MESSAGE,
+                session_factory=_app(self).job_environment().session_factory,
+            )
         except Exception:  # the database may be the thing that is down
             log.exception("could not mark job %s failed", job_id)
 
 
+def _app(task: Task) -> PolarCelery:
+    app = task.app
+    assert isinstance(app, PolarCelery), "polar tasks run on a PolarCelery app"
+    return app
+
+
 @celery_app.task(
-    name="polar.run_job",
+    name=RUN_JOB_TASK,
+    bind=True,
     base=_JobTask,
     autoretry_for=jobs.TRANSIENT_ERRORS,
     max_retries=MAX_RETRIES,
@@ -42,6 +54,6 @@ class _JobTask(Task):
     retry_backoff_max=120,
     retry_jitter=True,
 )
-def run_job_task(job_id: str) -> None:
+def run_job_task(self: Task, job_id: str) -> None:
     """Run one job; transient errors (database or broker connection) are retried with backoff."""
-    jobs.run_job(job_id)
+    jobs.run_job(job_id, _app(self).job_environment())

@@ -19,6 +19,7 @@ from app.errors import Unauthorized
 from app.models import User
 from app.services import users as users_service
 from app.services.index import IndexCache
+from app.services.jobs import JobQueue
 from app.services.model import ServingModel, load_serving_model
 from app.services.search import AdapterCache
 from app.storage import ImageStore
@@ -53,7 +54,14 @@ def get_store(request: Request) -> ImageStore:
     return store
 
 
+def get_queue(request: Request) -> JobQueue:
+    """Where new jobs go: the embedded runner, or Celery (wired in app/bootstrap.py)."""
+    queue: JobQueue = request.app.state.job_queue
+    return queue
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
 SessionDep = Annotated[Session, Depends(get_db_session)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
 

@@ -1,43 +1,28 @@
-"""Personal concepts: create from photos, list, rename, recategorise, add photos, delete, train.
+"""Personal concepts: create from photos, list, rename, recategorise, add photos, delete.
 
 Versions: anything that changes what the adapter must learn bumps `version` and queues one
-`train_concept` job for the new version: more photos, or a new category (the category is part of
-the placeholder phrase "sks <category>" the adapter is trained on). Renaming alone retrains
-nothing: the name is only matched in queries, never encoded. A job for an older version never
-overwrites the state of a newer one.
+`train_concept` job for the new version (app/services/training.py): more photos, or a new
+category (the category is part of the placeholder phrase "sks <category>" the adapter is trained
+on). Renaming alone retrains nothing: the name is only matched in queries, never encoded.
 
 Photos are stored like library images (content-addressed, validated by ImageStore.stage) and are
 all-or-nothing: one bad photo rejects the request and nothing of it is stored. A photo sent twice
 counts once.
-
-Importing this module registers `train_concept` as the handler of JobKind.TRAIN_CONCEPT.
 """
 
 from __future__ import annotations
 
-import base64
 import enum
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image as PILImage
-from PIL import ImageOps
-from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import repositories
 from app.config import LimitSettings, TrainingSettings
-from app.db import session_scope
 from app.errors import (
-    ConceptDeleted,
-    DomainError,
     DuplicateConceptName,
     InvalidCategory,
     InvalidConceptName,
@@ -45,25 +30,12 @@ from app.errors import (
     PhotoCountOutOfRange,
     ValidationFailed,
 )
-from app.ml.adapter import ConceptAdapter
-from app.ml.encode import encode_images
-from app.ml.model import ClipBundle
-from app.ml.selective import train_selective
 from app.ml.tokens import SHARED_TOKEN
-from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
-from app.models import (
-    Adapter,
-    Concept,
-    ConceptExample,
-    ConceptState,
-    Job,
-    JobKind,
-    new_id,
-)
-from app.services import jobs, retention
-from app.services.images import IncomingFile, decode_cursor, stage_all
-from app.services.jobs import JobContext, JobInterrupted
-from app.services.model import ServingModel, load_serving_model
+from app.ml.train import placeholder_phrase
+from app.models import Concept, ConceptExample, ConceptState, Job, JobKind, new_id
+from app.services import jobs
+from app.services.images import IncomingFile, delete_unused_files, stage_all
+from app.services.jobs import JobQueue, enqueue_committed
 from app.services.query import normalize_name
 from app.storage import ImageStore, StagedImage
 
@@ -71,8 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 64
 MAX_CATEGORY_CHARS = 40  # the phrase must leave room in a 32-token context (demo model)
-# Shares of a training job's progress: embedding the photos, then Adam, then retention.
-_EMBED_SHARE, _TRAIN_SHARE = 0.1, 0.8
 
 
 class _Keep(enum.Enum):
@@ -158,20 +128,13 @@ def _photo_range_error(got: int, training: TrainingSettings, what: str) -> Photo
     )
 
 
-# --- queries ------------------------------------------------------------------------------------
-
-
-def cursor_for(created_at: datetime, row_id: str) -> str:
-    """Opaque cursor just after (created_at, id); the format of app.services.images' cursors."""
-    raw = f"{created_at.isoformat()}|{row_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+# --- reading -----------------------------------------------------------------------------------
 
 
 def _get(db_session: Session, user_id: str, concept_id: str, *, lock: bool = False) -> Concept:
-    query = select(Concept).where(Concept.id == concept_id, Concept.user_id == user_id)
-    if lock:  # re-read under the row lock: another request may have just bumped the version
-        query = query.with_for_update().execution_options(populate_existing=True)
-    concept = db_session.scalar(query)
+    concept = repositories.get_concept(
+        db_session=db_session, user_id=user_id, concept_id=concept_id, lock=lock
+    )
     if concept is None:
         raise NotFound.of("concept")
     return concept
@@ -180,50 +143,16 @@ def _get(db_session: Session, user_id: str, concept_id: str, *, lock: bool = Fal
 def _check_name_free(
     db_session: Session, user_id: str, name: str, except_id: str | None = None
 ) -> None:
-    query = select(Concept.id).where(
-        Concept.user_id == user_id, Concept.name_key == normalize_name(name)
-    )
-    if except_id is not None:
-        query = query.where(Concept.id != except_id)
-    if db_session.scalar(query.limit(1)) is not None:
+    if repositories.concept_name_taken(
+        db_session=db_session, user_id=user_id, name_key=normalize_name(name), except_id=except_id
+    ):
         raise DuplicateConceptName(f"you already have a concept named {name!r}")
-
-
-def _example_counts(db_session: Session, ids: Sequence[str]) -> dict[str, int]:
-    rows = db_session.execute(
-        select(ConceptExample.concept_id, func.count())
-        .where(ConceptExample.concept_id.in_(ids))
-        .group_by(ConceptExample.concept_id)
-    ).all()
-    return {concept_id: int(n) for concept_id, n in rows}
-
-
-def _current_jobs(db_session: Session, concepts: Sequence[Concept]) -> dict[str, str]:
-    """concept id -> id of the newest job training its current version."""
-    if not concepts:
-        return {}
-    wanted = {c.id: c.version for c in concepts}
-    rows = db_session.scalars(
-        select(Job)
-        .where(
-            Job.user_id == concepts[0].user_id,
-            Job.kind == JobKind.TRAIN_CONCEPT.value,
-            Job.payload["concept_id"].as_string().in_(list(wanted)),
-        )
-        .order_by(Job.created_at, Job.id)
-    ).all()
-    found: dict[str, str] = {}
-    for job in rows:  # oldest first: the newest match wins
-        concept_id = job.payload.get("concept_id")
-        if concept_id in wanted and job.payload.get("version") == wanted[concept_id]:
-            found[concept_id] = job.id
-    return found
 
 
 def _views(db_session: Session, concepts: Sequence[Concept]) -> list[ConceptView]:
     ids = [c.id for c in concepts]
-    counts = _example_counts(db_session, ids)
-    job_ids = _current_jobs(db_session, concepts)
+    counts = repositories.example_counts(db_session=db_session, concept_ids=ids)
+    job_ids = repositories.current_training_jobs(db_session=db_session, concepts=concepts)
     return [ConceptView(c, counts.get(c.id, 0), job_ids.get(c.id)) for c in concepts]
 
 
@@ -272,12 +201,6 @@ def _add_examples(
         )
 
 
-def _undo_files(db_session: Session, store: ImageStore, paths: Sequence[str]) -> None:
-    for path in paths:
-        if not repositories.storage_path_in_use(db_session=db_session, storage_path=path):
-            store.delete(path)
-
-
 def _queue_training(db_session: Session, concept: Concept) -> Job:
     return jobs.create_job(
         db_session=db_session,
@@ -285,10 +208,6 @@ def _queue_training(db_session: Session, concept: Concept) -> Job:
         kind=JobKind.TRAIN_CONCEPT,
         payload={"concept_id": concept.id, "version": concept.version},
     )
-
-
-def _dispatch(job: Job | None) -> None:
-    jobs.dispatch_committed(job)
 
 
 def _start_new_version(concept: Concept) -> None:
@@ -313,6 +232,7 @@ def create_concept(
     store: ImageStore,
     training: TrainingSettings,
     limits: LimitSettings,
+    queue: JobQueue,
 ) -> ConceptChange:
     """Store a new concept (version 1, `training`) with its photos and queue its training."""
     name, category = clean_name(name), clean_category(category)
@@ -342,14 +262,14 @@ def create_concept(
         db_session.commit()
     except BaseException as e:
         db_session.rollback()
-        _undo_files(db_session, store, created_paths)
+        delete_unused_files(db_session, store, created_paths)
         if isinstance(e, IntegrityError):
             raise DuplicateConceptName(f"you already have a concept named {name!r}") from e
         raise
     finally:
         for s in staged:
             store.discard(s)  # no-op for the committed ones
-    _dispatch(job)
+    enqueue_committed(queue, job)
     return ConceptChange(ConceptView(concept, len(photos), job.id), job)
 
 
@@ -357,18 +277,10 @@ def list_concepts(
     user_id: str, *, db_session: Session, limit: int, cursor: str | None = None
 ) -> ConceptPage:
     """A page of the user's concepts, oldest first, by (created_at, id) cursor."""
-    query = select(Concept).where(Concept.user_id == user_id)
-    if cursor:
-        created_at, concept_id = decode_cursor(cursor)
-        query = query.where(
-            (Concept.created_at > created_at)
-            | ((Concept.created_at == created_at) & (Concept.id > concept_id))
-        )
-    rows = db_session.scalars(query.order_by(Concept.created_at, Concept.id).limit(limit + 1)).all()
-    items = rows[:limit]
-    last = items[-1] if len(rows) > limit else None
-    next_cursor = cursor_for(last.created_at, last.id) if last is not None else None
-    return ConceptPage(_views(db_session, items), next_cursor)
+    page = repositories.list_concepts_page(
+        db_session=db_session, user_id=user_id, limit=limit, cursor=cursor
+    )
+    return ConceptPage(_views(db_session, page.items), page.next_cursor)
 
 
 def get_concept(user_id: str, concept_id: str, *, db_session: Session) -> ConceptView:
@@ -381,6 +293,7 @@ def update_concept(
     concept_id: str,
     *,
     db_session: Session,
+    queue: JobQueue,
     name: str | None = None,
     category: str | _Keep | None = KEEP,
 ) -> ConceptChange:
@@ -407,7 +320,7 @@ def update_concept(
     except BaseException:
         db_session.rollback()
         raise
-    _dispatch(job)
+    enqueue_committed(queue, job)
     return ConceptChange(_view(db_session, concept), job)
 
 
@@ -420,6 +333,7 @@ def add_examples(
     store: ImageStore,
     training: TrainingSettings,
     limits: LimitSettings,
+    queue: JobQueue,
 ) -> ConceptChange:
     """Add photos (a new version trains on all of them); the total stays within max_photos."""
     _get(db_session, user_id, concept_id)  # 404 before reading any upload
@@ -431,11 +345,7 @@ def add_examples(
     created_paths: list[str] = []
     try:
         concept = _get(db_session, user_id, concept_id, lock=True)
-        known = set(
-            db_session.scalars(
-                select(ConceptExample.sha256).where(ConceptExample.concept_id == concept.id)
-            )
-        )
+        known = repositories.example_hashes(db_session=db_session, concept_id=concept.id)
         photos = _distinct(staged, known)
         if not photos:
             raise ValidationFailed(
@@ -453,12 +363,12 @@ def add_examples(
         db_session.commit()
     except BaseException:
         db_session.rollback()
-        _undo_files(db_session, store, created_paths)
+        delete_unused_files(db_session, store, created_paths)
         raise
     finally:
         for s in staged:
             store.discard(s)
-    _dispatch(job)
+    enqueue_committed(queue, job)
     return ConceptChange(ConceptView(concept, total, job.id), job)
 
 
@@ -467,269 +377,10 @@ def delete_concept(
 ) -> None:
     """Delete the concept, its photos' rows and adapters; files go when nothing else uses them."""
     concept = _get(db_session, user_id, concept_id)
-    paths = set(
-        db_session.scalars(
-            select(ConceptExample.storage_path).where(ConceptExample.concept_id == concept.id)
-        )
-    )
-    # Core DELETE: the database cascades to examples and adapters (ON DELETE CASCADE).
-    db_session.execute(
-        delete(Concept).where(Concept.id == concept.id).execution_options(synchronize_session=False)
-    )
+    paths = repositories.example_storage_paths(db_session=db_session, concept_id=concept.id)
+    repositories.delete_concept(db_session=db_session, concept_id=concept.id)
     db_session.commit()
     db_session.expunge(concept)
     # After the commit: a concurrent upload of the same content either committed first (and
     # keeps the file) or re-creates it in store.commit.
-    _undo_files(db_session, store, sorted(paths))
-
-
-# --- training (the job handler) -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What a training run needs, read in one short transaction."""
-
-    token: str
-    category: str | None
-    example_ids: list[str]
-    storage_paths: list[str]
-    embeddings: list[np.ndarray | None]  # cached for this model, else None
-
-
-def _load_photo(store: ImageStore, storage_path: str) -> PILImage.Image:
-    path = store.path(storage_path)
-    if not path.is_file():
-        raise NotFound(
-            "a photo of this concept is missing from storage; delete the concept and create "
-            "it again",
-            code="file_missing",
-        )
-    with PILImage.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
-
-
-def _choose_token(
-    db_session: Session, concept: Concept, bundle: ClipBundle, settings: TrainingSettings
-) -> str:
-    """`shared`: "sks"; `distinct`: keep the concept's own token, else pick an unused one."""
-    if settings.token_mode == "shared":
-        return SHARED_TOKEN
-    if concept.token != SHARED_TOKEN:
-        return concept.token
-    taken = set(
-        db_session.scalars(
-            select(Concept.token).where(
-                Concept.user_id == concept.user_id, Concept.id != concept.id
-            )
-        )
-    )
-    return pick_concept_token(bundle, taken, settings.token_mode)
-
-
-def _apply_result(concept: Concept, row: Adapter) -> None:
-    """Make the concept `ready` with what its adapter row recorded."""
-    meta = dict(row.meta or {})
-    concept.state = ConceptState.READY.value
-    concept.token = str(meta.get("token", concept.token))
-    concept.metrics = meta.get("metrics")
-    score = meta.get("retention_score")
-    concept.retention_score = None if score is None else float(score)
-    concept.retention_flagged = bool(meta.get("retention_flagged", False))
-
-
-def _read_plan(
-    ctx: JobContext, concept_id: str, version: int, serving: ServingModel
-) -> _Plan | None:
-    """Load what training needs; None when there is nothing to do (done, or superseded)."""
-    model_id = serving.model_id
-    with session_scope(ctx.session_factory) as s:
-        concept = s.scalar(
-            select(Concept).where(Concept.id == concept_id, Concept.user_id == ctx.user_id)
-        )
-        if concept is None:
-            raise ConceptDeleted("the concept was deleted before it was trained")
-        if concept.version > version:
-            log.info("concept %s v%d superseded by v%d; not training", concept_id, version,
-                     concept.version)  # fmt: skip
-            return None
-        existing = s.scalar(
-            select(Adapter).where(Adapter.concept_id == concept_id, Adapter.version == version)
-        )
-        if existing is not None:  # a rerun after the adapter was stored: just finish
-            _apply_result(concept, existing)
-            return None
-        concept.state = ConceptState.TRAINING.value  # a retry after a failure trains again
-        examples = s.scalars(
-            select(ConceptExample)
-            .where(ConceptExample.concept_id == concept_id, ConceptExample.version_added <= version)
-            .order_by(ConceptExample.created_at, ConceptExample.id)
-        ).all()
-        cached: list[np.ndarray | None] = []
-        for ex in examples:
-            vec = None
-            if ex.embedding is not None and ex.embedding_model == model_id:
-                vec = np.frombuffer(ex.embedding, dtype=np.float32)
-                vec = vec if vec.shape == (serving.bundle.embed_dim,) else None
-            cached.append(vec)
-        return _Plan(
-            token=_choose_token(s, concept, serving.bundle, ctx.settings.training),
-            category=concept.category,
-            example_ids=[ex.id for ex in examples],
-            storage_paths=[ex.storage_path for ex in examples],
-            embeddings=cached,
-        )
-
-
-def _embed_photos(ctx: JobContext, plan: _Plan, serving: ServingModel) -> np.ndarray:
-    """(N, D) float32 embeddings of the photos; computes and caches the missing ones."""
-    missing = [i for i, e in enumerate(plan.embeddings) if e is None]
-    vectors = list(plan.embeddings)
-    if missing:
-        store = ImageStore(ctx.settings.data_dir)
-        images = [_load_photo(store, plan.storage_paths[i]) for i in missing]
-        fresh = encode_images(serving.bundle, images)  # (M, D)
-        with session_scope(ctx.session_factory) as s:
-            for i, vec in zip(missing, fresh, strict=True):
-                vectors[i] = vec
-                s.execute(
-                    update(ConceptExample)
-                    .where(ConceptExample.id == plan.example_ids[i])
-                    .values(
-                        embedding=vec.astype(np.float32).tobytes(), embedding_model=serving.model_id
-                    )
-                )
-    return np.stack([v for v in vectors if v is not None]).astype(np.float32)
-
-
-def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray) -> Adapter:
-    """Train and measure retention; an unsaved Adapter row carrying the metrics in `meta`."""
-    cfg = ctx.settings.training
-    bundle = serving.bundle
-    lam = cfg.lam if cfg.lam is not None else (0.0 if cfg.keep_weight > 0 else bundle.default_lam)
-
-    def progress(step: int, steps: int, _loss: float) -> None:
-        ctx.progress(_EMBED_SHARE + _TRAIN_SHARE * step / steps)
-
-    started = time.perf_counter()
-    trainer: Callable[..., ConceptAdapter] = train_adapter  # the paper's objective, fast path
-    extra: dict[str, Any] = {}
-    if cfg.keep_weight > 0:
-        # Keep texts: the bare category (+ "sks" for distinct tokens). Foreign placeholder
-        # tokens as well changed nothing on the validation split (ctx mRR 0.789 without, 0.781
-        # with two) and cost 30% more training time.
-        trainer, extra = train_selective, {"keep": cfg.keep_weight, "others": 0}
-    adapter = trainer(
-        bundle,
-        torch.from_numpy(photos),
-        plan.token,
-        plan.category,
-        lam=lam,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        progress=progress,
-        **extra,
-    )
-    train_seconds = time.perf_counter() - started
-    kept = retention.measure_retention(
-        serving, ctx.settings.model, adapter, max_drop=cfg.retention_max_drop
-    )
-    metrics: dict[str, Any] = {
-        "final_loss": adapter.final_loss,
-        "train_seconds": round(train_seconds, 4),
-        "retention_seconds": round(time.perf_counter() - started - train_seconds, 4),
-        "steps": adapter.steps,
-        "lam": lam,
-        "keep_weight": cfg.keep_weight,
-        "lr": cfg.lr,
-        "n_photos": int(photos.shape[0]),
-        "model_id": serving.model_id,
-        **kept.as_metrics(),
-    }
-    meta = {
-        "token": plan.token,
-        "category": plan.category,
-        "placeholder": placeholder_phrase(plan.token, plan.category),
-        "metrics": metrics,
-        "retention_score": kept.score,
-        "retention_flagged": kept.flagged,
-    }
-    return Adapter(weights=adapter.to_bytes(), model_id=serving.model_id, meta=meta)
-
-
-def _save(ctx: JobContext, concept_id: str, version: int, fitted: Adapter) -> None:
-    """Store exactly one adapter per (concept, version); update the concept if still current."""
-    for attempt in (1, 2):
-        try:
-            with session_scope(ctx.session_factory) as s:
-                concept = s.scalar(
-                    select(Concept)
-                    .where(Concept.id == concept_id, Concept.user_id == ctx.user_id)
-                    .with_for_update()
-                )
-                if concept is None:
-                    raise ConceptDeleted("the concept was deleted while it was training")
-                row = s.scalar(
-                    select(Adapter).where(
-                        Adapter.concept_id == concept_id, Adapter.version == version
-                    )
-                )
-                if row is None:  # else another run of this job stored it first: keep that one
-                    row = Adapter(
-                        id=new_id(),
-                        concept_id=concept_id,
-                        version=version,
-                        weights=fitted.weights,
-                        model_id=fitted.model_id,
-                        meta=fitted.meta,
-                    )
-                    s.add(row)
-                    s.flush()
-                if concept.version == version:  # a newer version is the one that sets state
-                    _apply_result(concept, row)
-            return
-        except IntegrityError:
-            # Two runs inserted the same version at once; the second attempt finds the winner's.
-            if attempt == 2:
-                raise
-
-
-def _mark_failed(ctx: JobContext, concept_id: str, version: int, error: BaseException) -> None:
-    """Set the concept `failed` if this job's version is still the current one."""
-    if isinstance(error, DomainError):
-        failure = {"code": error.code, "message": error.message}
-    else:
-        failure = {"code": jobs.INTERNAL_ERROR, "message": f"{type(error).__name__}: {error}"}
-    try:
-        with session_scope(ctx.session_factory) as s:
-            s.execute(
-                update(Concept)
-                .where(Concept.id == concept_id, Concept.version == version)
-                .values(state=ConceptState.FAILED.value, metrics={"error": failure})
-            )
-    except Exception:
-        log.exception("could not mark concept %s failed", concept_id)
-
-
-def train_concept(ctx: JobContext) -> None:
-    """Job handler: train one concept version; idempotent, and never overwrites a newer version."""
-    concept_id = str(ctx.payload["concept_id"])
-    version = int(ctx.payload["version"])
-    try:
-        serving = load_serving_model(ctx.settings.model)
-        plan = _read_plan(ctx, concept_id, version, serving)
-        if plan is None:
-            return
-        photos = _embed_photos(ctx, plan, serving)
-        ctx.progress(_EMBED_SHARE)
-        fitted = _fit(ctx, plan, serving, photos)
-        _save(ctx, concept_id, version, fitted)
-    except JobInterrupted:
-        raise  # shutdown: the job runs again later and the concept stays `training`
-    except Exception as e:  # not SystemExit & co: a killed worker's job is delivered again
-        _mark_failed(ctx, concept_id, version, e)
-        raise
-
-
-jobs.register_handler(JobKind.TRAIN_CONCEPT, train_concept)
+    delete_unused_files(db_session, store, sorted(paths))

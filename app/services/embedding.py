@@ -18,9 +18,8 @@ from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
 from app.ml.regions import encode_regions, layout_boxes, pack_regions
 from app.models import Image, Job, JobKind, JobState
-from app.services import jobs
-from app.services.jobs import JobContext
-from app.services.model import ServingModel, load_serving_model
+from app.services.jobs import JobContext, JobQueue, enqueue_committed
+from app.services.model import ServingModel
 from app.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -81,11 +80,11 @@ def embed_pending(
     R more encodes per image (bench/region_cost.py) and only refine queries naming several
     concepts, so they follow. Progress counts encodes: a crop costs as much as a whole image.
     """
-    serving = serving or load_serving_model(ctx.settings.model)
+    serving = serving or ctx.serving()
     model_id, bundle = serving.model_id, serving.bundle
     layout = ctx.settings.search.regions
     boxes = len(layout_boxes(layout))
-    store = ImageStore(ctx.settings.data_dir)
+    store = ctx.store
     side = decode_side(bundle)
     current = Image.embedding_model == model_id
     whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
@@ -154,10 +153,6 @@ def rebuild_index_job(ctx: JobContext) -> None:
         repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
 
 
-jobs.register_handler(JobKind.EMBED_IMAGES, embed_images_job)
-jobs.register_handler(JobKind.REBUILD_INDEX, rebuild_index_job)
-
-
 @dataclass(frozen=True)
 class IndexStatus:
     """How much of a user's library the serving model can search, and how well."""
@@ -201,7 +196,7 @@ def _open_rebuild(db_session: Session, user_id: str) -> Job | None:
     ).first()
 
 
-def request_rebuild(db_session: Session, user_id: str) -> tuple[Job, bool]:
+def request_rebuild(db_session: Session, user_id: str, queue: JobQueue) -> tuple[Job, bool]:
     """Queue a rebuild_index job (embeds what the serving model and region layout lack), or
     return the one already queued or running; (job, created). Commits."""
     open_job = _open_rebuild(db_session, user_id)
@@ -211,4 +206,5 @@ def request_rebuild(db_session: Session, user_id: str) -> tuple[Job, bool]:
         db_session=db_session, user_id=user_id, kind=JobKind.REBUILD_INDEX.value, payload={}
     )
     db_session.commit()
+    enqueue_committed(queue, job)
     return job, True

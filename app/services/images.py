@@ -7,13 +7,10 @@ is not stored again: the existing image comes back marked `duplicate`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,20 +21,17 @@ from app.errors import (
     Conflict,
     DomainError,
     FileFailure,
-    InvalidCursor,
     NotFound,
     TooManyFiles,
     UploadRejected,
     ValidationFailed,
 )
 from app.models import Image, Job, JobKind
+from app.repositories import Page
+from app.services.jobs import JobQueue, enqueue_committed
 from app.storage import BinaryStream, ImageStore, StagedImage, display_filename
 
 log = logging.getLogger(__name__)
-
-# Called with each newly created job after its row is committed. The lead wires it to the job
-# dispatcher (app.services.jobs); None = jobs stay queued for someone else to pick up.
-on_job_created: Callable[[Job], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,14 +58,6 @@ class UploadOutcome:
     job: Job | None
 
 
-@dataclass(frozen=True)
-class ImagePage:
-    """One page of a listing; `next_cursor` is None on the last page."""
-
-    items: Sequence[Image]
-    next_cursor: str | None
-
-
 def upload_images(
     user_id: str,
     files: Sequence[IncomingFile],
@@ -79,6 +65,7 @@ def upload_images(
     db_session: Session,
     store: ImageStore,
     limits: LimitSettings,
+    queue: JobQueue,
 ) -> UploadOutcome:
     """Validate every file, then store them all (deduplicated) and queue one embed job."""
     if not files:
@@ -94,13 +81,7 @@ def upload_images(
     finally:
         for s in staged:
             store.discard(s)  # no-op for the committed ones
-    if outcome.job is not None and on_job_created is not None:
-        try:
-            on_job_created(outcome.job)
-        except Exception:
-            # The rows are committed and the job is queued in the database; failing the request
-            # now would make the client retry an upload that succeeded.
-            log.exception("dispatching job %s failed; it stays queued", outcome.job.id)
+    enqueue_committed(queue, outcome.job)
     return outcome
 
 
@@ -180,9 +161,7 @@ def _persist(
         db_session.commit()
     except BaseException as e:
         db_session.rollback()
-        for path in created_paths:
-            if not repositories.storage_path_in_use(db_session=db_session, storage_path=path):
-                store.delete(path)
+        delete_unused_files(db_session, store, created_paths)
         if isinstance(e, IntegrityError):
             raise Conflict(
                 "another request stored the same image at the same moment; retry this one"
@@ -191,37 +170,13 @@ def _persist(
     return UploadOutcome(images=results, job=job)
 
 
-def encode_cursor(image: Image) -> str:
-    """Opaque cursor pointing just after `image` in (created_at, id) order."""
-    raw = f"{image.created_at.isoformat()}|{image.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """The (created_at, id) key inside a cursor; InvalidCursor if we did not make it."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, image_id = raw.split("|")
-        created_at = datetime.fromisoformat(stamp)
-        uuid.UUID(image_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as e:
-        raise InvalidCursor("malformed cursor: pass back next_cursor unchanged") from e
-    if created_at.tzinfo is None:
-        raise InvalidCursor("malformed cursor: pass back next_cursor unchanged")
-    return created_at, image_id
-
-
 def list_images(
     user_id: str, *, db_session: Session, limit: int, cursor: str | None = None
-) -> ImagePage:
+) -> Page[Image]:
     """A page of the user's images, oldest first; stable under concurrent uploads."""
-    after = decode_cursor(cursor) if cursor else None
-    rows = repositories.list_images_page(
-        db_session=db_session, user_id=user_id, limit=limit + 1, after=after
+    return repositories.list_images_page(
+        db_session=db_session, user_id=user_id, limit=limit, cursor=cursor
     )
-    items = rows[:limit]
-    next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
-    return ImagePage(items=items, next_cursor=next_cursor)
 
 
 def get_image(user_id: str, image_id: str, *, db_session: Session) -> Image:
@@ -241,5 +196,11 @@ def delete_image(user_id: str, image_id: str, *, db_session: Session, store: Ima
     db_session.commit()
     # After the commit: a concurrent upload of the same content either committed first (and
     # keeps the file) or re-creates it in store.commit.
-    if not repositories.storage_path_in_use(db_session=db_session, storage_path=storage_path):
-        store.delete(storage_path)
+    delete_unused_files(db_session, store, [storage_path])
+
+
+def delete_unused_files(db_session: Session, store: ImageStore, paths: Sequence[str]) -> None:
+    """Delete each stored file that no row (any user, image or concept photo) points at."""
+    for path in paths:
+        if not repositories.storage_path_in_use(db_session=db_session, storage_path=path):
+            store.delete(path)

@@ -1,13 +1,21 @@
-"""Registers the one service function of every job kind; imported by the API and the workers."""
+"""The handler table: which service function runs each kind of job. No registration at import."""
 
 from __future__ import annotations
 
-from app.services import concepts, embedding, images, jobs
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from app.models import JobKind
+from app.services import embedding, training
+from app.services.jobs import JobHandler
 
 
-def install() -> None:
-    """Register handlers and dispatch new jobs after their rows are committed."""
-    # Each module registers its handlers at import; these references keep the imports explicit.
-    assert concepts.train_concept is not None
-    assert embedding.embed_images_job is not None
-    images.on_job_created = jobs.dispatch
+def handler_table() -> Mapping[str, JobHandler]:
+    """kind -> handler, for every job kind this service creates (read-only)."""
+    table: dict[str, JobHandler] = {
+        JobKind.EMBED_IMAGES.value: embedding.embed_images_job,
+        JobKind.REBUILD_INDEX.value: embedding.rebuild_index_job,
+        JobKind.TRAIN_CONCEPT.value: training.train_concept,
+    }
+    assert set(table) == {k.value for k in JobKind}, "a job kind without a handler"
+    return MappingProxyType(table)

@@ -1,8 +1,9 @@
-"""Background jobs: create, track (state, throttled progress), run through a handler per kind.
+"""Background jobs: create, track (state, throttled progress), run through a handler table.
 
-Both job runners, the embedded thread pool (app/runner.py) and the Celery worker
-(workers/tasks.py), call `run_job(job_id)`; it looks up the handler registered for the job's kind
-in HANDLERS and records the outcome in the `jobs` row, which is the only source of truth.
+The `jobs` row is the only source of truth. Services create a job in their own transaction and,
+after the commit, hand its id to a `JobQueue` they were given (the embedded runner in
+app/runner.py or the Celery queue in workers/queue.py; wired in app/bootstrap.py). Whatever runs
+the job calls `run_job(job_id, env)`, which looks the handler up in `env.handlers`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings, get_settings
-from app.db import get_session_factory, session_scope
+from app import repositories
+from app.config import Settings
+from app.db import session_scope
 from app.errors import DomainError, NotFound
 from app.models import Job, JobKind, JobState, utcnow
-from app.repositories import add_job
+from app.repositories import Page
+from app.storage import ImageStore
+
+if TYPE_CHECKING:
+    from app.services.model import ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +37,19 @@ log = logging.getLogger(__name__)
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError, TimeoutError)
 # Progress writes at most this often per job (a 500-step training loop reports every step).
 PROGRESS_MIN_INTERVAL_S = 0.5
-# error_code of a job whose kind has no registered handler, or that crashed unexpectedly.
+# Stable error codes of jobs that failed for reasons of their own runner, not of their input.
 NO_HANDLER = "no_handler"
 INTERNAL_ERROR = "internal_error"
 RETRIES_EXHAUSTED = "job_retries_exhausted"
+# What a client reads for those: the exception itself goes to the log only.
+INTERNAL_ERROR_MESSAGE = (
+    "the job failed because of an internal error; it was logged. Try again later, and tell the "
+    "operator if it keeps failing"
+)
+RETRIES_EXHAUSTED_MESSAGE = (
+    "the job could not run: the database or the broker stayed unavailable through every retry. "
+    "Try again once the service is healthy"
+)
 
 SessionFactory = sessionmaker[Session]
 ProgressCallback = Callable[[float], None]
@@ -44,89 +59,145 @@ class JobInterrupted(Exception):
     """The runner is shutting down; the job goes back to 'queued' and runs again later."""
 
 
+class JobQueue(Protocol):
+    """Where a committed job's id goes to be run (the embedded runner, or Celery)."""
+
+    def enqueue(self, job_id: str) -> None:
+        """Have the job run eventually; may raise if the transport is down."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    """What every job of one process shares; built once by the composition root."""
+
+    settings: Settings
+    session_factory: SessionFactory
+    store: ImageStore
+    handlers: Mapping[str, JobHandler]
+    serving: Callable[[], ServingModel] = field(repr=False)  # the model, loaded on first call
+
+
 @dataclass(frozen=True)
 class JobContext:
-    """What a handler gets: the job, the settings and sessions of its process, progress."""
+    """What a handler gets: its job, its process's environment, and a progress callback."""
 
     job_id: str
     user_id: str
     kind: str
     payload: dict[str, Any]
-    settings: Settings
-    session_factory: SessionFactory
+    env: JobEnvironment = field(repr=False)
     progress: ProgressCallback = field(repr=False)  # fraction 0..1; cheap to call often
+
+    @property
+    def settings(self) -> Settings:
+        return self.env.settings
+
+    @property
+    def session_factory(self) -> SessionFactory:
+        return self.env.session_factory
+
+    @property
+    def store(self) -> ImageStore:
+        return self.env.store
+
+    def serving(self) -> ServingModel:
+        """The serving model (loaded on first use)."""
+        return self.env.serving()
 
 
 JobHandler = Callable[[JobContext], None]
 
-# kind -> the one service function that does that job (filled at import time by the wiring).
-HANDLERS: dict[str, JobHandler] = {}
 
-
-def register_handler(kind: JobKind | str, handler: JobHandler) -> None:
-    """Make `handler` run every job of `kind` (replaces any previous one)."""
-    HANDLERS[JobKind(kind).value] = handler
-
-
-def _factory(session_factory: SessionFactory | None) -> SessionFactory:
-    return session_factory or get_session_factory(get_settings().database_url)
-
-
-# --- create and read ----------------------------------------------------------------------------
+# --- create, read, hand over --------------------------------------------------------------------
 
 
 def create_job(
     *, db_session: Session, user_id: str, kind: JobKind | str, payload: dict[str, Any]
 ) -> Job:
-    """A new queued job (flushed, not committed: dispatch it only after the commit)."""
-    return add_job(
+    """A new queued job (flushed, not committed: enqueue it only after the commit)."""
+    return repositories.add_job(
         db_session=db_session, user_id=user_id, kind=JobKind(kind).value, payload=payload
     )
 
 
 def get_job(*, db_session: Session, user_id: str, job_id: str) -> Job:
     """One of the user's jobs; a missing or foreign id is NotFound."""
-    job = db_session.scalar(select(Job).where(Job.id == job_id, Job.user_id == user_id))
+    job = repositories.get_job(db_session=db_session, user_id=user_id, job_id=job_id)
     if job is None:
         raise NotFound.of("job")
     return job
 
 
+def list_jobs(
+    *,
+    db_session: Session,
+    user_id: str,
+    limit: int,
+    cursor: str | None = None,
+    state: str | None = None,
+    kind: str | None = None,
+) -> Page[Job]:
+    """A page of the user's jobs, newest first, optionally of one state and kind."""
+    return repositories.list_jobs_page(
+        db_session=db_session, user_id=user_id, limit=limit, cursor=cursor, state=state, kind=kind
+    )
+
+
+def enqueue_committed(queue: JobQueue, job: Job | None) -> None:
+    """Hand a committed job to the queue; a failure is logged, never raised.
+
+    The rows are committed and the job is `queued` in the database, which is the queue of
+    record: failing the request now would make the client retry a change that succeeded.
+    """
+    if job is None:
+        return
+    try:
+        queue.enqueue(job.id)
+    except Exception:
+        log.exception("handing job %s to the queue failed; it stays queued", job.id)
+
+
 # --- state changes, each in its own short transaction -------------------------------------------
 
-_progress_lock = threading.Lock()
-_progress_last: dict[str, tuple[float, float]] = {}  # job id -> (monotonic time, fraction)
+
+class ProgressThrottle:
+    """Writes a running job's progress at most every PROGRESS_MIN_INTERVAL_S, never backwards."""
+
+    def __init__(self, job_id: str, session_factory: SessionFactory) -> None:
+        self.job_id = job_id
+        self.session_factory = session_factory
+        self._lock = threading.Lock()
+        self._last: tuple[float, float] | None = None  # (monotonic time, fraction)
+
+    def __call__(self, fraction: float) -> bool:
+        """Record progress; returns whether it was written."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = time.monotonic()
+        with self._lock:
+            last = self._last
+            if last is not None and (
+                fraction <= last[1] or now - last[0] < PROGRESS_MIN_INTERVAL_S
+            ):
+                return False
+            self._last = (now, fraction)
+        with session_scope(self.session_factory) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.state == JobState.RUNNING.value)
+                .values(progress=fraction, updated_at=utcnow())
+            )
+        return True
 
 
-def set_progress(
-    job_id: str, fraction: float, *, session_factory: SessionFactory | None = None
-) -> bool:
-    """Record progress of a running job, throttled; returns whether it was written."""
-    fraction = min(max(float(fraction), 0.0), 1.0)
-    now = time.monotonic()
-    with _progress_lock:
-        last = _progress_last.get(job_id)
-        if last is not None and (fraction <= last[1] or now - last[0] < PROGRESS_MIN_INTERVAL_S):
-            return False
-        _progress_last[job_id] = (now, fraction)
-    with session_scope(_factory(session_factory)) as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
-            .values(progress=fraction, updated_at=utcnow())
-        )
-    return True
+def set_progress(job_id: str, fraction: float, *, session_factory: SessionFactory) -> None:
+    """Record progress of a running job now (unthrottled; runs use a ProgressThrottle)."""
+    ProgressThrottle(job_id, session_factory)(fraction)
 
 
-def _forget_progress(job_id: str) -> None:
-    with _progress_lock:
-        _progress_last.pop(job_id, None)
-
-
-def mark_running(job_id: str, *, session_factory: SessionFactory | None = None) -> None:
+def mark_running(job_id: str, *, session_factory: SessionFactory) -> None:
     """queued -> running: one more attempt, progress from 0."""
-    _forget_progress(job_id)
-    with session_scope(_factory(session_factory)) as s:
+    with session_scope(session_factory) as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id)
@@ -143,10 +214,9 @@ def mark_running(job_id: str, *, session_factory: SessionFactory | None = None) 
         )
 
 
-def mark_queued(job_id: str, *, session_factory: SessionFactory | None = None) -> None:
+def mark_queued(job_id: str, *, session_factory: SessionFactory) -> None:
     """Back to 'queued' (interrupted, or waiting for a retry)."""
-    _forget_progress(job_id)
-    with session_scope(_factory(session_factory)) as s:
+    with session_scope(session_factory) as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state != JobState.SUCCEEDED.value)
@@ -154,10 +224,9 @@ def mark_queued(job_id: str, *, session_factory: SessionFactory | None = None) -
         )
 
 
-def mark_succeeded(job_id: str, *, session_factory: SessionFactory | None = None) -> None:
+def mark_succeeded(job_id: str, *, session_factory: SessionFactory) -> None:
     """running -> succeeded, progress 1."""
-    _forget_progress(job_id)
-    with session_scope(_factory(session_factory)) as s:
+    with session_scope(session_factory) as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id)
@@ -170,12 +239,9 @@ def mark_succeeded(job_id: str, *, session_factory: SessionFactory | None = None
         )
 
 
-def mark_failed(
-    job_id: str, code: str, message: str, *, session_factory: SessionFactory | None = None
-) -> None:
-    """-> failed with a stable error code and a message for the client."""
-    _forget_progress(job_id)
-    with session_scope(_factory(session_factory)) as s:
+def mark_failed(job_id: str, code: str, message: str, *, session_factory: SessionFactory) -> None:
+    """-> failed with a stable error code and a message written for the client."""
+    with session_scope(session_factory) as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state != JobState.SUCCEEDED.value)
@@ -193,19 +259,14 @@ def mark_failed(
 
 
 def run_job(
-    job_id: str,
-    *,
-    settings: Settings | None = None,
-    session_factory: SessionFactory | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    job_id: str, env: JobEnvironment, *, should_stop: Callable[[], bool] | None = None
 ) -> None:
     """Run one job to 'succeeded' or 'failed'; transient errors propagate (the caller retries).
 
     Idempotent: a job that already succeeded (a redelivered task) is left alone.
     `should_stop` lets the embedded runner interrupt a job at its next progress report.
     """
-    settings = settings or get_settings()
-    factory = session_factory or get_session_factory(settings.database_url)
+    factory = env.session_factory
     with session_scope(factory) as s:
         job = s.get(Job, job_id)
         if job is None:  # deleted with its user
@@ -215,98 +276,52 @@ def run_job(
             log.info("job %s already succeeded; not running it again", job_id)
             return
         user_id, kind, payload = job.user_id, job.kind, dict(job.payload or {})
-    handler = HANDLERS.get(kind)
+    fields = {"job_id": job_id, "user_id": user_id, "kind": kind}
+    handler = env.handlers.get(kind)
     if handler is None:
+        log.error("job %s: no handler for kind %r", job_id, kind, extra=fields)
         mark_failed(
-            job_id, NO_HANDLER, f"no handler for jobs of kind {kind!r}", session_factory=factory
+            job_id,
+            NO_HANDLER,
+            f"this service cannot run jobs of kind {kind!r}",
+            session_factory=factory,
         )
         return
     mark_running(job_id, session_factory=factory)
+    throttle = ProgressThrottle(job_id, factory)
 
     def progress(fraction: float) -> None:
         if should_stop is not None and should_stop():
             raise JobInterrupted(job_id)
-        set_progress(job_id, fraction, session_factory=factory)
+        throttle(fraction)
 
-    ctx = JobContext(job_id, user_id, kind, payload, settings, factory, progress)
+    ctx = JobContext(job_id, user_id, kind, payload, env, progress)
+    started = time.perf_counter()
+    log.info("job %s started (%s)", job_id, kind, extra=fields)
+
+    def took() -> dict[str, Any]:
+        return {**fields, "duration_s": round(time.perf_counter() - started, 3)}
+
     try:
         handler(ctx)
     except JobInterrupted:
+        log.info("job %s interrupted by shutdown; back to queued", job_id, extra=took())
         mark_queued(job_id, session_factory=factory)
         raise
     except TRANSIENT_ERRORS:
-        log.warning("job %s hit a transient error; it will be retried", job_id, exc_info=True)
+        log.warning("job %s hit a transient error; it will be retried", job_id, exc_info=True,
+                    extra=took())  # fmt: skip
         # If the database itself is away, the retry sets the state instead.
         with contextlib.suppress(*TRANSIENT_ERRORS):
             mark_queued(job_id, session_factory=factory)
         raise
     except DomainError as e:
-        log.info("job %s failed: %s (%s)", job_id, e.message, e.code)
+        log.info("job %s failed: %s (%s)", job_id, e.message, e.code, extra=took())
         mark_failed(job_id, e.code, e.message, session_factory=factory)
         return
-    except Exception as e:
-        log.exception("job %s crashed", job_id)
-        mark_failed(job_id, INTERNAL_ERROR, f"{type(e).__name__}: {e}", session_factory=factory)
+    except Exception:
+        log.exception("job %s crashed", job_id, extra=took())
+        mark_failed(job_id, INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE, session_factory=factory)
         return
     mark_succeeded(job_id, session_factory=factory)
-
-
-# --- dispatching --------------------------------------------------------------------------------
-
-
-class JobSubmitter(Protocol):
-    """The embedded runner as the dispatcher sees it (app/runner.py)."""
-
-    def submit(self, job_id: str) -> object: ...
-
-
-class JobDispatcher:
-    """Sends job ids to the in-process runner (no broker configured) or to Celery."""
-
-    def __init__(self, settings: Settings, runner: JobSubmitter | None = None) -> None:
-        self.settings = settings
-        self.runner = runner
-
-    def dispatch(self, job_id: str) -> None:
-        """Queue the (committed) job for running."""
-        if self.settings.embedded_jobs:
-            if self.runner is None:
-                # Nothing runs jobs in this process; the next runner start picks it up.
-                log.warning("job %s stays queued: no embedded runner is running", job_id)
-                return
-            self.runner.submit(job_id)
-            return
-        from workers.tasks import run_job_task  # only Celery deployments need Celery loaded
-
-        run_job_task.delay(job_id)
-
-    def __call__(self, job: Job) -> None:
-        """Dispatch a job row (the shape of the services' `on_job_created` hooks)."""
-        self.dispatch(job.id)
-
-
-_dispatcher: JobDispatcher | None = None
-
-
-def install_dispatcher(dispatcher: JobDispatcher | None) -> None:
-    """Make `dispatch()` use this dispatcher (the app's lifespan installs its own)."""
-    global _dispatcher
-    _dispatcher = dispatcher
-
-
-def dispatch(job: Job | str) -> None:
-    """Queue a committed job with the installed dispatcher (else per the process settings)."""
-    job_id = job if isinstance(job, str) else job.id
-    (_dispatcher or JobDispatcher(get_settings())).dispatch(job_id)
-
-
-def dispatch_committed(job: Job | None) -> None:
-    """`dispatch` for a job already committed by a request: a failure is logged, not raised."""
-    if job is None:
-        return
-    try:
-        dispatch(job)
-    except Exception:
-        # The rows are committed and the job is queued in the database; failing the request
-        # now would make the client retry a change that succeeded.
-        log.exception("dispatching job %s failed; it stays queued", job.id)
+    log.info("job %s succeeded", job_id, extra=took())

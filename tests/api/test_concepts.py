@@ -28,11 +28,11 @@ from app.ml.encode import encode_images
 from app.ml.model import ClipBundle, bundle_from_model, demo_checkpoint_path
 from app.models import Adapter, Concept, ConceptExample, Job
 from app.models import Image as ImageRow
-from app.services import concepts as concepts_service
-from app.services import jobs
+from app.services import jobs, training
 from app.services.jobs import JobContext
 from app.services.model import install_serving_model
 from tests.db_fixtures import ApiUser, create_api_user, image_bytes
+from tests.fakes import RecordingQueue, use_queue
 
 TINY = ModelSettings(
     name="tiny-concepts", pretrained="random-0", device="cpu", fallback_to_demo=False
@@ -73,11 +73,9 @@ def user(client: TestClient) -> ApiUser:
 
 
 @pytest.fixture
-def manual_jobs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Jobs are not dispatched; the test runs them itself (see run_now)."""
-    queued: list[str] = []
-    monkeypatch.setattr(jobs, "dispatch", lambda job: queued.append(job.id))
-    return queued
+def manual_jobs(client: TestClient) -> list[str]:
+    """Jobs are only recorded, not run; the test runs them itself (see run_now)."""
+    return use_queue(client, RecordingQueue()).job_ids
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -119,7 +117,7 @@ def wait_job(client: TestClient, user: ApiUser, job_id: str, timeout: float = 60
 
 def run_now(client: TestClient, job_id: str) -> None:
     app: Any = client.app
-    jobs.run_job(job_id, settings=app.state.settings, session_factory=app.state.session_factory)
+    jobs.run_job(job_id, app.state.container.jobs)
 
 
 def count(client: TestClient, model: Any, *where: Any) -> int:
@@ -162,8 +160,7 @@ def context(client: TestClient, job_id: str) -> JobContext:
             job.user_id,
             job.kind,
             dict(job.payload),
-            app.state.settings,
-            app.state.session_factory,
+            app.state.container.jobs,
             lambda _f: None,
         )
 
@@ -544,7 +541,7 @@ def test_running_the_job_twice_leaves_one_adapter(client, user, manual_jobs):
     run_now(client, r["job"]["id"])
     first = get(client, user, r["concept"]["id"])
     assert first["state"] == "ready"
-    concepts_service.train_concept(context(client, r["job"]["id"]))  # a redelivered task
+    training.train_concept(context(client, r["job"]["id"]))  # a redelivered task
     assert count(client, Adapter) == 1
     again = get(client, user, r["concept"]["id"])
     assert (again["state"], again["metrics"]) == ("ready", first["metrics"])
@@ -557,7 +554,7 @@ def test_rerun_after_the_adapter_was_stored_finishes_the_concept(client, user, m
     with client.app.state.session_factory() as s:
         s.execute(update(Concept).values(state="training", metrics=None))
         s.commit()
-    concepts_service.train_concept(context(client, r["job"]["id"]))
+    training.train_concept(context(client, r["job"]["id"]))
     got = get(client, user, r["concept"]["id"])
     assert got["state"] == "ready" and got["metrics"]["n_photos"] == 4
     assert count(client, Adapter) == 1
@@ -584,7 +581,7 @@ def test_an_older_version_finishing_late_stores_its_adapter_but_not_the_state(
 ):
     r = create(client, user).json()
     cid = r["concept"]["id"]
-    real_fit = concepts_service._fit
+    real_fit = training._fit
 
     def fit_then_new_version(*args: Any) -> Any:
         fitted = real_fit(*args)
@@ -592,7 +589,7 @@ def test_an_older_version_finishing_late_stores_its_adapter_but_not_the_state(
         client.post(f"/concepts/{cid}/examples", files=photos(2, 30), headers=user.headers)
         return fitted
 
-    monkeypatch.setattr(concepts_service, "_fit", fit_then_new_version)
+    monkeypatch.setattr(training, "_fit", fit_then_new_version)
     run_now(client, r["job"]["id"])
     got = get(client, user, cid)
     assert (got["state"], got["version"], got["metrics"]) == ("training", 2, None)
@@ -621,7 +618,7 @@ def test_failure_of_an_old_version_leaves_the_new_one_alone(client, user, manual
     def broken(*_args: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(concepts_service, "_read_plan", broken)
+    monkeypatch.setattr(training, "_read_plan", broken)
     run_now(client, r["job"]["id"])
     assert get(client, user, cid)["state"] == "training"  # v2 is still to come
 
@@ -712,5 +709,5 @@ def test_demo_model_learns_a_world_instance(db_settings: Settings):
         assert got["metrics"]["retention_method"] == "caption_r@10"
         assert got["retention_score"] is not None and got["retention_score"] > 0.5
         assert got["metrics"]["final_loss"] > 0
-        concepts_service.train_concept(context(c, job_id))  # delivered twice
+        training.train_concept(context(c, job_id))  # delivered twice
         assert count(c, Adapter) == 1

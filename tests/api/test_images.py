@@ -16,18 +16,19 @@ from sqlalchemy import func, select
 from app.main import create_app
 from app.models import Image as ImageRow
 from app.models import Job, User
-from app.services import images as images_service
 from tests.db_fixtures import image_bytes, noisy_jpeg, png_claiming
+from tests.fakes import RecordingQueue, use_queue
 
 
 @pytest.fixture(autouse=True)
-def _jobs_stay_queued(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about /images; embedding runs (and is tested) in test_search.py."""
-    from app.services import images as images_module
-    from app.services import job_handlers
-
-    monkeypatch.setattr(job_handlers, "install", lambda: None)
-    monkeypatch.setattr(images_module, "on_job_created", None)
+def queue(request: pytest.FixtureRequest) -> RecordingQueue:
+    """These tests are about /images: jobs are only recorded. Embedding runs (and is tested)
+    in test_search.py."""
+    recorder = RecordingQueue()
+    for name in ("api_client", "client"):
+        if name in request.fixturenames:
+            use_queue(request.getfixturevalue(name), recorder)
+    return recorder
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -129,25 +130,20 @@ def test_upload_many_formats_in_one_request(api_client, make_user):
         assert job.payload["image_ids"] == [i["id"] for i in images]
 
 
-def test_on_job_created_hook_sees_the_committed_job(api_client, make_user, monkeypatch):
-    seen: list[Job] = []
-    monkeypatch.setattr(images_service, "on_job_created", seen.append)
+def test_the_queue_gets_the_committed_job(api_client, make_user, queue):
     user = make_user(api_client)
     r = upload(api_client, user, ("a.jpg", jpeg()))
-    assert [j.id for j in seen] == [r.json()["job"]["id"]]
-    with api_client.app.state.session_factory() as s:  # committed before the hook ran
-        assert s.get(Job, seen[0].id).state == "queued"
+    assert queue.job_ids == [r.json()["job"]["id"]]
+    with api_client.app.state.session_factory() as s:  # committed before it was enqueued
+        assert s.get(Job, queue.job_ids[0]).state == "queued"
 
 
-def test_a_failing_hook_does_not_fail_the_upload(api_client, make_user, monkeypatch):
-    def broken(_job: Job) -> None:
-        raise RuntimeError("broker down")
-
-    monkeypatch.setattr(images_service, "on_job_created", broken)
+def test_a_queue_that_is_down_does_not_fail_the_upload(api_client, make_user, queue):
+    queue.fail = True
     user = make_user(api_client)
     r = upload(api_client, user, ("a.jpg", jpeg()))
     assert r.status_code == 202
-    assert count(api_client, Job) == 1
+    assert count(api_client, Job) == 1  # recorded as queued: the database is the queue of record
 
 
 def test_duplicates_return_the_existing_image(api_client, make_user):

@@ -215,10 +215,8 @@ def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_servi
         current = sum(m == tiny_serving.fingerprint.model_id for m, _ in rows)
         seen.append((fraction, current, sum(r == "five" for _, r in rows)))
 
-    ctx = JobContext(
-        "job", user.id, "rebuild_index", {}, api_client.app.state.settings,
-        api_client.app.state.session_factory, progress,
-    )  # fmt: skip
+    ctx = JobContext("job", user.id, "rebuild_index", {}, api_client.app.state.container.jobs,
+                     progress)  # fmt: skip
     assert embed_pending(ctx, None, load_serving_model(ctx.settings.model)) == 35
     fractions = [f for f, _, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)

@@ -9,9 +9,9 @@ import sys
 import textwrap
 import threading
 import time
-import types
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,59 +61,56 @@ def test_run_job_task_retries_only_transient_errors() -> None:
 def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ran: list[str] = []
-    failed: list[tuple[str, str]] = []
-    monkeypatch.setattr(jobs, "run_job", ran.append)
+    ran: list[tuple[str, Any]] = []
+    failed: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(jobs, "run_job", lambda job_id, env: ran.append((job_id, env)))
     monkeypatch.setattr(
-        jobs, "mark_failed", lambda job_id, code, message: failed.append((job_id, code))
+        jobs,
+        "mark_failed",
+        lambda job_id, code, message, session_factory: failed.append((job_id, code, message)),
     )
     run_job_task.run("job-1")
-    assert ran == ["job-1"]
+    env = celery_module.celery_app.job_environment()
+    assert ran == [("job-1", env)]  # the worker's wiring, from the composition root
+    assert set(env.handlers) == {k.value for k in JobKind}
     run_job_task.on_failure(ConnectionError("down"), "task-id", ["job-2"], {}, None)
-    assert failed == [("job-2", jobs.RETRIES_EXHAUSTED)]
-
-
-def fake_model_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Stands in for app.services.model (no torch import); its loader is set by each test."""
-    module = types.ModuleType("app.services.model")
-    monkeypatch.setitem(sys.modules, "app.services.model", module)
-    return module
+    # The client reads a message for it; "down" goes to the log only.
+    assert failed == [("job-2", jobs.RETRIES_EXHAUSTED, jobs.RETRIES_EXHAUSTED_MESSAGE)]
 
 
 def test_worker_process_init_warms_the_model_in_the_background(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model_module = fake_model_module(monkeypatch)
     called = threading.Event()
-    args: list[tuple[Any, ...]] = []
-
-    def fake_load(*a: Any) -> None:
-        args.append(a)
-        called.set()
-
-    monkeypatch.setattr(model_module, "load_serving_model", fake_load, raising=False)
-    monkeypatch.setattr(celery_module, "WARM_MODEL", True)
+    monkeypatch.setattr(celery_module.celery_app, "warm_model", called.set)
+    monkeypatch.setattr(celery_module.celery_app, "warm_model_at_start", True)
     from celery import signals
 
     signals.worker_process_init.send(sender="test")
     assert called.wait(10)
-    from app.config import get_settings
-
-    assert args == [(get_settings().model,)]
 
 
-def test_warm_model_survives_a_missing_or_failing_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    model_module = fake_model_module(monkeypatch)
+def test_warm_model_loads_the_wired_model_and_survives_a_failing_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_celery(Settings(data_dir=tmp_path, broker_url=""), warm_model=False)
+    loaded = threading.Event()
+    env = app.job_environment()
+    monkeypatch.setattr(app, "job_environment", lambda: replace(env, serving=loaded.set))
+    thread = app.warm_model()
+    assert thread is not None
+    thread.join(10)
+    assert loaded.is_set()
 
-    def broken(*_: Any) -> None:
+    def broken() -> None:
         raise RuntimeError("no weights")
 
-    monkeypatch.setattr(model_module, "load_serving_model", broken, raising=False)
-    thread = celery_module.warm_model()
+    monkeypatch.setattr(app, "job_environment", lambda: replace(env, serving=broken))
+    thread = app.warm_model()
     assert thread is not None
     thread.join(10)  # the error is logged, not raised
-    monkeypatch.setitem(sys.modules, "app.services.model", None)  # import fails
-    assert celery_module.warm_model() is None
+    assert not thread.is_alive()
+    env.session_factory.kw["bind"].dispose()
 
 
 # --- a real worker ----------------------------------------------------------------------------
@@ -123,23 +120,23 @@ WORKER_MAIN = textwrap.dedent(
     """
     import sys
     import workers.celery_app as m
-    from app.services import jobs
     from tests.workers.test_celery_app import KIND, worker_handler
-    m.WARM_MODEL = False  # these jobs need no model
-    jobs.register_handler(KIND, worker_handler)
+    m.celery_app.warm_model_at_start = False  # these jobs need no model
+    m.celery_app.use_handlers({KIND: worker_handler})
     m.celery_app.worker_main(["worker", "-P", "solo", "-Q", sys.argv[1], "-n", sys.argv[2],
         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"])
     """
 )
-# Run in a separate client process: the real dispatch() path with a broker configured.
+# Run in a separate client process: the API's queue, wired as the API wires it.
 CLIENT_MAIN = textwrap.dedent(
     """
     import sys
-    import workers.celery_app as m
-    from app.services import jobs
-    m.celery_app.conf.task_default_queue = sys.argv[1]  # this test's own queue
+    from app.bootstrap import build, job_queue
+    from app.config import get_settings
+    queue = job_queue(build(get_settings()))
+    queue.celery.conf.task_default_queue = sys.argv[1]  # this test's own queue
     for job_id in sys.argv[2:]:
-        jobs.dispatch(job_id)
+        queue.enqueue(job_id)
     """
 )
 KIND = JobKind.REBUILD_INDEX.value

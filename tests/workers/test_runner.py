@@ -12,14 +12,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
+from app.bootstrap import build, job_queue
 from app.config import Settings
 from app.db import make_engine, make_session_factory, migrate, session_scope
 from app.errors import NotFound, ValidationFailed
 from app.main import create_app
 from app.models import Job, JobKind
-from app.runner import JobRunner, job_runtime
+from app.runner import JobRunner
 from app.services import jobs, users
-from app.services.jobs import JobContext, JobDispatcher, SessionFactory
+from app.services.jobs import JobContext, JobEnvironment, ProgressThrottle, SessionFactory
+from app.storage import ImageStore
+from workers.queue import RUN_JOB_TASK, CeleryQueue
 
 KIND = JobKind.REBUILD_INDEX.value
 
@@ -44,10 +47,26 @@ def user_id(factory: SessionFactory) -> str:
 
 
 @pytest.fixture
-def handlers(monkeypatch: pytest.MonkeyPatch) -> dict[str, jobs.JobHandler]:
-    """The handler registry, emptied for the test and restored afterwards."""
-    monkeypatch.setattr(jobs, "HANDLERS", {})
-    return jobs.HANDLERS
+def handlers() -> dict[str, jobs.JobHandler]:
+    """The test's own handler table (tests fill it; environments hold it by reference)."""
+    return {}
+
+
+def no_model() -> Any:
+    raise AssertionError("these jobs need no model")
+
+
+def job_env(
+    settings: Settings, factory: SessionFactory, handlers: dict[str, jobs.JobHandler]
+) -> JobEnvironment:
+    return JobEnvironment(settings, factory, ImageStore(settings.data_dir), handlers, no_model)
+
+
+@pytest.fixture
+def env(
+    settings: Settings, factory: SessionFactory, handlers: dict[str, jobs.JobHandler]
+) -> JobEnvironment:
+    return job_env(settings, factory, handlers)
 
 
 def new_job(factory: SessionFactory, user_id: str, payload: dict[str, Any] | None = None) -> str:
@@ -96,7 +115,11 @@ def test_create_and_get_job_scoped_by_user(factory: SessionFactory, user_id: str
 
 
 def test_run_job_succeeds_with_progress_and_context(
-    factory: SessionFactory, user_id: str, handlers: dict[str, Any], settings: Settings
+    factory: SessionFactory,
+    user_id: str,
+    handlers: dict[str, Any],
+    settings: Settings,
+    env: JobEnvironment,
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -108,7 +131,7 @@ def test_run_job_succeeds_with_progress_and_context(
 
     handlers[KIND] = handler
     job_id = new_job(factory, user_id, {"n": 3})
-    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    jobs.run_job(job_id, env)
     assert seen == {"state": "running", "progress": 0.25, "payload": {"n": 3}, "user": user_id}
     job = load(factory, job_id)
     assert (job.state, job.progress, job.attempts, job.error_code) == ("succeeded", 1.0, 1, None)
@@ -117,13 +140,17 @@ def test_run_job_succeeds_with_progress_and_context(
 
 
 def test_run_job_is_idempotent_once_succeeded(
-    factory: SessionFactory, user_id: str, handlers: dict[str, Any], settings: Settings
+    factory: SessionFactory,
+    user_id: str,
+    handlers: dict[str, Any],
+    settings: Settings,
+    env: JobEnvironment,
 ) -> None:
     calls: list[str] = []
     handlers[KIND] = lambda ctx: calls.append(ctx.job_id)
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, settings=settings, session_factory=factory)
-    jobs.run_job(job_id, settings=settings, session_factory=factory)  # a redelivered task
+    jobs.run_job(job_id, env)
+    jobs.run_job(job_id, env)  # a redelivered task
     assert calls == [job_id]
     assert load(factory, job_id).attempts == 1
 
@@ -132,14 +159,15 @@ def test_run_job_is_idempotent_once_succeeded(
     ("error", "code", "message"),
     [
         (ValidationFailed("too few photos", code="too_few"), "too_few", "too few photos"),
-        (KeyError("boom"), jobs.INTERNAL_ERROR, "KeyError: 'boom'"),
+        # The client reads a message written for it; the exception is only in the log.
+        (KeyError("boom"), jobs.INTERNAL_ERROR, jobs.INTERNAL_ERROR_MESSAGE),
     ],
 )
 def test_run_job_records_failures(
     factory: SessionFactory,
     user_id: str,
     handlers: dict[str, Any],
-    settings: Settings,
+    env: JobEnvironment,
     error: Exception,
     code: str,
     message: str,
@@ -149,17 +177,21 @@ def test_run_job_records_failures(
 
     handlers[KIND] = handler
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    jobs.run_job(job_id, env)
     job = load(factory, job_id)
     assert (job.state, job.error_code, job.error_message) == ("failed", code, message)
     assert job.finished_at is not None
 
 
 def test_run_job_without_handler_fails_the_job(
-    factory: SessionFactory, user_id: str, handlers: dict[str, Any], settings: Settings
+    factory: SessionFactory,
+    user_id: str,
+    handlers: dict[str, Any],
+    settings: Settings,
+    env: JobEnvironment,
 ) -> None:
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, settings=settings, session_factory=factory)
+    jobs.run_job(job_id, env)
     job = load(factory, job_id)
     assert (job.state, job.error_code) == ("failed", jobs.NO_HANDLER)
 
@@ -171,7 +203,7 @@ def test_run_job_reraises_transient_errors_and_requeues(
     factory: SessionFactory,
     user_id: str,
     handlers: dict[str, Any],
-    settings: Settings,
+    env: JobEnvironment,
     error: Exception,
 ) -> None:
     def handler(ctx: JobContext) -> None:
@@ -180,7 +212,7 @@ def test_run_job_reraises_transient_errors_and_requeues(
     handlers[KIND] = handler
     job_id = new_job(factory, user_id)
     with pytest.raises(type(error)):
-        jobs.run_job(job_id, settings=settings, session_factory=factory)
+        jobs.run_job(job_id, env)
     job = load(factory, job_id)
     assert (job.state, job.attempts, job.error_code) == ("queued", 1, None)
 
@@ -198,14 +230,13 @@ def test_progress_is_throttled_monotonic_and_clamped(
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        written = [
-            jobs.set_progress(job_id, i / 500, session_factory=factory) for i in range(1, 501)
-        ]
+        throttle = ProgressThrottle(job_id, factory)
+        written = [throttle(i / 500) for i in range(1, 501)]
         assert written[0] and sum(written) <= 2  # 500 steps in well under a second
         assert len(updates) == sum(written)
         monkeypatch.setattr(jobs, "PROGRESS_MIN_INTERVAL_S", 0.0)
-        assert not jobs.set_progress(job_id, 0.0001, session_factory=factory)  # never backwards
-        assert jobs.set_progress(job_id, 7.0, session_factory=factory)
+        assert not throttle(0.0001)  # never backwards
+        assert throttle(7.0)
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert load(factory, job_id).progress == 1.0
@@ -218,32 +249,38 @@ def test_progress_is_not_written_to_finished_jobs(factory: SessionFactory, user_
     assert load(factory, job_id).progress == 0.0
 
 
-def test_dispatcher_routes_to_runner_or_celery(
+def test_the_composition_root_picks_the_queue(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
-    submitted: list[str] = []
+    embedded_root = build(Settings(data_dir=tmp_path, broker_url=""))
+    queue = job_queue(embedded_root)
+    assert isinstance(queue, JobRunner) and not queue.running  # the caller starts it
+    with pytest.raises(RuntimeError):
+        queue.enqueue("j1")  # not started: the job stays queued in the database
+    assert set(embedded_root.jobs.handlers) == {k.value for k in JobKind}
+    embedded_root.engine.dispose()
 
-    class Runner:
-        def submit(self, job_id: str) -> None:
-            submitted.append(job_id)
+    brokered = build(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/9"))
+    celery_queue = job_queue(brokered)
+    assert isinstance(celery_queue, CeleryQueue)
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(
+        celery_queue.celery, "send_task", lambda name, args: sent.append((name, args))
+    )
+    celery_queue.enqueue("j2")
+    assert sent == [(RUN_JOB_TASK, ["j2"])]
+    brokered.engine.dispose()
 
-    embedded = Settings(data_dir=tmp_path, broker_url="")
-    JobDispatcher(embedded, Runner()).dispatch("j1")
-    JobDispatcher(embedded, None).dispatch("j2")  # no runner: stays queued, no error
-    assert submitted == ["j1"]
 
-    from workers.tasks import run_job_task
+def test_enqueue_committed_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    class Down:
+        def enqueue(self, job_id: str) -> None:
+            raise ConnectionError("broker down")
 
-    delayed: list[str] = []
-    monkeypatch.setattr(run_job_task, "delay", delayed.append)
-    brokered = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/9")
-    JobDispatcher(brokered, Runner()).dispatch("j3")
-    jobs.install_dispatcher(JobDispatcher(brokered))
-    try:
-        jobs.dispatch("j4")
-    finally:
-        jobs.install_dispatcher(None)
-    assert delayed == ["j3", "j4"] and submitted == ["j1"]
+    job = Job(id="j3", user_id="u", kind=KIND, state="queued", payload={})
+    jobs.enqueue_committed(Down(), job)  # logged: the job stays queued in the database
+    jobs.enqueue_committed(Down(), None)  # nothing to hand over
+    assert "j3" in caplog.text and "stays queued" in caplog.text
 
 
 # --- the embedded runner --------------------------------------------------------------------
@@ -253,7 +290,7 @@ def embedded(db_url: str, tmp_path: Any) -> Settings:
     return Settings(data_dir=tmp_path / "data", database_url=db_url, broker_url="")
 
 
-def test_runner_runs_dispatched_jobs_and_records_outcomes(
+def test_runner_runs_enqueued_jobs_and_records_outcomes(
     factory: SessionFactory, user_id: str, handlers: dict[str, Any], db_url: str, tmp_path: Any
 ) -> None:
     progress_seen: list[float] = []
@@ -266,13 +303,16 @@ def test_runner_runs_dispatched_jobs_and_records_outcomes(
         assert threading.current_thread().name.startswith("polar-job")
 
     handlers[KIND] = handler
-    with job_runtime(embedded(db_url, tmp_path), factory) as dispatcher:
-        assert dispatcher.runner is not None
+    runner = JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers))
+    runner.start()
+    try:
         ok, bad = new_job(factory, user_id), new_job(factory, user_id, {"fail": True})
-        jobs.dispatch(ok)  # through the installed dispatcher, like the services do
-        dispatcher.dispatch(bad)
+        runner.enqueue(ok)  # the JobQueue protocol, as the services call it
+        runner.enqueue(bad)
         good_job = wait_for(factory, ok, {"succeeded", "failed"})
         bad_job = wait_for(factory, bad, {"succeeded", "failed"})
+    finally:
+        runner.stop()
     assert (good_job.state, good_job.progress) == ("succeeded", 1.0)
     assert progress_seen == [0.5]
     assert (bad_job.state, bad_job.error_code) == ("failed", "no_images")
@@ -286,7 +326,7 @@ def test_runner_requeues_jobs_left_by_a_crash(
     queued, running, done = (new_job(factory, user_id) for _ in range(3))
     jobs.mark_running(running, session_factory=factory)  # the process died mid-job
     jobs.mark_succeeded(done, session_factory=factory)
-    runner = JobRunner(embedded(db_url, tmp_path), factory)
+    runner = JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers))
     try:
         assert sorted(runner.start()) == sorted([queued, running])
         for job_id in (queued, running):
@@ -310,7 +350,9 @@ def test_runner_retries_transient_errors_then_gives_up(
             raise ConnectionError(f"{name}: connection reset")
 
     handlers[KIND] = handler
-    runner = JobRunner(embedded(db_url, tmp_path), factory, retry_delays=(0.01, 0.01, 0.01))
+    runner = JobRunner(
+        job_env(embedded(db_url, tmp_path), factory, handlers), retry_delays=(0.01, 0.01, 0.01)
+    )
     runner.start()
     try:
         flaky = new_job(factory, user_id, {"name": "flaky"})
@@ -323,7 +365,7 @@ def test_runner_retries_transient_errors_then_gives_up(
     assert (job.state, job.attempts) == ("succeeded", 3)
     job = load(factory, dead)
     assert (job.state, job.attempts, job.error_code) == ("failed", 4, jobs.RETRIES_EXHAUSTED)
-    assert "connection reset" in (job.error_message or "")
+    assert job.error_message == jobs.RETRIES_EXHAUSTED_MESSAGE
 
 
 def test_runner_stop_interrupts_and_the_next_start_finishes(
@@ -338,7 +380,7 @@ def test_runner_stop_interrupts_and_the_next_start_finishes(
             time.sleep(0.01)
 
     handlers[KIND] = endless
-    runner = JobRunner(embedded(db_url, tmp_path), factory)
+    runner = JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers))
     runner.start()
     job_id = new_job(factory, user_id)
     waiting = new_job(factory, user_id)
@@ -354,7 +396,7 @@ def test_runner_stop_interrupts_and_the_next_start_finishes(
         runner.submit(job_id)
 
     handlers[KIND] = lambda ctx: None
-    again = JobRunner(embedded(db_url, tmp_path), factory)
+    again = JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers))
     try:
         assert set(again.start()) == {job_id, waiting}
         wait_for(factory, job_id, {"succeeded"})
@@ -363,24 +405,24 @@ def test_runner_stop_interrupts_and_the_next_start_finishes(
         again.stop()
 
 
-def test_runner_pool_is_bounded(factory: SessionFactory, db_url: str, tmp_path: Any) -> None:
-    with pytest.raises(AssertionError):
-        JobRunner(embedded(db_url, tmp_path), factory, max_workers=8)
-
-
-def test_app_lifespan_runs_jobs_in_process(
-    db_settings: Settings, handlers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+def test_runner_pool_is_bounded(
+    factory: SessionFactory, handlers: dict[str, Any], db_url: str, tmp_path: Any
 ) -> None:
+    with pytest.raises(AssertionError):
+        JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers), max_workers=8)
+
+
+def test_app_lifespan_runs_jobs_in_process(db_settings: Settings, handlers: dict[str, Any]) -> None:
     done = threading.Event()
     handlers[KIND] = lambda ctx: done.set()
-    with TestClient(create_app(db_settings)) as client:
+    with TestClient(create_app(db_settings, handlers=handlers)) as client:
         app: Any = client.app
-        dispatcher: JobDispatcher = app.state.job_dispatcher
-        assert isinstance(dispatcher.runner, JobRunner) and dispatcher.runner.running
+        runner = app.state.job_queue
+        assert isinstance(runner, JobRunner) and runner.running
         factory = app.state.session_factory
         with session_scope(factory) as s:
             uid = users.create_user("carol", db_session=s).id
         job_id = new_job(factory, uid)
-        jobs.dispatch(job_id)
+        runner.enqueue(job_id)
         assert wait_for(factory, job_id, {"succeeded"}).state == "succeeded"
-    assert done.is_set() and not dispatcher.runner.running
+    assert done.is_set() and not runner.running

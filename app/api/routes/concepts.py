@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from app.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
 from app.schemas import ConceptJobResponse, ConceptOut, ConceptPage, ConceptPatch, JobOut
 from app.schemas import error_responses as errors
 from app.services import concepts as service
@@ -61,6 +61,7 @@ def create_concept(
     db_session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    queue: QueueDep,
     category: Annotated[
         str | None, Form(description='coarse class, e.g. "dog": placeholder "sks dog"')
     ] = None,
@@ -75,6 +76,7 @@ def create_concept(
         store=store,
         training=settings.training,
         limits=settings.limits,
+        queue=queue,
     )
     return change_out(change)
 
@@ -112,11 +114,11 @@ def get_concept(concept_id: str, user: CurrentUser, db_session: SessionDep) -> C
     responses=errors(404, 409, 422),
 )
 def update_concept(
-    concept_id: str, body: ConceptPatch, user: CurrentUser, db_session: SessionDep
+    concept_id: str, body: ConceptPatch, user: CurrentUser, db_session: SessionDep, queue: QueueDep
 ) -> ConceptJobResponse:
     category = body.category if "category" in body.model_fields_set else service.KEEP
     change = service.update_concept(
-        user.id, concept_id, db_session=db_session, name=body.name, category=category
+        user.id, concept_id, db_session=db_session, queue=queue, name=body.name, category=category
     )
     return change_out(change)
 
@@ -135,6 +137,7 @@ def add_examples(
     db_session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    queue: QueueDep,
 ) -> ConceptJobResponse:
     """All or nothing; the concept's photos stay within training.max_photos in total."""
     change = service.add_examples(
@@ -145,6 +148,7 @@ def add_examples(
         store=store,
         training=settings.training,
         limits=settings.limits,
+        queue=queue,
     )
     return change_out(change)
 

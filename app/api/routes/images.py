@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from app.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
 from app.errors import NotFound
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
 from app.schemas import error_responses as errors
@@ -36,11 +36,12 @@ def upload_images(
     db_session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    queue: QueueDep,
 ) -> UploadResponse:
     """All or nothing: one bad file rejects the request (naming it) and stores nothing."""
     incoming = [service.IncomingFile(f.filename, f.file) for f in files]
     outcome = service.upload_images(
-        user.id, incoming, db_session=db_session, store=store, limits=settings.limits
+        user.id, incoming, db_session=db_session, store=store, limits=settings.limits, queue=queue
     )
     return UploadResponse(
         images=[

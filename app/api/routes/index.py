@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.api.deps import CurrentUser, SearchContextDep, SessionDep
+from app.api.deps import CurrentUser, QueueDep, SearchContextDep, SessionDep
 from app.schemas import IndexOut, JobOut, RebuildOut
 from app.schemas import error_responses as errors
 from app.services import embedding as service
-from app.services import jobs
 
 router = APIRouter(prefix="/index", tags=["index"], responses=errors(401))
 
@@ -42,11 +41,11 @@ def get_index(user: CurrentUser, db_session: SessionDep, ctx: SearchContextDep) 
     response_model=RebuildOut,
     summary="Embed every image the serving model (or the region layout) has not covered yet",
 )
-def rebuild_index(user: CurrentUser, db_session: SessionDep, response: Response) -> RebuildOut:
+def rebuild_index(
+    user: CurrentUser, db_session: SessionDep, queue: QueueDep, response: Response
+) -> RebuildOut:
     """Idempotent while one runs: a second call returns the open job with `created: false`."""
-    job, created = service.request_rebuild(db_session, user.id)
-    if created:
-        jobs.dispatch_committed(job)
-    else:
+    job, created = service.request_rebuild(db_session, user.id, queue)
+    if not created:
         response.status_code = 200
     return RebuildOut(job=JobOut.from_model(job), created=created)

@@ -1,0 +1,57 @@
+"""The composition root: the one place that wires settings, database, storage, the model, the
+job handlers and the job queue, for the API (app/main.py) and the Celery worker (workers/).
+
+Services receive what they need as arguments and never reach for process state; entry points
+build one `Container` and pass its parts on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+from sqlalchemy.engine import Engine
+
+from app.config import Settings
+from app.db import make_engine, make_session_factory
+from app.runner import JobRunner
+from app.services.job_handlers import handler_table
+from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
+from app.services.model import load_serving_model
+from app.storage import ImageStore
+from workers.queue import CeleryQueue, celery_client
+
+
+@dataclass(frozen=True)
+class Container:
+    """Everything one process shares, built once."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: SessionFactory
+    store: ImageStore
+    jobs: JobEnvironment  # what job handlers get
+
+
+def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = None) -> Container:
+    """Wire one process; `handlers` replaces the service's handler table (tests)."""
+    engine = make_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    store = ImageStore(settings.data_dir)
+    env = JobEnvironment(
+        settings=settings,
+        session_factory=session_factory,
+        store=store,
+        handlers=handler_table() if handlers is None else handlers,
+        serving=partial(load_serving_model, settings.model),
+    )
+    return Container(settings, engine, session_factory, store, env)
+
+
+def job_queue(container: Container) -> JobQueue:
+    """Where this process sends new jobs: Celery with a broker, else an embedded runner (which
+    the caller starts and stops: `isinstance(queue, JobRunner)`)."""
+    if container.settings.embedded_jobs:
+        return JobRunner(container.jobs)
+    return CeleryQueue(celery_client(container.settings))
