@@ -1,9 +1,15 @@
-"""`polar bench pervl` / `python bench/pervl.py`: run the PerVL benchmark or calibrate λ.
+"""The benchmark's command lines; the modules they call are libraries with no entry points.
 
-python bench/pervl.py --dataset synthetic                 # test split, default settings
-python bench/pervl.py --dataset synthetic --calibrate     # sweep λ on val, write polar.json
-python bench/pervl.py --dataset deepfashion2 --df2-annotations A --df2-images I
-python bench/pervl.py --dataset conconchi --conconchi-root R [--conconchi-captions C]
+`polar bench pervl` / `python bench/pervl.py` / `python -m app.bench pervl`: run the PerVL
+benchmark or calibrate λ (`main`):
+    python bench/pervl.py --dataset synthetic                 # test split, default settings
+    python bench/pervl.py --dataset synthetic --calibrate     # sweep λ on val, write polar.json
+    python bench/pervl.py --dataset deepfashion2 --df2-annotations A --df2-images I
+    python bench/pervl.py --dataset conconchi --conconchi-root R [--conconchi-captions C]
+`python -m app.bench regions --seeds 0,1,2,3 --out F.json [--test pervl.json]`: the region
+re-ranking sweep (`regions_main`, app.bench.regions).
+`python -m app.bench multi SPLIT SEED OUT.json [NAMES]`: the multi-concept variants' sweep
+(`multi_main`, app.bench.multi_sweep).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from typing import Any
 
 import torch
 
-from app.bench import report
+from app.bench import multi_sweep, regions, report
 from app.bench.datasets import PerVLDataset, load_conconchi, load_deepfashion2
+from app.bench.multi import MULTI_VARIANTS
 from app.bench.runner import (
     DEFAULT_METHOD,
     DEFAULT_METHODS,
@@ -258,5 +265,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def regions_main(argv: Sequence[str] | None = None) -> int:
+    """Run the region sweep seed by seed (the JSON is rewritten after each), attach test rows."""
+    p = argparse.ArgumentParser(prog="python -m app.bench regions", description=regions.__doc__)
+    p.add_argument("--seeds", default="0,1,2,3", help="val bench seeds ('' = none)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--test", type=Path, default=None, help="bench/pervl.py JSON to attach")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    doc: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if seeds:
+        path = demo_checkpoint_path()
+        bundle = load_clip(DEMO_MODEL_NAME, str(path), "cpu")
+        doc = {
+            "benchmark": "pervl synthetic, region re-ranking for two-concept queries "
+            "(issue 7 gap: multi mRR >= 0.8 x context mRR)",
+            "model": model_summary(bundle, str(path)),
+            "protocol": regions.PROTOCOL,
+            "commands": regions.COMMANDS,
+            "grid": {
+                "layouts": {k: [list(b) for b in v] for k, v in regions.SWEEP_LAYOUTS.items()},
+                "aggs": list(regions.SWEEP_AGGS),
+                "weights": list(regions.SWEEP_WEIGHTS),
+                "candidates": list(regions.SWEEP_CANDIDATES),
+                "key": "layout/agg/weight/c<candidates>, c0 = all",
+            },
+            "choice": regions.CHOICE,
+        } | {k: v for k, v in doc.items() if k == "test"}
+        per_seed = []
+        for s in seeds:
+            per_seed.append(regions.sweep_seed(bundle, s, args.split))
+            doc["validation"] = {"mean": regions.summarize(per_seed), "per_bench_seed": per_seed}
+            doc["environment"] = report.environment()
+            report.write_json(args.out, doc)
+            print(json.dumps(doc["validation"]["mean"]["choice"]), flush=True)
+    if args.test is not None:
+        doc["test"] = regions.pervl_rows(json.loads(args.test.read_text()))
+        report.write_json(args.out, doc)
+    return 0
+
+
+def multi_main(argv: Sequence[str] | None = None) -> int:
+    """Sweep the multi-concept variants on one split and bench seed; write the JSON."""
+    p = argparse.ArgumentParser(prog="python -m app.bench multi", description=multi_sweep.__doc__)
+    p.add_argument("split", help="val or test")
+    p.add_argument("seed", type=int, help="synthetic benchmark seed")
+    p.add_argument("out", type=Path, help="JSON to write")
+    p.add_argument("names", nargs="?", default=",".join(MULTI_VARIANTS), help="comma list")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    names = [n for n in args.names.split(",") if n]
+    args.out.write_text(json.dumps(multi_sweep.sweep(args.split, names, args.seed), indent=1))
+    return 0
+
+
+COMMANDS = {"pervl": main, "regions": regions_main, "multi": multi_main}
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m app.bench {pervl,regions,multi} ...`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in COMMANDS:
+        print(f"usage: python -m app.bench {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
+        return 2
+    return COMMANDS[args[0]](args[1:])

@@ -22,7 +22,6 @@ import numpy as np
 
 from app.bench.datasets import Query, render
 from app.bench.methods import Polar, PolarPlusImage, category_word, normalize
-from app.bench.metrics import retrieval_metrics
 from app.ml.encode import encode_texts
 
 
@@ -110,7 +109,9 @@ def soft_and(sims: np.ndarray, mode: str, tau: float) -> np.ndarray:
     raise ValueError(f"unknown soft-AND mode {mode!r}; use min or softmin")
 
 
-# Registered in app.bench.runner.METHODS as polar_tuned plus these options (chosen on val).
+# Registered in app.bench.runner.METHODS as polar_tuned plus these options. The option chosen
+# on val (fuse "per", multi_weight 1, context 1) is the service's recipe: polar_multi_ctx, which
+# runs app.services.recipe itself (app.bench.service).
 MULTI_VARIANTS: dict[str, dict[str, object]] = {
     "polar_multi_w25": {"multi_weight": 0.25},
     "polar_multi_per25": {"fuse": "per", "multi_weight": 0.25},
@@ -122,7 +123,6 @@ MULTI_VARIANTS: dict[str, dict[str, object]] = {
         "multi_weight": 0.25,
         "score_mode": "min",
     },
-    "polar_multi_ctx": {"fuse": "per", "multi_weight": 1.0, "context": 1.0},
 }
 
 
@@ -134,38 +134,3 @@ def share_fit(source: Polar, target: Polar) -> Polar:
         source.adapters,
     )
     return target
-
-
-def sweep(split: str, names: Sequence[str], bench_seed: int = 0) -> dict[str, object]:
-    """polar_tuned and the named variants on one synthetic split, trained once; JSON-ready."""
-    from app.bench.runner import METHODS, BenchSettings, embed_dataset, evaluate
-    from app.bench.synthetic import SyntheticConfig, build_synthetic
-    from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path, load_clip
-
-    bundle = load_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), "cpu")
-    ds = build_synthetic(split, SyntheticConfig(seed=bench_seed))
-    emb = embed_dataset(bundle, ds)
-    settings = BenchSettings(lam=0.0)
-    tuned = METHODS["polar_tuned"](bundle, settings)
-    base = evaluate(tuned, ds, emb)
-    assert isinstance(tuned, Polar)
-    rows: dict[str, object] = {"polar_tuned": base}
-    for name in names:
-        method = share_fit(tuned, METHODS[name](bundle, settings))  # type: ignore[arg-type]
-        row = {k: retrieval_metrics(method.score(q, emb.pool), [x.gt for x in q])
-               for k in ("context", "multi") if (q := ds.queries_of(k))}  # fmt: skip
-        rows[name] = row | {"retention": base["retention"]}  # query-time only: same model
-    return {"split": split, "bench_seed": bench_seed, "methods": rows}
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    import torch
-
-    torch.set_num_threads(1)
-    split, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    names = sys.argv[4].split(",") if len(sys.argv) > 4 else list(MULTI_VARIANTS)
-    with open(out, "w") as f:
-        json.dump(sweep(split, names, seed), f, indent=1)

@@ -1,16 +1,15 @@
-"""Region re-ranking for queries that name several concepts (issue 7's two-concept gap).
+"""The validation sweep behind the service's region re-ranking (issue 7's two-concept gap).
 
-polar_multi_regions = polar_multi_ctx, then for a query naming two or more distinct concepts
-the `candidates` best images by that score are re-ranked with app.ml.regions' score
+The service (app.services.recipe, benchmarked as polar_multi_regions by app.bench.service)
+re-ranks the `region_candidates` best images of a query naming two or more distinct concepts by
 
     base + weight × mean_k max_{r ∈ crops ∪ {whole}} <part_k, r>
 
-(part_k = the query's part for concept k fused with that concept's photos) and placed above the
-rest in their new order. Single-concept queries keep polar_multi_ctx's ranking. The pool's crop
-embeddings are computed once per dataset (app.bench.runner.pool_regions) and shared.
-
-`sweep` is the validation sweep behind the choice (layout "five", mean over parts, weight 8):
-    .venv/bin/python -m app.bench.regions --seeds 0,1,2,3 \\
+(part_k = the query's part for concept k fused with that concept's photos). This module scores
+a grid of crop layouts, aggregations, weights and candidate counts on the validation split; the
+choice (layout "five", mean over parts, weight 8, 200 candidates) is the service's default.
+Run it with `python -m app.bench regions` (app.bench.cli):
+    .venv/bin/python -m app.bench regions --seeds 0,1,2,3 \\
         --out bench/results/pervl_synthetic_regions.json
 """
 
@@ -18,75 +17,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from app.bench.datasets import Query
-from app.bench.multi import PolarMulti
-from app.ml.regions import LAYOUTS, Box, part_matches, rerank_scores
-
-# The recipe the service runs (POLAR_SEARCH__REGIONS / REGION_WEIGHT / REGION_CANDIDATES).
-REGION_DEFAULTS: dict[str, object] = {"layout": "five", "region_weight": 8.0, "candidates": 200}
-
-
-def is_multi(query: Query) -> bool:
-    """Whether a query names two or more distinct concepts."""
-    return len(set(query.concepts)) >= 2
-
-
-def top_candidates(scores: np.ndarray, candidates: int) -> np.ndarray:
-    """Indices of the `candidates` best scores, best first; every index when `candidates` is 0
-    or at least the pool size."""
-    order = np.argsort(-scores, kind="stable")
-    return order if candidates <= 0 else order[:candidates]
-
-
-def place_on_top(scores: np.ndarray, idx: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """`scores` with images `idx` re-scored by `new` (their order) and above every other image."""
-    out = np.array(scores, dtype=np.float32, copy=True)
-    rest = np.ones(len(out), dtype=bool)
-    rest[idx] = False
-    shift = 0.0
-    if rest.any() and len(idx):
-        shift = max(0.0, float(out[rest].max()) - float(new.min()) + 1.0)
-    out[idx] = new + shift
-    return out
-
-
-@dataclass
-class PolarRegions(PolarMulti):
-    """polar_multi_ctx plus region re-ranking of the top candidates for multi-concept queries.
-
-    `regions` must hold the (N, R, D) crop embeddings of the pool being scored, for `layout`;
-    app.bench.runner.evaluate sets it from the dataset's shared embeddings.
-    """
-
-    layout: str = "five"
-    region_weight: float = 8.0
-    candidates: int = 200  # images re-ranked per query; 0 = the whole pool
-    regions: np.ndarray | None = field(default=None, repr=False)
-
-    def score(self, queries: Sequence[Query], pool: np.ndarray) -> np.ndarray:
-        scores = super().score(queries, pool)  # (Q, N)
-        multi = [i for i, q in enumerate(queries) if is_multi(q)]
-        if not multi:
-            return scores
-        if self.regions is None or len(self.regions) != len(pool):
-            raise ValueError(f"{self.name}: regions of the scored pool ({self.layout!r}) not set")
-        for i in multi:
-            idx = top_candidates(scores[i], self.candidates)
-            new = rerank_scores(
-                scores[i, idx],
-                self.fused_partials(queries[i]),
-                pool[idx],
-                self.regions[idx],
-                self.region_weight,
-            )
-            scores[i] = place_on_top(scores[i], idx, new)
-        return scores
-
+from app.bench.datasets import Query, chunks
+from app.bench.metrics import retrieval_metrics
+from app.bench.multi import share_fit
+from app.bench.runner import IMAGE_CHUNK, METHODS, BenchSettings, embed_dataset, evaluate
+from app.bench.service import ServiceRecipe, place_on_top, top_candidates
+from app.bench.synthetic import SyntheticConfig, build_synthetic
+from app.ml.regions import LAYOUTS, Box, encode_boxes, part_matches
 
 # ------------------------------------------------------------------------- validation sweep
 
@@ -128,27 +69,21 @@ def sweep_scores(
     return out
 
 
+def _parts(method: ServiceRecipe, query: Query) -> np.ndarray:
+    """A multi-concept query's per-concept parts, fused with their photos, (K, D)."""
+    parts = method.encodings([query])[1][0]
+    assert parts is not None, "a query naming several concepts has parts"
+    return parts
+
+
 def sweep_seed(bundle: Any, bench_seed: int, split: str = "val") -> dict[str, Any]:
     """Every grid point on one synthetic split; adapters trained once and shared. JSON-ready."""
-    from app.bench.datasets import chunks
-    from app.bench.metrics import retrieval_metrics
-    from app.bench.multi import share_fit
-    from app.bench.runner import (
-        IMAGE_CHUNK,
-        METHODS,
-        BenchSettings,
-        embed_dataset,
-        evaluate,
-    )
-    from app.bench.synthetic import SyntheticConfig, build_synthetic
-    from app.ml.regions import encode_boxes
-
     started = time.perf_counter()
     ds = build_synthetic(split, SyntheticConfig(seed=bench_seed))
     emb = embed_dataset(bundle, ds)
     settings = BenchSettings(lam=0.0)
     ctx = METHODS["polar_multi_ctx"](bundle, settings)
-    assert isinstance(ctx, PolarMulti)
+    assert isinstance(ctx, ServiceRecipe)
     base_row = evaluate(ctx, ds, emb)  # trains every concept once
 
     def short(m: dict[str, float]) -> dict[str, float]:
@@ -156,8 +91,8 @@ def sweep_seed(bundle: Any, bench_seed: int, split: str = "val") -> dict[str, An
 
     kinds = {k: ds.queries_of(k) for k in ("multi", "context")}
     base = {k: ctx.score(q, emb.pool) for k, q in kinds.items()}
-    parts = {
-        "multi": [ctx.fused_partials(q) for q in kinds["multi"]],
+    parts: dict[str, list[np.ndarray]] = {
+        "multi": [_parts(ctx, q) for q in kinds["multi"]],
         "context": [ctx.encode([q]) for q in kinds["context"]],  # one part: the query itself
     }
     grid: dict[str, dict[str, dict[str, float]]] = {"multi": {}, "context": {}}
@@ -183,7 +118,7 @@ def sweep_seed(bundle: Any, bench_seed: int, split: str = "val") -> dict[str, An
 
     # The registered method on the same adapters: the code path the bench and the service run.
     method = share_fit(ctx, METHODS["polar_multi_regions"](bundle, settings))  # type: ignore[arg-type]
-    assert isinstance(method, PolarRegions)
+    assert isinstance(method, ServiceRecipe) and method.layout == "five"
     method.regions = emb.regions[method.layout]
     registered = {
         k: retrieval_metrics(method.score(q, emb.pool), [x.gt for x in q]) for k, q in kinds.items()
@@ -276,70 +211,9 @@ PROTOCOL = (
     "cross-check. Test (bench seed 0) runs once, through bench/pervl.py."
 )
 COMMANDS = {
-    "val": ".venv/bin/python -m app.bench.regions --seeds 0,1,2,3 "
+    "val": ".venv/bin/python -m app.bench regions --seeds 0,1,2,3 "
     "--out bench/results/pervl_synthetic_regions.json",
     "test": ".venv/bin/python bench/pervl.py --lam 0.003",
-    "attach_test": ".venv/bin/python -m app.bench.regions --seeds '' "
+    "attach_test": ".venv/bin/python -m app.bench regions --seeds '' "
     "--out bench/results/pervl_synthetic_regions.json --test bench/results/pervl_synthetic.json",
 }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the sweep seed by seed (the JSON is rewritten after each) and/or attach test rows."""
-    import argparse
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from app.bench import report
-    from app.bench.cli import model_summary
-    from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path, load_clip
-
-    p = argparse.ArgumentParser(prog="python -m app.bench.regions", description=__doc__)
-    p.add_argument("--seeds", default="0,1,2,3", help="val bench seeds ('' = none)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--test", type=Path, default=None, help="bench/pervl.py JSON to attach")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    doc: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if seeds:
-        path = demo_checkpoint_path()
-        bundle = load_clip(DEMO_MODEL_NAME, str(path), "cpu")
-        doc = {
-            "benchmark": "pervl synthetic, region re-ranking for two-concept queries "
-            "(issue 7 gap: multi mRR >= 0.8 x context mRR)",
-            "model": model_summary(bundle, str(path)),
-            "protocol": PROTOCOL,
-            "commands": COMMANDS,
-            "grid": {
-                "layouts": {k: [list(b) for b in v] for k, v in SWEEP_LAYOUTS.items()},
-                "aggs": list(SWEEP_AGGS),
-                "weights": list(SWEEP_WEIGHTS),
-                "candidates": list(SWEEP_CANDIDATES),
-                "key": "layout/agg/weight/c<candidates>, c0 = all",
-            },
-            "choice": CHOICE,
-        } | {k: v for k, v in doc.items() if k == "test"}
-        per_seed = []
-        for s in seeds:
-            per_seed.append(sweep_seed(bundle, s, args.split))
-            doc["validation"] = {"mean": summarize(per_seed), "per_bench_seed": per_seed}
-            doc["environment"] = report.environment()
-            report.write_json(args.out, doc)
-            print(json.dumps(doc["validation"]["mean"]["choice"]), flush=True)
-    if args.test is not None:
-        doc["test"] = pervl_rows(json.loads(args.test.read_text()))
-        report.write_json(args.out, doc)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    # Run the imported module's main: classes defined in __main__ are not the runner's.
-    from app.bench import regions
-
-    sys.exit(regions.main())

@@ -19,8 +19,9 @@ from app.bench.methods import (
 )
 from app.bench.metrics import caption_recall, retrieval_metrics
 from app.bench.multi import MULTI_VARIANTS, PolarMulti
-from app.bench.regions import REGION_DEFAULTS, PolarRegions
+from app.bench.service import ServiceRecipe
 from app.bench.variants import selective_trainer
+from app.config import SearchSettings
 from app.ml.encode import encode_images, encode_texts
 from app.ml.model import ClipBundle
 from app.ml.regions import encode_regions, layout_boxes
@@ -43,15 +44,18 @@ class BenchSettings:
 
 MethodFactory = Callable[[ClipBundle, BenchSettings], Method]
 
-# The recommended personalization, chosen on the synthetic *validation* split (demo model):
-# POLAR trained with the keep term, distinct tokens, several concepts by embedding addition,
-# and the query fused with the concept photos' mean. See the report in bench/results.
-TUNED: dict[str, object] = {
+# The service's training, chosen on the synthetic *validation* split (demo model): POLAR with
+# the keep term (app.ml.selective) and a distinct token per concept.
+TUNED_TRAINING: dict[str, object] = {
     "lam": 0.0,  # the keep term regularises instead: retention drop 0.003 on val
     "lr": 3e-3,  # B needs room to grow within 500 steps once λ no longer pulls it back
     "steps": 500,
     "token_mode": "distinct",
     "trainer": selective_trainer(keep=3.0),
+}
+# polar_tuned: that training, several concepts by embedding addition, and the query fused with
+# the concept photos' mean once (the service's recipe before per-concept parts).
+TUNED: dict[str, object] = TUNED_TRAINING | {
     "stack": "embeddings",
     "weight": 0.5,  # photo-mean weight in the query
 }
@@ -92,12 +96,17 @@ def _multi(name: str, opts: dict[str, object]) -> MethodFactory:
     return lambda b, s: PolarMulti(b, name, seed=s.seed, **TUNED, **opts)  # type: ignore[arg-type]
 
 
+def _service(name: str, search: SearchSettings) -> MethodFactory:
+    """The service's training and its query recipe (app.services.recipe) under `search`."""
+    return lambda b, s: ServiceRecipe(b, name, seed=s.seed, search=search, **TUNED_TRAINING)  # type: ignore[arg-type]
+
+
 METHODS |= {name: _multi(name, opts) for name, opts in MULTI_VARIANTS.items()}
-# polar_multi_ctx + region re-ranking of multi-concept queries (app.bench.regions).
-METHODS["polar_multi_regions"] = lambda b, s: PolarRegions(
-    b, "polar_multi_regions", seed=s.seed, **TUNED, **MULTI_VARIANTS["polar_multi_ctx"],  # type: ignore[arg-type]
-    **REGION_DEFAULTS,  # type: ignore[arg-type]
-)  # fmt: skip
+# The service without crops (POLAR_SEARCH__REGIONS=none): per-concept parts fused with their
+# own photos, plus the plain query for the context.
+METHODS["polar_multi_ctx"] = _service("polar_multi_ctx", SearchSettings(regions="none"))
+# The service's defaults: the same, then region re-ranking of multi-concept queries.
+METHODS["polar_multi_regions"] = _service("polar_multi_regions", SearchSettings())
 DEFAULT_METHODS = (
     "text",
     "composed",
@@ -110,7 +119,7 @@ DEFAULT_METHODS = (
     "polar_multi_ctx",
     "polar_multi_regions",
 )
-# The service's default (app/services/search.py encode_query + region re-ranking,
+# The service's default (app.services.recipe, the code app/services/search.py runs, and
 # app.ml.selective training); "polar" is the paper's recipe through app.ml.
 DEFAULT_METHOD = "polar_multi_regions"
 
@@ -159,7 +168,7 @@ def pool_regions(bundle: ClipBundle, ds: PerVLDataset, emb: Embedded, layout: st
 
 def evaluate(method: Method, ds: PerVLDataset, emb: Embedded) -> dict[str, object]:
     """Fit every concept (timed), then metrics per query kind and general-knowledge retention."""
-    if isinstance(method, PolarRegions):
+    if isinstance(method, ServiceRecipe) and method.layout is not None:
         method.regions = pool_regions(method.bundle, ds, emb, method.layout)
     seconds = []
     for cid, concept in ds.concepts.items():

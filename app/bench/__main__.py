@@ -1,0 +1,7 @@
+"""`python -m app.bench {pervl,regions,multi} ...` (app.bench.cli)."""
+
+import sys
+
+from app.bench.cli import bench_main
+
+sys.exit(bench_main())

@@ -1,0 +1,147 @@
+"""The service's recipe as a benchmark method (app.bench.service) on a tiny model and split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.bench.datasets import PerVLDataset
+from app.bench.methods import normalize
+from app.bench.multi import PolarMulti, share_fit
+from app.bench.runner import (
+    DEFAULT_METHOD,
+    DEFAULT_METHODS,
+    METHODS,
+    TUNED_TRAINING,
+    BenchSettings,
+    embed_dataset,
+    evaluate,
+    pool_regions,
+)
+from app.bench.service import ServiceRecipe
+from app.bench.synthetic import SyntheticConfig, build_synthetic
+from app.config import SearchSettings
+from app.ml import regions as ml_regions
+from app.ml.model import ClipBundle
+from app.ml.regions import rerank_scores
+
+STEPS = 20
+SMALL = SyntheticConfig(concepts=2, context_scenes=1, pair_scenes=1, background=3)
+
+
+def service(bundle: ClipBundle, **search: Any) -> ServiceRecipe:
+    """The service's recipe under `search` overrides, with few training steps."""
+    opts = TUNED_TRAINING | {"steps": STEPS}
+    return ServiceRecipe(bundle, "m", search=SearchSettings(**search), **opts)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small(tiny: ClipBundle) -> tuple[PerVLDataset, ServiceRecipe]:
+    ds = build_synthetic("test", SMALL)
+    base = service(tiny, regions="none")
+    for cid, c in ds.concepts.items():
+        base.fit(c, normalize(np.random.default_rng(len(cid)).normal(size=(3, tiny.embed_dim))))
+    return ds, base
+
+
+def with_regions(base: ServiceRecipe, **search: Any) -> ServiceRecipe:
+    m = service(base.bundle, **search)
+    share_fit(base, m)
+    return m
+
+
+def test_without_regions_it_is_the_research_recipe_it_was_chosen_as(
+    small: tuple[PerVLDataset, ServiceRecipe],
+) -> None:
+    # app.bench.multi's per-concept fusion (w 1) + context (c 1) is what the service runs: the
+    # service's code gives the same scores on the same adapters.
+    ds, base = small
+    emb = embed_dataset(base.bundle, ds)
+    research = PolarMulti(
+        base.bundle, "r", token_mode="distinct", stack="embeddings", weight=0.5,
+        fuse="per", multi_weight=1.0, context=1.0,
+    )  # fmt: skip
+    share_fit(base, research)
+    queries = ds.queries
+    np.testing.assert_allclose(
+        base.score(queries, emb.pool), research.score(queries, emb.pool), atol=1e-5
+    )
+
+
+def test_single_concept_queries_are_not_reranked(
+    small: tuple[PerVLDataset, ServiceRecipe],
+) -> None:
+    ds, base = small
+    emb = embed_dataset(base.bundle, ds)
+    m = with_regions(base, region_candidates=10_000)
+    m.regions = pool_regions(m.bundle, ds, emb, "five")
+    single = ds.queries_of("context") + ds.queries_of("concept")
+    np.testing.assert_allclose(m.score(single, emb.pool), base.score(single, emb.pool), atol=1e-6)
+
+
+def test_multi_queries_rerank_the_candidates(small: tuple[PerVLDataset, ServiceRecipe]) -> None:
+    ds, base = small
+    emb = embed_dataset(base.bundle, ds)
+    regions = pool_regions(base.bundle, ds, emb, "five")
+    (pair,) = ds.queries_of("multi")
+    ref = base.score([pair], emb.pool)[0]
+    m = with_regions(base, region_candidates=10_000, region_weight=8.0)
+    m.regions = regions
+    got = m.score([pair], emb.pool)[0]
+    parts = m.encodings([pair])[1][0]
+    assert parts is not None and parts.shape == (2, base.bundle.embed_dim)
+    want = rerank_scores(ref, parts, emb.pool, regions, 8.0)
+    assert np.argsort(-got, kind="stable").tolist() == np.argsort(-want, kind="stable").tolist()
+
+    # An image whose crops hold exactly the query's parts wins when it is a candidate...
+    loser = int(np.argmin(ref))
+    planted = regions.copy()
+    planted[loser, :2] = parts
+    m.regions = planted
+    assert int(np.argmax(m.score([pair], emb.pool)[0])) == loser
+    # ... and stays where it was when it is not: the top 3 are re-ordered, the rest untouched.
+    m.search = SearchSettings(region_candidates=3)
+    top = m.score([pair], emb.pool)[0]
+    assert set(np.argsort(-top)[:3]) == set(np.argsort(-ref)[:3])
+    rest = np.argsort(-ref)[3:]
+    np.testing.assert_allclose(top[rest], ref[rest], atol=1e-6)
+
+    m.regions = None
+    with pytest.raises(ValueError, match="regions"):
+        m.score([pair], emb.pool)
+
+
+def test_evaluate_embeds_regions_once_and_only_when_needed(
+    small: tuple[PerVLDataset, ServiceRecipe], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds, base = small
+    emb = embed_dataset(base.bundle, ds)
+    calls: list[int] = []
+    real = ml_regions.encode_boxes
+
+    def counting(bundle: ClipBundle, images: list[Any], boxes: Any, batch_size: int = 64) -> Any:
+        calls.append(len(images))
+        return real(bundle, images, boxes, batch_size)
+
+    monkeypatch.setattr(ml_regions, "encode_boxes", counting)
+    evaluate(service(base.bundle, regions="none"), ds, emb)
+    assert emb.regions == {} and calls == []  # methods without crops pay nothing
+    first = evaluate(with_regions(base), ds, emb)
+    assert emb.regions["five"].shape == (len(ds.pool), 5, base.bundle.embed_dim)
+    assert sum(calls) == len(ds.pool) and "five" in emb.region_seconds
+    evaluate(with_regions(base), ds, emb)
+    assert sum(calls) == len(ds.pool)  # shared, not recomputed
+    assert {"context", "concept", "multi", "retention"} <= set(first)
+
+
+def test_the_default_method_is_the_services_defaults(tiny: ClipBundle) -> None:
+    assert DEFAULT_METHOD == "polar_multi_regions" and DEFAULT_METHOD in DEFAULT_METHODS
+    m = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.1))
+    assert isinstance(m, ServiceRecipe) and m.name == "polar_multi_regions"
+    assert m.search == SearchSettings() and m.layout == "five"
+    assert m.token_mode == "distinct" and m.lam == 0.0 and m.lr == 3e-3
+    ctx = METHODS["polar_multi_ctx"](tiny, BenchSettings(lam=0.1))
+    assert isinstance(ctx, ServiceRecipe) and ctx.layout is None
+    assert ctx.search == SearchSettings(regions="none")
