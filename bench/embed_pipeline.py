@@ -52,27 +52,25 @@ from PIL import ImageDraw
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from app import repositories  # noqa: E402
-from app.config import SearchSettings, Settings  # noqa: E402
-from app.db import make_engine, make_session_factory, migrate  # noqa: E402
-from app.ml.encode import encode_images  # noqa: E402
-from app.ml.model import (  # noqa: E402
+from app import repositories
+from app.bench.harness import demo, loadavg, vit_b32
+from app.config import SearchSettings, Settings
+from app.db import make_engine, make_session_factory, migrate
+from app.ml.encode import encode_images
+from app.ml.model import (
     DEMO_MODEL_NAME,
     ClipBundle,
 )
-from app.ml.regions import LAYOUTS, crop_regions, encode_regions  # noqa: E402
-from app.models import Image, utcnow  # noqa: E402
-from app.services import embedding  # noqa: E402
-from app.services.embedding import _open_rgb, decode_side, embed_pending  # noqa: E402
-from app.services.jobs import JobContext, JobEnvironment  # noqa: E402
-from app.services.model import ServingModel  # noqa: E402
-from app.services.users import create_user  # noqa: E402
-from app.storage import ImageStore  # noqa: E402
-from bench.common import demo, loadavg, vit_b32  # noqa: E402
+from app.ml.regions import LAYOUTS, crop_regions, encode_regions
+from app.models import Image, utcnow
+from app.services import embedding
+from app.services.embedding import _open_rgb, decode_side, embed_pending
+from app.services.jobs import JobContext, JobEnvironment
+from app.services.model import ServingModel
+from app.services.users import create_user
+from app.storage import ImageStore
 
+ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "embed_pipeline.json"
 CAMERA = (4032, 3024)  # a 12 MP phone photo
 HD = (1920, 1080)

@@ -9,7 +9,8 @@ taken in the same run.
   query    search_images end to end, k = 20, for a query naming two concepts (random
            adapters, ViT-B-32 random weights), regions on vs off on the same SQLite library of
            random unit embeddings plus random float16 region blobs, at 1k and 10k images;
-           interleaved, medians, with the share of rerank_by_regions (and of the query encoding);
+           interleaved, medians, with the share of rerank_by_regions (and of the query encoding),
+           each step timed alone right after the search, through the same functions;
   storage  bytes per image of the whole embedding and of the region blob (computed), and the
            SQLite file's growth per image when the blobs are added (measured, after VACUUM).
 
@@ -29,8 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +40,25 @@ from PIL import Image as PILImage
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from app.config import LimitSettings, SearchSettings  # noqa: E402
-from app.db import make_engine, make_session_factory, migrate  # noqa: E402
-from app.ml.adapter import ConceptAdapter  # noqa: E402
-from app.ml.encode import encode_images  # noqa: E402
-from app.ml.model import (  # noqa: E402
+from app import repositories
+from app.bench.harness import demo, insert_images, loadavg, unit_rows, vit_b32
+from app.config import LimitSettings, SearchSettings
+from app.db import make_engine, make_session_factory, migrate
+from app.ml.adapter import ConceptAdapter
+from app.ml.encode import encode_images
+from app.ml.model import (
     DEMO_MODEL_NAME,
     ClipBundle,
 )
-from app.ml.regions import LAYOUTS, encode_regions, pack_regions  # noqa: E402
-from app.models import Adapter, Concept, ConceptExample, Image  # noqa: E402
-from app.services import search as search_module  # noqa: E402
-from app.services.index import IndexCache  # noqa: E402
-from app.services.model import ServingModel  # noqa: E402
-from app.services.search import AdapterCache, search_images  # noqa: E402
-from app.services.users import create_user  # noqa: E402
-from bench.common import demo, insert_images, loadavg, unit_rows, vit_b32  # noqa: E402
+from app.ml.regions import LAYOUTS, encode_regions, pack_regions, unpack_regions
+from app.models import Adapter, Concept, ConceptExample, Image
+from app.services import recipe
+from app.services.index import IndexCache
+from app.services.model import ServingModel
+from app.services.search import AdapterCache, photo_mean, rerank_by_regions, search_images
+from app.services.users import create_user
 
+ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "region_cost.json"
 BATCH = 32  # app.services.embedding.BATCH: images per encode call in embed_pending
 IMAGE_SIZE = (640, 480)
@@ -232,28 +230,52 @@ def sqlite_bytes(factory: sessionmaker[Session], path: Path) -> int:
     return path.stat().st_size
 
 
-class Stopwatch:
-    """Wraps module-level functions of app.services.search to time each call."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-
-    @contextmanager
-    def wrap(self, name: str) -> Iterator[None]:
-        original: Callable[..., Any] = getattr(search_module, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.last[name] = self.last.get(name, 0.0) + time.perf_counter() - t0
-
-        setattr(search_module, name, timed)
-        try:
-            yield
-        finally:
-            setattr(search_module, name, original)
+def time_phases(
+    s: Session,
+    user_id: str,
+    text: str,
+    serving: ServingModel,
+    cache: IndexCache,
+    adapters: AdapterCache,
+    settings: SearchSettings,
+) -> dict[str, float]:
+    """Seconds of the search's steps, each run alone through the functions search_images calls
+    (app.services.recipe, rerank_by_regions), on the text it encoded."""
+    bundle, model_id = serving.bundle, serving.model_id
+    rows = repositories.latest_adapters(
+        db_session=s,
+        concept_ids=[c.id for c in repositories.user_concepts(db_session=s, user_id=user_id)],
+    )
+    stack = [adapters.get(r) for r in rows.values()]
+    means = [photo_mean(s, adapters, r, model_id) for r in rows.values()]
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    enc = recipe.encode_query(bundle, text, stack, means, settings)
+    out["encode"] = time.perf_counter() - t0
+    regions = recipe.reranks_by_regions(enc, settings)
+    # The rest of the search: index search, re-ranking (regions on), the hits' rows.
+    t0 = time.perf_counter()
+    index = cache.get(db_session=s, user_id=user_id, model_id=model_id, dim=bundle.embed_dim).index
+    scores, ids = index.search(enc.vector, recipe.candidates_to_fetch(K, regions, settings))
+    ranked = [(int(i), float(v)) for i, v in zip(ids[0], scores[0], strict=True) if i >= 0]
+    if regions:
+        assert enc.parts is not None
+        t1 = time.perf_counter()
+        ranked = rerank_by_regions(s, user_id, ranked, enc.parts, settings.region_weight)[0]
+        out["rerank"] = time.perf_counter() - t1
+    repositories.images_by_vec_id(db_session=s, user_id=user_id, vec_ids=[i for i, _ in ranked[:K]])
+    out["rest"] = time.perf_counter() - t0
+    if regions:
+        assert enc.parts is not None
+        ids_ = [i for i, _ in ranked]
+        found = repositories.image_vectors(db_session=s, user_id=user_id, vec_ids=ids_)
+        whole = np.stack([np.frombuffer(found[i][0], np.float32) for i in ids_])  # type: ignore[arg-type]
+        crops = [unpack_regions(found[i][1], bundle.embed_dim) for i in ids_]
+        base = np.array([v for _, v in ranked], dtype=np.float32)
+        t0 = time.perf_counter()
+        recipe.rerank(base, enc.parts, whole, crops, settings.region_weight)
+        out["rerank_scores"] = time.perf_counter() - t0
+    return out
 
 
 def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dict[str, Any]:
@@ -272,10 +294,8 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
 
         cache, adapters, limits = IndexCache(work / "index"), AdapterCache(), LimitSettings()
         settings = {"on": SearchSettings(regions="five"), "off": SearchSettings(regions="none")}
-        watch = Stopwatch()
 
-        def search(mode: str) -> list[str]:
-            watch.last = {}
+        def search(mode: str) -> tuple[list[str], str]:
             with factory() as s:
                 out = search_images(
                     user_id,
@@ -289,39 +309,46 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
                     search_settings=settings[mode],
                 )
             assert out.personalized and len(out.concepts) == 2 and len(out.hits) == K
-            assert out.indexed == n
-            return [h.image.id for h in out.hits]
+            assert out.indexed == n and out.reranked == (mode == "on")
+            return [h.image.id for h in out.hits], out.text
+
+        def steps(mode: str, text: str) -> dict[str, float]:
+            """The search's steps alone, right after it, on the same state."""
+            with factory() as s:
+                return time_phases(s, user_id, text, serving, cache, adapters, settings[mode])
 
         times: dict[str, list[float]] = {"on": [], "off": []}
-        parts: dict[str, list[float]] = {"rerank": [], "rerank_scores": [], "encode": []}
-        parts_off: list[float] = []
-        with (
-            watch.wrap("rerank_by_regions"),
-            watch.wrap("rerank_scores"),
-            watch.wrap("encode_query_parts"),
-        ):
-            hits = {mode: search(mode) for mode in ("off", "on", "off", "on")}  # warm-up
-            assert cache.rebuilds == 1
-            for i in range(reps):
-                for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                    t0 = time.perf_counter()
-                    search(mode)
-                    times[mode].append(time.perf_counter() - t0)
-                    if mode == "on":
-                        assert "rerank_by_regions" in watch.last
-                        parts["rerank"].append(watch.last["rerank_by_regions"])
-                        parts["rerank_scores"].append(watch.last["rerank_scores"])
-                        parts["encode"].append(watch.last["encode_query_parts"])
-                    else:
-                        assert "rerank_by_regions" not in watch.last
-                        parts_off.append(watch.last["encode_query_parts"])
+        parts: dict[str, list[float]] = {
+            "rerank": [],
+            "rerank_scores": [],
+            "encode": [],
+            "rest": [],
+        }
+        parts_off: dict[str, list[float]] = {"encode": [], "rest": []}
+        hits = {mode: search(mode)[0] for mode in ("off", "on", "off", "on")}  # warm-up
+        assert cache.rebuilds == 1
+        for i in range(reps):
+            for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                t0 = time.perf_counter()
+                _, text = search(mode)
+                times[mode].append(time.perf_counter() - t0)
+                step = steps(mode, text)
+                if mode == "on":
+                    parts["rerank"].append(step["rerank"])
+                    parts["rerank_scores"].append(step["rerank_scores"])
+                    parts["encode"].append(step["encode"])
+                    parts["rest"].append(step["rest"])
+                else:
+                    assert "rerank" not in step
+                    parts_off["encode"].append(step["encode"])
+                    parts_off["rest"].append(step["rest"])
     finally:
         engine.dispose()
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     # The query encoding (the same three text passes either way) is most of a search and most
     # of its noise; what the regions change is the rest: index search, re-ranking, hit rows.
-    rest_on = statistics.median(t - e for t, e in zip(times["on"], parts["encode"], strict=True))
-    rest_off = statistics.median(t - e for t, e in zip(times["off"], parts_off, strict=True))
+    rest_on = statistics.median(parts["rest"])
+    rest_off = statistics.median(parts_off["rest"])
     rerank = statistics.median(parts["rerank"])
     share = statistics.median(r / t for r, t in zip(parts["rerank"], times["on"], strict=True))
     return {
@@ -338,7 +365,7 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
         "without_encoding_on_ms": round(1000 * rest_on, 2),
         "without_encoding_on_over_off": round(rest_on / rest_off, 2),
         "query_encoding_ms_on": round(1000 * statistics.median(parts["encode"]), 2),
-        "query_encoding_ms_off": round(1000 * statistics.median(parts_off), 2),
+        "query_encoding_ms_off": round(1000 * statistics.median(parts_off["encode"]), 2),
         "top20_changed": len(set(hits["on"]) ^ set(hits["off"])) // 2,
         "sqlite_bytes_per_image_without_regions": round(bytes_without / n),
         "sqlite_bytes_per_image_with_regions": round(bytes_with / n),

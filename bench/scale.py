@@ -39,22 +39,20 @@ import torch
 from sqlalchemy import delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import repositories
+from app.bench.harness import insert_images, temporary_pg_schema, vit_b32
+from app.bench.harness import unit_rows as common_unit_rows
+from app.config import LimitSettings
+from app.db import make_engine, make_session_factory, migrate
+from app.ml.encode import encode_texts
+from app.ml.index import VectorIndex
+from app.models import Image
+from app.services.index import IndexCache, load_embeddings, sync_index
+from app.services.model import ServingModel
+from app.services.search import AdapterCache, SearchFilters, search_images
+from app.services.users import create_user
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # `tests.db_fixtures` (the temporary Postgres schema)
-
-from app import repositories  # noqa: E402
-from app.config import LimitSettings  # noqa: E402
-from app.db import make_engine, make_session_factory, migrate  # noqa: E402
-from app.ml.encode import encode_texts  # noqa: E402
-from app.ml.index import VectorIndex  # noqa: E402
-from app.models import Image  # noqa: E402
-from app.services.index import IndexCache, load_embeddings, sync_index  # noqa: E402
-from app.services.model import ServingModel  # noqa: E402
-from app.services.search import AdapterCache, SearchFilters, search_images  # noqa: E402
-from app.services.users import create_user  # noqa: E402
-from bench.common import insert_images, vit_b32  # noqa: E402
-from bench.common import unit_rows as common_unit_rows  # noqa: E402
-
 OUT = ROOT / "bench" / "results" / "scale.json"
 D = 512
 K = 20
@@ -327,8 +325,6 @@ def sqlite_db(work: Path) -> Iterator[tuple[str, Path | None]]:
 
 @contextmanager
 def postgres_db(work: Path) -> Iterator[tuple[str, Path | None]]:
-    from tests.db_fixtures import temporary_pg_schema
-
     with temporary_pg_schema() as url:
         yield url, None
 

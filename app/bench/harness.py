@@ -1,16 +1,21 @@
-"""Helpers shared by the benchmark scripts in bench/ (setup only: nothing here is timed)."""
+"""Setup shared by the benchmark scripts in bench/ (nothing here is timed): load averages, the
+models they run, random embeddings, bulk image rows and a throwaway PostgreSQL schema."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import make_engine, normalize_url
 from app.ml.model import (
     DEMO_MODEL_NAME,
     ClipBundle,
@@ -87,3 +92,25 @@ def insert_images(
                 )
             s.execute(insert(Image), rows)
             s.commit()
+
+
+# The PostgreSQL the tests use (README, Development); scale.py times the index build on it.
+POSTGRES_URL = os.environ.get(
+    "POLAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextmanager
+def temporary_pg_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
+    """A new empty schema; yields a URL whose connections use it; drops it afterwards."""
+    schema = f"polar_bench_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(base_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = normalize_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
