@@ -109,6 +109,20 @@ class LimitSettings(BaseModel):
     max_query_chars: int = Field(1000, description="longest query string accepted")
 
 
+class JobSettings(BaseModel):
+    """Background jobs: when one counts as lost and is sent again (app/reconciler.py)."""
+
+    dead_after_s: float = Field(
+        120.0, gt=0, description="a running job without a heartbeat this long is re-queued"
+    )
+    resend_after_s: float = Field(
+        300.0, gt=0, description="a queued job not picked up this long is sent again"
+    )
+    reconcile_interval_s: float = Field(
+        30.0, gt=0, description="how often the API (embedded) or the worker looks for lost jobs"
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of the API and the workers."""
 
@@ -135,6 +149,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -168,6 +168,47 @@ def requeue_running_jobs(*, db_session: Session) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def requeue_stale_running_jobs(*, db_session: Session, before: datetime) -> list[str]:
+    """'running' jobs whose row was last touched before `before` (their worker stopped
+    heartbeating) back to 'queued'; their ids, oldest first."""
+    ids = list(
+        db_session.scalars(
+            select(Job.id)
+            .where(Job.state == JobState.RUNNING.value, Job.updated_at < before)
+            .order_by(Job.created_at, Job.id)
+        )
+    )
+    if ids:
+        db_session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.state == JobState.RUNNING.value)
+            .values(state=JobState.QUEUED.value, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def take_waiting_jobs(*, db_session: Session, before: datetime, limit: int) -> list[str]:
+    """Up to `limit` 'queued' jobs untouched since `before`, oldest first; each is touched, so
+    a job is handed out again at most once per waiting period."""
+    ids = list(
+        db_session.scalars(
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED.value, Job.updated_at < before)
+            .order_by(Job.created_at, Job.id)
+            .limit(limit)
+        )
+    )
+    if ids:
+        db_session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.state == JobState.QUEUED.value)
+            .values(updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
 def queued_job_ids(*, db_session: Session) -> list[str]:
     """Ids of every queued job, oldest first."""
     return list(

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from app import repositories
 from app.db import session_scope
+from app.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobInterrupted
 
@@ -33,6 +34,7 @@ class JobRunner:
         *,
         max_workers: int = 1,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
+        reconcile: ReconcilePolicy | None = None,
     ) -> None:
         # Jobs are CPU/GPU heavy and share one model: more threads than this only contend.
         assert 1 <= max_workers <= 2, "the embedded runner is for one small machine"
@@ -42,6 +44,15 @@ class JobRunner:
         self.retry_delays = tuple(retry_delays)
         self._stopping = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
+        self._pending: set[str] = set()  # submitted here and not finished yet
+        self._pending_lock = threading.Lock()
+        # Queued jobs this runner was never given (an enqueue that failed) are found and run.
+        self._reconciler = Reconciler(
+            self.session_factory,
+            self,
+            reconcile or ReconcilePolicy.of(env.settings.jobs),
+            skip=self._is_pending,
+        )
 
     @property
     def running(self) -> bool:
@@ -57,6 +68,7 @@ class JobRunner:
             self.submit(job_id)
         if recovered:
             log.info("re-queued %d unfinished job(s) from a previous run", len(recovered))
+        self._reconciler.start()
         return recovered
 
     def requeue_unfinished(self) -> list[str]:
@@ -73,7 +85,13 @@ class JobRunner:
         """Queue a job id; it runs when a thread is free."""
         if self._executor is None or self._stopping.is_set():
             raise RuntimeError("the job runner is not running")
+        with self._pending_lock:
+            self._pending.add(job_id)
         return self._executor.submit(self._run, job_id)
+
+    def _is_pending(self, job_id: str) -> bool:
+        with self._pending_lock:
+            return job_id in self._pending
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop taking jobs, interrupt running ones at their next progress report, and wait.
@@ -84,6 +102,7 @@ class JobRunner:
         if executor is None or self._stopping.is_set():
             return
         self._stopping.set()
+        self._reconciler.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         # Wait in a helper thread, so that the wait itself can time out.
         waiter = threading.Thread(target=executor.shutdown, name="polar-job-stop", daemon=True)
@@ -94,6 +113,13 @@ class JobRunner:
 
     def _run(self, job_id: str) -> None:
         """run_job with retries after transient errors; never raises (it runs in a pool)."""
+        try:
+            self._run_with_retries(job_id)
+        finally:
+            with self._pending_lock:
+                self._pending.discard(job_id)
+
+    def _run_with_retries(self, job_id: str) -> None:
         for attempt in range(len(self.retry_delays) + 1):
             if self._stopping.is_set():
                 return  # still 'queued' in the database

@@ -16,8 +16,9 @@ from celery import Celery, signals
 from app.bootstrap import Container, build
 from app.config import Settings, get_settings
 from app.logs import configure_logging
+from app.reconciler import ReconcilePolicy, Reconciler
 from app.services.jobs import JobEnvironment, JobHandler
-from workers.queue import celery_config
+from workers.queue import CeleryQueue, celery_config
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ class PolarCelery(Celery):
         self.conf.update(celery_config(settings))
         self.settings = settings
         self.warm_model_at_start = warm_model  # tests start workers that need no model
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # start_reconciler builds the container under it
         self._container: Container | None = None
+        self._reconciler: Reconciler | None = None
 
     def container(self) -> Container:
         """This process's wiring (built on first use)."""
@@ -64,6 +66,24 @@ class PolarCelery(Celery):
         thread.start()
         return thread
 
+    def start_reconciler(self) -> Reconciler:
+        """Re-send jobs that no worker has (lost messages, dead workers), from this process."""
+        with self._lock:
+            if self._reconciler is None:
+                self._reconciler = Reconciler(
+                    self.job_environment().session_factory,
+                    CeleryQueue(self, background=False),
+                    ReconcilePolicy.of(self.settings.jobs),
+                )
+                self._reconciler.start()
+            return self._reconciler
+
+    def stop_reconciler(self) -> None:
+        with self._lock:
+            reconciler, self._reconciler = self._reconciler, None
+        if reconciler is not None:
+            reconciler.stop()
+
 
 def create_celery(settings: Settings | None = None, *, warm_model: bool = True) -> PolarCelery:
     """A Celery app whose broker and result backend are `settings.broker_url`."""
@@ -77,6 +97,17 @@ celery_app = create_celery()
 def _on_setup_logging(**_: Any) -> None:
     """Our format instead of Celery's (connecting here stops Celery configuring its own)."""
     configure_logging(celery_app.settings.log_level, celery_app.settings.log_format)
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    """The worker's main process looks for lost jobs (one per worker; duplicates are safe)."""
+    celery_app.start_reconciler()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    celery_app.stop_reconciler()
 
 
 @signals.worker_process_init.connect

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -9,8 +12,14 @@ from celery import Celery
 
 from app.config import Settings
 
+log = logging.getLogger(__name__)
+
 # The one task every job runs through (workers/tasks.py).
 RUN_JOB_TASK = "polar.run_job"
+# Bounds on every broker call, so a frozen Redis costs seconds, never a stuck thread.
+BROKER_TIMEOUT_S = 5.0
+# Job ids waiting to be published; beyond this, new ones are left to the reconciler.
+PUBLISH_BACKLOG = 10_000
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -31,7 +40,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": timedelta(days=1),
         # With acks_late, Redis redelivers a task that has not been acknowledged within this
         # time, so it must exceed the longest job (embedding a large library).
-        "broker_transport_options": {"visibility_timeout": int(timedelta(hours=6).total_seconds())},
+        "broker_transport_options": {
+            "visibility_timeout": int(timedelta(hours=6).total_seconds()),
+            "socket_timeout": BROKER_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_TIMEOUT_S,
+        },
+        "broker_connection_timeout": BROKER_TIMEOUT_S,
+        "redis_socket_timeout": BROKER_TIMEOUT_S,
+        "redis_socket_connect_timeout": BROKER_TIMEOUT_S,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "task_track_started": True,
@@ -46,11 +62,62 @@ def celery_client(settings: Settings) -> Celery:
 
 
 class CeleryQueue:
-    """Publishes job ids to the broker by task name, so the API never imports the task module."""
+    """Publishes job ids to the broker by task name, so the API never imports the task module.
 
-    def __init__(self, celery: Celery) -> None:
+    `enqueue` never blocks the caller: ids go to one publishing thread. If the broker is down
+    or frozen the publish fails after BROKER_TIMEOUT_S and the job simply stays `queued` in the
+    database, where the reconciler (app/reconciler.py) finds it and sends it again.
+    """
+
+    def __init__(self, celery: Celery, *, background: bool = True) -> None:
         self.celery = celery
+        self.background = background
+        self._ids: queue.Queue[str] = queue.Queue(PUBLISH_BACKLOG)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def enqueue(self, job_id: str) -> None:
-        """Send the task; raises if the broker cannot take it (the job stays queued)."""
-        self.celery.send_task(RUN_JOB_TASK, args=[job_id])
+        """Have the job published; raises only in the foreground mode (the reconciler's)."""
+        if not self.background:
+            self.publish(job_id)
+            return
+        try:
+            self._ids.put_nowait(job_id)
+        except queue.Full:
+            log.warning("publish backlog full; job %s waits for the reconciler", job_id)
+            return
+        self._ensure_thread()
+
+    def publish(self, job_id: str) -> None:
+        """Send the task now, without Celery's own retries (bounded by the socket timeouts)."""
+        self.celery.send_task(RUN_JOB_TASK, args=[job_id], retry=False)
+
+    def join(self, timeout: float = 10.0) -> bool:
+        """Wait until every enqueued id was handed to the broker or given up (tests)."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._ids.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(timeout)
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._publish_forever, name="polar-publish", daemon=True
+                )
+                self._thread.start()
+
+    def _publish_forever(self) -> None:
+        while True:
+            job_id = self._ids.get()
+            try:
+                self.publish(job_id)
+            except Exception:
+                log.warning("publishing job %s failed; it stays queued for the reconciler",
+                            job_id, exc_info=True, extra={"job_id": job_id})  # fmt: skip
+            finally:
+                self._ids.task_done()

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError, TimeoutError)
 # Progress writes at most this often per job (a 500-step training loop reports every step).
 PROGRESS_MIN_INTERVAL_S = 0.5
+# A running job's row is touched this often; one untouched for much longer lost its worker
+# (app/reconciler.py puts it back in the queue).
+HEARTBEAT_INTERVAL_S = 15.0
 # Stable error codes of jobs that failed for reasons of their own runner, not of their input.
 NO_HANDLER = "no_handler"
 INTERNAL_ERROR = "internal_error"
@@ -195,12 +198,16 @@ def set_progress(job_id: str, fraction: float, *, session_factory: SessionFactor
     ProgressThrottle(job_id, session_factory)(fraction)
 
 
-def mark_running(job_id: str, *, session_factory: SessionFactory) -> None:
-    """queued -> running: one more attempt, progress from 0."""
+def mark_running(job_id: str, *, session_factory: SessionFactory) -> bool:
+    """Claim the job: -> running (one more attempt, progress from 0) unless it is running or
+    succeeded already; whether this caller got it. Two deliveries never run one job at once."""
     with session_scope(session_factory) as s:
-        s.execute(
+        result = s.execute(
             update(Job)
-            .where(Job.id == job_id)
+            .where(
+                Job.id == job_id,
+                Job.state.not_in([JobState.RUNNING.value, JobState.SUCCEEDED.value]),
+            )
             .values(
                 state=JobState.RUNNING.value,
                 progress=0.0,
@@ -211,7 +218,47 @@ def mark_running(job_id: str, *, session_factory: SessionFactory) -> None:
                 error_message=None,
                 updated_at=utcnow(),
             )
+            .execution_options(synchronize_session=False)
         )
+        return bool(getattr(result, "rowcount", 0))
+
+
+def touch_running(job_id: str, *, session_factory: SessionFactory) -> None:
+    """The heartbeat of a running job (its worker is alive)."""
+    with session_scope(session_factory) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+            .values(updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+class Heartbeat:
+    """A daemon thread that touches a running job's row until stopped (a context manager)."""
+
+    def __init__(self, job_id: str, session_factory: SessionFactory, interval_s: float) -> None:
+        self.job_id = job_id
+        self.session_factory = session_factory
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"polar-heartbeat-{job_id[:8]}",
+                                        daemon=True)  # fmt: skip
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                touch_running(self.job_id, session_factory=self.session_factory)
+            except Exception:  # the database may be briefly away; the next beat tries again
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def mark_queued(job_id: str, *, session_factory: SessionFactory) -> None:
@@ -287,7 +334,11 @@ def run_job(
             session_factory=factory,
         )
         return
-    mark_running(job_id, session_factory=factory)
+    if not mark_running(job_id, session_factory=factory):
+        # Another delivery holds it (running) or finished it: a duplicate message, dropped.
+        log.info("job %s is running or done elsewhere; this delivery does nothing", job_id,
+                 extra=fields)  # fmt: skip
+        return
     throttle = ProgressThrottle(job_id, factory)
 
     def progress(fraction: float) -> None:
@@ -303,7 +354,8 @@ def run_job(
         return {**fields, "duration_s": round(time.perf_counter() - started, 3)}
 
     try:
-        handler(ctx)
+        with Heartbeat(job_id, factory, HEARTBEAT_INTERVAL_S):
+            handler(ctx)
     except JobInterrupted:
         log.info("job %s interrupted by shutdown; back to queued", job_id, extra=took())
         mark_queued(job_id, session_factory=factory)

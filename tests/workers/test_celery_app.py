@@ -123,6 +123,7 @@ WORKER_MAIN = textwrap.dedent(
     from tests.workers.test_celery_app import KIND, worker_handler
     m.celery_app.warm_model_at_start = False  # these jobs need no model
     m.celery_app.use_handlers({KIND: worker_handler})
+    m.celery_app.conf.task_default_queue = sys.argv[1]  # what its reconciler re-sends goes here
     m.celery_app.worker_main(["worker", "-P", "solo", "-Q", sys.argv[1], "-n", sys.argv[2],
         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"])
     """
@@ -137,6 +138,7 @@ CLIENT_MAIN = textwrap.dedent(
     queue.celery.conf.task_default_queue = sys.argv[1]  # this test's own queue
     for job_id in sys.argv[2:]:
         queue.enqueue(job_id)
+    assert queue.join(30), "not published"
     """
 )
 KIND = JobKind.REBUILD_INDEX.value
@@ -170,6 +172,12 @@ def worker_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def celery_worker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    yield from start_worker(worker_env, tmp_path)
+
+
+def start_worker(
     worker_env: dict[str, str], tmp_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     queue = f"polar-test-{uuid.uuid4().hex[:8]}"
@@ -252,3 +260,51 @@ def test_real_celery_worker_runs_dispatched_jobs(
     # It ran in the worker process, not here.
     assert int((tmp_path / "ok.txt").read_text()) == proc.pid
     assert "polar.run_job" in log
+
+
+@pytest.mark.redis
+def test_a_new_worker_runs_jobs_that_were_never_published_or_lost_their_worker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Redis was down when the job was committed (no message), and another job's worker died
+    mid-run (no heartbeat since): a worker started afterwards runs both, each once."""
+    url = worker_env["POLAR_DATABASE_URL"]
+    engine = make_engine(url)
+    migrate(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        uid = users.create_user("alice", db_session=s).id
+        unsent = jobs.create_job(
+            db_session=s, user_id=uid, kind=KIND, payload={"out": str(tmp_path / "unsent.txt")}
+        ).id
+        orphan = jobs.create_job(
+            db_session=s, user_id=uid, kind=KIND, payload={"out": str(tmp_path / "orphan.txt")}
+        ).id
+    assert jobs.mark_running(orphan, session_factory=factory)  # ... and then its host was lost
+    env = {
+        **worker_env,
+        "POLAR_JOBS__RESEND_AFTER_S": "1",
+        "POLAR_JOBS__DEAD_AFTER_S": "3",
+        "POLAR_JOBS__RECONCILE_INTERVAL_S": "0.5",
+    }
+    worker = start_worker(env, tmp_path)
+    _queue, proc = next(worker)
+    try:
+        deadline = time.monotonic() + 90
+        states: dict[str, Job] = {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            with factory() as s:
+                states = {j: s.get_one(Job, j) for j in (unsent, orphan)}
+            if all(j.state == "succeeded" for j in states.values()):
+                break
+            time.sleep(0.2)
+        log = (tmp_path / "worker.log").read_text()
+        assert [states[j].state for j in (unsent, orphan)] == ["succeeded"] * 2, log
+        assert states[unsent].attempts == 1 and states[orphan].attempts == 2  # once each here
+        assert (tmp_path / "unsent.attempts").read_text() == "1"
+        assert (tmp_path / "orphan.attempts").read_text() == "1"
+        assert "reconciler" in log
+    finally:
+        next(worker, None)  # stops the worker
+        engine.dispose()

@@ -265,10 +265,13 @@ def test_the_composition_root_picks_the_queue(
     assert isinstance(celery_queue, CeleryQueue)
     sent: list[tuple[str, Any]] = []
     monkeypatch.setattr(
-        celery_queue.celery, "send_task", lambda name, args: sent.append((name, args))
+        celery_queue.celery,
+        "send_task",
+        lambda name, args, retry: sent.append((name, args, retry)),
     )
-    celery_queue.enqueue("j2")
-    assert sent == [(RUN_JOB_TASK, ["j2"])]
+    celery_queue.enqueue("j2")  # returns at once: a background thread publishes
+    assert celery_queue.join(10)
+    assert sent == [(RUN_JOB_TASK, ["j2"], False)]  # no Celery retries: bounded, then reconciled
     brokered.engine.dispose()
 
 
