@@ -14,7 +14,7 @@ help:
 	@echo "make test     - install if needed, start PostgreSQL/Redis if down, run all tests"
 	@echo "make run      - start the service (embedded mode: SQLite, local data, in-process jobs)"
 	@echo "make demo     - offline end-to-end demo through the HTTP API on the demo model"
-	@echo "make lint     - ruff + mypy"
+	@echo "make lint     - ruff + mypy (strict) + import-linter (layer rules)"
 	@echo "make bench    - run the benchmarks in bench/ (writes bench/results/*.json)"
 
 install: $(VENV)/.installed
@@ -50,6 +50,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: install
 	$(VENV)/bin/ruff check --fix .
