@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast run demo lint fmt bench services system-deps migrate clean help
+.PHONY: install test test-faults test-fast run demo lint fmt bench services system-deps migrate clean help
 
 help:
 	@echo "make install  - create $(VENV) and install the package with dev extras"
 	@echo "make test     - install if needed, start PostgreSQL/Redis if down, run all tests"
+	@echo "make test-faults - only the fault-injection suite (also part of make test)"
 	@echo "make run      - start the service (embedded mode: SQLite, local data, in-process jobs)"
 	@echo "make demo     - offline end-to-end demo through the HTTP API on the demo model"
 	@echo "make lint     - ruff + mypy (strict) + import-linter (layer rules)"
@@ -36,6 +37,10 @@ system-deps:
 
 test: install services system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Real dependencies broken on purpose: a private Redis stopped and frozen, workers killed.
+test-faults: install services
+	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not postgres and not redis" $(PYTEST_ARGS)
