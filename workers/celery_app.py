@@ -23,7 +23,7 @@ from workers.queue import CeleryQueue, celery_config
 log = logging.getLogger(__name__)
 
 
-class PolarCelery(Celery):
+class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: Celery is Any
     """A Celery app that carries its process's settings and wiring."""
 
     def __init__(self, settings: Settings, *, warm_model: bool = True) -> None:
@@ -93,24 +93,24 @@ def create_celery(settings: Settings | None = None, *, warm_model: bool = True) 
 celery_app = create_celery()
 
 
-@signals.setup_logging.connect
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_setup_logging(**_: Any) -> None:
     """Our format instead of Celery's (connecting here stops Celery configuring its own)."""
     configure_logging(celery_app.settings.log_level, celery_app.settings.log_format)
 
 
-@signals.worker_ready.connect
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_worker_ready(**_: Any) -> None:
     """The worker's main process looks for lost jobs (one per worker; duplicates are safe)."""
     celery_app.start_reconciler()
 
 
-@signals.worker_shutdown.connect
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_worker_shutdown(**_: Any) -> None:
     celery_app.stop_reconciler()
 
 
-@signals.worker_process_init.connect
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_worker_process_init(**_: Any) -> None:
     """Each worker process loads the model once, before its first task needs it."""
     if celery_app.warm_model_at_start:

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 5
 
 
-class _JobTask(Task):
+class _JobTask(Task):  # type: ignore[misc]  # celery ships no type hints: Task is Any
     """Marks the job failed once Celery gives up on it, so it never stays 'running'."""
 
     def on_failure(
@@ -44,7 +44,7 @@ def _app(task: Task) -> PolarCelery:
     return app
 
 
-@celery_app.task(
+@celery_app.task(  # type: ignore[untyped-decorator]  # celery's task decorator is untyped
     name=RUN_JOB_TASK,
     bind=True,
     base=_JobTask,

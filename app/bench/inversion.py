@@ -67,7 +67,7 @@ def train_inversion(
         f = forward_with_vectors(tower, tokens, {tid: vec})
         loss = (F.normalize(f, dim=-1) - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)  # = loss.backward(), which torch leaves unannotated
         opt.step()
     return vec.detach()
 

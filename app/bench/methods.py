@@ -30,7 +30,8 @@ Trainer = Callable[..., ConceptAdapter]  # train_adapter's signature
 
 def normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    unit: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return unit
 
 
 def category_word(concept: Concept) -> str:
@@ -62,7 +63,8 @@ class Method(ABC):
 
     def score(self, queries: Sequence[Query], pool: np.ndarray) -> np.ndarray:
         """Scores of every pool image (N, D) for each query, (Q, N): one vector per query here."""
-        return self.encode(queries) @ pool.T
+        scores: np.ndarray = self.encode(queries) @ pool.T
+        return scores
 
     def retention_texts(self, concept_id: str, texts: Sequence[str]) -> np.ndarray | None:
         """Embeddings of concept-free texts with this concept learned; None = model unchanged."""

@@ -88,7 +88,7 @@ class PolarMulti(PolarPlusImage):
 
     def score(self, queries: Sequence[Query], pool: np.ndarray) -> np.ndarray:
         """Scores over the pool, (Q, N); soft-AND modes score multi queries per partial."""
-        scores = self.encode(queries) @ pool.T  # (Q, N)
+        scores: np.ndarray = self.encode(queries) @ pool.T  # (Q, N)
         if self.score_mode == "sum":
             return scores
         for i, q in enumerate(queries):
@@ -101,11 +101,13 @@ class PolarMulti(PolarPlusImage):
 def soft_and(sims: np.ndarray, mode: str, tau: float) -> np.ndarray:
     """Combine per-concept similarities (K, N) into one score per image that needs them all."""
     if mode == "min":
-        return sims.min(axis=0)
+        lowest: np.ndarray = sims.min(axis=0)
+        return lowest
     if mode == "softmin":
         # -τ·log Σ exp(-s/τ): tends to min as τ → 0, to mean - τ·log K as τ grows
         low = sims.min(axis=0)
-        return low - tau * np.log(np.exp(-(sims - low) / tau).sum(axis=0))
+        soft: np.ndarray = low - tau * np.log(np.exp(-(sims - low) / tau).sum(axis=0))
+        return soft
     raise ValueError(f"unknown soft-AND mode {mode!r}; use min or softmin")
 
 

@@ -98,7 +98,7 @@ class ServiceRecipe(Polar):
     def score(self, queries: Sequence[Query], pool: np.ndarray) -> np.ndarray:
         """Scores over the pool, (Q, N): one vector per query, then the service's re-ranking."""
         vectors, parts = self.encodings(queries)
-        scores = vectors @ pool.T  # (Q, N)
+        scores: np.ndarray = vectors @ pool.T  # (Q, N)
         for i, p in enumerate(parts):
             if not recipe.reranks_by_regions(
                 recipe.QueryEncoding(vectors[i : i + 1], p), self.search

@@ -183,7 +183,8 @@ def build_model(seed: int, device: torch.device) -> torch.nn.Module:
     import open_clip
 
     torch.manual_seed(seed)
-    return open_clip.create_model(MODEL_NAME, device=device)
+    model: torch.nn.Module = open_clip.create_model(MODEL_NAME, device=device)
+    return model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -238,7 +239,7 @@ def train(
             image_f, text_f, scale = model(x, data.tokens[caption])[:3]
             loss = contrastive_loss(image_f, text_f, scale)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)  # = loss.backward(), which torch leaves unannotated
         opt.step()
         with torch.no_grad():
             logit_scale.clamp_(0.0, math.log(100.0))

@@ -38,7 +38,8 @@ def gt_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """1-based rank of each query's ground truth; ties count against it (pessimistic)."""
     assert scores.ndim == 2 and gt.shape == (scores.shape[0],)
     gt_scores = scores[np.arange(len(gt)), gt][:, None]  # (Q, 1)
-    return (scores >= gt_scores).sum(axis=1)  # (Q,)
+    ranks: np.ndarray = (scores >= gt_scores).sum(axis=1)  # (Q,)
+    return ranks
 
 
 def recall_at_k(scores: np.ndarray, gt: np.ndarray, k: int) -> float:

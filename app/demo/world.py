@@ -144,7 +144,7 @@ def _star(u: np.ndarray, v: np.ndarray, points: int, inner: float) -> Mask:
     phi = sector - phi
     x, y = rho * np.cos(phi), rho * np.sin(phi)
     ex, ey = inner * math.cos(sector) - 1.0, inner * math.sin(sector)
-    return ex * y - ey * (x - 1.0) >= 0.0  # the origin side of the edge
+    return np.asarray(ex * y - ey * (x - 1.0) >= 0.0, dtype=bool)  # the origin side of the edge
 
 
 def _ball_round(u: np.ndarray, v: np.ndarray) -> tuple[Mask, Mask]:
@@ -259,11 +259,12 @@ def _pattern_mask(inst: Instance, s: np.ndarray, t: np.ndarray) -> Mask:
     a = s / inst.period + inst.phase
     b = t / inst.period + inst.phase
     if inst.pattern == "striped":
-        return np.floor(a).astype(np.int64) % 2 == 1
+        return np.asarray(np.floor(a).astype(np.int64) % 2 == 1, dtype=bool)
     if inst.pattern == "checkered":
-        return (np.floor(a) + np.floor(b)).astype(np.int64) % 2 == 1
+        return np.asarray((np.floor(a) + np.floor(b)).astype(np.int64) % 2 == 1, dtype=bool)
     if inst.pattern == "dotted":
-        return (a - np.floor(a) - 0.5) ** 2 + (b - np.floor(b) - 0.5) ** 2 < 0.3**2
+        dots = (a - np.floor(a) - 0.5) ** 2 + (b - np.floor(b) - 0.5) ** 2 < 0.3**2
+        return np.asarray(dots, dtype=bool)
     return np.zeros(s.shape, dtype=bool)
 
 
@@ -421,7 +422,8 @@ def _draw(img: np.ndarray, p: Placement, light: float) -> None:
     h, w = y1 - y0, x1 - x0
 
     def pool(a: np.ndarray) -> np.ndarray:
-        return a.reshape(h, ss, w, ss, *a.shape[2:]).mean(axis=(1, 3))
+        pooled: np.ndarray = a.reshape(h, ss, w, ss, *a.shape[2:]).mean(axis=(1, 3))
+        return pooled
 
     patch = img[y0:y1, x0:x1]
     patch *= 1.0 - 0.35 * pool(shadow.astype(np.float32) * ~mask)[..., None]

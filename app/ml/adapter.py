@@ -42,7 +42,8 @@ class ConceptAdapter:
     @property
     def a_hat(self) -> torch.Tensor:
         """Unit-norm row Â, (d,)."""
-        return self.a / self.a.norm()
+        norm: torch.Tensor = self.a.norm()
+        return self.a / norm
 
     def check_compatible(self, fp: ModelFingerprint) -> None:
         """Refuse to apply this adapter to a different text tower."""

@@ -39,7 +39,8 @@ def _affine_ln(module: nn.Module) -> nn.LayerNorm:
 def _act_backward(act: nn.Module, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """d act(z) / dz applied to grad."""
     if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)
+        dgelu: torch.Tensor = torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)
+        return dgelu
     if isinstance(act, QuickGELU):
         sg = torch.sigmoid(1.702 * z)
         return grad * (sg + 1.702 * z * sg * (1 - sg))
@@ -82,7 +83,10 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+                x, self.packed, self.bias, "none", [], ""
+            )
+            return y
         return F.linear(x, self.weight, self.bias)
 
 
@@ -150,7 +154,7 @@ class _ModelConstants:
         )
 
 
-_constants: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _ModelConstants]] = (
+_constants: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], _ModelConstants]] = (
     weakref.WeakKeyDictionary()
 )
 _constants_lock = threading.Lock()

@@ -206,9 +206,12 @@ def load_clip(
 
 def _tokenizer(name: str, context_length: int) -> Callable[..., torch.Tensor]:
     """The model's tokenizer; OpenAI's BPE for architectures open_clip does not know by name."""
+    tokenizer: Callable[..., torch.Tensor]  # open_clip's tokenizers are not annotated
     if name in open_clip.list_models():
-        return open_clip.get_tokenizer(name, context_length=context_length)
-    return SimpleTokenizer(context_length=context_length)
+        tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
+    else:
+        tokenizer = SimpleTokenizer(context_length=context_length)
+    return tokenizer
 
 
 def bundle_from_model(

@@ -100,7 +100,7 @@ def part_matches(
         raise ValueError("one region array per image is needed")
     if isinstance(regions, np.ndarray) and regions.ndim == 3:  # same R for every image
         views = np.concatenate([regions, whole[:, None, :]], axis=1)  # (N, R + 1, D)
-        return np.einsum("kd,nrd->knr", parts, views).max(axis=2).astype(np.float32)
+        return np.asarray(np.einsum("kd,nrd->knr", parts, views).max(axis=2), dtype=np.float32)
     out = np.empty((len(parts), len(whole)), dtype=np.float32)
     for n, (w, r) in enumerate(zip(whole, regions, strict=True)):
         views = np.concatenate([r, w[None]]) if len(r) else w[None]  # (R + 1, D)
@@ -114,7 +114,7 @@ def region_match(
     """Mean over the query parts of each part's best match among an image's crops and the whole
     image, (N,); arguments as for `part_matches`.
     """
-    return part_matches(parts, whole, regions).mean(axis=0).astype(np.float32)
+    return np.asarray(part_matches(parts, whole, regions).mean(axis=0), dtype=np.float32)
 
 
 def rerank_scores(

@@ -119,7 +119,7 @@ def train_selective(
     for step in range(steps):
         loss = objective()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)  # = loss.backward(), which torch leaves unannotated
         opt.step()
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))

@@ -38,7 +38,8 @@ class TextTower:
     @property
     def dtype(self) -> torch.dtype:
         """Compute dtype of the tower (that of its weights)."""
-        return self.last.attn.in_proj_weight.dtype
+        dtype: torch.dtype = self.last.attn.in_proj_weight.dtype
+        return dtype
 
     @property
     def can_truncate(self) -> bool:
@@ -150,7 +151,8 @@ def project(tower: TextTower, x: torch.Tensor) -> torch.Tensor:
     if proj is None:
         return x
     if isinstance(proj, nn.Linear):
-        return proj(x)
+        projected: torch.Tensor = proj(x)
+        return projected
     return x @ proj
 
 
@@ -203,8 +205,9 @@ def block_tail(
     block: ResidualAttentionBlock, att: PooledAttention, o: torch.Tensor
 ) -> torch.Tensor:
     """Rest of the last block at the pooled rows given its attention output, (B, d)."""
-    r = att.x + block.ls_1(block.attn.out_proj(o))
-    return r + block.ls_2(block.mlp(block.ln_2(r)))
+    r: torch.Tensor = att.x + block.ls_1(block.attn.out_proj(o))
+    out: torch.Tensor = r + block.ls_2(block.mlp(block.ln_2(r)))
+    return out
 
 
 def encode_tokens(

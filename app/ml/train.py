@@ -121,7 +121,8 @@ class ReferenceObjective:
     def features(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Unnormalised text features under V + B·Â via model.encode_text, (N, D)."""
         self.update.a, self.update.b = a, b
-        return self.model.encode_text(self.tokens)
+        features: torch.Tensor = self.model.encode_text(self.tokens)
+        return features
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _loss(self.features(a, b), self.target, b, self.lam)

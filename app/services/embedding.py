@@ -50,8 +50,10 @@ def decode_side(bundle: ClipBundle) -> int:
     size = getattr(getattr(bundle.model, "visual", None), "image_size", None)
     if isinstance(size, int):
         return 2 * size
-    if isinstance(size, tuple | list) and size and all(isinstance(v, int) for v in size):
-        return 2 * max(size)
+    if isinstance(size, tuple | list):
+        sides = [v for v in size if isinstance(v, int)]
+        if sides and len(sides) == len(size):
+            return 2 * max(sides)
     return 0
 
 
