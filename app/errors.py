@@ -109,6 +109,18 @@ class ModelUnavailable(DomainError):
     code = "model_unavailable"
 
 
+class StorageUnavailable(DomainError):
+    """The data folder cannot take writes (read-only, no permission); reads still work."""
+
+    code = "storage_unavailable"
+
+
+class StorageFull(StorageUnavailable):
+    """The disk holding the data folder (or its quota) is full; nothing was stored."""
+
+    code = "storage_full"
+
+
 @dataclass(frozen=True)
 class FileFailure:
     """Why one file of a multi-file request was refused."""

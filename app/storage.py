@@ -13,19 +13,29 @@ decoded), then committed (moved into place) or discarded: a rejected file leaves
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedMedia
+from app.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    PayloadTooLarge,
+    StorageFull,
+    StorageUnavailable,
+    UnsupportedMedia,
+)
 
 # Pillow format name -> (MIME type, file extension). Anything else is refused.
 ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
@@ -79,6 +89,28 @@ def display_filename(raw: str | None) -> str | None:
     if base in ("", ".", ".."):
         return None
     return base[-_MAX_NAME_CHARS:] if len(base) > _MAX_NAME_CHARS else base
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def storage_writes() -> Iterator[None]:
+    """Turn the OS's "disk full" and "read-only" into domain errors that say so (507 / 503)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise StorageFull(
+                "the server's disk is full; nothing was stored. Try again once space is freed",
+            ) from e
+        if e.errno in _READ_ONLY_ERRNOS:
+            raise StorageUnavailable(
+                "the server's data folder is read-only or not writable; nothing was stored. "
+                "Reading and searching still work",
+            ) from e
+        raise
 
 
 def _atomic_write(dest: Path, data: bytes) -> None:
@@ -151,11 +183,12 @@ class ImageStore:
         self, stream: BinaryStream, filename: str | None, *, max_bytes: int, max_pixels: int
     ) -> StagedImage:
         """Copy an upload to tmp/ and validate it; raises a DomainError and keeps nothing if bad."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-")
+        with storage_writes():
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-")
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with storage_writes(), os.fdopen(fd, "wb") as out:
                 sha, size = _copy_limited(stream, out, max_bytes)
             if size == 0:
                 raise InvalidImage("the file is empty (0 bytes)")
@@ -180,6 +213,10 @@ class ImageStore:
         If the content is already stored the temp file is dropped; a missing thumbnail is
         (re)written either way, so re-uploading heals a damaged store.
         """
+        with storage_writes():
+            return self._commit(staged)
+
+    def _commit(self, staged: StagedImage) -> tuple[str, bool]:
         relpath = self.original_relpath(staged.sha256, staged.ext)
         dest = self.path(relpath)
         created = False
