@@ -99,14 +99,38 @@ class SearchSettings(BaseModel):
     )
 
 
+# Ceilings no deployment can raise: every number a request carries is bounded by one of these
+# (or by a setting below them) before it sizes anything.
+MAX_K_CEILING = 1000
+MAX_OFFSET_CEILING = 100_000
+MAX_CONCEPT_IDS = 50  # explicit concept_ids in one search
+
+
 class LimitSettings(BaseModel):
     """Guards against bad or hostile input."""
 
-    max_upload_bytes: int = Field(25 * 1024 * 1024, description="largest accepted file")
-    max_pixels: int = Field(50_000_000, description="decompression-bomb guard (width × height)")
-    max_files_per_request: int = Field(200, description="files in one upload request")
-    max_k: int = Field(200, description="largest page a search returns")
-    max_query_chars: int = Field(1000, description="longest query string accepted")
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest accepted file")
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="decompression-bomb guard (width × height)"
+    )
+    max_files_per_request: int = Field(200, ge=1, description="files in one upload request")
+    max_json_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest request body that is not a file upload"
+    )
+    max_k: int = Field(
+        200,
+        ge=1,
+        le=MAX_K_CEILING,
+        description=f"largest page a search returns (≤ {MAX_K_CEILING})",
+    )
+    max_offset: int = Field(
+        10_000,
+        ge=0,
+        le=MAX_OFFSET_CEILING,
+        description=f"deepest a search pages (offset; offset + k sizes its ranking; "
+        f"≤ {MAX_OFFSET_CEILING})",
+    )
+    max_query_chars: int = Field(1000, ge=1, description="longest query string accepted")
 
 
 class Settings(BaseSettings):

@@ -257,8 +257,10 @@ def search_images(
     text = validate_query(query, limits)
     if not 1 <= k <= limits.max_k:
         raise ValidationFailed(f"k must be between 1 and {limits.max_k}", code="invalid_k")
-    if offset < 0:
-        raise ValidationFailed("offset must be 0 or more", code="invalid_offset")
+    if not 0 <= offset <= limits.max_offset:
+        raise ValidationFailed(
+            f"offset must be between 0 and {limits.max_offset}", code="invalid_offset"
+        )
     bundle = serving.bundle
     warnings: list[str] = []
     applied: list[AppliedConcept] = []
@@ -337,7 +339,8 @@ def search_images(
     regions = encoding.parts is not None and cfg.regions != "none" and cfg.region_weight > 0
     # Several concepts: the top candidates of the one-vector search are re-ranked by where each
     # concept best matches a crop of the image (app.ml.regions).
-    fetch = max(want, cfg.region_candidates) if regions else want
+    # Never more than the library: the result arrays are sized by it, not by the request.
+    fetch = min(max(want, cfg.region_candidates) if regions else want, len(index))
     # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
     among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
     scores, ids = index.search(encoding.vector, fetch, among=among)
