@@ -43,24 +43,33 @@ def clean_text(value: str) -> str:
     return unicodedata.normalize(NORMAL_FORM, check_text(value))
 
 
+_DOT_ABOVE = "\u0307"
+
+
 def _fold_char(ch: str) -> str:
     folded = unicodedata.normalize(NORMAL_FORM, ch).casefold()
     # İ casefolds to "i" + combining dot above; ı stays ı. Both fold to plain "i" here.
-    return folded.replace("i\u0307", "i").replace("ı", "i")
+    return folded.replace("i" + _DOT_ABOVE, "i").replace("ı", "i")
 
 
-def fold_with_origins(text: str) -> tuple[str, list[int]]:
-    """`fold(text)` before whitespace collapsing, and for each of its characters the index
-    of the character of `text` it came from (folding can turn one character into several)."""
+def fold_with_spans(text: str) -> tuple[str, list[int], list[int]]:
+    """The folded text (before whitespace collapsing) and, for each of its characters, the
+    span [start, end) of `text` it came from (one character can fold to several)."""
     parts: list[str] = []
-    origins: list[int] = []
+    starts: list[int] = []
+    ends: list[int] = []
     for i, ch in enumerate(text):
         piece = _fold_char(ch)
+        if piece == _DOT_ABOVE and parts and parts[-1].endswith("i"):
+            # "i" + a separate combining dot (what "İ".lower() gives) is "i", as "İ" is.
+            ends[-len(parts[-1]) :] = [i + 1] * len(parts[-1])
+            continue
         parts.append(piece)
-        origins.extend([i] * len(piece))
-    return "".join(parts), origins
+        starts.extend([i] * len(piece))
+        ends.extend([i + 1] * len(piece))
+    return "".join(parts), starts, ends
 
 
 def fold(text: str) -> str:
     """The caseless key two texts compare equal on: folded per character, whitespace collapsed."""
-    return " ".join(fold_with_origins(text)[0].split())
+    return " ".join(fold_with_spans(text)[0].split())

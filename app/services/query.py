@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from app.text import fold, fold_with_origins
+from app.text import fold, fold_with_spans
 
 # Straight and typographic apostrophes; "Fido's" and "Fido’s" both name Fido.
 _APOSTROPHES = "'\u2019"
@@ -70,22 +70,20 @@ def find_mentions(query: str, concepts: Sequence[NamedConcept]) -> list[ConceptM
     # A name is a whole word: not preceded or followed by a word character. A possessive
     # suffix ('s) is allowed after it and stays in the query.
     pattern = re.compile(rf"(?<!\w)({alternation})(?!\w)")
-    folded, origins = fold_with_origins(query)
+    folded, starts, ends = fold_with_spans(query)
     mentions = []
     for m in pattern.finditer(folded):
         start, end = m.span(1)
         # Only whole characters of the query: a match inside one character's folding
         # ("ß" -> "ss") is no mention.
-        if start > 0 and origins[start - 1] == origins[start]:
+        if start > 0 and starts[start - 1] == starts[start]:
             continue
-        if end < len(folded) and origins[end] == origins[end - 1]:
+        if end < len(folded) and starts[end] == starts[end - 1]:
             continue
         concept = by_key.get(" ".join(m.group(1).split()))
         if concept is None:  # cannot happen: every alternative is a key
             continue
-        mentions.append(
-            ConceptMention(concept.id, concept.name, origins[start], origins[end - 1] + 1)
-        )
+        mentions.append(ConceptMention(concept.id, concept.name, starts[start], ends[end - 1]))
     return mentions
 
 
