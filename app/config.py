@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -154,14 +154,21 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    _database_url_derived: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'polar.db').as_posix()}"
+            self._database_url_derived = True
         if self.training.min_photos > self.training.max_photos:
             raise ValueError("training.min_photos must not exceed training.max_photos")
         return self
+
+    @property
+    def database_url_configured(self) -> bool:
+        """False when the URL is the default SQLite file in the data folder."""
+        return not self._database_url_derived
 
     @property
     def embedded_jobs(self) -> bool:

@@ -271,3 +271,45 @@ def test_docs_page_uses_local_assets(api_client):
         assert asset in page.text
         url = next(p for p in page.text.split('"') if p.endswith(asset))
         assert api_client.get(url).status_code == 200
+
+
+# -- the README's error table and the OpenAPI say what the code answers ----------------------
+
+
+def test_readme_error_table_names_real_codes_and_documented_statuses(client):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    rows = re.findall(r"^\| (\d{3}) \| (.+?) \| .+ \|$", readme, re.M)
+    assert rows, "the README has an error table"
+    source = "\n".join(p.read_text() for p in (root / "app").rglob("*.py"))
+    for _status, codes in rows:
+        for code in re.findall(r"`([a-z_]+)`", codes):
+            assert f'"{code}"' in source, f"README names {code!r}, which no code raises"
+    documented = {
+        status
+        for item in client.get("/openapi.json").json()["paths"].values()
+        for op in item.values()
+        for status in op["responses"]
+    }
+    assert {status for status, _ in rows} <= documented
+
+
+def test_openapi_public_routes_have_no_security_and_search_states_its_limits(client):
+    doc = client.get("/openapi.json").json()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        op = doc["paths"][path]["get"]
+        assert "security" not in op and "401" not in op["responses"]
+    assert doc["paths"]["/images"]["get"]["security"]
+    params = {p["name"]: p for p in doc["paths"]["/search"]["get"]["parameters"]}
+    assert params["k"]["schema"]["maximum"] == 200
+    assert params["offset"]["schema"]["maximum"] == 10_000
+    assert params["q"]["schema"]["minLength"] == 1
+    assert params["q"]["schema"]["maxLength"] == 1000
+    cursor = {p["name"]: p for p in doc["paths"]["/images"]["get"]["parameters"]}["cursor"]
+    assert cursor["schema"]["pattern"] == "^[A-Za-z0-9_=-]*$"
+    for status in ("400", "413", "422"):
+        assert status in doc["paths"]["/images"]["post"]["responses"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
