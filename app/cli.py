@@ -33,11 +33,47 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _session_factory() -> sessionmaker[Session]:
-    """Sessions on the configured database, migrated to the newest schema first."""
+class NoDatabase(Exception):
+    """The admin command would create a new, empty database where none was configured."""
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return None if parsed.database == ":memory:" else Path(parsed.database)
+
+
+def _session_factory(*, create_database: bool = False) -> sessionmaker[Session]:
+    """Sessions on the configured database, migrated to the newest schema first.
+
+    Says on stderr which database it is. Refuses (NoDatabase) to start a new SQLite file when
+    no database URL was configured and the data folder has none: run from another folder, the
+    default `./data/polar.db` would be a new empty database the server never reads, and the
+    keys made in it would be "invalid" there. `create_database` allows it.
+    """
+    from sqlalchemy.engine import make_url
+
     from app.db import get_engine, get_session_factory, migrate
 
-    url = get_settings().database_url
+    settings = get_settings()
+    url = settings.database_url
+    path = _sqlite_file(url)
+    shown = make_url(url).render_as_string(hide_password=True)
+    if path is not None:
+        shown = f"sqlite:///{path.resolve()}"
+        if not path.exists():
+            if not settings.database_url_configured and not create_database:
+                raise NoDatabase(
+                    f"no database at {path.resolve()}: POLAR_DATABASE_URL is not set and the "
+                    f"data folder (POLAR_DATA_DIR={settings.data_dir}) has none. Run this where "
+                    "the server runs, or set POLAR_DATABASE_URL / POLAR_DATA_DIR to the server's; "
+                    "pass --create-database to start a new database here."
+                )
+            print(f"creating a new database: {shown}", file=sys.stderr)
+    print(f"database: {shown}", file=sys.stderr)
     migrate(get_engine(url))
     return get_session_factory(url)
 
@@ -64,7 +100,7 @@ def _create_user(args: argparse.Namespace) -> int:
     from app.db import session_scope
     from app.services import users
 
-    with session_scope(_session_factory()) as db_session:
+    with session_scope(_session_factory(create_database=args.create_database)) as db_session:
         user = users.create_user(args.name, db_session=db_session)
         api_key, key = users.create_api_key(user.id, db_session=db_session, name=args.key_name)
     print(f"user_id: {user.id}")
@@ -381,6 +417,11 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     create_user = sub.add_parser("create-user", help="create a user; prints its id and a new key")
     create_user.add_argument("name")
     create_user.add_argument("--key-name", default=None, help="label for the key")
+    create_user.add_argument(
+        "--create-database",
+        action="store_true",
+        help="allow starting a new SQLite database when none is configured or found",
+    )
     create_user.set_defaults(func=_create_user)
     create_key = sub.add_parser("create-key", help="issue another API key for a user")
     create_key.add_argument("user_id")
@@ -419,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     except DomainError as e:
         print(f"error: {e.message} ({e.code})", file=sys.stderr)
         return 1
+    except NoDatabase as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

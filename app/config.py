@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -99,14 +99,38 @@ class SearchSettings(BaseModel):
     )
 
 
+# Ceilings no deployment can raise: every number a request carries is bounded by one of these
+# (or by a setting below them) before it sizes anything.
+MAX_K_CEILING = 1000
+MAX_OFFSET_CEILING = 100_000
+MAX_CONCEPT_IDS = 50  # explicit concept_ids in one search
+
+
 class LimitSettings(BaseModel):
     """Guards against bad or hostile input."""
 
-    max_upload_bytes: int = Field(25 * 1024 * 1024, description="largest accepted file")
-    max_pixels: int = Field(50_000_000, description="decompression-bomb guard (width × height)")
-    max_files_per_request: int = Field(200, description="files in one upload request")
-    max_k: int = Field(200, description="largest page a search returns")
-    max_query_chars: int = Field(1000, description="longest query string accepted")
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest accepted file")
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="decompression-bomb guard (width × height)"
+    )
+    max_files_per_request: int = Field(200, ge=1, description="files in one upload request")
+    max_json_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest request body that is not a file upload"
+    )
+    max_k: int = Field(
+        200,
+        ge=1,
+        le=MAX_K_CEILING,
+        description=f"largest page a search returns (≤ {MAX_K_CEILING})",
+    )
+    max_offset: int = Field(
+        10_000,
+        ge=0,
+        le=MAX_OFFSET_CEILING,
+        description=f"deepest a search pages (offset; offset + k sizes its ranking; "
+        f"≤ {MAX_OFFSET_CEILING})",
+    )
+    max_query_chars: int = Field(1000, ge=1, description="longest query string accepted")
 
 
 class JobSettings(BaseModel):
@@ -150,14 +174,21 @@ class Settings(BaseSettings):
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    _database_url_derived: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'polar.db').as_posix()}"
+            self._database_url_derived = True
         if self.training.min_photos > self.training.max_photos:
             raise ValueError("training.min_photos must not exceed training.max_photos")
         return self
+
+    @property
+    def database_url_configured(self) -> bool:
+        """False when the URL is the default SQLite file in the data folder."""
+        return not self._database_url_derived
 
     @property
     def embedded_jobs(self) -> bool:

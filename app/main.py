@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, bootstrap, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
+from app.api.openapi import install_openapi
 from app.api.routes import concepts, health, images, index, jobs, search
 from app.config import Settings, get_settings
 from app.db import migrate
@@ -21,6 +23,8 @@ from app.services.index import IndexCache
 from app.services.jobs import JobHandler
 from app.services.model import ModelLoader
 from app.services.search import AdapterCache
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Multipart framing per file part (headers, boundary), on top of the files' own bytes.
 _PART_OVERHEAD_BYTES = 64 * 1024
@@ -55,7 +59,9 @@ def create_app(
             app.state.index_cache.close()
             engine.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with their assets served by this app (from the
+    # fastapi-offline package), not from a CDN, so the docs work offline.
+    app = FastAPIOffline(
         title="POLAR personalized image search",
         version=__version__,
         description="Teach CLIP your own objects from a few photos, then search for them.",
@@ -81,6 +87,7 @@ def create_app(
     app.add_middleware(
         BodySizeLimit,
         max_bytes=limits.max_files_per_request * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
+        max_other_bytes=limits.max_json_bytes,
     )
     app.include_router(health.router)
     # One file more than allowed is parsed, so the service can answer `too_many_files`.
@@ -92,6 +99,7 @@ def create_app(
     app.include_router(index.router)
     # The web UI at /ui/ (static files; it calls the API above with the user's key).
     web.install(app)
+    install_openapi(app, limits)
     return app
 
 
@@ -119,5 +127,8 @@ class RequestMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            # The method is the client's to choose: only known ones become label values, so
+            # made-up methods cannot grow the metrics without bound.
+            method = scope["method"] if scope["method"] in _HTTP_METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)

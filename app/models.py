@@ -187,7 +187,7 @@ class Concept(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
-    name_key: Mapped[str] = mapped_column(String(200))  # name.casefold(): names match that way
+    name_key: Mapped[str] = mapped_column(String(200))  # app.text.fold(name): queries match so
     category: Mapped[str | None] = mapped_column(String(100))
     token: Mapped[str] = mapped_column(String(64))  # placeholder token, e.g. "sks"
     state: Mapped[str] = mapped_column(String(16), default=ConceptState.TRAINING.value)

@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from app.config import MAX_CONCEPT_IDS
 from app.models import Image, Job
+from app.text import clean_text
 
 _IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
 _JOB_ID = "0b7e4a91-5c2d-4d8e-8a43-7d6b1e9f2c33"
 _TS = "2025-06-01T12:00:00Z"
+
+
+# -- input types: every string and date-time a request brings in passes through one of these --
+
+CleanStr = Annotated[str, AfterValidator(clean_text)]
+"""Valid UTF-8 without NUL (else 422), in NFKC (app/text.py)."""
+
+ID_MAX_CHARS = 64
+ObjectId = Annotated[CleanStr, Field(max_length=ID_MAX_CHARS, description="an id (a UUID)")]
+
+CURSOR_PATTERN = r"^[A-Za-z0-9_=-]*$"
+CURSOR_MAX_CHARS = 200
+CURSOR_DOC = (
+    "opaque: the `next_cursor` of the previous page, passed back unchanged (URL-safe base64, "
+    f"at most {CURSOR_MAX_CHARS} characters); anything else is a 422 `invalid_cursor`"
+)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # A date-time without a zone is taken as UTC; a date alone is midnight UTC (pydantic
+    # parses "2025-01-01" as that naive date-time).
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError as e:  # year 1 at UTC+1, year 9999 at UTC-1
+        raise ValueError("the date-time is out of range once converted to UTC") from e
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+"""ISO 8601; without a zone it is UTC, a date alone is midnight UTC."""
 
 
 class ErrorBody(BaseModel):
@@ -192,9 +223,24 @@ class SearchFiltersIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    mime: list[str] = Field(default_factory=list, description="e.g. ['image/jpeg']")
+    created_after: UtcDateTime | None = Field(
+        None,
+        description="uploaded at or after (ISO 8601; without a zone UTC, a date alone midnight)",
+    )
+    created_before: UtcDateTime | None = Field(None, description="uploaded before (as above)")
+    mime: list[Annotated[CleanStr, Field(max_length=100)]] = Field(
+        default_factory=list, max_length=20, description="e.g. ['image/jpeg']"
+    )
+
+
+Q_DOC = (
+    "what to look for, at least one letter (limits.max_query_chars characters at most, and it "
+    "must fit the model's 77-token context); your concepts' names personalise it"
+)
+# The maxima (the configured limits) are filled into the schema by app/api/openapi.py; the
+# search service enforces them (422 invalid_k / invalid_offset / query_too_long).
+K_DOC = "hits per page, 1 to limits.max_k"
+OFFSET_DOC = "hits to skip (for the next page), 0 to limits.max_offset"
 
 
 class SearchRequest(BaseModel):
@@ -216,12 +262,15 @@ class SearchRequest(BaseModel):
         },
     )
 
-    q: str = Field(description="what to look for; your concepts' names personalise it")
-    k: int = Field(20, ge=1, description="hits per page (at most limits.max_k)")
-    offset: int = Field(0, ge=0, description="hits to skip (for the next page)")
+    q: CleanStr = Field(description=Q_DOC)
+    k: int = Field(20, ge=1, description=K_DOC)
+    offset: int = Field(0, ge=0, description=OFFSET_DOC)
     personalize: bool = Field(True, description="false = plain CLIP, for comparison")
-    concept_ids: list[str] = Field(
-        default_factory=list, description="concepts to apply even if the query does not name them"
+    concept_ids: list[ObjectId] = Field(
+        default_factory=list,
+        max_length=MAX_CONCEPT_IDS,
+        description=f"concepts to apply even if the query does not name them (at most "
+        f"{MAX_CONCEPT_IDS})",
     )
     filters: SearchFiltersIn | None = None
 
@@ -379,8 +428,8 @@ class ConceptPatch(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"name": "Rex"}, {"category": "puppy"}]}
     )
 
-    name: str | None = Field(None, description="new name (1-64 characters, a letter or digit)")
-    category: str | None = Field(
+    name: CleanStr | None = Field(None, description="new name (1-64 characters, a letter or digit)")
+    category: CleanStr | None = Field(
         None, description="new category, or null to drop it; a change retrains the concept"
     )
 

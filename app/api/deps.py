@@ -15,18 +15,27 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Unauthorized
+from app.errors import ModelUnavailable, Unauthorized
 from app.models import User
 from app.services import users as users_service
 from app.services.index import IndexCache
 from app.services.jobs import JobQueue
-from app.services.model import ServingModel, load_serving_model
+from app.services.model import ModelLoader, ServingModel, load_serving_model
 from app.services.search import AdapterCache
 from app.storage import ImageStore
 
-# Reachable without a key: probes and the API docs.
+# Reachable without a key: probes, metrics (process-wide counters, nothing about any user: a
+# Prometheus scrape needs no key) and the API docs.
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
 )
 
 _bearer = HTTPBearer(
@@ -100,9 +109,19 @@ class SearchContext:
         self.settings: Settings = request.app.state.settings
         self.index_cache: IndexCache = request.app.state.index_cache
         self.adapter_cache: AdapterCache = request.app.state.adapter_cache
+        self.model_loader: ModelLoader = request.app.state.model_loader
 
     def serving(self) -> ServingModel:
-        """The serving model (loaded on first use; ModelUnavailable → 503)."""
+        """The serving model (loaded on first use; ModelUnavailable → 503).
+
+        While the startup loader is still at work the answer is an immediate 503
+        `model_loading`: a request must not wait (holding a worker thread) for the load.
+        """
+        if self.model_loader.loading:
+            raise ModelUnavailable(
+                "the model is still loading; retry in a few seconds (GET /readyz says when)",
+                code="model_loading",
+            )
         return load_serving_model(self.settings.model)
 
 

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
@@ -30,6 +31,7 @@ from app.errors import (
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    TooManyFiles,
     Unauthorized,
     UnsupportedMedia,
     UploadRejected,
@@ -97,9 +99,33 @@ async def handle_domain_error(_request: Request, exc: Exception) -> JSONResponse
     return _response(status_for(exc), exc.code, exc.message, exc.detail)
 
 
-async def handle_http_exception(_request: Request, exc: Exception) -> JSONResponse:
+def _body_error(request: Request, exc: StarletteHTTPException) -> DomainError | None:
+    """The domain error behind a 400 the body parsers raised, where there is a better one.
+
+    FastAPI and Starlette answer every body they cannot parse with a bare 400; the cause says
+    what it was: text that is not UTF-8 (a 422 like any other invalid string), more files than
+    the limit (the documented `too_many_files`), an oversized form field (413).
+    """
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return ValidationFailed("the request body is not valid UTF-8", code="invalid_utf8")
+    if isinstance(cause, MultiPartException):
+        if cause.message.startswith("Too many files"):
+            most = request.app.state.settings.limits.max_files_per_request
+            return TooManyFiles(
+                f"more than {most} files in one request; the limit is {most}",
+                detail={"max_files": most},
+            )
+        if "exceeded maximum size" in cause.message:
+            return PayloadTooLarge(f"a form field is too large: {cause.message}")
+    return None
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    if status == 400 and (better := _body_error(request, exc)) is not None:
+        return await handle_domain_error(request, better)
     code = _CODE_BY_STATUS.get(status, "internal_error" if status >= 500 else f"http_{status}")
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     if isinstance(exc.detail, str) and exc.detail:
@@ -126,25 +152,31 @@ async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over `max_bytes`, in the JSON error shape.
+    """ASGI middleware: refuse request bodies over the limit, in the JSON error shape.
 
-    A declared Content-Length over the limit is answered before any byte is read; a body that
-    turns out longer (chunked, or lying) is cut off once it passes the limit. Starlette's own
-    limiter answers in plain text, hence this one.
+    File uploads (multipart) may have `max_bytes`; any other body (JSON) only `max_other_bytes`,
+    so a search request cannot make the server parse megabytes. A declared Content-Length over
+    the limit is answered before any byte is read; a body that turns out longer (chunked, or
+    lying) is cut off once it passes the limit. Starlette's own limiter answers in plain text,
+    hence this one.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_other_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_other_bytes = max_bytes if max_other_bytes is None else max_other_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"the request is larger than the limit of {self.max_bytes} bytes"
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            detail = {"max_bytes": self.max_bytes}
+        headers = Headers(scope=scope)
+        multipart = headers.get("content-type", "").lower().startswith("multipart/form-data")
+        limit = self.max_bytes if multipart else self.max_other_bytes
+        message = f"the request is larger than the limit of {limit} bytes"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            detail = {"max_bytes": limit}
             await _response(413, "payload_too_large", message, detail)(scope, receive, send)
             return
         received = 0
@@ -154,7 +186,7 @@ class BodySizeLimit:
             event = await receive()
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise StarletteHTTPException(413, detail=message)
             return event
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +170,8 @@ def _create(
             f"set POLAR_MODEL__PRETRAINED to an existing file or an open_clip tag "
             f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'})."
         )
+    if pretrained and not _looks_like_path(pretrained):
+        ensure_hub_or_offline()
     try:
         # open_clip >= 2.24 loads .safetensors itself when `pretrained` is a file path.
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -184,6 +188,66 @@ def _create(
             f"could not obtain weights for {name}/{pretrained} ({e}); {_offline_hint(name)}."
         ) from e
     return model, preprocess
+
+
+_hub_lock = threading.Lock()
+_hub_reachable: bool | None = None
+
+
+def _hub_address() -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def _can_connect(address: tuple[str, int], timeout: float) -> bool:
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # Name resolution has no timeout of its own; the thread bounds the whole probe.
+    thread = threading.Thread(target=probe, name="polar-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def ensure_hub_or_offline(timeout: float = 3.0) -> bool:
+    """Whether the model hub can be reached, probed once per process; if it cannot, the
+    Hugging Face client is switched to offline mode (HF_HUB_OFFLINE) for the whole process.
+
+    Without this every weight file is retried five times with back-off: an offline start
+    took 50-58 s and printed 34 warning lines before the demo-model fallback; offline mode
+    answers from the local cache at once (weights cached earlier still load).
+    """
+    global _hub_reachable
+    with _hub_lock:
+        if _hub_reachable is not None:
+            return _hub_reachable
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            _hub_reachable = False
+            return False
+        address = _hub_address()
+        _hub_reachable = _can_connect(address, timeout)
+        if not _hub_reachable:
+            log.warning(
+                "the model hub (%s:%d) cannot be reached; using only locally cached weights "
+                "(HF_HUB_OFFLINE=1 for this process)",
+                *address,
+            )
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            constants.HF_HUB_OFFLINE = True
+        return _hub_reachable
 
 
 def load_clip(

@@ -105,6 +105,7 @@ class LoaderState:
     serving: ServingModel | None
     detail: str
     ok: bool  # ready as far as the model goes (loaded, or deliberately loaded on first use)
+    loading: bool = False  # the startup load is still running
 
 
 class ModelLoader:
@@ -129,15 +130,31 @@ class ModelLoader:
             self._error = e.message
             log.error("model unavailable: %s", e.message)
 
+    @property
+    def loading(self) -> bool:
+        """The startup load is still running (and nothing else has loaded the model)."""
+        thread = self._thread
+        return (
+            thread is not None
+            and thread.is_alive()
+            and self._serving is None
+            and _serving.get(_key(self.cfg)) is None
+        )
+
     def state(self) -> LoaderState:
-        """What /readyz reports; a model loaded on first use by a request counts too."""
+        """What /readyz reports, at once; a model loaded on first use by a request counts too.
+
+        Never takes `_lock`: the loader holds it for the whole load (tens of seconds), and a
+        readiness probe must answer while it does. Reading the dict is atomic.
+        """
         if self._serving is None:
-            with _lock:
-                self._serving = _serving.get(_key(self.cfg))
+            self._serving = _serving.get(_key(self.cfg))
         if self._serving is not None:
             return LoaderState(self._serving, f"{self._serving.model_id} loaded", True)
         if self._error is not None:
             return LoaderState(None, self._error, False)
         if self._thread is not None:
-            return LoaderState(None, f"loading {self.cfg.name}/{self.cfg.pretrained}", False)
+            return LoaderState(
+                None, f"loading {self.cfg.name}/{self.cfg.pretrained}", False, loading=True
+            )
         return LoaderState(None, "loads on first use (POLAR_MODEL__PRELOAD=false)", True)

@@ -6,6 +6,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from app.text import fold, fold_with_spans
+
 # Straight and typographic apostrophes; "Fido's" and "Fido’s" both name Fido.
 _APOSTROPHES = "'\u2019"
 
@@ -40,18 +42,21 @@ class RewrittenQuery:
 
 
 def normalize_name(name: str) -> str:
-    """The key two concept names collide on: case-folded, inner whitespace collapsed."""
-    return " ".join(name.split()).casefold()
+    """The key two concept names collide on (`app.text.fold`): the same rule finds them."""
+    return fold(name)
 
 
-def _name_pattern(name: str) -> str:
+def _name_pattern(key: str) -> str:
     # Whitespace inside a multi-word name matches any run of whitespace in the query.
-    parts = [re.escape(p) for p in name.split()]
-    return r"\s+".join(parts)
+    return r"\s+".join(re.escape(p) for p in key.split())
 
 
 def find_mentions(query: str, concepts: Sequence[NamedConcept]) -> list[ConceptMention]:
-    """Whole-word, case-insensitive mentions; longer names win where names overlap."""
+    """Whole-word, caseless mentions; longer names win where names overlap.
+
+    The query is folded with the same rule as the names' keys and searched case-sensitively,
+    so every match is a key (no `re.IGNORECASE`, whose notion of case differs from `fold`).
+    """
     by_key: dict[str, NamedConcept] = {}
     for c in concepts:
         key = normalize_name(c.name)
@@ -64,11 +69,21 @@ def find_mentions(query: str, concepts: Sequence[NamedConcept]) -> list[ConceptM
     alternation = "|".join(f"(?:{_name_pattern(k)})" for k in keys)
     # A name is a whole word: not preceded or followed by a word character. A possessive
     # suffix ('s) is allowed after it and stays in the query.
-    pattern = re.compile(rf"(?<!\w)({alternation})(?!\w)", re.IGNORECASE)
+    pattern = re.compile(rf"(?<!\w)({alternation})(?!\w)")
+    folded, starts, ends = fold_with_spans(query)
     mentions = []
-    for m in pattern.finditer(query):
-        concept = by_key[normalize_name(m.group(1))]
-        mentions.append(ConceptMention(concept.id, concept.name, m.start(1), m.end(1)))
+    for m in pattern.finditer(folded):
+        start, end = m.span(1)
+        # Only whole characters of the query: a match inside one character's folding
+        # ("ß" -> "ss") is no mention.
+        if start > 0 and starts[start - 1] == starts[start]:
+            continue
+        if end < len(folded) and starts[end] == starts[end - 1]:
+            continue
+        concept = by_key.get(" ".join(m.group(1).split()))
+        if concept is None:  # cannot happen: every alternative is a key
+            continue
+        mentions.append(ConceptMention(concept.id, concept.name, starts[start], ends[end - 1]))
     return mentions
 
 

@@ -324,8 +324,10 @@ def search_images(
     text = validate_query(query, limits)
     if not 1 <= k <= limits.max_k:
         raise ValidationFailed(f"k must be between 1 and {limits.max_k}", code="invalid_k")
-    if offset < 0:
-        raise ValidationFailed("offset must be 0 or more", code="invalid_offset")
+    if not 0 <= offset <= limits.max_offset:
+        raise ValidationFailed(
+            f"offset must be between 0 and {limits.max_offset}", code="invalid_offset"
+        )
     named = (
         _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
         if personalize
@@ -377,7 +379,8 @@ def _rank(
     regions = recipe.reranks_by_regions(encoding, cfg)
     # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
     among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
-    fetch = recipe.candidates_to_fetch(want, regions, cfg)
+    # Never more than the library: the result arrays are sized by it, not by the request.
+    fetch = min(recipe.candidates_to_fetch(want, regions, cfg), len(cached.index))
     scores, ids = cached.index.search(encoding.vector, fetch, among=among)
     ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
     if not regions:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
-from app.schemas import ConceptJobResponse, ConceptOut, ConceptPage, ConceptPatch, JobOut
+from app.api.params import ConceptId, Cursor, PageLimit
+from app.schemas import (
+    CleanStr,
+    ConceptJobResponse,
+    ConceptOut,
+    ConceptPage,
+    ConceptPatch,
+    JobOut,
+)
 from app.schemas import error_responses as errors
 from app.services import concepts as service
 from app.services.images import IncomingFile
@@ -55,7 +63,9 @@ def _incoming(files: list[UploadFile]) -> list[IncomingFile]:
     responses=errors(409, 413, 415, 422),
 )
 def create_concept(
-    name: Annotated[str, Form(description="what queries call it, e.g. Fido (1-64 characters)")],
+    name: Annotated[
+        CleanStr, Form(description="what queries call it, e.g. Fido (1-64 characters)")
+    ],
     files: Annotated[list[UploadFile], File(description=_PHOTOS_DOC)],
     user: CurrentUser,
     db_session: SessionDep,
@@ -63,7 +73,7 @@ def create_concept(
     settings: SettingsDep,
     queue: QueueDep,
     category: Annotated[
-        str | None, Form(description='coarse class, e.g. "dog": placeholder "sks dog"')
+        CleanStr | None, Form(description='coarse class, e.g. "dog": placeholder "sks dog"')
     ] = None,
 ) -> ConceptJobResponse:
     """All or nothing: a bad photo, a taken name or a wrong photo count stores nothing."""
@@ -90,15 +100,15 @@ def create_concept(
 def list_concepts(
     user: CurrentUser,
     db_session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: PageLimit = 50,
+    cursor: Cursor = None,
 ) -> ConceptPage:
     page = service.list_concepts(user.id, db_session=db_session, limit=limit, cursor=cursor)
     return ConceptPage(items=[concept_out(v) for v in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{concept_id}", response_model=ConceptOut, responses=errors(404))
-def get_concept(concept_id: str, user: CurrentUser, db_session: SessionDep) -> ConceptOut:
+def get_concept(concept_id: ConceptId, user: CurrentUser, db_session: SessionDep) -> ConceptOut:
     return concept_out(service.get_concept(user.id, concept_id, db_session=db_session))
 
 
@@ -114,7 +124,11 @@ def get_concept(concept_id: str, user: CurrentUser, db_session: SessionDep) -> C
     responses=errors(404, 409, 422),
 )
 def update_concept(
-    concept_id: str, body: ConceptPatch, user: CurrentUser, db_session: SessionDep, queue: QueueDep
+    concept_id: ConceptId,
+    body: ConceptPatch,
+    user: CurrentUser,
+    db_session: SessionDep,
+    queue: QueueDep,
 ) -> ConceptJobResponse:
     category = body.category if "category" in body.model_fields_set else service.KEEP
     change = service.update_concept(
@@ -131,7 +145,7 @@ def update_concept(
     responses=errors(404, 413, 415, 422),
 )
 def add_examples(
-    concept_id: str,
+    concept_id: ConceptId,
     files: Annotated[list[UploadFile], File(description=_PHOTOS_DOC)],
     user: CurrentUser,
     db_session: SessionDep,
@@ -161,7 +175,7 @@ def add_examples(
     responses=errors(404),
 )
 def delete_concept(
-    concept_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+    concept_id: ConceptId, user: CurrentUser, db_session: SessionDep, store: StoreDep
 ) -> Response:
     service.delete_concept(user.id, concept_id, db_session=db_session, store=store)
     return Response(status_code=204)

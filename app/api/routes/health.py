@@ -25,7 +25,9 @@ class Check(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str = Field(description="ready | not_ready")
+    status: str = Field(
+        description="ready | loading (the model is still loading; all else is ready) | not_ready"
+    )
     version: str
     model: str | None = Field(description="id of the model serving searches, once loaded")
     demo_model: bool = Field(description="true when the synthetic demo model is serving")
@@ -77,8 +79,11 @@ def readyz(request: Request) -> Response:
     }
     ok = all(c.ok for c in checks.values())
     serving = state.serving
+    status = "ready" if ok else "not_ready"
+    if state.loading and checks["database"].ok and checks["broker"].ok:
+        status = "loading"
     body = Readiness(
-        status="ready" if ok else "not_ready",
+        status=status,
         version=__version__,
         model=serving.model_id if serving else None,
         demo_model=bool(serving and serving.is_demo),
@@ -88,7 +93,12 @@ def readyz(request: Request) -> Response:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (public: process-wide counters, nothing about any user)",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
 def metrics(request: Request) -> Response:
     m = request.app.state.metrics
     cache = request.app.state.index_cache

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Response, UploadFile
+from fastapi import APIRouter, File, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
+from app.api.params import Cursor, ImageId, PageLimit
 from app.errors import NotFound
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
 from app.schemas import error_responses as errors
@@ -61,8 +62,8 @@ def upload_images(
 def list_images(
     user: CurrentUser,
     db_session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: PageLimit = 50,
+    cursor: Cursor = None,
 ) -> ImagePage:
     page = service.list_images(user.id, db_session=db_session, limit=limit, cursor=cursor)
     return ImagePage(
@@ -71,7 +72,7 @@ def list_images(
 
 
 @router.get("/{image_id}", response_model=ImageOut, responses=errors(404))
-def get_image(image_id: str, user: CurrentUser, db_session: SessionDep) -> ImageOut:
+def get_image(image_id: ImageId, user: CurrentUser, db_session: SessionDep) -> ImageOut:
     return ImageOut.from_model(service.get_image(user.id, image_id, db_session=db_session))
 
 
@@ -82,7 +83,7 @@ def get_image(image_id: str, user: CurrentUser, db_session: SessionDep) -> Image
     responses=errors(404),
 )
 def get_image_file(
-    image_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+    image_id: ImageId, user: CurrentUser, db_session: SessionDep, store: StoreDep
 ) -> FileResponse:
     image = service.get_image(user.id, image_id, db_session=db_session)
     path = store.path(image.storage_path)
@@ -104,7 +105,7 @@ def get_image_file(
     responses=errors(404),
 )
 def get_image_thumbnail(
-    image_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+    image_id: ImageId, user: CurrentUser, db_session: SessionDep, store: StoreDep
 ) -> FileResponse:
     image = service.get_image(user.id, image_id, db_session=db_session)
     path = store.path(store.thumbnail_relpath(image.storage_path))
@@ -121,7 +122,7 @@ def get_image_thumbnail(
     responses=errors(404),
 )
 def delete_image(
-    image_id: str, user: CurrentUser, db_session: SessionDep, store: StoreDep
+    image_id: ImageId, user: CurrentUser, db_session: SessionDep, store: StoreDep
 ) -> Response:
     service.delete_image(user.id, image_id, db_session=db_session, store=store)
     return Response(status_code=204)

@@ -40,6 +40,10 @@ def get_index(user: CurrentUser, db_session: SessionDep, ctx: SearchContextDep) 
     status_code=202,
     response_model=RebuildOut,
     summary="Embed every image the serving model (or the region layout) has not covered yet",
+    responses={
+        200: {"model": RebuildOut, "description": "a rebuild was already queued or running"},
+        202: {"description": "a new rebuild job was queued"},
+    },
 )
 def rebuild_index(
     user: CurrentUser, db_session: SessionDep, queue: QueueDep, response: Response

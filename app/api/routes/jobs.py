@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentUser, SessionDep
+from app.api.params import Cursor, JobId, PageLimit
 from app.models import JobKind, JobState
 from app.schemas import JobDetail, JobPage
 from app.schemas import error_responses as errors
@@ -26,8 +27,8 @@ def list_jobs(
     db_session: SessionDep,
     state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
     kind: Annotated[JobKind | None, Query(description="only jobs of this kind")] = None,
-    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: PageLimit = 50,
+    cursor: Cursor = None,
 ) -> JobPage:
     page = service.list_jobs(
         db_session=db_session,
@@ -46,7 +47,7 @@ def list_jobs(
     summary="State, progress and outcome of one job",
     responses=errors(404),
 )
-def get_job(job_id: str, user: CurrentUser, db_session: SessionDep) -> JobDetail:
+def get_job(job_id: JobId, user: CurrentUser, db_session: SessionDep) -> JobDetail:
     return JobDetail.from_job(
         service.get_job(db_session=db_session, user_id=user.id, job_id=job_id)
     )

@@ -8,6 +8,10 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentUser, SearchContextDep, SessionDep
 from app.schemas import (
+    K_DOC,
+    OFFSET_DOC,
+    Q_DOC,
+    CleanStr,
     ImageOut,
     SearchConceptOut,
     SearchHitOut,
@@ -75,9 +79,9 @@ def search_get(
     user: CurrentUser,
     db_session: SessionDep,
     ctx: SearchContextDep,
-    q: Annotated[str, Query(description="e.g. 'Fido at the beach'")],
-    k: Annotated[int, Query(ge=1, description="hits per page")] = 20,
-    offset: Annotated[int, Query(ge=0, description="hits to skip")] = 0,
+    q: Annotated[CleanStr, Query(description=Q_DOC, examples=["Fido at the beach"])],
+    k: Annotated[int, Query(ge=1, description=K_DOC)] = 20,
+    offset: Annotated[int, Query(ge=0, description=OFFSET_DOC)] = 0,
     personalize: Annotated[bool, Query(description="false = plain CLIP")] = True,
 ) -> SearchResponse:
     """Names of your concepts in `q` (any case, whole words, "Fido's") personalise the search."""

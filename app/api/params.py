@@ -1,0 +1,38 @@
+"""Path, query and form parameters the routes share: each bounded, each string cleaned once.
+
+Strings go through `CleanStr` (valid UTF-8 without NUL, NFKC: app/text.py), so nothing a request
+brings in reaches the database or a response undecodable; numbers have upper bounds, stated in
+the OpenAPI schema (the configured limits are filled in by app/api/openapi.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Path, Query
+
+from app.schemas import CURSOR_DOC, CURSOR_MAX_CHARS, CURSOR_PATTERN, ID_MAX_CHARS, CleanStr
+
+PAGE_MAX = 200
+
+
+def object_id(what: str) -> object:
+    """The `{id}` path parameter of a `what`."""
+    return Path(max_length=ID_MAX_CHARS, description=f"the {what}'s id (a UUID)")
+
+
+ImageId = Annotated[CleanStr, object_id("image")]
+ConceptId = Annotated[CleanStr, object_id("concept")]
+JobId = Annotated[CleanStr, object_id("job")]
+
+PageLimit = Annotated[int, Query(ge=1, le=PAGE_MAX, description=f"page size, 1 to {PAGE_MAX}")]
+# The pattern is documented, not enforced here: the service answers `invalid_cursor` for any
+# cursor it did not issue.
+Cursor = Annotated[
+    CleanStr | None,
+    Query(
+        max_length=CURSOR_MAX_CHARS,
+        description=CURSOR_DOC,
+        json_schema_extra={"pattern": CURSOR_PATTERN},
+    ),
+]

@@ -1,0 +1,325 @@
+"""Regressions of the outside audit (issue 12): no single request answers 5xx or sizes memory.
+
+Each test names the class of bug it guards; every one of them answered 500 (or the wrong 4xx)
+before the fix.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.errors import BodySizeLimit
+from app.config import Settings
+from app.main import create_app
+from app.models import Concept
+from app.services import model as model_service
+from app.text import fold
+from tests.api.test_auth import assert_error
+from tests.api.test_search import _add_concept
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def user(api_client, make_user, tiny_serving):  # noqa: F811
+    return make_user(api_client)
+
+
+def _concept(client: Any, user_id: str, name: str) -> str:
+    """A concept still training (no adapter): the query names it, nothing is applied."""
+    with client.app.state.session_factory() as s:
+        c = Concept(user_id=user_id, name=name, name_key=fold(name), token="sks", version=1)
+        s.add(c)
+        s.commit()
+        return c.id
+
+
+# -- numbers: every one has an upper bound, and out-of-range or fractional is a 422 ----------
+
+
+@pytest.mark.parametrize("offset", [10_000_000_000_000, 50_000_000, 10_001])
+def test_offset_past_the_limit_is_422_not_500_nor_a_huge_allocation(api_client, user, offset):
+    r = api_client.get("/search", params={"q": "hat", "offset": offset}, headers=user.headers)
+    assert_error(r, 422, "invalid_offset")
+    r = api_client.post("/search", json={"q": "hat", "offset": offset}, headers=user.headers)
+    assert_error(r, 422, "invalid_offset")
+
+
+@pytest.mark.parametrize("offset", [1e13, 2.5, "1e3", "ten"])
+def test_fractional_or_float_offset_is_422(api_client, user, offset):
+    r = api_client.post("/search", json={"q": "hat", "offset": offset}, headers=user.headers)
+    assert r.status_code == 422, r.text
+    r = api_client.get("/search", params={"q": "hat", "offset": offset}, headers=user.headers)
+    assert r.status_code == 422, r.text
+
+
+def test_deepest_offset_is_answered(api_client, user):
+    r = api_client.get("/search", params={"q": "hat", "offset": 10_000}, headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["hits"] == []
+
+
+def test_too_many_concept_ids_and_mime_types_are_422(api_client, user):
+    many = [f"{i:08d}-0000-0000-0000-000000000000" for i in range(51)]
+    r = api_client.post("/search", json={"q": "x", "concept_ids": many}, headers=user.headers)
+    assert_error(r, 422, "validation_failed")
+    mimes = ["image/jpeg"] * 21
+    r = api_client.post(
+        "/search", json={"q": "x", "filters": {"mime": mimes}}, headers=user.headers
+    )
+    assert_error(r, 422, "validation_failed")
+
+
+def test_a_json_body_over_its_limit_is_413_before_parsing(api_client, user):
+    body = '{"q": "' + "a" * (2 * 1024 * 1024) + '"}'
+    r = api_client.post("/search", content=body, headers={**user.headers, **JSON})
+    assert_error(r, 413, "payload_too_large")
+
+
+def test_multipart_uploads_keep_the_file_limit_not_the_json_limit(api_client, user):
+    import io
+    import os
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (800, 700), os.urandom(800 * 700 * 3)).save(buf, "PNG")
+    assert buf.tell() > 1024 * 1024  # over the JSON limit, far under the file limit
+    files = [("files", ("noise.png", buf.getvalue(), "image/png"))]
+    r = api_client.post("/images", files=files, headers=user.headers)
+    assert r.status_code == 202, r.text
+    assert BodySizeLimit  # the middleware under test (app/api/errors.py)
+
+
+# -- text: one normal form, one caseless rule for matching and lookup ------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "query"),
+    [
+        ("Fido", "Fıdo on the beach"),  # dotless ı
+        ("Fido", "FİDO on the beach"),  # capital dotted İ
+        ("Kırmızı", "kirmizi at home"),
+        ("Kırmızı", "KIRMIZI at home"),
+        ("Straße", "STRASSE at night"),
+        ("fido", "ＦＩＤＯ on the sofa"),  # full width: NFKC
+    ],
+)
+def test_names_match_with_the_same_rule_they_are_looked_up_with(api_client, user, name, query):
+    cid = _concept(api_client, user.id, name)
+    r = api_client.get("/search", params={"q": query}, headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert [c["id"] for c in r.json()["concepts"]] == [cid]
+
+
+def test_a_turkish_i_variant_of_a_name_is_a_duplicate(api_client, user, tiny_serving):  # noqa: F811
+    _add_concept(api_client, user.id, tiny_serving, "Fido", "hat")
+    from tests.db_fixtures import noisy_jpeg
+
+    files = [("files", (f"f{i}.jpg", noisy_jpeg(seed=50 + i), "image/jpeg")) for i in range(3)]
+    r = api_client.post("/concepts", data={"name": "FİDO"}, files=files, headers=user.headers)
+    assert_error(r, 409, "duplicate_concept_name")
+
+
+# -- strings: invalid UTF-8, lone surrogates and NUL are a 422 wherever they come in ----------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"q": "\\ud800"}',
+        '{"q": "hat \\udfff"}',
+        '{"q": "x", "filters": {"mime": ["\\ud800"]}}',
+        '{"q": "x", "filters": {"mime": ["image/\\u0000"]}}',
+        '{"q": "x", "concept_ids": ["\\ud800"]}',
+        '{"q": "a\\u0000b"}',
+    ],
+)
+def test_lone_surrogates_and_nul_in_json_are_422(api_client, user, body):
+    r = api_client.post("/search", content=body, headers={**user.headers, **JSON})
+    assert_error(r, 422, "validation_failed")
+
+
+def test_a_json_body_that_is_not_utf8_is_422(api_client, user):
+    r = api_client.post("/search", content=b'{"q": "\xff\xfe"}', headers={**user.headers, **JSON})
+    assert_error(r, 422, "invalid_utf8")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/images/a%00b", "/concepts/%00", "/jobs/x%00", "/images/a%00b/thumbnail"],
+)
+def test_nul_in_a_path_id_is_422(api_client, user, path):
+    assert_error(api_client.get(path, headers=user.headers), 422, "validation_failed")
+
+
+def test_overlong_path_id_is_422(api_client, user):
+    assert_error(
+        api_client.get("/images/" + "a" * 65, headers=user.headers), 422, "validation_failed"
+    )
+
+
+def test_nul_in_query_and_cursor_is_422(api_client, user):
+    r = api_client.get("/search", params={"q": "a\x00"}, headers=user.headers)
+    assert_error(r, 422, "validation_failed")
+    r = api_client.get("/images", params={"cursor": "\x00"}, headers=user.headers)
+    assert_error(r, 422, "validation_failed")
+
+
+def test_patch_with_a_lone_surrogate_is_422(api_client, user):
+    cid = _concept(api_client, user.id, "Luna")
+    r = api_client.patch(
+        f"/concepts/{cid}", content='{"name": "L\\ud800"}', headers={**user.headers, **JSON}
+    )
+    assert_error(r, 422, "validation_failed")
+
+
+# -- date-times: always aware; naive is UTC, a date alone midnight UTC -------------------------
+
+
+@pytest.mark.parametrize(
+    "after",
+    ["2025-01-01T00:00:00", "2025-01-01", "2025-01-01T00:00:00+05:00", "0001-01-01T00:00:00+01:00"],
+)
+def test_created_after_without_a_zone_or_as_a_date_is_utc(api_client, user, after):
+    r = api_client.post(
+        "/search", json={"q": "x", "filters": {"created_after": after}}, headers=user.headers
+    )
+    assert r.status_code in (200, 422), r.text
+    if after.startswith("0001"):
+        assert_error(r, 422, "validation_failed")
+
+
+def test_a_naive_filter_means_utc(api_client, make_user, tiny_serving):  # noqa: F811
+    from tests.api.test_search import upload, wait_jobs
+
+    user = make_user(api_client)
+    upload(api_client, user, range(2))
+    wait_jobs(api_client)
+
+    def hits(after: str) -> int:
+        body = {"q": "x", "filters": {"created_after": after}}
+        r = api_client.post("/search", json=body, headers=user.headers)
+        assert r.status_code == 200, r.text
+        return len(r.json()["hits"])
+
+    assert hits("2000-01-01") == 2
+    assert hits("2000-01-01T00:00:00") == 2
+    assert hits("9999-01-01T00:00:00") == 0
+
+
+# -- uploads: over the file limit is the documented too_many_files --------------------------
+
+
+def test_more_files_than_the_limit_is_too_many_files(tmp_path, db_url, make_user):
+    settings = Settings(data_dir=tmp_path / "d", database_url=db_url, broker_url="")
+    settings.limits.max_files_per_request = 3
+    with TestClient(create_app(settings)) as client:
+        user = make_user(client)
+        # One over (the upload service counts), more (the multipart parser stops reading).
+        cases = [("/images", 4), ("/images", 5), ("/images", 9), ("/concepts", 5), ("/concepts", 9)]
+        for route, n in cases:
+            files = [("files", (f"p{i}.jpg", b"x", "image/jpeg")) for i in range(n)]
+            r = client.post(route, files=files, data={"name": "Fido"}, headers=user.headers)
+            body = assert_error(r, 422, "too_many_files")
+            assert "3" in body["message"], body
+
+
+# -- probes, metrics, docs ------------------------------------------------------------------
+
+
+def test_metrics_is_public_and_names_no_user(api_client, user):
+    api_client.get("/search", params={"q": "x"}, headers=user.headers)
+    r = api_client.get("/metrics")
+    assert r.status_code == 200
+    assert user.id not in r.text and user.key not in r.text
+
+
+def test_made_up_methods_do_not_grow_the_metrics(api_client):
+    for i in range(5):
+        api_client.request(f"FOO{i}", "/healthz")
+    text = api_client.get("/metrics").text
+    assert "FOO" not in text and 'method="other"' in text
+
+
+def test_readyz_answers_at_once_while_the_model_loads(db_settings, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+
+    def slow_load(cfg):
+        with model_service._lock:  # as the real loader does, for the whole load
+            started.set()
+            release.wait(30)
+        raise model_service.ModelUnavailable("test loader gave up")
+
+    monkeypatch.setattr(model_service, "load_serving_model", slow_load)
+    db_settings.model.preload = True
+    try:
+        with TestClient(create_app(db_settings)) as client:
+            assert started.wait(10)
+            r = client.get("/readyz")  # used to wait for the loader's lock
+            assert r.status_code == 503
+            assert r.json()["status"] == "loading"
+            assert r.json()["checks"]["model"]["detail"].startswith("loading")
+            user = __import__("tests.db_fixtures", fromlist=["x"]).create_api_user(client)
+            r = client.get("/search", params={"q": "x"}, headers=user.headers)
+            assert_error(r, 503, "model_loading")
+            release.set()
+    finally:
+        release.set()
+
+
+def test_docs_page_uses_local_assets(api_client):
+    page = api_client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert asset in page.text
+        url = next(p for p in page.text.split('"') if p.endswith(asset))
+        assert api_client.get(url).status_code == 200
+
+
+# -- the README's error table and the OpenAPI say what the code answers ----------------------
+
+
+def test_readme_error_table_names_real_codes_and_documented_statuses(client):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    rows = re.findall(r"^\| (\d{3}) \| (.+?) \| .+ \|$", readme, re.M)
+    assert rows, "the README has an error table"
+    source = "\n".join(p.read_text() for p in (root / "app").rglob("*.py"))
+    for _status, codes in rows:
+        for code in re.findall(r"`([a-z_]+)`", codes):
+            assert f'"{code}"' in source, f"README names {code!r}, which no code raises"
+    documented = {
+        status
+        for item in client.get("/openapi.json").json()["paths"].values()
+        for op in item.values()
+        for status in op["responses"]
+    }
+    assert {status for status, _ in rows} <= documented
+
+
+def test_openapi_public_routes_have_no_security_and_search_states_its_limits(client):
+    doc = client.get("/openapi.json").json()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        op = doc["paths"][path]["get"]
+        assert "security" not in op and "401" not in op["responses"]
+    assert doc["paths"]["/images"]["get"]["security"]
+    params = {p["name"]: p for p in doc["paths"]["/search"]["get"]["parameters"]}
+    assert params["k"]["schema"]["maximum"] == 200
+    assert params["offset"]["schema"]["maximum"] == 10_000
+    assert params["q"]["schema"]["minLength"] == 1
+    assert params["q"]["schema"]["maxLength"] == 1000
+    cursor = {p["name"]: p for p in doc["paths"]["/images"]["get"]["parameters"]}["cursor"]
+    assert cursor["schema"]["pattern"] == "^[A-Za-z0-9_=-]*$"
+    for status in ("400", "413", "422"):
+        assert status in doc["paths"]["/images"]["post"]["responses"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
