@@ -42,11 +42,36 @@ def _set_sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# Bounds on every PostgreSQL call, so a stuck database costs seconds, never a stuck thread.
+PG_CONNECT_TIMEOUT_S = 5
+PG_POOL_TIMEOUT_S = 10
+PG_STATEMENT_TIMEOUT_MS = 60_000
+
+
+def _set_pg_timeouts(dbapi_conn: Any, _record: Any) -> None:
+    """Per-connection PostgreSQL limits (SET, not the URL's `options`, which may hold a
+    search_path). psycopg 3 opens a transaction for the SET: commit it so the pool gets an idle
+    connection back."""
+    cur = dbapi_conn.cursor()
+    cur.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
+    cur.close()
+    dbapi_conn.commit()
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url` (SQLite file, in-memory SQLite, or Postgres via psycopg 3)."""
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        # pre_ping: a connection that died with a database restart is replaced, not handed out.
+        pg = create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_timeout=PG_POOL_TIMEOUT_S,
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+        )
+        if parsed.get_backend_name() == "postgresql":
+            event.listen(pg, "connect", _set_pg_timeouts)
+        return pg
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
         kwargs["poolclass"] = StaticPool  # one shared connection, or each sees an empty DB
@@ -115,6 +140,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         if conn.dialect.name == "postgresql":
             # Replicas starting together: one migrates, the others wait, then find it done.
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            conn.execute(text("SET LOCAL statement_timeout = 0"))  # a migration may take long
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     log.info("database schema at %s", revision)

@@ -109,6 +109,12 @@ class ModelUnavailable(DomainError):
     code = "model_unavailable"
 
 
+class DatabaseUnavailable(DomainError):
+    """The database cannot be reached or did not answer in time; retry shortly."""
+
+    code = "database_unavailable"
+
+
 class StorageUnavailable(DomainError):
     """The data folder cannot take writes (read-only, no permission); reads still work."""
 

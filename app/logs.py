@@ -16,6 +16,8 @@ from typing import Any
 
 # `extra` fields shown on a line when present, in this order.
 CONTEXT_FIELDS = ("job_id", "user_id", "kind", "duration_s")
+# Libraries whose INFO lines are one per HTTP call or connection: shown at DEBUG only.
+CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "hpack", "multipart", "PIL")
 # Requests that pollers and probes repeat all day: access-logged at DEBUG only.
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics", "/jobs")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -85,6 +87,9 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    chatty = logging.NOTSET if root.isEnabledFor(logging.DEBUG) else logging.WARNING
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(chatty)
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, QuietPollingFilter) for f in access.filters):
         access.addFilter(QuietPollingFilter())

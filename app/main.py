@@ -82,6 +82,8 @@ def create_app(
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    # Outermost but one: probes never wait behind the body limit, auth or a thread.
+    app.add_middleware(health.HealthProbe)
     limits = settings.limits
     # The largest sane request: a full upload. Each file is also capped while it is read.
     app.add_middleware(

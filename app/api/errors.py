@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sqlalchemy_exc
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -27,10 +28,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
     Conflict,
+    DatabaseUnavailable,
     DomainError,
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    StorageFull,
+    StorageUnavailable,
     TooManyFiles,
     Unauthorized,
     UnsupportedMedia,
@@ -49,7 +53,19 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     ModelUnavailable: 503,
+    DatabaseUnavailable: 503,
+    StorageFull: 507,
+    StorageUnavailable: 503,
 }
+# Every 503 is temporary by nature (a dependency away, a model loading): clients retry after.
+RETRY_AFTER_S = 5
+# Driver errors that mean "the database is not there right now", not "this request is wrong".
+DATABASE_DOWN: tuple[type[Exception], ...] = (
+    sqlalchemy_exc.OperationalError,
+    sqlalchemy_exc.InterfaceError,
+    sqlalchemy_exc.DisconnectionError,
+    sqlalchemy_exc.TimeoutError,
+)
 
 # Codes for errors raised as plain HTTP exceptions (routing, the body-size limit, multipart).
 _CODE_BY_STATUS = {
@@ -91,6 +107,8 @@ def _response(
 ) -> JSONResponse:
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return JSONResponse(error_body(code, message, detail), status_code=status, headers=headers)
 
 
@@ -146,6 +164,14 @@ async def handle_validation_error(_request: Request, exc: Exception) -> JSONResp
     return _response(422, "validation_failed", f"invalid request: {where}", problems)
 
 
+async def handle_database_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=exc)
+    return await handle_domain_error(
+        request,
+        DatabaseUnavailable("the database is unavailable right now; retry in a few seconds"),
+    )
+
+
 async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return _response(500, "internal_error", "internal server error")
@@ -198,4 +224,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, handle_domain_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
+    for error in DATABASE_DOWN:
+        app.add_exception_handler(error, handle_database_down)
     app.add_exception_handler(Exception, handle_unexpected)

@@ -25,6 +25,9 @@ _DESCRIPTIONS = {
     401: "Missing, malformed, unknown or revoked API key",
     413: "Request body (or a file in it) over the size limit",
     422: "Invalid input (`code` says which rule: validation_failed, invalid_cursor, ...)",
+    503: "A dependency is away (`database_unavailable`, `model_loading`, `storage_unavailable`"
+    ", ...); retry after the Retry-After header's seconds",
+    507: "The data folder's disk is full (`storage_full`); nothing was stored",
 }
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
@@ -65,11 +68,16 @@ def _document_errors(schema: dict[str, Any]) -> None:
                 responses.pop("401", None)
             else:
                 responses.setdefault("401", _error(401))
+                # Every keyed route reads the database (the key itself), which may be away.
+                responses.setdefault("503", _error(503))
             if operation.get("parameters") or operation.get("requestBody"):
                 responses["422"] = _error(422)
             if operation.get("requestBody"):
                 responses.setdefault("400", _error(400))
                 responses.setdefault("413", _error(413))
+                content = operation["requestBody"].get("content", {})
+                if "multipart/form-data" in content:  # uploads write to the data folder
+                    responses.setdefault("507", _error(507))
     components = schema.get("components", {}).get("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)

@@ -22,6 +22,7 @@ from app.errors import (
     DomainError,
     FileFailure,
     NotFound,
+    StorageUnavailable,
     TooManyFiles,
     UploadRejected,
     ValidationFailed,
@@ -102,6 +103,8 @@ def stage_all(
                         max_pixels=limits.max_pixels,
                     )
                 )
+            except StorageUnavailable:
+                raise  # the server's disk, not this file: no point trying the others
             except DomainError as e:
                 failures.append(FileFailure(index, display_filename(f.filename), e))
         if failures:
