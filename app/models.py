@@ -69,7 +69,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         # SQLite stores text; naive UTC keeps the text sortable, so keyset pagination works.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(
+        self,
+        value: datetime | None,
+        dialect: Dialect,  # noqa: ARG002 (SQLAlchemy's TypeDecorator signature)
+    ) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -456,7 +456,7 @@ def run_job(
         patched(embedding, "_open_rgb", timed(embedding._open_rgb, decode_s)),
         patched(embedding, "encode_images", timed(embedding.encode_images, encode_whole_s)),
         patched(embedding, "encode_regions", timed(embedding.encode_regions, encode_crops_s)),
-        patched(embedding, "decode_side", embedding.decode_side if draft else lambda b: 0),
+        patched(embedding, "decode_side", embedding.decode_side if draft else lambda _bundle: 0),
     ):
         t0 = time.perf_counter()
         touched = embed_pending(ctx, ids, serving)

@@ -324,7 +324,7 @@ def sqlite_db(work: Path) -> Iterator[tuple[str, Path | None]]:
 
 
 @contextmanager
-def postgres_db(work: Path) -> Iterator[tuple[str, Path | None]]:
+def postgres_db(_work: Path) -> Iterator[tuple[str, Path | None]]:
     with temporary_pg_schema() as url:
         yield url, None
 

@@ -20,7 +20,12 @@ class _JobTask(Task):  # type: ignore[misc]  # celery ships no type hints: Task 
     """Marks the job failed once Celery gives up on it, so it never stays 'running'."""
 
     def on_failure(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+        self,
+        exc: BaseException,
+        task_id: str,  # noqa: ARG002 (Celery's Task.on_failure signature)
+        args: Any,
+        kwargs: Any,
+        einfo: Any,  # noqa: ARG002 (likewise)
     ) -> None:
         job_id = args[0] if args else kwargs.get("job_id")
         if job_id is None:

@@ -66,7 +66,11 @@ class Method(ABC):
         scores: np.ndarray = self.encode(queries) @ pool.T
         return scores
 
-    def retention_texts(self, concept_id: str, texts: Sequence[str]) -> np.ndarray | None:
+    def retention_texts(
+        self,
+        concept_id: str,  # noqa: ARG002 (the no-op default; overrides use it)
+        texts: Sequence[str],  # noqa: ARG002 (likewise)
+    ) -> np.ndarray | None:
         """Embeddings of concept-free texts with this concept learned; None = model unchanged."""
         return None
 

@@ -75,8 +75,8 @@ def _polar(name: str, cls: type[Polar] = Polar, keep: bool = False, **kw: object
 
 
 METHODS: dict[str, MethodFactory] = {
-    "text": lambda b, s: TextOnly(b, "text"),
-    "composed": lambda b, s: Composed(b, "composed"),
+    "text": lambda b, _s: TextOnly(b, "text"),
+    "composed": lambda b, _s: Composed(b, "composed"),
     "inversion": lambda b, s: Inversion(
         b, "inversion", steps=s.steps, lr=s.inversion_lr, seed=s.seed
     ),

@@ -135,7 +135,7 @@ Grads = Callable[[torch.Tensor, torch.Tensor, bool], GradsOut]  # (a, b, want_lo
 def autograd_grads(objective: Objective) -> Grads:
     """(loss, dL/da, dL/db) of any differentiable objective by autograd."""
 
-    def grads(a: torch.Tensor, b: torch.Tensor, want_loss: bool) -> GradsOut:
+    def grads(a: torch.Tensor, b: torch.Tensor, _want_loss: bool) -> GradsOut:
         a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
         loss = objective(a, b)
         ga, gb = torch.autograd.grad(loss, (a, b))

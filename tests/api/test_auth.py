@@ -145,7 +145,8 @@ def test_cli_admin_commands(cli_settings, capsys):
 @pytest.mark.parametrize(
     "argv", [("create-key", "no-such-user"), ("revoke-key", "no-such-key")], ids=["key", "revoke"]
 )
-def test_cli_unknown_ids_fail_cleanly(cli_settings, capsys, argv):
+@pytest.mark.usefixtures("cli_settings")
+def test_cli_unknown_ids_fail_cleanly(capsys, argv):
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 1
     assert "not found" in err

@@ -51,8 +51,8 @@ def user(api_client: Any, make_user: Callable[..., ApiUser]) -> ApiUser:
 def polar(
     api_client: Any,
     user: ApiUser,
-    tiny_serving: Any,  # noqa: F811
-    fast_training: Settings,
+    tiny_serving: Any,  # noqa: F811, ARG001 (installs the model the server uses)
+    fast_training: Settings,  # noqa: ARG001 (fewer training steps)
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> Callable[..., Run]:
@@ -144,7 +144,8 @@ def test_a_bad_file_is_rejected_and_the_rest_uploaded(polar, api_client, tmp_pat
     assert sorted(images_in_db(api_client)) == ["fine.png", "good.jpg"]
 
 
-def test_client_follows_the_servers_file_limit(api_client, user, tiny_serving, tmp_path):  # noqa: F811
+@pytest.mark.usefixtures("tiny_serving")
+def test_client_follows_the_servers_file_limit(api_client, user, tmp_path):
     api_client.app.state.settings.limits.max_files_per_request = 2
     paths = []
     for i in range(5):
@@ -174,7 +175,8 @@ def test_client_raises_the_servers_refusal_unless_told_to_skip(api_client, user,
     assert images_in_db(api_client) == {}  # the server stored nothing of the request
 
 
-def test_wait_job_reports_progress_until_done(api_client, user, tiny_serving, tmp_path):  # noqa: F811
+@pytest.mark.usefixtures("tiny_serving")
+def test_wait_job_reports_progress_until_done(api_client, user, tmp_path):
     (tmp_path / "x.jpg").write_bytes(noisy_jpeg(seed=5))
     client = PolarClient(api_key=user.key, http=api_client)
     [job_id] = client.upload_images([tmp_path / "x.jpg"]).job_ids
@@ -235,7 +237,9 @@ def test_unreachable_service_is_one_line(monkeypatch, capsys):
 
 
 def test_error_without_the_json_shape_still_maps():
-    transport = httpx.MockTransport(lambda r: httpx.Response(502, text="<h1>Bad gateway</h1>"))
+    transport = httpx.MockTransport(
+        lambda _request: httpx.Response(502, text="<h1>Bad gateway</h1>")
+    )
     with (
         PolarClient("http://polar.example", "k", transport) as client,
         pytest.raises(PolarAPIError) as e,

@@ -335,7 +335,8 @@ def test_concepts_need_a_key(client):
 # -- list and get ------------------------------------------------------------------------------
 
 
-def test_list_is_paginated_oldest_first_and_per_user(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_list_is_paginated_oldest_first_and_per_user(client, user):
     bob = create_api_user(client, "bob")
     ids = [
         create(client, user, f"c{i}", files=photos(3, 3 * i)).json()["concept"]["id"]
@@ -369,7 +370,8 @@ def test_bad_pagination_is_422(client, user, params):
     )
 
 
-def test_foreign_and_unknown_ids_are_the_same_404(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_foreign_and_unknown_ids_are_the_same_404(client, user):
     bob = create_api_user(client, "bob")
     cid = create(client, bob, "Rex").json()["concept"]["id"]
     unknown = "00000000-0000-4000-8000-000000000000"
@@ -404,7 +406,8 @@ def test_rename_needs_no_retraining(client, user):
     assert count(client, Job) == 1
 
 
-def test_rename_onto_another_concept_is_409(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_rename_onto_another_concept_is_409(client, user):
     create(client, user, "Fido")
     other = create(client, user, "Rex", files=photos(3, 10)).json()["concept"]
     r = client.patch(f"/concepts/{other['id']}", json={"name": " fido "}, headers=user.headers)
@@ -443,7 +446,8 @@ def test_new_category_retrains_as_a_new_version(client, user):
         ({"category": "z" * 41}, "invalid_category"),
     ],
 )
-def test_bad_patch_is_422_and_changes_nothing(client, user, manual_jobs, body, code):
+@pytest.mark.usefixtures("manual_jobs")
+def test_bad_patch_is_422_and_changes_nothing(client, user, body, code):
     c = create(client, user).json()["concept"]
     assert_error(client.patch(f"/concepts/{c['id']}", json=body, headers=user.headers), 422, code)
     got = get(client, user, c["id"])
@@ -468,7 +472,8 @@ def test_more_photos_train_a_new_version_on_all_of_them(client, user):
         assert sorted(versions) == [1] * 4 + [2] * 3
 
 
-def test_more_photos_beyond_the_maximum_is_422(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_more_photos_beyond_the_maximum_is_422(client, user):
     c = create(client, user, files=photos(10)).json()["concept"]
     before = stored_files(client)
     assert before  # the comparison below means something
@@ -484,14 +489,16 @@ def test_more_photos_beyond_the_maximum_is_422(client, user, manual_jobs):
     assert r.status_code == 202 and r.json()["concept"]["example_count"] == 13
 
 
-def test_only_known_photos_is_422(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_only_known_photos_is_422(client, user):
     c = create(client, user, files=photos(3)).json()["concept"]
     r = client.post(f"/concepts/{c['id']}/examples", files=photos(2), headers=user.headers)
     assert_error(r, 422, "no_new_photos")
     assert get(client, user, c["id"])["version"] == 1
 
 
-def test_bad_extra_photo_stores_nothing(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_bad_extra_photo_stores_nothing(client, user):
     c = create(client, user).json()["concept"]
     before = stored_files(client)
     assert before  # the comparison below means something
@@ -501,7 +508,8 @@ def test_bad_extra_photo_stores_nothing(client, user, manual_jobs):
     assert stored_files(client) == before and count(client, ConceptExample) == 4
 
 
-def test_examples_without_files_is_422(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_examples_without_files_is_422(client, user):
     c = create(client, user).json()["concept"]
     r = client.post(f"/concepts/{c['id']}/examples", headers=user.headers)
     assert_error(r, 422, "validation_failed")
@@ -536,7 +544,8 @@ def test_delete_cascades_and_keeps_files_others_use(client, user):
 # -- the training job --------------------------------------------------------------------------
 
 
-def test_running_the_job_twice_leaves_one_adapter(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_running_the_job_twice_leaves_one_adapter(client, user):
     r = create(client, user).json()
     run_now(client, r["job"]["id"])
     first = get(client, user, r["concept"]["id"])
@@ -547,7 +556,8 @@ def test_running_the_job_twice_leaves_one_adapter(client, user, manual_jobs):
     assert (again["state"], again["metrics"]) == ("ready", first["metrics"])
 
 
-def test_rerun_after_the_adapter_was_stored_finishes_the_concept(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_rerun_after_the_adapter_was_stored_finishes_the_concept(client, user):
     r = create(client, user).json()
     run_now(client, r["job"]["id"])
     # A crash between storing the adapter and the state change: the rerun only finishes.
@@ -560,7 +570,8 @@ def test_rerun_after_the_adapter_was_stored_finishes_the_concept(client, user, m
     assert count(client, Adapter) == 1
 
 
-def test_an_older_job_never_overwrites_a_newer_version(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_an_older_job_never_overwrites_a_newer_version(client, user):
     r = create(client, user).json()
     cid, v1_job = r["concept"]["id"], r["job"]["id"]
     v2 = client.post(f"/concepts/{cid}/examples", files=photos(2, 30), headers=user.headers)
@@ -576,8 +587,9 @@ def test_an_older_job_never_overwrites_a_newer_version(client, user, manual_jobs
         assert s.scalars(select(Adapter.version)).all() == [2]
 
 
+@pytest.mark.usefixtures("manual_jobs")
 def test_an_older_version_finishing_late_stores_its_adapter_but_not_the_state(
-    client, user, manual_jobs, monkeypatch
+    client, user, monkeypatch
 ):
     r = create(client, user).json()
     cid = r["concept"]["id"]
@@ -597,7 +609,8 @@ def test_an_older_version_finishing_late_stores_its_adapter_but_not_the_state(
         assert s.scalars(select(Adapter.version)).all() == [1]
 
 
-def test_failure_marks_the_concept_failed(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_failure_marks_the_concept_failed(client, user):
     r = create(client, user).json()
     with client.app.state.session_factory() as s:
         path = s.scalars(select(ConceptExample.storage_path)).first()
@@ -610,7 +623,8 @@ def test_failure_marks_the_concept_failed(client, user, manual_jobs):
     assert count(client, Adapter) == 0
 
 
-def test_failure_of_an_old_version_leaves_the_new_one_alone(client, user, manual_jobs, monkeypatch):
+@pytest.mark.usefixtures("manual_jobs")
+def test_failure_of_an_old_version_leaves_the_new_one_alone(client, user, monkeypatch):
     r = create(client, user).json()
     cid = r["concept"]["id"]
     client.patch(f"/concepts/{cid}", json={"category": "cat"}, headers=user.headers)
@@ -623,7 +637,8 @@ def test_failure_of_an_old_version_leaves_the_new_one_alone(client, user, manual
     assert get(client, user, cid)["state"] == "training"  # v2 is still to come
 
 
-def test_deleted_concept_fails_its_job_cleanly(client, user, manual_jobs):
+@pytest.mark.usefixtures("manual_jobs")
+def test_deleted_concept_fails_its_job_cleanly(client, user):
     r = create(client, user).json()
     client.delete(f"/concepts/{r['concept']['id']}", headers=user.headers)
     run_now(client, r["job"]["id"])
@@ -631,9 +646,8 @@ def test_deleted_concept_fails_its_job_cleanly(client, user, manual_jobs):
     assert job["state"] == "failed" and job["error"]["code"] == "concept_deleted"
 
 
-def test_cached_embeddings_are_recomputed_when_the_model_changed(
-    client, user, manual_jobs, tiny_bundle
-):
+@pytest.mark.usefixtures("manual_jobs")
+def test_cached_embeddings_are_recomputed_when_the_model_changed(client, user, tiny_bundle):
     r = create(client, user, files=photos(3)).json()
     with client.app.state.session_factory() as s:
         s.execute(

@@ -26,7 +26,7 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
-def user(api_client, make_user, tiny_serving):  # noqa: F811
+def user(api_client, make_user, tiny_serving):  # noqa: F811, ARG001 (installs the model)
     return make_user(api_client)
 
 
@@ -195,7 +195,8 @@ def test_created_after_without_a_zone_or_as_a_date_is_utc(api_client, user, afte
         assert_error(r, 422, "validation_failed")
 
 
-def test_a_naive_filter_means_utc(api_client, make_user, tiny_serving):  # noqa: F811
+@pytest.mark.usefixtures("tiny_serving")
+def test_a_naive_filter_means_utc(api_client, make_user):
     from tests.api.test_search import upload, wait_jobs
 
     user = make_user(api_client)
@@ -250,7 +251,7 @@ def test_made_up_methods_do_not_grow_the_metrics(api_client):
 def test_readyz_answers_at_once_while_the_model_loads(db_settings, monkeypatch):
     started, release = threading.Event(), threading.Event()
 
-    def slow_load(cfg):
+    def slow_load(_cfg):
         with model_service._lock:  # as the real loader does, for the whole load
             started.set()
             release.wait(30)

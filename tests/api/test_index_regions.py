@@ -54,7 +54,8 @@ def test_embedding_stores_the_crops_of_each_image(api_client, library, tiny_serv
         np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture])[0], atol=1e-5)
 
 
-def test_regions_off_stores_none_and_index_says_so(api_client, make_user, tiny_serving):  # noqa: F811
+@pytest.mark.usefixtures("tiny_serving")
+def test_regions_off_stores_none_and_index_says_so(api_client, make_user):
     api_client.app.state.settings.search.regions = "none"
     user = make_user(api_client)
     upload(api_client, user, range(3))
@@ -102,7 +103,8 @@ def test_rebuild_fills_missing_regions_and_is_idempotent_while_open(api_client, 
     assert api_client.get("/index", headers=user.headers).json()["rebuild_job"]["id"] == open_id
 
 
-def test_index_is_per_user_and_needs_a_key(api_client, library, make_user):  # noqa: F811
+@pytest.mark.usefixtures("library")
+def test_index_is_per_user_and_needs_a_key(api_client, make_user):
     other = make_user(api_client, "bob")
     body = api_client.get("/index", headers=other.headers).json()
     assert (body["images"], body["embedded"], body["with_regions"]) == (0, 0, 0)

@@ -36,7 +36,7 @@ def upload(client: Any, user: Any, seeds: range) -> list[str]:
 
 
 @pytest.fixture
-def library(api_client, make_user, tiny_serving):  # noqa: F811
+def library(api_client, make_user, tiny_serving):  # noqa: F811, ARG001 (installs the model)
     user = make_user(api_client)
     ids = upload(api_client, user, range(6))
     wait_jobs(api_client)
@@ -77,7 +77,8 @@ def test_pages_are_slices_of_one_ranking(api_client, library):
     assert [h["rank"] for h in page["hits"]] == [3, 4]
 
 
-def test_other_users_see_nothing(api_client, library, make_user):
+@pytest.mark.usefixtures("library")
+def test_other_users_see_nothing(api_client, make_user):
     other = make_user(api_client, "mallory")
     r = api_client.get("/search", params={"q": "anything"}, headers=other.headers)
     assert r.status_code == 200

@@ -94,7 +94,7 @@ def test_run_job_logs_start_and_end_with_ids_and_duration(
     factory = make_session_factory(engine)
     settings = Settings(data_dir=tmp_path, broker_url="")
     kind = JobKind.REBUILD_INDEX.value
-    env = JobEnvironment(settings, factory, ImageStore(tmp_path), {kind: lambda ctx: None},
+    env = JobEnvironment(settings, factory, ImageStore(tmp_path), {kind: lambda _ctx: None},
                          lambda: None)  # type: ignore[arg-type,return-value]  # fmt: skip
     with session_scope(factory) as s:
         uid = users.create_user("alice", db_session=s).id

@@ -138,9 +138,9 @@ def test_deleting_a_user_cascades_to_everything_it_owns(empty_engine):
 
 
 @pytest.mark.parametrize(
-    ("make_duplicate", "what"),
+    "make_duplicate",
     [
-        (
+        pytest.param(
             lambda u: Image(
                 user_id=u.id,
                 sha256="a" * 64,
@@ -150,23 +150,23 @@ def test_deleting_a_user_cascades_to_everything_it_owns(empty_engine):
                 height=1,
                 storage_path="originals/z",
             ),
-            "same user, same sha256",
+            id="same user, same sha256",
         ),
-        (
+        pytest.param(
             lambda u: Concept(user_id=u.id, name="FIDO", name_key="fido", token="sks"),
-            "same user, same name_key",
+            id="same user, same name_key",
         ),
-        (
+        pytest.param(
             lambda u: Job(user_id=u.id, kind="no_such_kind", payload={}),
-            "unknown job kind",
+            id="unknown job kind",
         ),
-        (
+        pytest.param(
             lambda u: Job(user_id=u.id, kind="embed_images", payload={}, progress=1.5),
-            "progress above 1",
+            id="progress above 1",
         ),
     ],
 )
-def test_constraints_refuse_bad_rows(empty_engine, make_duplicate, what):
+def test_constraints_refuse_bad_rows(empty_engine, make_duplicate):
     migrate(empty_engine)
     with Session(empty_engine) as session:
         user = _user_with_everything(session)

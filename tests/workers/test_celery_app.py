@@ -67,7 +67,7 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     monkeypatch.setattr(
         jobs,
         "mark_failed",
-        lambda job_id, code, message, session_factory: failed.append((job_id, code, message)),
+        lambda job_id, code, message, **_: failed.append((job_id, code, message)),
     )
     run_job_task.run("job-1")
     env = celery_module.celery_app.job_environment()

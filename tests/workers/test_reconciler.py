@@ -159,7 +159,7 @@ def test_the_embedded_runner_finds_jobs_it_was_never_given(
     factory: SessionFactory, user_id: str, tmp_path: Path
 ) -> None:
     ran = threading.Event()
-    env = env_with(tmp_path, factory, {KIND: lambda ctx: ran.set()})
+    env = env_with(tmp_path, factory, {KIND: lambda _ctx: ran.set()})
     runner = JobRunner(env, reconcile=ReconcilePolicy(resend_after_s=0.2, interval_s=0.05))
     assert runner.start() == []
     try:

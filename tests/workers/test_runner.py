@@ -143,7 +143,6 @@ def test_run_job_is_idempotent_once_succeeded(
     factory: SessionFactory,
     user_id: str,
     handlers: dict[str, Any],
-    settings: Settings,
     env: JobEnvironment,
 ) -> None:
     calls: list[str] = []
@@ -172,7 +171,7 @@ def test_run_job_records_failures(
     code: str,
     message: str,
 ) -> None:
-    def handler(ctx: JobContext) -> None:
+    def handler(_ctx: JobContext) -> None:
         raise error
 
     handlers[KIND] = handler
@@ -184,11 +183,7 @@ def test_run_job_records_failures(
 
 
 def test_run_job_without_handler_fails_the_job(
-    factory: SessionFactory,
-    user_id: str,
-    handlers: dict[str, Any],
-    settings: Settings,
-    env: JobEnvironment,
+    factory: SessionFactory, user_id: str, env: JobEnvironment
 ) -> None:
     job_id = new_job(factory, user_id)
     jobs.run_job(job_id, env)
@@ -206,7 +201,7 @@ def test_run_job_reraises_transient_errors_and_requeues(
     env: JobEnvironment,
     error: Exception,
 ) -> None:
-    def handler(ctx: JobContext) -> None:
+    def handler(_ctx: JobContext) -> None:
         raise error
 
     handlers[KIND] = handler
@@ -224,7 +219,7 @@ def test_progress_is_throttled_monotonic_and_clamped(
     jobs.mark_running(job_id, session_factory=factory)
     updates: list[str] = []
 
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE JOBS"):
             updates.append(statement)
 
@@ -277,7 +272,7 @@ def test_the_composition_root_picks_the_queue(
 
 def test_enqueue_committed_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     class Down:
-        def enqueue(self, job_id: str) -> None:
+        def enqueue(self, _job_id: str) -> None:
             raise ConnectionError("broker down")
 
     job = Job(id="j3", user_id="u", kind=KIND, state="queued", payload={})
@@ -398,7 +393,7 @@ def test_runner_stop_interrupts_and_the_next_start_finishes(
     with pytest.raises(RuntimeError):
         runner.submit(job_id)
 
-    handlers[KIND] = lambda ctx: None
+    handlers[KIND] = lambda _ctx: None
     again = JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers))
     try:
         assert set(again.start()) == {job_id, waiting}
@@ -417,7 +412,7 @@ def test_runner_pool_is_bounded(
 
 def test_app_lifespan_runs_jobs_in_process(db_settings: Settings, handlers: dict[str, Any]) -> None:
     done = threading.Event()
-    handlers[KIND] = lambda ctx: done.set()
+    handlers[KIND] = lambda _ctx: done.set()
     with TestClient(create_app(db_settings, handlers=handlers)) as client:
         app: Any = client.app
         runner = app.state.job_queue

@@ -67,7 +67,7 @@ def test_choose_lam_respects_the_retention_budget() -> None:
 def test_cli_writes_results(
     tiny: ClipBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "load_model", lambda args: (tiny, "tiny.safetensors"))
+    monkeypatch.setattr(cli, "load_model", lambda _args: (tiny, "tiny.safetensors"))
     flags = [*TINY_FLAGS, "--methods", "text,composed,polar", "--out", str(tmp_path)]
     assert cli.main(["--dataset", "synthetic", *flags]) == 0
     doc = json.loads((tmp_path / "pervl_synthetic.json").read_text())
@@ -84,7 +84,7 @@ def test_cli_writes_results(
 def test_cli_calibrate_writes_default_lam(
     tiny: ClipBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "load_model", lambda args: (tiny, str(tmp_path / "w.safetensors")))
+    monkeypatch.setattr(cli, "load_model", lambda _args: (tiny, str(tmp_path / "w.safetensors")))
     polar_json = tmp_path / "polar.json"
     polar_json.write_text(json.dumps({"default_lam": 0.5, "other": 1}))
     flags = [

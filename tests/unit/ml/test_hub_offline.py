@@ -18,7 +18,7 @@ def fresh_probe(monkeypatch):
 
 
 def test_unreachable_hub_switches_the_process_offline_once(fresh_probe, monkeypatch):
-    def unreachable(address, timeout):
+    def unreachable(address, _timeout):
         fresh_probe.append(address)
         return False
 
@@ -29,20 +29,23 @@ def test_unreachable_hub_switches_the_process_offline_once(fresh_probe, monkeypa
     assert len(fresh_probe) == 1  # decided once per process
 
 
-def test_reachable_hub_stays_online(fresh_probe, monkeypatch):
-    monkeypatch.setattr(model, "_can_connect", lambda address, timeout: True)
+@pytest.mark.usefixtures("fresh_probe")
+def test_reachable_hub_stays_online(monkeypatch):
+    monkeypatch.setattr(model, "_can_connect", lambda _address, _timeout: True)
     assert model.ensure_hub_or_offline() is True
     assert constants.HF_HUB_OFFLINE is False
 
 
-def test_already_offline_needs_no_probe(fresh_probe, monkeypatch):
+@pytest.mark.usefixtures("fresh_probe")
+def test_already_offline_needs_no_probe(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(model, "_can_connect", lambda *a: pytest.fail("probed"))
+    monkeypatch.setattr(model, "_can_connect", lambda *_a: pytest.fail("probed"))
     assert model.ensure_hub_or_offline() is False
 
 
-def test_a_tag_without_network_fails_fast_to_the_fallback(fresh_probe, monkeypatch):
-    monkeypatch.setattr(model, "_can_connect", lambda address, timeout: False)
+@pytest.mark.usefixtures("fresh_probe")
+def test_a_tag_without_network_fails_fast_to_the_fallback(monkeypatch):
+    monkeypatch.setattr(model, "_can_connect", lambda _address, _timeout: False)
     with pytest.raises(model.ModelUnavailableError):
         model.load_clip("ViT-B-32", "openai", "cpu", None)
     assert constants.HF_HUB_OFFLINE is True

@@ -52,7 +52,7 @@ def test_project_model_configs_are_registered() -> None:
     assert demo_checkpoint_path().parts[-3:] == ("assets", DEMO_MODEL_NAME, "weights.safetensors")
 
 
-def test_load_local_safetensors_checkpoint(tiny_checkpoint, tmp_path: Path) -> None:
+def test_load_local_safetensors_checkpoint(tiny_checkpoint) -> None:
     name, path, state = tiny_checkpoint
     bundle = load_clip(name, str(path), device="cpu")
     loaded = bundle.model.state_dict()
@@ -111,7 +111,7 @@ def test_unknown_tag_names_the_setting() -> None:
 
 
 def test_offline_download_failure_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*args: object, **kwargs: object) -> str:
+    def offline(*_args: object, **_kwargs: object) -> str:
         raise OSError("network unreachable")
 
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)

@@ -60,7 +60,7 @@ def test_progress_and_metadata(bundle):
     seen = []
     adapter = train_selective(
         bundle, _photos(bundle), "sks", None, lam=0.0, steps=7, keep=1.0,
-        progress=lambda step, steps, loss: seen.append((step, steps)),
+        progress=lambda step, steps, _loss: seen.append((step, steps)),
     )  # fmt: skip
     assert seen[-1] == (7, 7) and len(seen) == 7
     assert adapter.steps == 7 and adapter.category is None
