@@ -71,13 +71,26 @@ class QuietPollingFilter(logging.Filter):
         return not any(path == p or path.startswith(p + "/") for p in QUIET_PATHS)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time of each line (test runners and embedding
+    programs swap it; a handler holding the old one would write to a closed file)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Send every logger's lines to stderr in one format; idempotent (replaces our handler)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_polar", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler._polar = True  # type: ignore[attr-defined]
     root.addHandler(handler)
