@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 
 from sqlalchemy.engine import Engine
 
@@ -18,7 +17,7 @@ from app.db import make_engine, make_session_factory
 from app.runner import JobRunner
 from app.services.job_handlers import handler_table
 from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
-from app.services.model import load_serving_model
+from app.services.model import ModelLoader
 from app.storage import ImageStore
 from workers.queue import CeleryQueue, celery_client
 
@@ -31,6 +30,7 @@ class Container:
     engine: Engine
     session_factory: SessionFactory
     store: ImageStore
+    model: ModelLoader  # the one model of this process, for searches and jobs alike
     jobs: JobEnvironment  # what job handlers get
 
 
@@ -39,14 +39,15 @@ def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = Non
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
     store = ImageStore(settings.data_dir)
+    model = ModelLoader(settings.model)
     env = JobEnvironment(
         settings=settings,
         session_factory=session_factory,
         store=store,
         handlers=handler_table() if handlers is None else handlers,
-        serving=partial(load_serving_model, settings.model),
+        serving=model.get,
     )
-    return Container(settings, engine, session_factory, store, env)
+    return Container(settings, engine, session_factory, store, model, env)
 
 
 def job_queue(container: Container) -> JobQueue:

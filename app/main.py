@@ -21,7 +21,6 @@ from app.metrics import Metrics
 from app.runner import JobRunner
 from app.services.index import IndexCache
 from app.services.jobs import JobHandler
-from app.services.model import ModelLoader
 from app.services.search import AdapterCache
 
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -78,7 +77,7 @@ def create_app(
         settings.data_dir / "index", max_bytes=settings.search.index_cache_mb * 1024 * 1024
     )
     app.state.adapter_cache = AdapterCache()
-    app.state.model_loader = ModelLoader(settings.model)
+    app.state.model_loader = container.model
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)

@@ -20,7 +20,7 @@ from app.models import User
 from app.services import users as users_service
 from app.services.index import IndexCache
 from app.services.jobs import JobQueue
-from app.services.model import ModelLoader, ServingModel, load_serving_model
+from app.services.model import ModelLoader, ServingModel
 from app.services.search import AdapterCache
 from app.storage import ImageStore
 
@@ -122,7 +122,7 @@ class SearchContext:
                 "the model is still loading; retry in a few seconds (GET /readyz says when)",
                 code="model_loading",
             )
-        return load_serving_model(self.settings.model)
+        return self.model_loader.get()
 
 
 SearchContextDep = Annotated[SearchContext, Depends(SearchContext)]

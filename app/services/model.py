@@ -38,66 +38,36 @@ class ServingModel:
         return self.bundle.fingerprint.name == DEMO_MODEL_NAME
 
 
-_lock = threading.Lock()
-_serving: dict[tuple[str, str, str, str | None, bool], ServingModel] = {}
-
-
-def load_serving_model(cfg: ModelSettings) -> ServingModel:
-    """Load (once per process and configuration) the model this process serves with."""
+def load_model(cfg: ModelSettings) -> ServingModel:
+    """Load the configured model, or the demo model (loudly) when it cannot be had."""
     cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None
-    key = _key(cfg)
-    with _lock:
-        found = _serving.get(key)
-        if found is not None:
-            return found
-        requested = f"{cfg.name}/{cfg.pretrained}"
-        if cfg.threads:
-            # On cores shared with other work, torch's multi-threaded kernels stall (training
-            # 0.34 s -> 6.4 s measured); one thread held 0.56 s (bench/train_speed.py).
-            torch.set_num_threads(cfg.threads)
+    requested = f"{cfg.name}/{cfg.pretrained}"
+    if cfg.threads:
+        # On cores shared with other work, torch's multi-threaded kernels stall (training
+        # 0.34 s -> 6.4 s measured); one thread held 0.56 s (bench/train_speed.py).
+        torch.set_num_threads(cfg.threads)
+    try:
+        return ServingModel(
+            get_clip(cfg.name, cfg.pretrained, cfg.device, cache_dir), requested, None
+        )
+    except ModelUnavailableError as e:
+        if not cfg.fallback_to_demo or cfg.name == DEMO_MODEL_NAME:
+            raise ModelUnavailable(str(e)) from e
+        reason = f"{requested} could not be loaded: {e}"
+        log.warning(
+            "\n%s\n!! SERVING THE SYNTHETIC DEMO MODEL, NOT %s.\n!! %s\n!! Searches of real "
+            "photos will be poor. Set POLAR_MODEL__PRETRAINED to a local checkpoint, or "
+            "POLAR_MODEL__FALLBACK_TO_DEMO=false to refuse to start.\n%s",
+            "!" * 78,
+            requested,
+            reason,
+            "!" * 78,
+        )
         try:
-            serving = ServingModel(
-                get_clip(cfg.name, cfg.pretrained, cfg.device, cache_dir), requested, None
-            )
-        except ModelUnavailableError as e:
-            if not cfg.fallback_to_demo or cfg.name == DEMO_MODEL_NAME:
-                raise ModelUnavailable(str(e)) from e
-            reason = f"{requested} could not be loaded: {e}"
-            log.warning(
-                "\n%s\n!! SERVING THE SYNTHETIC DEMO MODEL, NOT %s.\n!! %s\n!! Searches of real "
-                "photos will be poor. Set POLAR_MODEL__PRETRAINED to a local checkpoint, or "
-                "POLAR_MODEL__FALLBACK_TO_DEMO=false to refuse to start.\n%s",
-                "!" * 78,
-                requested,
-                reason,
-                "!" * 78,
-            )
-            try:
-                bundle = get_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), cfg.device)
-            except ModelUnavailableError as demo_error:
-                raise ModelUnavailable(f"{e}; the demo model failed too: {demo_error}") from e
-            serving = ServingModel(bundle, requested, reason)
-        _serving[key] = serving
-        return serving
-
-
-def _key(cfg: ModelSettings) -> tuple[str, str, str, str | None, bool]:
-    cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None
-    return (cfg.name, cfg.pretrained, cfg.device, cache_dir, cfg.fallback_to_demo)
-
-
-def install_serving_model(cfg: ModelSettings, bundle: ClipBundle) -> ServingModel:
-    """Make `bundle` the model served for `cfg` in this process (tests inject tiny models)."""
-    serving = ServingModel(bundle, f"{cfg.name}/{cfg.pretrained}", None)
-    with _lock:
-        _serving[_key(cfg)] = serving
-    return serving
-
-
-def forget_serving_models() -> None:
-    """Drop every loaded serving model (tests)."""
-    with _lock:
-        _serving.clear()
+            bundle = get_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), cfg.device)
+        except ModelUnavailableError as demo_error:
+            raise ModelUnavailable(f"{e}; the demo model failed too: {demo_error}") from e
+        return ServingModel(bundle, requested, reason)
 
 
 @dataclass(frozen=True)
@@ -109,15 +79,35 @@ class LoaderState:
 
 
 class ModelLoader:
-    """Loads the serving model in the background at startup, so the API answers at once."""
+    """The one model of a process: loaded once (in the background at startup, or on first use),
+    shared by searches and jobs. Built by the composition root (app/bootstrap.py)."""
 
     def __init__(self, cfg: ModelSettings) -> None:
         self.cfg = cfg
+        self._lock = threading.Lock()  # held for the whole load: one load at a time
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._serving: ServingModel | None = None
 
+    def get(self) -> ServingModel:
+        """The serving model, loading it first if needed (ModelUnavailable if it cannot be)."""
+        serving = self._serving
+        if serving is not None:
+            return serving
+        with self._lock:
+            if self._serving is None:
+                self._serving = load_model(self.cfg)
+                self._error = None
+            return self._serving
+
+    def install(self, bundle: ClipBundle) -> ServingModel:
+        """Serve `bundle` as the configured model (tests inject tiny models)."""
+        with self._lock:
+            self._serving = ServingModel(bundle, f"{self.cfg.name}/{self.cfg.pretrained}", None)
+            return self._serving
+
     def start(self) -> None:
+        """Start loading in the background (POLAR_MODEL__PRELOAD), so the API answers at once."""
         if not self.cfg.preload or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._load, name="polar-model-load", daemon=True)
@@ -125,7 +115,7 @@ class ModelLoader:
 
     def _load(self) -> None:
         try:
-            self._serving = load_serving_model(self.cfg)
+            self.get()
         except ModelUnavailable as e:
             self._error = e.message
             log.error("model unavailable: %s", e.message)
@@ -134,23 +124,17 @@ class ModelLoader:
     def loading(self) -> bool:
         """The startup load is still running (and nothing else has loaded the model)."""
         thread = self._thread
-        return (
-            thread is not None
-            and thread.is_alive()
-            and self._serving is None
-            and _serving.get(_key(self.cfg)) is None
-        )
+        return thread is not None and thread.is_alive() and self._serving is None
 
     def state(self) -> LoaderState:
         """What /readyz reports, at once; a model loaded on first use by a request counts too.
 
-        Never takes `_lock`: the loader holds it for the whole load (tens of seconds), and a
-        readiness probe must answer while it does. Reading the dict is atomic.
+        Never takes the lock: the loader holds it for the whole load (tens of seconds), and a
+        readiness probe must answer while it does.
         """
-        if self._serving is None:
-            self._serving = _serving.get(_key(self.cfg))
-        if self._serving is not None:
-            return LoaderState(self._serving, f"{self._serving.model_id} loaded", True)
+        serving = self._serving
+        if serving is not None:
+            return LoaderState(serving, f"{serving.model_id} loaded", True)
         if self._error is not None:
             return LoaderState(None, self._error, False)
         if self._thread is not None:

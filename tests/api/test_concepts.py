@@ -1,11 +1,12 @@
 """/concepts through HTTP on SQLite and PostgreSQL, and the train_concept job handler.
 
 Training runs for real, on a tiny random open_clip model installed as the serving model
-(app.services.model.install_serving_model), so a concept trains in well under a second.
+(the app's ModelLoader.install), so a concept trains in well under a second.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Iterator
@@ -30,7 +31,6 @@ from app.models import Adapter, Concept, ConceptExample, Job
 from app.models import Image as ImageRow
 from app.services import jobs, training
 from app.services.jobs import JobContext
-from app.services.model import install_serving_model
 from tests.db_fixtures import ApiUser, create_api_user, image_bytes
 from tests.fakes import RecordingQueue, use_queue
 
@@ -40,8 +40,8 @@ TINY = ModelSettings(
 DONE = ("succeeded", "failed")
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle() -> ClipBundle:
+@functools.cache
+def tiny_model() -> ClipBundle:
     """A random CLIP with 32 px images and a 32-wide text tower (trains in milliseconds)."""
     torch.manual_seed(0)
     vision = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32)
@@ -51,19 +51,30 @@ def tiny_bundle() -> ClipBundle:
     return bundle_from_model(model, preprocess, name=TINY.name, pretrained=TINY.pretrained)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle() -> ClipBundle:
+    return tiny_model()
+
+
+def tiny_app(settings: Settings) -> Any:
+    """An app on `settings` whose searches and jobs use the tiny model."""
+    app = create_app(settings)
+    app.state.model_loader.install(tiny_model())
+    return app
+
+
 @pytest.fixture
-def tiny_settings(db_settings: Settings, tiny_bundle: ClipBundle) -> Settings:
+def tiny_settings(db_settings: Settings) -> Settings:
     """db_settings serving the tiny model, 30 training steps."""
     db_settings.model = TINY.model_copy()
     db_settings.training.steps = 30
     db_settings.training.token_mode = "shared"  # most tests read the token; one tests "distinct"
-    install_serving_model(db_settings.model, tiny_bundle)
     return db_settings
 
 
 @pytest.fixture
 def client(tiny_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(tiny_settings)) as c:
+    with TestClient(tiny_app(tiny_settings)) as c:
         yield c
 
 
@@ -254,7 +265,7 @@ def test_photo_count_outside_the_range_is_422_naming_it(client, user, files, cod
 
 def test_photo_bounds_come_from_settings(tiny_settings):
     tiny_settings.training.min_photos, tiny_settings.training.max_photos = 2, 3
-    with TestClient(create_app(tiny_settings)) as c:
+    with TestClient(tiny_app(tiny_settings)) as c:
         u = create_api_user(c)
         assert create(c, u, files=photos(2)).status_code == 202
         err = assert_error(create(c, u, "Rex", files=photos(4, 5)), 422, "too_many_photos")
@@ -670,7 +681,7 @@ def test_cached_embeddings_are_recomputed_when_the_model_changed(client, user, t
 
 def test_paper_objective_uses_the_models_calibrated_lambda(tiny_settings, make_user):
     tiny_settings.training.keep_weight = 0.0
-    with TestClient(create_app(tiny_settings)) as c:
+    with TestClient(tiny_app(tiny_settings)) as c:
         u = make_user(c)
         r = create(c, u, files=photos(5))
         assert wait_job(c, u, r.json()["job"]["id"])["state"] == "succeeded"
@@ -680,7 +691,7 @@ def test_paper_objective_uses_the_models_calibrated_lambda(tiny_settings, make_u
 
 def test_distinct_token_mode_gives_each_concept_its_own_token(tiny_settings):
     tiny_settings.training.token_mode = "distinct"
-    with TestClient(create_app(tiny_settings)) as c:
+    with TestClient(tiny_app(tiny_settings)) as c:
         u = create_api_user(c)
         a = trained(c, u, name="Fido")
         b = trained(c, u, name="Rex", files=photos(3, 10))

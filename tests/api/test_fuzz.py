@@ -33,7 +33,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.main import create_app
-from app.services.model import forget_serving_models, install_serving_model
 from tests.api.test_search import upload, wait_jobs
 from tests.db_fixtures import ApiUser, create_api_user, noisy_jpeg, temporary_pg_schema
 from tests.unit.ml.conftest import tiny_clip
@@ -67,21 +66,16 @@ class _AlreadyStarted:
 
 def _start(url: str, data_dir: Path) -> Iterator[tuple[Any, ApiUser]]:
     settings = Settings(data_dir=data_dir, database_url=url, broker_url="")
-    install_serving_model(settings.model, tiny_clip(0))
     app = create_app(settings)
-    try:
-        with TestClient(app) as client:
-            user = create_api_user(client)
-            upload(client, user, range(2))
-            files = [
-                ("files", (f"c{i}.jpg", noisy_jpeg(seed=90 + i), "image/jpeg")) for i in range(3)
-            ]
-            r = client.post("/concepts", data={"name": "Fido"}, files=files, headers=user.headers)
-            assert r.status_code == 202, r.text
-            wait_jobs(client, timeout=120)
-            yield schemathesis.openapi.from_asgi("/openapi.json", _AlreadyStarted(app)), user
-    finally:
-        forget_serving_models()
+    app.state.model_loader.install(tiny_clip(0))
+    with TestClient(app) as client:
+        user = create_api_user(client)
+        upload(client, user, range(2))
+        files = [("files", (f"c{i}.jpg", noisy_jpeg(seed=90 + i), "image/jpeg")) for i in range(3)]
+        r = client.post("/concepts", data={"name": "Fido"}, files=files, headers=user.headers)
+        assert r.status_code == 202, r.text
+        wait_jobs(client, timeout=120)
+        yield schemathesis.openapi.from_asgi("/openapi.json", _AlreadyStarted(app)), user
 
 
 @pytest.fixture(

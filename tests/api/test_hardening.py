@@ -251,13 +251,12 @@ def test_made_up_methods_do_not_grow_the_metrics(api_client):
 def test_readyz_answers_at_once_while_the_model_loads(db_settings, monkeypatch):
     started, release = threading.Event(), threading.Event()
 
-    def slow_load(_cfg):
-        with model_service._lock:  # as the real loader does, for the whole load
-            started.set()
-            release.wait(30)
+    def slow_load(_cfg):  # called by ModelLoader.get under its lock, for the whole load
+        started.set()
+        release.wait(30)
         raise model_service.ModelUnavailable("test loader gave up")
 
-    monkeypatch.setattr(model_service, "load_serving_model", slow_load)
+    monkeypatch.setattr(model_service, "load_model", slow_load)
     db_settings.model.preload = True
     try:
         with TestClient(create_app(db_settings)) as client:

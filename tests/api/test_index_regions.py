@@ -14,7 +14,6 @@ from app.config import SearchSettings
 from app.ml.encode import encode_images
 from app.ml.regions import LAYOUTS, encode_regions, rerank_scores, unpack_regions
 from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
-from app.services.model import load_serving_model
 from app.services.search import encode_query_parts
 from tests.api.test_search import (
     _add_concept,
@@ -131,7 +130,7 @@ def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> 
         ]
         assert not s.scalars(select(ConceptExample)).all()  # no photos: parts are text only
     rows = _rows(client)
-    serving = load_serving_model(client.app.state.settings.model)
+    serving = client.app.state.model_loader.get()
     enc = encode_query_parts(serving, rewritten, adapters, [None] * len(adapters), cfg)
     assert enc.parts is not None and enc.parts.shape == (2, bundle.embed_dim)
     ids = list(rows)
@@ -176,7 +175,7 @@ def test_single_concept_queries_keep_the_one_vector_ranking(api_client, library,
     rows = _rows(api_client)
     with api_client.app.state.session_factory() as s:
         adapter = api_client.app.state.adapter_cache.get(s.scalars(select(Adapter)).one())
-    serving = load_serving_model(api_client.app.state.settings.model)
+    serving = api_client.app.state.model_loader.get()
     q = encode_query_parts(
         serving, body["rewritten"], [adapter], [None], api_client.app.state.settings.search
     )
@@ -219,7 +218,7 @@ def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_servi
 
     ctx = JobContext("job", user.id, "rebuild_index", {}, api_client.app.state.container.jobs,
                      progress)  # fmt: skip
-    assert embed_pending(ctx, None, load_serving_model(ctx.settings.model)) == 35
+    assert embed_pending(ctx, None, ctx.serving()) == 35
     fractions = [f for f, _, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     first_crop = next(n for n, (_, _, crops) in enumerate(seen) if crops)
