@@ -196,3 +196,46 @@ def test_timestamps_come_back_aware_utc(empty_engine):
     assert created.tzinfo is not None
     assert created.utcoffset().total_seconds() == 0
     assert abs((created - before).total_seconds()) < 60
+
+
+def test_0003_rekeys_concept_names_with_the_one_caseless_rule(empty_engine):
+    """Keys made by the old rule (str.casefold) are recomputed with app.text.fold; names that
+    now collide keep every concept, the newer one renamed."""
+    migrate(empty_engine, "0002")
+    old = [("Fido", "fido"), ("FİDO", "FİDO".casefold()), ("Kırmızı", "Kırmızı".casefold()),
+           ("Rex", "rex")]  # fmt: skip
+    with Session(empty_engine) as session:
+        user = User(name="alice")
+        other = User(name="bob")
+        session.add_all([user, other])
+        session.flush()
+        for n, (name, key) in enumerate(old):
+            session.execute(
+                text(
+                    "INSERT INTO concepts (id, user_id, name, name_key, category, token, state,"
+                    " version, retention_flagged, created_at, updated_at) VALUES (:id, :u, :n,"
+                    " :k, NULL, 'sks', 'ready', 1, false, :t, :t)"
+                ),
+                {"id": f"c{n}", "u": user.id, "n": name, "k": key,
+                 "t": f"2026-01-0{n + 1} 00:00:00+00:00"},
+            )  # fmt: skip
+        # Another user's "fıdo" is no collision.
+        session.execute(
+            text(
+                "INSERT INTO concepts (id, user_id, name, name_key, category, token, state,"
+                " version, retention_flagged, created_at, updated_at) VALUES ('b0', :u, 'fıdo',"
+                " 'fıdo', NULL, 'sks', 'ready', 1, false, :t, :t)"
+            ),
+            {"u": other.id, "t": "2026-01-09 00:00:00+00:00"},
+        )
+        session.commit()
+    migrate(empty_engine)
+    with Session(empty_engine) as session:
+        rows = dict(session.execute(text("SELECT id, name || '|' || name_key FROM concepts")).all())
+    assert rows == {
+        "c0": "Fido|fido",
+        "c1": "FİDO (2)|fido (2)",  # collides with the older Fido: kept, renamed
+        "c2": "Kırmızı|kirmizi",
+        "c3": "Rex|rex",
+        "b0": "fıdo|fido",
+    }
