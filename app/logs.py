@@ -17,7 +17,17 @@ from typing import Any
 # `extra` fields shown on a line when present, in this order.
 CONTEXT_FIELDS = ("job_id", "user_id", "kind", "duration_s")
 # Libraries whose INFO lines are one per HTTP call or connection: shown at DEBUG only.
-CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "hpack", "multipart", "PIL")
+CHATTY_LOGGERS = (
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "urllib3",
+    "hpack",
+    "multipart",
+    "PIL",
+    "faiss.loader",  # which SIMD build it tried, three times
+    "alembic.runtime.plugins",  # one line per autogenerate plugin at every start
+)
 # Requests that pollers and probes repeat all day: access-logged at DEBUG only.
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics", "/jobs")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
