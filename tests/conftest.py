@@ -14,6 +14,7 @@ from app.config import Settings
 from app.main import create_app
 from app.ml.model import demo_checkpoint_path
 from tests.db_fixtures import *  # noqa: F403
+from tests.job_fixtures import *  # noqa: F403
 
 # Apps built by tests load their model on first use, not at startup: most tests need none, and
 # those that do install a tiny one (tests/model_fixtures.py) or load the demo model explicitly.

@@ -11,10 +11,8 @@ SQLite: a new file per test in tmp_path.
 from __future__ import annotations
 
 import io
-import os
 import random
 import struct
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +25,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import text
 
+from app.bench.harness import POSTGRES_URL
+from app.bench.harness import temporary_pg_schema as _temporary_schema
 from app.config import Settings
-from app.db import make_engine, migrate, normalize_url
+from app.db import make_engine, migrate
 from app.main import create_app
 from app.models import Base
 from app.services import users
@@ -50,25 +50,12 @@ __all__ = [
     "truncate_all",
 ]
 
-POSTGRES_URL = os.environ.get(
-    "POLAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
 
 @contextmanager
 def temporary_pg_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
-    """A new empty schema; yields a URL whose connections use it; drops it afterwards."""
-    schema = f"polar_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(base_url)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = normalize_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+    """A new empty schema for a test session; yields its URL; drops it afterwards."""
+    with _temporary_schema(base_url, prefix="polar_test") as url:
+        yield url
 
 
 def truncate_all(url: str) -> None:

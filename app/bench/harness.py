@@ -101,9 +101,12 @@ POSTGRES_URL = os.environ.get(
 
 
 @contextmanager
-def temporary_pg_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
-    """A new empty schema; yields a URL whose connections use it; drops it afterwards."""
-    schema = f"polar_bench_{uuid.uuid4().hex[:12]}"
+def temporary_pg_schema(
+    base_url: str = POSTGRES_URL, *, prefix: str = "polar_bench"
+) -> Iterator[str]:
+    """A new empty schema; yields a URL whose connections use it; drops it afterwards.
+    (The tests' fixtures use it too, with their own prefix.)"""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = make_engine(base_url)
     try:
         with admin.begin() as conn:

@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import update
 
 from app.config import Settings
-from app.db import make_engine, make_session_factory, migrate, session_scope
+from app.db import session_scope
 from app.models import Job, JobKind, utcnow
 from app.reconciler import ReconcilePolicy, reconcile_once
 from app.runner import JobRunner
-from app.services import jobs, users
+from app.services import jobs
 from app.services.jobs import JobContext, JobEnvironment, SessionFactory
 from app.storage import ImageStore
 from tests.fakes import RecordingQueue
 
 KIND = JobKind.REBUILD_INDEX.value
 POLICY = ReconcilePolicy(dead_after_s=120, resend_after_s=300, interval_s=0.05)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> SessionFactory:
-    return make_session_factory(engine)
-
-
-@pytest.fixture
-def user_id(factory: SessionFactory) -> str:
-    with session_scope(factory) as s:
-        return users.create_user("alice", db_session=s).id
 
 
 def new_job(

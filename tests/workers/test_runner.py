@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.bootstrap import build, job_queue
 from app.config import Settings
-from app.db import make_engine, make_session_factory, migrate, session_scope
+from app.db import session_scope
 from app.errors import NotFound, ValidationFailed
 from app.main import create_app
 from app.models import Job, JobKind
@@ -25,25 +24,6 @@ from app.storage import ImageStore
 from workers.queue import RUN_JOB_TASK, CeleryQueue
 
 KIND = JobKind.REBUILD_INDEX.value
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> SessionFactory:
-    return make_session_factory(engine)
-
-
-@pytest.fixture
-def user_id(factory: SessionFactory) -> str:
-    with session_scope(factory) as s:
-        return users.create_user("alice", db_session=s).id
 
 
 @pytest.fixture

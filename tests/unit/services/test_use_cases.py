@@ -7,18 +7,16 @@ input must enqueue nothing; a queue that is down must not undo or fail a committ
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import make_engine, make_session_factory, migrate
 from app.errors import PhotoCountOutOfRange, UploadRejected
 from app.models import Concept, Image, Job, JobKind
-from app.services import concepts, embedding, images, users
+from app.services import concepts, embedding, images
 from app.services.images import IncomingFile
 from app.services.jobs import SessionFactory
 from app.storage import ImageStore
@@ -42,19 +40,6 @@ class CheckingQueue(RecordingQueue):
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{(tmp_path / 'uc.db').as_posix()}")
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> SessionFactory:
-    return make_session_factory(engine)
-
-
-@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data", broker_url="")
 
@@ -62,14 +47,6 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def store(settings: Settings) -> ImageStore:
     return ImageStore(settings.data_dir)
-
-
-@pytest.fixture
-def user_id(factory: SessionFactory) -> str:
-    with factory() as s:
-        uid = users.create_user("alice", db_session=s).id
-        s.commit()
-        return uid
 
 
 def files(*seeds: int) -> list[IncomingFile]:
