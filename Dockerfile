@@ -2,21 +2,26 @@
 # POLAR image search: one image for the API (`polar serve`) and the Celery worker.
 #   CPU (default):  docker build -t polar-search .
 #   CUDA:           docker build --build-arg TORCH_VARIANT=cu128 -t polar-search:cuda .
+#   No PyTorch index reachable (PyPI only; CUDA wheels, several GB bigger):
+#                   docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t polar-search .
 # TORCH_VARIANT is the suffix of a PyTorch wheel index (https://download.pytorch.org/whl/<variant>):
 # `cpu` keeps the image small (no CUDA libraries); `cu126`, `cu128`, ... match a host driver.
+# PYTHON_IMAGE: any Debian-based Python 3.11 with `python` and venv (the smoke test's stand-in).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
+# Where torch comes from; the variant's index unless told otherwise.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 # torch comes first, from its variant's index; the dependency step below then keeps that build.
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 WORKDIR /app
 # The dependencies alone (read from pyproject.toml), so that a code change reuses this layer.
