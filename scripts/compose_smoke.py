@@ -192,7 +192,7 @@ def torch_index(forced: str | None) -> str:
 class Stack:
     """docker-compose on the project's files plus the smoke override, with its own env files."""
 
-    def __init__(self, workdir: Path, images: dict[str, str], index: str) -> None:
+    def __init__(self, workdir: Path, images: dict[str, str], index: str, photos: Path) -> None:
         settings = workdir / "settings.env"  # what the api and worker read (env_file)
         settings.write_text(
             "\n".join(
@@ -214,6 +214,7 @@ class Stack:
             "POSTGRES_PASSWORD": "smoke",
             "SETTINGS_ENV_FILE": str(settings),
             "TORCH_INDEX_URL": index,
+            "SMOKE_PHOTOS": str(photos),  # mounted read-only at /photos in the api container
         }
         interpolation.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         exe = shutil.which("docker-compose")
@@ -295,17 +296,21 @@ def top(body: dict[str, Any]) -> list[tuple[str, float]]:
     return [(h["image"]["filename"], round(h["score"], 4)) for h in body["hits"]]
 
 
-def teach_and_search(client: httpx.Client, per_scene: int, others: int) -> dict[str, Any]:
-    """Uploads the library, teaches Fido, searches; returns what the restart check compares."""
+def write_library(folder: Path, per_scene: int, others: int) -> World:
+    """The demo world's library as PNG files the container's user can read; returns the world."""
     world = World(seed=0)
     fido = world.instance(FIDO_INDEX, FIDO_CATEGORY)
-    library = build_library(world, fido, per_scene, others)
-    print(f"uploading {len(library)} images", flush=True)
-    for start in range(0, len(library), 50):
-        files = [("files", (i.filename, i.png, "image/png")) for i in library[start : start + 50]]
-        body = client.post("/images", files=files).raise_for_status().json()
-        if body["job"]:
-            wait_job(client, body["job"]["id"])
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)  # whatever the umask
+    for item in build_library(world, fido, per_scene, others):
+        (folder / item.filename).write_bytes(item.png)
+        (folder / item.filename).chmod(0o644)
+    return world
+
+
+def teach_and_search(client: httpx.Client, world: World) -> dict[str, Any]:
+    """Teaches Fido, searches; returns what the restart check compares."""
+    fido = world.instance(FIDO_INDEX, FIDO_CATEGORY)
     photos = concept_photos(world, fido)
     files = [("files", (f"fido-photo-{i}.png", p, "image/png")) for i, p in enumerate(photos)]
     print(f"registering Fido from {len(photos)} photos", flush=True)
@@ -372,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         step("2. where torch comes from")
         index = torch_index(a.torch_index)
         print(f"TORCH_INDEX_URL={index}")
-        stack = Stack(workdir, images, index)
+        photos = workdir / "photos"
+        world = write_library(photos, a.per_scene, a.others)
+        stack = Stack(workdir, images, index, photos)
         stack("down", "-v", "--remove-orphans", check=False)  # leftovers of an aborted run
 
         step("3. build")
@@ -401,8 +408,15 @@ def main(argv: list[str] | None = None) -> int:
             base_url=API, headers={"Authorization": f"Bearer {key.group(1)}"}, timeout=120
         )
 
-        step("6. library, concept, search (the Celery worker trains)")
-        before = teach_and_search(client, a.per_scene, a.others)
+        step("6. library from a read-only photos folder, concept, search (the worker trains)")
+        mounts = stack("exec", "-T", "api", "cat", "/proc/mounts", capture=True).stdout
+        if not re.search(r" /photos \S+ ro[ ,]", mounts):
+            raise SmokeFailed("/photos is not mounted read-only in the api container")
+        stack(
+            "exec", "-T", "-e", f"POLAR_API_KEY={key.group(1)}", "-e", f"POLAR_URL={API}",
+            "api", "polar", "upload", "/photos", "--recursive", "--wait",
+        )  # fmt: skip
+        before = teach_and_search(client, world)
         worker_log = stack.logs("worker", tail=2000)
         if f"job {before['job_id']} succeeded" not in worker_log:
             raise SmokeFailed(f"the worker's log does not show the training job:\n{worker_log}")

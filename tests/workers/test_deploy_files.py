@@ -49,7 +49,10 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def _compose_config(
-    *files: Path, tmp_path: Path, settings: dict[str, str] | None = None
+    *files: Path,
+    tmp_path: Path,
+    settings: dict[str, str] | None = None,
+    variables: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """`docker-compose config` (validates and merges) with no .env or POLAR_ vars leaking in.
 
@@ -61,7 +64,8 @@ def _compose_config(
     settings_env = tmp_path / "settings.env"
     settings_env.write_text("".join(f"{k}={v}\n" for k, v in (settings or {}).items()))
     interpolation_env = tmp_path / "compose.env"
-    interpolation_env.write_text(f"SETTINGS_ENV_FILE={settings_env}\n")
+    values = {"SETTINGS_ENV_FILE": str(settings_env), **(variables or {})}
+    interpolation_env.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     args = [exe, "--project-directory", str(ROOT), "--env-file", str(interpolation_env)]
     for f in files:
         args += ["-f", str(f)]
@@ -223,7 +227,9 @@ def test_every_setting_in_the_env_file_reaches_api_and_worker(tmp_path: Path) ->
 
 
 def test_smoke_override_keeps_every_container_on_loopback_ports(tmp_path: Path) -> None:
-    merged = _compose_config(COMPOSE, COMPOSE_SMOKE, tmp_path=tmp_path)["services"]
+    photos = {"SMOKE_PHOTOS": str(tmp_path)}
+    merged = _compose_config(COMPOSE, COMPOSE_SMOKE, tmp_path=tmp_path, variables=photos)
+    merged = merged["services"]
     assert set(merged) == SERVICES
     for name, svc in merged.items():
         assert svc["network_mode"] == "host", name
@@ -238,6 +244,7 @@ def test_smoke_override_keeps_every_container_on_loopback_ports(tmp_path: Path) 
     assert str(port) not in taken
     assert f":{port}/healthz" in " ".join(merged["api"]["healthcheck"]["test"])
     assert merged["postgres"]["environment"]["PGPORT"] == "55432"
+    assert f"{tmp_path}:/photos:ro" in merged["api"]["volumes"]  # the README's read-only mount
     assert (
         "56379" in merged["redis"]["command"] and "56379" in merged["redis"]["healthcheck"]["test"]
     )
