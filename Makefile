@@ -5,9 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed on its own first so pip takes these builds (local copies on our CI machines).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# CPU wheels (no CUDA libraries: a venv GBs smaller) where PyTorch's index answers, else PyPI's
+# default build. TORCH_INDEX=pypi or TORCH_INDEX=<url> skips the probe.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install test test-faults test-fast run demo lint fmt bench services system-deps migrate clean help
+.PHONY: install test test-faults test-fast run demo lint fmt bench services system-deps migrate clean help compose-smoke
 
 help:
 	@echo "make install  - create $(VENV) and install the package with dev extras"
@@ -17,6 +21,7 @@ help:
 	@echo "make demo     - offline end-to-end demo through the HTTP API on the demo model"
 	@echo "make lint     - ruff + mypy (strict) + import-linter (layer rules)"
 	@echo "make bench    - run the benchmarks in bench/ (writes bench/results/*.json)"
+	@echo "make compose-smoke - build and run the Docker stack for real (needs a Docker engine; slow)"
 
 install: $(VENV)/.installed
 
@@ -24,7 +29,18 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	@idx='$(TORCH_INDEX)'; \
+	if [ "$$idx" = auto ]; then \
+	  if $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=10)" \
+	      '$(TORCH_CPU_INDEX)' 2>/dev/null; then idx='$(TORCH_CPU_INDEX)'; else idx=pypi; fi; \
+	fi; \
+	if [ "$$idx" = pypi ]; then \
+	  echo "torch: from PyPI's default index (the CPU wheel index did not answer; may include CUDA libraries, several GB)"; \
+	  $(PY) -m pip install -q $(TORCH_SPEC); \
+	else \
+	  echo "torch: CPU wheels from $$idx"; \
+	  $(PY) -m pip install -q --index-url "$$idx" $(TORCH_SPEC); \
+	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -66,6 +82,10 @@ bench: install
 
 migrate: install
 	$(VENV)/bin/alembic upgrade head
+
+# The Docker stack, built and run for real (scripts/compose_smoke.py); not part of `make test`.
+compose-smoke: install
+	$(PY) scripts/compose_smoke.py $(SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

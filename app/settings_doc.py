@@ -19,7 +19,19 @@ COMPOSE_ONLY_VARS = {
     "POSTGRES_PASSWORD": ("polar", "password of the `polar` PostgreSQL role"),
     "IMAGE_TAG": ("latest", "tag of the built images (the GPU worker adds -cuda)"),
     "TORCH_CUDA_VARIANT": ("cu128", "PyTorch wheel index of the GPU worker image (cu126, ...)"),
+    "SETTINGS_ENV_FILE": (".env", "the file of POLAR_ settings the api and worker read (env_file)"),
+    "PYTHON_IMAGE": ("python:3.11-slim-bookworm", "base image of the api/worker image"),
+    "REDIS_IMAGE": ("redis:7-alpine", "image of the broker"),
+    "POSTGRES_IMAGE": ("postgres:16-alpine", "image of the database"),
 }
+# Settings the compose file sets for the api and worker itself: they name its containers and
+# volumes, so they win over the env file.
+COMPOSE_WIRED_SETTINGS = (
+    "POLAR_DATABASE_URL",
+    "POLAR_BROKER_URL",
+    "POLAR_DATA_DIR",
+    "POLAR_MODEL__CACHE_DIR",
+)
 
 
 def env_value(value: Any) -> str:
@@ -65,7 +77,9 @@ def render_env_example() -> str:
     lines = [
         "# POLAR settings, each with its default (commented out). `polar serve`, `polar migrate`",
         "# and the Celery worker read them from the environment or from a .env file in the working",
-        "# directory; docker compose also fills the ${...} in docker-compose.yml from .env.",
+        "# directory. With docker compose, .env fills the ${...} in docker-compose.yml, and the",
+        "# api and worker containers read all of it (env_file) except what the compose file wires:",
+        "# " + ", ".join(COMPOSE_WIRED_SETTINGS) + ".",
         "# Nested groups use a double underscore: POLAR_MODEL__NAME=ViT-B-32.",
         "# Regenerate: .venv/bin/python -m app.settings_doc env > .env.example",
     ]

@@ -27,11 +27,12 @@ import yaml
 
 from app.cli import build_parser
 from app.config import Settings
-from app.settings_doc import COMPOSE_ONLY_VARS, settings_env_vars
+from app.settings_doc import COMPOSE_ONLY_VARS, COMPOSE_WIRED_SETTINGS, settings_env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "compose.gpu.yml"
+COMPOSE_SMOKE = ROOT / "scripts" / "compose.smoke.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 SERVICES = {"api", "worker", "redis", "postgres"}
@@ -47,14 +48,25 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _compose_config(*files: Path, tmp_path: Path) -> dict[str, Any]:
-    """`docker-compose config` (validates and merges) with no .env or POLAR_ vars leaking in."""
+def _compose_config(
+    *files: Path,
+    tmp_path: Path,
+    settings: dict[str, str] | None = None,
+    variables: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """`docker-compose config` (validates and merges) with no .env or POLAR_ vars leaking in.
+
+    `settings` is the env_file the api and worker read (SETTINGS_ENV_FILE); empty by default.
+    """
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.fail(f"docker-compose v1 is needed to validate the compose files: {INSTALL_COMPOSE}")
-    empty_env = tmp_path / "empty.env"
-    empty_env.write_text("")
-    args = [exe, "--project-directory", str(ROOT), "--env-file", str(empty_env)]
+    settings_env = tmp_path / "settings.env"
+    settings_env.write_text("".join(f"{k}={v}\n" for k, v in (settings or {}).items()))
+    interpolation_env = tmp_path / "compose.env"
+    values = {"SETTINGS_ENV_FILE": str(settings_env), **(variables or {})}
+    interpolation_env.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    args = [exe, "--project-directory", str(ROOT), "--env-file", str(interpolation_env)]
     for f in files:
         args += ["-f", str(f)]
     env = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG"}}
@@ -161,7 +173,6 @@ def test_compose_services_have_healthchecks_volumes_and_ordering() -> None:
     assert set(services) == SERVICES
     for name, svc in services.items():
         assert svc["healthcheck"]["test"], f"{name} has no healthcheck"
-    assert services["postgres"]["image"].startswith("postgres:16")
     declared = set(compose["volumes"])
     for name, svc in services.items():
         for mount in svc.get("volumes", []):
@@ -177,6 +188,66 @@ def test_compose_services_have_healthchecks_volumes_and_ordering() -> None:
         deps = services[name]["depends_on"]
         assert {"postgres", "redis"} <= set(deps)
         assert all(d["condition"] == "service_healthy" for d in deps.values()), name
+
+
+def test_compose_images_are_variables_defaulting_to_the_official_ones(tmp_path: Path) -> None:
+    # Users get the official images; a mirror or the smoke test's stand-ins set the variables.
+    raw = _load_yaml(COMPOSE)["services"]
+    assert raw["redis"]["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
+    assert raw["postgres"]["image"] == "${POSTGRES_IMAGE:-postgres:16-alpine}"
+    services = _compose_config(COMPOSE, tmp_path=tmp_path)["services"]
+    assert services["postgres"]["image"] == "postgres:16-alpine"
+    assert services["redis"]["image"] == "redis:7-alpine"
+    dockerfile_default = next(
+        rest.split("=", 1)[1]
+        for instr, rest in _dockerfile_instructions()
+        if instr == "ARG" and rest.startswith("PYTHON_IMAGE=")
+    )
+    for name in ("api", "worker"):
+        assert services[name]["build"]["args"]["PYTHON_IMAGE"] == dockerfile_default
+    for var in ("PYTHON_IMAGE", "REDIS_IMAGE", "POSTGRES_IMAGE"):
+        assert var in COMPOSE_ONLY_VARS
+
+
+def test_every_setting_in_the_env_file_reaches_api_and_worker(tmp_path: Path) -> None:
+    # Issue 14: .env used to fill only eight variables; now the containers read all of it.
+    marked = {name: f"from-env-file-{name.lower()}" for name in settings_env_vars()}
+    services = _compose_config(COMPOSE, tmp_path=tmp_path, settings=marked)["services"]
+    wired = _load_yaml(COMPOSE)["x-polar-env"]
+    assert set(wired) == set(COMPOSE_WIRED_SETTINGS)  # what .env.example says the file wires
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        for var, value in marked.items():
+            if var in COMPOSE_WIRED_SETTINGS:
+                assert env[var] != value, f"{name}: {var} must stay the compose file's"
+            else:
+                assert env.get(var) == value, f"{name} does not get {var} from the env file"
+    for var in COMPOSE_WIRED_SETTINGS:
+        assert var in ENV_EXAMPLE.read_text().split("\n\n")[0], f"{var}: say so in the header"
+
+
+def test_smoke_override_keeps_every_container_on_loopback_ports(tmp_path: Path) -> None:
+    photos = {"SMOKE_PHOTOS": str(tmp_path)}
+    merged = _compose_config(COMPOSE, COMPOSE_SMOKE, tmp_path=tmp_path, variables=photos)
+    merged = merged["services"]
+    assert set(merged) == SERVICES
+    for name, svc in merged.items():
+        assert svc["network_mode"] == "host", name
+    taken = {"5432", "6379", "8000"}  # the machine's own PostgreSQL and Redis, and the default
+    for name in ("api", "worker"):
+        env = merged[name]["environment"]
+        assert "@127.0.0.1:55432/" in env["POLAR_DATABASE_URL"]
+        assert env["POLAR_BROKER_URL"] == "redis://127.0.0.1:56379/0"
+        assert merged[name]["build"]["network"] == "host"
+    api_cmd = _split_shell_chain(merged["api"]["command"])[-1]
+    port = build_parser().parse_args(api_cmd[1:]).port
+    assert str(port) not in taken
+    assert f":{port}/healthz" in " ".join(merged["api"]["healthcheck"]["test"])
+    assert merged["postgres"]["environment"]["PGPORT"] == "55432"
+    assert f"{tmp_path}:/photos:ro" in merged["api"]["volumes"]  # the README's read-only mount
+    assert (
+        "56379" in merged["redis"]["command"] and "56379" in merged["redis"]["healthcheck"]["test"]
+    )
 
 
 def test_compose_settings_point_at_the_compose_services() -> None:
@@ -252,8 +323,10 @@ def test_dockerfile_builds_torch_variant_and_runs_as_non_root() -> None:
     builder, runtime = _stage("builder"), _stage("runtime")
     args = {rest.split("=")[0]: rest.split("=")[1] for i, rest in builder if i == "ARG"}
     assert args["TORCH_VARIANT"] == "cpu"
+    # Users get the variant's index (CPU: no CUDA libraries); the smoke test may pass PyPI's.
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
     pip_torch = next(r for i, r in builder if i == "RUN" and "torch==" in r)
-    assert "--index-url" in pip_torch and "whl/${TORCH_VARIANT}" in pip_torch
+    assert '--index-url "${TORCH_INDEX_URL}"' in pip_torch
     user = [r for i, r in runtime if i == "USER"]
     assert user and user[-1].split(":")[0] not in {"0", "root"}
     assert any(i == "COPY" and "--from=builder" in r for i, r in runtime)
