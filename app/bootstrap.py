@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.runner import JobRunner
+from app.services.foreground import Foreground
 from app.services.job_handlers import handler_table
 from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
 from app.services.model import ModelLoader
@@ -32,6 +33,7 @@ class Container:
     store: ImageStore
     model: ModelLoader  # the one model of this process, for searches and jobs alike
     jobs: JobEnvironment  # what job handlers get
+    foreground: Foreground  # this process's searches in flight; its jobs step aside for them
 
 
 def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = None) -> Container:
@@ -40,14 +42,16 @@ def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = Non
     session_factory = make_session_factory(engine)
     store = ImageStore(settings.data_dir)
     model = ModelLoader(settings.model)
+    foreground = Foreground(max_wait_s=settings.threads.job_yield_ms / 1000)
     env = JobEnvironment(
         settings=settings,
         session_factory=session_factory,
         store=store,
         handlers=handler_table() if handlers is None else handlers,
         serving=model.get,
+        foreground=foreground,
     )
-    return Container(settings, engine, session_factory, store, model, env)
+    return Container(settings, engine, session_factory, store, model, env, foreground)
 
 
 def job_queue(container: Container) -> JobQueue:

@@ -24,7 +24,36 @@ class ModelSettings(BaseModel):
     )
     preload: bool = Field(True, description="load the model at startup (else on first use)")
     threads: int = Field(
-        0, ge=0, description="torch CPU threads for this process; 0 = torch's default (all cores)"
+        0,
+        ge=0,
+        description="torch CPU threads for work outside the groups of POLAR_THREADS__*; "
+        "0 = torch's default (all cores)",
+    )
+
+
+class ThreadSettings(BaseModel):
+    """CPU threads (torch, FAISS) per workload; 0 = the process default (POLAR_MODEL__THREADS)."""
+
+    training: int = Field(
+        1,
+        ge=0,
+        description="threads of a training job (tiny tensors: more threads wait on each other "
+        "and stall on busy cores; bench/contention.py)",
+    )
+    embedding: int = Field(
+        0, ge=0, description="threads of an image-embedding batch (large tensors scale with cores)"
+    )
+    search: int = Field(
+        1,
+        ge=0,
+        description="threads of one search (query encoding, FAISS); searches run side by side, "
+        "one per request thread",
+    )
+    job_yield_ms: float = Field(
+        50.0,
+        ge=0,
+        description="a background job in the API process (embedded mode) pauses at each progress "
+        "report while searches run, at most this long per pause; 0 = never",
     )
 
 
@@ -170,6 +199,7 @@ class Settings(BaseSettings):
         "text", description="log lines as plain text, or one JSON object per line"
     )
     model: ModelSettings = Field(default_factory=ModelSettings)
+    threads: ThreadSettings = Field(default_factory=ThreadSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
