@@ -38,7 +38,7 @@ class Container:
 
 def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = None) -> Container:
     """Wire one process; `handlers` replaces the service's handler table (tests)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.request_threads)
     session_factory = make_session_factory(engine)
     store = ImageStore(settings.data_dir)
     model = ModelLoader(settings.model)

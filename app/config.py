@@ -41,7 +41,10 @@ class ThreadSettings(BaseModel):
         "and stall on busy cores; bench/contention.py)",
     )
     embedding: int = Field(
-        0, ge=0, description="threads of an image-embedding batch (large tensors scale with cores)"
+        1,
+        ge=0,
+        description="threads of an image-embedding batch (2 threads stalled to 12-15x their idle "
+        "time beside 2 busy processes on 2 cores; 0 = all cores, for a machine of its own)",
     )
     search: int = Field(
         1,
@@ -192,6 +195,20 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address `polar serve` binds")
     port: int = Field(8000, description="port `polar serve` binds")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes `polar serve` runs (one per core is the most that helps; more "
+        "than one needs a broker: the embedded job runner is one process only)",
+    )
+    request_threads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="threads per API process that run requests (more requests wait their turn); "
+        "the database pool holds as many connections",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="logging level of every process (API, worker, CLI)"
     )
@@ -211,6 +228,11 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'polar.db').as_posix()}"
             self._database_url_derived = True
+        if self.workers > 1 and not self.broker_url:
+            raise ValueError(
+                "workers > 1 needs a broker (POLAR_BROKER_URL): the embedded job runner runs in "
+                "one process only"
+            )
         if self.training.min_photos > self.training.max_photos:
             raise ValueError("training.min_photos must not exceed training.max_photos")
         return self

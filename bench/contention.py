@@ -1,6 +1,6 @@
 """Thread discipline under contention: each workload idle vs with N busy processes on the same
 cores, with the threads it had before (torch's default: all cores, for everything) and with the
-threads it gets now (POLAR_THREADS__*: training 1, search 1, embedding the process default).
+threads it gets now (POLAR_THREADS__*: one each for training, search and image embedding).
 
   model    in this process, ViT-B-32 with random weights (cost does not depend on the values):
            training one concept the way the service does (keep term, 5 photos), encoding one

@@ -87,7 +87,12 @@ def authenticate(
         return None
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    return users_service.authenticate(credentials.credentials, db_session=db_session)
+    user = users_service.authenticate(credentials.credentials, db_session=db_session)
+    # End the read transaction: the connection goes back to the pool while the request waits
+    # for a thread to run its route, so connections in use never outnumber request threads
+    # (POLAR_REQUEST_THREADS; the pool is sized to them). The user's attributes stay loaded.
+    db_session.commit()
+    return user
 
 
 AUTH = Depends(authenticate)
