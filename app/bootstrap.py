@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.runner import JobRunner
+from app.services.foreground import Foreground
 from app.services.job_handlers import handler_table
 from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
 from app.services.model import ModelLoader
@@ -32,22 +33,25 @@ class Container:
     store: ImageStore
     model: ModelLoader  # the one model of this process, for searches and jobs alike
     jobs: JobEnvironment  # what job handlers get
+    foreground: Foreground  # this process's searches in flight; its jobs step aside for them
 
 
 def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = None) -> Container:
     """Wire one process; `handlers` replaces the service's handler table (tests)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.request_threads)
     session_factory = make_session_factory(engine)
     store = ImageStore(settings.data_dir)
     model = ModelLoader(settings.model)
+    foreground = Foreground(max_wait_s=settings.threads.job_yield_ms / 1000)
     env = JobEnvironment(
         settings=settings,
         session_factory=session_factory,
         store=store,
         handlers=handler_table() if handlers is None else handlers,
         serving=model.get,
+        foreground=foreground,
     )
-    return Container(settings, engine, session_factory, store, model, env)
+    return Container(settings, engine, session_factory, store, model, env, foreground)
 
 
 def job_queue(container: Container) -> JobQueue:

@@ -23,13 +23,27 @@ def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = get_settings()
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the format main() configured (app/logs.py) for uvicorn too
-    )
+    host, port = args.host or settings.host, args.port or settings.port
+    # log_config=None keeps the format main() configured (app/logs.py) for uvicorn too.
+    if settings.workers > 1:
+        # Each worker process builds its own app (model, caches, pool) from the environment.
+        uvicorn.run(
+            "app.main:create_worker_app",
+            factory=True,
+            workers=settings.workers,
+            host=host,
+            port=port,
+            log_level=settings.log_level,
+            log_config=None,
+        )
+    else:
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level=settings.log_level,
+            log_config=None,
+        )
     return 0
 
 

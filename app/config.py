@@ -24,7 +24,39 @@ class ModelSettings(BaseModel):
     )
     preload: bool = Field(True, description="load the model at startup (else on first use)")
     threads: int = Field(
-        0, ge=0, description="torch CPU threads for this process; 0 = torch's default (all cores)"
+        0,
+        ge=0,
+        description="torch CPU threads for work outside the groups of POLAR_THREADS__*; "
+        "0 = torch's default (all cores)",
+    )
+
+
+class ThreadSettings(BaseModel):
+    """CPU threads (torch, FAISS) per workload; 0 = the process default (POLAR_MODEL__THREADS)."""
+
+    training: int = Field(
+        1,
+        ge=0,
+        description="threads of a training job (tiny tensors: more threads wait on each other "
+        "and stall on busy cores; bench/contention.py)",
+    )
+    embedding: int = Field(
+        1,
+        ge=0,
+        description="threads of an image-embedding batch (2 threads stalled to 12-15x their idle "
+        "time beside 2 busy processes on 2 cores; 0 = all cores, for a machine of its own)",
+    )
+    search: int = Field(
+        1,
+        ge=0,
+        description="threads of one search (query encoding, FAISS); searches run side by side, "
+        "one per request thread",
+    )
+    job_yield_ms: float = Field(
+        50.0,
+        ge=0,
+        description="a background job in the API process (embedded mode) pauses at each progress "
+        "report while searches run, at most this long per pause; 0 = never",
     )
 
 
@@ -163,6 +195,20 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address `polar serve` binds")
     port: int = Field(8000, description="port `polar serve` binds")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes `polar serve` runs (one per core is the most that helps; more "
+        "than one needs a broker: the embedded job runner is one process only)",
+    )
+    request_threads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="threads per API process that run requests (more requests wait their turn); "
+        "the database pool holds as many connections",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="logging level of every process (API, worker, CLI)"
     )
@@ -170,6 +216,7 @@ class Settings(BaseSettings):
         "text", description="log lines as plain text, or one JSON object per line"
     )
     model: ModelSettings = Field(default_factory=ModelSettings)
+    threads: ThreadSettings = Field(default_factory=ThreadSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -181,6 +228,11 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'polar.db').as_posix()}"
             self._database_url_derived = True
+        if self.workers > 1 and not self.broker_url:
+            raise ValueError(
+                "workers > 1 needs a broker (POLAR_BROKER_URL): the embedded job runner runs in "
+                "one process only"
+            )
         if self.training.min_photos > self.training.max_photos:
             raise ValueError("training.min_photos must not exceed training.max_photos")
         return self

@@ -58,14 +58,24 @@ def _set_pg_timeouts(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.commit()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url` (SQLite file, in-memory SQLite, or Postgres via psycopg 3)."""
+# Connections beyond the pool size, for the job, heartbeat and reconciler threads.
+POOL_OVERFLOW = 8
+
+
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """An engine for `url` (SQLite file, in-memory SQLite, or Postgres via psycopg 3).
+
+    `pool_size`: connections kept open (PostgreSQL), as many as the threads that hold a session
+    at once (the API's request threads), so no request waits for a connection.
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
         # pre_ping: a connection that died with a database restart is replaced, not handed out.
         pg = create_engine(
             parsed,
             pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=POOL_OVERFLOW,
             pool_timeout=PG_POOL_TIMEOUT_S,
             connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
         )

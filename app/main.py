@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +18,7 @@ from app.api.openapi import install_openapi
 from app.api.routes import concepts, health, images, index, jobs, search
 from app.config import Settings, get_settings
 from app.db import migrate
+from app.logs import configure_logging
 from app.metrics import Metrics
 from app.runner import JobRunner
 from app.services.index import IndexCache
@@ -45,6 +47,9 @@ def create_app(
         # Idempotent, and serialised across replicas on Postgres (advisory lock);
         # deployments may also run `polar migrate` first.
         migrate(engine)
+        # Sync routes run in anyio's thread pool (40 by default): bound it to the request
+        # threads the database pool was sized for; more requests wait in the event loop.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         app.state.model_loader.start()
         # Embedded mode (no broker): a job thread pool in this process, stopped on exit.
         runner = queue if isinstance(queue, JobRunner) else None
@@ -102,6 +107,14 @@ def create_app(
     web.install(app)
     install_openapi(app, limits)
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one process of `polar serve` with POLAR_WORKERS > 1 (a uvicorn factory):
+    settings from the environment, logging as the CLI sets it up."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
 class RequestMetrics:

@@ -18,6 +18,7 @@ from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
 from app.models import User
 from app.services import users as users_service
+from app.services.foreground import Foreground
 from app.services.index import IndexCache
 from app.services.jobs import JobQueue
 from app.services.model import ModelLoader, ServingModel
@@ -86,7 +87,12 @@ def authenticate(
         return None
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    return users_service.authenticate(credentials.credentials, db_session=db_session)
+    user = users_service.authenticate(credentials.credentials, db_session=db_session)
+    # End the read transaction: the connection goes back to the pool while the request waits
+    # for a thread to run its route, so connections in use never outnumber request threads
+    # (POLAR_REQUEST_THREADS; the pool is sized to them). The user's attributes stay loaded.
+    db_session.commit()
+    return user
 
 
 AUTH = Depends(authenticate)
@@ -110,6 +116,7 @@ class SearchContext:
         self.index_cache: IndexCache = request.app.state.index_cache
         self.adapter_cache: AdapterCache = request.app.state.adapter_cache
         self.model_loader: ModelLoader = request.app.state.model_loader
+        self.foreground: Foreground = request.app.state.container.foreground
 
     def serving(self) -> ServingModel:
         """The serving model (loaded on first use; ModelUnavailable → 503).

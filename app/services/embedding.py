@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
 from app.ml.regions import encode_regions, layout_boxes, pack_regions
+from app.ml.threads import cpu_threads
 from app.models import Image, Job, JobKind, JobState
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
@@ -88,6 +89,7 @@ def embed_pending(
     boxes = len(layout_boxes(layout))
     store = ctx.store
     side = decode_side(bundle)
+    threads = ctx.settings.threads.embedding
     current = Image.embedding_model == model_id
     whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
     stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != layout)
@@ -99,7 +101,8 @@ def embed_pending(
         batch = whole[start : start + BATCH]
         readable = [(i, im) for i, p in batch if (im := _open_rgb(store, p, side)) is not None]
         if readable:
-            vectors = encode_images(bundle, [im for _, im in readable])  # (B, D)
+            with cpu_threads(threads):
+                vectors = encode_images(bundle, [im for _, im in readable])  # (B, D)
             with session_scope(ctx.session_factory) as s:
                 for (image_id, _), vec in zip(readable, vectors, strict=True):
                     # A row deleted meanwhile simply matches nothing. Crops of another model
@@ -129,7 +132,8 @@ def embed_pending(
         batch = crops[start : start + BATCH]
         readable = [(i, im) for i, p in batch if (im := _open_rgb(store, p, side)) is not None]
         if readable:
-            regions = encode_regions(bundle, [im for _, im in readable], layout)  # (B, R, D)
+            with cpu_threads(threads):
+                regions = encode_regions(bundle, [im for _, im in readable], layout)  # (B, R, D)
             with session_scope(ctx.session_factory) as s:
                 for (image_id, _), reg in zip(readable, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).

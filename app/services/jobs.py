@@ -29,6 +29,7 @@ from app.repositories import Page
 from app.storage import ImageStore
 
 if TYPE_CHECKING:
+    from app.services.foreground import Foreground
     from app.services.model import ServingModel
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class JobEnvironment:
     store: ImageStore
     handlers: Mapping[str, JobHandler]
     serving: Callable[[], ServingModel] = field(repr=False)  # the model, loaded on first call
+    # Searches of this process, which jobs step aside for at each progress report (embedded
+    # mode); None in a worker process that serves no searches.
+    foreground: Foreground | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,8 @@ def run_job(
         if should_stop is not None and should_stop():
             raise JobInterrupted(job_id)
         throttle(fraction)
+        if env.foreground is not None:
+            env.foreground.wait_idle()
 
     ctx = JobContext(job_id, user_id, kind, payload, env, progress)
     started = time.perf_counter()

@@ -22,6 +22,7 @@ from app.ml.adapter import ConceptAdapter
 from app.ml.encode import count_tokens
 from app.ml.model import AdapterMismatchError
 from app.ml.regions import unpack_regions
+from app.ml.threads import cpu_threads
 from app.ml.train import placeholder_phrase
 from app.models import Adapter, Concept, Image
 from app.services import recipe
@@ -319,8 +320,12 @@ def search_images(
     adapter_cache: AdapterCache,
     limits: LimitSettings,
     search_settings: SearchSettings | None = None,
+    threads: int = 0,
 ) -> SearchOutcome:
-    """Rank the user's images for `query`; concept names in it personalise the text encoder."""
+    """Rank the user's images for `query`; concept names in it personalise the text encoder.
+
+    `threads`: torch/FAISS threads for this search (POLAR_THREADS__SEARCH; 0 = the process's).
+    """
     text = validate_query(query, limits)
     if not 1 <= k <= limits.max_k:
         raise ValidationFailed(f"k must be between 1 and {limits.max_k}", code="invalid_k")
@@ -335,17 +340,19 @@ def search_images(
     )
     _check_length(serving, named.text)
     cfg = search_settings or SearchSettings()
-    encoding = recipe.encode_query(
-        serving.bundle, named.text, named.adapters, named.photo_means, cfg
-    )
-    cached = index_cache.get(
-        db_session=db_session,
-        user_id=user_id,
-        model_id=serving.model_id,
-        dim=serving.bundle.embed_dim,
-    )
     want = offset + k
-    ranked = _rank(db_session, user_id, encoding, cached, want, filters, cfg, named.warnings)
+    # One query is small work: one thread per search, searches side by side on the cores.
+    with cpu_threads(threads):
+        encoding = recipe.encode_query(
+            serving.bundle, named.text, named.adapters, named.photo_means, cfg
+        )
+        cached = index_cache.get(
+            db_session=db_session,
+            user_id=user_id,
+            model_id=serving.model_id,
+            dim=serving.bundle.embed_dim,
+        )
+        ranked = _rank(db_session, user_id, encoding, cached, want, filters, cfg, named.warnings)
     images = repositories.images_by_vec_id(
         db_session=db_session, user_id=user_id, vec_ids=[i for i, _ in ranked]
     )

@@ -30,6 +30,7 @@ from app.ml.adapter import ConceptAdapter
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
 from app.ml.selective import train_selective
+from app.ml.threads import cpu_threads
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
 from app.models import Adapter, Concept, ConceptExample, ConceptState, new_id
@@ -279,9 +280,12 @@ def train_concept(ctx: JobContext) -> None:
         plan = _read_plan(ctx, concept_id, version, serving)
         if plan is None:
             return
-        photos = _embed_photos(ctx, plan, serving)
-        ctx.progress(_EMBED_SHARE)
-        fitted = _fit(ctx, plan, serving, photos)
+        # The whole job on its own thread count (one by default): its tensors are tiny, and it
+        # runs beside searches (embedded mode) or other workers on the same cores.
+        with cpu_threads(ctx.settings.threads.training):
+            photos = _embed_photos(ctx, plan, serving)
+            ctx.progress(_EMBED_SHARE)
+            fitted = _fit(ctx, plan, serving, photos)
         _save(ctx, concept_id, version, fitted)
     except JobInterrupted:
         raise  # shutdown: the job runs again later and the concept stays `training`
