@@ -106,6 +106,38 @@ def quiet(args: Sequence[str], timeout: float = 120) -> subprocess.CompletedProc
 # --- 1. images -------------------------------------------------------------------------------
 
 
+def ensure_docker() -> None:
+    """A Docker engine to talk to. On a fresh Debian machine (root): install Debian's docker.io,
+    docker-compose and debootstrap, and start dockerd without bridge networks (the stack runs on
+    host networking), as the README's deployment section describes."""
+    if quiet(["docker", "info"]).returncode == 0:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise SmokeFailed("no Docker engine answers (`docker info`); start one and retry")
+    needed = {
+        "docker.io": "dockerd",
+        "docker-compose": "docker-compose",
+        "debootstrap": "debootstrap",
+    }
+    missing = [pkg for pkg, exe in needed.items() if shutil.which(exe) is None]
+    if missing:
+        step(f"0. installing {', '.join(missing)} with apt-get")
+        sh(["apt-get", "update", "-qq"])
+        sh(["apt-get", "install", "-y", "-qq", *missing], env={**os.environ,
+           "DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
+    step("0. starting dockerd (no bridge networks; log in /tmp/polar-dockerd.log)")
+    with open("/tmp/polar-dockerd.log", "ab") as log:
+        subprocess.Popen(
+            ["dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while quiet(["docker", "info"]).returncode != 0:
+        if time.monotonic() > deadline:
+            raise SmokeFailed("dockerd did not answer within 60 s (see /tmp/polar-dockerd.log)")
+        time.sleep(1)
+
+
 def image_exists(name: str) -> bool:
     return quiet(["docker", "image", "inspect", name]).returncode == 0
 
@@ -395,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the stack up (debugging)")
     a = p.parse_args(argv)
 
-    if quiet(["docker", "info"]).returncode != 0:
-        print("compose-smoke: FAIL - no Docker engine answers (`docker info`)")
+    try:
+        ensure_docker()
+    except SmokeFailed as e:
+        print(f"compose-smoke: FAIL - {e}")
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="polar-smoke-"))
     stack: Stack | None = None
