@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.config import MAX_CONCEPT_IDS
-from app.models import Image, Job
+from app.models import ConceptExample, Image, Job
 from app.text import clean_text
 
 _IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
@@ -412,6 +412,44 @@ class ConceptPage(BaseModel):
 
     items: list[ConceptOut]
     next_cursor: str | None = Field(description="null on the last page")
+
+
+class ConceptExampleOut(BaseModel):
+    """One photo a concept was taught from."""
+
+    id: str
+    concept_id: str
+    mime: str
+    width: int = Field(description="pixels, after EXIF orientation")
+    height: int
+    sha256: str = Field(description="hex digest of the original bytes")
+    version_added: int = Field(description="the concept version this photo came with")
+    created_at: datetime
+    file_url: str
+    thumbnail_url: str
+
+    @classmethod
+    def from_model(cls, example: ConceptExample) -> ConceptExampleOut:
+        """Build from the ORM row."""
+        base = f"/concepts/{example.concept_id}/examples/{example.id}"
+        return cls(
+            id=example.id,
+            concept_id=example.concept_id,
+            mime=example.mime,
+            width=example.width,
+            height=example.height,
+            sha256=example.sha256,
+            version_added=example.version_added,
+            created_at=example.created_at,
+            file_url=f"{base}/file",
+            thumbnail_url=f"{base}/thumbnail",
+        )
+
+
+class ConceptExampleList(BaseModel):
+    """GET /concepts/{id}/examples: every photo of the concept (at most training.max_photos)."""
+
+    items: list[ConceptExampleOut]
 
 
 class ConceptJobResponse(BaseModel):
