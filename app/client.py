@@ -449,7 +449,9 @@ class PolarClient:
             files = [
                 ("files", (p.name, stack.enter_context(p.open("rb")), _mime(p))) for p in batch
             ]
-            return self._request("POST", "/images", files=files)
+            # When each photo was taken, if its EXIF does not say: the file's time here.
+            times = [str(int(p.stat().st_mtime * 1000)) for p in batch]
+            return self._request("POST", "/images", files=files, data={"modified_at": times})
 
     # -- jobs --
 

@@ -463,14 +463,21 @@ def filtered_vec_ids(
     user_id: str,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
+    taken_after: datetime | None = None,
+    taken_before: datetime | None = None,
     mime: Sequence[str] = (),
 ) -> list[int]:
-    """Vec ids of the user's images created in [after, before) with one of the MIME types."""
+    """Vec ids of the user's images uploaded and taken in the [after, before) ranges given, with
+    one of the MIME types."""
     query = select(Image.vec_id).where(Image.user_id == user_id)
     if created_after:
         query = query.where(Image.created_at >= created_after)
     if created_before:
         query = query.where(Image.created_at < created_before)
+    if taken_after:
+        query = query.where(Image.taken_at >= taken_after)
+    if taken_before:
+        query = query.where(Image.taken_at < taken_before)
     if mime:
         query = query.where(Image.mime.in_(list(mime)))
     return list(db_session.scalars(query))
