@@ -726,6 +726,7 @@ def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
     expect(hits.first).to_be_visible()
 
     # An error clears the old results: they answered another query.
+    expect(page.get_by_role("button", name="Search", exact=True)).to_be_enabled()
     too_long = " ".join(["hat"] * 300)
     page.get_by_label("Search your photos").fill(too_long)
     page.get_by_label("Search your photos").press("Enter")

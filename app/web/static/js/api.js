@@ -175,6 +175,7 @@ export const api = {
   patch: (path, json) => request("PATCH", path, { json }),
   del: (path) => request("DELETE", path),
   blob: (path) => request("GET", path, { as: "blob" }),
+  upload: (path, form, onProgress) => upload(path, form, onProgress),
 };
 
 export function sleep(ms) {

@@ -2,7 +2,7 @@
 // train, see in words how it does and the photos it learned from; rename it, change its
 // category, give it more photos, delete it.
 
-import { api, isAbort, upload, waitForJob } from "./api.js";
+import { api, isAbort, waitForJob } from "./api.js";
 import {
   $,
   busy,
@@ -427,7 +427,7 @@ async function addPhotos(concept, files, item, error, button) {
   item.append(status);
   await busy(button, async () => {
     try {
-      const answer = await upload(
+      const answer = await api.upload(
         `/concepts/${encodeURIComponent(concept.id)}/examples`,
         form,
         (sent, total) => {

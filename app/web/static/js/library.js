@@ -1,6 +1,6 @@
 // Library view: upload (file picker or drag and drop), embedding progress, the photo grid.
 
-import { api, isAbort, upload as uploadForm, waitForJobs } from "./api.js";
+import { api, isAbort, waitForJobs } from "./api.js";
 import {
   $,
   busy,
@@ -206,7 +206,7 @@ export async function sendSkippingBad(files, onBytes) {
     for (const { file } of batch) form.append("modified_at", String(Math.max(0, file.lastModified)));
     const batchBytes = batch.reduce((sum, { file }) => sum + file.size, 0);
     try {
-      const body = await uploadForm("/images", form, (sent, all) =>
+      const body = await api.upload("/images", form, (sent, all) =>
         onBytes(done + Math.min(batchBytes, (sent / Math.max(1, all)) * batchBytes), total),
       );
       bodies.push(body);
