@@ -14,7 +14,7 @@ from app.config import get_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from app.client import IndexStatus, Job, PolarClient, UploadBatch
+    from app.client import Concept, IndexStatus, Job, PolarClient, UploadBatch
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -209,34 +209,11 @@ def _client_command(
     return command
 
 
-class _ProgressLine:
-    """One progress line on stderr: rewritten in place on a terminal, every 10% otherwise."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.shown: tuple[str, int] | None = None
-
-    def __call__(self, job: Job) -> None:
-        percent = round(job.progress * 100)
-        key = (job.state, percent if self.tty else percent // 10)
-        if key == self.shown:
-            return
-        self.shown = key
-        line = f"{self.label}: {percent:3d}% ({job.state})"
-        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr)
-
-    def finish(self) -> None:
-        if self.tty and self.shown is not None:
-            print(file=sys.stderr)
-
-
 def _wait(client: PolarClient, job_id: str, label: str, timeout: float | None) -> Job:
-    progress = _ProgressLine(label)
-    try:
+    from app.progress import JobProgress
+
+    with JobProgress(label) as progress:
         return client.wait_job(job_id, progress, timeout=timeout)
-    finally:
-        progress.finish()
 
 
 def _print_batch(batch: UploadBatch, total_files: int, sent: list[int]) -> None:
@@ -302,32 +279,173 @@ def _concept_create(client: PolarClient, args: argparse.Namespace) -> int:
     concept, job = client.create_concept(args.name, args.category, photos)
     print(
         f"concept {concept.name} ({concept.id}): {concept.state}, version {concept.version}, "
-        f"{concept.example_count} photo(s), placeholder {concept.placeholder!r}"
+        f"{concept.example_count} photo(s)"
     )
+    return _follow_training(client, concept, job, args)
+
+
+def _follow_training(
+    client: PolarClient, concept: Concept, job: Job | None, args: argparse.Namespace
+) -> int:
+    """Wait for a concept's training (unless --no-wait) and say in words how it went."""
     if job is None or args.no_wait:
         if job is not None:
-            print(f"training job: {job.id}")
+            print(f"training job: {job.id} (`polar concept show {concept.name}` says when ready)")
         return 0
-    _wait(client, job.id, "training", args.timeout)
+    _wait(client, job.id, f"training {concept.name}", args.timeout)
     concept = client.get_concept(concept.id)
-    print(
-        f"state: {concept.state} (version {concept.version}, placeholder {concept.placeholder!r})"
-    )
-    metrics = dict(concept.metrics or {})
-    error = metrics.pop("error", None)
-    for name, value in metrics.items():
-        print(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
-    if concept.retention_score is not None:
-        flag = " (flagged: costs general retrieval)" if concept.retention_flagged else ""
-        print(f"  retention_score: {concept.retention_score:.4f}{flag}")
+    _describe(concept, verbose=args.verbose)
     if concept.state != "ready":
+        error = (concept.metrics or {}).get("error")
         detail = f": {error['message']} ({error['code']})" if isinstance(error, dict) else ""
         raise _CliFailure(f"training {concept.name} failed{detail}")
     return 0
 
 
+def _quality_words(concept: Concept) -> list[str]:
+    """How a trained concept does, in words a person reads (not the raw metrics)."""
+    lines = []
+    metrics = concept.metrics or {}
+    seconds = metrics.get("train_seconds")
+    if concept.state == "ready" and isinstance(seconds, int | float):
+        lines.append(f"learned in {seconds:.1f} s from {concept.example_count} photo(s)")
+    score = concept.retention_score
+    if score is not None:
+        kept = min(100, round(100 * score))
+        if concept.retention_flagged:
+            lines.append(
+                f"warning: searches that name it lose some general search quality (they keep "
+                f"about {kept}%); photos that show it from more sides, or a category, may help"
+            )
+        else:
+            lines.append(f"other searches are unaffected (general search quality kept: {kept}%)")
+    return lines
+
+
+def _describe(concept: Concept, *, verbose: bool = False) -> None:
+    state = {
+        "ready": f'ready: search for "{concept.name} on the beach" and the like',
+        "training": "training (a few seconds)",
+        "failed": "training failed",
+    }.get(concept.state, concept.state)
+    print(f"{concept.name}: {state}")
+    category = f", category {concept.category}" if concept.category else ", no category"
+    print(f"  version {concept.version}, {concept.example_count} photo(s){category}")
+    for line in _quality_words(concept):
+        print(f"  {line}")
+    if verbose:
+        print(f"  id: {concept.id}")
+        print(f"  placeholder (what queries naming it encode): {concept.placeholder!r}")
+        for name, value in (concept.metrics or {}).items():
+            shown = f"{value:.4g}" if isinstance(value, float) else value
+            print(f"  {name}: {shown}")
+        if concept.retention_score is not None:
+            print(f"  retention_score: {concept.retention_score:.3f}")
+
+
+def _find_concept(client: PolarClient, ref: str) -> Concept:
+    """A concept by its name (caseless, as queries match it) or its id."""
+    from app.text import fold
+
+    concepts = client.list_concepts()
+    for concept in concepts:
+        if concept.id == ref:
+            return concept
+    wanted = fold(ref.strip())
+    for concept in concepts:
+        if fold(concept.name) == wanted:
+            return concept
+    known = ", ".join(c.name for c in concepts) or "none yet"
+    raise _CliFailure(f"no concept named {ref!r} (yours: {known})")
+
+
+def _concept_list(client: PolarClient, _args: argparse.Namespace) -> int:
+    concepts = client.list_concepts()
+    if not concepts:
+        print("no concepts yet: `polar concept create NAME PHOTO...` teaches one")
+        return 0
+    width = max(len(c.name) for c in concepts)
+    print(f"{'name':<{width}}  {'state':<8}  {'version':>7}  {'photos':>6}  category")
+    for c in concepts:
+        flag = "  (costs some general search quality)" if c.retention_flagged else ""
+        print(
+            f"{c.name:<{width}}  {c.state:<8}  {c.version:>7}  {c.example_count:>6}  "
+            f"{c.category or '-'}{flag}"
+        )
+    return 0
+
+
+def _concept_show(client: PolarClient, args: argparse.Namespace) -> int:
+    concept = _find_concept(client, args.concept)
+    _describe(concept, verbose=args.verbose)
+    photos = client.concept_photos(concept.id)
+    print(f"  photos ({len(photos)}):")
+    for p in photos:
+        print(f"    {client.base_url}{p.file_url}  ({p.width}x{p.height}, v{p.version_added})")
+    return 0
+
+
+def _concept_rename(client: PolarClient, args: argparse.Namespace) -> int:
+    concept = _find_concept(client, args.concept)
+    renamed, _ = client.update_concept(concept.id, name=args.new_name)
+    print(f"renamed {concept.name} to {renamed.name} (nothing retrains)")
+    return 0
+
+
+def _concept_category(client: PolarClient, args: argparse.Namespace) -> int:
+    concept = _find_concept(client, args.concept)
+    category = None if args.none else args.category
+    if category is None and not args.none:
+        raise _CliFailure("give a CATEGORY, or --none to drop it", exit_code=2)
+    changed, job = client.update_concept(concept.id, category=category)
+    if job is None:
+        print(f"{changed.name}: the category is already {changed.category or 'none'}")
+        return 0
+    print(
+        f"{changed.name}: category {changed.category or 'none'}; retraining as version "
+        f"{changed.version}"
+    )
+    return _follow_training(client, changed, job, args)
+
+
+def _concept_add(client: PolarClient, args: argparse.Namespace) -> int:
+    concept = _find_concept(client, args.concept)
+    photos, _ = _collect(args.photos, recursive=False) if args.photos else ([], [])
+    if not photos and not args.image_id:
+        raise _CliFailure("no photos to add: give image files or --image-id", exit_code=2)
+    changed, job = client.add_concept_photos(concept.id, photos, args.image_id)
+    print(
+        f"{changed.name}: {changed.example_count} photo(s) now; retraining as version "
+        f"{changed.version}"
+    )
+    return _follow_training(client, changed, job, args)
+
+
+def _concept_delete(client: PolarClient, args: argparse.Namespace) -> int:
+    concept = _find_concept(client, args.concept)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _CliFailure(
+                f"not deleting {concept.name} without --yes (no terminal to ask on)", exit_code=2
+            )
+        answer = input(f"delete {concept.name} and its {concept.example_count} photo(s)? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept")
+            return 1
+    client.delete_concept(concept.id)
+    print(f"deleted {concept.name}")
+    return 0
+
+
 def _search(client: PolarClient, args: argparse.Namespace) -> int:
     result = client.search(args.query, args.k, personalize=not args.plain)
+    if result.demo_model:
+        print(
+            "note: the small synthetic demo model is serving (no real CLIP could be loaded): it "
+            "finds only the demo's generated pictures, not real photos. Point "
+            "POLAR_MODEL__PRETRAINED at real weights.",
+            file=sys.stderr,
+        )
     print(f"query: {result.query}")
     print(f"rewritten: {result.rewritten}")
     if result.concepts:
@@ -342,9 +460,10 @@ def _search(client: PolarClient, args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     if result.hits:
         width = max(len(h.filename or "-") for h in result.hits)
-        print(f"{'rank':>4}  {'score':>7}  {'filename':<{width}}  id")
+        print(f"{'rank':>4}  {'score':>5}  {'filename':<{width}}  id / file")
         for h in result.hits:
-            print(f"{h.rank:>4}  {h.score:>7.4f}  {h.filename or '-':<{width}}  {h.image_id}")
+            print(f"{h.rank:>4}  {h.score:>5.3f}  {h.filename or '-':<{width}}  {h.image_id}")
+            print(f"{'':>4}  {'':>5}  {'':<{width}}  {client.base_url}{h.file_url}")
     else:
         print("no results")
     print(f"({result.indexed} image(s) indexed, {result.pending} pending)")
@@ -398,16 +517,65 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     upload.add_argument("--wait", action="store_true", help="wait until they are searchable")
     upload.add_argument("--batch-size", type=int, default=50, help="files per request")
     upload.set_defaults(func=_client_command(_upload))
-    concept = sub.add_parser("concept", help="personal concepts: `polar concept create --help`")
+    concept = sub.add_parser(
+        "concept", help="your concepts: create, list, show, rename, category, add, delete"
+    )
     concept_sub = concept.add_subparsers(dest="concept_command", required=True)
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument("--no-wait", action="store_true", help="return once training is queued")
+    training.add_argument(
+        "-v", "--verbose", action="store_true", help="also the raw training numbers"
+    )
+    ref_help = "the concept's name (any case) or id"
     create = concept_sub.add_parser(
-        "create", parents=[conn], help="teach a concept from 3-13 photos; waits for training"
+        "create",
+        parents=[conn, training],
+        help="teach a concept from 3-13 photos; waits for training",
     )
     create.add_argument("name", help="what queries call it, e.g. Fido")
     create.add_argument("--category", default=None, help='coarse class, e.g. "dog"')
     create.add_argument("photos", nargs="+", metavar="PHOTO", help="photos (or a folder of them)")
-    create.add_argument("--no-wait", action="store_true", help="return once training is queued")
     create.set_defaults(func=_client_command(_concept_create))
+    listing = concept_sub.add_parser("list", parents=[conn], help="your concepts")
+    listing.set_defaults(func=_client_command(_concept_list))
+    show = concept_sub.add_parser(
+        "show", parents=[conn], help="one concept: ready or not, how it does, its photos"
+    )
+    show.add_argument("concept", help=ref_help)
+    show.add_argument("-v", "--verbose", action="store_true", help="also the raw training numbers")
+    show.set_defaults(func=_client_command(_concept_show))
+    rename = concept_sub.add_parser(
+        "rename", parents=[conn], help="give a concept a new name (nothing retrains)"
+    )
+    rename.add_argument("concept", help=ref_help)
+    rename.add_argument("new_name", help="the new name")
+    rename.set_defaults(func=_client_command(_concept_rename))
+    category = concept_sub.add_parser(
+        "category", parents=[conn, training], help="change a concept's category (retrains)"
+    )
+    category.add_argument("concept", help=ref_help)
+    category.add_argument("category", nargs="?", default=None, help='e.g. "dog"')
+    category.add_argument("--none", action="store_true", help="drop the category")
+    category.set_defaults(func=_client_command(_concept_category))
+    add = concept_sub.add_parser(
+        "add", parents=[conn, training], help="teach a concept from more photos (retrains)"
+    )
+    add.add_argument("concept", help=ref_help)
+    add.add_argument("photos", nargs="*", metavar="PHOTO", help="photos (or a folder of them)")
+    add.add_argument(
+        "--image-id",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an image already in your library (repeatable)",
+    )
+    add.set_defaults(func=_client_command(_concept_add))
+    delete = concept_sub.add_parser(
+        "delete", parents=[conn], help="delete a concept and its photos (asks first)"
+    )
+    delete.add_argument("concept", help=ref_help)
+    delete.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    delete.set_defaults(func=_client_command(_concept_delete))
     index = sub.add_parser(
         "index", parents=[conn], help="what the serving model can search; --rebuild to re-embed"
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -24,6 +25,7 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )
 DONE_STATES = frozenset({"succeeded", "failed"})
+DEMO_MODEL_NAME = "polar-demo"  # app.ml.model.DEMO_MODEL_NAME (this module imports no app code)
 
 
 class PolarAPIError(Exception):
@@ -164,6 +166,31 @@ class Concept:
 
 
 @dataclass(frozen=True)
+class ConceptPhoto:
+    """One photo a concept was taught from (GET /concepts/{id}/examples)."""
+
+    id: str
+    mime: str
+    width: int
+    height: int
+    version_added: int
+    file_url: str
+    thumbnail_url: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ConceptPhoto:
+        return cls(
+            d["id"],
+            d["mime"],
+            int(d["width"]),
+            int(d["height"]),
+            int(d["version_added"]),
+            d["file_url"],
+            d["thumbnail_url"],
+        )
+
+
+@dataclass(frozen=True)
 class IndexStatus:
     """GET /index: how much of the library the serving model can search."""
 
@@ -209,6 +236,7 @@ class SearchHit:
     image_id: str
     filename: str | None
     thumbnail_url: str
+    file_url: str
 
 
 @dataclass(frozen=True)
@@ -225,6 +253,11 @@ class SearchResult:
     pending: int
     warnings: list[str]
 
+    @property
+    def demo_model(self) -> bool:
+        """Whether the bundled synthetic demo model answered (it knows nothing of real photos)."""
+        return self.model.split("/", 1)[0] == DEMO_MODEL_NAME
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SearchResult:
         hits = [
@@ -234,6 +267,7 @@ class SearchResult:
                 h["image"]["id"],
                 h["image"].get("filename"),
                 h["image"]["thumbnail_url"],
+                h["image"]["file_url"],
             )
             for h in d["hits"]
         ]
@@ -415,7 +449,9 @@ class PolarClient:
             files = [
                 ("files", (p.name, stack.enter_context(p.open("rb")), _mime(p))) for p in batch
             ]
-            return self._request("POST", "/images", files=files)
+            # When each photo was taken, if its EXIF does not say: the file's time here.
+            times = [str(int(p.stat().st_mtime * 1000)) for p in batch]
+            return self._request("POST", "/images", files=files, data={"modified_at": times})
 
     # -- jobs --
 
@@ -458,7 +494,58 @@ class PolarClient:
         return Concept.from_json(body["concept"]), job
 
     def get_concept(self, concept_id: str) -> Concept:
-        return Concept.from_json(self._request("GET", f"/concepts/{concept_id}"))
+        return Concept.from_json(self._request("GET", f"/concepts/{_seg(concept_id)}"))
+
+    def list_concepts(self, page_size: int = 200) -> list[Concept]:
+        """Every concept, oldest first (all pages)."""
+        out: list[Concept] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if cursor:
+                params["cursor"] = cursor
+            body = self._request("GET", "/concepts", params=params)
+            out.extend(Concept.from_json(c) for c in body["items"])
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return out
+
+    def concept_photos(self, concept_id: str) -> list[ConceptPhoto]:
+        """GET /concepts/{id}/examples: the photos it was taught from."""
+        body = self._request("GET", f"/concepts/{_seg(concept_id)}/examples")
+        return [ConceptPhoto.from_json(p) for p in body["items"]]
+
+    def update_concept(
+        self, concept_id: str, *, name: str | None = None, category: str | bool | None = False
+    ) -> tuple[Concept, Job | None]:
+        """PATCH /concepts/{id}: a new `name` (no retraining) and/or a new `category` (a string,
+        or None to drop it; retrains). `category=False` leaves it as it is. The job is None when
+        nothing retrains."""
+        body: dict[str, Any] = {} if name is None else {"name": name}
+        if category is not False:
+            body["category"] = category
+        answer = self._request("PATCH", f"/concepts/{_seg(concept_id)}", json=body)
+        job = Job.from_json(answer["job"]) if answer.get("job") else None
+        return Concept.from_json(answer["concept"]), job
+
+    def add_concept_photos(
+        self, concept_id: str, photos: Sequence[Path] = (), image_ids: Sequence[str] = ()
+    ) -> tuple[Concept, Job]:
+        """POST /concepts/{id}/examples: local photos and/or library images; a new version."""
+        with ExitStack() as stack:
+            files = [
+                ("files", (p.name, stack.enter_context(p.open("rb")), _mime(p))) for p in photos
+            ]
+            body = self._request(
+                "POST",
+                f"/concepts/{_seg(concept_id)}/examples",
+                data={"image_ids": list(image_ids)} if image_ids else None,
+                files=files or None,
+            )
+        return Concept.from_json(body["concept"]), Job.from_json(body["job"])
+
+    def delete_concept(self, concept_id: str) -> None:
+        self._request("DELETE", f"/concepts/{_seg(concept_id)}")
 
     # -- index --
 
@@ -478,6 +565,11 @@ class PolarClient:
         """GET /search: your concepts' names in `q` personalise it unless `personalize=False`."""
         params = {"q": q, "k": k, "offset": offset, "personalize": str(personalize).lower()}
         return SearchResult.from_json(self._request("GET", "/search", params=params))
+
+
+def _seg(value: str) -> str:
+    """An id as one URL path segment."""
+    return quote(value, safe="")
 
 
 def _max_files(error: PolarAPIError) -> int | None:

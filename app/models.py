@@ -176,7 +176,10 @@ class Image(Base):
     # when asked for (search re-ranking reads them for its top candidates).
     region_embeddings: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     region_layout: Mapped[str | None] = mapped_column(String(32))  # app.ml.regions.LAYOUTS key
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the photo was taken: EXIF DateTimeOriginal, else the file's modification time the
+    # client sent, else the upload time. Search filters by it (taken_after / taken_before).
+    taken_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)  # uploaded
 
 
 class Concept(Base):

@@ -137,6 +137,20 @@ def list_images_page(
     )
 
 
+def get_images(*, db_session: Session, user_id: str, image_ids: Sequence[str]) -> dict[str, Image]:
+    """id -> the user's image, for those of `image_ids` that exist and are the user's."""
+    ids = list(dict.fromkeys(image_ids))
+    found: dict[str, Image] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        query = (
+            select(Image)
+            .options(defer(Image.embedding))
+            .where(Image.user_id == user_id, Image.id.in_(ids[start : start + _IN_CHUNK]))
+        )
+        found.update((img.id, img) for img in db_session.scalars(query))
+    return found
+
+
 def storage_path_in_use(*, db_session: Session, storage_path: str) -> bool:
     """Whether any row (any user, image or concept example) still points at this file."""
     in_images = exists().where(Image.storage_path == storage_path)
@@ -302,6 +316,34 @@ def example_hashes(*, db_session: Session, concept_id: str) -> set[str]:
     )
 
 
+def list_examples(*, db_session: Session, concept_id: str) -> list[ConceptExample]:
+    """A concept's photos, oldest first, without their embeddings."""
+    query = (
+        select(ConceptExample)
+        .options(defer(ConceptExample.embedding))
+        .where(ConceptExample.concept_id == concept_id)
+        .order_by(ConceptExample.created_at, ConceptExample.id)
+    )
+    return list(db_session.scalars(query))
+
+
+def get_example(
+    *, db_session: Session, user_id: str, concept_id: str, example_id: str
+) -> ConceptExample | None:
+    """One photo of one of the user's concepts (None for a missing or foreign id)."""
+    query = (
+        select(ConceptExample)
+        .options(defer(ConceptExample.embedding))
+        .join(Concept, Concept.id == ConceptExample.concept_id)
+        .where(
+            ConceptExample.id == example_id,
+            ConceptExample.concept_id == concept_id,
+            Concept.user_id == user_id,
+        )
+    )
+    return db_session.scalar(query)
+
+
 def example_storage_paths(*, db_session: Session, concept_id: str) -> list[str]:
     """The stored files of a concept's photos, sorted."""
     return sorted(
@@ -421,14 +463,21 @@ def filtered_vec_ids(
     user_id: str,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
+    taken_after: datetime | None = None,
+    taken_before: datetime | None = None,
     mime: Sequence[str] = (),
 ) -> list[int]:
-    """Vec ids of the user's images created in [after, before) with one of the MIME types."""
+    """Vec ids of the user's images uploaded and taken in the [after, before) ranges given, with
+    one of the MIME types."""
     query = select(Image.vec_id).where(Image.user_id == user_id)
     if created_after:
         query = query.where(Image.created_at >= created_after)
     if created_before:
         query = query.where(Image.created_at < created_before)
+    if taken_after:
+        query = query.where(Image.taken_at >= taken_after)
+    if taken_before:
+        query = query.where(Image.taken_at < taken_before)
     if mime:
         query = query.where(Image.mime.in_(list(mime)))
     return list(db_session.scalars(query))

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.config import MAX_CONCEPT_IDS
-from app.models import Image, Job
+from app.models import ConceptExample, Image, Job
 from app.text import clean_text
 
 _IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
@@ -103,6 +103,7 @@ class ImageOut(BaseModel):
                     "height": 1200,
                     "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
                     "embedded": False,
+                    "taken_at": "2024-08-14T09:21:05Z",
                     "created_at": _TS,
                     "file_url": f"/images/{_IMAGE_ID}/file",
                     "thumbnail_url": f"/images/{_IMAGE_ID}/thumbnail",
@@ -119,7 +120,11 @@ class ImageOut(BaseModel):
     height: int
     sha256: str = Field(description="hex digest of the original bytes")
     embedded: bool = Field(description="true once the embed job has indexed it for search")
-    created_at: datetime
+    taken_at: datetime = Field(
+        description="when the photo was taken: EXIF DateTimeOriginal, else the file time sent "
+        "with the upload (`modified_at`), else the upload time"
+    )
+    created_at: datetime = Field(description="when it was uploaded")
     file_url: str
     thumbnail_url: str
 
@@ -136,6 +141,7 @@ class ImageOut(BaseModel):
             sha256=image.sha256,
             # Set together with the embedding; reading it does not load the 2-4 KB vector.
             embedded=image.embedding_model is not None,
+            taken_at=image.taken_at,
             created_at=image.created_at,
             file_url=f"/images/{image.id}/file",
             thumbnail_url=f"/images/{image.id}/thumbnail",
@@ -228,6 +234,12 @@ class SearchFiltersIn(BaseModel):
         description="uploaded at or after (ISO 8601; without a zone UTC, a date alone midnight)",
     )
     created_before: UtcDateTime | None = Field(None, description="uploaded before (as above)")
+    taken_after: UtcDateTime | None = Field(
+        None,
+        description="taken at or after (the image's `taken_at`: EXIF DateTimeOriginal, else the "
+        "file time sent with the upload, else the upload time; same format as above)",
+    )
+    taken_before: UtcDateTime | None = Field(None, description="taken before (as above)")
     mime: list[Annotated[CleanStr, Field(max_length=100)]] = Field(
         default_factory=list, max_length=20, description="e.g. ['image/jpeg']"
     )
@@ -412,6 +424,44 @@ class ConceptPage(BaseModel):
 
     items: list[ConceptOut]
     next_cursor: str | None = Field(description="null on the last page")
+
+
+class ConceptExampleOut(BaseModel):
+    """One photo a concept was taught from."""
+
+    id: str
+    concept_id: str
+    mime: str
+    width: int = Field(description="pixels, after EXIF orientation")
+    height: int
+    sha256: str = Field(description="hex digest of the original bytes")
+    version_added: int = Field(description="the concept version this photo came with")
+    created_at: datetime
+    file_url: str
+    thumbnail_url: str
+
+    @classmethod
+    def from_model(cls, example: ConceptExample) -> ConceptExampleOut:
+        """Build from the ORM row."""
+        base = f"/concepts/{example.concept_id}/examples/{example.id}"
+        return cls(
+            id=example.id,
+            concept_id=example.concept_id,
+            mime=example.mime,
+            width=example.width,
+            height=example.height,
+            sha256=example.sha256,
+            version_added=example.version_added,
+            created_at=example.created_at,
+            file_url=f"{base}/file",
+            thumbnail_url=f"{base}/thumbnail",
+        )
+
+
+class ConceptExampleList(BaseModel):
+    """GET /concepts/{id}/examples: every photo of the concept (at most training.max_photos)."""
+
+    items: list[ConceptExampleOut]
 
 
 class ConceptJobResponse(BaseModel):

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -70,6 +71,7 @@ class StagedImage:
     height: int
     filename: str | None  # sanitised display name, never used in a path
     thumbnail: bytes  # WebP
+    taken_at: datetime | None = None  # EXIF DateTimeOriginal, aware (UTC unless EXIF says)
 
     @property
     def mime(self) -> str:
@@ -192,7 +194,7 @@ class ImageStore:
                 sha, size = _copy_limited(stream, out, max_bytes)
             if size == 0:
                 raise InvalidImage("the file is empty (0 bytes)")
-            fmt, width, height, thumb = _inspect(tmp, max_pixels)
+            fmt, width, height, thumb, taken_at = _inspect(tmp, max_pixels)
             return StagedImage(
                 temp_path=tmp,
                 sha256=sha,
@@ -202,6 +204,7 @@ class ImageStore:
                 height=height,
                 filename=display_filename(filename),
                 thumbnail=thumb,
+                taken_at=taken_at,
             )
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -271,8 +274,43 @@ def _copy_limited(stream: BinaryStream, out: BinaryIO, max_bytes: int) -> tuple[
     return digest.hexdigest(), size
 
 
-def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int, bytes]:
-    """Fully decode the first frame: (format, width, height, thumbnail) after EXIF orientation."""
+_EXIF_IFD = 0x8769
+_DATETIME_ORIGINAL = 0x9003
+_OFFSET_TIME_ORIGINAL = 0x9011
+_DATETIME = 0x0132  # IFD0 "DateTime": when the file was last changed by the camera or an editor
+
+
+def exif_taken_at(img: Image.Image) -> datetime | None:
+    """When the photo was taken, from EXIF DateTimeOriginal ("2024:06:01 14:30:00").
+
+    EXIF times are local wall-clock times; OffsetTimeOriginal ("+02:00"), when the camera wrote
+    it, places them; without it they are taken as UTC. None when absent or unreadable.
+    """
+    try:
+        exif = img.getexif()
+        sub = exif.get_ifd(_EXIF_IFD)
+        raw = sub.get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
+        if not isinstance(raw, str):
+            return None
+        stamp = datetime.strptime(raw.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
+        zone: timezone = UTC
+        offset = sub.get(_OFFSET_TIME_ORIGINAL)
+        match = (
+            re.fullmatch(r"([+-])(\d\d):(\d\d)", offset.strip("\x00 "))
+            if isinstance(offset, str)
+            else None
+        )
+        if match:
+            minutes = int(match[2]) * 60 + int(match[3])
+            zone = timezone(timedelta(minutes=minutes if match[1] == "+" else -minutes))
+        return stamp.replace(tzinfo=zone).astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, KeyError, SyntaxError, OSError):
+        return None  # a broken EXIF block never rejects a photo that decodes
+
+
+def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int, bytes, datetime | None]:
+    """Fully decode the first frame: (format, width, height, thumbnail, taken_at) after EXIF
+    orientation."""
     allowed = ", ".join(ALLOWED_FORMATS)
     try:
         with Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
@@ -285,6 +323,7 @@ def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int, bytes]:
                     detail={"width": img.width, "height": img.height, "max_pixels": max_pixels},
                 )
             img.load()  # full decode: truncated and corrupt files fail here, not later
+            taken_at = exif_taken_at(img)
             upright = ImageOps.exif_transpose(img)
             width, height = upright.size
             thumb = _make_thumbnail(upright)
@@ -300,4 +339,4 @@ def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int, bytes]:
         raise InvalidImage(f"not an image (or not one of {allowed})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidImage(f"the image cannot be decoded (truncated or corrupt): {e}") from e
-    return fmt, width, height, thumb
+    return fmt, width, height, thumb, taken_at

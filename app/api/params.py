@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Path, Query
+from fastapi import Form, Path, Query
+from pydantic import Field
 
 from app.schemas import CURSOR_DOC, CURSOR_MAX_CHARS, CURSOR_PATTERN, ID_MAX_CHARS, CleanStr
 
@@ -24,6 +25,21 @@ def object_id(what: str) -> object:
 ImageId = Annotated[CleanStr, object_id("image")]
 ConceptId = Annotated[CleanStr, object_id("concept")]
 JobId = Annotated[CleanStr, object_id("job")]
+ExampleId = Annotated[CleanStr, object_id("concept photo")]
+
+# Library images named in a form (repeat the field once per id); at most what one request may
+# carry in photos anyway (the service answers too_many_photos beyond training.max_photos).
+MAX_FORM_IDS = 100
+LibraryImageIds = Annotated[
+    list[Annotated[CleanStr, Field(max_length=ID_MAX_CHARS)]] | None,
+    Form(
+        max_length=MAX_FORM_IDS,
+        description=(
+            "ids of images already in your library to use as photos of the concept (repeat the "
+            "field once per id; their files are shared, not copied); with `files`, 3-13 in all"
+        ),
+    ),
+]
 
 PageLimit = Annotated[int, Query(ge=1, le=PAGE_MAX, description=f"page size, 1 to {PAGE_MAX}")]
 # The pattern is documented, not enforced here: the service answers `invalid_cursor` for any

@@ -35,8 +35,10 @@ from typing import Any
 import httpx
 from PIL import Image, ImageDraw
 
+from app.client import Job
 from app.demo.world import CATEGORIES, SCENES, Instance, World
 from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path
+from app.progress import JobProgress
 
 FIDO_CATEGORY = "hat"
 FIDO_INDEX = 4  # which reserved instance of the world plays Fido (a pink and blue striped hat)
@@ -193,19 +195,18 @@ def _polar(*args: str, env: dict[str, str]) -> str:
 
 
 def _wait_job(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
-    last = -1.0
-    while True:
-        job = client.get(f"/jobs/{job_id}").raise_for_status().json()
-        if job["progress"] != last:
-            last = job["progress"]
-            bar = "#" * int(30 * last)
-            print(f"\r  {label}: [{bar:<30}] {100 * last:5.1f}% {job['state']:<9}", end="")
-        if job["state"] in ("succeeded", "failed"):
-            print()
-            if job["state"] == "failed":
-                raise SystemExit(f"{label} failed: {job['error']}")
-            return dict(job)
-        time.sleep(0.1)
+    """Poll a job to its end; a bar on a terminal, one finished line in a log (app.progress)."""
+    sys.stdout.flush()  # the bar writes through its own handle: keep the lines in order
+    with JobProgress(f"  {label}", file=sys.stdout) as progress:
+        while True:
+            job = client.get(f"/jobs/{job_id}").raise_for_status().json()
+            progress(Job.from_json(job))
+            if job["state"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.1)
+    if job["state"] == "failed":
+        raise SystemExit(f"{label} failed: {job['error']}")
+    return dict(job)
 
 
 Row = tuple[str, str, float]  # image id, filename, score
@@ -408,9 +409,13 @@ def _register(client: httpx.Client, name: str, category: str, photos: list[bytes
     _wait_job(client, created["job"]["id"], f"training {name}")
     concept = client.get(f"/concepts/{created['concept']['id']}").raise_for_status().json()
     m = concept["metrics"] or {}
+    retention = concept["retention_score"]
+    kept = ""
+    if retention is not None:  # 1.0 = all of plain CLIP's general retrieval kept
+        kept = f", general search quality kept: {min(100, round(100 * retention))}%"
     print(
         f"  ready: version {concept['version']}, placeholder {concept['placeholder']!r}, "
-        f"{m.get('train_seconds', 0):.2f} s, retention {concept['retention_score']}"
+        f"learned in {m.get('train_seconds', 0):.1f} s{kept}"
     )
 
 

@@ -7,7 +7,9 @@ on). Renaming alone retrains nothing: the name is only matched in queries, never
 
 Photos are stored like library images (content-addressed, validated by ImageStore.stage) and are
 all-or-nothing: one bad photo rejects the request and nothing of it is stored. A photo sent twice
-counts once.
+counts once. Photos can also be images already in the user's library (`image_ids`): the concept
+photo then shares the library image's stored file (nothing is copied; a file is deleted only
+when no row uses it any more).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from app.errors import (
 )
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import placeholder_phrase
-from app.models import Concept, ConceptExample, ConceptState, Job, JobKind, new_id
+from app.models import Concept, ConceptExample, ConceptState, Image, Job, JobKind, new_id
 from app.services import jobs
 from app.services.images import IncomingFile, delete_unused_files, stage_all
 from app.services.jobs import JobQueue, enqueue_committed
@@ -163,39 +165,57 @@ def _view(db_session: Session, concept: Concept) -> ConceptView:
 # --- photos -------------------------------------------------------------------------------------
 
 
-def _distinct(staged: Iterable[StagedImage], known: set[str]) -> list[StagedImage]:
+Photo = StagedImage | Image  # an upload to store, or a library image whose file is shared
+
+
+def _distinct(photos: Iterable[Photo], known: set[str]) -> list[Photo]:
     """The photos whose content is not in `known` nor earlier in the list."""
     seen = set(known)
     out = []
-    for s in staged:
-        if s.sha256 not in seen:
-            seen.add(s.sha256)
-            out.append(s)
+    for p in photos:
+        if p.sha256 not in seen:
+            seen.add(p.sha256)
+            out.append(p)
     return out
+
+
+def library_photos(db_session: Session, user_id: str, image_ids: Sequence[str]) -> list[Image]:
+    """The user's library images by id, in the order asked; NotFound if one is missing/foreign."""
+    found = repositories.get_images(db_session=db_session, user_id=user_id, image_ids=image_ids)
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        raise NotFound(
+            f"image not found: {missing[0]}" if len(missing) == 1 else "images not found",
+            detail={"image_ids": missing},
+        )
+    return [found[i] for i in image_ids]
 
 
 def _add_examples(
     db_session: Session,
     store: ImageStore,
     concept_id: str,
-    photos: Sequence[StagedImage],
+    photos: Sequence[Photo],
     version: int,
     created_paths: list[str],
 ) -> None:
-    """Move the photos into the store and add their rows (appends new files to created_paths)."""
-    for s in photos:
-        storage_path, created = store.commit(s)
-        if created:
-            created_paths.append(storage_path)
+    """Store the photos and add their rows (appends new files to created_paths)."""
+    for p in photos:
+        if isinstance(p, Image):
+            storage_path = p.storage_path  # the library's file, shared
+        else:
+            storage_path, created = store.commit(p)
+            if created:
+                created_paths.append(storage_path)
         db_session.add(
             ConceptExample(
                 id=new_id(),
                 concept_id=concept_id,
-                sha256=s.sha256,
+                sha256=p.sha256,
                 storage_path=storage_path,
-                mime=s.mime,
-                width=s.width,
-                height=s.height,
+                mime=p.mime,
+                width=p.width,
+                height=p.height,
                 version_added=version,
             )
         )
@@ -233,16 +253,22 @@ def create_concept(
     training: TrainingSettings,
     limits: LimitSettings,
     queue: JobQueue,
+    image_ids: Sequence[str] = (),
 ) -> ConceptChange:
-    """Store a new concept (version 1, `training`) with its photos and queue its training."""
+    """Store a new concept (version 1, `training`) with its photos and queue its training.
+
+    The photos are the uploaded `files` and the user's library images `image_ids`, together.
+    """
     name, category = clean_name(name), clean_category(category)
-    if not training.min_photos <= len(files) <= training.max_photos:
-        raise _photo_range_error(len(files), training, "got")
+    sent = len(files) + len(image_ids)
+    if not training.min_photos <= sent <= training.max_photos:
+        raise _photo_range_error(sent, training, "got")
     _check_name_free(db_session, user_id, name)
+    library = library_photos(db_session, user_id, image_ids)
     staged = stage_all(files, store, limits)
     created_paths: list[str] = []
     try:
-        photos = _distinct(staged, set())
+        photos = _distinct([*staged, *library], set())
         if len(photos) < training.min_photos:
             raise _photo_range_error(len(photos), training, "got (duplicates count once)")
         concept = Concept(
@@ -286,6 +312,24 @@ def list_concepts(
 def get_concept(user_id: str, concept_id: str, *, db_session: Session) -> ConceptView:
     """One of the user's concepts; NotFound for a missing or foreign id alike."""
     return _view(db_session, _get(db_session, user_id, concept_id))
+
+
+def list_examples(user_id: str, concept_id: str, *, db_session: Session) -> list[ConceptExample]:
+    """The photos one of the user's concepts was taught from, oldest first."""
+    concept = _get(db_session, user_id, concept_id)
+    return repositories.list_examples(db_session=db_session, concept_id=concept.id)
+
+
+def get_example(
+    user_id: str, concept_id: str, example_id: str, *, db_session: Session
+) -> ConceptExample:
+    """One photo of one of the user's concepts; NotFound for a missing or foreign id alike."""
+    example = repositories.get_example(
+        db_session=db_session, user_id=user_id, concept_id=concept_id, example_id=example_id
+    )
+    if example is None:
+        raise NotFound.of("concept photo")
+    return example
 
 
 def update_concept(
@@ -334,19 +378,28 @@ def add_examples(
     training: TrainingSettings,
     limits: LimitSettings,
     queue: JobQueue,
+    image_ids: Sequence[str] = (),
 ) -> ConceptChange:
-    """Add photos (a new version trains on all of them); the total stays within max_photos."""
+    """Add photos (a new version trains on all of them); the total stays within max_photos.
+
+    The photos are the uploaded `files` and the user's library images `image_ids`, together.
+    """
     _get(db_session, user_id, concept_id)  # 404 before reading any upload
-    if not files:
-        raise ValidationFailed("send at least one photo in the form field 'files'")
-    if len(files) > training.max_photos:
-        raise _photo_range_error(len(files), training, "this request sends")
+    sent = len(files) + len(image_ids)
+    if not sent:
+        raise ValidationFailed(
+            "send at least one photo: files in the form field 'files' or library images in "
+            "'image_ids'"
+        )
+    if sent > training.max_photos:
+        raise _photo_range_error(sent, training, "this request sends")
+    library = library_photos(db_session, user_id, image_ids)
     staged = stage_all(files, store, limits)
     created_paths: list[str] = []
     try:
         concept = _get(db_session, user_id, concept_id, lock=True)
         known = repositories.example_hashes(db_session=db_session, concept_id=concept.id)
-        photos = _distinct(staged, known)
+        photos = _distinct([*staged, *library], known)
         if not photos:
             raise ValidationFailed(
                 "every photo sent is already a photo of this concept", code="no_new_photos"

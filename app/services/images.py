@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -27,7 +28,7 @@ from app.errors import (
     UploadRejected,
     ValidationFailed,
 )
-from app.models import Image, Job, JobKind
+from app.models import Image, Job, JobKind, utcnow
 from app.repositories import Page
 from app.services.jobs import JobQueue, enqueue_committed
 from app.storage import BinaryStream, ImageStore, StagedImage, display_filename
@@ -41,6 +42,7 @@ class IncomingFile:
 
     filename: str | None
     stream: BinaryStream
+    modified_at: datetime | None = None  # the file's time on the client's disk, if it sent one
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def upload_images(
         )
     staged = stage_all(files, store, limits)
     try:
-        outcome = _persist(user_id, staged, db_session=db_session, store=store)
+        taken = [s.taken_at or f.modified_at for s, f in zip(staged, files, strict=True)]
+        outcome = _persist(user_id, staged, taken, db_session=db_session, store=store)
     finally:
         for s in staged:
             store.discard(s)  # no-op for the committed ones
@@ -117,14 +120,20 @@ def stage_all(
 
 
 def _persist(
-    user_id: str, staged: Sequence[StagedImage], *, db_session: Session, store: ImageStore
+    user_id: str,
+    staged: Sequence[StagedImage],
+    taken: Sequence[datetime | None],
+    *,
+    db_session: Session,
+    store: ImageStore,
 ) -> UploadOutcome:
     """Move files into place and insert rows in one transaction; undo the files on failure."""
+    now = utcnow()
     created_paths: list[str] = []
     by_sha: dict[str, Image] = {}
     results: list[UploadedImage] = []
     try:
-        for s in staged:
+        for s, taken_at in zip(staged, taken, strict=True):
             # Committing a duplicate too restores its file if it went missing.
             storage_path, created = store.commit(s)
             if created:
@@ -146,6 +155,8 @@ def _persist(
                 width=s.width,
                 height=s.height,
                 storage_path=storage_path,
+                taken_at=taken_at or now,
+                created_at=now,
             )
             db_session.add(image)
             by_sha[s.sha256] = image

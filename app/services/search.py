@@ -51,13 +51,21 @@ __all__ = [
 class SearchFilters:
     """Restrict hits to images matching all given conditions."""
 
-    created_after: datetime | None = None
+    created_after: datetime | None = None  # uploaded
     created_before: datetime | None = None
+    taken_after: datetime | None = None  # the photo was taken (Image.taken_at)
+    taken_before: datetime | None = None
     mime: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
-        return bool(self.created_after or self.created_before or self.mime)
+        return bool(
+            self.created_after
+            or self.created_before
+            or self.taken_after
+            or self.taken_before
+            or self.mime
+        )
 
 
 @dataclass(frozen=True)
@@ -415,6 +423,8 @@ def _filtered_vec_ids(db_session: Session, user_id: str, filters: SearchFilters)
         user_id=user_id,
         created_after=filters.created_after,
         created_before=filters.created_before,
+        taken_after=filters.taken_after,
+        taken_before=filters.taken_before,
         mime=filters.mime,
     )
     return np.asarray(ids, dtype=np.int64)

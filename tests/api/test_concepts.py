@@ -274,7 +274,7 @@ def test_photo_bounds_come_from_settings(tiny_settings):
 
 def test_create_without_files_is_422(client, user):
     r = client.post("/concepts", data={"name": "Fido"}, headers=user.headers)
-    assert_error(r, 422, "validation_failed")
+    assert "got 0" in assert_error(r, 422, "too_few_photos")["message"]
 
 
 @pytest.mark.parametrize(
@@ -523,7 +523,7 @@ def test_bad_extra_photo_stores_nothing(client, user):
 def test_examples_without_files_is_422(client, user):
     c = create(client, user).json()["concept"]
     r = client.post(f"/concepts/{c['id']}/examples", headers=user.headers)
-    assert_error(r, 422, "validation_failed")
+    assert "image_ids" in assert_error(r, 422, "validation_failed")["message"]
 
 
 # -- delete ------------------------------------------------------------------------------------
@@ -736,3 +736,150 @@ def test_demo_model_learns_a_world_instance(db_settings: Settings):
         assert got["metrics"]["final_loss"] > 0
         training.train_concept(context(c, job_id))  # delivered twice
         assert count(c, Adapter) == 1
+
+
+# -- photos: listed, served, and taken from the library -----------------------------------------
+
+
+def library(client: TestClient, user: ApiUser, n: int, start: int = 100) -> list[str]:
+    """Upload n library images; their ids."""
+    r = client.post("/images", files=photos(n, start), headers=user.headers)
+    assert r.status_code == 202, r.text
+    return [i["id"] for i in r.json()["images"]]
+
+
+def test_photos_are_listed_with_thumbnails_and_files(client, user):
+    c = trained(client, user, files=photos(3))
+    r = client.get(f"/concepts/{c['id']}/examples", headers=user.headers)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert len(items) == 3 and {i["version_added"] for i in items} == {1}
+    first = items[0]
+    assert first["thumbnail_url"] == f"/concepts/{c['id']}/examples/{first['id']}/thumbnail"
+    thumb = client.get(first["thumbnail_url"], headers=user.headers)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(thumb.content)).size == (40, 36)
+    original = client.get(first["file_url"], headers=user.headers)
+    assert original.status_code == 200 and original.headers["content-type"] == "image/png"
+    assert {photo(i) for i in range(3)} >= {original.content}
+
+
+def test_foreign_and_unknown_photo_ids_are_the_same_404(client, user):
+    bob = create_api_user(client, "bob")
+    theirs = trained(client, bob, name="Rex", files=photos(3))
+    mine = trained(client, user, files=photos(3, 10))
+    their_photo = client.get(f"/concepts/{theirs['id']}/examples", headers=bob.headers).json()
+    my_photo = client.get(f"/concepts/{mine['id']}/examples", headers=user.headers).json()
+    tid, mid = their_photo["items"][0]["id"], my_photo["items"][0]["id"]
+    unknown = "00000000-0000-4000-8000-000000000000"
+    concept_404 = [
+        f"/concepts/{theirs['id']}/examples",
+        f"/concepts/{unknown}/examples",
+    ]
+    for path in concept_404:
+        err = assert_error(client.get(path, headers=user.headers), 404, "not_found")
+        assert err == {"code": "not_found", "message": "concept not found"}
+    photo_404 = [
+        f"/concepts/{theirs['id']}/examples/{tid}/thumbnail",
+        f"/concepts/{mine['id']}/examples/{tid}/thumbnail",  # their photo under my concept
+        f"/concepts/{mine['id']}/examples/{unknown}/file",
+        f"/concepts/{theirs['id']}/examples/{mid}/file",
+    ]
+    answers = [client.get(p, headers=user.headers) for p in photo_404]
+    assert len({(a.status_code, a.content) for a in answers}) == 1, [a.text for a in answers]
+    assert_error(answers[0], 404, "not_found")
+
+
+def test_a_concept_from_library_images_shares_their_files(client, user):
+    ids = library(client, user, 3)
+    files_before = stored_files(client)
+    r = client.post(
+        "/concepts",
+        data={"name": "Fido", "category": "dog", "image_ids": ids},
+        headers=user.headers,
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["concept"]["example_count"] == 3
+    assert wait_job(client, user, r.json()["job"]["id"])["state"] == "succeeded"
+    assert stored_files(client) == files_before  # nothing copied
+    cid = r.json()["concept"]["id"]
+    assert get(client, user, cid)["state"] == "ready"
+    with client.app.state.session_factory() as s:
+        paths = {e.storage_path for e in s.scalars(select(ConceptExample))}
+        assert paths == set(s.scalars(select(ImageRow.storage_path)))
+    # Deleting the library images keeps the concept's photos (and the other way round).
+    for image_id in ids:
+        assert client.delete(f"/images/{image_id}", headers=user.headers).status_code == 204
+    assert stored_files(client) == files_before
+    assert client.delete(f"/concepts/{cid}", headers=user.headers).status_code == 204
+    assert stored_files(client) == []
+
+
+def test_uploads_and_library_images_mix_and_count_once(client, user):
+    ids = library(client, user, 2)
+    # p100 again as an upload: the same content as ids[0], so three distinct photos in all.
+    files = [("files", ("again.png", photo(100), "image/png")), *photos(1, 7)]
+    r = client.post(
+        "/concepts",
+        data={"name": "Fido", "image_ids": ids},
+        files=files,
+        headers=user.headers,
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["concept"]["example_count"] == 3
+
+
+@pytest.mark.usefixtures("manual_jobs")
+def test_this_is_fido_adds_library_images_as_a_new_version(client, user):
+    c = create(client, user, files=photos(3)).json()["concept"]
+    ids = library(client, user, 2)
+    r = client.post(f"/concepts/{c['id']}/examples", data={"image_ids": ids}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["concept"]["version"] == 2 and body["concept"]["example_count"] == 5
+    listed = client.get(f"/concepts/{c['id']}/examples", headers=user.headers).json()["items"]
+    assert [i["version_added"] for i in listed] == [1, 1, 1, 2, 2]
+    # The same library images again: nothing new.
+    again = client.post(
+        f"/concepts/{c['id']}/examples", data={"image_ids": ids}, headers=user.headers
+    )
+    assert_error(again, 422, "no_new_photos")
+
+
+@pytest.mark.usefixtures("manual_jobs")
+def test_unknown_or_foreign_library_images_are_404_and_change_nothing(client, user):
+    bob = create_api_user(client, "bob")
+    theirs = library(client, bob, 1, start=200)
+    mine = library(client, user, 3)
+    c = create(client, user, files=photos(3)).json()["concept"]
+    unknown = "00000000-0000-4000-8000-000000000000"
+    answers = []
+    for bad in (theirs[0], unknown):
+        r = client.post(
+            "/concepts",
+            data={"name": "Rex", "image_ids": [*mine[:2], bad]},
+            headers=user.headers,
+        )
+        answers.append(assert_error(r, 404, "not_found"))
+        r = client.post(
+            f"/concepts/{c['id']}/examples", data={"image_ids": [bad]}, headers=user.headers
+        )
+        answers.append(assert_error(r, 404, "not_found"))
+    # Each answer names the id the caller sent, and nothing else differs.
+    assert answers[0]["detail"] == {"image_ids": [theirs[0]]}
+    assert answers[2]["detail"] == {"image_ids": [unknown]}
+    assert {a["message"].split(": ")[0] for a in answers} == {"image not found"}
+    assert count(client, Concept) == 1
+    assert get(client, user, c["id"])["version"] == 1
+
+
+def test_library_photo_counts_are_checked_like_uploads(client, user):
+    ids = library(client, user, 2)
+    r = client.post("/concepts", data={"name": "Fido", "image_ids": ids}, headers=user.headers)
+    assert "got 2" in assert_error(r, 422, "too_few_photos")["message"]
+    too_long = "x" * 65
+    r = client.post(
+        "/concepts", data={"name": "Fido", "image_ids": [*ids, too_long]}, headers=user.headers
+    )
+    assert_error(r, 422, "validation_failed")
+    assert count(client, Concept) == 0

@@ -215,3 +215,91 @@ def test_untrained_concept_is_searched_as_text_with_a_warning(api_client, librar
     assert body["rewritten"] == "Luna on snow"
     assert body["personalized"] is False
     assert any("Luna" in w and "training" in w for w in body["warnings"])
+
+
+def exif_jpeg(seed: int, taken: str, offset: str | None = None) -> bytes:
+    """A JPEG whose EXIF says when it was taken ("2019:07:04 10:00:00")."""
+    import io
+
+    from PIL import Image as PILImage
+
+    img = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed)))
+    exif = PILImage.Exif()
+    sub = exif.get_ifd(0x8769)
+    sub[0x9003] = taken
+    if offset is not None:
+        sub[0x9011] = offset
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_photos_carry_when_they_were_taken_and_search_filters_by_it(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+):
+    user = make_user(api_client)
+    files = [
+        ("files", ("exif.jpg", exif_jpeg(1, "2019:07:04 10:00:00"), "image/jpeg")),
+        ("files", ("exif-tz.jpg", exif_jpeg(2, "2019:07:04 10:00:00", "+02:00"), "image/jpeg")),
+        ("files", ("file-time.jpg", noisy_jpeg(seed=3), "image/jpeg")),
+    ]
+    file_time_ms = 1_500_000_000_000  # 2017-07-14T02:40:00Z
+    # EXIF wins over the file time; the file time is used where EXIF says nothing.
+    r = api_client.post(
+        "/images",
+        files=files,
+        data={"modified_at": [str(file_time_ms)] * 3},
+        headers=user.headers,
+    )
+    assert r.status_code == 202, r.text
+    taken = {i["filename"]: i["taken_at"] for i in r.json()["images"]}
+    assert taken == {
+        "exif.jpg": "2019-07-04T10:00:00Z",
+        "exif-tz.jpg": "2019-07-04T08:00:00Z",
+        "file-time.jpg": "2017-07-14T02:40:00Z",
+    }
+    # Neither EXIF nor a file time: the upload time.
+    r = api_client.post(
+        "/images",
+        files=[("files", ("now.jpg", noisy_jpeg(seed=4), "image/jpeg"))],
+        headers=user.headers,
+    )
+    now = r.json()["images"][0]
+    assert now["taken_at"] == now["created_at"]
+    wait_jobs(api_client)
+
+    def names(filters: dict[str, Any]) -> set[str]:
+        r = api_client.post(
+            "/search", json={"q": "a photo", "k": 10, "filters": filters}, headers=user.headers
+        )
+        assert r.status_code == 200, r.text
+        return {h["image"]["filename"] for h in r.json()["hits"]}
+
+    assert names({"taken_before": "2018-01-01"}) == {"file-time.jpg"}
+    assert names({"taken_after": "2019-01-01", "taken_before": "2020-01-01"}) == {
+        "exif.jpg",
+        "exif-tz.jpg",
+    }
+    assert names({"taken_after": "2019-07-04T09:00:00Z", "taken_before": "2020-01-01"}) == {
+        "exif.jpg"
+    }
+    assert names({"created_before": "2018-01-01"}) == set()  # upload time is another filter
+
+
+@pytest.mark.parametrize(
+    "modified_at", [["1", "2"], ["-5"], ["253402300800000"], ["soon"]], ids=str
+)
+def test_bad_file_times_are_422_and_store_nothing(api_client, make_user, modified_at):
+    user = make_user(api_client)
+    r = api_client.post(
+        "/images",
+        files=[("files", ("a.jpg", noisy_jpeg(seed=1), "image/jpeg"))],
+        data={"modified_at": modified_at},
+        headers=user.headers,
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "validation_failed"
+    with api_client.app.state.session_factory() as s:
+        assert s.query(Image).count() == 0

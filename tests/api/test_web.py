@@ -30,6 +30,10 @@ REQUIRED_CALLS = {
     ("POST", "/concepts"),
     ("GET", "/concepts/{concept_id}"),
     ("DELETE", "/concepts/{concept_id}"),
+    ("PATCH", "/concepts/{concept_id}"),
+    ("GET", "/concepts/{concept_id}/examples"),
+    ("POST", "/concepts/{concept_id}/examples"),
+    ("POST", "/search"),
     ("GET", "/jobs/{job_id}"),
     ("GET", "/index"),
     ("POST", "/index/rebuild"),
@@ -318,10 +322,17 @@ def _strip_comments(source: str) -> str:
 
 _LITERAL = re.compile(r"""(["'`])(/[A-Za-z][^"'`\s]*)\1""")
 _CALL = re.compile(
-    r"""(?:api\.(get|post|patch|del|blob)|request)\(\s*(?:"(GET|POST|PATCH|DELETE)",\s*)?"""
+    r"""(?:api\.(get|post|patch|del|blob|upload)|request)\(\s*(?:"(GET|POST|PATCH|DELETE)",\s*)?"""
     r"""(["'`])(/[^"'`\s]*)\3"""
 )
-_METHODS = {"get": "GET", "post": "POST", "patch": "PATCH", "del": "DELETE", "blob": "GET"}
+_METHODS = {
+    "get": "GET",
+    "post": "POST",
+    "patch": "PATCH",
+    "del": "DELETE",
+    "blob": "GET",
+    "upload": "POST",  # with upload progress (XMLHttpRequest)
+}
 
 
 def _as_pattern(js_path: str) -> str:

@@ -293,30 +293,42 @@ def test_the_whole_story_in_the_browser(page, server, tmp_path):
         f"Already in your library: {dup.name}"
     )
 
-    # A bad upload: text renamed .png next to a good photo. The API's message and its per-file
-    # rejection are shown; nothing was stored.
+    # A bad file in a drop: text renamed .png between two photos the library already has. It is
+    # skipped with its reason (listed once, numbered from 1 in the drop) and the rest goes up,
+    # as the CLI does; bytes going up are shown while they go.
+    page.evaluate(
+        """() => {
+            window.sawBytes = false;
+            new MutationObserver(() => {
+                if (/ of .* sent/.test(document.getElementById("library-upload").textContent)) {
+                    window.sawBytes = true;
+                }
+            }).observe(document.getElementById("library-upload"),
+                       { childList: true, subtree: true, characterData: true });
+        }"""
+    )
+    notes = b"these are my notes, not a picture\n"
     drop_files(
         page,
         "#library-drop",
         [
-            (server.photos[0].name, server.photos[0].read_bytes(), "image/png"),
-            ("notes.png", b"these are my notes, not a picture\n", "image/png"),
+            (server.library[1].name, server.library[1].read_bytes(), "image/png"),
+            ("notes.png", notes, "image/png"),
+            (server.library[2].name, server.library[2].read_bytes(), "image/png"),
         ],
     )
-    rejected = client.post(
-        "/images",
-        files=[
-            ("files", (server.photos[0].name, server.photos[0].read_bytes(), "image/png")),
-            ("files", ("notes.png", b"these are my notes, not a picture\n", "image/png")),
-        ],
+    alone = client.post("/images", files=[("files", ("notes.png", notes, "image/png"))])
+    assert alone.status_code in (415, 422), alone.text
+    reason = alone.json()["error"]["detail"]["files"][0]["message"]
+    expect(page.locator("#library-upload")).to_contain_text(
+        "Uploaded 0 new photos, 2 duplicates, 1 skipped."
     )
-    assert rejected.status_code in (415, 422), rejected.text
-    api_error = rejected.json()["error"]
-    expect(page.locator("#library-error")).to_have_text(api_error["message"])
-    assert "1 of 2 file(s) rejected, nothing was stored" in api_error["message"]
+    expect(page.locator("#library-upload .skipped")).to_contain_text("1 file skipped")
     rejection = page.locator("#library-rejections li")
     expect(rejection).to_have_count(1)
-    expect(rejection).to_have_text(f"notes.png — {api_error['detail']['files'][0]['message']}")
+    expect(rejection).to_have_text(f"notes.png (file 2) — {reason}")
+    expect(page.locator("#library-error")).to_be_hidden()
+    assert page.evaluate("window.sawBytes") is True
     assert len(client.get("/images", params={"limit": 200}).json()["items"]) == n
 
     # Concepts: Fido from five photos; training progress, then ready with its quality.
@@ -356,9 +368,17 @@ def test_the_whole_story_in_the_browser(page, server, tmp_path):
     expect(teach).to_be_enabled()
     assert page.evaluate("window.submitWasDisabled") is True
     concept = client.get("/concepts").json()["items"][0]
-    expect(fido).to_contain_text(f"Encodes as{concept['placeholder']}")
-    expect(fido).to_contain_text(f"Retention{concept['retention_score']:.3f}")
+    # In words: ready, learned from five photos; no placeholder token, no raw numbers.
+    expect(fido.locator(".state")).to_have_text("Ready")
+    expect(fido).to_contain_text("Learned in")
+    expect(fido).to_contain_text("from 5 photos. Use its name in a search.")
+    expect(fido).to_contain_text(f"A {FIDO_CATEGORY} of yours · version 1")
+    assert concept["placeholder"] not in fido.inner_text()
+    assert "Retention" not in fido.inner_text() and "loss" not in fido.inner_text()
     expect(fido.locator(".flagged")).to_have_count(1 if concept["retention_flagged"] else 0)
+    # The photos it learned from, as thumbnails.
+    expect(fido.locator(".concept-photos img")).to_have_count(5)
+    loaded_blob_images(page, "#concepts-list .concept-photos img")
 
     # Search by its name, from the keyboard: personalized, the concept applied.
     nav(page, "Search")
@@ -514,3 +534,202 @@ def test_ui_responses_carry_the_security_headers(browser, server):
         assert outcome.startswith("blocked script-src"), outcome
     finally:
         context.close()
+
+
+# -- concepts a person can manage (these run after the story above, on its library) ----------
+
+
+def ready_concept(client: httpx.Client, name: str, category: str, photos: list[Path]) -> dict:
+    """A concept taught through the API and trained to `ready`."""
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in photos]
+    r = client.post("/concepts", data={"name": name, "category": category}, files=files)
+    assert r.status_code == 202, r.text
+    wait_ready(client, r.json()["concept"]["id"])
+    return dict(r.json()["concept"])
+
+
+def wait_ready(client: httpx.Client, concept_id: str) -> dict:
+    import time
+
+    for _ in range(600):
+        concept = client.get(f"/concepts/{concept_id}").json()
+        if concept["state"] != "training":
+            assert concept["state"] == "ready", concept
+            return dict(concept)
+        time.sleep(0.2)
+    raise AssertionError("training did not finish")
+
+
+def test_manage_a_concept_in_the_browser(page, server, tmp_path):
+    client = api(server)
+    if not client.get("/images", params={"limit": 1}).json()["items"]:
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in server.library]
+        assert client.post("/images", files=files).status_code == 202
+    concept = ready_concept(client, "Biscuit", FIDO_CATEGORY, server.photos[:3])
+    cid = concept["id"]
+    sign_in(page, server.key)
+    nav(page, "Concepts")
+    card = page.locator(f'#concepts-list li[data-concept-id="{cid}"]')
+    expect(card.locator(".state")).to_have_text("Ready")
+    expect(card.locator(".concept-photos img")).to_have_count(3)
+
+    # Rename onto a taken name: the API's message on the card, nothing changes.
+    others = [c["name"] for c in client.get("/concepts").json()["items"] if c["id"] != cid]
+    taken = (
+        others[0] if others else ready_concept(client, "Pebble", "ball", server.photos[2:])["name"]
+    )
+    page.get_by_role("button", name="Edit Biscuit").click()
+    card.get_by_label("Name").fill(taken.upper())
+    card.get_by_role("button", name="Save").click()
+    expect(card.locator("p.alert")).to_contain_text("you already have a concept named")
+    assert client.get(f"/concepts/{cid}").json()["name"] == "Biscuit"
+    # A free name: renamed, nothing retrains.
+    card.get_by_label("Name").fill("Cookie")
+    card.get_by_role("button", name="Save").click()
+    expect(card.locator("h3")).to_have_text("Cookie")
+    assert client.get(f"/concepts/{cid}").json()["version"] == 1
+
+    # A new category retrains: learning, then ready as version 2.
+    page.get_by_role("button", name="Edit Cookie").click()
+    card.get_by_label("Category (changing it retrains)").fill("ball")
+    card.get_by_role("button", name="Save").click()
+    expect(card).to_contain_text("A ball of yours · version 2")
+    expect(card.locator(".state")).to_have_text("Ready", timeout=120_000)
+
+    # More photos from disk: a bad file adds nothing and says why; a good one is a new version.
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not a picture")
+    card.get_by_label("Add photos of Cookie").set_input_files([str(bad)])
+    expect(card.locator("p.alert")).to_contain_text("Nothing was added (notes.png:")
+    assert client.get(f"/concepts/{cid}").json()["version"] == 2
+    card.get_by_label("Add photos of Cookie").set_input_files([str(server.photos[3])])
+    expect(card).to_contain_text("version 3")
+    expect(card.locator(".state")).to_have_text("Ready", timeout=120_000)
+    expect(card.locator(".concept-photos img")).to_have_count(4)
+
+    # "This is Cookie" from library photos ("Pick from library" preselects it).
+    page.get_by_role("button", name="Pick photos of Cookie from the library").click()
+    expect(page.locator("#view-library")).to_be_visible()
+    first, second = server.library[4].name, server.library[5].name
+    page.get_by_label(f"Select {first}", exact=True).check()
+    page.get_by_label(f"Select {second}", exact=True).check()
+    bar = page.locator("#selection")
+    expect(bar.locator("#selection-count")).to_have_text("2 photos selected")
+    expect(bar.get_by_role("button", name="This is Cookie")).to_be_visible()
+    bar.get_by_role("button", name="This is Cookie").click()
+    expect(page.locator("#view-concepts")).to_be_visible()
+    expect(bar).to_be_hidden()
+    fresh = client.get(f"/concepts/{cid}").json()
+    assert (fresh["version"], fresh["example_count"]) == (4, 6)
+    expect(card.locator(".state")).to_have_text("Ready", timeout=120_000)
+    # The same photos again: nothing new, the API says so in the bar; nothing changes.
+    nav(page, "Library")
+    page.get_by_label(f"Select {first}", exact=True).check()
+    expect(page.locator("#selection-concept option", has_text="Cookie")).to_have_count(1)
+    page.locator("#selection-concept").select_option(label="Cookie")
+    bar.get_by_role("button", name="This is Cookie").click()
+    expect(page.locator("#selection-error")).to_contain_text("already a photo of this concept")
+    assert client.get(f"/concepts/{cid}").json()["version"] == 4
+    bar.get_by_role("button", name="Clear").click()
+    expect(bar).to_be_hidden()
+
+    # Delete, after confirming; declining keeps it.
+    nav(page, "Concepts")
+    page.once("dialog", lambda d: d.dismiss())
+    page.get_by_role("button", name="Delete concept Cookie").click()
+    expect(card).to_be_visible()
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Delete concept Cookie").click()
+    expect(card).to_have_count(0)
+    assert client.get(f"/concepts/{cid}").status_code == 404
+
+
+def test_teach_a_new_concept_from_search_hits(page, server):
+    client = api(server)
+    if not client.get("/images", params={"limit": 1}).json()["items"]:
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in server.library]
+        assert client.post("/images", files=files).status_code == 202
+    sign_in(page, server.key)
+    page.get_by_label("Search your photos").fill("a hat in the snow")
+    page.get_by_label("Search your photos").press("Enter")
+    hits = page.locator("#search-results > li")
+    expect(hits.first).to_be_visible()
+    names = hits.locator(".name").all_text_contents()[:3]
+    for name in names:
+        page.get_by_label(f"Select {name}", exact=True).check()
+    page.get_by_role("button", name="Teach a new concept").click()
+    expect(page.locator("#view-concepts")).to_be_visible()
+    expect(page.locator("#concept-previews .library-pick img")).to_have_count(3)
+    expect(page.locator("#concept-previews")).to_contain_text("3 photos (3 from your library)")
+    # No name: said in words, nothing sent.
+    page.get_by_role("button", name="Teach concept").click()
+    expect(page.locator("#concept-error")).to_contain_text("Give the concept a name")
+    page.locator("#concept-form").get_by_label("Name", exact=True).fill("Trio")
+    page.get_by_role("button", name="Teach concept").click()
+    trio = page.locator('#concepts-list li[data-state="ready"]', has_text="Trio")
+    expect(trio).to_be_visible(timeout=120_000)
+    expect(trio.locator(".concept-photos img")).to_have_count(3)
+    created = next(c for c in client.get("/concepts").json()["items"] if c["name"] == "Trio")
+    photos = client.get(f"/concepts/{created['id']}/examples").json()["items"]
+    library = {
+        i["sha256"]: i["filename"]
+        for i in client.get("/images", params={"limit": 200}).json()["items"]
+    }
+    assert sorted(library[p["sha256"]] for p in photos) == sorted(names)
+    assert client.delete(f"/concepts/{created['id']}").status_code == 204
+
+
+def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
+    client = api(server)
+    if not client.get("/images", params={"limit": 1}).json()["items"]:
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in server.library]
+        assert client.post("/images", files=files).status_code == 202
+    sign_in(page, server.key)
+    # The demo model serves: a banner says real photos will not work, on every view.
+    banner = page.locator("#demo-banner")
+    expect(banner).to_contain_text("The small demo model is serving")
+    nav(page, "Library")
+    expect(banner).to_be_visible()
+    nav(page, "Search")
+    # Nothing searched yet: the getting-started guide, with where the user stands.
+    guide = page.locator("#search-guide")
+    expect(guide).to_be_visible()
+    expect(guide).to_contain_text("Upload your photos")
+    expect(page.locator("#guide-status")).to_contain_text("You have ")
+
+    # A name the user never taught: a hint, the search ran plain.
+    page.get_by_label("Search your photos").fill("Zorro on the beach")
+    page.get_by_label("Search your photos").press("Enter")
+    hits = page.locator("#search-results > li")
+    expect(hits.first).to_be_visible()
+    expect(guide).to_be_hidden()
+    expect(page.locator("#search-hint")).to_contain_text("“Zorro” is not one of your concepts")
+    # A lower-case query names nothing that looks like a name: no hint.
+    page.get_by_label("Search your photos").fill("a hat on the beach")
+    page.get_by_label("Search your photos").press("Enter")
+    expect(page.locator("#search-hint")).to_be_hidden()
+    expect(hits.first).to_be_visible()
+
+    # Type and date filters (the photos are PNGs, taken when their files were written).
+    page.get_by_label("Type").select_option("image/jpeg")
+    expect(page.locator("#search-summary .headline")).to_contain_text("No results for")
+    expect(hits).to_have_count(0)
+    page.get_by_label("Type").select_option("image/png")
+    expect(hits.first).to_be_visible()
+    page.get_by_label("Taken from").fill("2001-01-01")
+    page.get_by_label("to", exact=True).fill("2001-12-31")
+    page.get_by_label("to", exact=True).dispatch_event("change")
+    expect(hits).to_have_count(0)
+    page.get_by_label("Taken from").fill("")
+    page.get_by_label("to", exact=True).fill("")
+    page.get_by_label("to", exact=True).dispatch_event("change")
+    expect(hits.first).to_be_visible()
+
+    # An error clears the old results: they answered another query.
+    expect(page.get_by_role("button", name="Search", exact=True)).to_be_enabled()
+    too_long = " ".join(["hat"] * 300)
+    page.get_by_label("Search your photos").fill(too_long)
+    page.get_by_label("Search your photos").press("Enter")
+    expect(page.locator("#search-error")).to_contain_text("token")
+    expect(hits).to_have_count(0)
+    expect(page.locator("#search-summary")).to_be_empty()

@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
-from app.api.params import ConceptId, Cursor, PageLimit
+from app.api.params import ConceptId, Cursor, ExampleId, LibraryImageIds, PageLimit
+from app.errors import NotFound
 from app.schemas import (
     CleanStr,
+    ConceptExampleList,
+    ConceptExampleOut,
     ConceptJobResponse,
     ConceptOut,
     ConceptPage,
@@ -19,10 +23,16 @@ from app.schemas import (
 from app.schemas import error_responses as errors
 from app.services import concepts as service
 from app.services.images import IncomingFile
+from app.storage import THUMB_MIME
 
 router = APIRouter(prefix="/concepts", tags=["concepts"], responses=errors(401))
 
-_PHOTOS_DOC = "photos of the concept: 3-13 in all (training.min_photos..max_photos)"
+_PHOTOS_DOC = (
+    "photos of the concept to upload; with `image_ids`, 3-13 in all "
+    "(training.min_photos..max_photos)"
+)
+# Content-addressed, so a URL's bytes never change; `private`: it is behind a key.
+_IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
 
 def concept_out(view: service.ConceptView) -> ConceptOut:
@@ -51,8 +61,8 @@ def change_out(change: service.ConceptChange) -> ConceptJobResponse:
     return ConceptJobResponse(concept=concept_out(change.view), job=job)
 
 
-def _incoming(files: list[UploadFile]) -> list[IncomingFile]:
-    return [IncomingFile(f.filename, f.file) for f in files]
+def _incoming(files: list[UploadFile] | None) -> list[IncomingFile]:
+    return [IncomingFile(f.filename, f.file) for f in files or []]
 
 
 @router.post(
@@ -66,17 +76,19 @@ def create_concept(
     name: Annotated[
         CleanStr, Form(description="what queries call it, e.g. Fido (1-64 characters)")
     ],
-    files: Annotated[list[UploadFile], File(description=_PHOTOS_DOC)],
     user: CurrentUser,
     db_session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     queue: QueueDep,
+    files: Annotated[list[UploadFile] | None, File(description=_PHOTOS_DOC)] = None,
+    image_ids: LibraryImageIds = None,
     category: Annotated[
         CleanStr | None, Form(description='coarse class, e.g. "dog": placeholder "sks dog"')
     ] = None,
 ) -> ConceptJobResponse:
-    """All or nothing: a bad photo, a taken name or a wrong photo count stores nothing."""
+    """All or nothing: a bad photo, an unknown image id, a taken name or a wrong photo count
+    stores nothing. Photos are uploaded `files`, library `image_ids`, or both."""
     change = service.create_concept(
         user.id,
         name,
@@ -87,6 +99,7 @@ def create_concept(
         training=settings.training,
         limits=settings.limits,
         queue=queue,
+        image_ids=image_ids or [],
     )
     return change_out(change)
 
@@ -146,14 +159,16 @@ def update_concept(
 )
 def add_examples(
     concept_id: ConceptId,
-    files: Annotated[list[UploadFile], File(description=_PHOTOS_DOC)],
     user: CurrentUser,
     db_session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     queue: QueueDep,
+    files: Annotated[list[UploadFile] | None, File(description=_PHOTOS_DOC)] = None,
+    image_ids: LibraryImageIds = None,
 ) -> ConceptJobResponse:
-    """All or nothing; the concept's photos stay within training.max_photos in total."""
+    """All or nothing; the concept's photos stay within training.max_photos in total. Photos are
+    uploaded `files`, library `image_ids`, or both."""
     change = service.add_examples(
         user.id,
         concept_id,
@@ -163,8 +178,64 @@ def add_examples(
         training=settings.training,
         limits=settings.limits,
         queue=queue,
+        image_ids=image_ids or [],
     )
     return change_out(change)
+
+
+@router.get(
+    "/{concept_id}/examples",
+    response_model=ConceptExampleList,
+    summary="The photos a concept was taught from, oldest first",
+    responses=errors(404),
+)
+def list_examples(
+    concept_id: ConceptId, user: CurrentUser, db_session: SessionDep
+) -> ConceptExampleList:
+    examples = service.list_examples(user.id, concept_id, db_session=db_session)
+    return ConceptExampleList(items=[ConceptExampleOut.from_model(e) for e in examples])
+
+
+@router.get(
+    "/{concept_id}/examples/{example_id}/file",
+    response_class=FileResponse,
+    summary="A concept photo's original bytes",
+    responses=errors(404),
+)
+def get_example_file(
+    concept_id: ConceptId,
+    example_id: ExampleId,
+    user: CurrentUser,
+    db_session: SessionDep,
+    store: StoreDep,
+) -> FileResponse:
+    example = service.get_example(user.id, concept_id, example_id, db_session=db_session)
+    path = store.path(example.storage_path)
+    if not path.is_file():
+        raise NotFound("the stored file is missing", code="file_missing")
+    return FileResponse(
+        path, media_type=example.mime, content_disposition_type="inline", headers=_IMMUTABLE
+    )
+
+
+@router.get(
+    "/{concept_id}/examples/{example_id}/thumbnail",
+    response_class=FileResponse,
+    summary=f"A concept photo's {THUMB_MIME} thumbnail, 256 px on its longest side",
+    responses=errors(404),
+)
+def get_example_thumbnail(
+    concept_id: ConceptId,
+    example_id: ExampleId,
+    user: CurrentUser,
+    db_session: SessionDep,
+    store: StoreDep,
+) -> FileResponse:
+    example = service.get_example(user.id, concept_id, example_id, db_session=db_session)
+    path = store.path(store.thumbnail_relpath(example.storage_path))
+    if not path.is_file():
+        raise NotFound("the thumbnail is missing", code="file_missing")
+    return FileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
 
 
 @router.delete(

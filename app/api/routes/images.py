@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
+from pydantic import Field
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
 from app.api.params import Cursor, ImageId, PageLimit
-from app.errors import NotFound
+from app.errors import NotFound, ValidationFailed
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
 from app.schemas import error_responses as errors
 from app.services import images as service
@@ -17,6 +19,8 @@ from app.storage import THUMB_MIME
 
 router = APIRouter(prefix="/images", tags=["images"], responses=errors(401))
 
+MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+MAX_FORM_TIMES = 10_000  # the files-per-request limit is checked by the service
 # Content-addressed, so a URL's bytes never change; `private`: it is behind a key.
 _IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
@@ -38,9 +42,29 @@ def upload_images(
     store: StoreDep,
     settings: SettingsDep,
     queue: QueueDep,
+    modified_at: Annotated[
+        list[Annotated[int, Field(ge=0, le=MAX_EPOCH_MS)]] | None,
+        Form(
+            max_length=MAX_FORM_TIMES,
+            description=(
+                "each file's modification time on your disk, in milliseconds since 1970 (a "
+                "browser's File.lastModified), one per file in the same order: when the photo "
+                "was taken if its EXIF does not say"
+            ),
+        ),
+    ] = None,
 ) -> UploadResponse:
     """All or nothing: one bad file rejects the request (naming it) and stores nothing."""
-    incoming = [service.IncomingFile(f.filename, f.file) for f in files]
+    if modified_at and len(modified_at) != len(files):
+        raise ValidationFailed(
+            f"{len(modified_at)} modified_at values for {len(files)} files: send one per file, "
+            "in the same order, or none"
+        )
+    times = [datetime.fromtimestamp(ms / 1000, UTC) for ms in modified_at or []]
+    incoming = [
+        service.IncomingFile(f.filename, f.file, times[i] if times else None)
+        for i, f in enumerate(files)
+    ]
     outcome = service.upload_images(
         user.id, incoming, db_session=db_session, store=store, limits=settings.limits, queue=queue
     )

@@ -52,6 +52,8 @@ def _run(
         filters = service.SearchFilters(
             created_after=body.filters.created_after,
             created_before=body.filters.created_before,
+            taken_after=body.filters.taken_after,
+            taken_before=body.filters.taken_before,
             mime=tuple(body.filters.mime),
         )
     serving = ctx.serving()

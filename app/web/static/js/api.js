@@ -118,12 +118,64 @@ export async function request(method, path, options = {}) {
   return response.json();
 }
 
+/**
+ * POST a FormData with upload progress (fetch cannot report it): `onProgress(sent, total)` in
+ * bytes. Same errors as request(): ApiError with the API's message, aborts on sign-out.
+ */
+export function upload(path, form, onProgress = () => {}) {
+  const signal = session.signal;
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(new DOMException("signed out", "AbortError"));
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", apiUrl(path));
+    xhr.setRequestHeader("Accept", "application/json");
+    const token = getKey();
+    if (token) xhr.setRequestHeader("Authorization", `Bearer ${token}`);
+    xhr.responseType = "text";
+    xhr.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) onProgress(event.loaded, event.total);
+    });
+    const abort = () => xhr.abort();
+    signal.addEventListener("abort", abort, { once: true });
+    xhr.addEventListener("abort", () => reject(new DOMException("signed out", "AbortError")));
+    xhr.addEventListener("error", () =>
+      reject(new ApiError(0, "network_error", "Cannot reach the server (the upload failed).")),
+    );
+    xhr.addEventListener("load", async () => {
+      signal.removeEventListener("abort", abort);
+      const response = new Response(xhr.status === 204 ? null : xhr.responseText, {
+        status: xhr.status,
+        statusText: xhr.statusText,
+      });
+      if (response.ok) {
+        resolve(xhr.status === 204 ? null : await response.json());
+        return;
+      }
+      const error = await errorFrom(response);
+      if (response.status === 401) {
+        unauthorizedHandler(error);
+        reject(new DOMException(error.message, "AbortError"));
+        return;
+      }
+      reject(error);
+    });
+    xhr.send(form);
+  });
+}
+
+/** Whether the synthetic demo model serves (GET /readyz, public), and why. */
+export async function serving() {
+  const response = await fetch(apiUrl("/readyz"), { cache: "no-store", credentials: "omit" });
+  return response.json();
+}
+
 export const api = {
   get: (path, query, options) => request("GET", path, { ...options, query }),
   post: (path, options) => request("POST", path, options),
   patch: (path, json) => request("PATCH", path, { json }),
   del: (path) => request("DELETE", path),
   blob: (path) => request("GET", path, { as: "blob" }),
+  upload: (path, form, onProgress) => upload(path, form, onProgress),
 };
 
 export function sleep(ms) {

@@ -1,15 +1,31 @@
-// Concepts view: teach a concept from photos (training progress, then its quality), list, delete.
+// Concepts view: teach a concept from photos (uploaded, or picked in the library), watch it
+// train, see in words how it does and the photos it learned from; rename it, change its
+// category, give it more photos, delete it.
 
 import { api, isAbort, waitForJob } from "./api.js";
-import { $, busy, clear, el, jobProgress, plural, setAlert, showRejections, toast } from "./dom.js";
+import {
+  $,
+  busy,
+  clear,
+  el,
+  jobProgress,
+  plural,
+  setAlert,
+  showRejections,
+  toast,
+} from "./dom.js";
 import { dropTarget } from "./library.js";
 import { searchFor } from "./search.js";
+import { pickFor } from "./selection.js";
+import { Thumbs } from "./thumbs.js";
 
 const MIN_PHOTOS = 3;
 const MAX_PHOTOS = 13;
 
 let photos = []; // File objects chosen for the new concept
+let picks = []; // library images (ImageOut) chosen for the new concept
 let previewUrls = [];
+const thumbs = new Thumbs(); // library picks' previews and the concepts' photos
 let cursor = null;
 let generation = 0; // bumped by every reload: pages of an older listing are dropped
 const watching = new Set(); // concept ids whose training job is being polled
@@ -27,6 +43,8 @@ export function setupConcepts() {
 }
 
 export function resetConcepts() {
+  picks = [];
+  thumbs.clear();
   choosePhotos([]);
   $("concept-form").reset();
   clear($("concept-progress"));
@@ -39,6 +57,15 @@ export function resetConcepts() {
   watching.clear();
 }
 
+/** Teach a new concept from library images (a selection's "Teach a new concept"). */
+export function teachFromLibrary(images) {
+  window.location.hash = "#concepts";
+  picks = images;
+  choosePhotos(photos);
+  $("concept-name").focus();
+  toast(`${plural(images.length, "photo")} from your library chosen: name the concept.`);
+}
+
 function choosePhotos(files) {
   for (const url of previewUrls) URL.revokeObjectURL(url);
   previewUrls = [];
@@ -49,12 +76,19 @@ function choosePhotos(files) {
     previewUrls.push(url);
     list.append(el("li", {}, el("img", { src: url, alt: file.name })));
   }
-  if (files.length) {
-    const ok = files.length >= MIN_PHOTOS && files.length <= MAX_PHOTOS;
+  for (const image of picks) {
+    const img = el("img", { alt: image.filename || "library photo" });
+    thumbs.load(img, image.thumbnail_url);
+    list.append(el("li", { className: "library-pick" }, img));
+  }
+  const n = files.length + picks.length;
+  if (n) {
+    const ok = n >= MIN_PHOTOS && n <= MAX_PHOTOS;
+    const from = picks.length ? ` (${picks.length} from your library)` : "";
     list.append(
       el("li", {
         className: ok ? "count muted small" : "count warn small",
-        text: `${plural(files.length, "photo")}${ok ? "" : ` (${MIN_PHOTOS}–${MAX_PHOTOS} needed)`}`,
+        text: `${plural(n, "photo")}${from}${ok ? "" : ` — ${MIN_PHOTOS}–${MAX_PHOTOS} needed`}`,
       }),
     );
   }
@@ -70,7 +104,7 @@ async function create() {
     $("concept-name").focus();
     return;
   }
-  if (!photos.length) {
+  if (!photos.length && !picks.length) {
     setAlert($("concept-error"), `Choose ${MIN_PHOTOS} to ${MAX_PHOTOS} photos of it.`);
     $("concept-files").focus();
     return;
@@ -80,6 +114,7 @@ async function create() {
   form.append("name", name);
   if (category) form.append("category", category);
   for (const file of photos) form.append("files", file, file.name);
+  for (const image of picks) form.append("image_ids", image.id);
   const progressBox = clear($("concept-progress"));
   const controls = [$("concept-submit"), $("concept-files")];
   await busy(controls, async () => {
@@ -93,6 +128,7 @@ async function create() {
       return;
     }
     $("concept-form").reset();
+    picks = [];
     choosePhotos([]);
     const concept = created.concept;
     const progress = jobProgress(`Training ${concept.name}`);
@@ -107,7 +143,7 @@ async function create() {
         progress.done(`Training ${concept.name} failed.`);
         setAlert($("concept-error"), job.error?.message || "training failed");
       } else {
-        progress.done(`${fresh.name} is ${fresh.state}: search for “${fresh.name}” now.`);
+        progress.done(`${fresh.name} is ready: search for “${fresh.name}” now.`);
         toast(`${fresh.name} is ready.`);
       }
     } catch (error) {
@@ -122,6 +158,8 @@ async function create() {
 export async function loadConcepts() {
   generation += 1;
   cursor = null;
+  thumbs.clear();
+  choosePhotos(photos); // the thumbnails of library picks were just released
   clear($("concepts-list"));
   await loadPage();
 }
@@ -173,24 +211,32 @@ async function watch(concept) {
   }
 }
 
-function fmt(value, digits = 3) {
-  return typeof value === "number" ? value.toFixed(digits) : "–";
+/** Whether the concept can be searched for, in words. */
+function stateWords(concept) {
+  return { ready: "Ready", training: "Learning…", failed: "Failed" }[concept.state] || concept.state;
+}
+
+/** How the concept does, in words: what the numbers mean, not the numbers. */
+function qualityWords(concept) {
+  const lines = [];
+  const seconds = concept.metrics?.train_seconds;
+  if (concept.state === "ready") {
+    const took = typeof seconds === "number" ? ` in ${seconds.toFixed(1)} s` : "";
+    lines.push(`Learned${took} from ${plural(concept.example_count, "photo")}. Use its name in a search.`);
+  } else if (concept.state === "training") {
+    lines.push(`Learning from ${plural(concept.example_count, "photo")}; this takes a few seconds.`);
+  }
+  if (concept.retention_score !== null && !concept.retention_flagged) {
+    lines.push("Searches that do not name it are unaffected.");
+  }
+  return lines;
 }
 
 function card(concept, job = null) {
   const stateClass = { ready: "good", failed: "bad", training: "info" }[concept.state] || "";
-  const m = concept.metrics || {};
-  const facts = el("dl", { className: "meta" });
-  const row = (term, value) => facts.append(el("dt", { text: term }), el("dd", { text: value }));
-  row("Category", concept.category || "none");
-  row("Version", String(concept.version));
-  row("Photos", String(concept.example_count));
-  row("Encodes as", concept.placeholder);
-  if (concept.metrics) {
-    row("Training", `${fmt(m.train_seconds, 2)} s, ${m.steps ?? "–"} steps, loss ${fmt(m.final_loss, 4)}`);
-  }
-  row("Retention", concept.retention_score === null ? "–" : fmt(concept.retention_score));
-
+  const about = concept.category
+    ? `A ${concept.category} of yours · version ${concept.version}`
+    : `No category · version ${concept.version}`;
   const item = el(
     "li",
     { className: "concept panel", dataset: { conceptId: concept.id, state: concept.state } },
@@ -198,25 +244,37 @@ function card(concept, job = null) {
       "div",
       { className: "concept-head" },
       el("h3", { text: concept.name }),
-      el("span", { className: `badge ${stateClass} state`, text: concept.state }),
+      el("span", { className: `badge ${stateClass} state`, text: stateWords(concept) }),
     ),
-    facts,
+    el("p", { className: "muted small about", text: about }),
   );
+  for (const line of qualityWords(concept)) {
+    item.append(el("p", { className: "concept-words", text: line }));
+  }
   if (concept.retention_flagged) {
     item.append(
       el("p", {
         className: "notice flagged",
         attrs: { role: "note" },
         text:
-          "Retention flagged: this concept's update costs general search quality beyond the " +
-          "configured limit (retention " +
-          `${fmt(concept.retention_score)}). Try other photos or a different category.`,
+          "Searches that name it may find fewer of the other things they ask for: it changed " +
+          "the model more than it should. Photos that show it from more sides, or a different " +
+          "category, may help.",
       }),
     );
   }
-  if (concept.state === "failed" && job?.error) {
-    item.append(el("p", { className: "alert", text: job.error.message }));
+  if (concept.state === "failed") {
+    const why = job?.error?.message || concept.metrics?.error?.message;
+    item.append(el("p", { className: "alert", text: why ? `Learning failed: ${why}` : "Learning failed." }));
   }
+  const photoList = el("ul", {
+    className: "concept-photos",
+    attrs: { "aria-label": `Photos of ${concept.name}` },
+  });
+  item.append(photoList);
+  loadPhotos(concept, photoList);
+
+  const error = el("p", { className: "alert", attrs: { role: "alert" }, hidden: true });
   const actions = el("div", { className: "row" });
   if (concept.state === "ready") {
     actions.append(
@@ -234,19 +292,165 @@ function card(concept, job = null) {
       }),
     );
   }
+  const editButton = el("button", {
+    type: "button",
+    className: "button small",
+    text: "Rename or change category",
+    attrs: { "aria-label": `Edit ${concept.name}`, "aria-expanded": "false" },
+  });
+  const addInput = el("input", {
+    type: "file",
+    multiple: true,
+    accept: "image/*",
+    className: "visually-hidden",
+    attrs: { "aria-label": `Add photos of ${concept.name}` },
+  });
+  const addButton = el("button", {
+    type: "button",
+    className: "button small",
+    text: "Add photos",
+    on: { click: () => addInput.click() },
+  });
+  addInput.addEventListener("change", () => {
+    const files = [...addInput.files];
+    addInput.value = "";
+    if (files.length) addPhotos(concept, files, item, error, addButton);
+  });
+  const pick = el("button", {
+    type: "button",
+    className: "button small",
+    text: "Pick from library",
+    attrs: { "aria-label": `Pick photos of ${concept.name} from the library` },
+    on: {
+      click: () => {
+        pickFor(concept);
+        window.location.hash = "#library";
+      },
+    },
+  });
   const remove = el("button", {
     type: "button",
     className: "button small danger",
     text: "Delete",
     attrs: { "aria-label": `Delete concept ${concept.name}` },
   });
-  remove.addEventListener("click", () => removeConcept(concept, item, remove));
-  actions.append(remove);
+  remove.addEventListener("click", () => removeConcept(concept, item, remove, error));
+  actions.append(editButton, addButton, addInput, pick, remove);
   item.append(actions);
+  const editor = editForm(concept, item, error);
+  editor.hidden = true;
+  editButton.addEventListener("click", () => {
+    editor.hidden = !editor.hidden;
+    editButton.setAttribute("aria-expanded", String(!editor.hidden));
+    if (!editor.hidden) editor.querySelector("input").focus();
+  });
+  item.append(editor, error);
   return item;
 }
 
-async function removeConcept(concept, item, button) {
+async function loadPhotos(concept, list) {
+  try {
+    const answer = await api.get(`/concepts/${encodeURIComponent(concept.id)}/examples`);
+    for (const [i, photo] of answer.items.entries()) {
+      const img = el("img", {
+        alt: `${concept.name}, photo ${i + 1}`,
+        width: 56,
+        height: 56,
+        decoding: "async",
+      });
+      list.append(el("li", {}, img));
+      thumbs.attach(img, photo.thumbnail_url);
+    }
+  } catch (error) {
+    if (!isAbort(error)) list.append(el("li", { className: "muted small", text: error.message }));
+  }
+}
+
+function editForm(concept, item, error) {
+  const nameId = `edit-name-${concept.id}`;
+  const categoryId = `edit-category-${concept.id}`;
+  const name = el("input", { id: nameId, type: "text", value: concept.name, maxLength: 64 });
+  const category = el("input", {
+    id: categoryId,
+    type: "text",
+    value: concept.category || "",
+    maxLength: 40,
+  });
+  const save = el("button", { type: "submit", className: "button primary small", text: "Save" });
+  const form = el(
+    "form",
+    { className: "concept-edit", attrs: { "aria-label": `Edit ${concept.name}` } },
+    el("div", { className: "field" }, el("label", { htmlFor: nameId, text: "Name" }), name),
+    el(
+      "div",
+      { className: "field" },
+      el("label", { htmlFor: categoryId, text: "Category (changing it retrains)" }),
+      category,
+    ),
+    save,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = {};
+    if (name.value.trim() !== concept.name) body.name = name.value.trim();
+    const newCategory = category.value.trim() || null;
+    if (newCategory !== (concept.category || null)) body.category = newCategory;
+    if (!Object.keys(body).length) {
+      form.hidden = true;
+      return;
+    }
+    setAlert(error, "");
+    await busy(save, async () => {
+      try {
+        const answer = await api.patch(`/concepts/${encodeURIComponent(concept.id)}`, body);
+        const fresh = answer.concept;
+        replaceCard(fresh);
+        toast(
+          answer.job
+            ? `${fresh.name} is learning its new category.`
+            : `Renamed to ${fresh.name}.`,
+        );
+        if (answer.job) watch(fresh);
+      } catch (e) {
+        if (!isAbort(e)) setAlert(error, e.message);
+      }
+    });
+  });
+  return form;
+}
+
+async function addPhotos(concept, files, item, error, button) {
+  setAlert(error, "");
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  const status = el("p", { className: "muted small", text: "Sending photos…" });
+  item.append(status);
+  await busy(button, async () => {
+    try {
+      const answer = await api.upload(
+        `/concepts/${encodeURIComponent(concept.id)}/examples`,
+        form,
+        (sent, total) => {
+          status.textContent = `Sending photos: ${Math.round((100 * sent) / Math.max(1, total))} %`;
+        },
+      );
+      replaceCard(answer.concept);
+      toast(`${concept.name} learns from ${plural(files.length, "more photo")}.`);
+      watch(answer.concept);
+    } catch (e) {
+      status.remove();
+      if (isAbort(e)) return;
+      const files = e.detail?.files;
+      // All or nothing: name the bad files once, with their position among those chosen.
+      const names = Array.isArray(files)
+        ? ` (${files.map((f) => `${f.filename || `file ${f.index + 1}`}: ${f.message}`).join("; ")})`
+        : "";
+      setAlert(error, Array.isArray(files) ? `Nothing was added${names}.` : e.message);
+    }
+  });
+}
+
+async function removeConcept(concept, item, button, error) {
   if (!window.confirm(`Delete the concept “${concept.name}” with its photos?`)) return;
   await busy(button, async () => {
     try {
@@ -254,8 +458,8 @@ async function removeConcept(concept, item, button) {
       item.remove();
       toast(`Deleted ${concept.name}.`);
       $("concepts-refresh").focus();
-    } catch (error) {
-      if (!isAbort(error)) setAlert($("concepts-error"), error.message);
+    } catch (e) {
+      if (!isAbort(e)) setAlert(error, e.message);
     }
   });
 }

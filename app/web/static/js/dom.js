@@ -46,21 +46,54 @@ export function setAlert(node, message) {
   node.hidden = !message;
 }
 
-/** Per-file rejections of an upload (the API's error.detail.files) as a list. */
+/**
+ * Per-file rejections of an upload as a list, each file once. `error`: the API's error (its
+ * detail.files, positions from 0 within that request) or `{ files: [{position, filename,
+ * message}] }` with positions from 1 in what the user chose.
+ */
 export function showRejections(list, error) {
   clear(list);
-  const files = error?.detail?.files;
+  const files = error?.files || error?.detail?.files;
   if (!Array.isArray(files) || files.length === 0) {
     list.hidden = true;
     return;
   }
   for (const f of files) {
-    const name = f.filename || `file #${Number(f.index) + 1}`;
+    const position = f.position ?? Number(f.index) + 1;
+    const name = f.filename || `file ${position}`;
     list.append(
-      el("li", {}, el("strong", { text: name }), " — ", el("span", { text: f.message || f.code })),
+      el(
+        "li",
+        {},
+        el("strong", { text: name }),
+        el("span", { className: "muted", text: ` (file ${position})` }),
+        " — ",
+        el("span", { text: f.message || f.code }),
+      ),
     );
   }
   list.hidden = false;
+}
+
+/** "12.5 of 40.0 MB sent": a <progress> for bytes going up. */
+export function byteProgress(label) {
+  const bar = el("progress", { max: 1, value: 0 });
+  const text = el("span", { className: "progress-text", text: `${label}…` });
+  bar.setAttribute("aria-label", label);
+  return {
+    node: el("div", { className: "progress bytes" }, text, bar),
+    update(sent, total) {
+      bar.value = total ? sent / total : 0;
+      text.textContent = `${label}: ${formatBytes(sent)} of ${formatBytes(total)} sent`;
+    },
+  };
+}
+
+/** A date for people: "4 Jul 2019". */
+export function formatDate(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  return date.toLocaleDateString(undefined, { day: "numeric", month: "short", year: "numeric" });
 }
 
 /**

@@ -4,15 +4,18 @@ import { api, isAbort, waitForJobs } from "./api.js";
 import {
   $,
   busy,
+  byteProgress,
   clear,
   el,
   formatBytes,
+  formatDate,
   jobProgress,
   plural,
   setAlert,
   showRejections,
   toast,
 } from "./dom.js";
+import { selectBox } from "./selection.js";
 import { Thumbs } from "./thumbs.js";
 import { openViewer } from "./viewer.js";
 
@@ -132,6 +135,10 @@ function card(image) {
       img,
     ),
     el("div", { className: "name", text: name, attrs: { title: name } }),
+    el("div", {
+      className: "taken muted",
+      text: image.taken_at ? `Taken ${formatDate(image.taken_at)}` : "",
+    }),
     el(
       "div",
       { className: "card-actions" },
@@ -139,6 +146,7 @@ function card(image) {
         className: image.embedded ? "badge good" : "badge",
         text: image.embedded ? "searchable" : "embedding…",
       }),
+      selectBox(image, name),
       remove,
     ),
   );
@@ -178,40 +186,99 @@ async function upload(files) {
   }
 }
 
+/**
+ * Send `files` in batches, the way the CLI does: the API takes a request all or nothing, so the
+ * files it refuses (error.detail.files) are set aside with their reason and the rest of the batch
+ * is sent again. Returns {bodies, rejected}; rejected positions count from 1 in `files`.
+ */
+export async function sendSkippingBad(files, onBytes) {
+  const total = files.reduce((sum, file) => sum + file.size, 0);
+  let done = 0;
+  let size = BATCH;
+  const pending = files.map((file, i) => ({ file, position: i + 1 }));
+  const rejected = [];
+  const bodies = [];
+  while (pending.length) {
+    const batch = pending.slice(0, size);
+    const form = new FormData();
+    for (const { file } of batch) form.append("files", file, file.name);
+    // When each photo was taken, if its EXIF does not say: the file's time on this computer.
+    for (const { file } of batch) form.append("modified_at", String(Math.max(0, file.lastModified)));
+    const batchBytes = batch.reduce((sum, { file }) => sum + file.size, 0);
+    try {
+      const body = await api.upload("/images", form, (sent, all) =>
+        onBytes(done + Math.min(batchBytes, (sent / Math.max(1, all)) * batchBytes), total),
+      );
+      bodies.push(body);
+      done += batchBytes;
+      pending.splice(0, batch.length);
+    } catch (error) {
+      if (isAbort(error)) throw error;
+      const limit = error.code === "too_many_files" ? error.detail?.max_files : null;
+      if (Number.isInteger(limit) && limit >= 1 && limit < batch.length) {
+        size = limit;
+        continue;
+      }
+      const bad = Array.isArray(error.detail?.files) ? error.detail.files : [];
+      const indexes = new Set(bad.map((f) => f.index).filter((i) => i >= 0 && i < batch.length));
+      if (!indexes.size) throw error; // not about particular files: stop and say why
+      for (const f of bad) {
+        const item = batch[f.index];
+        if (!item) continue;
+        rejected.push({ position: item.position, filename: item.file.name, message: f.message });
+        done += item.file.size;
+      }
+      const keep = batch.filter((_, i) => !indexes.has(i));
+      pending.splice(0, batch.length, ...keep);
+    }
+    onBytes(done, total);
+  }
+  rejected.sort((a, b) => a.position - b.position);
+  return { bodies, rejected };
+}
+
 async function uploadNow(files) {
   const status = clear($("library-upload"));
   setAlert($("library-error"), "");
   showRejections($("library-rejections"), null);
-  const batches = [];
-  for (let i = 0; i < files.length; i += BATCH) batches.push(files.slice(i, i + BATCH));
   const jobs = [];
   let added = 0;
   const duplicates = [];
-  const failures = [];
-  const messages = [];
   await busy([$("library-files")], async () => {
     const sending = el("p", { text: `Uploading ${plural(files.length, "file")}…` });
-    status.append(sending);
-    for (const [n, batch] of batches.entries()) {
-      const form = new FormData();
-      for (const file of batch) form.append("files", file, file.name);
-      try {
-        const body = await api.post("/images", { form });
-        for (const image of body.images) {
-          if (image.duplicate) duplicates.push(image.filename || image.id);
-          else added += 1;
-        }
-        if (body.job) jobs.push(body.job.id);
-      } catch (error) {
-        if (isAbort(error)) return;
-        const where = batches.length > 1 ? `Batch ${n + 1} of ${batches.length}: ` : "";
-        failures.push(error);
-        messages.push(`${where}${error.message}`);
-        setAlert($("library-error"), messages.join("\n"));
-        showRejections($("library-rejections"), mergeRejections(failures));
-      }
+    const bytes = byteProgress("Uploading");
+    status.append(sending, bytes.node);
+    let outcome;
+    try {
+      outcome = await sendSkippingBad(files, (sent, total) => bytes.update(sent, total));
+    } catch (error) {
+      if (isAbort(error)) return;
+      bytes.node.remove();
+      sending.textContent = "Upload stopped.";
+      setAlert($("library-error"), error.message);
+      return;
     }
-    sending.textContent = uploadSummary(added, duplicates, failures.length, batches.length);
+    bytes.node.remove();
+    for (const body of outcome.bodies) {
+      for (const image of body.images) {
+        if (image.duplicate) duplicates.push(image.filename || image.id);
+        else added += 1;
+      }
+      if (body.job) jobs.push(body.job.id);
+    }
+    sending.textContent = uploadSummary(added, duplicates, outcome.rejected.length);
+    if (outcome.rejected.length) {
+      status.append(
+        el("p", {
+          className: "notice skipped",
+          attrs: { role: "alert" },
+          text:
+            `${plural(outcome.rejected.length, "file")} skipped (listed below): not a photo the ` +
+            "service can use. The others were uploaded.",
+        }),
+      );
+      showRejections($("library-rejections"), { files: outcome.rejected });
+    }
     if (duplicates.length) {
       status.append(
         el("p", {
@@ -241,14 +308,9 @@ async function uploadNow(files) {
   if (added || duplicates.length) await loadLibrary();
 }
 
-function uploadSummary(added, duplicates, failed, batches) {
+function uploadSummary(added, duplicates, skipped) {
   const parts = [`Uploaded ${plural(added, "new photo")}`];
   if (duplicates.length) parts.push(plural(duplicates.length, "duplicate"));
-  if (failed) parts.push(`${failed} of ${plural(batches, "batch", "batches")} rejected`);
+  if (skipped) parts.push(`${skipped} skipped`);
   return `${parts.join(", ")}.`;
-}
-
-function mergeRejections(errors) {
-  const files = errors.flatMap((error) => error.detail?.files || []);
-  return { detail: { files } };
 }

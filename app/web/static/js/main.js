@@ -1,15 +1,16 @@
 // Entry point: sign-in, sign-out, and the four views behind #search, #library, #concepts, #index.
 
-import { getKey, isAbort, onUnauthorized, signIn, signOut } from "./api.js";
+import { getKey, isAbort, onUnauthorized, serving, signIn, signOut } from "./api.js";
 import { $, busy, setAlert, toast } from "./dom.js";
-import { loadConcepts, resetConcepts, setupConcepts } from "./concepts.js";
+import { loadConcepts, resetConcepts, setupConcepts, teachFromLibrary } from "./concepts.js";
 import { loadLibrary, resetLibrary, setupLibrary } from "./library.js";
-import { resetSearch, setupSearch } from "./search.js";
+import { resetSearch, setupSearch, showGuide } from "./search.js";
+import { resetSelection, setupSelection } from "./selection.js";
 import { loadStatus, resetStatus, setupStatus } from "./status.js";
 import { setupViewer } from "./viewer.js";
 
 const VIEWS = {
-  search: { focus: "search-q" },
+  search: { load: showGuide, focus: "search-q" },
   library: { load: loadLibrary, focus: "library-title" },
   concepts: { load: loadConcepts, focus: "concepts-title" },
   index: { load: loadStatus, focus: "index-title" },
@@ -44,6 +45,27 @@ function route({ focus = true } = {}) {
   const view = VIEWS[name];
   if (focus) $(view.focus)?.focus();
   view.load?.();
+  checkModel();
+}
+
+let modelChecked = false;
+
+/** A banner for as long as the page lives when the synthetic demo model serves. */
+async function checkModel() {
+  if (modelChecked) return;
+  modelChecked = true;
+  try {
+    const ready = await serving();
+    if (!ready.demo_model) return;
+    $("demo-banner").textContent =
+      "The small demo model is serving, not a real CLIP: it only knows the demo's generated " +
+      "pictures, so searches of real photos will not find what you ask for. An administrator " +
+      "can point POLAR_MODEL__PRETRAINED at real weights." +
+      (ready.warning ? ` (${ready.warning})` : "");
+    $("demo-banner").hidden = false;
+  } catch {
+    modelChecked = false; // try again on the next view
+  }
 }
 
 function showSignIn(message = "") {
@@ -56,6 +78,7 @@ function showSignIn(message = "") {
 }
 
 function resetViews() {
+  resetSelection();
   resetSearch();
   resetLibrary();
   resetConcepts();
@@ -103,6 +126,13 @@ function start() {
   setupLibrary();
   setupConcepts();
   setupStatus();
+  setupSelection({
+    onTeach: (images) => teachFromLibrary(images),
+    onAdded: () => {
+      window.location.hash = "#concepts";
+      loadConcepts();
+    },
+  });
   window.addEventListener("hashchange", () => route());
   route({ focus: false });
   document.body.dataset.ready = "true";

@@ -2,6 +2,7 @@
 
 import { api, isAbort } from "./api.js";
 import { $, clear, el, plural, setAlert } from "./dom.js";
+import { selectBox } from "./selection.js";
 import { Thumbs } from "./thumbs.js";
 import { openViewer } from "./viewer.js";
 
@@ -28,6 +29,14 @@ export function setupSearch() {
       run();
     }
   });
+  for (const id of ["search-from", "search-to", "search-type"]) {
+    $(id).addEventListener("change", () => {
+      if (state.q) {
+        state.offset = 0;
+        run();
+      }
+    });
+  }
   $("search-k").addEventListener("change", () => {
     if (state.q) {
       state.offset = 0;
@@ -52,6 +61,58 @@ export function searchFor(q) {
   run();
 }
 
+/** The date and type filters as the API's `filters`, or null when none is set. */
+function currentFilters() {
+  const filters = {};
+  const from = $("search-from").value; // "2019-07-04": the local day's start, sent as UTC
+  const to = $("search-to").value;
+  if (from) filters.taken_after = new Date(`${from}T00:00:00`).toISOString();
+  if (to) {
+    const end = new Date(`${to}T00:00:00`);
+    end.setDate(end.getDate() + 1); // "to" includes that whole day
+    filters.taken_before = end.toISOString();
+  }
+  const type = $("search-type").value;
+  if (type) filters.mime = [type];
+  return Object.keys(filters).length ? filters : null;
+}
+
+// A word that looks like a name: a capital letter, then letters, digits or an apostrophe.
+const NAME_LIKE = /(?<![\p{L}\p{N}])\p{Lu}[\p{L}\p{N}]+/gu;
+
+/** Say so when the query seems to name something no concept is called (it ran as plain CLIP). */
+function showHint(body) {
+  let hint = "";
+  if (state.personalize && body.concepts.length === 0) {
+    const names = [...new Set(body.query.match(NAME_LIKE) || [])];
+    if (names.length) {
+      const quoted = names.map((n) => `“${n}”`).join(", ");
+      hint =
+        `${quoted} ${names.length === 1 ? "is not one of your concepts" : "are not your concepts"}` +
+        ", so this was a plain search. Teach it under Concepts (from 3 photos) to find yours.";
+    }
+  }
+  setAlert($("search-hint"), hint);
+}
+
+/** The getting-started guide, while nothing has been searched yet. */
+export async function showGuide() {
+  if (state.last) return;
+  $("search-guide").hidden = false;
+  try {
+    const [index, concepts] = await Promise.all([
+      api.get("/index"),
+      api.get("/concepts", { limit: 200 }),
+    ]);
+    const n = concepts.items.length;
+    $("guide-status").textContent =
+      `You have ${plural(index.images, "photo")} (${index.embedded} searchable) and ` +
+      `${n}${concepts.next_cursor ? "+" : ""} ${n === 1 ? "concept" : "concepts"}.`;
+  } catch (error) {
+    if (!isAbort(error)) $("guide-status").textContent = "";
+  }
+}
+
 export function resetSearch() {
   latest += 1;
   thumbs.clear();
@@ -63,6 +124,11 @@ export function resetSearch() {
   clear($("search-results"));
   $("search-pager").hidden = true;
   setAlert($("search-error"), "");
+  setAlert($("search-hint"), "");
+  $("search-guide").hidden = true;
+  $("search-from").value = "";
+  $("search-to").value = "";
+  $("search-type").value = "";
 }
 
 /** Disable the search's buttons while a search runs (not busy(): runs can overlap). */
@@ -89,17 +155,36 @@ async function run() {
   setAlert($("search-error"), "");
   setRunning(true);
   try {
-    const body = await api.get("/search", {
-      q: state.q,
-      k: state.k,
-      offset: state.offset,
-      personalize: state.personalize,
-    });
+    const filters = currentFilters();
+    const body = filters
+      ? await api.post("/search", {
+          json: {
+            q: state.q,
+            k: state.k,
+            offset: state.offset,
+            personalize: state.personalize,
+            filters,
+          },
+        })
+      : await api.get("/search", {
+          q: state.q,
+          k: state.k,
+          offset: state.offset,
+          personalize: state.personalize,
+        });
     if (mine !== latest) return;
     state.last = body;
+    $("search-guide").hidden = true;
     render(body);
+    showHint(body);
   } catch (error) {
     if (isAbort(error) || mine !== latest) return;
+    // The old results answered another query: leave none on screen under the error.
+    state.last = null;
+    thumbs.clear();
+    clear($("search-summary"));
+    clear($("search-results"));
+    setAlert($("search-hint"), "");
     setAlert($("search-error"), error.message);
   }
   if (mine !== latest) return; // a newer search owns the controls now
@@ -146,6 +231,7 @@ function render(body) {
           }),
         ),
         el("div", { className: "name", text: name, attrs: { title: name } }),
+        el("div", { className: "card-actions" }, selectBox(hit.image, name)),
       ),
     );
     thumbs.attach(img, hit.image.thumbnail_url);
@@ -203,12 +289,14 @@ function renderSummary(body) {
   }
   box.append(facts);
 
+  // How the service read the query, for the curious: the rewritten text holds the concepts'
+  // placeholder words, which mean nothing to most people.
   const details = el("dl", { className: "meta" });
   const row = (term, value, className) =>
     details.append(el("dt", { text: term }), el("dd", { text: value, className }));
   row("Encoded as", body.rewritten, "rewritten");
   row("Model", body.model, "model");
-  box.append(details);
+  box.append(el("details", { className: "tech" }, el("summary", { text: "How it was searched" }), details));
 
   if (body.pending > 0) {
     const verb = body.pending === 1 ? "is" : "are";
