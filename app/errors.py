@@ -98,7 +98,7 @@ class PayloadTooLarge(DomainError):
 
 
 class UnsupportedMedia(DomainError):
-    """An image format outside the allow-list (JPEG, PNG, WebP, GIF, BMP, TIFF)."""
+    """An image format outside the allow-list (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF)."""
 
     code = "unsupported_media"
 

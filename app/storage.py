@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import (
@@ -46,6 +47,7 @@ ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
     "GIF": ("image/gif", "gif"),
     "BMP": ("image/bmp", "bmp"),
     "TIFF": ("image/tiff", "tiff"),
+    "HEIF": ("image/heic", "heic"),  # iPhone photos; decoded by pillow-heif's Pillow plugin
 }
 THUMB_SIZE = 256
 THUMB_MIME = "image/webp"
@@ -158,6 +160,9 @@ class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.tmp_dir = self.root / "tmp"
+        # Pillow opens HEIC/HEIF once the plugin is registered (process-wide, idempotent); every
+        # process that reads stored photos (API, worker, embedded jobs) has a store.
+        pillow_heif.register_heif_opener()
 
     # -- paths ------------------------------------------------------------------------------
 

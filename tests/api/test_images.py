@@ -116,6 +116,7 @@ def test_upload_many_formats_in_one_request(api_client, make_user):
     user = make_user(api_client)
     formats = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
     formats |= {"GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+    formats |= {"HEIF": "image/heic"}  # iPhone photos
     files = [
         (f"f{i}.{fmt.lower()}", image_bytes(fmt, (20, 10), colour(i)))
         for i, fmt in enumerate(formats)

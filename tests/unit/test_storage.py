@@ -206,3 +206,22 @@ def test_sweep_tmp_removes_only_old_leftovers(store):
     os.utime(old, (0, 0))
     assert store.sweep_tmp(older_than_s=3600) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_heic_photos_are_accepted_thumbnailed_and_readable_for_embedding(tmp_path: Path) -> None:
+    from app.services.embedding import _open_rgb
+
+    store = ImageStore(tmp_path)  # registers the HEIF plugin
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(buf, "HEIF")
+    staged = store.stage(io.BytesIO(buf.getvalue()), "IMG_0001.HEIC", max_bytes=1 << 20,
+                         max_pixels=10_000_000)  # fmt: skip
+    assert (staged.format, staged.mime, staged.ext) == ("HEIF", "image/heic", "heic")
+    assert (staged.width, staged.height) == (64, 48)
+    path, _ = store.commit(staged)
+    with Image.open(store.path(store.thumbnail_relpath(path))) as thumb:
+        assert thumb.format == "WEBP" and thumb.size == (64, 48)
+    pixels = _open_rgb(store, path)
+    assert pixels is not None and pixels.size == (64, 48)
+    r, g, b = pixels.getpixel((32, 24))  # type: ignore[misc]
+    assert r > 150 and g < 90 and b < 90  # lossy, but the colour survives

@@ -35,7 +35,7 @@ _IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 def upload_images(
     files: Annotated[
         list[UploadFile],
-        File(description="image files: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF"),
+        File(description="image files: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF, HEIC/HEIF"),
     ],
     user: CurrentUser,
     db_session: SessionDep,
