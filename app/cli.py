@@ -319,7 +319,22 @@ def _quality_words(concept: Concept) -> list[str]:
             )
         else:
             lines.append(f"other searches are unaffected (general search quality kept: {kept}%)")
+    separation = metrics.get("separation")
+    if isinstance(separation, dict) and isinstance(separation.get("checked"), int):
+        lines.append(_separation_words(separation["checked"], separation.get("lookalikes", 0)))
     return lines
+
+
+def _separation_words(checked: int, lookalikes: int) -> str:
+    """How well a concept stood out from the user's library when it was trained, in words."""
+    if checked == 0:
+        return "no library photos to compare it with yet"
+    if lookalikes == 0:
+        return f"stands out: none of the {checked} library photo(s) checked looks like it"
+    return (
+        f"{lookalikes} of the {checked} library photo(s) checked look like it to the model and "
+        "may show up in its searches; more photos of it, from other sides, help"
+    )
 
 
 def _describe(concept: Concept, *, verbose: bool = False) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -425,6 +425,22 @@ def adapter_photo_embeddings(
         )
     ).all()
     return [b for b in blobs if b is not None]
+
+
+def recent_image_embeddings(
+    *, db_session: Session, user_id: str, model_id: str, exclude_sha256: Set[str], limit: int
+) -> list[bytes]:
+    """Whole-image embeddings (by `model_id`) of the user's most recent images, newest first,
+    leaving out the given contents."""
+    query = (
+        select(Image.embedding, Image.sha256)
+        .where(Image.user_id == user_id, Image.embedding_model == model_id)
+        .order_by(Image.created_at.desc(), Image.id.desc())
+        .limit(limit + len(exclude_sha256))
+    )
+    rows = db_session.execute(query).all()
+    found = [e for e, sha in rows if e is not None and sha not in exclude_sha256]
+    return found[:limit]
 
 
 def image_vectors(

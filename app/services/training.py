@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import repositories
 from app.config import TrainingSettings
 from app.db import session_scope
 from app.errors import ConceptDeleted, DomainError, NotFound
@@ -34,7 +35,7 @@ from app.ml.threads import cpu_threads
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
 from app.models import Adapter, Concept, ConceptExample, ConceptState, new_id
-from app.services import jobs, retention
+from app.services import jobs, recipe, retention
 from app.services.jobs import JobContext, JobInterrupted
 from app.services.model import ServingModel
 from app.storage import ImageStore
@@ -54,6 +55,7 @@ class _Plan:
     example_ids: list[str]
     storage_paths: list[str]
     embeddings: list[np.ndarray | None]  # cached for this model, else None
+    hashes: frozenset[str]  # contents of the photos (the same photo in the library is no rival)
 
 
 def _load_photo(store: ImageStore, storage_path: str) -> PILImage.Image:
@@ -137,6 +139,7 @@ def _read_plan(
             example_ids=[ex.id for ex in examples],
             storage_paths=[ex.storage_path for ex in examples],
             embeddings=cached,
+            hashes=frozenset(ex.sha256 for ex in examples),
         )
 
 
@@ -204,6 +207,7 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         "n_photos": int(photos.shape[0]),
         "model_id": serving.model_id,
         **kept.as_metrics(),
+        "separation": _separation(ctx, plan, serving, adapter, photos),
     }
     meta = {
         "token": plan.token,
@@ -214,6 +218,49 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         "retention_flagged": kept.flagged,
     }
     return Adapter(weights=adapter.to_bytes(), model_id=serving.model_id, meta=meta)
+
+
+# Library photos compared with the concept's own when it is trained (the most recent ones).
+SEPARATION_SAMPLE = 2000
+
+
+def _separation(
+    ctx: JobContext,
+    plan: _Plan,
+    serving: ServingModel,
+    adapter: ConceptAdapter,
+    photos: np.ndarray,
+) -> dict[str, Any]:
+    """How well the concept stands out from the rest of the user's library, as search sees it.
+
+    "a photo of <concept>" is encoded the way a search would (the update and its photo mean);
+    a library photo that scores at least the median of the concept's own photos is one the
+    model takes for it: a look-alike. `margin` is the median own score minus the best other
+    photo's (above 0: every other photo ranks below most of its own photos).
+    """
+    bundle = serving.bundle
+    with session_scope(ctx.session_factory) as s:
+        blobs = repositories.recent_image_embeddings(
+            db_session=s,
+            user_id=ctx.user_id,
+            model_id=serving.model_id,
+            exclude_sha256=plan.hashes,
+            limit=SEPARATION_SAMPLE,
+        )
+    if not blobs:
+        return {"checked": 0, "lookalikes": 0, "margin": None}
+    phrase = placeholder_phrase(plan.token, plan.category)
+    query = recipe.encode_query(
+        bundle, f"a photo of {phrase}", [adapter], [recipe.photo_mean(photos)], ctx.settings.search
+    ).vector[0]  # (D,)
+    own = recipe.unit(np.asarray(photos, dtype=np.float32)) @ query  # (N,)
+    library = recipe.unit(np.stack([np.frombuffer(b, np.float32) for b in blobs])) @ query
+    bar = float(np.median(own))
+    return {
+        "checked": len(blobs),
+        "lookalikes": int((library >= bar).sum()),
+        "margin": round(bar - float(library.max()), 4),
+    }
 
 
 def _save(ctx: JobContext, concept_id: str, version: int, fitted: Adapter) -> None:

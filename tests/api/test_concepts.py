@@ -883,3 +883,28 @@ def test_library_photo_counts_are_checked_like_uploads(client, user):
     )
     assert_error(r, 422, "validation_failed")
     assert count(client, Concept) == 0
+
+
+# -- how well a concept stands out from the library ----------------------------------------------
+
+
+def test_a_trained_concept_says_how_it_stands_out_from_the_library(client, user):
+    alone = trained(client, user, name="Solo")
+    assert alone["metrics"]["separation"] == {"checked": 0, "lookalikes": 0, "margin": None}
+
+    library = [("files", (f"l{i}.png", photo(100 + i), "image/png")) for i in range(6)]
+    library.append(("files", ("same.png", photo(1), "image/png")))  # one of Fido's own photos
+    r = client.post("/images", files=library, headers=user.headers)
+    assert r.status_code == 202
+    assert wait_job(client, user, r.json()["job"]["id"])["state"] == "succeeded"
+    fido = trained(client, user, name="Fido", files=photos(4))
+    sep = fido["metrics"]["separation"]
+    assert sep["checked"] == 6  # its own photo in the library is no rival
+    assert 0 <= sep["lookalikes"] <= 6 and isinstance(sep["margin"], float)
+    # The words say the same as the numbers, never the numbers' names.
+    from app.cli import _separation_words
+
+    words = _separation_words(sep["checked"], sep["lookalikes"])
+    assert ("stands out" in words) == (sep["lookalikes"] == 0) and "margin" not in words
+    assert _separation_words(0, 0) == "no library photos to compare it with yet"
+    assert _separation_words(6, 2).startswith("2 of the 6 library photo(s) checked look like it")

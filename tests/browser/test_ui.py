@@ -377,7 +377,10 @@ def test_the_whole_story_in_the_browser(page, server, tmp_path):
     assert "Retention" not in fido.inner_text() and "loss" not in fido.inner_text()
     expect(fido.locator(".flagged")).to_have_count(1 if concept["retention_flagged"] else 0)
     # The photos it learned from, as thumbnails.
+    # How well it stands out from the library, in words (measured when it was trained).
+    expect(fido).to_contain_text("library photos checked")
     expect(fido.locator(".concept-photos img")).to_have_count(5)
+    fido.locator(".concept-photos").scroll_into_view_if_needed()
     loaded_blob_images(page, "#concepts-list .concept-photos img")
 
     # Search by its name, from the keyboard: personalized, the concept applied.

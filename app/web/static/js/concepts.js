@@ -229,7 +229,23 @@ function qualityWords(concept) {
   if (concept.retention_score !== null && !concept.retention_flagged) {
     lines.push("Searches that do not name it are unaffected.");
   }
+  const separation = separationWords(concept.metrics?.separation);
+  if (separation) lines.push(separation);
   return lines;
+}
+
+/** How well it stands out from the rest of the library, measured when it was trained. */
+export function separationWords(sep) {
+  if (!sep || typeof sep.checked !== "number") return null;
+  if (sep.checked === 0) return "Your library had no photos to compare it with yet.";
+  const checked = plural(sep.checked, "library photo");
+  if (sep.lookalikes === 0) {
+    return `It stands out: none of the ${checked} checked looks like it to the model.`;
+  }
+  return (
+    `${plural(sep.lookalikes, "other photo")} of the ${checked} checked look like it to the ` +
+    "model and may show up in its searches; more photos of it, from other sides, help."
+  );
 }
 
 function card(concept, job = null) {
