@@ -179,6 +179,29 @@ class JobSettings(BaseModel):
     )
 
 
+class ImmichSettings(BaseModel):
+    """The Immich bridge: Immich's machine-learning protocol (`GET /ping`, `POST /predict`)."""
+
+    api_key: str = Field(
+        "",
+        description="one of this service's API keys: turns the Immich bridge on, and Immich's "
+        "smart-search queries are encoded with the concepts of the key's user (Immich sends no "
+        "user); empty = bridge off (/ping and /predict answer 404)",
+    )
+    forward_url: str = Field(
+        "",
+        description="the real Immich machine-learning URL (http://immich-machine-learning:3003): "
+        "face and OCR requests go there unchanged; empty = they are refused",
+    )
+    forward_timeout_s: float = Field(
+        120.0, gt=0, description="seconds a forwarded request may take (connect + answer)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key.strip())
+
+
 class Settings(BaseSettings):
     """All configuration of the API and the workers."""
 
@@ -221,6 +244,7 @@ class Settings(BaseSettings):
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    immich: ImmichSettings = Field(default_factory=ImmichSettings)
     _database_url_derived: bool = PrivateAttr(False)
 
     @model_validator(mode="after")

@@ -196,3 +196,15 @@ class ConceptDeleted(NotFound):
     """The concept a training job was for no longer exists."""
 
     code = "concept_deleted"
+
+
+class UpstreamUnavailable(DomainError):
+    """A service this one forwards to (the real Immich machine learning) did not answer."""
+
+    code = "upstream_unavailable"
+
+
+class Misconfigured(DomainError):
+    """A setting names something that does not work (e.g. a revoked bridge key)."""
+
+    code = "misconfigured"

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
+import httpx
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,7 +16,7 @@ from app import __version__, bootstrap, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import concepts, health, images, index, jobs, search
+from app.api.routes import concepts, embed, health, images, immich, index, jobs, search
 from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
@@ -61,6 +62,8 @@ def create_app(
             if runner is not None:
                 runner.stop()
             app.state.index_cache.close()
+            if settings.immich.enabled:
+                app.state.immich_client.close()
             engine.dispose()
 
     # FastAPIOffline: /docs and /redoc with their assets served by this app (from the
@@ -102,6 +105,11 @@ def create_app(
     app.include_router(concepts.router, form_limits={"max_files": limits.max_files_per_request + 1})
     app.include_router(jobs.router)
     app.include_router(search.router)
+    app.include_router(embed.router)
+    if settings.immich.enabled:
+        # Immich's machine-learning protocol at /ping and /predict (off unless configured).
+        app.state.immich_client = httpx.Client()
+        app.include_router(immich.router)
     app.include_router(index.router)
     # The web UI at /ui/ (static files; it calls the API above with the user's key).
     web.install(app)

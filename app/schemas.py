@@ -355,6 +355,68 @@ class SearchResponse(BaseModel):
     warnings: list[str]
 
 
+class EmbedTextRequest(BaseModel):
+    """POST /embed/text: a query to encode the way search encodes it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"q": "Fido at the beach", "personalize": True, "concept_ids": []}]
+        },
+    )
+
+    q: CleanStr = Field(description=Q_DOC)
+    personalize: bool = Field(True, description="false = plain CLIP, for comparison")
+    concept_ids: list[ObjectId] = Field(
+        default_factory=list,
+        max_length=MAX_CONCEPT_IDS,
+        description=f"concepts to apply even if the query does not name them (at most "
+        f"{MAX_CONCEPT_IDS})",
+    )
+
+
+class EmbedTextResponse(BaseModel):
+    """The query's embedding with your concepts applied: rank your own index of the same
+    model's image embeddings by its dot product (cosine: both are unit vectors)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "Fido at the beach",
+                    "rewritten": "sks dog at the beach",
+                    "personalized": True,
+                    "model": "ViT-B-32/openai@3f1a9c0d2b7e",
+                    "dim": 3,
+                    "embedding": [0.6, 0.0, 0.8],
+                    "concepts": [
+                        {
+                            "id": "2d0f3c4e-1a9b-4c7d-8e6f-5a4b3c2d1e0f",
+                            "name": "Fido",
+                            "version": 1,
+                            "mentioned": True,
+                            "applied": True,
+                        }
+                    ],
+                    "warnings": [],
+                }
+            ]
+        }
+    )
+
+    query: str
+    rewritten: str = Field(description="the text that was encoded, concept names replaced")
+    personalized: bool = Field(description="at least one concept adapter was applied")
+    model: str = Field(
+        description="id of the model that encoded it: only image embeddings of this model "
+        "(name/pretrained) are comparable"
+    )
+    dim: int = Field(description="length of `embedding`")
+    embedding: list[float] = Field(description="unit-length float32 vector, as search uses it")
+    concepts: list[SearchConceptOut]
+    warnings: list[str]
+
+
 # -- concepts and jobs -----------------------------------------------------------------------
 
 _CONCEPT_ID = "2d0f3c4e-1a9b-4c7d-8e6f-5a4b3c2d1e0f"

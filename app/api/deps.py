@@ -36,6 +36,11 @@ PUBLIC_PATHS = frozenset(
         "/docs/oauth2-redirect",
         "/redoc",
         "/openapi.json",
+        # The Immich bridge (mounted only when POLAR_IMMICH__API_KEY is set): Immich's
+        # machine-learning client sends no credentials; the bridge answers vectors only, with
+        # the concepts of the configured key's user (app/api/routes/immich.py).
+        "/ping",
+        "/predict",
     }
 )
 

@@ -30,6 +30,7 @@ from app.errors import (
     Conflict,
     DatabaseUnavailable,
     DomainError,
+    Misconfigured,
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
@@ -39,6 +40,7 @@ from app.errors import (
     Unauthorized,
     UnsupportedMedia,
     UploadRejected,
+    UpstreamUnavailable,
     ValidationFailed,
 )
 
@@ -56,6 +58,8 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     DatabaseUnavailable: 503,
     StorageFull: 507,
     StorageUnavailable: 503,
+    UpstreamUnavailable: 502,
+    Misconfigured: 503,
 }
 # Every 503 is temporary by nature (a dependency away, a model loading): clients retry after.
 RETRY_AFTER_S = 5

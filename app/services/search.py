@@ -38,6 +38,8 @@ __all__ = [
     "SearchFilters",
     "SearchHit",
     "SearchOutcome",
+    "TextEmbedding",
+    "embed_text",
     "encode_query",
     "encode_query_parts",
     "rerank_by_regions",
@@ -377,6 +379,59 @@ def search_images(
         indexed=len(cached.index),
         warnings=named.warnings,
         reranked=recipe.reranks_by_regions(encoding, cfg),
+    )
+
+
+@dataclass
+class TextEmbedding:
+    """A query's search vector with the user's concepts applied, and how it was understood."""
+
+    query: str
+    text: str  # what was encoded
+    personalized: bool
+    model_id: str
+    vector: np.ndarray  # (D,) unit
+    concepts: list[AppliedConcept]
+    warnings: list[str] = field(default_factory=list)
+
+
+def embed_text(
+    user_id: str,
+    query: str,
+    *,
+    personalize: bool = True,
+    concept_ids: Sequence[str] = (),
+    db_session: Session,
+    serving: ServingModel,
+    adapter_cache: AdapterCache,
+    limits: LimitSettings,
+    search_settings: SearchSettings | None = None,
+    threads: int = 0,
+) -> TextEmbedding:
+    """The vector `search_images` would rank the library with (the same rewriting, stacking and
+    photo fusion), for an application that searches its own index of the same model's image
+    embeddings. The per-concept parts of a several-concept query (region re-ranking) stay here:
+    the vector alone is the product."""
+    text = validate_query(query, limits)
+    named = (
+        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
+        if personalize
+        else _Personalized(text)
+    )
+    _check_length(serving, named.text)
+    cfg = search_settings or SearchSettings()
+    with cpu_threads(threads):
+        encoding = recipe.encode_query(
+            serving.bundle, named.text, named.adapters, named.photo_means, cfg
+        )
+    return TextEmbedding(
+        query=query,
+        text=named.text,
+        personalized=bool(named.adapters),
+        model_id=serving.model_id,
+        vector=encoding.vector[0],
+        concepts=named.applied,
+        warnings=named.warnings,
     )
 
 

@@ -1,0 +1,46 @@
+"""/embed: vectors for applications that search their own index of the same CLIP model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import CurrentUser, SearchContextDep, SessionDep
+from app.schemas import EmbedTextRequest, EmbedTextResponse, SearchConceptOut
+from app.schemas import error_responses as errors
+from app.services import search as service
+
+router = APIRouter(prefix="/embed", tags=["embed"], responses=errors(401, 404, 422, 503))
+
+
+@router.post("/text", response_model=EmbedTextResponse, summary="Embed a query, concepts applied")
+def embed_text(
+    body: EmbedTextRequest, user: CurrentUser, db_session: SessionDep, ctx: SearchContextDep
+) -> EmbedTextResponse:
+    """The vector search would rank your library with: your concept names in `q` rewritten,
+    their adapters stacked and fused with their photos. Compare it (dot product) with image
+    embeddings of the same model (`model`)."""
+    serving = ctx.serving()
+    with ctx.foreground.active():
+        out = service.embed_text(
+            user.id,
+            body.q,
+            personalize=body.personalize,
+            concept_ids=body.concept_ids,
+            db_session=db_session,
+            serving=serving,
+            adapter_cache=ctx.adapter_cache,
+            limits=ctx.settings.limits,
+            search_settings=ctx.settings.search,
+            threads=ctx.settings.threads.search,
+        )
+    vector = [float(v) for v in out.vector]
+    return EmbedTextResponse(
+        query=out.query,
+        rewritten=out.text,
+        personalized=out.personalized,
+        model=out.model_id,
+        dim=len(vector),
+        embedding=vector,
+        concepts=[SearchConceptOut(**vars(c)) for c in out.concepts],
+        warnings=out.warnings,
+    )

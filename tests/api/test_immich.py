@@ -1,0 +1,275 @@
+"""The Immich bridge, driven with requests in exactly Immich's format.
+
+Immich's server (server/src/repositories/machine-learning.repository.ts) POSTs a multipart form
+to /predict: `entries` = JSON.stringify({clip: {textual: {modelName, options: {language}}}}) with
+`text`, or {clip: {visual: {modelName}}} with `image` (a file part); it reads `clip` (the
+embedding as a string holding a JSON array) and, for images, `imageHeight`/`imageWidth`.
+Its availability check is GET /ping.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import ImmichSettings, ModelSettings, Settings
+from app.demo.run_demo import FIDO_CATEGORY, FIDO_INDEX, build_library, concept_photos
+from app.demo.world import World
+from app.main import create_app
+from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path
+from tests.api.test_search import wait_jobs
+from tests.db_fixtures import ApiUser, create_api_user, noisy_jpeg
+from tests.unit.ml.conftest import tiny_clip
+
+PLACEHOLDER_KEY = "polar_notakey_notasecret"
+
+
+def textual(model: str, language: str = "en") -> str:
+    return json.dumps(
+        {"clip": {"textual": {"modelName": model, "options": {"language": language}}}}
+    )
+
+
+def visual(model: str) -> str:
+    return json.dumps({"clip": {"visual": {"modelName": model}}})
+
+
+def predict_text(client: TestClient, entries: str, text: str) -> httpx.Response:
+    # Immich's FormData: plain fields, sent as multipart/form-data.
+    return client.post("/predict", data={"entries": entries, "text": text}, files={"x": ("", b"")})
+
+
+def predict_image(client: TestClient, entries: str, image: bytes) -> httpx.Response:
+    # Immich appends a Blob: a file part named "image" with filename "blob".
+    return client.post(
+        "/predict",
+        data={"entries": entries},
+        files={"image": ("blob", image, "application/octet-stream")},
+    )
+
+
+def _bridge(tmp_path: Path, **immich: Any) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        broker_url="",
+        immich=ImmichSettings(api_key=PLACEHOLDER_KEY, **immich),
+    )
+
+
+@pytest.fixture
+def bridge(tmp_path: Path) -> Iterator[tuple[TestClient, ApiUser]]:
+    app = create_app(_bridge(tmp_path, forward_url="http://immich-ml.invalid:3003"))
+    bundle = tiny_clip(0)
+    app.state.model_loader.install(bundle)
+    with TestClient(app) as client:
+        user = create_api_user(client)
+        app.state.settings.immich.api_key = user.key
+        yield client, user
+
+
+def tiny_name() -> str:
+    fp = tiny_clip(0).fingerprint
+    return f"{fp.name}__{fp.pretrained}"
+
+
+def test_bridge_is_off_unless_configured(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", broker_url="")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ping").status_code == 404
+        r = predict_text(client, textual("ViT-B-32__openai"), "a dog")
+        assert r.status_code == 404
+        assert "/predict" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_ping_answers_pong_without_a_key(bridge) -> None:
+    client, _ = bridge
+    r = client.get("/ping")
+    assert r.status_code == 200 and r.text == "pong"
+
+
+def test_textual_is_the_bridge_users_search_vector(bridge) -> None:
+    client, user = bridge
+    r = predict_text(client, textual(tiny_name()), "a photo of a hat")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"clip"} and isinstance(body["clip"], str)
+    vector = json.loads(body["clip"])
+    mine = client.post("/embed/text", json={"q": "a photo of a hat"}, headers=user.headers).json()
+    assert vector == pytest.approx(mine["embedding"], abs=1e-6)
+
+
+def test_visual_answers_embedding_and_size(bridge) -> None:
+    client, _ = bridge
+    jpeg = noisy_jpeg(seed=3)
+    r = predict_image(client, visual(tiny_name()), jpeg)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    from PIL import Image
+
+    w, h = Image.open(io.BytesIO(jpeg)).size
+    assert body["imageWidth"] == w and body["imageHeight"] == h
+    vector = np.asarray(json.loads(body["clip"]), np.float32)
+    assert vector.shape == (tiny_clip(0).embed_dim,)
+    assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("entries", "code"),
+    [
+        ("{not json", "invalid_entries"),
+        ("[]", "invalid_entries"),
+        (json.dumps({"clip": {"textual": {}}}), "invalid_entries"),
+        (json.dumps({"clip": {"textual": {"modelName": 3}}}), "invalid_entries"),
+        (json.dumps({"clip": {"sideways": {"modelName": "x"}}}), "invalid_entries"),
+        (json.dumps({"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}), "model_mismatch"),
+        (
+            json.dumps(
+                {"clip": {"textual": {"modelName": "x"}}, "ocr": {"ocr": {"modelName": "y"}}}
+            ),
+            "invalid_entries",
+        ),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(bridge, entries: str, code: str) -> None:
+    client, _ = bridge
+    r = predict_text(client, entries, "a dog")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_missing_inputs_are_4xx(bridge) -> None:
+    client, _ = bridge
+    r = client.post("/predict", data={"entries": textual(tiny_name())}, files={"x": ("", b"")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_input"
+    r = client.post("/predict", data={"text": "a dog"}, files={"x": ("", b"")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_entries"
+    r = predict_image(client, visual(tiny_name()), b"not an image")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_image"
+
+
+def test_model_mismatch_names_both_models(bridge) -> None:
+    client, _ = bridge
+    r = predict_image(client, visual("ViT-B-16-SigLIP__webli"), noisy_jpeg(seed=1))
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "model_mismatch" and "ViT-B-16-SigLIP__webli" in err["message"]
+    assert err["detail"]["served"] == [tiny_name().lower()]
+
+
+def test_a_revoked_bridge_key_is_a_clear_503(bridge) -> None:
+    client, _ = bridge
+    client.app.state.settings.immich.api_key = PLACEHOLDER_KEY  # type: ignore[attr-defined]
+    r = predict_text(client, textual(tiny_name()), "a dog")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "immich_bridge_misconfigured"
+
+
+FACES = json.dumps(
+    {
+        "facial-recognition": {
+            "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
+            "recognition": {"modelName": "buffalo_l"},
+        }
+    }
+)
+
+
+def test_other_tasks_are_forwarded_unchanged(bridge) -> None:
+    client, _ = bridge
+    seen: list[httpx.Request] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200, json={"facial-recognition": [], "imageHeight": 8, "imageWidth": 9}
+        )
+
+    client.app.state.immich_client = httpx.Client(transport=httpx.MockTransport(upstream))  # type: ignore[attr-defined]
+    jpeg = noisy_jpeg(seed=2)
+    r = predict_image(client, FACES, jpeg)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"facial-recognition": [], "imageHeight": 8, "imageWidth": 9}
+    (sent,) = seen
+    assert str(sent.url) == "http://immich-ml.invalid:3003/predict"
+    assert sent.headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert FACES.encode() in sent.content and jpeg in sent.content
+
+
+def test_upstream_errors_pass_through_and_a_dead_upstream_is_502(bridge) -> None:
+    client, _ = bridge
+    app: Any = client.app
+    app.state.immich_client = httpx.Client(
+        transport=httpx.MockTransport(lambda _r: httpx.Response(422, json={"detail": "x"}))
+    )
+    assert predict_image(client, FACES, noisy_jpeg(seed=2)).status_code == 422
+
+    def dead(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    app.state.immich_client = httpx.Client(transport=httpx.MockTransport(dead))
+    r = predict_image(client, FACES, noisy_jpeg(seed=2))
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_other_tasks_are_refused_without_a_forward_url(tmp_path: Path) -> None:
+    app = create_app(_bridge(tmp_path))
+    app.state.model_loader.install(tiny_clip(0))
+    with TestClient(app) as client:
+        r = predict_image(client, FACES, noisy_jpeg(seed=2))
+        assert r.status_code == 422
+        assert r.json()["error"]["code"] == "task_not_served"
+        assert "POLAR_IMMICH__FORWARD_URL" in r.json()["error"]["message"]
+
+
+def test_immich_finds_fido_on_the_beach(tmp_path: Path) -> None:
+    """Immich's smart search, end to end: the library embedded through the visual endpoint and
+    kept as Immich keeps it (the strings), Fido taught through our API, the query encoded
+    through the textual endpoint and the vectors ranked by cosine, as Immich's database does."""
+    settings = _bridge(tmp_path)
+    settings.model = ModelSettings(
+        name=DEMO_MODEL_NAME, pretrained=str(demo_checkpoint_path()), device="cpu", preload=False
+    )
+    world = World(seed=0)
+    fido = world.instance(FIDO_INDEX, FIDO_CATEGORY)
+    # Fido's look-alikes (its shape twin in other colours) stay out: the demo model confuses them.
+    library = [
+        item
+        for item in build_library(world, fido, per_scene=1, others=8)
+        if item.kind != "look-alike" and not item.kind.startswith("look-alike")
+    ]
+    with TestClient(create_app(settings)) as client:
+        user = create_api_user(client)
+        client.app.state.settings.immich.api_key = user.key  # type: ignore[attr-defined]
+        stored: dict[str, np.ndarray] = {}  # Immich's smart_search table: asset -> embedding
+        for item in library:
+            r = predict_image(client, visual(DEMO_MODEL_NAME), item.png)
+            assert r.status_code == 200, r.text
+            stored[item.filename] = np.asarray(json.loads(r.json()["clip"]), np.float32)
+        files = [
+            ("files", (f"fido{i}.png", png, "image/png"))
+            for i, png in enumerate(concept_photos(world, fido))
+        ]
+        r = client.post(
+            "/concepts",
+            data={"name": "Fido", "category": FIDO_CATEGORY},
+            files=files,
+            headers=user.headers,
+        )
+        assert r.status_code == 202, r.text
+        wait_jobs(client, timeout=300)
+        r = predict_text(client, textual(DEMO_MODEL_NAME), "Fido on the beach")
+        assert r.status_code == 200, r.text
+        query = np.asarray(json.loads(r.json()["clip"]), np.float32)
+    names = list(stored)
+    matrix = np.stack([stored[n] for n in names])
+    cosine = matrix @ query / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query))
+    ranking = [names[i] for i in np.argsort(-cosine)]
+    rank = next(i + 1 for i, n in enumerate(ranking) if n.startswith("fido-beach"))
+    assert rank <= 2, ranking[:5]
