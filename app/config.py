@@ -179,6 +179,28 @@ class JobSettings(BaseModel):
     )
 
 
+class LibrarySettings(BaseModel):
+    """Folders indexed in place (POST /libraries): where they may be, and how often rescanned."""
+
+    roots: list[Path] = Field(
+        default_factory=list,
+        description="folders under which users may add libraries, as a JSON list "
+        '(["/photos"]); nothing outside them is ever read. Empty = libraries are off',
+    )
+    scan_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="rescan every library this often (seconds) so new photos appear without "
+        "anyone asking; 0 = only when asked (POST /libraries/{id}/scan)",
+    )
+    batch: int = Field(
+        200, ge=1, le=10_000, description="files a scan handles per database transaction"
+    )
+    max_reported: int = Field(
+        1000, ge=0, description="skipped files a scan's report lists by name (all are counted)"
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of the API and the workers."""
 
@@ -221,6 +243,7 @@ class Settings(BaseSettings):
     search: SearchSettings = Field(default_factory=SearchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    library: LibrarySettings = Field(default_factory=LibrarySettings)
     _database_url_derived: bool = PrivateAttr(False)
 
     @model_validator(mode="after")

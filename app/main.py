@@ -15,7 +15,7 @@ from app import __version__, bootstrap, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import concepts, health, images, index, jobs, search
+from app.api.routes import concepts, health, images, index, jobs, libraries, search
 from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
@@ -103,6 +103,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(search.router)
     app.include_router(index.router)
+    app.include_router(libraries.router)
     # The web UI at /ui/ (static files; it calls the API above with the user's key).
     web.install(app)
     install_openapi(app, limits)
