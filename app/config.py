@@ -202,6 +202,22 @@ class ImmichSettings(BaseModel):
         return bool(self.api_key.strip())
 
 
+class LibrarySettings(BaseModel):
+    """Folders indexed in place (POST /libraries): where they may be, and how scans work."""
+
+    roots: list[Path] = Field(
+        default_factory=list,
+        description="folders under which users may add libraries, as a JSON list "
+        '(["/photos"]); nothing outside them is ever read. Empty = libraries are off',
+    )
+    batch: int = Field(
+        200, ge=1, le=10_000, description="files a scan handles per database transaction"
+    )
+    max_reported: int = Field(
+        1000, ge=0, description="skipped files a scan's report lists by name (all are counted)"
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of the API and the workers."""
 
@@ -245,6 +261,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     immich: ImmichSettings = Field(default_factory=ImmichSettings)
+    library: LibrarySettings = Field(default_factory=LibrarySettings)
     _database_url_derived: bool = PrivateAttr(False)
 
     @model_validator(mode="after")

@@ -16,7 +16,17 @@ from app import __version__, bootstrap, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import concepts, embed, health, images, immich, index, jobs, search
+from app.api.routes import (
+    concepts,
+    embed,
+    health,
+    images,
+    immich,
+    index,
+    jobs,
+    libraries,
+    search,
+)
 from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
@@ -111,6 +121,7 @@ def create_app(
         app.state.immich_client = httpx.Client()
         app.include_router(immich.router)
     app.include_router(index.router)
+    app.include_router(libraries.router)
     # The web UI at /ui/ (static files; it calls the API above with the user's key).
     web.install(app)
     install_openapi(app, limits)

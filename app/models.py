@@ -85,6 +85,7 @@ class JobKind(StrEnum):
     EMBED_IMAGES = "embed_images"
     TRAIN_CONCEPT = "train_concept"
     REBUILD_INDEX = "rebuild_index"
+    SCAN_LIBRARY = "scan_library"
 
 
 class JobState(StrEnum):
@@ -158,6 +159,7 @@ class Image(Base):
         UniqueConstraint("user_id", "vec_id"),
         Index(None, "user_id", "created_at", "id"),  # keyset pagination
         Index(None, "storage_path"),  # "is this file still referenced?" on delete
+        Index(None, "library_id", "source_path"),  # a scan's lookups by path
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -180,6 +182,30 @@ class Image(Base):
     # client sent, else the upload time. Search filters by it (taken_after / taken_before).
     taken_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)  # uploaded
+    # Indexed in place (a library's file, not a copy): storage_path then names only the cached
+    # thumbnail's content address; the bytes are read from source_path.
+    library_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("libraries.id", ondelete="CASCADE")
+    )
+    source_path: Mapped[str | None] = mapped_column(String(4096))  # absolute, inside the library
+    source_size: Mapped[int | None] = mapped_column(BigInteger)
+    source_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    scan_generation: Mapped[int | None] = mapped_column(Integer)  # the last scan that saw it
+
+
+class Library(Base):
+    """A folder of one user, under an allowed root, indexed in place by scan jobs."""
+
+    __tablename__ = "libraries"
+    __table_args__ = (UniqueConstraint("user_id", "path"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(4096))  # resolved, absolute
+    scan_generation: Mapped[int] = mapped_column(Integer, default=0)
+    report: Mapped[dict[str, Any] | None]  # the last finished scan's report
+    scanned_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Concept(Base):

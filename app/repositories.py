@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import PurePath
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
@@ -23,6 +24,7 @@ from app.models import (
     Job,
     JobKind,
     JobState,
+    Library,
     User,
     utcnow,
 )
@@ -510,3 +512,82 @@ def count_unembedded_images(*, db_session: Session, user_id: str, model_id: str)
         )
     )
     return int(db_session.scalar(query) or 0)
+
+
+# --- libraries ------------------------------------------------------------------------------------
+
+
+def get_library(*, db_session: Session, user_id: str, library_id: str) -> Library | None:
+    """One of the user's libraries (None for a missing or foreign id)."""
+    return db_session.scalar(
+        select(Library).where(Library.id == library_id, Library.user_id == user_id)
+    )
+
+
+def list_libraries(*, db_session: Session, user_id: str) -> list[Library]:
+    return list(
+        db_session.scalars(
+            select(Library)
+            .where(Library.user_id == user_id)
+            .order_by(Library.created_at, Library.id)
+        )
+    )
+
+
+def libraries_overlapping(*, db_session: Session, path: str) -> list[Library]:
+    """Libraries (any user) at `path`, above it, or inside it."""
+    ancestors = [str(a) for a in PurePath(path).parents] + [path]
+    return list(
+        db_session.scalars(
+            select(Library).where(
+                or_(
+                    Library.path.in_(ancestors),
+                    Library.path.startswith(path.rstrip("/") + "/", autoescape=True),
+                )
+            )
+        )
+    )
+
+
+def open_scan_job(*, db_session: Session, library: Library) -> Job | None:
+    """A queued or running scan of this library, if any."""
+    jobs = db_session.scalars(
+        select(Job).where(
+            Job.user_id == library.user_id,
+            Job.kind == JobKind.SCAN_LIBRARY.value,
+            Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]),
+        )
+    )
+    return next((j for j in jobs if j.payload.get("library_id") == library.id), None)
+
+
+def library_storage_paths(*, db_session: Session, library_id: str) -> list[str]:
+    return list(
+        db_session.scalars(
+            select(Image.storage_path).where(Image.library_id == library_id).distinct()
+        )
+    )
+
+
+def library_images_at(*, db_session: Session, library_id: str, paths: list[str]) -> list[Image]:
+    return list(
+        db_session.scalars(
+            select(Image).where(Image.library_id == library_id, Image.source_path.in_(paths))
+        )
+    )
+
+
+def stale_library_images(
+    *, db_session: Session, library_id: str, generation: int, limit: int
+) -> list[Image]:
+    """Images of the library the scan `generation` did not see (up to `limit`)."""
+    return list(
+        db_session.scalars(
+            select(Image)
+            .where(
+                Image.library_id == library_id,
+                or_(Image.scan_generation.is_(None), Image.scan_generation != generation),
+            )
+            .limit(limit)
+        )
+    )

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.config import MAX_CONCEPT_IDS
-from app.models import ConceptExample, Image, Job
+from app.models import ConceptExample, Image, Job, Library
 from app.text import clean_text
 
 _IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
@@ -127,6 +127,10 @@ class ImageOut(BaseModel):
     created_at: datetime = Field(description="when it was uploaded")
     file_url: str
     thumbnail_url: str
+    library_id: str | None = Field(
+        None, description="the library it is indexed from in place; null for an upload"
+    )
+    path: str | None = Field(None, description="the original file's path (library images)")
 
     @classmethod
     def from_model(cls, image: Image) -> ImageOut:
@@ -145,6 +149,8 @@ class ImageOut(BaseModel):
             created_at=image.created_at,
             file_url=f"/images/{image.id}/file",
             thumbnail_url=f"/images/{image.id}/thumbnail",
+            library_id=image.library_id,
+            path=image.source_path,
         )
 
 
@@ -607,3 +613,41 @@ class RebuildOut(BaseModel):
 
     job: JobOut
     created: bool = Field(description="false when an open rebuild job was returned instead")
+
+
+class LibraryIn(BaseModel):
+    """A folder to index in place."""
+
+    path: CleanStr = Field(
+        min_length=1, max_length=4096, description="absolute path under an allowed root"
+    )
+
+
+class LibraryOut(BaseModel):
+    """A folder indexed in place, with its last scan's report."""
+
+    id: str
+    path: str
+    created_at: datetime
+    scanned_at: datetime | None = None
+    report: dict[str, Any] | None = Field(
+        None,
+        description="the last finished scan: added, changed, moved, unchanged, removed, "
+        "skipped_count and skipped ([{path, reason}])",
+    )
+    job: JobOut | None = Field(None, description="the scan this request queued, if any")
+
+    @classmethod
+    def from_model(cls, library: Library, job: Job | None = None) -> LibraryOut:
+        return cls(
+            id=library.id,
+            path=library.path,
+            created_at=library.created_at,
+            scanned_at=library.scanned_at,
+            report=library.report,
+            job=JobOut.from_model(job) if job is not None else None,
+        )
+
+
+class LibraryList(BaseModel):
+    items: list[LibraryOut]

@@ -145,9 +145,11 @@ def _make_thumbnail(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _sniff_format(path: Path) -> str | None:
+def _sniff_format(path: Path | BinaryIO) -> str | None:
     """The format Pillow would recognise without our allow-list (to word the error)."""
     try:
+        if not isinstance(path, Path):
+            path.seek(0)
         with Image.open(path) as img:
             return str(img.format)
     except Exception:
@@ -241,6 +243,16 @@ class ImageStore:
             _atomic_write(thumb, staged.thumbnail)
         return relpath, created
 
+    def cache_thumbnail(self, sha256: str, ext: str, thumbnail: bytes) -> str:
+        """Cache a library file's thumbnail; returns the content address (storage_path) that
+        names it. No original is stored under that address: the library keeps the file."""
+        relpath = self.original_relpath(sha256, ext)
+        thumb = self.path(self.thumbnail_relpath(relpath))
+        if not thumb.exists():
+            with storage_writes():
+                _atomic_write(thumb, thumbnail)
+        return relpath
+
     def discard(self, staged: StagedImage) -> None:
         """Drop a staged upload (no-op once committed)."""
         staged.temp_path.unlink(missing_ok=True)
@@ -313,7 +325,59 @@ def exif_taken_at(img: Image.Image) -> datetime | None:
         return None  # a broken EXIF block never rejects a photo that decodes
 
 
-def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int, bytes, datetime | None]:
+@dataclass(frozen=True)
+class InspectedFile:
+    """A library file validated in place (nothing copied)."""
+
+    sha256: str
+    size_bytes: int
+    format: str
+    width: int
+    height: int
+    thumbnail: bytes
+    taken_at: datetime | None
+
+    @property
+    def mime(self) -> str:
+        return ALLOWED_FORMATS[self.format][0]
+
+    @property
+    def ext(self) -> str:
+        return ALLOWED_FORMATS[self.format][1]
+
+
+def inspect_file(path: Path, *, max_bytes: int, max_pixels: int) -> InspectedFile:
+    """Validate a file where it lies, like an upload (hash, size limit, full decode); never
+    follows a symlink at the last component (the caller resolved and confined the path)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        digest, size = hashlib.sha256(), 0
+        while chunk := f.read(_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the file is larger than the limit of {max_bytes} bytes")
+            digest.update(chunk)
+        sha = digest.hexdigest()
+        if size == 0:
+            raise InvalidImage("the file is empty (0 bytes)")
+        f.seek(0)
+        fmt, width, height, thumb, taken_at = _inspect(f, max_pixels)
+    return InspectedFile(sha, size, fmt, width, height, thumb, taken_at)
+
+
+def confined_file(source_path: str, folder: str, roots: list[Path]) -> Path:
+    """The real path of a library file, or ValueError if it (through any symlink) leaves its
+    library folder or the allowed roots."""
+    real = Path(source_path).resolve()
+    base = Path(folder)
+    if not real.is_relative_to(base) or not any(base.is_relative_to(r.resolve()) for r in roots):
+        raise ValueError(f"{source_path!r} is outside its library or the allowed roots")
+    return real
+
+
+def _inspect(
+    path: Path | BinaryIO, max_pixels: int
+) -> tuple[str, int, int, bytes, datetime | None]:
     """Fully decode the first frame: (format, width, height, thumbnail, taken_at) after EXIF
     orientation."""
     allowed = ", ".join(ALLOWED_FORMATS)

@@ -26,6 +26,7 @@ ImageId = Annotated[CleanStr, object_id("image")]
 ConceptId = Annotated[CleanStr, object_id("concept")]
 JobId = Annotated[CleanStr, object_id("job")]
 ExampleId = Annotated[CleanStr, object_id("concept photo")]
+LibraryId = Annotated[CleanStr, object_id("library")]
 
 # Library images named in a form (repeat the field once per id); at most what one request may
 # carry in photos anyway (the service answers too_many_photos beyond training.max_photos).

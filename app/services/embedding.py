@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
@@ -18,10 +19,10 @@ from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
 from app.ml.regions import encode_regions, layout_boxes, pack_regions
 from app.ml.threads import cpu_threads
-from app.models import Image, Job, JobKind, JobState
+from app.models import Image, Job, JobKind, JobState, Library
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
-from app.storage import ImageStore
+from app.storage import ImageStore, confined_file
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,36 @@ BATCH = 32  # images per forward pass and per commit: progress moves, memory sta
 PUBLISH_INTERVAL_S = 10.0
 
 
-def _open_rgb(store: ImageStore, storage_path: str, min_side: int = 0) -> PILImage.Image | None:
-    """The stored original, EXIF-oriented, RGB. A JPEG is decoded at the smallest 1/2, 1/4 or
-    1/8 scale that keeps both sides >= `min_side` (the model resizes far below that anyway)."""
+@dataclass(frozen=True)
+class ImageSource:
+    """Where an image's bytes are: the store (uploads), or a library's file (indexed in place)."""
+
+    storage_path: str
+    source_path: str | None = None
+    library_path: str | None = None
+
+
+def _file_of(store: ImageStore, roots: list[Path], src: ImageSource) -> Path:
+    """The file to read; a library file only while it stays inside its library and the roots."""
+    if src.source_path is None or src.library_path is None:
+        return store.path(src.storage_path)
+    return confined_file(src.source_path, src.library_path, roots)
+
+
+def _open_rgb(
+    store: ImageStore, src: ImageSource, min_side: int = 0, roots: Sequence[Path] = ()
+) -> PILImage.Image | None:
+    """The original (stored, or the library's file), EXIF-oriented, RGB. A JPEG is decoded at
+    the smallest 1/2, 1/4 or 1/8 scale that keeps both sides >= `min_side` (the model resizes
+    far below that anyway)."""
     try:
-        with PILImage.open(store.path(storage_path)) as im:
+        with PILImage.open(_file_of(store, list(roots), src)) as im:
             if min_side:
                 im.draft("RGB", (min_side, min_side))  # no-op for formats other than JPEG
             # Stored originals keep their EXIF orientation; the upload validated that it decodes.
             return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        log.warning("cannot read %s for embedding: %s", storage_path, e)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        log.warning("cannot read %s for embedding: %s", src.source_path or src.storage_path, e)
         return None
 
 
@@ -60,15 +80,19 @@ def decode_side(bundle: ClipBundle) -> int:
 
 def _pending(
     ctx: JobContext, image_ids: Sequence[str] | None, *conditions: ColumnElement[bool]
-) -> list[tuple[str, str]]:
-    """(id, storage_path) of the user's images (among `image_ids`) matching all conditions."""
+) -> list[tuple[str, ImageSource]]:
+    """(id, where its bytes are) of the user's images (among `image_ids`) matching all
+    conditions."""
     with session_scope(ctx.session_factory) as s:
-        query = select(Image.id, Image.storage_path).where(
-            Image.user_id == ctx.user_id, *conditions
+        query = (
+            select(Image.id, Image.storage_path, Image.source_path, Library.path)
+            .outerjoin(Library, Library.id == Image.library_id)
+            .where(Image.user_id == ctx.user_id, *conditions)
         )
         if image_ids is not None:
             query = query.where(Image.id.in_(list(image_ids)))
-        return [(i, p) for i, p in s.execute(query.order_by(Image.created_at, Image.id))]
+        rows = s.execute(query.order_by(Image.created_at, Image.id))
+        return [(i, ImageSource(p, sp, lp)) for i, p, sp, lp in rows]
 
 
 def embed_pending(
@@ -88,6 +112,7 @@ def embed_pending(
     layout = ctx.settings.search.regions
     boxes = len(layout_boxes(layout))
     store = ctx.store
+    roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
     threads = ctx.settings.threads.embedding
     current = Image.embedding_model == model_id
@@ -99,7 +124,9 @@ def embed_pending(
     last_publish, unpublished = time.monotonic(), False
     for start in range(0, len(whole), BATCH):
         batch = whole[start : start + BATCH]
-        readable = [(i, im) for i, p in batch if (im := _open_rgb(store, p, side)) is not None]
+        readable = [
+            (i, im) for i, p in batch if (im := _open_rgb(store, p, side, roots)) is not None
+        ]
         if readable:
             with cpu_threads(threads):
                 vectors = encode_images(bundle, [im for _, im in readable])  # (B, D)
@@ -130,7 +157,9 @@ def embed_pending(
     total = max(1, work + boxes * len(crops))
     for start in range(0, len(crops), BATCH):
         batch = crops[start : start + BATCH]
-        readable = [(i, im) for i, p in batch if (im := _open_rgb(store, p, side)) is not None]
+        readable = [
+            (i, im) for i, p in batch if (im := _open_rgb(store, p, side, roots)) is not None
+        ]
         if readable:
             with cpu_threads(threads):
                 regions = encode_regions(bundle, [im for _, im in readable], layout)  # (B, R, D)

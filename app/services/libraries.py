@@ -1,0 +1,350 @@
+"""Libraries: folders under an allowed root, indexed in place (no copy) by `scan_library` jobs.
+
+Nothing outside the allowed roots (settings.library.roots) is read: a path with `..` is refused,
+paths are resolved (symlinks followed) and must stay under a root and inside their library;
+another library's folder (or one inside or around it) is refused. A scan walks the folder in
+batches of `library.batch` files, each in a short transaction; rows it did not see this time
+(their scan_generation is older) leave the index at the end; a file whose content the user
+already has at a path that is gone is a move: the row keeps its id and takes the new path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from app import repositories
+from app.config import Settings
+from app.db import session_scope
+from app.errors import Conflict, DomainError, NotFound, ValidationFailed
+from app.models import Image, Job, JobKind, Library, utcnow
+from app.services.embedding import embed_pending
+from app.services.images import delete_unused_files
+from app.services.jobs import JobContext, JobQueue, enqueue_committed
+from app.storage import inspect_file
+
+log = logging.getLogger(__name__)
+
+
+def allowed_roots(settings: Settings) -> list[Path]:
+    return [r.resolve() for r in settings.library.roots]
+
+
+def confine_folder(raw: str, settings: Settings) -> Path:
+    """The resolved folder `raw` names, if it is an existing folder under an allowed root."""
+    roots = allowed_roots(settings)
+    if not roots:
+        raise ValidationFailed(
+            "this server allows no library folders (the admin sets POLAR_LIBRARY__ROOTS)",
+            code="libraries_disabled",
+        )
+    p = Path(raw)
+    if not p.is_absolute():
+        raise ValidationFailed(f"give an absolute path, not {raw!r}", code="path_not_absolute")
+    if ".." in p.parts:
+        raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
+    real = p.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        via = " (through a symlink)" if real != Path(os.path.normpath(p)) else ""
+        raise ValidationFailed(
+            f"{raw} is outside the allowed library roots{via}",
+            code="path_not_allowed",
+            detail={"roots": [str(r) for r in roots]},
+        )
+    if not real.is_dir():
+        raise ValidationFailed(f"{raw} is not an existing folder", code="not_a_folder")
+    return real
+
+
+def add_library(
+    user_id: str, raw_path: str, *, db_session: Session, settings: Settings, queue: JobQueue
+) -> tuple[Library, Job]:
+    """Register a folder and queue its first scan (commits)."""
+    folder = confine_folder(raw_path, settings)
+    for other in repositories.libraries_overlapping(db_session=db_session, path=str(folder)):
+        if other.user_id != user_id:
+            raise Conflict(
+                "this folder, or one inside or around it, is another user's library",
+                code="library_taken",
+            )
+        raise Conflict(
+            f"this folder overlaps your library {other.id} ({other.path})",
+            code="library_overlaps",
+            detail={"library_id": other.id},
+        )
+    library = Library(user_id=user_id, path=str(folder), scan_generation=0)
+    db_session.add(library)
+    db_session.flush()
+    job = _add_scan_job(db_session, library)
+    db_session.commit()
+    enqueue_committed(queue, job)
+    return library, job
+
+
+def _add_scan_job(db_session: Session, library: Library) -> Job:
+    return repositories.add_job(
+        db_session=db_session,
+        user_id=library.user_id,
+        kind=JobKind.SCAN_LIBRARY.value,
+        payload={"library_id": library.id},
+    )
+
+
+def get_library(user_id: str, library_id: str, *, db_session: Session) -> Library:
+    library = repositories.get_library(
+        db_session=db_session, user_id=user_id, library_id=library_id
+    )
+    if library is None:
+        raise NotFound.of("library")
+    return library
+
+
+def list_libraries(user_id: str, *, db_session: Session) -> list[Library]:
+    return repositories.list_libraries(db_session=db_session, user_id=user_id)
+
+
+def request_scan(
+    user_id: str, library_id: str, *, db_session: Session, queue: JobQueue
+) -> tuple[Job, bool]:
+    """Queue a scan, or return the one already queued or running; (job, created). Commits."""
+    library = get_library(user_id, library_id, db_session=db_session)
+    open_job = repositories.open_scan_job(db_session=db_session, library=library)
+    if open_job is not None:
+        return open_job, False
+    job = _add_scan_job(db_session, library)
+    db_session.commit()
+    enqueue_committed(queue, job)
+    return job, True
+
+
+def delete_library(user_id: str, library_id: str, *, db_session: Session, store: Any) -> None:
+    """Forget a library: its images leave the index; its files are never touched."""
+    library = get_library(user_id, library_id, db_session=db_session)
+    paths = repositories.library_storage_paths(db_session=db_session, library_id=library.id)
+    db_session.execute(delete(Image).where(Image.library_id == library.id))
+    db_session.delete(library)
+    repositories.bump_index_generation(db_session=db_session, user_id=user_id)
+    db_session.commit()
+    delete_unused_files(db_session, store, paths)  # cached thumbnails only
+
+
+# --- the scan job -------------------------------------------------------------------------------
+
+
+@dataclass
+class ScanReport:
+    """What one scan did; stored on the library and returned by GET /libraries/{id}."""
+
+    max_reported: int
+    added: int = 0
+    changed: int = 0
+    moved: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped_count: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < self.max_reported:
+            self.skipped.append({"path": str(path), "reason": reason})
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("max_reported")
+        return d
+
+
+def _why(e: OSError) -> str:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"unreadable: {e.strerror or e}"
+
+
+def _walk(folder: Path, report: ScanReport) -> Iterator[Path]:
+    """Every file path in the folder (sorted, symlinks not followed out of it)."""
+    for dirpath, dirnames, filenames in os.walk(
+        folder, followlinks=False, onerror=lambda e: report.skip(e.filename, _why(e))
+    ):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if (base / name).is_symlink():
+                report.skip(base / name, "a symlinked folder is not followed")
+        for name in sorted(filenames):
+            p = base / name
+            if p.is_symlink():
+                target = p.resolve()
+                if not target.exists():
+                    report.skip(p, "broken link")
+                    continue
+                if not target.is_relative_to(folder):
+                    report.skip(p, "the symlink leads outside the library; not read")
+                    continue
+            yield p
+
+
+def scan_library_job(ctx: JobContext) -> None:
+    """Handler of `scan_library` (payload {"library_id"}): walk, index, prune, then embed."""
+    library_id = str(ctx.payload.get("library_id"))
+    settings = ctx.settings
+    with session_scope(ctx.session_factory) as s:
+        library = repositories.get_library(db_session=s, user_id=ctx.user_id, library_id=library_id)
+        if library is None:
+            return  # deleted meanwhile
+        library.scan_generation += 1
+        gen, folder = library.scan_generation, Path(library.path)
+    roots = allowed_roots(settings)
+    if not any(folder.is_relative_to(r) for r in roots) or folder.resolve() != folder:
+        raise ValidationFailed(
+            "the library's folder is no longer under an allowed root; nothing was changed",
+            code="path_not_allowed",
+        )
+    if not folder.is_dir():
+        # Never empty a library because its disk is not mounted right now.
+        raise ValidationFailed(
+            "the library's folder is missing or unreadable; nothing was changed",
+            code="library_unavailable",
+        )
+    report = ScanReport(max_reported=settings.library.max_reported)
+    batch: list[Path] = []
+    for path in _walk(folder, report):
+        batch.append(path)
+        if len(batch) >= settings.library.batch:
+            _index_batch(ctx, library_id, gen, batch, report)
+            batch = []
+    if batch:
+        _index_batch(ctx, library_id, gen, batch, report)
+    stale: list[str] = []
+    while True:
+        with session_scope(ctx.session_factory) as s:
+            rows = repositories.stale_library_images(
+                db_session=s, library_id=library_id, generation=gen, limit=settings.library.batch
+            )
+            for img in rows:
+                stale.append(img.storage_path)
+                s.delete(img)
+            report.removed += len(rows)
+            if rows:
+                repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
+        if len(rows) < settings.library.batch:
+            break
+    with session_scope(ctx.session_factory) as s:
+        delete_unused_files(s, ctx.store, sorted(set(stale)))
+        library = repositories.get_library(db_session=s, user_id=ctx.user_id, library_id=library_id)
+        if library is not None:
+            library.report = {"job_id": ctx.job_id, **report.as_dict()}
+            library.scanned_at = utcnow()
+    ctx.progress(0.5)
+    embed_pending(dataclasses.replace(ctx, progress=lambda f: ctx.progress(0.5 + f / 2)), None)
+
+
+def _index_batch(
+    ctx: JobContext, library_id: str, gen: int, paths: list[Path], report: ScanReport
+) -> None:
+    limits = ctx.settings.limits
+    with session_scope(ctx.session_factory) as s:
+        known = {
+            img.source_path: img
+            for img in repositories.library_images_at(
+                db_session=s, library_id=library_id, paths=[str(p) for p in paths]
+            )
+        }
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                report.skip(p, _why(e))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                report.skip(p, "not a regular file")
+                continue
+            img = known.get(str(p))
+            if img is not None and (img.source_size, img.source_mtime_ns) == (
+                st.st_size,
+                st.st_mtime_ns,
+            ):
+                img.scan_generation = gen
+                report.unchanged += 1
+                continue
+            try:
+                info = inspect_file(
+                    p, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels
+                )
+                after = os.stat(p)
+            except DomainError as e:
+                report.skip(p, e.message)
+                continue
+            except OSError as e:
+                report.skip(p, _why(e))
+                continue
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or (
+                info.size_bytes != st.st_size
+            ):
+                report.skip(p, "the file changed while it was read; the next scan takes it")
+                continue
+            storage_path = ctx.store.cache_thumbnail(info.sha256, info.ext, info.thumbnail)
+            mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC)
+            same = repositories.get_image_by_sha256(
+                db_session=s, user_id=ctx.user_id, sha256=info.sha256
+            )
+            if img is not None:
+                if same is not None and same.id != img.id:
+                    s.delete(img)  # this path now holds content indexed elsewhere
+                    report.skip(p, f"same content as image {same.id}; indexed once")
+                    continue
+                img.sha256, img.mime, img.size_bytes = info.sha256, info.mime, info.size_bytes
+                img.width, img.height, img.storage_path = info.width, info.height, storage_path
+                img.embedding = img.embedding_model = None
+                img.region_embeddings = img.region_layout = None
+                img.taken_at = info.taken_at or mtime
+                img.source_size, img.source_mtime_ns = st.st_size, st.st_mtime_ns
+                img.scan_generation = gen
+                report.changed += 1
+                continue
+            if same is not None:
+                gone = same.source_path is not None and not os.path.lexists(same.source_path)
+                seen_here = same.library_id == library_id and same.scan_generation == gen
+                if same.library_id is not None and gone and not seen_here:
+                    same.library_id, same.source_path = library_id, str(p)
+                    same.original_filename = p.name[-255:]
+                    same.source_size, same.source_mtime_ns = st.st_size, st.st_mtime_ns
+                    same.scan_generation = gen
+                    known[str(p)] = same
+                    report.moved += 1
+                else:
+                    where = same.source_path or "uploaded"
+                    report.skip(p, f"same content as image {same.id} ({where}); indexed once")
+                continue
+            new = Image(
+                user_id=ctx.user_id,
+                sha256=info.sha256,
+                original_filename=p.name[-255:],
+                mime=info.mime,
+                size_bytes=info.size_bytes,
+                width=info.width,
+                height=info.height,
+                storage_path=storage_path,
+                taken_at=info.taken_at or mtime,
+                created_at=utcnow(),
+                library_id=library_id,
+                source_path=str(p),
+                source_size=st.st_size,
+                source_mtime_ns=st.st_mtime_ns,
+                scan_generation=gen,
+            )
+            s.add(new)
+            s.flush()
+            known[str(p)] = new
+            report.added += 1

@@ -1,0 +1,99 @@
+"""/libraries: folders indexed in place, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from app.config import LibrarySettings, Settings
+from tests.api.test_search import wait_jobs
+from tests.db_fixtures import noisy_jpeg
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+
+@pytest.fixture
+def db_settings(tmp_path: Path, db_url: str) -> Settings:
+    (tmp_path / "photos" / "lib").mkdir(parents=True)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        broker_url="",
+        library=LibrarySettings(roots=[tmp_path / "photos"]),
+    )
+
+
+def report(client, user, lib_id):
+    r = client.get(f"/libraries/{lib_id}", headers=user.headers)
+    assert r.status_code == 200, r.text
+    return r.json()["report"]
+
+
+def paths(client, user):
+    items = client.get("/images", headers=user.headers).json()["items"]
+    return {i["path"]: i["id"] for i in items}
+
+
+def test_scan_rescan_and_safety(api_client, make_user, tiny_serving, tmp_path):  # noqa: F811, ARG001
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    (lib / "a.jpg").write_bytes(noisy_jpeg(seed=1))
+    (lib / "b.jpg").write_bytes(noisy_jpeg(seed=2))
+    (lib / "bad.jpg").write_bytes(b"not an image")
+    (tmp_path / "secret.jpg").write_bytes(noisy_jpeg(seed=9))
+    os.symlink(tmp_path / "secret.jpg", lib / "escape.jpg")
+    os.symlink(lib / "gone.jpg", lib / "broken.jpg")
+    r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    lib_id = r.json()["id"]
+    wait_jobs(api_client)
+    rep = report(api_client, user, lib_id)
+    assert rep["added"] == 2
+    reasons = {Path(s["path"]).name: s["reason"] for s in rep["skipped"]}
+    assert set(reasons) == {"bad.jpg", "escape.jpg", "broken.jpg"}
+    found = paths(api_client, user)
+    assert set(found) == {str(lib / "a.jpg"), str(lib / "b.jpg")}
+
+    # move a, change b, add c
+    a_id = found[str(lib / "a.jpg")]
+    (lib / "sub").mkdir()
+    os.replace(lib / "a.jpg", lib / "sub" / "a2.jpg")
+    (lib / "b.jpg").write_bytes(noisy_jpeg(seed=3))
+    os.utime(lib / "b.jpg", ns=(1, 1))
+    (lib / "c.jpg").write_bytes(noisy_jpeg(seed=4))
+    assert api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    rep = report(api_client, user, lib_id)
+    assert (rep["moved"], rep["changed"], rep["added"]) == (1, 1, 1)
+    found = paths(api_client, user)
+    assert found[str(lib / "sub" / "a2.jpg")] == a_id
+
+    # delete c
+    (lib / "c.jpg").unlink()
+    api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers)
+    wait_jobs(api_client)
+    assert report(api_client, user, lib_id)["removed"] == 1
+
+    # foreign library is 404; its folder is refused to others
+    other = make_user(api_client, "bob")
+    assert api_client.get(f"/libraries/{lib_id}", headers=other.headers).status_code == 404
+    r = api_client.post("/libraries", json={"path": str(lib / "sub")}, headers=other.headers)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "library_taken"
+    # traversal and escapes
+    for bad, code in [
+        (str(lib / ".." / "lib"), "path_traversal"),
+        (str(tmp_path), "path_not_allowed"),
+        ("relative/x", "path_not_absolute"),
+    ]:
+        r = api_client.post("/libraries", json={"path": bad}, headers=other.headers)
+        assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
+    os.symlink(tmp_path, tmp_path / "photos" / "out")
+    r = api_client.post(
+        "/libraries", json={"path": str(tmp_path / "photos" / "out")}, headers=other.headers
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "path_not_allowed"
+
+    assert api_client.delete(f"/libraries/{lib_id}", headers=user.headers).status_code == 204
+    assert paths(api_client, user) == {}
+    assert (lib / "b.jpg").exists()
