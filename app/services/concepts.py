@@ -18,6 +18,7 @@ import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -39,7 +40,7 @@ from app.services import jobs
 from app.services.images import IncomingFile, delete_unused_files, stage_all
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.query import normalize_name
-from app.storage import ImageStore, StagedImage
+from app.storage import ImageStore, StagedImage, confined_file
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,54 @@ def library_photos(db_session: Session, user_id: str, image_ids: Sequence[str]) 
     return [found[i] for i in image_ids]
 
 
+def _copies_of_folder_photos(
+    db_session: Session,
+    store: ImageStore,
+    limits: LimitSettings,
+    user_id: str,
+    images: Sequence[Image],
+    roots: Sequence[Path],
+) -> tuple[list[Photo], list[StagedImage]]:
+    """Library images as concept photos. An uploaded one shares its stored file; one indexed in
+    place (a folder library) is copied into the store, validated like an upload, so the concept
+    keeps its photos whatever later happens to the folder. Returns (photos, the staged copies)."""
+    photos: list[Photo] = []
+    copies: list[StagedImage] = []
+    try:
+        for image in images:
+            if image.source_path is None or image.library_id is None:
+                photos.append(image)
+                continue
+            library = repositories.get_library(
+                db_session=db_session, user_id=user_id, library_id=image.library_id
+            )
+            try:
+                if library is None:
+                    raise ValueError("its library is gone")
+                path = confined_file(image.source_path, library.path, list(roots))
+                with path.open("rb") as f:
+                    copy = store.stage(
+                        f,
+                        path.name,
+                        max_bytes=limits.max_upload_bytes,
+                        max_pixels=limits.max_pixels,
+                    )
+            except (OSError, ValueError) as e:
+                raise NotFound(
+                    f"the photo {image.id} cannot be read from its folder any more; rescan "
+                    "the library",
+                    code="file_missing",
+                    detail={"image_ids": [image.id]},
+                ) from e
+            copies.append(copy)
+            photos.append(copy)
+    except BaseException:
+        for c in copies:
+            store.discard(c)
+        raise
+    return photos, copies
+
+
 def _add_examples(
     db_session: Session,
     store: ImageStore,
@@ -254,6 +303,7 @@ def create_concept(
     limits: LimitSettings,
     queue: JobQueue,
     image_ids: Sequence[str] = (),
+    library_roots: Sequence[Path] = (),
 ) -> ConceptChange:
     """Store a new concept (version 1, `training`) with its photos and queue its training.
 
@@ -264,11 +314,24 @@ def create_concept(
     if not training.min_photos <= sent <= training.max_photos:
         raise _photo_range_error(sent, training, "got")
     _check_name_free(db_session, user_id, name)
-    library = library_photos(db_session, user_id, image_ids)
-    staged = stage_all(files, store, limits)
+    library, copies = _copies_of_folder_photos(
+        db_session,
+        store,
+        limits,
+        user_id,
+        library_photos(db_session, user_id, image_ids),
+        library_roots,
+    )
+    try:
+        uploads = stage_all(files, store, limits)
+    except BaseException:
+        for c in copies:
+            store.discard(c)
+        raise
+    staged = [*uploads, *copies]  # discarded at the end unless committed
     created_paths: list[str] = []
     try:
-        photos = _distinct([*staged, *library], set())
+        photos = _distinct([*uploads, *library], set())
         if len(photos) < training.min_photos:
             raise _photo_range_error(len(photos), training, "got (duplicates count once)")
         concept = Concept(
@@ -379,6 +442,7 @@ def add_examples(
     limits: LimitSettings,
     queue: JobQueue,
     image_ids: Sequence[str] = (),
+    library_roots: Sequence[Path] = (),
 ) -> ConceptChange:
     """Add photos (a new version trains on all of them); the total stays within max_photos.
 
@@ -393,13 +457,26 @@ def add_examples(
         )
     if sent > training.max_photos:
         raise _photo_range_error(sent, training, "this request sends")
-    library = library_photos(db_session, user_id, image_ids)
-    staged = stage_all(files, store, limits)
+    library, copies = _copies_of_folder_photos(
+        db_session,
+        store,
+        limits,
+        user_id,
+        library_photos(db_session, user_id, image_ids),
+        library_roots,
+    )
+    try:
+        uploads = stage_all(files, store, limits)
+    except BaseException:
+        for c in copies:
+            store.discard(c)
+        raise
+    staged = [*uploads, *copies]  # discarded at the end unless committed
     created_paths: list[str] = []
     try:
         concept = _get(db_session, user_id, concept_id, lock=True)
         known = repositories.example_hashes(db_session=db_session, concept_id=concept.id)
-        photos = _distinct([*staged, *library], known)
+        photos = _distinct([*uploads, *library], known)
         if not photos:
             raise ValidationFailed(
                 "every photo sent is already a photo of this concept", code="no_new_photos"

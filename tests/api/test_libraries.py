@@ -97,3 +97,36 @@ def test_scan_rescan_and_safety(api_client, make_user, tiny_serving, tmp_path): 
     assert api_client.delete(f"/libraries/{lib_id}", headers=user.headers).status_code == 204
     assert paths(api_client, user) == {}
     assert (lib / "b.jpg").exists()
+
+
+def test_a_concept_taught_from_folder_photos_keeps_copies_of_them(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+):
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    for i in range(3):
+        (lib / f"fido{i}.jpg").write_bytes(noisy_jpeg(seed=40 + i))
+    r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    wait_jobs(api_client)
+    ids = list(paths(api_client, user).values())
+    assert len(ids) == 3
+    r = api_client.post("/concepts", data={"name": "Fido", "image_ids": ids}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    concept_id = r.json()["concept"]["id"]
+    wait_jobs(api_client)
+    concept = api_client.get(f"/concepts/{concept_id}", headers=user.headers).json()
+    assert concept["state"] == "ready", concept
+    # The folder's files may go: the concept keeps its own copies (validated like uploads).
+    for f in lib.iterdir():
+        f.unlink()
+    examples = api_client.get(f"/concepts/{concept_id}/examples", headers=user.headers).json()
+    for ex in examples["items"]:
+        got = api_client.get(
+            f"/concepts/{concept_id}/examples/{ex['id']}/file", headers=user.headers
+        )
+        assert got.status_code == 200 and got.content[:2] == b"\xff\xd8"  # a JPEG
+    assert len(examples["items"]) == 3

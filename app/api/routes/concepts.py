@@ -99,6 +99,7 @@ def create_concept(
         training=settings.training,
         limits=settings.limits,
         queue=queue,
+        library_roots=settings.library.roots,
         image_ids=image_ids or [],
     )
     return change_out(change)
@@ -178,6 +179,7 @@ def add_examples(
         training=settings.training,
         limits=settings.limits,
         queue=queue,
+        library_roots=settings.library.roots,
         image_ids=image_ids or [],
     )
     return change_out(change)
