@@ -154,8 +154,9 @@ class UploadRejected(DomainError):
     def __init__(self, failures: list[FileFailure], *, total: int) -> None:
         assert failures, "an upload is rejected only for at least one bad file"
         first = failures[0]
-        names = ", ".join(
-            f"#{f.index} {f.filename or '(unnamed)'}: {f.error.message}" for f in failures
+        # People count files from 1 (the `index` in `detail` stays 0-based for programs).
+        names = "; ".join(
+            f"file {f.index + 1} ({f.filename or 'unnamed'}): {f.error.message}" for f in failures
         )
         super().__init__(
             f"{len(failures)} of {total} file(s) rejected, nothing was stored. {names}",

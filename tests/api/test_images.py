@@ -484,3 +484,13 @@ def test_every_images_route_needs_a_key(api_client, make_user, method, route):
     )
     assert_error(bad, 401, "unauthorized")
     assert count(api_client, ImageRow) == 1
+
+
+def test_a_rejected_upload_names_files_counted_from_one(api_client, make_user):
+    user = make_user(api_client)
+    r = upload(api_client, user, ("good.jpg", jpeg(1)), ("notes.png", b"not an image"))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert "1 of 2 file(s) rejected" in err["message"]
+    assert "file 2 (notes.png):" in err["message"]  # for people, from 1
+    assert err["detail"]["files"][0]["index"] == 1  # for programs, from 0
