@@ -240,6 +240,28 @@ def _copies_of_folder_photos(
     return photos, copies
 
 
+def _gather_photos(
+    db_session: Session,
+    store: ImageStore,
+    limits: LimitSettings,
+    user_id: str,
+    files: Sequence[IncomingFile],
+    image_ids: Sequence[str],
+    roots: Sequence[Path],
+) -> tuple[list[StagedImage], list[Photo], list[StagedImage]]:
+    """(uploads staged, library photos, every staged file to discard unless committed)."""
+    library, copies = _copies_of_folder_photos(
+        db_session, store, limits, user_id, library_photos(db_session, user_id, image_ids), roots
+    )
+    try:
+        uploads = stage_all(files, store, limits)
+    except BaseException:
+        for c in copies:
+            store.discard(c)
+        raise
+    return uploads, library, [*uploads, *copies]
+
+
 def _add_examples(
     db_session: Session,
     store: ImageStore,
@@ -314,21 +336,9 @@ def create_concept(
     if not training.min_photos <= sent <= training.max_photos:
         raise _photo_range_error(sent, training, "got")
     _check_name_free(db_session, user_id, name)
-    library, copies = _copies_of_folder_photos(
-        db_session,
-        store,
-        limits,
-        user_id,
-        library_photos(db_session, user_id, image_ids),
-        library_roots,
+    uploads, library, staged = _gather_photos(
+        db_session, store, limits, user_id, files, image_ids, library_roots
     )
-    try:
-        uploads = stage_all(files, store, limits)
-    except BaseException:
-        for c in copies:
-            store.discard(c)
-        raise
-    staged = [*uploads, *copies]  # discarded at the end unless committed
     created_paths: list[str] = []
     try:
         photos = _distinct([*uploads, *library], set())
@@ -457,21 +467,9 @@ def add_examples(
         )
     if sent > training.max_photos:
         raise _photo_range_error(sent, training, "this request sends")
-    library, copies = _copies_of_folder_photos(
-        db_session,
-        store,
-        limits,
-        user_id,
-        library_photos(db_session, user_id, image_ids),
-        library_roots,
+    uploads, library, staged = _gather_photos(
+        db_session, store, limits, user_id, files, image_ids, library_roots
     )
-    try:
-        uploads = stage_all(files, store, limits)
-    except BaseException:
-        for c in copies:
-            store.discard(c)
-        raise
-    staged = [*uploads, *copies]  # discarded at the end unless committed
     created_paths: list[str] = []
     try:
         concept = _get(db_session, user_id, concept_id, lock=True)
