@@ -49,11 +49,13 @@ def _file_of(store: ImageStore, roots: list[Path], src: ImageSource) -> Path:
 
 
 def _open_rgb(
-    store: ImageStore, src: ImageSource, min_side: int = 0, roots: Sequence[Path] = ()
+    store: ImageStore, src: ImageSource | str, min_side: int = 0, roots: Sequence[Path] = ()
 ) -> PILImage.Image | None:
-    """The original (stored, or the library's file), EXIF-oriented, RGB. A JPEG is decoded at
-    the smallest 1/2, 1/4 or 1/8 scale that keeps both sides >= `min_side` (the model resizes
-    far below that anyway)."""
+    """The original (stored: `src` may be its storage path; or the library's file),
+    EXIF-oriented, RGB. A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both
+    sides >= `min_side` (the model resizes far below that anyway)."""
+    if isinstance(src, str):
+        src = ImageSource(src)
     try:
         with PILImage.open(_file_of(store, list(roots), src)) as im:
             if min_side:
