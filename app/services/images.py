@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -31,7 +32,7 @@ from app.errors import (
 from app.models import Image, Job, JobKind, utcnow
 from app.repositories import Page
 from app.services.jobs import JobQueue, enqueue_committed
-from app.storage import BinaryStream, ImageStore, StagedImage, display_filename
+from app.storage import BinaryStream, ImageStore, StagedImage, confined_file, display_filename
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,42 @@ def get_image(user_id: str, image_id: str, *, db_session: Session) -> Image:
     if image is None:
         raise NotFound.of("image")
     return image
+
+
+def original_file(
+    user_id: str,
+    image_id: str,
+    *,
+    db_session: Session,
+    store: ImageStore,
+    library_roots: Sequence[Path],
+) -> tuple[Image, Path]:
+    """One of the user's images and where its original bytes are: the store (uploads), or its
+    folder (libraries indexed in place; read only inside the library and the allowed roots)."""
+    image = get_image(user_id, image_id, db_session=db_session)
+    if image.source_path is not None and image.library_id is not None:
+        library = repositories.get_library(
+            db_session=db_session, user_id=user_id, library_id=image.library_id
+        )
+        try:
+            if library is None:
+                raise ValueError("its library is gone")
+            path = confined_file(image.source_path, library.path, list(library_roots))
+        except ValueError as e:
+            raise NotFound(
+                "the photo is no longer readable in its library folder; rescan the library",
+                code="file_missing",
+            ) from e
+        if not path.is_file():
+            raise NotFound(
+                "the photo is gone from its library folder; rescan the library",
+                code="file_missing",
+            )
+        return image, path
+    path = store.path(image.storage_path)
+    if not path.is_file():
+        raise NotFound("the stored file is missing; upload the image again", code="file_missing")
+    return image, path
 
 
 def delete_image(user_id: str, image_id: str, *, db_session: Session, store: ImageStore) -> None:

@@ -130,3 +130,33 @@ def test_a_concept_taught_from_folder_photos_keeps_copies_of_them(
         )
         assert got.status_code == 200 and got.content[:2] == b"\xff\xd8"  # a JPEG
     assert len(examples["items"]) == 3
+
+
+def test_the_original_of_a_folder_photo_is_served_from_its_folder_only(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+):
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    data = noisy_jpeg(seed=61)
+    (lib / "a.jpg").write_bytes(data)
+    r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    wait_jobs(api_client)
+    image_id = paths(api_client, user)[str(lib / "a.jpg")]
+    got = api_client.get(f"/images/{image_id}/file", headers=user.headers)
+    assert got.status_code == 200 and got.content == data
+    assert "immutable" not in got.headers["cache-control"]  # the folder may change it
+    # Another user cannot read it; a swap for a link out of the folder is refused.
+    other = make_user(api_client, "bob")
+    assert api_client.get(f"/images/{image_id}/file", headers=other.headers).status_code == 404
+    (tmp_path / "secret.jpg").write_bytes(noisy_jpeg(seed=62))
+    (lib / "a.jpg").unlink()
+    os.symlink(tmp_path / "secret.jpg", lib / "a.jpg")
+    r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_missing"
+    (lib / "a.jpg").unlink()  # gone from the folder
+    r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_missing"

@@ -107,18 +107,24 @@ def get_image(image_id: ImageId, user: CurrentUser, db_session: SessionDep) -> I
     responses=errors(404),
 )
 def get_image_file(
-    image_id: ImageId, user: CurrentUser, db_session: SessionDep, store: StoreDep
+    image_id: ImageId,
+    user: CurrentUser,
+    db_session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
 ) -> FileResponse:
-    image = service.get_image(user.id, image_id, db_session=db_session)
-    path = store.path(image.storage_path)
-    if not path.is_file():
-        raise NotFound("the stored file is missing; upload the image again", code="file_missing")
+    """Uploads come from the store; photos of a folder library from their folder."""
+    image, path = service.original_file(
+        user.id, image_id, db_session=db_session, store=store, library_roots=settings.library.roots
+    )
+    # A folder's file may be edited in place: only content-addressed originals are immutable.
+    cache = _IMMUTABLE if image.source_path is None else {"Cache-Control": "private, no-cache"}
     return FileResponse(
         path,
         media_type=image.mime,
         filename=image.original_filename,
         content_disposition_type="inline",
-        headers=_IMMUTABLE,
+        headers=cache,
     )
 
 
