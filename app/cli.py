@@ -14,7 +14,7 @@ from app.config import get_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from app.client import Concept, IndexStatus, Job, PolarClient, UploadBatch
+    from app.client import Concept, IndexStatus, Job, Library, PolarClient, UploadBatch
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -485,6 +485,60 @@ def _search(client: PolarClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_library(library: Library) -> None:
+    print(f"{library.id}  {library.path}")
+    rep = library.report
+    if rep is None:
+        print("  not scanned yet")
+        return
+    counts = ", ".join(
+        f"{rep.get(k, 0)} {k}" for k in ("added", "changed", "moved", "unchanged", "removed")
+    )
+    print(f"  last scan: {counts}; {rep.get('skipped_count', 0)} skipped")
+    for s in rep.get("skipped", [])[:20]:
+        print(f"    skipped {s.get('path')}: {s.get('reason')}")
+
+
+def _find_library(client: PolarClient, ref: str) -> Library:
+    """A library by id or by its path as given when it was added."""
+    for library in client.list_libraries():
+        if ref in (library.id, library.path) or os.path.abspath(ref) == library.path:
+            return library
+    raise _CliFailure(f"no library {ref!r}; `polar library list` shows yours")
+
+
+def _library(client: PolarClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        libraries = client.list_libraries()
+        for library in libraries:
+            _print_library(library)
+        if not libraries:
+            print("no libraries yet: `polar library add /path/on/the/server`")
+        return 0
+    if args.target is None:
+        raise _CliFailure(f"`polar library {args.action}` needs a folder (add) or a library")
+    if args.action == "add":
+        # The path is the server's: it reads the folder in place, under its allowed roots.
+        library = client.add_library(os.path.abspath(args.target) if args.local else args.target)
+        job = library.job
+    else:
+        library = _find_library(client, args.target)
+        if args.action == "remove":
+            client.remove_library(library.id)
+            print(f"removed {library.path} from your libraries (its files are untouched)")
+            return 0
+        job = client.scan_library(library.id)
+    print(f"{library.path}: scan job {job.id if job else '-'}")
+    if job is None or args.no_wait:
+        return 0
+    job = _wait(client, job.id, "scanning", args.timeout)
+    _print_library(client.get_library(library.id))
+    if job.state != "succeeded":
+        detail = f": {job.error_message} ({job.error_code})" if job.error_code else ""
+        raise _CliFailure(f"the scan failed{detail}")
+    return 0
+
+
 def _print_index(status: IndexStatus) -> None:
     print(f"model: {status.model}")
     print(f"images: {status.images} ({status.embedded} searchable, {status.pending} pending)")
@@ -601,6 +655,22 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     )
     index.add_argument("--no-wait", action="store_true", help="return once the rebuild is queued")
     index.set_defaults(func=_client_command(_index))
+    library = sub.add_parser(
+        "library",
+        parents=[conn],
+        help="folders on the server indexed in place: add PATH | list | scan LIB | remove LIB",
+    )
+    library.add_argument("action", choices=["add", "list", "scan", "remove"])
+    library.add_argument(
+        "target", nargs="?", default=None, help="add: a folder on the server; scan/remove: id/path"
+    )
+    library.add_argument(
+        "--local",
+        action="store_true",
+        help="add: make a relative PATH absolute here (when client and server share the disk)",
+    )
+    library.add_argument("--no-wait", action="store_true", help="return once the scan is queued")
+    library.set_defaults(func=_client_command(_library))
     search = sub.add_parser("search", parents=[conn], help="search your library")
     search.add_argument("query", help='e.g. "Fido at the beach"')
     search.add_argument("-k", type=int, default=20, help="number of hits")

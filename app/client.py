@@ -191,6 +191,28 @@ class ConceptPhoto:
 
 
 @dataclass(frozen=True)
+class Library:
+    """A folder indexed in place, and its last scan's report (None before the first ends)."""
+
+    id: str
+    path: str
+    scanned_at: str | None
+    report: dict[str, Any] | None
+    job: Job | None  # the scan the request that returned it queued
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Library:
+        job = d.get("job")
+        return cls(
+            id=d["id"],
+            path=d["path"],
+            scanned_at=d.get("scanned_at"),
+            report=d.get("report"),
+            job=Job.from_json(job) if job else None,
+        )
+
+
+@dataclass(frozen=True)
 class IndexStatus:
     """GET /index: how much of the library the serving model can search."""
 
@@ -546,6 +568,26 @@ class PolarClient:
 
     def delete_concept(self, concept_id: str) -> None:
         self._request("DELETE", f"/concepts/{_seg(concept_id)}")
+
+    # -- libraries (folders indexed in place) --
+
+    def add_library(self, path: str) -> Library:
+        """POST /libraries: the folder (on the server) and its first scan job."""
+        return Library.from_json(self._request("POST", "/libraries", json={"path": path}))
+
+    def list_libraries(self) -> list[Library]:
+        body = self._request("GET", "/libraries")
+        return [Library.from_json(d) for d in body["items"]]
+
+    def get_library(self, library_id: str) -> Library:
+        return Library.from_json(self._request("GET", f"/libraries/{_seg(library_id)}"))
+
+    def scan_library(self, library_id: str) -> Job:
+        """POST /libraries/{id}/scan: the scan job (or the one already queued or running)."""
+        return Job.from_json(self._request("POST", f"/libraries/{_seg(library_id)}/scan"))
+
+    def remove_library(self, library_id: str) -> None:
+        self._request("DELETE", f"/libraries/{_seg(library_id)}")
 
     # -- index --
 

@@ -160,3 +160,47 @@ def test_the_original_of_a_folder_photo_is_served_from_its_folder_only(
     (lib / "a.jpg").unlink()  # gone from the folder
     r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
     assert r.status_code == 404 and r.json()["error"]["code"] == "file_missing"
+
+
+def test_the_cli_adds_scans_lists_and_removes_libraries(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    from app import cli
+    from app.client import PolarClient
+
+    user = make_user(api_client)
+    monkeypatch.setattr(
+        cli, "client_factory", lambda url, key: PolarClient(url, key, http=api_client)
+    )
+
+    def polar(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main([*argv, "--key", user.key])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    lib = tmp_path / "photos" / "lib"
+    (lib / "a.jpg").write_bytes(noisy_jpeg(seed=81))
+    (lib / "notes.jpg").write_bytes(b"not an image")
+    code, out, err = polar("library", "add", str(lib))
+    assert code == 0, err
+    assert "1 added" in out and "1 skipped" in out and "notes.jpg" in out
+    (lib / "b.jpg").write_bytes(noisy_jpeg(seed=82))
+    code, out, err = polar("library", "scan", str(lib))
+    assert code == 0 and "1 added" in out and "1 unchanged" in out, (out, err)
+    code, out, _ = polar("library", "list")
+    assert code == 0 and str(lib) in out
+    code, _, err = polar("library", "add", str(tmp_path / "elsewhere"))
+    assert code != 0 and "error:" in err  # outside the allowed roots: refused, said so
+    code, _, err = polar("library", "scan")
+    assert code != 0 and "needs a folder" in err
+    code, out, _ = polar("library", "remove", str(lib))
+    assert code == 0 and "files are untouched" in out
+    assert (lib / "a.jpg").exists()
+    code, out, _ = polar("library", "list")
+    assert "no libraries yet" in out
