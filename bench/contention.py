@@ -21,7 +21,6 @@ bench/results/contention.json; never run by the tests.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from app.bench.harness import loadavg, vit_b32
+from app.bench.harness import loadavg, save_result, vit_b32
 from app.bench.served import ONE_CONCEPT_QUERIES, create_concept, served_library, server_env
 from app.config import ThreadSettings
 from app.demo.run_demo import FIDO_CATEGORY, FIDO_INDEX, concept_photos
@@ -254,13 +253,7 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(["bench/contention.py", *sys.argv[1:]]),
     }
-    if args.quick and args.out is None:
-        print("(quick run: nothing written)")
-        return
-    out = args.out or OUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_result(result, args.out, OUT, args.quick)
 
 
 if __name__ == "__main__":

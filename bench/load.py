@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from app.bench.harness import loadavg, temporary_pg_schema
+from app.bench.harness import loadavg, save_result, temporary_pg_schema
 from app.bench.served import (
     ONE_CONCEPT_QUERIES,
     PLAIN_QUERIES,
@@ -205,13 +204,7 @@ def main() -> None:
         "cores": cpu_count(),
         "command": " ".join(["bench/load.py", *sys.argv[1:]]),
     }
-    if args.quick and args.out is None:
-        print("(quick run: nothing written)")
-        return
-    out = args.out or OUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_result(result, args.out, OUT, args.quick)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ models they run, random embeddings, bulk image rows and a throwaway PostgreSQL s
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,18 @@ from app.ml.model import (
     load_clip,
 )
 from app.models import Image, utcnow
+
+
+def save_result(result: dict[str, object], out: Path | None, default: Path, quick: bool) -> None:
+    """Write a benchmark's JSON to `out` (else `default`); a --quick run without --out writes
+    nothing (smoke runs must not overwrite the committed numbers)."""
+    if quick and out is None:
+        print("(--quick: nothing written; pass --out to keep it)")
+        return
+    path = out or default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def loadavg() -> str:

@@ -343,12 +343,7 @@ def search_images(
         raise ValidationFailed(
             f"offset must be between 0 and {limits.max_offset}", code="invalid_offset"
         )
-    named = (
-        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
-        if personalize
-        else _Personalized(text)
-    )
-    _check_length(serving, named.text)
+    named = _understand(db_session, user_id, text, personalize, concept_ids, serving, adapter_cache)
     cfg = search_settings or SearchSettings()
     want = offset + k
     # One query is small work: one thread per search, searches side by side on the cores.
@@ -382,6 +377,25 @@ def search_images(
     )
 
 
+def _understand(
+    db_session: Session,
+    user_id: str,
+    text: str,
+    personalize: bool,
+    concept_ids: Sequence[str],
+    serving: ServingModel,
+    adapter_cache: AdapterCache,
+) -> _Personalized:
+    """The query as it will be encoded (names rewritten, adapters found), within the context."""
+    named = (
+        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
+        if personalize
+        else _Personalized(text)
+    )
+    _check_length(serving, named.text)
+    return named
+
+
 @dataclass
 class TextEmbedding:
     """A query's search vector with the user's concepts applied, and how it was understood."""
@@ -413,12 +427,7 @@ def embed_text(
     embeddings. The per-concept parts of a several-concept query (region re-ranking) stay here:
     the vector alone is the product."""
     text = validate_query(query, limits)
-    named = (
-        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
-        if personalize
-        else _Personalized(text)
-    )
-    _check_length(serving, named.text)
+    named = _understand(db_session, user_id, text, personalize, concept_ids, serving, adapter_cache)
     cfg = search_settings or SearchSettings()
     with cpu_threads(threads):
         encoding = recipe.encode_query(
