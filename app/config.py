@@ -216,6 +216,20 @@ class LibrarySettings(BaseModel):
     max_reported: int = Field(
         1000, ge=0, description="skipped files a scan's report lists by name (all are counted)"
     )
+    watch: bool = Field(
+        True,
+        description="watch library folders (inotify) and scan one once it has been quiet for "
+        "watch_settle_s; network shares send no events, the periodic rescan covers them",
+    )
+    watch_settle_s: float = Field(
+        10.0, ge=0, le=3600, description="quiet seconds after a change before the scan starts"
+    )
+    rescan_interval_s: float = Field(
+        900.0,
+        ge=0,
+        description="scan a library again when its last scan is this old (only changed files "
+        "are read again); 0 = only on request and on watched changes",
+    )
 
 
 class Settings(BaseSettings):

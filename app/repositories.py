@@ -517,11 +517,18 @@ def count_unembedded_images(*, db_session: Session, user_id: str, model_id: str)
 # --- libraries ------------------------------------------------------------------------------------
 
 
-def get_library(*, db_session: Session, user_id: str, library_id: str) -> Library | None:
-    """One of the user's libraries (None for a missing or foreign id)."""
-    return db_session.scalar(
-        select(Library).where(Library.id == library_id, Library.user_id == user_id)
-    )
+def get_library(
+    *, db_session: Session, user_id: str, library_id: str, for_update: bool = False
+) -> Library | None:
+    """One of the user's libraries (None for a missing or foreign id); `for_update` locks its
+    row until the transaction ends (PostgreSQL; SQLite has one writer anyway)."""
+    query = select(Library).where(Library.id == library_id, Library.user_id == user_id)
+    return db_session.scalar(query.with_for_update() if for_update else query)
+
+
+def all_libraries(*, db_session: Session) -> list[Library]:
+    """Every user's libraries (the library monitor watches them all)."""
+    return list(db_session.scalars(select(Library).order_by(Library.created_at, Library.id)))
 
 
 def list_libraries(*, db_session: Session, user_id: str) -> list[Library]:
@@ -549,13 +556,16 @@ def libraries_overlapping(*, db_session: Session, path: str) -> list[Library]:
     )
 
 
-def open_scan_job(*, db_session: Session, library: Library) -> Job | None:
-    """A queued or running scan of this library, if any."""
+def open_scan_job(
+    *, db_session: Session, library: Library, states: tuple[JobState, ...] | None = None
+) -> Job | None:
+    """A queued or running (or: in one of `states`) scan of this library, if any."""
+    wanted = states or (JobState.QUEUED, JobState.RUNNING)
     jobs = db_session.scalars(
         select(Job).where(
             Job.user_id == library.user_id,
             Job.kind == JobKind.SCAN_LIBRARY.value,
-            Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]),
+            Job.state.in_([st.value for st in wanted]),
         )
     )
     return next((j for j in jobs if j.payload.get("library_id") == library.id), None)

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from app import repositories
 from app.db import session_scope
+from app.library_monitor import LibraryMonitor
 from app.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobInterrupted
@@ -53,6 +54,8 @@ class JobRunner:
             reconcile or ReconcilePolicy.of(env.settings.jobs),
             skip=self._is_pending,
         )
+        # Library folders watched and rescanned (nothing to do while libraries are off).
+        self._monitor = LibraryMonitor(self.session_factory, self, env.settings.library)
 
     @property
     def running(self) -> bool:
@@ -69,6 +72,7 @@ class JobRunner:
         if recovered:
             log.info("re-queued %d unfinished job(s) from a previous run", len(recovered))
         self._reconciler.start()
+        self._monitor.start()
         return recovered
 
     def requeue_unfinished(self) -> list[str]:
@@ -103,6 +107,7 @@ class JobRunner:
             return
         self._stopping.set()
         self._reconciler.stop()
+        self._monitor.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         # Wait in a helper thread, so that the wait itself can time out.
         waiter = threading.Thread(target=executor.shutdown, name="polar-job-stop", daemon=True)

@@ -23,6 +23,11 @@ COMPOSE_ONLY_VARS = {
     "PYTHON_IMAGE": ("python:3.11-slim-bookworm", "base image of the api/worker image"),
     "REDIS_IMAGE": ("redis:7-alpine", "image of the broker"),
     "POSTGRES_IMAGE": ("postgres:16-alpine", "image of the database"),
+    "PHOTOS_DIR": (
+        "./photos",
+        "host folder of your photos, mounted read-only at /photos in the api and worker: "
+        "add it (or folders in it) as a library with `polar library add /photos`",
+    ),
 }
 # Settings the compose file sets for the api and worker itself: they name its containers and
 # volumes, so they win over the env file.
@@ -31,6 +36,7 @@ COMPOSE_WIRED_SETTINGS = (
     "POLAR_BROKER_URL",
     "POLAR_DATA_DIR",
     "POLAR_MODEL__CACHE_DIR",
+    "POLAR_LIBRARY__ROOTS",
 )
 
 

@@ -6,7 +6,8 @@
 3. builds the image and starts api + worker + redis + postgres with scripts/compose.smoke.yml
    (host networking, loopback ports 58000 / 55432 / 56379, the bundled demo model), and waits
    until every healthcheck says healthy;
-4. creates a user with `docker-compose exec api polar create-user`, uploads a small library,
+4. creates a user with `docker-compose exec api polar create-user`, adds the photos folder
+   (PHOTOS_DIR, mounted read-only at /photos) as a library that the worker scans in place,
    registers "Fido" and waits until the Celery worker in its container has trained it, then asks
    the API whether "Fido on the beach" ranks Fido on the beach first;
 5. takes the stack down (keeping its volumes), starts it again and checks that nothing was lost:
@@ -247,7 +248,7 @@ class Stack:
             "POSTGRES_PASSWORD": "smoke",
             "SETTINGS_ENV_FILE": str(settings),
             "TORCH_INDEX_URL": index,
-            "SMOKE_PHOTOS": str(photos),  # mounted read-only at /photos in the api container
+            "PHOTOS_DIR": str(photos),  # mounted read-only at /photos in the api and worker
         }
         interpolation.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         exe = shutil.which("docker-compose")
@@ -472,13 +473,18 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         step("6. library from a read-only photos folder, concept, search (the worker trains)")
-        mounts = stack("exec", "-T", "api", "cat", "/proc/mounts", capture=True).stdout
-        if not re.search(r" /photos \S+ ro[ ,]", mounts):
-            raise SmokeFailed("/photos is not mounted read-only in the api container")
-        stack(
+        for service in ("api", "worker"):
+            mounts = stack("exec", "-T", service, "cat", "/proc/mounts", capture=True).stdout
+            if not re.search(r" /photos \S+ ro[ ,]", mounts):
+                raise SmokeFailed(f"/photos is not mounted read-only in the {service} container")
+        out = stack(
             "exec", "-T", "-e", f"POLAR_API_KEY={key.group(1)}", "-e", f"POLAR_URL={API}",
-            "api", "polar", "upload", "/photos", "--recursive", "--wait",
-        )  # fmt: skip
+            "api", "polar", "library", "add", "/photos", capture=True,
+        ).stdout  # fmt: skip
+        print(out)
+        scan = re.search(r"scan job (\S+)", out)
+        if scan is None or f"job {scan.group(1)} succeeded" not in stack.logs("worker", tail=2000):
+            raise SmokeFailed(f"the worker did not scan the library in place:\n{out}")
         before = teach_and_search(client, world)
         worker_log = stack.logs("worker", tail=2000)
         if f"job {before['job_id']} succeeded" not in worker_log:

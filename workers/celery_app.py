@@ -15,6 +15,7 @@ from celery import Celery, signals
 
 from app.bootstrap import Container, build
 from app.config import Settings, get_settings
+from app.library_monitor import LibraryMonitor
 from app.logs import configure_logging
 from app.reconciler import ReconcilePolicy, Reconciler
 from app.services.jobs import JobEnvironment, JobHandler
@@ -34,6 +35,7 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         self._lock = threading.RLock()  # start_reconciler builds the container under it
         self._container: Container | None = None
         self._reconciler: Reconciler | None = None
+        self._monitor: LibraryMonitor | None = None
 
     def container(self) -> Container:
         """This process's wiring (built on first use)."""
@@ -67,7 +69,8 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         return thread
 
     def start_reconciler(self) -> Reconciler:
-        """Re-send jobs that no worker has (lost messages, dead workers), from this process."""
+        """Re-send jobs that no worker has (lost messages, dead workers), and watch the library
+        folders (app/library_monitor.py), from this process."""
         with self._lock:
             if self._reconciler is None:
                 self._reconciler = Reconciler(
@@ -76,13 +79,22 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
                     ReconcilePolicy.of(self.settings.jobs),
                 )
                 self._reconciler.start()
+                self._monitor = LibraryMonitor(
+                    self.job_environment().session_factory,
+                    CeleryQueue(self, background=False),
+                    self.settings.library,
+                )
+                self._monitor.start()
             return self._reconciler
 
     def stop_reconciler(self) -> None:
         with self._lock:
             reconciler, self._reconciler = self._reconciler, None
+            monitor, self._monitor = self._monitor, None
         if reconciler is not None:
             reconciler.stop()
+        if monitor is not None:
+            monitor.stop()
 
 
 def create_celery(settings: Settings | None = None, *, warm_model: bool = True) -> PolarCelery:

@@ -28,7 +28,7 @@ from app import repositories
 from app.config import Settings
 from app.db import session_scope
 from app.errors import Conflict, DomainError, NotFound, ValidationFailed
-from app.models import Image, Job, JobKind, Library, utcnow
+from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
 from app.services.images import delete_unused_files
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
@@ -117,8 +117,16 @@ def list_libraries(user_id: str, *, db_session: Session) -> list[Library]:
 def request_scan(
     user_id: str, library_id: str, *, db_session: Session, queue: JobQueue
 ) -> tuple[Job, bool]:
-    """Queue a scan, or return the one already queued or running; (job, created). Commits."""
-    library = get_library(user_id, library_id, db_session=db_session)
+    """Queue a scan, or return the one already queued or running; (job, created). Commits.
+
+    The library's row is locked first, so that two requests at once (a user and the library
+    monitor, two workers' monitors) queue one scan between them.
+    """
+    library = repositories.get_library(
+        db_session=db_session, user_id=user_id, library_id=library_id, for_update=True
+    )
+    if library is None:
+        raise NotFound.of("library")
     open_job = repositories.open_scan_job(db_session=db_session, library=library)
     if open_job is not None:
         return open_job, False
@@ -200,9 +208,19 @@ def scan_library_job(ctx: JobContext) -> None:
     library_id = str(ctx.payload.get("library_id"))
     settings = ctx.settings
     with session_scope(ctx.session_factory) as s:
-        library = repositories.get_library(db_session=s, user_id=ctx.user_id, library_id=library_id)
+        library = repositories.get_library(
+            db_session=s, user_id=ctx.user_id, library_id=library_id, for_update=True
+        )
         if library is None:
             return  # deleted meanwhile
+        other = repositories.open_scan_job(
+            db_session=s, library=library, states=(JobState.RUNNING,)
+        )
+        if other is not None and other.id != ctx.job_id:
+            # Two scans of one folder at once would each prune what the other marked.
+            log.info("library %s: scan %s is running; this one does nothing", library_id,
+                     other.id, extra={"job_id": ctx.job_id})  # fmt: skip
+            return
         library.scan_generation += 1
         gen, folder = library.scan_generation, Path(library.path)
     roots = allowed_roots(settings)

@@ -20,7 +20,8 @@ def db_settings(tmp_path: Path, db_url: str) -> Settings:
         data_dir=tmp_path / "data",
         database_url=db_url,
         broker_url="",
-        library=LibrarySettings(roots=[tmp_path / "photos"]),
+        # Scans only on request here (tests/api/test_library_monitor.py: watching, rescans).
+        library=LibrarySettings(roots=[tmp_path / "photos"], watch=False, rescan_interval_s=0),
     )
 
 

@@ -167,6 +167,13 @@ def test_compose_files_are_valid_for_docker_compose(tmp_path: Path) -> None:
     assert set(merged["services"]) == SERVICES
 
 
+def _mount(spec: str) -> tuple[str, str]:
+    """(source, target) of a short-syntax volume; the source may hold `${VAR:-default}`."""
+    rest = spec[: -len(":ro")] if spec.endswith(":ro") else spec
+    source, target = rest.rsplit(":", 1)
+    return source, target
+
+
 def test_compose_services_have_healthchecks_volumes_and_ordering() -> None:
     compose = _load_yaml(COMPOSE)
     services = compose["services"]
@@ -176,9 +183,14 @@ def test_compose_services_have_healthchecks_volumes_and_ordering() -> None:
     declared = set(compose["volumes"])
     for name, svc in services.items():
         for mount in svc.get("volumes", []):
-            source, _target = mount.split(":")[:2]
+            source, target = _mount(mount)
+            if target == "/photos":  # the user's photos: a bind mount, read-only
+                assert source == "${PHOTOS_DIR:-./photos}" and mount.endswith(":ro"), name
+                continue
             assert source in declared, f"{name} mounts {source}, not a named volume"
-    mounts = {m.split(":")[1]: m.split(":")[0] for m in services["api"]["volumes"]}
+    mounts = {_mount(m)[1]: _mount(m)[0] for m in services["api"]["volumes"]}
+    assert services["api"]["environment"]["POLAR_LIBRARY__ROOTS"] == '["/photos"]'
+    assert "/photos" in mounts
     env = services["api"]["environment"]
     assert env["POLAR_DATA_DIR"] in mounts and env["POLAR_MODEL__CACHE_DIR"] in mounts
     # The worker reads the images the API stored: the same data volume.
@@ -227,7 +239,7 @@ def test_every_setting_in_the_env_file_reaches_api_and_worker(tmp_path: Path) ->
 
 
 def test_smoke_override_keeps_every_container_on_loopback_ports(tmp_path: Path) -> None:
-    photos = {"SMOKE_PHOTOS": str(tmp_path)}
+    photos = {"PHOTOS_DIR": str(tmp_path)}
     merged = _compose_config(COMPOSE, COMPOSE_SMOKE, tmp_path=tmp_path, variables=photos)
     merged = merged["services"]
     assert set(merged) == SERVICES
@@ -244,7 +256,8 @@ def test_smoke_override_keeps_every_container_on_loopback_ports(tmp_path: Path) 
     assert str(port) not in taken
     assert f":{port}/healthz" in " ".join(merged["api"]["healthcheck"]["test"])
     assert merged["postgres"]["environment"]["PGPORT"] == "55432"
-    assert f"{tmp_path}:/photos:ro" in merged["api"]["volumes"]  # the README's read-only mount
+    for name in ("api", "worker"):  # the README's read-only mount; the worker scans it
+        assert f"{tmp_path}:/photos:ro" in merged[name]["volumes"], name
     assert (
         "56379" in merged["redis"]["command"] and "56379" in merged["redis"]["healthcheck"]["test"]
     )
