@@ -651,3 +651,8 @@ class LibraryOut(BaseModel):
 
 class LibraryList(BaseModel):
     items: list[LibraryOut]
+    roots: list[str] = Field(
+        default_factory=list,
+        description="folders under which libraries may be added (POLAR_LIBRARY__ROOTS); "
+        "empty = this server allows no folders",
+    )

@@ -45,6 +45,8 @@ def test_scan_rescan_and_safety(api_client, make_user, tiny_serving, tmp_path): 
     (tmp_path / "secret.jpg").write_bytes(noisy_jpeg(seed=9))
     os.symlink(tmp_path / "secret.jpg", lib / "escape.jpg")
     os.symlink(lib / "gone.jpg", lib / "broken.jpg")
+    listing = api_client.get("/libraries", headers=user.headers).json()
+    assert listing == {"items": [], "roots": [str((tmp_path / "photos").resolve())]}
     r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
     assert r.status_code == 202, r.text
     lib_id = r.json()["id"]

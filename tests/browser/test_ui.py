@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -57,6 +58,7 @@ class Server:
     key: str
     library: list[Path]  # PNG files of the library, in upload order
     photos: list[Path]  # Fido's five concept photos
+    folders: Path  # the allowed root of folder libraries (POLAR_LIBRARY__ROOTS)
 
 
 def _png(image: Any) -> bytes:
@@ -110,7 +112,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         # Two cores shared with the browser (and whatever else runs): one torch thread trains a
         # concept in about a second where two threads can stall for many.
         "POLAR_MODEL__THREADS": "1",
+        # Folders indexed in place; scans only when asked here (watching: test_library_monitor).
+        "POLAR_LIBRARY__ROOTS": json.dumps([str(tmp / "folders")]),
+        "POLAR_LIBRARY__WATCH": "false",
     }
+    (tmp / "folders").mkdir()
     library, photos = _write_images(tmp / "images")
     with local_server(env, free_port(), tmp / "server.log") as base:
         out = subprocess.run(
@@ -123,7 +129,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         ).stdout
         key = re.search(r"api_key: (\S+)", out)
         assert key is not None, out
-        yield Server(base, key[1], library, photos)
+        yield Server(base, key[1], library, photos, tmp / "folders")
 
 
 @pytest.fixture(scope="module")
@@ -736,3 +742,71 @@ def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
     expect(page.locator("#search-error")).to_contain_text("token")
     expect(hits).to_have_count(0)
     expect(page.locator("#search-summary")).to_be_empty()
+
+
+def _noise_png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = __import__("random").Random(seed)
+    return _png(Image.frombytes("RGB", (48, 40), bytes(rng.randrange(256) for _ in range(5760))))
+
+
+def test_folders_on_the_server_in_the_browser(page, server):
+    """A folder indexed in place: refused paths say why, the report in words, scan, remove."""
+    client = api(server)
+    trip = server.folders / "trip"
+    trip.mkdir()
+    for i in range(3):
+        (trip / f"trip-{i}.png").write_bytes(_noise_png(100 + i))
+    (trip / "notes.png").write_bytes(b"not a picture")
+    sign_in(page, server.key)
+    nav(page, "Library")
+    expect(page.locator("#folders-hint")).to_contain_text(f"Folders under {server.folders}")
+    path = page.get_by_label("Folder path on the server")
+    add = page.get_by_role("button", name="Add folder")
+
+    # Refused: outside the allowed root, relative, missing. Nothing is added.
+    for bad, says in (
+        ("/etc", "outside the allowed library roots"),
+        ("trip", "give an absolute path"),
+        (str(server.folders / "nowhere"), "is not an existing folder"),
+    ):
+        path.fill(bad)
+        add.click()
+        expect(page.locator("#folder-error")).to_contain_text(says)
+    assert client.get("/libraries").json()["items"] == []
+
+    # Added: scanned with its progress, the report in words, the skipped file and why.
+    path.fill(str(trip))
+    add.click()
+    item = page.locator("#folder-list li.folder")
+    expect(item).to_have_count(1)
+    expect(item.locator(".folder-path")).to_have_text(str(trip))
+    expect(item.locator(".folder-report")).to_contain_text("3 photos added", timeout=120_000)
+    expect(item.locator(".folder-report")).to_contain_text("1 file skipped")
+    expect(page.locator("#folder-error")).to_be_hidden()
+    item.locator("summary").click()
+    expect(item.locator(".folder-skipped li")).to_contain_text(f"{trip / 'notes.png'}: ")
+    grid = page.locator("#library-grid")
+    for i in range(3):
+        expect(grid.get_by_text(f"trip-{i}.png", exact=True)).to_be_visible()
+
+    # A new photo in the folder, "Scan now": one added, the rest unchanged.
+    (trip / "trip-3.png").write_bytes(_noise_png(103))
+    page.get_by_role("button", name=f"Scan {trip} now").click()
+    expect(item.locator(".folder-report")).to_contain_text("1 photo added", timeout=120_000)
+    expect(item.locator(".folder-report")).to_contain_text("3 photos unchanged")
+    expect(grid.get_by_text("trip-3.png", exact=True)).to_be_visible()
+
+    # Remove, after confirming (declining keeps it); the files stay, the photos leave.
+    page.once("dialog", lambda d: d.dismiss())
+    page.get_by_role("button", name=f"Remove {trip}").click()
+    expect(item).to_have_count(1)
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name=f"Remove {trip}").click()
+    expect(item).to_have_count(0)
+    expect(grid.get_by_text("trip-0.png", exact=True)).to_have_count(0)
+    assert client.get("/libraries").json()["items"] == []
+    assert sorted(p.name for p in trip.iterdir()) == [
+        "notes.png", "trip-0.png", "trip-1.png", "trip-2.png", "trip-3.png"
+    ]  # fmt: skip

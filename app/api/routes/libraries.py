@@ -34,9 +34,12 @@ def add_library(
 
 
 @router.get("", response_model=LibraryList, summary="Your libraries")
-def list_libraries(user: CurrentUser, db_session: SessionDep) -> LibraryList:
+def list_libraries(user: CurrentUser, db_session: SessionDep, settings: SettingsDep) -> LibraryList:
     items = service.list_libraries(user.id, db_session=db_session)
-    return LibraryList(items=[LibraryOut.from_model(lib) for lib in items])
+    return LibraryList(
+        items=[LibraryOut.from_model(lib) for lib in items],
+        roots=[str(r) for r in service.allowed_roots(settings)],
+    )
 
 
 @router.get("/{library_id}", response_model=LibraryOut, responses=errors(404))

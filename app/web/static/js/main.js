@@ -3,6 +3,7 @@
 import { getKey, isAbort, onUnauthorized, serving, signIn, signOut } from "./api.js";
 import { $, busy, setAlert, toast } from "./dom.js";
 import { loadConcepts, resetConcepts, setupConcepts, teachFromLibrary } from "./concepts.js";
+import { loadFolders, resetFolders, setupFolders } from "./folders.js";
 import { loadLibrary, resetLibrary, setupLibrary } from "./library.js";
 import { resetSearch, setupSearch, showGuide } from "./search.js";
 import { resetSelection, setupSelection } from "./selection.js";
@@ -11,7 +12,7 @@ import { setupViewer } from "./viewer.js";
 
 const VIEWS = {
   search: { load: showGuide, focus: "search-q" },
-  library: { load: loadLibrary, focus: "library-title" },
+  library: { load: () => Promise.all([loadFolders(), loadLibrary()]), focus: "library-title" },
   concepts: { load: loadConcepts, focus: "concepts-title" },
   index: { load: loadStatus, focus: "index-title" },
 };
@@ -81,6 +82,7 @@ function resetViews() {
   resetSelection();
   resetSearch();
   resetLibrary();
+  resetFolders();
   resetConcepts();
   resetStatus();
 }
@@ -124,6 +126,7 @@ function start() {
   setupSignIn();
   setupSearch();
   setupLibrary();
+  setupFolders(() => loadLibrary());
   setupConcepts();
   setupStatus();
   setupSelection({
