@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import pillow_heif
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import (
     ImageTooLarge,
@@ -132,14 +132,37 @@ def _atomic_write(dest: Path, data: bytes) -> None:
         raise
 
 
-def _make_thumbnail(img: Image.Image) -> bytes:
-    """A WebP at most THUMB_SIZE px on its longest side, alpha kept when the image has any."""
+# EXIF orientation -> the transposition that shows the image upright (EXIF 2.3, tag 0x0112).
+_UPRIGHT: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except (TypeError, ValueError, SyntaxError, OSError):
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _make_thumbnail(img: Image.Image, orientation: int = 1) -> bytes:
+    """A WebP at most THUMB_SIZE px on its longest side, upright for the EXIF `orientation`,
+    alpha kept when the image has any. Shrinks `img` in place (the caller is done with it):
+    shrinking first and turning the small result costs no full-size copies."""
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     if img.mode not in ("RGB", "RGBA", "L", "LA"):
         img = img.convert("RGBA" if has_alpha else "RGB")  # P, CMYK, I;16... do not resample well
-    thumb = img.copy()
-    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
-    thumb = thumb.convert("RGBA" if has_alpha else "RGB")
+    img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+    thumb = img.convert("RGBA" if has_alpha else "RGB")
+    if orientation in _UPRIGHT:
+        thumb = thumb.transpose(_UPRIGHT[orientation])
     buf = io.BytesIO()
     thumb.save(buf, "WEBP", quality=80, method=4)
     return buf.getvalue()
@@ -393,9 +416,11 @@ def _inspect(
                 )
             img.load()  # full decode: truncated and corrupt files fail here, not later
             taken_at = exif_taken_at(img)
-            upright = ImageOps.exif_transpose(img)
-            width, height = upright.size
-            thumb = _make_thumbnail(upright)
+            orientation = _orientation(img)
+            width, height = img.size
+            if orientation in (5, 6, 7, 8):  # a quarter turn: upright, the sides swap
+                width, height = height, width
+            thumb = _make_thumbnail(img, orientation)
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"the image has too many pixels: {e}") from e
     except UnidentifiedImageError as e:

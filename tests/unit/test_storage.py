@@ -106,6 +106,34 @@ def test_exif_orientation_is_applied_to_dimensions_and_thumbnail(store):
         assert thumb.width < thumb.height
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_the_upright_thumbnail(store, orientation):
+    """The thumbnail is shrunk first and turned after: the same picture as turning the full
+    image first (what a viewer shows), for each of the eight EXIF orientations."""
+    import numpy as np
+    from PIL import ImageOps
+
+    yy, xx = np.mgrid[0:300, 0:900]
+    pixels = np.stack([xx * 255 // 900, yy * 255 // 300, (xx // 150 % 2) * 255], axis=-1)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype("uint8")).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    staged = stage(store, buf.getvalue())
+    relpath, _ = store.commit(staged)
+    with Image.open(io.BytesIO(buf.getvalue())) as original:
+        want = ImageOps.exif_transpose(original)
+        want.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+    assert (staged.width, staged.height) == (
+        (300, 900) if orientation >= 5 else (900, 300)
+    )  # fmt: skip
+    with Image.open(store.path(store.thumbnail_relpath(relpath))) as thumb:
+        got = thumb.convert("RGB")
+    assert got.size == want.size
+    diff = np.abs(np.asarray(got, dtype=float) - np.asarray(want.convert("RGB"), dtype=float))
+    assert diff.mean() < 4.0, diff.mean()  # WebP at quality 80; a wrong turn differs by ~80
+
+
 @pytest.mark.parametrize(
     ("data", "error", "words"),
     [
