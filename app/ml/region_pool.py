@@ -103,7 +103,7 @@ def visible_frame(preprocess: object, width: int, height: int) -> Frame:
                 new_h, new_w = int(size[0]), int(size[1])
             cur_w, cur_h = new_w, new_h
         else:  # CenterCrop: torchvision rounds the offsets
-            ch, cw = (int(v) for v in t.size)
+            ch, cw = (int(v) for v in t.size)  # type: ignore[union-attr]
             top = round((cur_h - ch) / 2.0)
             left = round((cur_w - cw) / 2.0)
             sx, sy = (x1 - x0) / cur_w, (y1 - y0) / cur_h
@@ -116,24 +116,24 @@ def visible_frame(preprocess: object, width: int, height: int) -> Frame:
 def cell_masks(boxes: Sequence[Box], frame: Frame, grid: tuple[int, int]) -> torch.Tensor:
     """(R, H*W) float64 0/1 masks: the grid cells (row-major, H rows) whose centre lies in each box.
 
-    The grid spans `frame` (fractions of the original image). A box holding no cell centre (a
-    small box, or one outside the frame) gets the cell nearest to its own centre."""
-    gh, gw = grid
+    The grid spans `frame` (fractions of the original image). Along an axis where the box holds
+    no cell centre (a thin box, or one outside the frame) it takes the cell nearest its middle."""
     fx0, fy0, fx1, fy1 = frame
-    out = torch.zeros(len(boxes), gh * gw, dtype=torch.float64)
+    out = torch.zeros(len(boxes), grid[0] * grid[1], dtype=torch.float64)
     for r, (left, top, right, bottom) in enumerate(boxes):
         # the box in grid units of the frame: cell (i, j) spans [j, j + 1] x [i, i + 1]
-        bx0, bx1 = ((v - fx0) / (fx1 - fx0) * gw for v in (left, right))
-        by0, by1 = ((v - fy0) / (fy1 - fy0) * gh for v in (top, bottom))
-        cols = torch.tensor([float(bx0 <= j + 0.5 <= bx1) for j in range(gw)], dtype=torch.float64)
-        rows = torch.tensor([float(by0 <= i + 0.5 <= by1) for i in range(gh)], dtype=torch.float64)
-        mask = (rows[:, None] * cols[None, :]).flatten()
-        if not mask.any():
-            j = min(max(int((bx0 + bx1) / 2), 0), gw - 1)
-            i = min(max(int((by0 + by1) / 2), 0), gh - 1)
-            mask[i * gw + j] = 1.0
-        out[r] = mask
+        cols = _axis_mask((left - fx0) / (fx1 - fx0), (right - fx0) / (fx1 - fx0), grid[1])
+        rows = _axis_mask((top - fy0) / (fy1 - fy0), (bottom - fy0) / (fy1 - fy0), grid[0])
+        out[r] = (rows[:, None] * cols[None, :]).flatten()
     return out
+
+
+def _axis_mask(lo: float, hi: float, n: int) -> torch.Tensor:
+    """(n,) 0/1: the cells of one axis (span [0, 1] = n cells) whose centre lies in [lo, hi]."""
+    mask = torch.tensor([float(lo * n <= j + 0.5 <= hi * n) for j in range(n)], dtype=torch.float64)
+    if not mask.any():
+        mask[min(max(int((lo + hi) / 2 * n), 0), n - 1)] = 1.0
+    return mask
 
 
 def _log_bias(masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,7 +141,9 @@ def _log_bias(masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(masks > 0, 0.0, -math.inf).to(dtype)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor):  # type: ignore[no-untyped-def]
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor
+) -> torch.Tensor:
     """Multi-head attention of q (B, Q, C) over k, v (B, Q, L, C) - each query its own keys -
     with an additive bias (B or 1, Q, L); returns (B, Q, C)."""
     b, nq, c = q.shape
@@ -198,7 +200,8 @@ def _vit_pool(visual: VisionTransformer, x: torch.Tensor, masks: torch.Tensor) -
     y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
     proj = visual.proj
     assert isinstance(proj, torch.Tensor)
-    return visual.ln_post(y) @ proj
+    out_: torch.Tensor = visual.ln_post(y) @ proj
+    return out_
 
 
 def _resnet_pool(visual: ModifiedResNet, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -219,7 +222,8 @@ def _resnet_pool(visual: ModifiedResNet, x: torch.Tensor, masks: torch.Tensor) -
     v = torch.cat([v0[:, :, None], vc[:, None].expand(b, nq, gh * gw, c)], dim=2)
     bias = torch.cat([masks.new_ones(nq, 1), masks], dim=1)
     out = _attend(q, k, v, pool.num_heads, _log_bias(bias, x.dtype)[None])
-    return pool.c_proj(out)
+    pooled: torch.Tensor = pool.c_proj(out)
+    return pooled
 
 
 def _grid(bundle: ClipBundle) -> tuple[int, int]:
@@ -284,8 +288,8 @@ def encode_with_regions(
         masks = (rows[0][None] if same else torch.stack(rows)).to(bundle.device)
         pixels = torch.stack([bundle.preprocess(im) for im in batch]).to(bundle.device, dtype)
         with torch.inference_mode():
-            f = pool_features(bundle, pixels, masks)  # (B, 1 + R, D)
-            f = F.normalize(f.float(), dim=-1).cpu().numpy()
+            feats = pool_features(bundle, pixels, masks)  # (B, 1 + R, D)
+            f = F.normalize(feats.float(), dim=-1).cpu().numpy()
         whole_out.append(f[:, 0])
         region_out.append(f[:, 1:])
     return np.concatenate(whole_out), np.concatenate(region_out)
