@@ -143,7 +143,7 @@ def bench_index(name: str, bundle: ClipBundle, reps: int) -> dict[str, Any]:
         row[f"{m}_s_all"] = [round(t, 4) for t in times[m]]
     print(
         f"{name:<28}{bundle.embed_dim:>5}{row['none_images_per_s']:>12.1f}"
-        f"{row['five_images_per_s']:>12.1f}{row['pooled_images_per_s']:>12.1f}"
+        f"{row['five_images_per_s']:>13.1f}{row['pooled_images_per_s']:>14.1f}"
         f"{row['five_over_none_time']:>12.2f}{row['pooled_over_none_time']:>14.2f}"
         f"{min(pair['pooled']):>9.2f} - {max(pair['pooled']):.2f}",
         flush=True,
@@ -459,7 +459,7 @@ def main() -> None:
 
     head = f"{'indexing, batch of 32':<28}{'D':>5}"
     print(
-        f"{head}{'none img/s':>12}{'crops img/s':>12}{'pooled img/s':>12}"
+        f"{head}{'none img/s':>12}{'crops img/s':>13}{'pooled img/s':>14}"
         f"{'crops/none':>12}{'pooled/none':>14}{'pooled/none per rep':>20}"
     )
     index_rows = [bench_index(f"{DEMO_MODEL_NAME} (bundled)", demo(), args.demo_reps)]

@@ -195,7 +195,8 @@ def test_embed_with_regions_dispatches_on_the_method() -> None:
     np.testing.assert_allclose(pooled, encode_with_regions(bundle, images, FIVE)[1], atol=1e-6)
     np.testing.assert_allclose(encode_regions_by(bundle, images, "five", "pooled"), pooled)
     assert np.abs(pooled - crops).max() > 1e-3  # two different things
-    w, r = embed_with_regions(bundle, images, "none", "pooled")
+    whole, r = embed_with_regions(bundle, images, "none", "pooled")
+    assert whole.shape == (2, bundle.embed_dim)
     assert r.shape == (2, 0, bundle.embed_dim)
     with pytest.raises(ValueError, match="batch_size"):
         encode_with_regions(bundle, images, FIVE, batch_size=0)
