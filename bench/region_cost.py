@@ -18,7 +18,7 @@ taken in the same run.
 
 Prints tables, writes bench/results/region_cost.json; never run by the tests.
 
-    .venv/bin/python bench/region_cost.py            # about 3-4 minutes on 2 shared CPUs
+    .venv/bin/python bench/region_cost.py            # 4-18 minutes on 2 shared CPUs
     .venv/bin/python bench/region_cost.py --quick    # smoke run, nothing written
 """
 
