@@ -3,9 +3,11 @@ latency of a two-concept query, and database bytes per image. Every comparison i
 taken in the same run.
 
   index    images/s of embedding a batch of 32 pre-opened 640x480 images the way
-           app.services.embedding.embed_pending does (encode_images, then encode_regions),
-           layout "none" vs "five", interleaved, medians; for the bundled demo model and for
-           ViT-B-32 with random weights (cost does not depend on the values);
+           app.services.embedding.embed_pending does: no regions (encode_images), layout "five"
+           by crops (encode_images, then each crop encoded) and "five" pooled from the one pass
+           (app.ml.region_pool.encode_with_regions, POLAR_SEARCH__REGION_METHOD=pooled);
+           interleaved, medians; for the bundled demo model and for ViT-B-32 with random
+           weights (cost does not depend on the values);
   query    search_images end to end, k = 20, for a query naming two concepts (random
            adapters, ViT-B-32 random weights), regions on vs off on the same SQLite library of
            random unit embeddings plus random float16 region blobs, at 1k and 10k images;
@@ -16,7 +18,7 @@ taken in the same run.
 
 Prints tables, writes bench/results/region_cost.json; never run by the tests.
 
-    .venv/bin/python bench/region_cost.py            # about 3-4 minutes on 2 shared CPUs
+    .venv/bin/python bench/region_cost.py            # 4-18 minutes on 2 shared CPUs
     .venv/bin/python bench/region_cost.py --quick    # smoke run, nothing written
 """
 
@@ -50,7 +52,13 @@ from app.ml.model import (
     DEMO_MODEL_NAME,
     ClipBundle,
 )
-from app.ml.regions import LAYOUTS, encode_regions, pack_regions, unpack_regions
+from app.ml.regions import (
+    LAYOUTS,
+    embed_with_regions,
+    encode_regions,
+    pack_regions,
+    unpack_regions,
+)
 from app.models import Adapter, Concept, ConceptExample, Image
 from app.services import recipe
 from app.services.index import IndexCache
@@ -87,49 +95,57 @@ def synthetic_images(n: int, seed: int = 0) -> list[PILImage.Image]:
     return out
 
 
-def embed_batch(bundle: ClipBundle, pictures: list[PILImage.Image], layout: str) -> None:
+MODES = ("none", "five", "pooled")  # no regions; five crops; five boxes pooled
+
+
+def embed_batch(bundle: ClipBundle, pictures: list[PILImage.Image], mode: str) -> None:
     """What embed_pending computes for one batch (decode and the DB write excluded)."""
-    vectors = encode_images(bundle, pictures)  # (B, D)
-    regions = encode_regions(bundle, pictures, layout)  # (B, R, D)
+    if mode == "pooled":
+        vectors, regions = embed_with_regions(bundle, pictures, "five", "pooled")
+    else:
+        vectors = encode_images(bundle, pictures)  # (B, D)
+        regions = encode_regions(bundle, pictures, mode)  # (B, R, D)
     assert vectors.shape == (len(pictures), bundle.embed_dim)
-    assert regions.shape == (len(pictures), len(LAYOUTS[layout]), bundle.embed_dim)
+    boxes = len(LAYOUTS["none" if mode == "none" else "five"])
+    assert regions.shape == (len(pictures), boxes, bundle.embed_dim)
 
 
 def bench_index(name: str, bundle: ClipBundle, reps: int) -> dict[str, Any]:
-    """Seconds per batch of 32, "none" vs "five", alternating which goes first."""
+    """Seconds per batch of 32: no regions, five crops, five pooled; the order rotates."""
     pictures = synthetic_images(BATCH)
     # Warm-up (allocator, caches) at the batch sizes the timed calls run: 32 images whole;
     # their 160 crops go as 64 + 64 + 32, and 13 images' 65 crops cover the 64.
     embed_batch(bundle, pictures, "none")
+    embed_batch(bundle, pictures, "pooled")
     encode_regions(bundle, pictures[:13], "five")
-    times: dict[str, list[float]] = {"none": [], "five": []}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
     for i in range(reps):
-        order = ("none", "five") if i % 2 == 0 else ("five", "none")
-        for layout in order:
+        for mode in MODES[i % 3 :] + MODES[: i % 3]:
             t0 = time.perf_counter()
-            embed_batch(bundle, pictures, layout)
-            times[layout].append(time.perf_counter() - t0)
-    none_s, five_s = (statistics.median(times[k]) for k in ("none", "five"))
-    # Each repetition's pair ran back to back: the spread of its ratios shows the noise.
-    pair = [f / n for n, f in zip(times["none"], times["five"], strict=True)]
-    row = {
-        "model": name,
-        "embed_dim": bundle.embed_dim,
-        "reps": reps,
-        "batch": BATCH,
-        "none_s_per_batch": round(none_s, 4),
-        "five_s_per_batch": round(five_s, 4),
-        "none_images_per_s": round(BATCH / none_s, 2),
-        "five_images_per_s": round(BATCH / five_s, 2),
-        "five_over_none_time": round(five_s / none_s, 3),
-        "five_over_none_per_rep_min_max": [round(min(pair), 2), round(max(pair), 2)],
-        "none_s_all": [round(t, 4) for t in times["none"]],
-        "five_s_all": [round(t, 4) for t in times["five"]],
+            embed_batch(bundle, pictures, mode)
+            times[mode].append(time.perf_counter() - t0)
+    med = {m: statistics.median(times[m]) for m in MODES}
+    # Each repetition's three ran back to back: the spread of its ratios shows the noise.
+    pair = {
+        m: [t / n for n, t in zip(times["none"], times[m], strict=True)] for m in ("five", "pooled")
     }
+    row: dict[str, Any] = {"model": name, "embed_dim": bundle.embed_dim, "reps": reps}
+    row["batch"] = BATCH
+    for m in MODES:
+        row[f"{m}_s_per_batch"] = round(med[m], 4)
+    for m in MODES:
+        row[f"{m}_images_per_s"] = round(BATCH / med[m], 2)
+    for m in ("five", "pooled"):
+        row[f"{m}_over_none_time"] = round(med[m] / med["none"], 3)
+        row[f"{m}_over_none_per_rep_min_max"] = [round(min(pair[m]), 2), round(max(pair[m]), 2)]
+    row["five_over_pooled_time"] = round(med["five"] / med["pooled"], 2)
+    for m in MODES:
+        row[f"{m}_s_all"] = [round(t, 4) for t in times[m]]
     print(
         f"{name:<28}{bundle.embed_dim:>5}{row['none_images_per_s']:>12.1f}"
-        f"{row['five_images_per_s']:>12.1f}{row['five_over_none_time']:>16.2f}"
-        f"{min(pair):>9.2f} - {max(pair):.2f}",
+        f"{row['five_images_per_s']:>13.1f}{row['pooled_images_per_s']:>14.1f}"
+        f"{row['five_over_none_time']:>12.2f}{row['pooled_over_none_time']:>14.2f}"
+        f"{min(pair['pooled']):>9.2f} - {max(pair['pooled']):.2f}",
         flush=True,
     )
     return row
@@ -426,8 +442,8 @@ def storage(dims: dict[str, int]) -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few repetitions, 1k only; no JSON")
-    p.add_argument("--demo-reps", type=int, default=15, help="batches per layout, demo model")
-    p.add_argument("--vit-reps", type=int, default=5, help="batches per layout, ViT-B-32")
+    p.add_argument("--demo-reps", type=int, default=15, help="batches per mode, demo model")
+    p.add_argument("--vit-reps", type=int, default=6, help="batches per mode, ViT-B-32")
     p.add_argument("--query-reps", type=int, default=80, help="searches per mode and size")
     p.add_argument("--sizes", default="1000,10000", help="library sizes for the query part")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {OUT.name})")
@@ -442,7 +458,10 @@ def main() -> None:
     t_start = time.perf_counter()
 
     head = f"{'indexing, batch of 32':<28}{'D':>5}"
-    print(f"{head}{'none img/s':>12}{'five img/s':>12}{'time five/none':>16}{'per rep':>12}")
+    print(
+        f"{head}{'none img/s':>12}{'crops img/s':>13}{'pooled img/s':>14}"
+        f"{'crops/none':>12}{'pooled/none':>14}{'pooled/none per rep':>20}"
+    )
     index_rows = [bench_index(f"{DEMO_MODEL_NAME} (bundled)", demo(), args.demo_reps)]
     index_rows.append(bench_index("ViT-B-32 (random weights)", vit_b32(), args.vit_reps))
     query_rows = bench_query(sizes, args.query_reps)
@@ -452,7 +471,8 @@ def main() -> None:
         "indexing": {
             "image_size": list(IMAGE_SIZE),
             "batch": BATCH,
-            "what": "encode_images + encode_regions on pre-opened images, as embed_pending",
+            "what": "as embed_pending on pre-opened images: none = encode_images; five = "
+            "encode_images + encode_regions (crops); pooled = embed_with_regions(method=pooled)",
             "rows": index_rows,
         },
         "query": {

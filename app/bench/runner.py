@@ -24,7 +24,7 @@ from app.bench.variants import selective_trainer
 from app.config import SearchSettings
 from app.ml.encode import encode_images, encode_texts
 from app.ml.model import ClipBundle
-from app.ml.regions import encode_regions, layout_boxes
+from app.ml.regions import encode_regions_by, layout_boxes, parse_stored_layout
 
 IMAGE_CHUNK = 256  # images decoded and embedded at a time
 
@@ -107,6 +107,10 @@ METHODS |= {name: _multi(name, opts) for name, opts in MULTI_VARIANTS.items()}
 METHODS["polar_multi_ctx"] = _service("polar_multi_ctx", SearchSettings(regions="none"))
 # The service's defaults: the same, then region re-ranking of multi-concept queries.
 METHODS["polar_multi_regions"] = _service("polar_multi_regions", SearchSettings())
+# The same with the regions pooled from the image's one pass (POLAR_SEARCH__REGION_METHOD).
+METHODS["polar_multi_pooled"] = _service(
+    "polar_multi_pooled", SearchSettings(region_method="pooled")
+)
 DEFAULT_METHODS = (
     "text",
     "composed",
@@ -117,6 +121,7 @@ DEFAULT_METHODS = (
     "polar_esum",
     "polar_tuned",
     "polar_multi_ctx",
+    "polar_multi_pooled",
     "polar_multi_regions",
 )
 # The service's default (app.services.recipe, the code app/services/search.py runs, and
@@ -154,16 +159,21 @@ def embed_dataset(bundle: ClipBundle, ds: PerVLDataset) -> Embedded:
     return Embedded(pool, photos, captions, time.perf_counter() - start)
 
 
-def pool_regions(bundle: ClipBundle, ds: PerVLDataset, emb: Embedded, layout: str) -> np.ndarray:
-    """The pool's crop embeddings for a layout, (N, R, D): computed on first use, then shared."""
-    if layout not in emb.regions:
+def pool_regions(bundle: ClipBundle, ds: PerVLDataset, emb: Embedded, key: str) -> np.ndarray:
+    """The pool's region embeddings for a stored layout key ("five": crops, "five-pooled":
+    pooled from the one pass), (N, R, D): computed on first use, then shared."""
+    if key not in emb.regions:
+        layout, method = parse_stored_layout(key)
         start = time.perf_counter()
         boxes = len(layout_boxes(layout))
         parts = [np.zeros((0, boxes, bundle.embed_dim), dtype=np.float32)]
-        parts += [encode_regions(bundle, batch, layout) for batch in chunks(ds.pool, IMAGE_CHUNK)]
-        emb.regions[layout] = np.concatenate(parts)
-        emb.region_seconds[layout] = time.perf_counter() - start
-    return emb.regions[layout]
+        parts += [
+            encode_regions_by(bundle, batch, layout, method)
+            for batch in chunks(ds.pool, IMAGE_CHUNK)
+        ]
+        emb.regions[key] = np.concatenate(parts)
+        emb.region_seconds[key] = time.perf_counter() - start
+    return emb.regions[key]
 
 
 def evaluate(method: Method, ds: PerVLDataset, emb: Embedded) -> dict[str, object]:

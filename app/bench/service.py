@@ -20,6 +20,7 @@ import numpy as np
 from app.bench.datasets import Query, render
 from app.bench.methods import Polar
 from app.config import SearchSettings
+from app.ml.regions import region_method, stored_layout
 from app.services import recipe
 
 
@@ -61,8 +62,12 @@ class ServiceRecipe(Polar):
 
     @property
     def layout(self) -> str | None:
-        """The crop layout the re-ranking needs; None when it is off."""
-        return None if self.search.regions == "none" else self.search.regions
+        """The stored layout key (app.ml.regions.stored_layout: "five", "five-pooled") of the
+        regions the re-ranking needs; None when it is off."""
+        if self.search.regions == "none":
+            return None
+        method = region_method(self.bundle, self.search.region_method)
+        return stored_layout(self.search.regions, method)
 
     def photo_mean(self, concept_id: str) -> np.ndarray | None:
         """The concept's photo mean, as the service computes it from the stored photos, (D,)."""

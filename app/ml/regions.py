@@ -1,5 +1,8 @@
 """Region embeddings: a few crops of each library image, for queries that name several concepts.
 
+Two ways to embed them (`POLAR_SEARCH__REGION_METHOD`): "crops" encodes each crop on its own;
+"pooled" pools each box from the image tower's one forward pass (app.ml.region_pool).
+
 A whole-image CLIP embedding of a photo with two objects says little about *which* instance of
 each object is there (synthetic PerVL: a concept's photo mean ranks its own two-object scene above
 the look-alike's in only 74 % of pairs). Crops give each object most of the frame, so a concept
@@ -23,6 +26,7 @@ from PIL import Image
 
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
+from app.ml.region_pool import encode_with_regions, supports_pooling
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
 
@@ -37,6 +41,59 @@ LAYOUTS: dict[str, tuple[Box, ...]] = {
         (0.2, 0.2, 0.8, 0.8),
     ),
 }
+
+
+REGION_METHODS = ("crops", "pooled")
+POOLED_SUFFIX = "-pooled"
+
+
+def region_method(bundle: ClipBundle, method: str) -> str:
+    """The method that will run: "pooled" falls back to "crops" for a tower it cannot pool."""
+    if method not in REGION_METHODS:
+        raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
+    return "pooled" if method == "pooled" and supports_pooling(bundle) else "crops"
+
+
+def stored_layout(layout: str, method: str) -> str:
+    """What an image's `region_layout` says of its regions: the layout, plus "-pooled" when
+    they were pooled from the whole image's pass ("five" vs "five-pooled"), so that a change of
+    method makes the stored regions stale and a rebuild re-embeds them."""
+    layout_boxes(layout)
+    if method not in REGION_METHODS:
+        raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
+    return layout + POOLED_SUFFIX if method == "pooled" and layout != "none" else layout
+
+
+def parse_stored_layout(key: str) -> tuple[str, str]:
+    """(layout, method) of a `stored_layout` key."""
+    if key.endswith(POOLED_SUFFIX):
+        layout, method = key[: -len(POOLED_SUFFIX)], "pooled"
+    else:
+        layout, method = key, "crops"
+    layout_boxes(layout)
+    return layout, method
+
+
+def embed_with_regions(
+    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-image embeddings (N, D) and region embeddings (N, R, D) by a method that
+    `region_method` resolved: "pooled" makes both in one forward pass per image, "crops" encodes
+    the image and then each crop."""
+    boxes = layout_boxes(layout)
+    if method == "pooled" and boxes:
+        return encode_with_regions(bundle, images, boxes)
+    return encode_images(bundle, images), encode_boxes(bundle, images, boxes)
+
+
+def encode_regions_by(
+    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
+) -> np.ndarray:
+    """Region embeddings (N, R, D) by a resolved method (pooled: from one pass per image)."""
+    boxes = layout_boxes(layout)
+    if method == "pooled" and boxes:
+        return encode_with_regions(bundle, images, boxes)[1]
+    return encode_boxes(bundle, images, boxes)
 
 
 def layout_boxes(layout: str) -> tuple[Box, ...]:

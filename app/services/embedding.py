@@ -14,10 +14,18 @@ from sqlalchemy import ColumnElement, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import repositories
+from app.config import SearchSettings
 from app.db import session_scope
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
-from app.ml.regions import encode_regions, layout_boxes, pack_regions
+from app.ml.regions import (
+    embed_with_regions,
+    encode_regions_by,
+    layout_boxes,
+    pack_regions,
+    region_method,
+    stored_layout,
+)
 from app.ml.threads import cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
@@ -97,6 +105,12 @@ def _pending(
         return [(i, ImageSource(p, sp, lp)) for i, p, sp, lp in rows]
 
 
+def region_key(search: SearchSettings, bundle: ClipBundle) -> str:
+    """The `region_layout` that images embedded now get ("five", "five-pooled", "none"): rows
+    with another are stale (GET /index, rebuild)."""
+    return stored_layout(search.regions, region_method(bundle, search.region_method))
+
+
 def embed_pending(
     ctx: JobContext, image_ids: Sequence[str] | None, serving: ServingModel | None = None
 ) -> int:
@@ -108,20 +122,26 @@ def embed_pending(
     PUBLISH_INTERVAL_S), so a new library is searchable after the cheap pass; the crops cost
     R more encodes per image (bench/region_cost.py) and only refine queries naming several
     concepts, so they follow. Progress counts encodes: a crop costs as much as a whole image.
+    With POLAR_SEARCH__REGION_METHOD=pooled the regions come from the whole image's own pass
+    and are stored with it; images whose regions are stale cost one encode each.
     """
     serving = serving or ctx.serving()
     model_id, bundle = serving.model_id, serving.bundle
     layout = ctx.settings.search.regions
+    method = region_method(bundle, ctx.settings.search.region_method)
+    key = region_key(ctx.settings.search, bundle)  # what region_layout says of the regions
     boxes = len(layout_boxes(layout))
+    pooled = method == "pooled" and boxes > 0
+    cost = 1 if pooled else boxes  # encodes per image for its regions
     store = ctx.store
     roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
     threads = ctx.settings.threads.embedding
     current = Image.embedding_model == model_id
     whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
-    stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != layout)
+    stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != key)
     crops_left = len(_pending(ctx, image_ids, current, stale_regions)) if boxes else 0
-    total = max(1, len(whole) + boxes * (len(whole) + crops_left))
+    total = max(1, len(whole) + cost * ((0 if pooled else len(whole)) + crops_left))
     work = 0
     last_publish, unpublished = time.monotonic(), False
     for start in range(0, len(whole), BATCH):
@@ -131,9 +151,13 @@ def embed_pending(
         ]
         if readable:
             with cpu_threads(threads):
-                vectors = encode_images(bundle, [im for _, im in readable])  # (B, D)
+                pictures = [im for _, im in readable]
+                if pooled:  # (B, D) and (B, R, D) from one pass
+                    vectors, regions = embed_with_regions(bundle, pictures, layout, method)
+                else:
+                    vectors, regions = encode_images(bundle, pictures), None
             with session_scope(ctx.session_factory) as s:
-                for (image_id, _), vec in zip(readable, vectors, strict=True):
+                for n, ((image_id, _), vec) in enumerate(zip(readable, vectors, strict=True)):
                     # A row deleted meanwhile simply matches nothing. Crops of another model
                     # are dropped with its embedding.
                     s.execute(
@@ -142,8 +166,8 @@ def embed_pending(
                         .values(
                             embedding=vec.tobytes(),
                             embedding_model=model_id,
-                            region_embeddings=None,
-                            region_layout=None,
+                            region_embeddings=None if regions is None else pack_regions(regions[n]),
+                            region_layout=None if regions is None else key,
                         )
                     )
                 unpublished = True
@@ -156,7 +180,7 @@ def embed_pending(
         with session_scope(ctx.session_factory) as s:
             repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
     crops = _pending(ctx, image_ids, current, stale_regions) if boxes else []
-    total = max(1, work + boxes * len(crops))
+    total = max(1, work + cost * len(crops))
     for start in range(0, len(crops), BATCH):
         batch = crops[start : start + BATCH]
         readable = [
@@ -164,16 +188,17 @@ def embed_pending(
         ]
         if readable:
             with cpu_threads(threads):
-                regions = encode_regions(bundle, [im for _, im in readable], layout)  # (B, R, D)
+                pictures = [im for _, im in readable]
+                regions = encode_regions_by(bundle, pictures, layout, method)  # (B, R, D)
             with session_scope(ctx.session_factory) as s:
                 for (image_id, _), reg in zip(readable, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
                     s.execute(
                         update(Image)
                         .where(Image.id == image_id, Image.user_id == ctx.user_id, current)
-                        .values(region_embeddings=pack_regions(reg), region_layout=layout)
+                        .values(region_embeddings=pack_regions(reg), region_layout=key)
                     )
-        work += boxes * len(batch)
+        work += cost * len(batch)
         ctx.progress(work / total)
     return len({i for i, _ in whole} | {i for i, _ in crops})
 
@@ -196,13 +221,13 @@ class IndexStatus:
 
     images: int
     embedded: int  # embedded by the serving model (searchable)
-    with_regions: int  # ... that also have crops of the configured layout
-    region_layout: str
+    with_regions: int  # ... that also have regions of the configured layout and method
+    region_layout: str  # the stored key: "five", "five-pooled" or "none"
     rebuild_job: Job | None  # a queued or running rebuild, if any
 
 
 def index_status(db_session: Session, user_id: str, model_id: str, layout: str) -> IndexStatus:
-    """Counts for GET /index (one query)."""
+    """Counts for GET /index (one query); `layout` is the stored key (`stored_layout`)."""
     current = Image.embedding_model == model_id
     row = db_session.execute(
         select(

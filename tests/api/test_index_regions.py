@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 
 from app.config import SearchSettings
 from app.ml.encode import encode_images
+from app.ml.region_pool import encode_with_regions
 from app.ml.regions import LAYOUTS, encode_regions, rerank_scores, unpack_regions
 from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
 from app.services.search import encode_query_parts
@@ -288,3 +289,51 @@ def test_candidates_without_crops_are_matched_whole_and_named_in_a_warning(
         api_client, tiny_serving, body["rewritten"], api_client.app.state.settings.search
     )
     assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)
+
+
+def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tiny_serving):  # noqa: F811
+    """POLAR_SEARCH__REGION_METHOD=pooled: one pass per image stores both, keyed five-pooled."""
+    api_client.app.state.settings.search.region_method = "pooled"
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(3))
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    d = tiny_serving.embed_dim
+    for seed, image_id in enumerate(ids):
+        row = rows[image_id]
+        assert row.region_layout == "five-pooled"
+        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        whole, regions = encode_with_regions(tiny_serving, [picture], LAYOUTS["five"])
+        np.testing.assert_allclose(unpack_regions(row.region_embeddings, d), regions[0], atol=2e-3)
+        np.testing.assert_allclose(np.frombuffer(row.embedding, np.float32), whole[0], atol=1e-5)
+        # the whole embedding is the one the crops method stores too
+        np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture]), atol=1e-5)
+    body = api_client.get("/index", headers=user.headers).json()
+    assert (body["region_layout"], body["with_regions"]) == ("five-pooled", 3)
+
+
+def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, tiny_serving):  # noqa: F811
+    user, ids = library  # embedded with crops
+    cfg = api_client.app.state.settings.search
+    crops = {i: r.region_embeddings for i, r in _rows(api_client).items()}
+    cfg.region_method = "pooled"
+    status = api_client.get("/index", headers=user.headers).json()
+    assert status["region_layout"] == "five-pooled"
+    assert (status["embedded"], status["pending"], status["with_regions"]) == (6, 0, 0)
+    assert api_client.post("/index/rebuild", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 6
+    rows = _rows(api_client)
+    assert {r.region_layout for r in rows.values()} == {"five-pooled"}
+    assert all(rows[i].region_embeddings != crops[i] for i in ids)
+    # Two-concept queries re-rank with the pooled regions.
+    _two_concepts(api_client, user, tiny_serving)
+    body = api_client.get(
+        "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
+    ).json()
+    assert body["reranked"] is True
+    expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
+    assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)
+    cfg.region_method = "crops"  # and back: stale again
+    status = api_client.get("/index", headers=user.headers).json()
+    assert (status["region_layout"], status["with_regions"]) == ("five", 0)

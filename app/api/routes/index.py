@@ -22,7 +22,7 @@ def get_index(user: CurrentUser, db_session: SessionDep, ctx: SearchContextDep) 
     """After a model change or a new region layout, `pending` / `with_regions` say what a
     rebuild would do."""
     serving = ctx.serving()
-    layout = ctx.settings.search.regions
+    layout = service.region_key(ctx.settings.search, serving.bundle)
     status = service.index_status(db_session, user.id, serving.model_id, layout)
     return IndexOut(
         model=serving.model_id,
