@@ -185,6 +185,13 @@ class JobSettings(BaseModel):
     reconcile_interval_s: float = Field(
         30.0, gt=0, description="how often the API (embedded) or the worker looks for lost jobs"
     )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="how much lower the CPU priority of jobs is than that of requests (Unix nice: "
+        "the embedded runner's job threads, a Celery worker's task processes); 0 = the same",
+    )
 
 
 class ImmichSettings(BaseModel):

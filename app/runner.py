@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from app import repositories
 from app.db import session_scope
 from app.library_monitor import LibraryMonitor
+from app.priority import lower_this_thread
 from app.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobInterrupted
@@ -65,7 +66,13 @@ class JobRunner:
     def start(self) -> list[str]:
         """Start the threads and queue again the jobs a previous process left unfinished."""
         assert self._executor is None, "start() once"
-        self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="polar-job")
+        self._executor = ThreadPoolExecutor(
+            self.max_workers,
+            thread_name_prefix="polar-job",
+            # Searches first: job threads run at a lower CPU priority (app/priority.py).
+            initializer=lower_this_thread,
+            initargs=(self.env.settings.jobs.nice,),
+        )
         recovered = self.requeue_unfinished()
         for job_id in recovered:
             self.submit(job_id)

@@ -17,6 +17,7 @@ from app.bootstrap import Container, build
 from app.config import Settings, get_settings
 from app.library_monitor import LibraryMonitor
 from app.logs import configure_logging
+from app.priority import lower_this_process
 from app.reconciler import ReconcilePolicy, Reconciler
 from app.services.jobs import JobEnvironment, JobHandler
 from workers.queue import CeleryQueue, celery_config
@@ -124,6 +125,8 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_worker_process_init(**_: Any) -> None:
-    """Each worker process loads the model once, before its first task needs it."""
+    """Each worker process runs at the jobs' lower CPU priority (app/priority.py) and loads the
+    model once, before its first task needs it."""
+    lower_this_process(celery_app.settings.jobs.nice)
     if celery_app.warm_model_at_start:
         celery_app.warm_model()

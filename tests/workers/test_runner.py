@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -404,3 +405,46 @@ def test_app_lifespan_runs_jobs_in_process(db_settings: Settings, handlers: dict
         runner.enqueue(job_id)
         assert wait_for(factory, job_id, {"succeeded"}).state == "succeeded"
     assert done.is_set() and not runner.running
+
+
+# --- priorities: jobs yield the CPU to requests ----------------------------------------------
+
+
+def _nice_of_this_thread() -> int:
+    import os
+
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_job_threads_run_niced_and_request_threads_do_not(
+    settings: Settings, factory: SessionFactory, user_id: str, handlers: dict[str, Any]
+) -> None:
+    seen: list[int] = []
+    handlers[KIND] = lambda _ctx: seen.append(_nice_of_this_thread())
+    base = _nice_of_this_thread()
+    niced = settings.model_copy(update={"jobs": settings.jobs.model_copy(update={"nice": 7})})
+    runner = JobRunner(job_env(niced, factory, handlers))
+    runner.start()
+    try:
+        job_id = new_job(factory, user_id)
+        runner.enqueue(job_id)
+        wait_for(factory, job_id, {"succeeded"})
+    finally:
+        runner.stop()
+    assert seen == [min(19, base + 7)]
+    assert _nice_of_this_thread() == base  # the caller's (a request thread's) priority is kept
+
+
+def test_a_worker_process_lowers_itself_once_and_zero_means_unchanged() -> None:
+    import subprocess
+
+    code = (
+        "import os; from app.priority import lower_this_process as low; "
+        "b = os.nice(0); n = low(4); z = low(0); print(b, n, z, os.nice(0))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    base = int(out[0])
+    assert out[1:] == [str(min(19, base + 4)), "None", str(min(19, base + 4))]
