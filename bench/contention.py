@@ -8,7 +8,8 @@ threads it gets now (POLAR_THREADS__*: one each for training, search and image e
            processes (default: one per core), the two policies interleaved;
   api      a real `polar serve` (embedded jobs, SQLite, demo model): one client's search
            latency on an otherwise idle machine, with no job running vs while training jobs
-           run in the same process, for each policy (one server each).
+           run in the same process, for each policy (one server each); "before" also turns
+           off the jobs' yielding to searches and their lower CPU priority (POLAR_JOBS__NICE).
 
 Targets (issue 16): with as many busy processes as cores, each model figure at most 3x its idle
 value; search p50 while training at most 1.5x its idle p50. Prints tables, writes
@@ -140,7 +141,12 @@ def percentile(xs: list[float], q: float) -> float:
 def bench_api(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """One client's search latency, idle vs during training jobs, per thread policy."""
     policies = {
-        "before": {"POLAR_THREADS__TRAINING": "0", "POLAR_THREADS__SEARCH": "0"},
+        "before": {
+            "POLAR_THREADS__TRAINING": "0",
+            "POLAR_THREADS__SEARCH": "0",
+            "POLAR_THREADS__JOB_YIELD_MS": "0",  # jobs did not step aside for searches
+            "POLAR_JOBS__NICE": "0",  # nor run at a lower priority
+        },
         "now": {},
     }
     rows = []
