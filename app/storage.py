@@ -390,8 +390,11 @@ def inspect_file(path: Path, *, max_bytes: int, max_pixels: int) -> InspectedFil
 
 def confined_file(source_path: str, folder: str, roots: list[Path]) -> Path:
     """The real path of a library file, or ValueError if it (through any symlink) leaves its
-    library folder or the allowed roots."""
-    real = Path(source_path).resolve()
+    library folder or the allowed roots, or cannot be resolved (a symlink loop, a path too long)."""
+    try:
+        real = Path(source_path).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop, before Python 3.13
+        raise ValueError(f"{source_path!r} cannot be resolved: {e}") from None
     base = Path(folder)
     if not real.is_relative_to(base) or not any(base.is_relative_to(r.resolve()) for r in roots):
         raise ValueError(f"{source_path!r} is outside its library or the allowed roots")

@@ -54,7 +54,14 @@ def confine_folder(raw: str, settings: Settings) -> Path:
         raise ValidationFailed(f"give an absolute path, not {raw!r}", code="path_not_absolute")
     if ".." in p.parts:
         raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
-    real = p.resolve()
+    try:  # what the file system says of a path a user typed: any error is a clear 422
+        real = p.resolve()
+        is_dir = real.is_dir()
+    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, a symlink loop
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValidationFailed(
+            f"this path cannot be used as a folder: {reason}", code="invalid_path"
+        ) from None
     if not any(real.is_relative_to(r) for r in roots):
         via = " (through a symlink)" if real != Path(os.path.normpath(p)) else ""
         raise ValidationFailed(
@@ -62,7 +69,7 @@ def confine_folder(raw: str, settings: Settings) -> Path:
             code="path_not_allowed",
             detail={"roots": [str(r) for r in roots]},
         )
-    if not real.is_dir():
+    if not is_dir:
         raise ValidationFailed(f"{raw} is not an existing folder", code="not_a_folder")
     return real
 
@@ -193,8 +200,13 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[Path]:
         for name in sorted(filenames):
             p = base / name
             if p.is_symlink():
-                target = p.resolve()
-                if not target.exists():
+                try:
+                    target = p.resolve()
+                    exists = target.exists()
+                except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
+                    report.skip(p, "a symlink that loops or cannot be followed")
+                    continue
+                if not exists:
                     report.skip(p, "broken link")
                     continue
                 if not target.is_relative_to(folder):

@@ -31,6 +31,10 @@ def report(client, user, lib_id):
     return r.json()["report"]
 
 
+def libraries(client, user):
+    return client.get("/libraries", headers=user.headers).json()["items"]
+
+
 def paths(client, user):
     items = client.get("/images", headers=user.headers).json()["items"]
     return {i["path"]: i["id"] for i in items}
@@ -96,6 +100,19 @@ def test_scan_rescan_and_safety(api_client, make_user, tiny_serving, tmp_path): 
         "/libraries", json={"path": str(tmp_path / "photos" / "out")}, headers=other.headers
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "path_not_allowed"
+    # What the file system refuses is a clear 422 too, never a 500: a name too long, a loop.
+    os.symlink(tmp_path / "photos" / "loop", tmp_path / "photos" / "loop")
+    for bad in (str(tmp_path / "photos" / ("n" * 300)), str(tmp_path / "photos" / "loop")):
+        r = api_client.post("/libraries", json={"path": bad}, headers=other.headers)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_path", r.text
+    assert [x["path"] for x in libraries(api_client, other)] == []
+    # ... and a loop inside a library is one skipped file: the scan goes on.
+    os.symlink(lib / "spin.jpg", lib / "spin.jpg")
+    assert api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    skipped = report(api_client, user, lib_id)["skipped"]
+    reasons = {Path(x["path"]).name: x["reason"] for x in skipped}
+    assert "loops" in reasons["spin.jpg"], reasons
 
     assert api_client.delete(f"/libraries/{lib_id}", headers=user.headers).status_code == 204
     assert paths(api_client, user) == {}
