@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -222,21 +223,44 @@ class LibraryMonitor:
             self.state.mark(set(folders) - watching, self.clock())
             watching = set(folders)
             try:
+                # Each real folder on its own, not recursively: the watcher would follow
+                # symlinked folders (a link to / would watch the whole disk); these are exactly
+                # the folders a scan reads. A new folder restarts the watch to take it in.
                 for changes in watchfiles.watch(
-                    *folders,
+                    *real_folders(folders),
                     stop_event=_Either(self._stop, self._watch_restart),
                     debounce=500,
-                    recursive=True,
+                    recursive=False,
                     raise_interrupt=False,
                     ignore_permission_denied=True,
                 ):
                     self.state.mark((path for _change, path in changes), self.clock())
+                    if any(
+                        change == watchfiles.Change.added and _is_real_dir(path)
+                        for change, path in changes
+                    ):
+                        self._watch_restart.set()
             except Exception:  # too many folders for inotify, a folder vanished, ...
                 log.warning("watching the library folders failed; periodic rescans (every "
                             "%.0f s) still find changes", self.cfg.rescan_interval_s,
                             exc_info=True)  # fmt: skip
                 self._stop.wait(60.0)
                 self._watch_restart.set()
+
+
+def _is_real_dir(path: str) -> bool:
+    p = Path(path)
+    return not p.is_symlink() and p.is_dir()
+
+
+def real_folders(tops: Iterable[str]) -> list[str]:
+    """Every folder under the given ones, themselves included, without entering symlinked
+    folders (the same folders a scan walks)."""
+    out: list[str] = []
+    for top in tops:
+        for dirpath, _dirnames, _files in os.walk(top, followlinks=False):
+            out.append(dirpath)
+    return out
 
 
 class _Either:

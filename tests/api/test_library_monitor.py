@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from app import repositories
 from app.config import LibrarySettings, Settings
 from app.db import session_scope
-from app.library_monitor import MonitorState, due_for_rescan, monitor_pass
+from app.library_monitor import MonitorState, due_for_rescan, monitor_pass, real_folders
 from app.models import Job, JobState, Library, utcnow
 from app.services import libraries
 from app.services.jobs import JobContext, JobEnvironment
@@ -74,6 +75,16 @@ def test_periodic_rescan_when_due_once_per_interval(factory, library, tmp_path):
     # ... but after another interval
     assert monitor_pass(factory, queue, c, state, now_mono=1061.0) == [library.id]
     assert len(queue.job_ids) == 2
+
+
+def test_the_watched_folders_are_the_real_ones_a_scan_reads(tmp_path):
+    top = tmp_path / "lib"
+    (top / "2024" / "summer").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere", top / "2024" / "link")  # a link out: never watched
+    os.symlink(top / "loop", top / "loop")
+    want = {str(top), str(top / "2024"), str(top / "2024" / "summer")}
+    assert set(real_folders([str(top)])) == want
 
 
 def test_never_scanned_or_zero_interval_is_not_due():
@@ -204,10 +215,13 @@ def test_new_and_deleted_photos_appear_without_asking(
         (lib / "new").mkdir()
         (lib / "new" / "b.jpg").write_bytes(noisy_jpeg(seed=2))  # no scan asked for
         wait_for_paths(client, user, {str(lib / "a.jpg"), str(lib / "new" / "b.jpg")})
-        (lib / "a.jpg").unlink()
-        wait_for_paths(client, user, {str(lib / "new" / "b.jpg")})
         wait_jobs(client)
-        assert len(scans(client, user)) >= 4  # first, watch began, b.jpg added, a.jpg deleted
+        time.sleep(1.0)  # the new folder is watched too now
+        (lib / "new" / "c.jpg").write_bytes(noisy_jpeg(seed=3))
+        (lib / "a.jpg").unlink()
+        wait_for_paths(client, user, {str(lib / "new" / "b.jpg"), str(lib / "new" / "c.jpg")})
+        wait_jobs(client)
+        assert len(scans(client, user)) >= 4  # first, watch began, b.jpg added, c.jpg and a.jpg
 
 
 def scans(client: Any, user: Any) -> list[dict[str, Any]]:
