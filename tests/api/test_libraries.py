@@ -13,16 +13,21 @@ from tests.db_fixtures import noisy_jpeg
 from tests.model_fixtures import tiny_serving  # noqa: F401
 
 
-@pytest.fixture
-def db_settings(tmp_path: Path, db_url: str) -> Settings:
+def library_settings(tmp_path: Path, db_url: str, **library: object) -> Settings:
+    """Embedded jobs on `db_url`, libraries allowed under tmp_path/photos (lib/ made)."""
     (tmp_path / "photos" / "lib").mkdir(parents=True)
     return Settings(
         data_dir=tmp_path / "data",
         database_url=db_url,
         broker_url="",
-        # Scans only on request here (tests/api/test_library_monitor.py: watching, rescans).
-        library=LibrarySettings(roots=[tmp_path / "photos"], watch=False, rescan_interval_s=0),
+        library=LibrarySettings.model_validate({"roots": [tmp_path / "photos"], **library}),
     )
+
+
+@pytest.fixture
+def db_settings(tmp_path: Path, db_url: str) -> Settings:
+    # Scans only on request here (tests/api/test_library_monitor.py: watching, rescans).
+    return library_settings(tmp_path, db_url, watch=False, rescan_interval_s=0)
 
 
 def report(client, user, lib_id):

@@ -18,6 +18,7 @@ from app.models import Job, JobState, Library, utcnow
 from app.services import libraries
 from app.services.jobs import JobContext, JobEnvironment
 from app.storage import ImageStore
+from tests.api.test_libraries import library_settings
 from tests.api.test_search import wait_jobs
 from tests.db_fixtures import noisy_jpeg
 from tests.fakes import RecordingQueue
@@ -163,15 +164,7 @@ def no_model() -> Any:
 
 @pytest.fixture
 def watch_settings(tmp_path: Path, db_url: str) -> Settings:
-    (tmp_path / "photos" / "lib").mkdir(parents=True)
-    return Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        broker_url="",
-        library=LibrarySettings(
-            roots=[tmp_path / "photos"], watch=True, watch_settle_s=0.3, rescan_interval_s=0
-        ),
-    )
+    return library_settings(tmp_path, db_url, watch=True, watch_settle_s=0.3, rescan_interval_s=0)
 
 
 def wait_for_paths(client: Any, user: Any, want: set[str], timeout: float = 45.0) -> set[str]:
