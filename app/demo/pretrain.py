@@ -4,6 +4,9 @@
         --data-workers 2
 
 The budget covers everything: data generation, training, saving and the final quality check.
+`--init PATH` starts from an existing checkpoint instead of random weights (a warm start: the
+CPU recipe for a new world version, see MODEL_CARD.md); rows a larger config adds to the
+positional embedding start as copies of the checkpoint's last row.
 The learning rate follows the clock (linear warmup, then cosine to zero at the deadline), so a
 run ends on time on any machine; the number of steps therefore depends on the machine, while
 the data, the initialisation and the batch order are fixed by --seed.
@@ -60,6 +63,7 @@ class PretrainConfig:
     out: Path = field(default=DEFAULT_OUT)
     model_config: Path = field(default=CONFIG_FILE)  # open_clip config, named polar-demo.json
     data_cache: Path | None = None  # .npz to reuse generated data across runs (same seed/images)
+    init: Path | None = None  # checkpoint to start from (warm start); None = random init
 
 
 @dataclass
@@ -187,6 +191,39 @@ def build_model(seed: int, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def warm_start(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """Load a checkpoint's weights (fp16 or fp32) into `model`, in place; the keys it grew.
+
+    Only the positional embedding may differ in shape, and only by growing (a longer context):
+    the new rows start as copies of the checkpoint's last row. Any other mismatch is an error.
+    """
+    from safetensors.torch import load_file
+
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--init: no checkpoint at {checkpoint}")
+    source = load_file(str(checkpoint))
+    target = model.state_dict()
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"--init {checkpoint}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    grown = []
+    for name, value in source.items():
+        want = target[name].shape
+        if value.shape != want:
+            grows = name == "positional_embedding" and value.shape[1:] == want[1:]
+            if not grows or len(value) > want[0]:
+                raise ValueError(
+                    f"--init {checkpoint}: {name} has shape {tuple(value.shape)}, "
+                    f"the model {tuple(want)}"
+                )
+            extra = value[-1:].expand(want[0] - len(value), *value.shape[1:])
+            source[name] = torch.cat([value, extra])
+            grown.append(name)
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in source.items()})
+    return grown
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay weight matrices; leave embeddings alone so unseen tokens ('sks') keep their scale."""
     decay: list[torch.nn.Parameter] = []
@@ -235,7 +272,8 @@ def train(
         pick = torch.randint(0, data.caption_ids.shape[1], (batch,), generator=gen, device=device)
         caption = data.caption_ids[idx, pick]  # (B,)
         x = (data.images[idx].float() - mean) / std  # (B, 3, 64, 64)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        # bf16 autocast on CUDA only: on a CPU without bf16 units it ran 25x slower than fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             image_f, text_f, scale = model(x, data.tokens[caption])[:3]
             loss = contrastive_loss(image_f, text_f, scale)
         opt.zero_grad(set_to_none=True)
@@ -306,6 +344,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     data = load_data(cfg, tokenizer, device)
     model: Any = build_model(cfg.seed, device)  # open_clip CLIP
+    if cfg.init is not None:
+        grown = warm_start(model, cfg.init)
+        print(f"warm start from {cfg.init}" + (f" (grown: {', '.join(grown)})" if grown else ""))
     train_deadline = deadline - cfg.reserve_seconds
     if train_deadline <= time.perf_counter():
         raise RuntimeError("no time left to train: raise --minutes or lower --images")
@@ -316,11 +357,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     path = save_checkpoint(model, cfg.out, cfg.model_config)
     pool = quality.eval_pool(cfg.eval_images, cfg.seed)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    fp32 = quality.evaluate(model, preprocess, tokenizer, pool)
+    fp32 = quality.evaluate(model, preprocess, tokenizer, pool, cfg.seed)
     reloaded, preprocess, tokenizer = quality.load_demo_model(path, str(device), cfg.out)
     text_weight = reloaded.state_dict()["transformer.resblocks.0.attn.in_proj_weight"]
     assert text_weight.dtype == torch.float32, "text tower must load back in fp32"
-    fp16 = quality.evaluate(reloaded, preprocess, tokenizer, pool)
+    fp16 = quality.evaluate(reloaded, preprocess, tokenizer, pool, cfg.seed)
     report = {
         "model": MODEL_NAME,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -367,6 +408,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     p.add_argument("--reserve-seconds", type=float, default=d.reserve_seconds)
     p.add_argument("--model-config", type=Path, default=d.model_config)
     p.add_argument("--data-cache", type=Path, default=None, help=".npz to reuse or create")
+    p.add_argument("--init", type=Path, default=None, help="checkpoint to start from")
     a = p.parse_args(argv)
     return PretrainConfig(
         minutes=a.minutes,
@@ -383,6 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
         out=a.out,
         model_config=a.model_config,
         data_cache=a.data_cache,
+        init=a.init,
     )
 
 

@@ -114,3 +114,28 @@ def test_training_stops_at_the_deadline_and_the_lr_follows_the_clock(
     # start reads 0; step i reads 2i+1 (loop test, < 20) and 2i+2 (its lr): 10 steps
     assert stats["steps"] == len(lrs) == 10
     assert lrs == [cfg.lr * pretrain.lr_factor((2 * i + 2) / 20, cfg.warmup) for i in range(10)]
+
+
+def test_warm_start_loads_a_checkpoint_and_grows_the_context(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = pretrain.build_model(1, torch.device("cpu"))
+    state = {k: v.detach().clone().half() for k, v in source.state_dict().items()}
+    state["positional_embedding"] = state["positional_embedding"][:32].contiguous()  # v1
+    path = tmp_path / "v1.safetensors"
+    save_file(state, str(path))
+
+    model = pretrain.build_model(2, torch.device("cpu"))
+    assert pretrain.warm_start(model, path) == ["positional_embedding"]
+    pos = model.positional_embedding.detach()
+    assert torch.equal(pos[:32], state["positional_embedding"].float())
+    assert torch.equal(pos[32:], pos[31:32].expand_as(pos[32:]))
+    expected = source.token_embedding.weight.detach().half().float()
+    assert torch.equal(model.token_embedding.weight.detach(), expected)
+
+    state["text_projection"] = state["text_projection"][:, :64].contiguous()
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="text_projection"):
+        pretrain.warm_start(model, path)
+    with pytest.raises(FileNotFoundError):
+        pretrain.warm_start(model, tmp_path / "missing.safetensors")
