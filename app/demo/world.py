@@ -598,15 +598,28 @@ class World:
         """The index-th captioned random scene of a split (train, eval and bench never overlap)."""
         return self._example(self.rng(split, index))
 
+    def shape_twin(self, index: int, split: Split = "train") -> Example:
+        """`example(index, split)` with its first object in another shape variant.
+
+        Same scene, background, colours, pattern, place and caption wording: the image and the
+        captions differ only in that object's shape and variant word (a hard negative that
+        teaches pretraining what the variant words mean).
+        """
+        return self._example(self.rng(split, index), variant_shift=1 + index % (N_VARIANTS - 1))
+
     def random_scene_image(self, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
         """A random captioned scene: (image, its 4 captions; see `Example.captions`)."""
         ex = self._example(rng)
         return Image.fromarray(ex.image), list(ex.captions)
 
-    def _example(self, rng: np.random.Generator) -> Example:
+    def _example(self, rng: np.random.Generator, variant_shift: int = 0) -> Example:
         scene = SCENES[int(rng.integers(len(SCENES)))]
         n = 2 if rng.random() < 0.3 else 1
-        placed = self.layout([self.sample_instance(rng) for _ in range(n)], rng)
+        objects = [self.sample_instance(rng) for _ in range(n)]
+        if variant_shift:  # after sampling: the same draws as the untouched example
+            first = objects[0]
+            objects[0] = replace(first, variant=(first.variant + variant_shift) % N_VARIANTS)
+        placed = self.layout(objects, rng)
         image = self.render_array(scene, placed, rng)
         captions = (
             self.caption(scene, placed, rng, "full"),
@@ -678,14 +691,21 @@ def caption_vocabulary() -> set[str]:
 
 
 def render_examples(
-    seed: int, split: Split, start: int, stop: int
+    seed: int, split: Split, start: int, stop: int, shape_twins: bool = False
 ) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """Examples start..stop-1 as one (n, 64, 64, 3) uint8 array and their captions (pool worker)."""
+    """Examples start..stop-1 as one (n, 64, 64, 3) uint8 array and their captions (pool worker).
+
+    With `shape_twins`, each example is followed by its shape twin (2n rows).
+    """
     world = World(seed)
-    images = np.empty((stop - start, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    per = 2 if shape_twins else 1
+    images = np.empty(((stop - start) * per, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     captions: list[tuple[str, ...]] = []
     for i in range(start, stop):
-        ex = world.example(i, split)
-        images[i - start] = ex.image
-        captions.append(ex.captions)
+        exs = [world.example(i, split)]
+        if shape_twins:
+            exs.append(world.shape_twin(i, split))
+        for k, ex in enumerate(exs):
+            images[(i - start) * per + k] = ex.image
+            captions.append(ex.captions)
     return images, captions

@@ -22,6 +22,7 @@ from app.demo.world import (
     Instance,
     World,
     caption_vocabulary,
+    render_examples,
 )
 
 HIDDEN = ("aspect", "period", "orientation", "phase")  # the shape variant is named (world v2)
@@ -280,3 +281,22 @@ def test_naming_the_variant_draws_no_extra_random_number(
             states.append(r.random())
         assert states[0] == states[1]
         assert captions[1].replace(f"{place.instance.variant_name} ", "", 1) == captions[0]
+
+
+def test_shape_twin_changes_only_the_first_objects_shape() -> None:
+    world = World(0)
+    for i in range(12):
+        ex, twin = world.example(i), world.shape_twin(i)
+        assert ex.scene == twin.scene and len(ex.objects) == len(twin.objects)
+        a, b = ex.objects[0].instance, twin.objects[0].instance
+        assert a.variant != b.variant and replace(b, variant=a.variant) == a
+        assert [p.instance for p in ex.objects[1:]] == [p.instance for p in twin.objects[1:]]
+        pa, pb = ex.objects[0], twin.objects[0]
+        assert (pa.position, pa.size) == (pb.position, pb.size)  # x, y may move to fit the width
+        assert not np.array_equal(ex.image, twin.image)
+        full = [(x, y) for x, y in zip(_words(ex.captions[0]), _words(twin.captions[0])) if x != y]
+        assert full == [(a.variant_name, b.variant_name)]
+    images, captions = render_examples(0, "train", 3, 5, shape_twins=True)
+    assert len(images) == len(captions) == 4
+    assert np.array_equal(images[1], world.shape_twin(3).image)
+    assert captions[2] == world.example(4).captions
