@@ -338,7 +338,7 @@ def train(
         # bf16 autocast on CUDA only: on a CPU without bf16 units it ran 25x slower than fp32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if device.type == "cpu":  # trimming needs the length on the host: no GPU sync
-                image_f = F.normalize(model.encode_image(x), dim=-1)
+                image_f = F.normalize(model.encode_image(x), dim=-1)  # type: ignore[operator]
                 text_f = F.normalize(encode_text_trimmed(model, data.tokens[caption]), dim=-1)
                 scale = logit_scale.exp()
             else:

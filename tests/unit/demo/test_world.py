@@ -294,7 +294,8 @@ def test_shape_twin_changes_only_the_first_objects_shape() -> None:
         pa, pb = ex.objects[0], twin.objects[0]
         assert (pa.position, pa.size) == (pb.position, pb.size)  # x, y may move to fit the width
         assert not np.array_equal(ex.image, twin.image)
-        full = [(x, y) for x, y in zip(_words(ex.captions[0]), _words(twin.captions[0])) if x != y]
+        pairs = zip(_words(ex.captions[0]), _words(twin.captions[0]), strict=True)
+        full = [(x, y) for x, y in pairs if x != y]
         assert full == [(a.variant_name, b.variant_name)]
     images, captions = render_examples(0, "train", 3, 5, shape_twins=True)
     assert len(images) == len(captions) == 4
