@@ -4,6 +4,9 @@
         --data-workers 2
 
 The budget covers everything: data generation, training, saving and the final quality check.
+`--init PATH` starts from an existing checkpoint instead of random weights (a warm start: the
+CPU recipe for a new world version, see MODEL_CARD.md); rows a larger config adds to the
+positional embedding start as copies of the checkpoint's last row.
 The learning rate follows the clock (linear warmup, then cosine to zero at the deadline), so a
 run ends on time on any machine; the number of steps therefore depends on the machine, while
 the data, the initialisation and the batch order are fixed by --seed.
@@ -60,6 +63,10 @@ class PretrainConfig:
     out: Path = field(default=DEFAULT_OUT)
     model_config: Path = field(default=CONFIG_FILE)  # open_clip config, named polar-demo.json
     data_cache: Path | None = None  # .npz to reuse generated data across runs (same seed/images)
+    init: Path | None = None  # checkpoint to start from (warm start); None = random init
+    # shape-twin pairs (World.shape_twin): examples images..images+twin_pairs-1 of the train
+    # split, each with its twin; a quarter of every batch is such pairs, with full captions
+    twin_pairs: int = 0
 
 
 @dataclass
@@ -70,6 +77,7 @@ class TrainData:
     caption_ids: torch.Tensor  # (N, C) int64 index into tokens, C captions per image
     tokens: torch.Tensor  # (U, context) int64, one row per distinct caption
     seconds: float
+    twin_start: int = -1  # rows from here on are (example, shape twin) pairs; -1 = none
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,14 +134,16 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Any) -> torch.Tensor:
 
 
 def render_dataset(
-    seed: int, images: int, workers: int
+    seed: int, images: int, workers: int, start: int = 0, shape_twins: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images (N, 64, 64, 3) uint8, caption ids (N, C) and distinct captions, in parallel.
 
-    Workers are spawned, so a calling script needs the `if __name__ == "__main__":` guard.
+    Examples start..start+images-1 of the train split (each followed by its shape twin with
+    `shape_twins`). Workers are spawned, so a calling script needs the `__main__` guard.
     """
-    ranges = [(s, min(s + CHUNK, images)) for s in range(0, images, CHUNK)]
-    task = partial(render_examples, seed, "train")
+    stop = start + images
+    ranges = [(s, min(s + CHUNK, stop)) for s in range(start, stop, CHUNK)]
+    task = partial(render_examples, seed, "train", shape_twins=shape_twins)
     if workers == 1:
         parts = [task(*r) for r in ranges]
     else:  # spawn: forking a process that holds torch threads can deadlock
@@ -163,12 +173,34 @@ def load_data(cfg: PretrainConfig, tokenizer: Any, device: torch.device) -> Trai
         if cache is not None:
             text = np.frombuffer("\n".join(captions).encode(), np.uint8)  # compact, no pickle
             np.savez(cache, images=images, caption_ids=ids, captions=text, seed=cfg.seed)
+    twin_start = -1
+    if cfg.twin_pairs:
+        twin_cache = None if cache is None else cache.with_suffix(".twins.npz")
+        if twin_cache is not None and twin_cache.exists():
+            with np.load(twin_cache) as z:
+                if (int(z["seed"]), len(z["images"])) != (cfg.seed, 2 * cfg.twin_pairs):
+                    raise ValueError(f"{twin_cache} holds other data (seed/pairs differ)")
+                t_images, t_ids = z["images"], z["caption_ids"]
+                t_captions = z["captions"].tobytes().decode().split("\n")
+        else:
+            t_images, t_ids, t_captions = render_dataset(
+                cfg.seed, cfg.twin_pairs, workers, start=cfg.images, shape_twins=True
+            )
+            if twin_cache is not None:
+                text = np.frombuffer("\n".join(t_captions).encode(), np.uint8)
+                np.savez(twin_cache, images=t_images, caption_ids=t_ids, captions=text,
+                         seed=cfg.seed)  # fmt: skip
+        twin_start = len(images)
+        images = np.concatenate([images, t_images])
+        ids = np.concatenate([ids, t_ids + len(captions)])
+        captions = [*captions, *t_captions]
     tokens = tokenize_captions(captions, tokenizer)
     data = TrainData(
         images=torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous(),
         caption_ids=torch.from_numpy(ids).to(device),
         tokens=tokens.to(device),
         seconds=time.perf_counter() - started,
+        twin_start=twin_start,
     )
     print(
         f"data: {len(images)} images, {len(captions)} distinct captions, "
@@ -185,6 +217,58 @@ def build_model(seed: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(seed)
     model: torch.nn.Module = open_clip.create_model(MODEL_NAME, device=device)
     return model
+
+
+def warm_start(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """Load a checkpoint's weights (fp16 or fp32) into `model`, in place; the keys it grew.
+
+    Only the positional embedding may differ in shape, and only by growing (a longer context):
+    the new rows start as copies of the checkpoint's last row. Any other mismatch is an error.
+    """
+    from safetensors.torch import load_file
+
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--init: no checkpoint at {checkpoint}")
+    source = load_file(str(checkpoint))
+    target = model.state_dict()
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"--init {checkpoint}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    grown = []
+    for name, value in source.items():
+        want = target[name].shape
+        if value.shape != want:
+            grows = name == "positional_embedding" and value.shape[1:] == want[1:]
+            if not grows or len(value) > want[0]:
+                raise ValueError(
+                    f"--init {checkpoint}: {name} has shape {tuple(value.shape)}, "
+                    f"the model {tuple(want)}"
+                )
+            extra = value[-1:].expand(want[0] - len(value), *value.shape[1:])
+            source[name] = torch.cat([value, extra])
+            grown.append(name)
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in source.items()})
+    return grown
+
+
+def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(text)` (unnormalised), computed only up to the batch's last end token.
+
+    Exact for open_clip's causal text tower with argmax (end-token) pooling: no position attends
+    to a later one, so the padding after the longest caption changes nothing. Captions use about
+    a third of the 40-token context, so this cuts the text tower's cost on a CPU about 2-3x.
+    """
+    eot = text.argmax(dim=-1)  # (B,) the end token has the largest id
+    length = int(eot.max()) + 1
+    text = text[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)[torch.arange(len(text), device=text.device), eot]  # (B, width)
+    proj = model.text_projection
+    out: torch.Tensor = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -218,7 +302,13 @@ def train(
     )
     logit_scale: torch.Tensor = model.logit_scale  # type: ignore[assignment]
     n, batch = len(data.images), min(cfg.batch_size, len(data.images))
-    order, cursor = torch.randperm(n, generator=gen, device=device), 0
+    n_reg = n if data.twin_start < 0 else data.twin_start
+    n_pairs = (n - n_reg) // 2
+    per_batch = min(batch // 8, n_pairs)  # twin pairs per batch: a quarter of its rows
+    batch_reg = batch - 2 * per_batch
+    order, cursor = torch.randperm(n_reg, generator=gen, device=device), 0
+    pairs = torch.randperm(max(n_pairs, 1), generator=gen, device=device)
+    pair_cursor = 0
     start = clock()
     span = max(deadline - start, 1e-3)
     steps, recent, last_log = 0, torch.zeros((), device=device), start
@@ -228,15 +318,31 @@ def train(
         lr = cfg.lr * lr_factor((clock() - start) / span, cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        if cursor + batch > n:
-            order, cursor = torch.randperm(n, generator=gen, device=device), 0
-        idx = order[cursor : cursor + batch]
-        cursor += batch
-        pick = torch.randint(0, data.caption_ids.shape[1], (batch,), generator=gen, device=device)
+        if cursor + batch_reg > n_reg:
+            order, cursor = torch.randperm(n_reg, generator=gen, device=device), 0
+        idx = order[cursor : cursor + batch_reg]
+        cursor += batch_reg
+        pick = torch.randint(
+            0, data.caption_ids.shape[1], (batch_reg,), generator=gen, device=device
+        )
+        if per_batch:
+            if pair_cursor + per_batch > n_pairs:
+                pairs, pair_cursor = torch.randperm(n_pairs, generator=gen, device=device), 0
+            p = pairs[pair_cursor : pair_cursor + per_batch]
+            pair_cursor += per_batch
+            twins = (n_reg + 2 * p[:, None] + torch.arange(2, device=device)).reshape(-1)
+            idx = torch.cat([idx, twins])
+            pick = torch.cat([pick, torch.zeros_like(twins)])  # full captions name the variant
         caption = data.caption_ids[idx, pick]  # (B,)
         x = (data.images[idx].float() - mean) / std  # (B, 3, 64, 64)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            image_f, text_f, scale = model(x, data.tokens[caption])[:3]
+        # bf16 autocast on CUDA only: on a CPU without bf16 units it ran 25x slower than fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if device.type == "cpu":  # trimming needs the length on the host: no GPU sync
+                image_f = F.normalize(model.encode_image(x), dim=-1)  # type: ignore[operator]
+                text_f = F.normalize(encode_text_trimmed(model, data.tokens[caption]), dim=-1)
+                scale = logit_scale.exp()
+            else:
+                image_f, text_f, scale = model(x, data.tokens[caption])[:3]
             loss = contrastive_loss(image_f, text_f, scale)
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)  # = loss.backward(), which torch leaves unannotated
@@ -306,6 +412,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     data = load_data(cfg, tokenizer, device)
     model: Any = build_model(cfg.seed, device)  # open_clip CLIP
+    if cfg.init is not None:
+        grown = warm_start(model, cfg.init)
+        print(f"warm start from {cfg.init}" + (f" (grown: {', '.join(grown)})" if grown else ""))
     train_deadline = deadline - cfg.reserve_seconds
     if train_deadline <= time.perf_counter():
         raise RuntimeError("no time left to train: raise --minutes or lower --images")
@@ -316,11 +425,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     path = save_checkpoint(model, cfg.out, cfg.model_config)
     pool = quality.eval_pool(cfg.eval_images, cfg.seed)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    fp32 = quality.evaluate(model, preprocess, tokenizer, pool)
+    fp32 = quality.evaluate(model, preprocess, tokenizer, pool, cfg.seed)
     reloaded, preprocess, tokenizer = quality.load_demo_model(path, str(device), cfg.out)
     text_weight = reloaded.state_dict()["transformer.resblocks.0.attn.in_proj_weight"]
     assert text_weight.dtype == torch.float32, "text tower must load back in fp32"
-    fp16 = quality.evaluate(reloaded, preprocess, tokenizer, pool)
+    fp16 = quality.evaluate(reloaded, preprocess, tokenizer, pool, cfg.seed)
     report = {
         "model": MODEL_NAME,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -367,6 +476,10 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     p.add_argument("--reserve-seconds", type=float, default=d.reserve_seconds)
     p.add_argument("--model-config", type=Path, default=d.model_config)
     p.add_argument("--data-cache", type=Path, default=None, help=".npz to reuse or create")
+    p.add_argument("--init", type=Path, default=None, help="checkpoint to start from")
+    p.add_argument(
+        "--twin-pairs", type=int, default=d.twin_pairs, help="shape-twin pairs (hard negatives)"
+    )
     a = p.parse_args(argv)
     return PretrainConfig(
         minutes=a.minutes,
@@ -383,6 +496,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
         out=a.out,
         model_config=a.model_config,
         data_cache=a.data_cache,
+        init=a.init,
+        twin_pairs=a.twin_pairs,
     )
 
 

@@ -22,7 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.demo.world import CATEGORIES, COLORS, PATTERNS, SCENES, Example, World, article
+from app.demo.world import (
+    CATEGORIES,
+    COLORS,
+    PATTERNS,
+    SCENES,
+    VARIANT_NAMES,
+    Example,
+    World,
+    article,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "polar-demo"
@@ -125,8 +134,9 @@ def evaluate(
     preprocess: Callable[..., torch.Tensor],
     tokenizer: Callable[..., torch.Tensor],
     pool: Sequence[Example],
+    world_seed: int = 0,
 ) -> dict[str, float]:
-    """All quality metrics of one model on one pool."""
+    """All quality metrics of one model on one pool (of the world with `world_seed`)."""
     img = encode_images(model, preprocess, [ex.image for ex in pool])  # (N, D)
     cap = encode_texts(model, tokenizer, [ex.captions[0] for ex in pool])  # (N, D)
     sim = cap @ img.T  # (N, N): caption i vs image j
@@ -156,9 +166,62 @@ def evaluate(
     metrics["pattern_accuracy"] = _attribute_accuracy(
         model, tokenizer, img[single], cats, [{o.pattern} for o in objs], list(PATTERNS)
     )
+    # world v2: the shape variant among its category's three ("a photo of a top hat")
+    metrics["shape_accuracy"] = _shape_accuracy(model, tokenizer, img[single], objs)
+    metrics |= twin_separation(model, preprocess, World(world_seed))
     metrics["pool_images"] = float(len(pool))
     metrics["single_object_images"] = float(len(single))
     return metrics
+
+
+TWIN_INSTANCES = 60  # reserved instances of the look-alike check
+_TWIN_BASE = 900_000  # their indices in the world's reserved-instance stream (unused elsewhere)
+
+
+def twin_separation(
+    model: Any, preprocess: Callable[..., torch.Tensor], world: World, n: int = TWIN_INSTANCES
+) -> dict[str, float]:
+    """How well the image tower alone tells an instance from each kind of look-alike.
+
+    For each of `n` reserved instances: the mean embedding of 5 photos in random scenes against
+    one image each of the instance and its three look-alikes (other colours, other pattern,
+    other shape variant) in one shared random scene. The value per kind is the fraction of
+    instances whose own image scores above that look-alike's image.
+    """
+    photos, tests = [], []
+    kinds = ("colors", "pattern", "shape")
+    for i in range(n):
+        inst = world.instance(_TWIN_BASE + i)
+        rng = np.random.default_rng([world.seed, 99, i])
+        for _ in range(5):
+            scene = SCENES[int(rng.integers(len(SCENES)))]
+            photos.append(world.render_array(scene, world.layout([inst], rng), rng))
+        looks = world.lookalikes(inst, rng)
+        scene = SCENES[int(rng.integers(len(SCENES)))]
+        for obj in (inst, *(looks[k] for k in kinds)):
+            tests.append(world.render_array(scene, world.layout([obj], rng), rng))
+    p = encode_images(model, preprocess, photos).reshape(n, 5, -1).mean(axis=1)  # (n, D)
+    t = encode_images(model, preprocess, tests).reshape(n, 1 + len(kinds), -1)  # (n, 4, D)
+    scores = np.einsum("nd,nkd->nk", p, t)  # (n, 4)
+    return {
+        f"{kind}_twin_separation": float((scores[:, 0] > scores[:, 1 + j]).mean())
+        for j, kind in enumerate(kinds)
+    }
+
+
+def _shape_accuracy(
+    model: Any, tokenizer: Callable[..., torch.Tensor], img: np.ndarray, objs: Sequence[Any]
+) -> float:
+    """Zero-shot choice among the category's shape variants ("a photo of a top hat")."""
+    correct = 0.0
+    for category in sorted({o.category for o in objs}):
+        rows = [i for i, o in enumerate(objs) if o.category == category]
+        names = VARIANT_NAMES[category]
+        prompts = [f"a photo of {article(f'{n} {category}')}" for n in names]
+        txt = encode_texts(model, tokenizer, prompts)  # (3, D)
+        labels = np.array([objs[i].variant for i in rows])
+        correct += accuracy(img[rows] @ txt.T, labels) * len(rows)
+    return round(correct) / max(1, len(objs))
 
 
 def _attribute_accuracy(
@@ -244,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     model, preprocess, tokenizer = load_demo_model(args.checkpoint, args.device)
-    metrics = evaluate(model, preprocess, tokenizer, eval_pool(args.images, args.seed))
+    pool = eval_pool(args.images, args.seed)
+    metrics = evaluate(model, preprocess, tokenizer, pool, args.seed)
     print(format_table(metrics))
     report = {
         "model": MODEL_NAME,

@@ -3,10 +3,11 @@
 Everything is numpy and deterministic given a `numpy.random.Generator`, so the pretraining
 script, the quality script, the benchmark, the demo and the tests all see the same world.
 
-An `Instance` is one specific object ("Fido"): category, unnamed shape variant, aspect, two
-colours and a pattern with a fixed period, orientation and phase. Captions name the category,
-the scene and sometimes colours, pattern, size and position, but never the hidden attributes
-(variant, aspect, period, orientation, phase) that tell one instance from its look-alikes.
+An `Instance` is one specific object ("Fido"): category, shape variant, aspect, two colours
+and a pattern with a fixed period, orientation and phase. Captions name the category, the scene
+and sometimes colours, pattern, shape variant (a word per category and variant: "top hat",
+"baseball hat", "witch hat"; world v2), size and position, but never the hidden attributes
+(aspect, pattern period, orientation, phase) that tell one instance from its look-alikes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,19 @@ COLORS: dict[str, tuple[float, float, float]] = {
 }
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "middle", "right")
-N_VARIANTS = 3  # unnamed shape variants per category
+N_VARIANTS = 3  # shape variants per category, named by VARIANT_NAMES
+# World v2: the word captions use for each category's shape variants, in SHAPES order; each is
+# one BPE token (the longest full caption has to fit the demo model's 32-token context) and no
+# word names two things.
+VARIANT_NAMES: dict[str, tuple[str, ...]] = {
+    "ball": ("round", "tennis", "rugby"),  # plain disc, disc with seams, pointed lens
+    "box": ("square", "gift", "cube"),  # flat square, lidded box, cube in perspective
+    "cup": ("tea", "coffee", "trophy"),  # teacup on a saucer, mug, goblet on a stem
+    "star": ("five", "six", "four"),  # points
+    "bottle": ("milk", "potion", "wine"),  # square with a cap, round flask, wine bottle
+    "hat": ("top", "baseball", "witch"),  # top hat, cap with a visor, cone with a brim
+}
+VARIANT_COIN = 0.5  # chance that a "random"-detail caption names the shape variant
 
 SCENE_PHRASES: dict[str, tuple[str, ...]] = {
     "beach": ("on the beach", "at the beach"),
@@ -72,7 +85,7 @@ class Instance:
     """One specific object: a fixed combination that captions never spell out in full."""
 
     category: str
-    variant: int  # unnamed shape variant, 0..N_VARIANTS-1
+    variant: int  # shape variant, 0..N_VARIANTS-1 (named in captions: VARIANT_NAMES)
     aspect: float  # width multiplier on the variant's base aspect (hidden)
     color: str  # main colour (named in captions)
     color2: str  # pattern colour (named in captions; invisible when plain)
@@ -80,6 +93,11 @@ class Instance:
     period: float  # pattern period as a fraction of the object height (hidden)
     orientation: int  # pattern angle in degrees, 0..179 (hidden)
     phase: float  # pattern offset in periods, 0..1 (hidden)
+
+    @property
+    def variant_name(self) -> str:
+        """The word captions use for this shape variant ("top" for a top hat)."""
+        return VARIANT_NAMES[self.category][self.variant]
 
     @property
     def key(self) -> str:
@@ -252,6 +270,8 @@ SHAPES: dict[str, tuple[tuple[ShapeFn, float], ...]] = {
     "hat": ((_hat_top, 1.05), (_hat_cap, 1.35), (_hat_cone, 1.1)),
 }
 assert set(SHAPES) == set(CATEGORIES) and all(len(v) == N_VARIANTS for v in SHAPES.values())
+assert set(VARIANT_NAMES) == set(CATEGORIES)
+assert all(len(v) == N_VARIANTS for v in VARIANT_NAMES.values())
 
 
 def _pattern_mask(inst: Instance, s: np.ndarray, t: np.ndarray) -> Mask:
@@ -560,7 +580,10 @@ class World:
         detail: Literal["full", "random", "minimal"] = "random",
         with_scene: bool = True,
     ) -> str:
-        """A caption naming every object's category (and the scene), never hidden attributes."""
+        """A caption naming every object's category (and the scene), never hidden attributes.
+
+        Shape variants are named in "full" captions and in half the "random" ones.
+        """
         phrases = [_object_phrase(p, rng, detail) for p in objects]
         if detail == "full":
             template, scene_phrase = TEMPLATES[0], SCENE_PHRASES[scene][0]
@@ -575,15 +598,28 @@ class World:
         """The index-th captioned random scene of a split (train, eval and bench never overlap)."""
         return self._example(self.rng(split, index))
 
+    def shape_twin(self, index: int, split: Split = "train") -> Example:
+        """`example(index, split)` with its first object in another shape variant.
+
+        Same scene, background, colours, pattern, place and caption wording: the image and the
+        captions differ only in that object's shape and variant word (a hard negative that
+        teaches pretraining what the variant words mean).
+        """
+        return self._example(self.rng(split, index), variant_shift=1 + index % (N_VARIANTS - 1))
+
     def random_scene_image(self, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
         """A random captioned scene: (image, its 4 captions; see `Example.captions`)."""
         ex = self._example(rng)
         return Image.fromarray(ex.image), list(ex.captions)
 
-    def _example(self, rng: np.random.Generator) -> Example:
+    def _example(self, rng: np.random.Generator, variant_shift: int = 0) -> Example:
         scene = SCENES[int(rng.integers(len(SCENES)))]
         n = 2 if rng.random() < 0.3 else 1
-        placed = self.layout([self.sample_instance(rng) for _ in range(n)], rng)
+        objects = [self.sample_instance(rng) for _ in range(n)]
+        if variant_shift:  # after sampling: the same draws as the untouched example
+            first = objects[0]
+            objects[0] = replace(first, variant=(first.variant + variant_shift) % N_VARIANTS)
+        placed = self.layout(objects, rng)
         image = self.render_array(scene, placed, rng)
         captions = (
             self.caption(scene, placed, rng, "full"),
@@ -604,7 +640,8 @@ def article(phrase: str) -> str:
 
 
 def _object_phrase(p: Placement, rng: np.random.Generator, detail: str) -> str:
-    """'a small red and blue striped ball on the left' with a random subset of the attributes."""
+    """'a small red and blue striped tennis ball on the left' with a random subset of the
+    attributes."""
     inst = p.instance
     full = detail == "full"
     some = detail == "random"
@@ -615,6 +652,11 @@ def _object_phrase(p: Placement, rng: np.random.Generator, detail: str) -> str:
     name_size = full or (some and coins[2] < 0.3)
     name_pos = full or (some and coins[3] < 0.3)
     dots_form = coins[4] < 0.5 and not full
+    # World v2 names the shape variant; its coin is derived from coins[0] (the fractional part
+    # of 64 × a uniform is uniform and all but independent of it), so captions draw exactly as
+    # many numbers as in v1 and every image rendered after a caption stays the same.
+    name_variant = full or (some and (coins[0] * 64.0) % 1.0 < VARIANT_COIN)
+    noun = f"{inst.variant_name} {inst.category}" if name_variant else inst.category
     words: list[str] = []
     if name_size:
         words.append(SIZE_WORDS[p.size][0] if full else _pick(rng, SIZE_WORDS[p.size]))
@@ -622,13 +664,13 @@ def _object_phrase(p: Placement, rng: np.random.Generator, detail: str) -> str:
     if name_pattern and patterned and inst.pattern == "dotted" and (full or dots_form):
         colour = [inst.color] if name_colour else []
         tail = f" with {inst.color2} dots" if name_colour else " with dots"
-        phrase = " ".join([*words, *colour, inst.category]) + tail
+        phrase = " ".join([*words, *colour, noun]) + tail
     else:
         if name_colour:
             words += [inst.color, "and", inst.color2] if patterned else [inst.color]
         if name_pattern:
             words.append(inst.pattern)
-        phrase = " ".join([*words, inst.category])
+        phrase = " ".join([*words, noun])
     if name_pos:
         phrase += " " + (
             POSITION_PHRASES[p.position][0] if full else _pick(rng, POSITION_PHRASES[p.position])
@@ -639,6 +681,7 @@ def _object_phrase(p: Placement, rng: np.random.Generator, detail: str) -> str:
 def caption_vocabulary() -> set[str]:
     """Every word a caption can contain."""
     words = set(CATEGORIES) | set(COLORS) | set(PATTERNS) | {"and", "with", "dots", "a", "an"}
+    words |= {name for names in VARIANT_NAMES.values() for name in names}
     for group in (*SCENE_PHRASES.values(), *POSITION_PHRASES.values(), *SIZE_WORDS.values()):
         for phrase in group:
             words |= set(phrase.split())
@@ -648,14 +691,21 @@ def caption_vocabulary() -> set[str]:
 
 
 def render_examples(
-    seed: int, split: Split, start: int, stop: int
+    seed: int, split: Split, start: int, stop: int, shape_twins: bool = False
 ) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """Examples start..stop-1 as one (n, 64, 64, 3) uint8 array and their captions (pool worker)."""
+    """Examples start..stop-1 as one (n, 64, 64, 3) uint8 array and their captions (pool worker).
+
+    With `shape_twins`, each example is followed by its shape twin (2n rows).
+    """
     world = World(seed)
-    images = np.empty((stop - start, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    per = 2 if shape_twins else 1
+    images = np.empty(((stop - start) * per, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     captions: list[tuple[str, ...]] = []
     for i in range(start, stop):
-        ex = world.example(i, split)
-        images[i - start] = ex.image
-        captions.append(ex.captions)
+        exs = [world.example(i, split)]
+        if shape_twins:
+            exs.append(world.shape_twin(i, split))
+        for k, ex in enumerate(exs):
+            images[(i - start) * per + k] = ex.image
+            captions.append(ex.captions)
     return images, captions

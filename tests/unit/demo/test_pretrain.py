@@ -114,3 +114,77 @@ def test_training_stops_at_the_deadline_and_the_lr_follows_the_clock(
     # start reads 0; step i reads 2i+1 (loop test, < 20) and 2i+2 (its lr): 10 steps
     assert stats["steps"] == len(lrs) == 10
     assert lrs == [cfg.lr * pretrain.lr_factor((2 * i + 2) / 20, cfg.warmup) for i in range(10)]
+
+
+def test_warm_start_loads_a_checkpoint_and_grows_the_context(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = pretrain.build_model(1, torch.device("cpu"))
+    state = {k: v.detach().clone().half() for k, v in source.state_dict().items()}
+    state["positional_embedding"] = state["positional_embedding"][:32].contiguous()  # v1
+    path = tmp_path / "v1.safetensors"
+    save_file(state, str(path))
+
+    model = pretrain.build_model(2, torch.device("cpu"))
+    assert pretrain.warm_start(model, path) == ["positional_embedding"]
+    pos = model.positional_embedding.detach()
+    assert torch.equal(pos[:32], state["positional_embedding"].float())
+    assert torch.equal(pos[32:], pos[31:32].expand_as(pos[32:]))
+    expected = source.token_embedding.weight.detach().half().float()
+    assert torch.equal(model.token_embedding.weight.detach(), expected)
+
+    state["text_projection"] = state["text_projection"][:, :64].contiguous()
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="text_projection"):
+        pretrain.warm_start(model, path)
+    with pytest.raises(FileNotFoundError):
+        pretrain.warm_start(model, tmp_path / "missing.safetensors")
+
+
+def test_trimmed_text_encoding_equals_the_full_context() -> None:
+    import open_clip
+
+    open_clip.add_model_config(pretrain.quality.CONFIG_DIR)
+    tokenizer = open_clip.get_tokenizer("polar-demo")
+    model = pretrain.build_model(0, torch.device("cpu")).eval()
+    captions = [c for i in range(8) for c in World(0).example(i).captions]
+    tokens = tokenizer(captions)
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to trim
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        trimmed = pretrain.encode_text_trimmed(model, tokens)
+    assert torch.allclose(full, trimmed, atol=1e-5)
+    assert not torch.allclose(full[0], full[1], atol=1e-3)  # the captions do differ
+
+
+def test_twin_pairs_fill_a_quarter_of_each_batch_with_full_captions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import open_clip
+
+    cfg = pretrain.PretrainConfig(
+        images=48, twin_pairs=8, batch_size=32, data_workers=1, out=tmp_path, seed=0
+    )
+    open_clip.add_model_config(cfg.model_config)
+    data = pretrain.load_data(
+        cfg, open_clip.get_tokenizer(pretrain.MODEL_NAME), torch.device("cpu")
+    )
+    assert data.twin_start == 48 and len(data.images) == 48 + 16
+    seen: list[torch.Tensor] = []
+    model = pretrain.build_model(cfg.seed, torch.device("cpu"))
+    original = pretrain.encode_text_trimmed
+
+    def spy(m: object, text: torch.Tensor) -> torch.Tensor:
+        seen.append(text)
+        return original(m, text)
+
+    monkeypatch.setattr(pretrain, "encode_text_trimmed", spy)
+    ticks = itertools.count()
+    pretrain.train(model, data, cfg, 6.0, log=lambda _: None, clock=lambda: next(ticks))
+    full = {tuple(data.tokens[i].tolist()) for i in data.caption_ids[48:, 0].tolist()}
+    for text in seen:
+        assert len(text) == 32
+        rows = [tuple(r) for r in text.tolist()]
+        # the last 8 rows are 4 twin pairs captioned in full; the rest random regular rows
+        padded = [r + (0,) * (data.tokens.shape[1] - len(r)) for r in rows[-8:]]
+        assert all(r in full for r in padded)

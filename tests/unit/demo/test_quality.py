@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from app.demo import quality
+from app.demo.world import World
 
 
 def test_gt_ranks_count_ties_against_the_ground_truth() -> None:
@@ -67,3 +68,41 @@ def test_shipped_checkpoint_meets_the_quality_targets() -> None:
     metrics = quality.evaluate(model, preprocess, tokenizer, quality.eval_pool(300))
     for name, target in quality.TARGETS.items():
         assert metrics[name] >= target, (name, metrics[name])
+
+
+def test_shape_metrics_are_reported() -> None:
+    import open_clip
+
+    open_clip.add_model_config(quality.CONFIG_DIR)
+    model, _, preprocess = open_clip.create_model_and_transforms(quality.MODEL_NAME)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("polar-demo")
+    metrics = quality.evaluate(model, preprocess, tokenizer, quality.eval_pool(24))
+    for name in ("shape_accuracy", "shape_twin_separation", "colors_twin_separation"):
+        assert 0.0 <= metrics[name] <= 1.0
+    sep = quality.twin_separation(model, preprocess, World(0), n=4)
+    assert set(sep) == {f"{k}_twin_separation" for k in ("colors", "pattern", "shape")}
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in sep.values())  # fractions of 4
+
+
+def test_a_model_that_sees_shapes_scores_shape_accuracy_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_shape_accuracy picks the variant whose prompt scores highest: with text and image
+    embeddings that encode the variant exactly it is right every time; a swap breaks it."""
+    from app.demo.world import VARIANT_NAMES
+
+    pool = quality.eval_pool(60)
+    objs = [ex.objects[0].instance for ex in pool if len(ex.objects) == 1]
+    img = np.stack([np.eye(3)[o.variant] for o in objs])
+    prompts: dict[str, int] = {}
+    for cat, names in VARIANT_NAMES.items():
+        for v, n in enumerate(names):
+            prompts[f"a photo of a {n} {cat}"] = v
+
+    def fake_texts(_m: object, _t: object, texts: list[str]) -> np.ndarray:
+        return np.stack([np.eye(3)[prompts[t]] for t in texts])
+
+    monkeypatch.setattr(quality, "encode_texts", fake_texts)
+    assert quality._shape_accuracy(None, None, img, objs) == 1.0
+    assert quality._shape_accuracy(None, None, img[:, [1, 2, 0]], objs) == 0.0

@@ -18,6 +18,7 @@ from app.demo.run_demo import (
     beats_plain,
     build_library,
     concept_photos,
+    first_hit_shows,
     ranks_of,
     shows_all,
 )
@@ -105,3 +106,24 @@ def test_beats_plain_needs_every_target_in_the_top_k_and_a_lower_rank_sum() -> N
     assert not beats_plain([2, 12], [5, 7], n=2, k=10)  # found, but past the top k
     assert not beats_plain([5, 7], [2, 3], n=2, k=10)
     assert not beats_plain([2, 8], [3, 7], n=2, k=10)  # a tie is not better
+
+
+def test_the_gate_wants_the_concepts_first_in_the_queried_scene(
+    library: list[LibraryImage],
+) -> None:
+    by_name = {i.filename: i for i in library}
+
+    def rows(*names: str) -> list[tuple[str, str, float]]:
+        return [(str(n), name, 1.0 - n / 10) for n, name in enumerate(names)]
+
+    fido = ("Fido",)
+    assert first_hit_shows(rows("fido-beach-0.png", "hat-beach-0.png"), by_name, fido, "beach")
+    assert first_hit_shows(rows("fido-rex-beach-0.png"), by_name, fido, "beach")
+    assert not first_hit_shows(
+        rows("lookalike-shape-beach-0.png", "fido-beach-0.png"), by_name, fido, "beach"
+    )
+    assert not first_hit_shows(rows("fido-snow-0.png"), by_name, fido, "beach")
+    assert not first_hit_shows(rows(), by_name, fido, "beach")
+    both = ("Fido", "Rex")
+    assert first_hit_shows(rows("fido-rex-beach-1.png"), by_name, both, "beach")
+    assert not first_hit_shows(rows("fido-beach-0.png"), by_name, both, "beach")

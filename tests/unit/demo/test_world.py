@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +17,15 @@ from app.demo.world import (
     IMAGE_SIZE,
     PATTERNS,
     SCENES,
+    SHAPES,
+    VARIANT_NAMES,
     Instance,
     World,
     caption_vocabulary,
+    render_examples,
 )
 
-HIDDEN = ("variant", "aspect", "period", "orientation", "phase")
+HIDDEN = ("aspect", "period", "orientation", "phase")  # the shape variant is named (world v2)
 
 
 def _words(caption: str) -> list[str]:
@@ -96,7 +101,6 @@ def test_captions_never_depend_on_hidden_attributes() -> None:
         inst = world.sample_instance(rng)
         twin = replace(
             inst,
-            variant=(inst.variant + 1) % 3,
             aspect=round(inst.aspect * 0.9, 2),
             period=round(inst.period + 0.05, 2),
             orientation=(inst.orientation + 45) % 180,
@@ -169,41 +173,131 @@ def test_two_objects_are_side_by_side() -> None:
     assert caption.index(a.category) < caption.index(" and a")
 
 
-def test_full_captions_fit_the_demo_context() -> None:
+def _demo_context() -> int:
+    config = Path(__file__).resolve().parents[3] / "app/ml/model_configs/polar-demo.json"
+    return int(json.loads(config.read_text())["text_cfg"]["context_length"])
+
+
+def test_captions_fit_the_demo_context() -> None:
     import open_clip
 
     tokenizer = open_clip.SimpleTokenizer(context_length=77)
+    world, context = World(0), _demo_context()
+    longest = max(
+        len(tokenizer.encode(c)) + 2 for i in range(400) for c in world.example(i).captions
+    )
+    assert longest <= context
+    # the longest caption the grammar allows: two objects, every attribute named, a checkered
+    # pattern (two tokens), the longest template and scene phrase
+    rng = np.random.default_rng(0)
+    objs = [
+        replace(world.sample_instance(rng, "hat", "checkered"), variant=1),
+        replace(world.sample_instance(rng, "ball", "checkered"), variant=2),
+    ]
+    placed = world.layout(objs, rng)
+    worst = "an image of {} on a kitchen counter".format(
+        " and ".join(
+            f"a large {o.color} and {o.color2} checkered {o.variant_name} {o.category} "
+            "in the center"
+            for o in objs
+        )
+    )
+    assert placed and len(tokenizer.encode(worst)) + 2 <= context
+
+
+def test_every_shape_variant_has_its_own_one_word_name() -> None:
+    """The names are part of the trained model: changing one means pretraining again."""
+    assert VARIANT_NAMES == {
+        "ball": ("round", "tennis", "rugby"),
+        "box": ("square", "gift", "cube"),
+        "cup": ("tea", "coffee", "trophy"),
+        "star": ("five", "six", "four"),
+        "bottle": ("milk", "potion", "wine"),
+        "hat": ("top", "baseball", "witch"),
+    }
+    names = [n for cat in CATEGORIES for n in VARIANT_NAMES[cat]]
+    assert all(len(VARIANT_NAMES[c]) == len(SHAPES[c]) for c in CATEGORIES)
+    assert len(set(names)) == len(names)  # no word names two variants
+    other_words = set(COLORS) | set(PATTERNS) | set(CATEGORIES) | set(SCENES)
+    assert not set(names) & other_words
+    assert all(re.fullmatch(r"[a-z]+", n) for n in names)
+    inst = World(0).instance(0, "hat")
+    assert inst.variant_name == VARIANT_NAMES["hat"][inst.variant]
+
+
+def test_captions_name_the_shape_variant_full_always_random_sometimes() -> None:
+    world = World(3)
+    named = {"full": 0, "random": 0}
+    total = 0
+    for i in range(300):
+        ex = world.example(i)
+        for p in ex.objects:
+            inst = p.instance
+            phrase = f"{inst.variant_name} {inst.category}"
+            assert phrase in ex.captions[0], ex.captions[0]
+            named["full"] += 1
+            total += 1
+            named["random"] += sum(phrase in c for c in ex.captions[1:3])
+            others = set(VARIANT_NAMES[inst.category]) - {inst.variant_name}
+            if len(ex.objects) == 1:  # another variant's name never describes it
+                assert not others & {w for c in ex.captions for w in _words(c)}
+    share = named["random"] / (2 * total)
+    assert 0.3 < share < 0.7, share  # VARIANT_COIN = 0.5 of the random captions
+
+
+def test_a_shape_twin_differs_in_the_caption_by_the_variant_word_only() -> None:
+    world, rng = World(0), np.random.default_rng(4)
+    for _ in range(30):
+        inst = world.sample_instance(rng)
+        twin = replace(inst, variant=(inst.variant + 1) % 3)
+        place = world.place(inst, rng)
+        seed = int(rng.integers(1 << 30))
+        for detail in ("full", "random"):
+            a = world.caption("beach", [place], np.random.default_rng(seed), detail)
+            b = world.caption(
+                "beach", [replace(place, instance=twin)], np.random.default_rng(seed), detail
+            )
+            diff = [(x, y) for x, y in zip(_words(a), _words(b), strict=True) if x != y]
+            assert diff in ([], [(inst.variant_name, twin.variant_name)]), (a, b)
+            if detail == "full":
+                assert len(diff) == 1
+
+
+def test_naming_the_variant_draws_no_extra_random_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rng shared with rendering (the benchmark's pool) renders the same images whether or not
+    a caption names the variant, so world v2's images are world v1's."""
+    import app.demo.world as world_module
+
+    world, rng = World(0), np.random.default_rng(8)
+    for _ in range(30):
+        place = world.place(world.sample_instance(rng), rng)
+        states, captions = [], []
+        for coin in (0.0, 1.0):  # never / always named in "random" captions
+            monkeypatch.setattr(world_module, "VARIANT_COIN", coin)
+            r = np.random.default_rng(1)
+            captions.append(world.caption("snow", [place], r, "random"))
+            states.append(r.random())
+        assert states[0] == states[1]
+        assert captions[1].replace(f"{place.instance.variant_name} ", "", 1) == captions[0]
+
+
+def test_shape_twin_changes_only_the_first_objects_shape() -> None:
     world = World(0)
-    longest = max(len(tokenizer.encode(world.example(i).captions[0])) + 2 for i in range(400))
-    assert longest <= 32
-
-
-def test_hidden_attributes_have_no_caption_words() -> None:
-    vocab = caption_vocabulary()
-    assert not vocab & {"variant", "aspect", "period", "orientation", "phase", "vertical"}
-    assert set(HIDDEN) <= {f.name for f in fields(Instance)}
-
-
-def _training_instances(world: World, n_examples: int) -> list[Instance]:
-    """The objects of the first training examples, drawn exactly as `World.example` draws them."""
-    out = []
-    for i in range(n_examples):
-        rng = world.rng("train", i)
-        rng.integers(len(SCENES))
-        n = 2 if rng.random() < 0.3 else 1
-        out += [world.sample_instance(rng) for _ in range(n)]
-    return out
-
-
-def test_replayed_training_objects_match_rendered_examples() -> None:
-    world = World(0)
-    objects = [p.instance for i in range(30) for p in world.example(i).objects]
-    assert _training_instances(world, 30) == objects
-
-
-def test_reserved_instances_never_occur_in_training_data() -> None:
-    world = World(0)
-    seen = {inst.key for inst in _training_instances(world, 20_000)}
-    reserved = [world.instance(i).key for i in range(300)]
-    assert len(set(reserved)) == 300
-    assert not seen & set(reserved)
+    for i in range(12):
+        ex, twin = world.example(i), world.shape_twin(i)
+        assert ex.scene == twin.scene and len(ex.objects) == len(twin.objects)
+        a, b = ex.objects[0].instance, twin.objects[0].instance
+        assert a.variant != b.variant and replace(b, variant=a.variant) == a
+        assert [p.instance for p in ex.objects[1:]] == [p.instance for p in twin.objects[1:]]
+        pa, pb = ex.objects[0], twin.objects[0]
+        assert (pa.position, pa.size) == (pb.position, pb.size)  # x, y may move to fit the width
+        assert not np.array_equal(ex.image, twin.image)
+        pairs = zip(_words(ex.captions[0]), _words(twin.captions[0]), strict=True)
+        full = [(x, y) for x, y in pairs if x != y]
+        assert full == [(a.variant_name, b.variant_name)]
+    images, captions = render_examples(0, "train", 3, 5, shape_twins=True)
+    assert len(images) == len(captions) == 4
+    assert np.array_equal(images[1], world.shape_twin(3).image)
+    assert captions[2] == world.example(4).captions
