@@ -108,7 +108,9 @@ export async function request(method, path, options = {}) {
     const error = await errorFrom(response);
     if (response.status === 401 && !quiet) {
       // The key stopped working: the handler signs out and says why; callers see an abort.
-      unauthorizedHandler(error);
+      // Requests of the same session that were in flight get 401s too: only the first one
+      // signs out (it aborted the session), so its reason is the one the user reads.
+      if (!signal.aborted) unauthorizedHandler(error);
       throw new DOMException(error.message, "AbortError");
     }
     throw error;
@@ -153,7 +155,7 @@ export function upload(path, form, onProgress = () => {}) {
       }
       const error = await errorFrom(response);
       if (response.status === 401) {
-        unauthorizedHandler(error);
+        if (!signal.aborted) unauthorizedHandler(error); // the first 401 of a session only
         reject(new DOMException(error.message, "AbortError"));
         return;
       }
