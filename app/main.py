@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__, bootstrap, web
 from app.api.deps import AUTH
 from app.api.errors import BodySizeLimit, install_error_handlers
+from app.api.interactive import InteractiveRequests
 from app.api.openapi import install_openapi
 from app.api.routes import (
     concepts,
@@ -98,6 +99,8 @@ def create_app(
     app.state.model_loader = container.model
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    # Searches are foreground work from their first byte: this process's jobs pause for them.
+    app.add_middleware(InteractiveRequests, foreground=container.foreground)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     # Outermost but one: probes never wait behind the body limit, auth or a thread.
     app.add_middleware(health.HealthProbe)

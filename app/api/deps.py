@@ -18,7 +18,6 @@ from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
 from app.models import User
 from app.services import users as users_service
-from app.services.foreground import Foreground
 from app.services.index import IndexCache
 from app.services.jobs import JobQueue
 from app.services.model import ModelLoader, ServingModel
@@ -121,7 +120,6 @@ class SearchContext:
         self.index_cache: IndexCache = request.app.state.index_cache
         self.adapter_cache: AdapterCache = request.app.state.adapter_cache
         self.model_loader: ModelLoader = request.app.state.model_loader
-        self.foreground: Foreground = request.app.state.container.foreground
 
     def serving(self) -> ServingModel:
         """The serving model (loaded on first use; ModelUnavailable → 503).

@@ -20,19 +20,18 @@ def embed_text(
     their adapters stacked and fused with their photos. Compare it (dot product) with image
     embeddings of the same model (`model`)."""
     serving = ctx.serving()
-    with ctx.foreground.active():
-        out = service.embed_text(
-            user.id,
-            body.q,
-            personalize=body.personalize,
-            concept_ids=body.concept_ids,
-            db_session=db_session,
-            serving=serving,
-            adapter_cache=ctx.adapter_cache,
-            limits=ctx.settings.limits,
-            search_settings=ctx.settings.search,
-            threads=ctx.settings.threads.search,
-        )
+    out = service.embed_text(
+        user.id,
+        body.q,
+        personalize=body.personalize,
+        concept_ids=body.concept_ids,
+        db_session=db_session,
+        serving=serving,
+        adapter_cache=ctx.adapter_cache,
+        limits=ctx.settings.limits,
+        search_settings=ctx.settings.search,
+        threads=ctx.settings.threads.search,
+    )
     vector = [float(v) for v in out.vector]
     return EmbedTextResponse(
         query=out.query,

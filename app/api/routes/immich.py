@@ -53,30 +53,28 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
         if not isinstance(image, UploadFile):
             raise ValidationFailed("a visual CLIP request needs an 'image' file", code="no_input")
         data = await image.read(ctx.settings.limits.max_upload_bytes + 1)
-        with ctx.foreground.active():
-            result = await run_in_threadpool(
-                service.encode_visual,
-                data,
-                serving=serving,
-                limits=ctx.settings.limits,
-                threads=ctx.settings.threads.search,
-            )
+        result = await run_in_threadpool(
+            service.encode_visual,
+            data,
+            serving=serving,
+            limits=ctx.settings.limits,
+            threads=ctx.settings.threads.search,
+        )
     else:
         query = _text_field(text, "text")
         if query is None:
             raise ValidationFailed("a textual CLIP request needs a 'text' field", code="no_input")
-        with ctx.foreground.active():
-            result = await run_in_threadpool(
-                service.encode_textual,
-                query,
-                settings=settings,
-                db_session=db_session,
-                serving=serving,
-                adapter_cache=ctx.adapter_cache,
-                limits=ctx.settings.limits,
-                search_settings=ctx.settings.search,
-                threads=ctx.settings.threads.search,
-            )
+        result = await run_in_threadpool(
+            service.encode_textual,
+            query,
+            settings=settings,
+            db_session=db_session,
+            serving=serving,
+            adapter_cache=ctx.adapter_cache,
+            limits=ctx.settings.limits,
+            search_settings=ctx.settings.search,
+            threads=ctx.settings.threads.search,
+        )
     return JSONResponse(result)
 
 

@@ -57,24 +57,22 @@ def _run(
             mime=tuple(body.filters.mime),
         )
     serving = ctx.serving()
-    # Jobs of this process (embedded mode) pause while it runs (app/services/foreground.py).
-    with ctx.foreground.active():
-        outcome = service.search_images(
-            user.id,
-            body.q,
-            k=body.k,
-            offset=body.offset,
-            personalize=body.personalize,
-            concept_ids=body.concept_ids,
-            filters=filters,
-            db_session=db_session,
-            serving=serving,
-            index_cache=ctx.index_cache,
-            adapter_cache=ctx.adapter_cache,
-            limits=ctx.settings.limits,
-            search_settings=ctx.settings.search,
-            threads=ctx.settings.threads.search,
-        )
+    outcome = service.search_images(
+        user.id,
+        body.q,
+        k=body.k,
+        offset=body.offset,
+        personalize=body.personalize,
+        concept_ids=body.concept_ids,
+        filters=filters,
+        db_session=db_session,
+        serving=serving,
+        index_cache=ctx.index_cache,
+        adapter_cache=ctx.adapter_cache,
+        limits=ctx.settings.limits,
+        search_settings=ctx.settings.search,
+        threads=ctx.settings.threads.search,
+    )
     pending = service.unembedded_count(db_session, user.id, serving.model_id)
     return _respond(outcome, body.k, body.offset, pending)
 

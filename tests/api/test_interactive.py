@@ -1,0 +1,92 @@
+"""Interactive requests count as foreground work for their whole duration, others do not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.interactive import InteractiveRequests
+from app.services.foreground import Foreground
+from tests.api.test_search import library  # noqa: F401
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+
+def _call(middleware: InteractiveRequests, path: str) -> list[int]:
+    """Run one request; the foreground counts seen while each message is sent."""
+    seen: list[int] = []
+    fg = middleware.foreground
+    scope: Scope = {"type": "http", "path": path, "method": "GET"}
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:  # noqa: ARG001
+        seen.append(fg.active_count)
+
+    asyncio.run(middleware(scope, receive, send))
+    return seen
+
+
+def _app(fg: Foreground, inside: list[int]) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:  # noqa: ARG001
+        inside.append(fg.active_count)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/search", "/search/", "/embed/text", "/predict"])
+def test_interactive_paths_are_foreground_until_the_response_is_sent(path: str) -> None:
+    fg, inside = Foreground(), []
+    seen = _call(InteractiveRequests(_app(fg, inside), fg), path)
+    assert inside == [1]
+    assert seen == [1, 1]  # the response is written while the jobs still wait
+    assert fg.active_count == 0
+
+
+@pytest.mark.parametrize("path", ["/images", "/concepts", "/jobs/x", "/searchx", "/healthz"])
+def test_other_requests_do_not_pause_jobs(path: str) -> None:
+    fg, inside = Foreground(), []
+    seen = _call(InteractiveRequests(_app(fg, inside), fg), path)
+    assert inside == [0]
+    assert seen == [0, 0]
+
+
+def test_a_failing_request_still_ends_its_mark() -> None:
+    fg = Foreground()
+    inside: list[int] = []
+
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:  # noqa: ARG001
+        inside.append(fg.active_count)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        _call(InteractiveRequests(broken, fg), "/search")
+    assert inside == [1]
+    assert fg.active_count == 0
+
+
+def test_the_app_pauses_its_jobs_for_a_whole_search(api_client, library, monkeypatch):  # noqa: F811
+    """In the real app the middleware is installed: the search service runs marked (the routes
+    no longer mark themselves), and nothing stays marked afterwards."""
+    from app.services import search as search_service
+
+    user, _ = library
+    fg = api_client.app.state.container.foreground
+    seen: dict[str, int] = {}
+    real_search = search_service.search_images
+
+    def spy_search(*args, **kwargs):
+        seen["search"] = fg.active_count
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(search_service, "search_images", spy_search)
+    r = api_client.get("/search", params={"q": "a dog"}, headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert seen == {"search": 1}
+    assert fg.active_count == 0
+    r = api_client.get("/images", headers=user.headers)
+    assert r.status_code == 200 and fg.active_count == 0
