@@ -52,6 +52,13 @@ class ThreadSettings(BaseModel):
         description="threads of one search (query encoding, FAISS); searches run side by side, "
         "one per request thread",
     )
+    concurrent_searches: int = Field(
+        0,
+        ge=0,
+        description="searches (and query embeddings) one API process runs at once, once their "
+        "request has arrived; more wait their turn in arrival order, holding no thread. Few at "
+        "once keep the slowest searches near the typical one (bench/load.py); 0 = one per core",
+    )
     job_yield_ms: float = Field(
         50.0,
         ge=0,

@@ -32,6 +32,7 @@ from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
 from app.metrics import Metrics
+from app.ml.threads import cpu_count
 from app.runner import JobRunner
 from app.services.index import IndexCache
 from app.services.jobs import JobHandler
@@ -99,8 +100,12 @@ def create_app(
     app.state.model_loader = container.model
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    # Searches are foreground work from their first byte: this process's jobs pause for them.
-    app.add_middleware(InteractiveRequests, foreground=container.foreground)
+    # Searches: this process's jobs pause for them, and they take turns (app/api/interactive.py).
+    app.add_middleware(
+        InteractiveRequests,
+        foreground=container.foreground,
+        concurrency=settings.threads.concurrent_searches or cpu_count(),
+    )
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     # Outermost but one: probes never wait behind the body limit, auth or a thread.
     app.add_middleware(health.HealthProbe)

@@ -146,6 +146,7 @@ def bench_api(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             "POLAR_THREADS__SEARCH": "0",
             "POLAR_THREADS__JOB_YIELD_MS": "0",  # jobs did not step aside for searches
             "POLAR_JOBS__NICE": "0",  # nor run at a lower priority
+            "POLAR_THREADS__CONCURRENT_SEARCHES": "40",  # searches did not take turns
         },
         "now": {},
     }

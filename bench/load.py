@@ -4,9 +4,10 @@ one-concept and two-concept (crop re-ranked) searches on the demo model's librar
 
 Reports throughput and p50/p95/p99 latency per client count as ratios to the single-client
 figures of the same server in the same run, and counts errors (any non-200 or transport
-error). Two servers run on the same database one after the other: `before` (the threads and
+error). Servers run on the same database one after the other: `before` (the threads and
 pool a server had before issue 16: torch's default threads per search, SQLAlchemy's default
-pool) and `now` (the defaults). Targets on two cores: at 8+ clients throughput at least 1.7x one
+pool, every request thread searching at once), `now` (the defaults: one thread per search,
+searches take turns, one per core) and `now-2w` (the defaults, two API processes). Targets on two cores: at 8+ clients throughput at least 1.7x one
 client's, p99 at most 3x p50; no errors. Writes bench/results/load.json; never run by the tests.
 
     .venv/bin/python bench/load.py            # about 4 minutes on 2 shared CPUs
@@ -55,6 +56,7 @@ BEFORE = {
     "POLAR_THREADS__TRAINING": "0",
     "POLAR_THREADS__JOB_YIELD_MS": "0",
     "POLAR_REQUEST_THREADS": "40",
+    "POLAR_THREADS__CONCURRENT_SEARCHES": "40",  # every request thread searched at once
 }
 REDIS_URL = os.environ.get("POLAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 # Several API processes need a broker (the embedded runner is one process); no job runs during

@@ -1,16 +1,25 @@
-"""Mark whole interactive requests as foreground work, from the first byte to the last.
+"""Interactive requests: foreground work from first byte to last, run a few at a time in order.
 
 A search is more than its model call: authentication, the database reads for the user's
-concepts and images, and writing the response all need the GIL and a core. While a background
-job of this process (embedded mode) holds them, each of those steps waits behind it. Marking only
-the model call left searches during a training job at 1.76x their idle p50 (bench/contention.py);
-this middleware marks the request as soon as it reaches the app, so the job pauses at its next
-step (app/services/foreground.py) and stays paused until the response has been sent.
+concepts and images, and writing the response all need the GIL and a core.
+
+- **Jobs step aside.** While a background job of this process (embedded mode) holds the GIL,
+  each of those steps waits behind it. Marking only the model call left searches during a
+  training job at 1.76x their idle p50 (bench/contention.py); the whole request is marked now,
+  so the job pauses at its next step (app/services/foreground.py) until the response is sent.
+- **A few at a time, first come first served.** Sixteen searches side by side in one process
+  share two cores and one GIL: each takes sixteen times as long, and the costly ones (two
+  concepts, re-ranked) take the longest, so at 8 clients p99 was 3x p50. Run in arrival order,
+  at most `POLAR_THREADS__CONCURRENT_SEARCHES` at once (default one per core), a search's wait
+  is the sum of the few ahead of it, which varies much less (bench/load.py). Waiting searches
+  hold no request thread, and a request takes its turn only once its body has arrived, so a
+  client that sends slowly holds back nobody, jobs included.
 """
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.services.foreground import Foreground
 
@@ -19,18 +28,65 @@ INTERACTIVE_PATHS = frozenset({"/search", "/embed/text", "/predict"})
 
 
 class InteractiveRequests:
-    """ASGI middleware: requests to `paths` count as foreground work while they run."""
+    """ASGI middleware: requests to `paths` are foreground work, `concurrency` at a time."""
 
     def __init__(
-        self, app: ASGIApp, foreground: Foreground, paths: frozenset[str] = INTERACTIVE_PATHS
+        self,
+        app: ASGIApp,
+        foreground: Foreground,
+        concurrency: int,
+        paths: frozenset[str] = INTERACTIVE_PATHS,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.app = app
         self.foreground = foreground
+        self.concurrency = concurrency
         self.paths = paths
+        self._turns: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") not in self.paths:
             await self.app(scope, receive, send)
             return
+        try:
+            arrived = await _read_request(receive)
+        except Exception as refused:  # BodySizeLimit cut it off: the app answers, in its shape
+            await self.app(scope, _raising(refused), send)
+            return
+        if self._turns is None:
+            self._turns = anyio.CapacityLimiter(self.concurrency)  # waiters are served in order
         with self.foreground.active():
-            await self.app(scope, receive, send)
+            async with self._turns:
+                await self.app(scope, _replay(arrived, receive), send)
+
+
+async def _read_request(receive: Receive) -> list[Message]:
+    """Every message of the request body (or the client's disconnect), as they came."""
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives `messages` first, then whatever the client sends next."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def _raising(error: Exception) -> Receive:
+    """A `receive` that raises `error`, where the app's error handlers will see it."""
+
+    async def refused() -> Message:
+        raise error
+
+    return refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,7 +42,7 @@ def _app(fg: Foreground, inside: list[int]) -> ASGIApp:
 @pytest.mark.parametrize("path", ["/search", "/search/", "/embed/text", "/predict"])
 def test_interactive_paths_are_foreground_until_the_response_is_sent(path: str) -> None:
     fg, inside = Foreground(), []
-    seen = _call(InteractiveRequests(_app(fg, inside), fg), path)
+    seen = _call(InteractiveRequests(_app(fg, inside), fg, concurrency=2), path)
     assert inside == [1]
     assert seen == [1, 1]  # the response is written while the jobs still wait
     assert fg.active_count == 0
@@ -50,7 +51,7 @@ def test_interactive_paths_are_foreground_until_the_response_is_sent(path: str) 
 @pytest.mark.parametrize("path", ["/images", "/concepts", "/jobs/x", "/searchx", "/healthz"])
 def test_other_requests_do_not_pause_jobs(path: str) -> None:
     fg, inside = Foreground(), []
-    seen = _call(InteractiveRequests(_app(fg, inside), fg), path)
+    seen = _call(InteractiveRequests(_app(fg, inside), fg, concurrency=2), path)
     assert inside == [0]
     assert seen == [0, 0]
 
@@ -64,9 +65,101 @@ def test_a_failing_request_still_ends_its_mark() -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        _call(InteractiveRequests(broken, fg), "/search")
+        _call(InteractiveRequests(broken, fg, concurrency=2), "/search")
     assert inside == [1]
     assert fg.active_count == 0
+
+
+def test_searches_take_turns_in_arrival_order_a_few_at_a_time() -> None:
+    fg = Foreground()
+    running, started, most = [0], [], [0]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the body was read ahead and is replayed
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        started.append(scope["n"])
+        await anyio.sleep(0.02)
+        running[0] -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = InteractiveRequests(app, fg, concurrency=2)
+
+    async def one(n: int) -> None:
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Message) -> None:  # noqa: ARG001
+            return None
+
+        await middleware(
+            {"type": "http", "path": "/search", "method": "POST", "n": n}, receive, send
+        )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(one, n)
+                await anyio.sleep(0.001)  # arrivals in a known order
+
+    anyio.run(main)
+    assert most[0] == 2
+    assert started == list(range(8))
+    assert fg.active_count == 0
+
+
+def test_a_slow_body_holds_no_turn_and_pauses_no_job() -> None:
+    """While a request's body is still arriving it is neither running nor foreground work."""
+    fg = Foreground()
+    seen_while_sending: list[int] = []
+    ran: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:  # noqa: ARG001
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        ran.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    middleware = InteractiveRequests(app, fg, concurrency=1)
+    chunks = [b'{"q":', b' "a dog"}']
+
+    async def main() -> None:
+        async def receive() -> Message:
+            seen_while_sending.append(fg.active_count)
+            await anyio.sleep(0.01)
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        async def send(message: Message) -> None:  # noqa: ARG001
+            return None
+
+        await middleware({"type": "http", "path": "/search", "method": "POST"}, receive, send)
+
+    anyio.run(main)
+    assert seen_while_sending == [0, 0]
+    assert ran == [b'{"q": "a dog"}']
+
+
+def test_an_oversized_streamed_search_body_is_refused_with_413(api_client, library):  # noqa: F811
+    user, _ = library
+    limit = api_client.app.state.settings.limits.max_json_bytes
+
+    def body():
+        yield b'{"q": "'
+        for _ in range(limit // 1024 + 2):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = api_client.post(
+        "/search", content=body(), headers={**user.headers, "content-type": "application/json"}
+    )
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "payload_too_large"
 
 
 def test_the_app_pauses_its_jobs_for_a_whole_search(api_client, library, monkeypatch):  # noqa: F811
