@@ -21,12 +21,17 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.multiworker import Supervisor, reuse_port_supported
 
     settings = get_settings()
     host, port = args.host or settings.host, args.port or settings.port
     # log_config=None keeps the format main() configured (app/logs.py) for uvicorn too.
+    if settings.workers > 1 and reuse_port_supported():
+        # One socket per process, so connections spread over them (app/multiworker.py); each
+        # process builds its own app (model, caches, pool) from the environment.
+        return Supervisor(host, port, settings.workers, settings.log_level).run()
     if settings.workers > 1:
-        # Each worker process builds its own app (model, caches, pool) from the environment.
+        # Elsewhere: uvicorn's processes, sharing one socket.
         uvicorn.run(
             "app.main:create_worker_app",
             factory=True,
