@@ -49,8 +49,8 @@ class ThreadSettings(BaseModel):
     search: int = Field(
         1,
         ge=0,
-        description="threads of one search (query encoding, FAISS); searches run side by side, "
-        "one per request thread",
+        description="threads of one search (query encoding, FAISS); several searches run side "
+        "by side (POLAR_THREADS__CONCURRENT_SEARCHES)",
     )
     concurrent_searches: int = Field(
         0,
