@@ -75,15 +75,19 @@ class TrainingSettings(BaseModel):
         description="λ regulariser on mean(B²); empty = 0 with the keep term, else the model's "
         "calibrated default",
     )
-    keep_weight: float = Field(
-        3.0,
+    keep_weight: float | None = Field(
+        None,
         ge=0,
         description="weight of the keep term (texts without the concept keep their embedding); "
-        "0 = the paper's objective",
+        "0 = the paper's objective; empty = the model's recipe (polar.json beside its "
+        "checkpoint: 3.0 for the demo model; the paper's 0 for any other model)",
     )
     steps: int = Field(500, ge=1, le=20_000, description="full-batch Adam steps")
-    lr: float = Field(
-        3e-3, gt=0, description="Adam learning rate (the paper's 1e-3 suits keep_weight=0)"
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Adam learning rate; empty = the model's recipe (3e-3 for the demo model "
+        "with its keep term; the paper's 1e-3 for any other model)",
     )
     seed: int = Field(0, description="fixed seed for the rank-1 init")
     token_mode: Literal["shared", "distinct"] = Field(
@@ -134,6 +138,13 @@ class SearchSettings(BaseModel):
     )
     region_weight: float = Field(
         8.0, ge=0, description="weight of the concepts' best crop matches in the re-ranking score"
+    )
+    concept_region_weight: float = Field(
+        1.0,
+        ge=0,
+        description="queries naming one concept: weight of its best crop match in the "
+        "re-ranking score, which finds photos where it fills only part of the frame "
+        "(0 = not re-ranked)",
     )
     region_candidates: int = Field(
         200, ge=1, le=10_000, description="top hits of the one-vector search that get re-ranked"

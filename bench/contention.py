@@ -3,7 +3,8 @@ cores, with the threads it had before (torch's default: all cores, for everythin
 threads it gets now (POLAR_THREADS__*: one each for training, search and image embedding).
 
   model    in this process, ViT-B-32 with random weights (cost does not depend on the values):
-           training one concept the way the service does (keep term, 5 photos), encoding one
+           training one concept with the demo model's recipe (the keep term, the costlier
+           objective; other models train with the paper's), 5 photos, encoding one
            query, embedding a batch of 8 images; medians, idle then with `--busy` spinning
            processes (default: one per core), the two policies interleaved;
   api      a real `polar serve` (embedded jobs, SQLite, demo model): one client's search
@@ -86,7 +87,7 @@ def workloads(bundle: ClipBundle, steps: int) -> dict[str, tuple[Callable[[], ob
     ]
 
     def train() -> object:
-        # As app/services/training.py: the keep term, λ 0, lr 3e-3.
+        # As app/services/training.py runs the demo model's recipe: the keep term, λ 0, lr 3e-3.
         return train_selective(
             bundle, photos, "sks", "dog", lam=0.0, steps=steps, lr=3e-3, keep=3.0, others=0
         )

@@ -7,8 +7,9 @@ figures of the same server in the same run, and counts errors (any non-200 or tr
 error). Servers run on the same database one after the other: `before` (the threads and
 pool a server had before issue 16: torch's default threads per search, SQLAlchemy's default
 pool, every request thread searching at once), `now` (the defaults: one thread per search,
-searches take turns, one per core) and `now-2w` (the defaults, two API processes). Targets on two cores: at 8+ clients throughput at least 1.7x one
-client's, p99 at most 3x p50; no errors. Writes bench/results/load.json; never run by the tests.
+searches take turns, one per core) and `now-2w` (the defaults, two API processes). Targets on
+two cores: at 8+ clients throughput at least 1.7x one client's, p99 at most 3x p50; no errors.
+Writes bench/results/load.json; never run by the tests.
 
     .venv/bin/python bench/load.py            # about 4 minutes on 2 shared CPUs
     .venv/bin/python bench/load.py --quick    # smoke run (4 s per client count), no JSON

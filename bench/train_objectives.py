@@ -1,4 +1,4 @@
-"""Training time per concept: the paper's objective (exact fast path) vs the keep-term default.
+"""Training time per concept: the paper's objective (fast path) vs the keep term (demo recipe).
 
     python bench/train_objectives.py [--threads 1] [--repeats 3]
 

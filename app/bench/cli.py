@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from app.bench import multi_sweep, regions, report
+from app.bench import concept_regions, multi_sweep, regions, report
 from app.bench.datasets import PerVLDataset, load_conconchi, load_deepfashion2
 from app.bench.multi import MULTI_VARIANTS
 from app.bench.runner import (
@@ -321,7 +321,41 @@ def multi_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"pervl": main, "regions": regions_main, "multi": multi_main}
+def concept_regions_main(argv: Sequence[str] | None = None) -> int:
+    """Sweep the one-concept crop re-ranking weight seed by seed (the JSON is rewritten after
+    each seed)."""
+    p = argparse.ArgumentParser(
+        prog="python -m app.bench concept-regions", description=concept_regions.__doc__
+    )
+    p.add_argument("--seeds", default="0,1,2,3", help="val bench seeds")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    path = demo_checkpoint_path()
+    bundle = load_clip(DEMO_MODEL_NAME, str(path), "cpu")
+    doc: dict[str, Any] = {
+        "benchmark": "pervl synthetic, crop re-ranking of one-concept queries (issue 18)",
+        "model": model_summary(bundle, str(path)),
+        "protocol": concept_regions.__doc__,
+        "weights": list(concept_regions.WEIGHTS),
+    }
+    per_seed = []
+    for s in (int(x) for x in args.seeds.split(",") if x.strip()):
+        per_seed.append(concept_regions.sweep_seed(bundle, s, args.split))
+        doc["validation"] = concept_regions.summarize(per_seed) | {"per_bench_seed": per_seed}
+        doc["environment"] = report.environment()
+        report.write_json(args.out, doc)
+        print(json.dumps(doc["validation"]["choice"]), flush=True)
+    return 0
+
+
+COMMANDS = {
+    "pervl": main,
+    "regions": regions_main,
+    "multi": multi_main,
+    "concept-regions": concept_regions_main,
+}
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:

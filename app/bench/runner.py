@@ -21,10 +21,11 @@ from app.bench.metrics import caption_recall, retrieval_metrics
 from app.bench.multi import MULTI_VARIANTS, PolarMulti
 from app.bench.service import ServiceRecipe
 from app.bench.variants import selective_trainer
-from app.config import SearchSettings
+from app.config import SearchSettings, TrainingSettings
 from app.ml.encode import encode_images, encode_texts
-from app.ml.model import ClipBundle
+from app.ml.model import ClipBundle, TrainingRecipe, demo_checkpoint_path, training_recipe
 from app.ml.regions import encode_regions_by, layout_boxes, parse_stored_layout
+from app.services.training import KEEP_OTHER_TOKENS
 
 IMAGE_CHUNK = 256  # images decoded and embedded at a time
 
@@ -44,22 +45,39 @@ class BenchSettings:
 
 MethodFactory = Callable[[ClipBundle, BenchSettings], Method]
 
-# The service's training, chosen on the synthetic *validation* split (demo model): POLAR with
-# the keep term (app.ml.selective) and a distinct token per concept.
-TUNED_TRAINING: dict[str, object] = {
-    "lam": 0.0,  # the keep term regularises instead: retention drop 0.003 on val
-    "lr": 3e-3,  # B needs room to grow within 500 steps once λ no longer pulls it back
-    "steps": 500,
-    "token_mode": "distinct",
-    "trainer": selective_trainer(keep=3.0),
-}
+
+def service_training(recipe: TrainingRecipe, default_lam: float) -> dict[str, object]:
+    """Polar's options for the training the service runs on a model with `recipe` under the
+    default settings (app.services.training._fit): the keep term with λ 0 when the recipe has
+    one, else the paper's objective with the model's λ."""
+    service = TrainingSettings()
+    opts: dict[str, object] = {
+        "lr": recipe.lr,
+        "steps": service.steps,
+        "token_mode": service.token_mode,
+        "lam": default_lam,
+    }
+    if recipe.keep_weight > 0:
+        opts["lam"] = 0.0  # the keep term regularises instead
+        opts["trainer"] = selective_trainer(keep=recipe.keep_weight, others=KEEP_OTHER_TOKENS)
+    return opts
+
+
+# The demo model's recipe (its polar.json), chosen on the synthetic *validation* split: POLAR
+# with the keep term (app.ml.selective), lr 3e-3 (B needs room to grow once λ no longer pulls it
+# back) and a distinct token per concept. The research rows build on it.
+DEMO_RECIPE = training_recipe(str(demo_checkpoint_path()))
+TUNED_TRAINING: dict[str, object] = service_training(DEMO_RECIPE, 0.0)
 # polar_tuned: that training, several concepts by embedding addition, and the query fused with
 # the concept photos' mean once (the service's recipe before per-concept parts).
 TUNED: dict[str, object] = TUNED_TRAINING | {
     "stack": "embeddings",
     "weight": 0.5,  # photo-mean weight in the query
 }
-TUNED_SETTINGS = {k: v for k, v in TUNED.items() if k != "trainer"} | {"keep": 3.0, "others": 2}
+TUNED_SETTINGS = {k: v for k, v in TUNED.items() if k != "trainer"} | {
+    "keep": DEMO_RECIPE.keep_weight,
+    "others": KEEP_OTHER_TOKENS,
+}
 
 
 def _polar(name: str, cls: type[Polar] = Polar, keep: bool = False, **kw: object) -> MethodFactory:
@@ -97,8 +115,15 @@ def _multi(name: str, opts: dict[str, object]) -> MethodFactory:
 
 
 def _service(name: str, search: SearchSettings) -> MethodFactory:
-    """The service's training and its query recipe (app.services.recipe) under `search`."""
-    return lambda b, s: ServiceRecipe(b, name, seed=s.seed, search=search, **TUNED_TRAINING)  # type: ignore[arg-type]
+    """The service's training for the model (its recipe) and its query recipe
+    (app.services.recipe) under `search`."""
+    return lambda b, s: ServiceRecipe(
+        b,
+        name,
+        seed=s.seed,
+        search=search,
+        **service_training(b.recipe, b.default_lam),  # type: ignore[arg-type]
+    )
 
 
 METHODS |= {name: _multi(name, opts) for name, opts in MULTI_VARIANTS.items()}

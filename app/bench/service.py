@@ -116,7 +116,11 @@ class ServiceRecipe(Polar):
                 )
             idx = top_candidates(scores[i], self.search.region_candidates)
             order, new = recipe.rerank(
-                scores[i, idx], p, pool[idx], self.regions[idx], self.search.region_weight
+                scores[i, idx],
+                p,
+                pool[idx],
+                self.regions[idx],
+                recipe.region_weight(recipe.QueryEncoding(vectors[i : i + 1], p), self.search),
             )
             scores[i] = place_on_top(scores[i], idx[order], new)
         return scores

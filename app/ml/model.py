@@ -24,6 +24,24 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "polar-demo"
 DEFAULT_LAM = 0.1  # the paper's λ for DeepFashion2; small models want their own (polar.json)
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How concepts are trained on a model where the settings leave it open.
+
+    A model's own recipe sits in `polar.json` beside its checkpoint (key "recipe"), chosen on
+    validation data for that model, as the demo model's is. Any other model gets the paper's
+    objective (no keep term, Adam lr 1e-3, λ = its default_lam): the only recipe with
+    published numbers on real CLIP weights.
+    """
+
+    keep_weight: float  # weight of the keep term (app.ml.selective); 0 = the paper's objective
+    lr: float  # Adam learning rate
+    source: str  # where it came from: "polar.json" or "paper"
+
+
+PAPER_RECIPE = TrainingRecipe(keep_weight=0.0, lr=1e-3, source="paper")
 _HERE = Path(__file__).parent
 MODEL_CONFIG_DIR = _HERE / "model_configs"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
@@ -91,6 +109,7 @@ class ClipBundle:
     text_width: int  # d of the text transformer
     context_length: int  # 77 for OpenAI CLIP, 32 for the demo model
     default_lam: float  # λ calibrated for this model (demo model ships its own)
+    recipe: TrainingRecipe = PAPER_RECIPE  # training defaults for this model (polar.json)
 
 
 def text_state_sha256(model: nn.Module) -> str:
@@ -127,18 +146,43 @@ def _looks_like_path(pretrained: str) -> bool:
     return "/" in pretrained or "\\" in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
 
 
-def _default_lam(pretrained: str) -> float:
-    """λ from polar.json next to a local checkpoint, else the paper's default."""
+def _polar_json(pretrained: str) -> dict[str, Any]:
+    """polar.json next to a local checkpoint, {} where there is none."""
     if not _looks_like_path(pretrained):
-        return DEFAULT_LAM
+        return {}
     cfg = Path(pretrained).parent / "polar.json"
     if not cfg.is_file():
-        return DEFAULT_LAM
+        return {}
     try:
-        return float(json.loads(cfg.read_text())["default_lam"])
-    except (ValueError, KeyError, TypeError) as e:
+        doc = json.loads(cfg.read_text())
+    except ValueError as e:
         log.warning("ignoring unreadable %s: %s", cfg, e)
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _default_lam(pretrained: str) -> float:
+    """λ from polar.json next to a local checkpoint, else the paper's default."""
+    try:
+        return float(_polar_json(pretrained).get("default_lam", DEFAULT_LAM))
+    except (ValueError, TypeError) as e:
+        log.warning("ignoring default_lam of %s's polar.json: %s", pretrained, e)
         return DEFAULT_LAM
+
+
+def training_recipe(pretrained: str) -> TrainingRecipe:
+    """The training recipe from polar.json next to a local checkpoint, else the paper's."""
+    raw = _polar_json(pretrained).get("recipe")
+    if raw is None:
+        return PAPER_RECIPE
+    try:
+        keep, lr = float(raw["keep_weight"]), float(raw["lr"])
+        if keep < 0 or lr <= 0:
+            raise ValueError(f"keep_weight {keep} must be >= 0 and lr {lr} > 0")
+        return TrainingRecipe(keep_weight=keep, lr=lr, source="polar.json")
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the recipe in %s's polar.json: %s", pretrained, e)
+        return PAPER_RECIPE
 
 
 def _offline_hint(name: str) -> str:
@@ -262,7 +306,12 @@ def load_clip(
     model, preprocess = _create(name, pretrained, dev, cache_dir)
     label = Path(pretrained).name if _looks_like_path(pretrained) else pretrained
     bundle = bundle_from_model(
-        model, preprocess, name=name, pretrained=label, default_lam=_default_lam(pretrained)
+        model,
+        preprocess,
+        name=name,
+        pretrained=label,
+        default_lam=_default_lam(pretrained),
+        recipe=training_recipe(pretrained),
     )
     log.info("loaded %s on %s", bundle.fingerprint.model_id, dev)
     return bundle
@@ -285,6 +334,7 @@ def bundle_from_model(
     name: str,
     pretrained: str,
     default_lam: float = DEFAULT_LAM,
+    recipe: TrainingRecipe = PAPER_RECIPE,
 ) -> ClipBundle:
     """Wrap an already built open_clip model (tests and benchmarks use random weights)."""
     model.eval().requires_grad_(False)
@@ -299,6 +349,7 @@ def bundle_from_model(
         text_width=tower.width,
         context_length=tower.context_length,
         default_lam=default_lam,
+        recipe=recipe,
     )
 
 

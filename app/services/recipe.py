@@ -10,8 +10,9 @@ validation split (bench/results/pervl_synthetic*.json):
 2. several concepts (`stack="embeddings"`): one *part* per concept — the query under that
    concept's update alone, fused with that concept's photos — summed, plus the plain query for
    the context; `stack="parameters"` is the paper's exact sum of the updates instead;
-3. several concepts: the best candidates of the one-vector search are re-ranked by where each
-   part best matches a crop of the image (`app.ml.regions`).
+3. the best candidates of the one-vector search are re-ranked by where each part best matches a
+   crop of the image (`app.ml.regions`): each concept's part for several concepts, the query
+   vector itself for one (weight `concept_region_weight`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class QueryEncoding:
     """A query's one search vector and, for several concepts, its per-concept parts."""
 
     vector: np.ndarray  # (1, D) unit
-    parts: np.ndarray | None = None  # (K, D) unit: concept k's text under its update + photos
+    # (K, D) unit: concept k's text under its update + photos; for one concept (K = 1) the
+    # vector itself; None when the query is not re-ranked by crops
+    parts: np.ndarray | None = None
 
 
 def splits_by_concept(adapters: Sequence[ConceptAdapter], settings: SearchSettings) -> bool:
@@ -86,7 +89,12 @@ def encode_batch(
     if means and settings.photo_weight > 0:
         photos = unit(unit(np.stack(means)).mean(axis=0))  # (D,)
         q = unit(q + settings.photo_weight * photos[None])
-    return q.astype(np.float32), None
+    q = q.astype(np.float32)
+    if len(adapters) == 1 and settings.concept_region_weight > 0:
+        # One concept: the query itself is its one part, matched against crops too, so a photo
+        # where the concept fills only part of the frame is found (step 3).
+        return q, q[:, None, :].copy()
+    return q, None
 
 
 def encode_query(
@@ -101,9 +109,16 @@ def encode_query(
     return QueryEncoding(vectors, None if parts is None else parts[0])
 
 
+def region_weight(encoding: QueryEncoding, settings: SearchSettings) -> float:
+    """The weight of crop matches in the query's re-ranking score; 0 = not re-ranked."""
+    if encoding.parts is None or settings.regions == "none":
+        return 0.0
+    return settings.region_weight if len(encoding.parts) >= 2 else settings.concept_region_weight
+
+
 def reranks_by_regions(encoding: QueryEncoding, settings: SearchSettings) -> bool:
     """Whether the query's best candidates are re-ranked by crop matches."""
-    return encoding.parts is not None and settings.regions != "none" and settings.region_weight > 0
+    return region_weight(encoding, settings) > 0
 
 
 def candidates_to_fetch(want: int, rerank: bool, settings: SearchSettings) -> int:

@@ -173,8 +173,8 @@ def encode_query_parts(
     photo_means: Sequence[np.ndarray | None],
     settings: SearchSettings,
 ) -> QueryEncoding:
-    """The query embedding and, when it names several concepts, the part of each
-    (`app.services.recipe.encode_query` on the serving model)."""
+    """The query embedding and, when it names concepts and is re-ranked by crops, the part of
+    each (`app.services.recipe.encode_query` on the serving model)."""
     return recipe.encode_query(serving.bundle, text, adapters, photo_means, settings)
 
 
@@ -464,11 +464,11 @@ def _rank(
     ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
     if not regions:
         return ranked
-    # Several concepts: the best candidates are re-ranked by where each concept best matches a
+    # Concepts named: the best candidates are re-ranked by where each concept best matches a
     # crop of the image.
     assert encoding.parts is not None
     ranked, missing = rerank_by_regions(
-        db_session, user_id, ranked, encoding.parts, cfg.region_weight
+        db_session, user_id, ranked, encoding.parts, recipe.region_weight(encoding, cfg)
     )
     if missing:
         warnings.append(

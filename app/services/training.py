@@ -42,6 +42,9 @@ from app.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
+# Keep texts with foreign placeholder tokens: none (see _fit). The benchmark's service rows
+# train with the same (app.bench.runner.TUNED_TRAINING).
+KEEP_OTHER_TOKENS = 0
 # Shares of a training job's progress: embedding the photos, then Adam, then retention.
 _EMBED_SHARE, _TRAIN_SHARE = 0.1, 0.8
 
@@ -167,7 +170,10 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
     """Train and measure retention; an unsaved Adapter row carrying the metrics in `meta`."""
     cfg = ctx.settings.training
     bundle = serving.bundle
-    lam = cfg.lam if cfg.lam is not None else (0.0 if cfg.keep_weight > 0 else bundle.default_lam)
+    # Left open by the settings: the model's recipe (polar.json; the paper's for other models).
+    keep = cfg.keep_weight if cfg.keep_weight is not None else bundle.recipe.keep_weight
+    lr = cfg.lr if cfg.lr is not None else bundle.recipe.lr
+    lam = cfg.lam if cfg.lam is not None else (0.0 if keep > 0 else bundle.default_lam)
 
     def progress(step: int, steps: int, _loss: float) -> None:
         ctx.progress(_EMBED_SHARE + _TRAIN_SHARE * step / steps)
@@ -175,11 +181,11 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
     started = time.perf_counter()
     trainer: Callable[..., ConceptAdapter] = train_adapter  # the paper's objective, fast path
     extra: dict[str, Any] = {}
-    if cfg.keep_weight > 0:
+    if keep > 0:
         # Keep texts: the bare category (+ "sks" for distinct tokens). Foreign placeholder
         # tokens as well changed nothing on the validation split (ctx mRR 0.789 without, 0.781
         # with two) and cost 30% more training time.
-        trainer, extra = train_selective, {"keep": cfg.keep_weight, "others": 0}
+        trainer, extra = train_selective, {"keep": keep, "others": KEEP_OTHER_TOKENS}
     adapter = trainer(
         bundle,
         torch.from_numpy(photos),
@@ -187,7 +193,7 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         plan.category,
         lam=lam,
         steps=cfg.steps,
-        lr=cfg.lr,
+        lr=lr,
         seed=cfg.seed,
         progress=progress,
         **extra,
@@ -202,8 +208,9 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         "retention_seconds": round(time.perf_counter() - started - train_seconds, 4),
         "steps": adapter.steps,
         "lam": lam,
-        "keep_weight": cfg.keep_weight,
-        "lr": cfg.lr,
+        "keep_weight": keep,
+        "lr": lr,
+        "recipe": bundle.recipe.source,
         "n_photos": int(photos.shape[0]),
         "model_id": serving.model_id,
         **kept.as_metrics(),

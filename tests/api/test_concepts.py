@@ -195,7 +195,8 @@ def test_create_trains_to_ready_with_metrics_and_retention(client, user):
     assert (got["state"], got["version"], got["job_id"]) == ("ready", 1, job["id"])
     m = got["metrics"]
     assert m["n_photos"] == 5 and m["steps"] == 30
-    assert m["keep_weight"] == 3.0 and m["lam"] == 0.0  # the keep term regularises instead of λ
+    # The tiny model has no recipe of its own (polar.json): the paper's objective, its λ.
+    assert (m["recipe"], m["keep_weight"], m["lr"], m["lam"]) == ("paper", 0.0, 1e-3, 0.1)
     assert m["model_id"].startswith("tiny-concepts/random-0@")
     assert m["final_loss"] > 0 and m["train_seconds"] > 0
     # The tiny model ships no retention set: the text-only proxy is used, and says so.

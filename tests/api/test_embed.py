@@ -22,7 +22,8 @@ def test_embedding_is_the_vector_search_ranks_with(api_client, library, tiny_ser
     assert body["concepts"][0]["id"] == cid and body["concepts"][0]["applied"] is True
     q = np.asarray(body["embedding"], np.float32)
     assert np.linalg.norm(q) == pytest.approx(1.0, abs=1e-5)
-    # Search's scores are exactly the cosines with this vector.
+    # Search's scores are exactly the cosines with this vector (before any crop re-ranking).
+    api_client.app.state.settings.search.concept_region_weight = 0.0
     hits = api_client.get(
         "/search", params={"q": "Fido at the beach", "k": 6}, headers=user.headers
     ).json()

@@ -167,19 +167,20 @@ def test_two_concept_queries_are_reranked_by_crops(api_client, library, tiny_ser
     assert [h["image"]["id"] for h in page["hits"]] == [h["image"]["id"] for h in body["hits"][2:4]]
 
 
-def test_single_concept_queries_keep_the_one_vector_ranking(api_client, library, tiny_serving):  # noqa: F811
+def test_one_concept_queries_are_reranked_by_crops(api_client, library, tiny_serving):  # noqa: F811
     user, _ = library
     _add_concept(api_client, user.id, tiny_serving, "Fido", "hat")
-    body = api_client.get(
-        "/search", params={"q": "Fido on the beach", "k": 6}, headers=user.headers
-    ).json()
+    params = {"q": "Fido on the beach", "k": 6}
+    body = api_client.get("/search", params=params, headers=user.headers).json()
+    assert body["reranked"] is True
+    search_settings = api_client.app.state.settings.search
+    search_settings.concept_region_weight = 0.0  # POLAR_SEARCH__CONCEPT_REGION_WEIGHT=0
+    body = api_client.get("/search", params=params, headers=user.headers).json()
     rows = _rows(api_client)
     with api_client.app.state.session_factory() as s:
         adapter = api_client.app.state.adapter_cache.get(s.scalars(select(Adapter)).one())
     serving = api_client.app.state.model_loader.get()
-    q = encode_query_parts(
-        serving, body["rewritten"], [adapter], [None], api_client.app.state.settings.search
-    )
+    q = encode_query_parts(serving, body["rewritten"], [adapter], [None], search_settings)
     assert q.parts is None and body["reranked"] is False
     for h in body["hits"]:
         whole = np.frombuffer(rows[h["image"]["id"]].embedding, np.float32)

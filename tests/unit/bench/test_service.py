@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ from app.bench.service import ServiceRecipe
 from app.bench.synthetic import SyntheticConfig, build_synthetic
 from app.config import SearchSettings
 from app.ml import regions as ml_regions
-from app.ml.model import ClipBundle
+from app.ml.model import ClipBundle, TrainingRecipe
 from app.ml.regions import rerank_scores
+from app.ml.train import train_adapter
 
 STEPS = 20
 SMALL = SyntheticConfig(concepts=2, context_scenes=1, pair_scenes=1, background=3)
@@ -70,15 +72,30 @@ def test_without_regions_it_is_the_research_recipe_it_was_chosen_as(
     )
 
 
-def test_single_concept_queries_are_not_reranked(
+def test_single_concept_queries_are_reranked_by_their_own_vector(
     small: tuple[PerVLDataset, ServiceRecipe],
 ) -> None:
     ds, base = small
     emb = embed_dataset(base.bundle, ds)
-    m = with_regions(base, region_candidates=10_000)
-    m.regions = pool_regions(m.bundle, ds, emb, "five")
+    regions = pool_regions(base.bundle, ds, emb, "five")
     single = ds.queries_of("context") + ds.queries_of("concept")
-    np.testing.assert_allclose(m.score(single, emb.pool), base.score(single, emb.pool), atol=1e-6)
+    off = with_regions(base, region_candidates=10_000, concept_region_weight=0.0)
+    off.regions = regions
+    np.testing.assert_allclose(off.score(single, emb.pool), base.score(single, emb.pool), atol=1e-6)
+
+    on = with_regions(base, region_candidates=10_000, concept_region_weight=2.0)
+    on.regions = regions
+    vectors, parts = on.encodings(single)
+    ref = base.score(single, emb.pool)
+    got = on.score(single, emb.pool)
+    for i, p in enumerate(parts):
+        assert p is not None and p.shape == (1, base.bundle.embed_dim)
+        np.testing.assert_allclose(p[0], vectors[i], atol=1e-6)  # the query is its one part
+        want = rerank_scores(ref[i], p, emb.pool, regions, 2.0)
+        assert (
+            np.argsort(-got[i], kind="stable").tolist() == np.argsort(-want, kind="stable").tolist()
+        )
+    assert not np.allclose(got, ref)
 
 
 def test_multi_queries_rerank_the_candidates(small: tuple[PerVLDataset, ServiceRecipe]) -> None:
@@ -141,7 +158,14 @@ def test_the_default_method_is_the_services_defaults(tiny: ClipBundle) -> None:
     m = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.1))
     assert isinstance(m, ServiceRecipe) and m.name == "polar_multi_regions"
     assert m.search == SearchSettings() and m.layout == "five"
-    assert m.token_mode == "distinct" and m.lam == 0.0 and m.lr == 3e-3
+    # The tiny model has no recipe of its own: the paper's objective with its λ, as the
+    # service trains it; the demo model's recipe (its polar.json) brings the keep term.
+    assert m.token_mode == "distinct" and m.lam == tiny.default_lam and m.lr == 1e-3
+    assert m.trainer is train_adapter
+    demo = replace(tiny, recipe=TrainingRecipe(keep_weight=3.0, lr=3e-3, source="polar.json"))
+    d = METHODS["polar_multi_regions"](demo, BenchSettings(lam=0.1))
+    assert isinstance(d, ServiceRecipe) and d.lam == 0.0 and d.lr == 3e-3
+    assert d.trainer is not train_adapter
     ctx = METHODS["polar_multi_ctx"](tiny, BenchSettings(lam=0.1))
     assert isinstance(ctx, ServiceRecipe) and ctx.layout is None
     assert ctx.search == SearchSettings(regions="none")

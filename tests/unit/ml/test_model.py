@@ -14,13 +14,16 @@ from safetensors.torch import save_file
 from app.ml import model as model_mod
 from app.ml.model import (
     DEMO_MODEL_NAME,
+    PAPER_RECIPE,
     ModelFingerprint,
     ModelUnavailableError,
+    TrainingRecipe,
     demo_checkpoint_path,
     get_clip,
     load_clip,
     register_model_configs,
     text_state_sha256,
+    training_recipe,
 )
 
 from .conftest import perturb_
@@ -62,6 +65,7 @@ def test_load_local_safetensors_checkpoint(tiny_checkpoint) -> None:
     assert bundle.fingerprint.name == name
     assert bundle.fingerprint.pretrained == "weights.safetensors"  # file name, not the path
     assert bundle.default_lam == 0.1  # no polar.json next to it
+    assert bundle.recipe == PAPER_RECIPE  # nor a recipe: the paper's objective
     assert bundle.tokenizer(["a photo"]).shape == (1, 32)
     assert bundle.preprocess.__class__.__name__ == "Compose"
 
@@ -74,6 +78,31 @@ def test_default_lam_comes_from_polar_json(tiny_checkpoint, tmp_path: Path) -> N
     bundle = load_clip(name, str(copy), device="cpu")
     assert bundle.default_lam == 0.03
     assert bundle.fingerprint.text_sha256 == load_clip(name, str(path)).fingerprint.text_sha256
+
+
+@pytest.mark.parametrize(
+    ("doc", "want"),
+    [
+        ({"recipe": {"keep_weight": 3.0, "lr": 0.003}}, TrainingRecipe(3.0, 0.003, "polar.json")),
+        ({"default_lam": 0.02}, PAPER_RECIPE),  # λ only: the paper's objective with it
+        ({"recipe": {"keep_weight": -1, "lr": 0.003}}, PAPER_RECIPE),  # refused, with a warning
+        ({"recipe": {"lr": 0.003}}, PAPER_RECIPE),
+        ({"recipe": "fast"}, PAPER_RECIPE),
+    ],
+)
+def test_the_training_recipe_comes_from_polar_json(
+    tiny_checkpoint, tmp_path: Path, doc: dict[str, object], want: TrainingRecipe
+) -> None:
+    name, path, _ = tiny_checkpoint
+    copy = tmp_path / "model.safetensors"
+    copy.write_bytes(path.read_bytes())
+    (tmp_path / "polar.json").write_text(json.dumps(doc))
+    assert load_clip(name, str(copy), device="cpu").recipe == want
+
+
+def test_the_demo_model_brings_its_keep_term_recipe() -> None:
+    recipe = training_recipe(str(demo_checkpoint_path()))
+    assert recipe.source == "polar.json" and recipe.keep_weight > 0 and recipe.lr == 3e-3
 
 
 def test_text_hash_tracks_the_text_tower_only(tiny_checkpoint) -> None:

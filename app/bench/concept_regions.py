@@ -1,0 +1,86 @@
+"""The validation sweep behind crop re-ranking of one-concept queries (issue 18).
+
+A query naming one concept is re-ranked like a several-concept one, with the query vector as
+its only part: the `region_candidates` best images get
+
+    base + weight × max_{r ∈ crops ∪ {whole}} <query, r>
+
+so a photo where the concept fills only part of the frame (next to another object) is found
+(app.services.recipe, `POLAR_SEARCH__CONCEPT_REGION_WEIGHT`). This sweep runs the service's
+recipe (app.bench.service) on the validation split, once per bench seed, for each weight (0 =
+not re-ranked), and the composed image+text baseline beside it. Rule, declared before the
+test run: the weight with the best mean context mRR; ties go to the higher concept-only mAP.
+
+    .venv/bin/python -m app.bench concept-regions --seeds 0,1,2,3 \\
+        --out bench/results/pervl_synthetic_concept_regions.json
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from app.bench.metrics import retrieval_metrics
+from app.bench.multi import share_fit
+from app.bench.runner import METHODS, TUNED_TRAINING, BenchSettings, embed_dataset, pool_regions
+from app.bench.service import ServiceRecipe
+from app.bench.synthetic import SyntheticConfig, build_synthetic
+from app.config import SearchSettings
+from app.ml.model import ClipBundle
+
+WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+KINDS = ("context", "concept")
+METRICS = ("mrr", "r@1", "map")
+
+
+def sweep_seed(bundle: ClipBundle, bench_seed: int, split: str = "val") -> dict[str, Any]:
+    """Metrics of one-concept queries per weight, and of the composed baseline, on one seed."""
+    ds = build_synthetic(split, SyntheticConfig(seed=bench_seed))
+    emb = embed_dataset(bundle, ds)
+    regions = pool_regions(bundle, ds, emb, "five")
+    trained = ServiceRecipe(bundle, "trained", search=SearchSettings(), **TUNED_TRAINING)  # type: ignore[arg-type]
+    for cid, concept in ds.concepts.items():
+        trained.fit(concept, emb.photos[cid])
+    composed = METHODS["composed"](bundle, BenchSettings(lam=bundle.default_lam))
+    for cid, concept in ds.concepts.items():
+        composed.fit(concept, emb.photos[cid])
+    rows: dict[str, Any] = {}
+    for weight in WEIGHTS:
+        m = ServiceRecipe(
+            bundle, f"w{weight:g}", search=SearchSettings(concept_region_weight=weight),
+            **TUNED_TRAINING,  # type: ignore[arg-type]
+        )  # fmt: skip
+        share_fit(trained, m)
+        m.regions = regions
+        rows[f"{weight:g}"] = _metrics(m, ds, emb.pool)
+    rows["composed"] = _metrics(composed, ds, emb.pool)
+    return {"bench_seed": bench_seed, "split": split, "rows": rows}
+
+
+def _metrics(method: Any, ds: Any, pool: np.ndarray) -> dict[str, dict[str, float]]:
+    out = {}
+    for kind in KINDS:
+        queries = ds.queries_of(kind)
+        r = retrieval_metrics(method.score(queries, pool), [q.gt for q in queries])
+        out[kind] = {k: round(r[k], 4) for k in METRICS}
+    return out
+
+
+def summarize(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds per row, and the weight the declared rule picks."""
+    names = list(seeds[0]["rows"])
+    mean = {
+        name: {
+            kind: {
+                k: round(float(np.mean([s["rows"][name][kind][k] for s in seeds])), 4)
+                for k in METRICS
+            }
+            for kind in KINDS
+        }
+        for name in names
+    }
+    weights = [n for n in names if n != "composed"]
+    best = max(weights, key=lambda n: (mean[n]["context"]["mrr"], mean[n]["concept"]["map"]))
+    return {"seeds": len(seeds), "mean": mean, "choice": {"weight": float(best)}}
