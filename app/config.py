@@ -146,6 +146,19 @@ class SearchSettings(BaseModel):
         "re-ranking score, which finds photos where it fills only part of the frame "
         "(0 = not re-ranked)",
     )
+    concept_only_photo_weight: float = Field(
+        2.0,
+        ge=0,
+        description='a query that names one concept and nothing else ("Fido", "photos of '
+        "my Fido\"): weight of the concept's photo mean fused into it",
+    )
+    concept_only_region_weight: float = Field(
+        32.0,
+        ge=0,
+        description="such a concept-only query: weight of the best match between the concept's "
+        "photo mean and a crop in the re-ranking score, so its look is found anywhere in the "
+        "frame (0 = not re-ranked)",
+    )
     region_candidates: int = Field(
         200, ge=1, le=10_000, description="top hits of the one-vector search that get re-ranked"
     )

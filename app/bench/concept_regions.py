@@ -11,6 +11,12 @@ recipe (app.bench.service) on the validation split, once per bench seed, for eac
 not re-ranked), and the composed image+text baseline beside it. Rule, declared before the
 test run: the weight with the best mean context mRR; ties go to the higher concept-only mAP.
 
+A concept-only query ("An image of *", "photos of Fido") asks for the concept's look alone: it
+is fused with the photo mean at `concept_only_photo_weight` and its candidates re-ranked by the
+photo mean's best crop match at `concept_only_region_weight`. Second grid (concept-only queries;
+the other queries do not change with it), rule declared before the test run: the highest mean
+concept-only mAP among the points whose concept-only mRR is at least the composed baseline's.
+
     .venv/bin/python -m app.bench concept-regions --seeds 0,1,2,3 \\
         --out bench/results/pervl_synthetic_concept_regions.json
 """
@@ -31,6 +37,8 @@ from app.config import SearchSettings
 from app.ml.model import ClipBundle
 
 WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+ONLY_PHOTO_WEIGHTS = (0.5, 1.0, 2.0)
+ONLY_REGION_WEIGHTS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 KINDS = ("context", "concept")
 METRICS = ("mrr", "r@1", "map")
 
@@ -47,16 +55,30 @@ def sweep_seed(bundle: ClipBundle, bench_seed: int, split: str = "val") -> dict[
     for cid, concept in ds.concepts.items():
         composed.fit(concept, emb.photos[cid])
     rows: dict[str, Any] = {}
-    for weight in WEIGHTS:
+    before = {"concept_only_photo_weight": 0.5, "concept_only_region_weight": 0.0}
+    for weight in WEIGHTS:  # concept-only queries as any other one-concept query
         m = ServiceRecipe(
-            bundle, f"w{weight:g}", search=SearchSettings(concept_region_weight=weight),
+            bundle, f"w{weight:g}",
+            search=SearchSettings(concept_region_weight=weight, **before),
             **TUNED_TRAINING,  # type: ignore[arg-type]
         )  # fmt: skip
         share_fit(trained, m)
         m.regions = regions
         rows[f"{weight:g}"] = _metrics(m, ds, emb.pool)
     rows["composed"] = _metrics(composed, ds, emb.pool)
-    return {"bench_seed": bench_seed, "split": split, "rows": rows}
+    only: dict[str, Any] = {}
+    concept_queries = ds.queries_of("concept")
+    for pw in ONLY_PHOTO_WEIGHTS:
+        for rw in ONLY_REGION_WEIGHTS:
+            search = SearchSettings(concept_only_photo_weight=pw, concept_only_region_weight=rw)
+            m = ServiceRecipe(bundle, "o", search=search, **TUNED_TRAINING)  # type: ignore[arg-type]
+            share_fit(trained, m)
+            m.regions = regions
+            r = retrieval_metrics(
+                m.score(concept_queries, emb.pool), [q.gt for q in concept_queries]
+            )
+            only[f"p{pw:g}/r{rw:g}"] = {k: round(r[k], 4) for k in METRICS}
+    return {"bench_seed": bench_seed, "split": split, "rows": rows, "concept_only": only}
 
 
 def _metrics(method: Any, ds: Any, pool: np.ndarray) -> dict[str, dict[str, float]]:
@@ -83,4 +105,24 @@ def summarize(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     weights = [n for n in names if n != "composed"]
     best = max(weights, key=lambda n: (mean[n]["context"]["mrr"], mean[n]["concept"]["map"]))
-    return {"seeds": len(seeds), "mean": mean, "choice": {"weight": float(best)}}
+    grid = list(seeds[0]["concept_only"])
+    only = {
+        key: {
+            k: round(float(np.mean([s["concept_only"][key][k] for s in seeds])), 4) for k in METRICS
+        }
+        for key in grid
+    }
+    floor = mean["composed"]["concept"]["mrr"]
+    allowed = [key for key in grid if only[key]["mrr"] >= floor] or grid
+    pick = max(allowed, key=lambda key: (only[key]["map"], only[key]["mrr"]))
+    pw, rw = (float(x[1:]) for x in pick.split("/"))
+    return {
+        "seeds": len(seeds),
+        "mean": mean,
+        "concept_only_mean": only,
+        "choice": {
+            "weight": float(best),
+            "concept_only_photo_weight": pw,
+            "concept_only_region_weight": rw,
+        },
+    }

@@ -73,18 +73,22 @@ class ServiceRecipe(Polar):
         """The concept's photo mean, as the service computes it from the stored photos, (D,)."""
         return recipe.photo_mean(self.photos[concept_id])
 
-    def encodings(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """Each query's vector (Q, D) and, when it names several concepts, its parts (K, D)."""
+    def encodings(
+        self, queries: Sequence[Query]
+    ) -> tuple[np.ndarray, list[np.ndarray | None], list[bool]]:
+        """Each query's vector (Q, D), its parts (K, D) when it is re-ranked by crops, and
+        whether it is concept-only."""
         # Queries that name the same concepts share one adapter stack: encode them together.
         groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
             groups[q.concepts].append(i)
         vectors = np.zeros((len(queries), self.bundle.embed_dim), dtype=np.float32)
         parts: list[np.ndarray | None] = [None] * len(queries)
+        concept_only = [False] * len(queries)
         for ids, rows in groups.items():
             texts = [render(queries[i].text, [self.phrase(c) for c in ids]) for i in rows]
             named = list(dict.fromkeys(ids))
-            vecs, group_parts = recipe.encode_batch(
+            vecs, group_parts, only = recipe.encode_batch(
                 self.bundle,
                 texts,
                 [self.adapters[c] for c in named],
@@ -92,22 +96,22 @@ class ServiceRecipe(Polar):
                 self.search,
             )
             vectors[rows] = vecs
-            if group_parts is not None:
-                for n, i in enumerate(rows):
+            for n, i in enumerate(rows):
+                concept_only[i] = bool(only[n])
+                if group_parts is not None:
                     parts[i] = group_parts[n]
-        return vectors, parts
+        return vectors, parts, concept_only
 
     def encode(self, queries: Sequence[Query]) -> np.ndarray:
         return self.encodings(queries)[0]
 
     def score(self, queries: Sequence[Query], pool: np.ndarray) -> np.ndarray:
         """Scores over the pool, (Q, N): one vector per query, then the service's re-ranking."""
-        vectors, parts = self.encodings(queries)
+        vectors, parts, concept_only = self.encodings(queries)
         scores: np.ndarray = vectors @ pool.T  # (Q, N)
         for i, p in enumerate(parts):
-            if not recipe.reranks_by_regions(
-                recipe.QueryEncoding(vectors[i : i + 1], p), self.search
-            ):
+            encoding = recipe.QueryEncoding(vectors[i : i + 1], p, concept_only[i])
+            if not recipe.reranks_by_regions(encoding, self.search):
                 continue
             assert p is not None
             if self.regions is None or len(self.regions) != len(pool):
@@ -120,7 +124,7 @@ class ServiceRecipe(Polar):
                 p,
                 pool[idx],
                 self.regions[idx],
-                recipe.region_weight(recipe.QueryEncoding(vectors[i : i + 1], p), self.search),
+                recipe.region_weight(encoding, self.search),
             )
             scores[i] = place_on_top(scores[i], idx[order], new)
         return scores

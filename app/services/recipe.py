@@ -6,17 +6,21 @@ so the benchmark's headline row is what the service does
 (tests/unit/bench/test_recipe_parity.py). The steps, each chosen on the synthetic PerVL
 validation split (bench/results/pervl_synthetic*.json):
 
-1. one concept: the query encoded under the concept's update, fused with its photo mean;
+1. one concept: the query encoded under the concept's update, fused with its photo mean (with
+   more weight when the query asks for the concept alone: "photos of Fido");
 2. several concepts (`stack="embeddings"`): one *part* per concept — the query under that
    concept's update alone, fused with that concept's photos — summed, plus the plain query for
    the context; `stack="parameters"` is the paper's exact sum of the updates instead;
 3. the best candidates of the one-vector search are re-ranked by where each part best matches a
    crop of the image (`app.ml.regions`): each concept's part for several concepts, the query
-   vector itself for one (weight `concept_region_weight`).
+   vector itself for one (weight `concept_region_weight`), and for a concept-only query the
+   concept's photo mean (weight `concept_only_region_weight`): its look, found anywhere in the
+   frame.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +31,7 @@ from app.ml.adapter import ConceptAdapter
 from app.ml.encode import encode_texts
 from app.ml.model import ClipBundle
 from app.ml.regions import rerank_scores
+from app.ml.train import placeholder_phrase
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -48,8 +53,32 @@ class QueryEncoding:
 
     vector: np.ndarray  # (1, D) unit
     # (K, D) unit: concept k's text under its update + photos; for one concept (K = 1) the
-    # vector itself; None when the query is not re-ranked by crops
+    # vector itself, or the concept's photo mean for a concept-only query; None when the
+    # query is not re-ranked by crops
     parts: np.ndarray | None = None
+    concept_only: bool = False  # it names one concept and asks for nothing else
+
+
+# Words that ask for no content of their own: "photos of Fido", "show me my Fido".
+_FILLER = (
+    "a an the of my our your his her their this that these those all any some show me find "
+    "photo photos picture pictures pic pics image images shot shots snapshot snapshots"
+)
+FILLER_WORDS = frozenset(_FILLER.split())
+_WORD = re.compile(r"[^\W_]+")
+
+
+def is_concept_only(text: str, adapters: Sequence[ConceptAdapter]) -> bool:
+    """Whether `text` (rewritten: concept names already placeholders) names exactly one concept
+    and nothing to look for besides it, so the concept's look is all that matters."""
+    if len(adapters) != 1:
+        return False
+    rest = f" {text.lower()} "
+    phrase = f" {placeholder_phrase(adapters[0].token, adapters[0].category).lower()} "
+    if phrase not in rest:
+        return False
+    rest = rest.replace(phrase, " ")
+    return all(word in FILLER_WORDS for word in _WORD.findall(rest))
 
 
 def splits_by_concept(adapters: Sequence[ConceptAdapter], settings: SearchSettings) -> bool:
@@ -63,12 +92,14 @@ def encode_batch(
     adapters: Sequence[ConceptAdapter],
     photo_means: Sequence[np.ndarray | None],
     settings: SearchSettings,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Texts that name the same concepts, encoded: vectors (Q, D) and parts (Q, K, D) or None.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Texts that name the same concepts, encoded: vectors (Q, D), parts (Q, K, D) or None,
+    and which texts are concept-only (Q,) bool.
 
     `photo_means[k]` is the photo mean (`photo_mean`) of the concept of `adapters[k]`, None when
     it has no photos for this model (one per adapter when the query is split by concept).
     """
+    only = np.array([is_concept_only(t, adapters) for t in texts], dtype=bool)
     if splits_by_concept(adapters, settings):
         # Each update fires on its own token, so the query is encoded once per concept, each
         # part fused with its own concept's photos, and the plain query added for the context
@@ -83,18 +114,26 @@ def encode_batch(
         q = unit(np.sum(parts, axis=0))
         if settings.multi_context_weight > 0:
             q = unit(q + settings.multi_context_weight * encode_texts(bundle, texts))
-        return q.astype(np.float32), np.stack(parts, axis=1).astype(np.float32)
+        return q.astype(np.float32), np.stack(parts, axis=1).astype(np.float32), only
     q = encode_texts(bundle, texts, adapters)  # (Q, D); several adapters: the exact sum
     means = [m for m in photo_means if m is not None]
-    if means and settings.photo_weight > 0:
-        photos = unit(unit(np.stack(means)).mean(axis=0))  # (D,)
-        q = unit(q + settings.photo_weight * photos[None])
+    photos = unit(unit(np.stack(means)).mean(axis=0)) if means else None  # (D,)
+    if photos is not None:
+        # A concept-only query asks for the concept's look alone: its photos weigh more.
+        weight = np.where(only, settings.concept_only_photo_weight, settings.photo_weight)
+        q = unit(q + weight[:, None] * photos[None])
     q = q.astype(np.float32)
-    if len(adapters) == 1 and settings.concept_region_weight > 0:
+    if len(adapters) == 1 and (
+        settings.concept_region_weight > 0 or settings.concept_only_region_weight > 0
+    ):
         # One concept: the query itself is its one part, matched against crops too, so a photo
-        # where the concept fills only part of the frame is found (step 3).
-        return q, q[:, None, :].copy()
-    return q, None
+        # where the concept fills only part of the frame is found (step 3); a concept-only
+        # query matches the crops with the concept's photos instead, its look and nothing else.
+        single = q[:, None, :].copy()  # (Q, 1, D)
+        if photos is not None:
+            single[only, 0] = photos
+        return q, single, only
+    return q, None, only
 
 
 def encode_query(
@@ -105,15 +144,21 @@ def encode_query(
     settings: SearchSettings,
 ) -> QueryEncoding:
     """One query's vector and, when it names several concepts, the part of each."""
-    vectors, parts = encode_batch(bundle, [text], adapters, photo_means, settings)
-    return QueryEncoding(vectors, None if parts is None else parts[0])
+    vectors, parts, only = encode_batch(bundle, [text], adapters, photo_means, settings)
+    return QueryEncoding(vectors, None if parts is None else parts[0], bool(only[0]))
 
 
 def region_weight(encoding: QueryEncoding, settings: SearchSettings) -> float:
     """The weight of crop matches in the query's re-ranking score; 0 = not re-ranked."""
     if encoding.parts is None or settings.regions == "none":
         return 0.0
-    return settings.region_weight if len(encoding.parts) >= 2 else settings.concept_region_weight
+    if len(encoding.parts) >= 2:
+        return settings.region_weight
+    return (
+        settings.concept_only_region_weight
+        if encoding.concept_only
+        else (settings.concept_region_weight)
+    )
 
 
 def reranks_by_regions(encoding: QueryEncoding, settings: SearchSettings) -> bool:

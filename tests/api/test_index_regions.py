@@ -15,6 +15,7 @@ from app.ml.encode import encode_images
 from app.ml.region_pool import encode_with_regions
 from app.ml.regions import LAYOUTS, encode_regions, rerank_scores, unpack_regions
 from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
+from app.services.recipe import region_weight
 from app.services.search import encode_query_parts
 from tests.api.test_search import (
     _add_concept,
@@ -181,7 +182,7 @@ def test_one_concept_queries_are_reranked_by_crops(api_client, library, tiny_ser
         adapter = api_client.app.state.adapter_cache.get(s.scalars(select(Adapter)).one())
     serving = api_client.app.state.model_loader.get()
     q = encode_query_parts(serving, body["rewritten"], [adapter], [None], search_settings)
-    assert q.parts is None and body["reranked"] is False
+    assert region_weight(q, search_settings) == 0 and body["reranked"] is False
     for h in body["hits"]:
         whole = np.frombuffer(rows[h["image"]["id"]].embedding, np.float32)
         assert h["score"] == pytest.approx(float(whole @ q.vector[0]), abs=1e-5)

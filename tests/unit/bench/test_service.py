@@ -66,32 +66,51 @@ def test_without_regions_it_is_the_research_recipe_it_was_chosen_as(
         fuse="per", multi_weight=1.0, context=1.0,
     )  # fmt: skip
     share_fit(base, research)
-    queries = ds.queries
+    # Concept-only queries fuse more of the photos (concept_only_photo_weight), as no
+    # research variant did: the rest must match exactly, and those only at the same weight.
+    queries = [q for q in ds.queries if q.kind != "concept"]
     np.testing.assert_allclose(
         base.score(queries, emb.pool), research.score(queries, emb.pool), atol=1e-5
     )
+    only = ds.queries_of("concept")
+    same = with_regions(base, regions="none", concept_only_photo_weight=0.5)
+    np.testing.assert_allclose(
+        same.score(only, emb.pool), research.score(only, emb.pool), atol=1e-5
+    )
+    assert not np.allclose(base.score(only, emb.pool), research.score(only, emb.pool))
 
 
-def test_single_concept_queries_are_reranked_by_their_own_vector(
+def test_single_concept_queries_are_reranked_by_their_vector_or_the_concepts_look(
     small: tuple[PerVLDataset, ServiceRecipe],
 ) -> None:
     ds, base = small
     emb = embed_dataset(base.bundle, ds)
     regions = pool_regions(base.bundle, ds, emb, "five")
-    single = ds.queries_of("context") + ds.queries_of("concept")
-    off = with_regions(base, region_candidates=10_000, concept_region_weight=0.0)
+    context, only = ds.queries_of("context"), ds.queries_of("concept")  # "An image of *"
+    off = with_regions(
+        base, region_candidates=10_000, concept_region_weight=0.0, concept_only_region_weight=0.0
+    )
     off.regions = regions
+    single = context + only
     np.testing.assert_allclose(off.score(single, emb.pool), base.score(single, emb.pool), atol=1e-6)
 
-    on = with_regions(base, region_candidates=10_000, concept_region_weight=2.0)
+    on = with_regions(
+        base, region_candidates=10_000, concept_region_weight=2.0, concept_only_region_weight=16.0
+    )
     on.regions = regions
-    vectors, parts = on.encodings(single)
+    vectors, parts, concept_only = on.encodings(single)
+    assert concept_only == [False] * len(context) + [True] * len(only)
     ref = base.score(single, emb.pool)
     got = on.score(single, emb.pool)
-    for i, p in enumerate(parts):
+    for i, (q, p) in enumerate(zip(single, parts, strict=True)):
         assert p is not None and p.shape == (1, base.bundle.embed_dim)
-        np.testing.assert_allclose(p[0], vectors[i], atol=1e-6)  # the query is its one part
-        want = rerank_scores(ref[i], p, emb.pool, regions, 2.0)
+        if concept_only[i]:  # the concept's look: its photo mean
+            np.testing.assert_allclose(p[0], on.photo_mean(q.concepts[0]), atol=1e-6)
+            weight = 16.0
+        else:  # the query is its one part
+            np.testing.assert_allclose(p[0], vectors[i], atol=1e-6)
+            weight = 2.0
+        want = rerank_scores(ref[i], p, emb.pool, regions, weight)
         assert (
             np.argsort(-got[i], kind="stable").tolist() == np.argsort(-want, kind="stable").tolist()
         )
