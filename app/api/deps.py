@@ -8,7 +8,7 @@ user take `user: CurrentUser`; FastAPI caches dependencies per request, so the k
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -120,6 +120,16 @@ class SearchContext:
         self.index_cache: IndexCache = request.app.state.index_cache
         self.adapter_cache: AdapterCache = request.app.state.adapter_cache
         self.model_loader: ModelLoader = request.app.state.model_loader
+
+    def query_options(self) -> dict[str, Any]:
+        """The keyword arguments every query encoding takes from the app: the adapter cache,
+        the limits, the search recipe and the threads of one search."""
+        return {
+            "adapter_cache": self.adapter_cache,
+            "limits": self.settings.limits,
+            "search_settings": self.settings.search,
+            "threads": self.settings.threads.search,
+        }
 
     def serving(self) -> ServingModel:
         """The serving model (loaded on first use; ModelUnavailable → 503).

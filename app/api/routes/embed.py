@@ -27,10 +27,7 @@ def embed_text(
         concept_ids=body.concept_ids,
         db_session=db_session,
         serving=serving,
-        adapter_cache=ctx.adapter_cache,
-        limits=ctx.settings.limits,
-        search_settings=ctx.settings.search,
-        threads=ctx.settings.threads.search,
+        **ctx.query_options(),
     )
     vector = [float(v) for v in out.vector]
     return EmbedTextResponse(

@@ -70,10 +70,7 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
             settings=settings,
             db_session=db_session,
             serving=serving,
-            adapter_cache=ctx.adapter_cache,
-            limits=ctx.settings.limits,
-            search_settings=ctx.settings.search,
-            threads=ctx.settings.threads.search,
+            **ctx.query_options(),
         )
     return JSONResponse(result)
 

@@ -68,10 +68,7 @@ def _run(
         db_session=db_session,
         serving=serving,
         index_cache=ctx.index_cache,
-        adapter_cache=ctx.adapter_cache,
-        limits=ctx.settings.limits,
-        search_settings=ctx.settings.search,
-        threads=ctx.settings.threads.search,
+        **ctx.query_options(),
     )
     pending = service.unembedded_count(db_session, user.id, serving.model_id)
     return _respond(outcome, body.k, body.offset, pending)
