@@ -100,20 +100,29 @@ def _socket_inodes(pid: int) -> set[int]:
     return out
 
 
-def _established_on(port: int) -> set[int]:
-    """Inodes of the accepted (server-side) IPv4 connections on `port`."""
+def _sockets_on(port: int, state: str) -> set[int]:
+    """Inodes of the local IPv4 sockets on `port` in a TCP state ("01" established, "0A"
+    listening)."""
     inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
             inodes.add(int(fields[9]))
     return inodes
+
+
+def _all_listening(parent: int, port: int) -> bool:
+    """Whether two API processes run and each listens on the port with its own socket (a
+    process still loading the app takes no connection yet)."""
+    workers = _api_processes(parent)
+    listening = _sockets_on(port, "0A")
+    return len(workers) == 2 and all(_socket_inodes(pid) & listening for pid in workers)
 
 
 def test_connections_spread_over_the_processes_and_a_dead_one_is_replaced(tmp_path):
     with _supervisor(_env(tmp_path / "data"), tmp_path / "serve.log") as (proc, port):
         base = f"http://127.0.0.1:{port}"
-        _wait(lambda: len(_api_processes(proc.pid)) == 2 and _answers(base), 120, "2 processes")
+        _wait(lambda: _all_listening(proc.pid, port), 300, "2 processes listening")
         _wait(lambda: _answers(base), 60, "the API")
         workers = _api_processes(proc.pid)
         # Sixteen kept-open connections made at once, as a proxy or a benchmark opens them:
@@ -126,7 +135,7 @@ def test_connections_spread_over_the_processes_and_a_dead_one_is_replaced(tmp_pa
             c.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
         for c in conns:
             assert b" 200 " in c.recv(4096).split(b"\r\n", 1)[0] + b" "
-        accepted = _established_on(port)
+        accepted = _sockets_on(port, "01")
         held = {pid: len(_socket_inodes(pid) & accepted) for pid in workers}
         for c in conns:
             c.close()
