@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 log = logging.getLogger("polar.serve")
@@ -99,7 +99,6 @@ class _Slot:
     process: multiprocessing.process.BaseProcess | None = None
     started_at: float = 0.0
     fast_exits: int = 0
-    history: list[int] = field(default_factory=list)  # exit codes, newest last
 
 
 class Supervisor:
@@ -152,7 +151,6 @@ class Supervisor:
                 continue
             exitcode = proc.exitcode if proc.exitcode is not None else 1
             lived = time.monotonic() - slot.started_at
-            slot.history.append(exitcode)
             slot.fast_exits = slot.fast_exits + 1 if lived < FAST_EXIT_S else 0
             if slot.fast_exits >= MAX_FAST_EXITS:
                 log.error(
