@@ -65,8 +65,10 @@ class PretrainConfig:
     data_cache: Path | None = None  # .npz to reuse generated data across runs (same seed/images)
     init: Path | None = None  # checkpoint to start from (warm start); None = random init
     # shape-twin pairs (World.shape_twin): examples images..images+twin_pairs-1 of the train
-    # split, each with its twin; a quarter of every batch is such pairs, with full captions
+    # split, each with its twin; `twin_share` of every batch's rows are such pairs, with
+    # full captions
     twin_pairs: int = 0
+    twin_share: float = 0.25
 
 
 @dataclass
@@ -304,7 +306,7 @@ def train(
     n, batch = len(data.images), min(cfg.batch_size, len(data.images))
     n_reg = n if data.twin_start < 0 else data.twin_start
     n_pairs = (n - n_reg) // 2
-    per_batch = min(batch // 8, n_pairs)  # twin pairs per batch: a quarter of its rows
+    per_batch = min(int(batch * cfg.twin_share) // 2, n_pairs)  # twin pairs per batch
     batch_reg = batch - 2 * per_batch
     order, cursor = torch.randperm(n_reg, generator=gen, device=device), 0
     pairs = torch.randperm(max(n_pairs, 1), generator=gen, device=device)
@@ -408,6 +410,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions
     if cfg.model_config.name != f"{MODEL_NAME}.json":
         raise ValueError(f"the model config must be named {MODEL_NAME}.json")
+    if not 0.0 < cfg.twin_share < 1.0:
+        raise ValueError(f"--twin-share must lie between 0 and 1, not {cfg.twin_share}")
     open_clip.add_model_config(cfg.model_config)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     data = load_data(cfg, tokenizer, device)
@@ -480,6 +484,9 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     p.add_argument(
         "--twin-pairs", type=int, default=d.twin_pairs, help="shape-twin pairs (hard negatives)"
     )
+    p.add_argument(
+        "--twin-share", type=float, default=d.twin_share, help="share of a batch's rows in pairs"
+    )
     a = p.parse_args(argv)
     return PretrainConfig(
         minutes=a.minutes,
@@ -498,6 +505,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
         data_cache=a.data_cache,
         init=a.init,
         twin_pairs=a.twin_pairs,
+        twin_share=a.twin_share,
     )
 
 

@@ -157,13 +157,20 @@ def test_trimmed_text_encoding_equals_the_full_context() -> None:
     assert not torch.allclose(full[0], full[1], atol=1e-3)  # the captions do differ
 
 
-def test_twin_pairs_fill_a_quarter_of_each_batch_with_full_captions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("share", "pairs_per_batch"), [(0.25, 4), (0.5, 8)])
+def test_twin_pairs_fill_their_share_of_each_batch_with_full_captions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float, pairs_per_batch: int
 ) -> None:
     import open_clip
 
     cfg = pretrain.PretrainConfig(
-        images=48, twin_pairs=8, batch_size=32, data_workers=1, out=tmp_path, seed=0
+        images=48,
+        twin_pairs=8,
+        twin_share=share,
+        batch_size=32,
+        data_workers=1,
+        out=tmp_path,
+        seed=0,
     )
     open_clip.add_model_config(cfg.model_config)
     data = pretrain.load_data(
@@ -185,6 +192,7 @@ def test_twin_pairs_fill_a_quarter_of_each_batch_with_full_captions(
     for text in seen:
         assert len(text) == 32
         rows = [tuple(r) for r in text.tolist()]
-        # the last 8 rows are 4 twin pairs captioned in full; the rest random regular rows
-        padded = [r + (0,) * (data.tokens.shape[1] - len(r)) for r in rows[-8:]]
+        # the last rows are the twin pairs captioned in full; the rest random regular rows
+        tail = rows[-2 * pairs_per_batch :]
+        padded = [r + (0,) * (data.tokens.shape[1] - len(r)) for r in tail]
         assert all(r in full for r in padded)
