@@ -153,7 +153,7 @@ class SearchSettings(BaseModel):
         "my Fido\"): weight of the concept's photo mean fused into it",
     )
     concept_only_region_weight: float = Field(
-        32.0,
+        4.0,
         ge=0,
         description="such a concept-only query: weight of the best match between the concept's "
         "photo mean and a crop in the re-ranking score, so its look is found anywhere in the "
