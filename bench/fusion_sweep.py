@@ -8,7 +8,10 @@ only query-time settings change, so context mRR and retention are those of the d
   fusion   POLAR_SEARCH__MULTI_PHOTO_WEIGHT x POLAR_SEARCH__MULTI_CONTEXT_WEIGHT, crops at
            the default region weight (8);
   regions  crops against regions pooled from the one pass (POLAR_SEARCH__REGION_METHOD),
-           each at region weights 8-64, default fusion.
+           each at region weights 8-64, default fusion;
+  mixed    a prototype the service does not offer: both kinds of regions stored, the top 200
+           re-ranked by base + wc x crop match + wp x pooled match (app.ml.regions.rerank_scores
+           once per kind), default fusion.
 
 Prints the mean two-concept mRR over seeds per point, best first, and writes
 bench/results/pervl_synthetic_fusion.json. Never run by the tests.
@@ -39,10 +42,13 @@ from app.bench.service import ServiceRecipe  # noqa: E402
 from app.bench.synthetic import SyntheticConfig, build_synthetic  # noqa: E402
 from app.config import SearchSettings  # noqa: E402
 from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path, load_clip  # noqa: E402
+from app.ml.regions import rerank_scores  # noqa: E402
 
 PHOTO_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 CONTEXT_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 REGION_WEIGHTS = (8.0, 16.0, 32.0, 64.0)
+MIXED_WEIGHTS = ((2.0, 8.0), (4.0, 4.0), (4.0, 8.0), (8.0, 8.0))  # (crops, pooled)
+CANDIDATES = 200
 OUT = ROOT / "bench" / "results" / "pervl_synthetic_fusion.json"
 
 
@@ -81,7 +87,22 @@ def sweep_seed(bundle: Any, seed: int) -> dict[str, dict[str, float]]:
     context = {
         name: mrr(SearchSettings(region_method=name), layouts[name], "context") for name in layouts
     }
-    return {"fusion": fusion, "regions": regions, "context": context}
+    queries = ds.queries_of("multi")
+    vectors, parts, _ = trained.encodings(queries)
+    base = vectors @ emb.pool.T  # (Q, N)
+    mixed = {}
+    for wc, wp in MIXED_WEIGHTS:
+        scores = base.copy()
+        for i, part in enumerate(parts):
+            assert part is not None
+            idx = np.argsort(-base[i], kind="stable")[:CANDIDATES]
+            b, whole = base[i, idx], emb.pool[idx]
+            new = rerank_scores(b, part, whole, layouts["crops"][idx], wc)
+            new += rerank_scores(b, part, whole, layouts["pooled"][idx], wp) - b
+            scores[i, idx] = new - new.min() + scores[i].max() + 1.0  # candidates on top
+        r = retrieval_metrics(scores, [q.gt for q in queries])["mrr"]
+        mixed[f"crops {wc:g} + pooled {wp:g}"] = round(float(r), 4)
+    return {"fusion": fusion, "regions": regions, "mixed": mixed, "context": context}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     default = SearchSettings()
     default_key = f"photo {default.multi_photo_weight:g} / context {default.multi_context_weight:g}"
-    for grid in ("fusion", "regions"):
+    for grid in ("fusion", "regions", "mixed"):
         print(f"\n{grid}: mean two-concept mRR over validation seeds {seeds}")
         for key, value in sorted(mean[grid].items(), key=lambda kv: -kv[1]):
             mark = (
