@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from app.bench.metrics import retrieval_metrics  # noqa: E402
 from app.bench.multi import share_fit  # noqa: E402
 from app.bench.runner import TUNED_TRAINING, embed_dataset, pool_regions  # noqa: E402
-from app.bench.service import ServiceRecipe  # noqa: E402
+from app.bench.service import ServiceRecipe, place_on_top, top_candidates  # noqa: E402
 from app.bench.synthetic import SyntheticConfig, build_synthetic  # noqa: E402
 from app.config import SearchSettings  # noqa: E402
 from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path, load_clip  # noqa: E402
@@ -48,7 +48,6 @@ PHOTO_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 CONTEXT_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 REGION_WEIGHTS = (8.0, 16.0, 32.0, 64.0)
 MIXED_WEIGHTS = ((2.0, 8.0), (4.0, 4.0), (4.0, 8.0), (8.0, 8.0))  # (crops, pooled)
-CANDIDATES = 200
 OUT = ROOT / "bench" / "results" / "pervl_synthetic_fusion.json"
 
 
@@ -95,11 +94,11 @@ def sweep_seed(bundle: Any, seed: int) -> dict[str, dict[str, float]]:
         scores = base.copy()
         for i, part in enumerate(parts):
             assert part is not None
-            idx = np.argsort(-base[i], kind="stable")[:CANDIDATES]
+            idx = top_candidates(base[i], SearchSettings().region_candidates)
             b, whole = base[i, idx], emb.pool[idx]
             new = rerank_scores(b, part, whole, layouts["crops"][idx], wc)
             new += rerank_scores(b, part, whole, layouts["pooled"][idx], wp) - b
-            scores[i, idx] = new - new.min() + scores[i].max() + 1.0  # candidates on top
+            scores[i] = place_on_top(base[i], idx, new)
         r = retrieval_metrics(scores, [q.gt for q in queries])["mrr"]
         mixed[f"crops {wc:g} + pooled {wp:g}"] = round(float(r), 4)
     return {"fusion": fusion, "regions": regions, "mixed": mixed, "context": context}
