@@ -128,16 +128,26 @@ class SearchSettings(BaseModel):
         description="crops embedded per image at index time to re-rank queries that name several "
         "concepts (five = four 60 % corners + centre, 6x the embedding work; none = off)",
     )
-    region_method: Literal["crops", "pooled"] = Field(
-        "crops",
+    region_method: Literal["crops", "pooled", "both"] = Field(
+        "both",
         description="how the regions are embedded: crops = each crop encoded on its own (R more "
         "forward passes per image); pooled = each box pooled from the whole image's one forward "
         "pass (1.04x / 1.18x the cost of no regions on the demo model / ViT-B-32, against 4.7x / "
-        "7.8x for crops, but two-concept test mRR 0.738 instead of 0.804 on the demo model); a "
-        "model pooling cannot serve falls back to crops",
+        "7.8x for crops); both = crops and pooled regions stored side by side, each matched on "
+        "its own (about the cost of crops, twice the region storage; best for queries naming "
+        "several concepts); a model pooling cannot serve falls back to crops",
     )
     region_weight: float = Field(
-        8.0, ge=0, description="weight of the concepts' best crop matches in the re-ranking score"
+        8.0,
+        ge=0,
+        description="queries naming several concepts: weight of the concepts' best crop matches "
+        "in the re-ranking score (region_method crops or both)",
+    )
+    pooled_region_weight: float = Field(
+        16.0,
+        ge=0,
+        description="queries naming several concepts: weight of the concepts' best pooled-region "
+        "matches in the re-ranking score (region_method pooled or both)",
     )
     concept_region_weight: float = Field(
         1.0,

@@ -9,7 +9,7 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer
@@ -445,17 +445,26 @@ def recent_image_embeddings(
     return found[:limit]
 
 
+class ImageVectors(NamedTuple):
+    """An image's stored vectors: its whole embedding and its packed region embeddings with the
+    stored layout key that says what they are (app.ml.regions.stored_layout)."""
+
+    embedding: bytes | None
+    regions: bytes | None
+    region_layout: str | None
+
+
 def image_vectors(
     *, db_session: Session, user_id: str, vec_ids: Sequence[int]
-) -> dict[int, tuple[bytes | None, bytes | None]]:
-    """vec id -> (whole embedding, packed crop embeddings) of the user's images with those ids."""
+) -> dict[int, ImageVectors]:
+    """vec id -> the stored vectors of the user's images with those ids."""
     ids = list(vec_ids)
-    found: dict[int, tuple[bytes | None, bytes | None]] = {}
+    found: dict[int, ImageVectors] = {}
     for start in range(0, len(ids), _IN_CHUNK):
-        query = select(Image.vec_id, Image.embedding, Image.region_embeddings).where(
-            Image.user_id == user_id, Image.vec_id.in_(ids[start : start + _IN_CHUNK])
-        )
-        found.update((v, (e, r)) for v, e, r in db_session.execute(query))
+        query = select(
+            Image.vec_id, Image.embedding, Image.region_embeddings, Image.region_layout
+        ).where(Image.user_id == user_id, Image.vec_id.in_(ids[start : start + _IN_CHUNK]))
+        found.update((v, ImageVectors(e, r, k)) for v, e, r, k in db_session.execute(query))
     return found
 
 

@@ -355,8 +355,9 @@ class SearchResponse(BaseModel):
     pending: int = Field(description="images not yet embedded by the serving model")
     reranked: bool = Field(
         False,
-        description="several concepts: the top hits were re-ranked by where each concept best "
-        "matches a crop of the image; scores are then cosine + weighted crop match, not cosines",
+        description="concepts named: the top hits were re-ranked by where each concept best "
+        "matches a region of the image (its crops, the boxes pooled from its one pass, or both); "
+        "scores are then cosine + weighted region match, not cosines",
     )
     warnings: list[str]
 
@@ -600,9 +601,11 @@ class IndexOut(BaseModel):
     embedded: int = Field(description="embedded by the serving model: searchable")
     pending: int = Field(description="not (yet) searchable: being embedded, or from another model")
     region_layout: str = Field(
-        description="crops embedded per image for queries naming several concepts (none = off)"
+        description="regions embedded per image for queries naming concepts, and how: five = "
+        "five crops, five-pooled = five boxes pooled from the image's one pass, five-both = "
+        "the two (none = off)"
     )
-    with_regions: int = Field(description="searchable images that also have those crops")
+    with_regions: int = Field(description="searchable images that also have those regions")
     rebuild_job: JobOut | None = Field(
         description="a queued or running rebuild (POST /index/rebuild); poll /jobs/{id}"
     )

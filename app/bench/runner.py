@@ -24,7 +24,13 @@ from app.bench.variants import selective_trainer
 from app.config import SearchSettings, TrainingSettings
 from app.ml.encode import encode_images, encode_texts
 from app.ml.model import ClipBundle, TrainingRecipe, demo_checkpoint_path, training_recipe
-from app.ml.regions import encode_regions_by, layout_boxes, parse_stored_layout
+from app.ml.regions import (
+    REGION_KINDS,
+    encode_regions_by,
+    layout_boxes,
+    parse_stored_layout,
+    stored_layout,
+)
 from app.services.training import KEEP_OTHER_TOKENS
 
 IMAGE_CHUNK = 256  # images decoded and embedded at a time
@@ -132,7 +138,9 @@ METHODS |= {name: _multi(name, opts) for name, opts in MULTI_VARIANTS.items()}
 METHODS["polar_multi_ctx"] = _service("polar_multi_ctx", SearchSettings(regions="none"))
 # The service's defaults: the same, then region re-ranking of multi-concept queries.
 METHODS["polar_multi_regions"] = _service("polar_multi_regions", SearchSettings())
-# The same with the regions pooled from the image's one pass (POLAR_SEARCH__REGION_METHOD).
+# The same with one kind of regions only (POLAR_SEARCH__REGION_METHOD): each crop encoded
+# on its own, or pooled from the image's one pass.
+METHODS["polar_multi_crops"] = _service("polar_multi_crops", SearchSettings(region_method="crops"))
 METHODS["polar_multi_pooled"] = _service(
     "polar_multi_pooled", SearchSettings(region_method="pooled")
 )
@@ -146,6 +154,7 @@ DEFAULT_METHODS = (
     "polar_esum",
     "polar_tuned",
     "polar_multi_ctx",
+    "polar_multi_crops",
     "polar_multi_pooled",
     "polar_multi_regions",
 )
@@ -186,9 +195,17 @@ def embed_dataset(bundle: ClipBundle, ds: PerVLDataset) -> Embedded:
 
 def pool_regions(bundle: ClipBundle, ds: PerVLDataset, emb: Embedded, key: str) -> np.ndarray:
     """The pool's region embeddings for a stored layout key ("five": crops, "five-pooled":
-    pooled from the one pass), (N, R, D): computed on first use, then shared."""
+    pooled from the one pass, "five-both": the two side by side), (N, R_total, D): computed on
+    first use, then shared ("five-both" is put together from the other two)."""
     if key not in emb.regions:
         layout, method = parse_stored_layout(key)
+        if method == "both":
+            kinds = [pool_regions(bundle, ds, emb, stored_layout(layout, k)) for k in REGION_KINDS]
+            emb.regions[key] = np.concatenate(kinds, axis=1)
+            emb.region_seconds[key] = sum(
+                emb.region_seconds[stored_layout(layout, k)] for k in REGION_KINDS
+            )
+            return emb.regions[key]
         start = time.perf_counter()
         boxes = len(layout_boxes(layout))
         parts = [np.zeros((0, boxes, bundle.embed_dim), dtype=np.float32)]

@@ -20,7 +20,7 @@ import numpy as np
 from app.bench.datasets import Query, render
 from app.bench.methods import Polar
 from app.config import SearchSettings
-from app.ml.regions import region_method, stored_layout
+from app.ml.regions import region_method, split_regions, stored_layout
 from app.services import recipe
 
 
@@ -62,8 +62,8 @@ class ServiceRecipe(Polar):
 
     @property
     def layout(self) -> str | None:
-        """The stored layout key (app.ml.regions.stored_layout: "five", "five-pooled") of the
-        regions the re-ranking needs; None when it is off."""
+        """The stored layout key (app.ml.regions.stored_layout: "five", "five-pooled",
+        "five-both") of the regions the re-ranking needs; None when it is off."""
         if self.search.regions == "none":
             return None
         method = region_method(self.bundle, self.search.region_method)
@@ -109,22 +109,25 @@ class ServiceRecipe(Polar):
         """Scores over the pool, (Q, N): one vector per query, then the service's re-ranking."""
         vectors, parts, concept_only = self.encodings(queries)
         scores: np.ndarray = vectors @ pool.T  # (Q, N)
+        method = region_method(self.bundle, self.search.region_method)
         for i, p in enumerate(parts):
             encoding = recipe.QueryEncoding(vectors[i : i + 1], p, concept_only[i])
-            if not recipe.reranks_by_regions(encoding, self.search):
+            weights = recipe.region_weights(encoding, self.search, method)
+            if not weights:
                 continue
             assert p is not None
             if self.regions is None or len(self.regions) != len(pool):
                 raise ValueError(
                     f"{self.name}: regions of the scored pool ({self.layout!r}) not set"
                 )
+            by_kind = split_regions(self.regions, self.layout)
             idx = top_candidates(scores[i], self.search.region_candidates)
             order, new = recipe.rerank(
                 scores[i, idx],
                 p,
                 pool[idx],
-                self.regions[idx],
-                recipe.region_weight(encoding, self.search),
+                {kind: rows[idx] for kind, rows in by_kind.items()},
+                weights,
             )
             scores[i] = place_on_top(scores[i], idx[order], new)
         return scores

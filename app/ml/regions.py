@@ -1,7 +1,8 @@
 """Region embeddings: a few crops of each library image, for queries that name several concepts.
 
-Two ways to embed them (`POLAR_SEARCH__REGION_METHOD`): "crops" encodes each crop on its own;
-"pooled" pools each box from the image tower's one forward pass (app.ml.region_pool).
+Three ways to embed them (`POLAR_SEARCH__REGION_METHOD`): "crops" encodes each crop on its own;
+"pooled" pools each box from the image tower's one forward pass (app.ml.region_pool); "both"
+stores the two kinds side by side, and the re-ranking weighs each kind's match on its own.
 
 A whole-image CLIP embedding of a photo with two objects says little about *which* instance of
 each object is there (synthetic PerVL: a concept's photo mean ranks its own two-object scene above
@@ -19,7 +20,7 @@ nothing there, so they keep the one-vector ranking.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -43,56 +44,90 @@ LAYOUTS: dict[str, tuple[Box, ...]] = {
 }
 
 
-REGION_METHODS = ("crops", "pooled")
-POOLED_SUFFIX = "-pooled"
+REGION_METHODS = ("crops", "pooled", "both")
+REGION_KINDS = ("crops", "pooled")  # what one stored region row is
+_SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both"}
+
+
+def _check_method(method: str) -> None:
+    if method not in REGION_METHODS:
+        raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
 
 
 def region_method(bundle: ClipBundle, method: str) -> str:
-    """The method that will run: "pooled" falls back to "crops" for a tower it cannot pool."""
-    if method not in REGION_METHODS:
-        raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
-    return "pooled" if method == "pooled" and supports_pooling(bundle) else "crops"
+    """The method that will run: "pooled" and "both" fall back to "crops" for a tower that
+    cannot be pooled."""
+    _check_method(method)
+    return method if method == "crops" or supports_pooling(bundle) else "crops"
+
+
+def method_kinds(method: str) -> tuple[str, ...]:
+    """The kinds of region rows a method stores, in their stored order: "both" stores the crops
+    first, then the pooled regions."""
+    _check_method(method)
+    return REGION_KINDS if method == "both" else (method,)
 
 
 def stored_layout(layout: str, method: str) -> str:
     """What an image's `region_layout` says of its regions: the layout, plus "-pooled" when
-    they were pooled from the whole image's pass ("five" vs "five-pooled"), so that a change of
-    method makes the stored regions stale and a rebuild re-embeds them."""
+    they were pooled from the whole image's pass or "-both" when crops and pooled regions are
+    stored ("five", "five-pooled", "five-both"), so that a change of method makes the stored
+    regions stale and a rebuild re-embeds them."""
     layout_boxes(layout)
-    if method not in REGION_METHODS:
-        raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
-    return layout + POOLED_SUFFIX if method == "pooled" and layout != "none" else layout
+    _check_method(method)
+    return layout if layout == "none" else layout + _SUFFIX[method]
 
 
 def parse_stored_layout(key: str) -> tuple[str, str]:
     """(layout, method) of a `stored_layout` key."""
-    if key.endswith(POOLED_SUFFIX):
-        layout, method = key[: -len(POOLED_SUFFIX)], "pooled"
-    else:
-        layout, method = key, "crops"
+    layout, method = key, "crops"
+    for name, suffix in _SUFFIX.items():
+        if suffix and key.endswith(suffix):
+            layout, method = key[: -len(suffix)], name
     layout_boxes(layout)
     return layout, method
+
+
+def split_regions(regions: np.ndarray, key: str | None) -> dict[str, np.ndarray]:
+    """Stored region rows by kind ("crops", "pooled"), as the stored layout key says: one
+    image's (R_total, D) or a pool's (N, R_total, D), split on the rows axis (-2). {} for no
+    key, an unknown key or rows that do not fit the key's layout (an image embedded without
+    regions, or by another version)."""
+    if not key or regions.ndim < 2 or not regions.shape[-2]:
+        return {}
+    try:
+        layout, method = parse_stored_layout(key)
+    except ValueError:
+        return {}
+    kinds, boxes = method_kinds(method), len(layout_boxes(layout))
+    if not boxes or regions.shape[-2] != boxes * len(kinds):
+        return {}
+    return {kind: regions[..., n * boxes : (n + 1) * boxes, :] for n, kind in enumerate(kinds)}
 
 
 def embed_with_regions(
     bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-image embeddings (N, D) and region embeddings (N, R, D) by a method that
+    """Whole-image embeddings (N, D) and region embeddings (N, R_total, D) by a method that
     `region_method` resolved: "pooled" makes both in one forward pass per image, "crops" encodes
-    the image and then each crop."""
+    the image and then each crop, "both" adds the crops to the pooled pass (crop rows first)."""
     boxes = layout_boxes(layout)
-    if method == "pooled" and boxes:
-        return encode_with_regions(bundle, images, boxes)
+    if method in ("pooled", "both") and boxes:
+        whole, pooled = encode_with_regions(bundle, images, boxes)
+        if method == "pooled":
+            return whole, pooled
+        return whole, np.concatenate([encode_boxes(bundle, images, boxes), pooled], axis=1)
     return encode_images(bundle, images), encode_boxes(bundle, images, boxes)
 
 
 def encode_regions_by(
     bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
 ) -> np.ndarray:
-    """Region embeddings (N, R, D) by a resolved method (pooled: from one pass per image)."""
+    """Region embeddings (N, R_total, D) by a resolved method (pooled: from one pass per image;
+    both: the crops, then the pooled regions)."""
     boxes = layout_boxes(layout)
-    if method == "pooled" and boxes:
-        return encode_with_regions(bundle, images, boxes)[1]
+    if method in ("pooled", "both") and boxes:
+        return embed_with_regions(bundle, images, layout, method)[1]
     return encode_boxes(bundle, images, boxes)
 
 
@@ -183,3 +218,24 @@ def rerank_scores(
 ) -> np.ndarray:
     """base + weight × region_match: the re-ranking score of the candidates, (N,)."""
     return (base + weight * region_match(parts, whole, regions)).astype(np.float32)
+
+
+def rerank_scores_by_kind(
+    base: np.ndarray,
+    parts: np.ndarray,
+    whole: np.ndarray,
+    regions: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+    weights: Mapping[str, float],
+) -> np.ndarray:
+    """base + Σ_kind weight_kind × region_match(kind's regions), (N,): each kind of region
+    ("crops", "pooled") matched on its own; a kind with no regions given is matched on the
+    whole image only."""
+    scores = np.asarray(base, dtype=np.float32).copy()
+    for kind, weight in weights.items():
+        if weight <= 0:
+            continue
+        rows = regions.get(kind)
+        if rows is None:
+            rows = np.zeros((len(whole), 0, whole.shape[1]), dtype=np.float32)
+        scores += weight * region_match(parts, whole, rows)
+    return scores

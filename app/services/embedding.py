@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 from sqlalchemy import ColumnElement, case, func, or_, select, update
@@ -22,9 +23,13 @@ from app.ml.regions import (
     embed_with_regions,
     encode_regions_by,
     layout_boxes,
+    method_kinds,
     pack_regions,
+    parse_stored_layout,
     region_method,
+    split_regions,
     stored_layout,
+    unpack_regions,
 )
 from app.ml.threads import cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library
@@ -106,8 +111,8 @@ def _pending(
 
 
 def region_key(search: SearchSettings, bundle: ClipBundle) -> str:
-    """The `region_layout` that images embedded now get ("five", "five-pooled", "none"): rows
-    with another are stale (GET /index, rebuild)."""
+    """The `region_layout` that images embedded now get ("five", "five-pooled", "five-both",
+    "none"): rows with another are stale (GET /index, rebuild)."""
     return stored_layout(search.regions, region_method(bundle, search.region_method))
 
 
@@ -123,7 +128,10 @@ def embed_pending(
     R more encodes per image (bench/region_cost.py) and only refine queries naming several
     concepts, so they follow. Progress counts encodes: a crop costs as much as a whole image.
     With POLAR_SEARCH__REGION_METHOD=pooled the regions come from the whole image's own pass
-    and are stored with it; images whose regions are stale cost one encode each.
+    and are stored with it; images whose regions are stale cost one encode each. With "both"
+    (the default) the pooled regions are stored by the first pass, so queries naming several
+    concepts are re-ranked by them at once, and the crops follow; a kind of region an image
+    already has for the layout is kept, not encoded again.
     """
     serving = serving or ctx.serving()
     model_id, bundle = serving.model_id, serving.bundle
@@ -131,8 +139,11 @@ def embed_pending(
     method = region_method(bundle, ctx.settings.search.region_method)
     key = region_key(ctx.settings.search, bundle)  # what region_layout says of the regions
     boxes = len(layout_boxes(layout))
-    pooled = method == "pooled" and boxes > 0
-    cost = 1 if pooled else boxes  # encodes per image for its regions
+    # pooled and both: the first pass pools the regions from the whole image's pass and stores
+    # them at once ("five-pooled"); both then adds the crops in the second pass.
+    pooled = method in ("pooled", "both") and boxes > 0
+    first_key = stored_layout(layout, "pooled") if pooled else None
+    cost = 1 if method == "pooled" else boxes  # encodes per image for its regions
     store = ctx.store
     roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
@@ -141,7 +152,7 @@ def embed_pending(
     whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
     stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != key)
     crops_left = len(_pending(ctx, image_ids, current, stale_regions)) if boxes else 0
-    total = max(1, len(whole) + cost * ((0 if pooled else len(whole)) + crops_left))
+    total = max(1, len(whole) + cost * ((0 if method == "pooled" else len(whole)) + crops_left))
     work = 0
     last_publish, unpublished = time.monotonic(), False
     for start in range(0, len(whole), BATCH):
@@ -153,7 +164,7 @@ def embed_pending(
             with cpu_threads(threads):
                 pictures = [im for _, im in readable]
                 if pooled:  # (B, D) and (B, R, D) from one pass
-                    vectors, regions = embed_with_regions(bundle, pictures, layout, method)
+                    vectors, regions = embed_with_regions(bundle, pictures, layout, "pooled")
                 else:
                     vectors, regions = encode_images(bundle, pictures), None
             with session_scope(ctx.session_factory) as s:
@@ -167,7 +178,7 @@ def embed_pending(
                             embedding=vec.tobytes(),
                             embedding_model=model_id,
                             region_embeddings=None if regions is None else pack_regions(regions[n]),
-                            region_layout=None if regions is None else key,
+                            region_layout=None if regions is None else first_key,
                         )
                     )
                 unpublished = True
@@ -189,7 +200,7 @@ def embed_pending(
         if readable:
             with cpu_threads(threads):
                 pictures = [im for _, im in readable]
-                regions = encode_regions_by(bundle, pictures, layout, method)  # (B, R, D)
+                regions = _regions_of(ctx, bundle, readable, pictures, layout, method)
             with session_scope(ctx.session_factory) as s:
                 for (image_id, _), reg in zip(readable, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
@@ -201,6 +212,56 @@ def embed_pending(
         work += cost * len(batch)
         ctx.progress(work / total)
     return len({i for i, _ in whole} | {i for i, _ in crops})
+
+
+def _layout_of(key: str | None) -> str | None:
+    """The layout of a stored layout key; None for none or a key this version does not know."""
+    if key is None:
+        return None
+    try:
+        return parse_stored_layout(key)[0]
+    except ValueError:
+        return None
+
+
+def _regions_of(
+    ctx: JobContext,
+    bundle: ClipBundle,
+    readable: Sequence[tuple[str, PILImage.Image]],
+    pictures: list[PILImage.Image],
+    layout: str,
+    method: str,
+) -> np.ndarray:
+    """The images' region rows for the layout and a resolved method, (B, R_total, D).
+
+    A kind of region an image already has stored for this layout (its pooled regions from the
+    first pass, its crops from before a switch to "both", either from before a switch back) is
+    reused, so only what is missing is encoded: a switch from crops to both costs one pass per
+    image, not R + 1.
+    """
+    ids = [image_id for image_id, _ in readable]
+    found: dict[str, dict[str, np.ndarray]] = {}
+    with session_scope(ctx.session_factory) as s:
+        rows = s.execute(
+            select(Image.id, Image.region_embeddings, Image.region_layout).where(
+                Image.id.in_(ids), Image.user_id == ctx.user_id, Image.region_layout.is_not(None)
+            )
+        )
+        for image_id, blob, key in rows:
+            if _layout_of(key) == layout:
+                found[image_id] = split_regions(unpack_regions(blob, bundle.embed_dim), key)
+    boxes = layout_boxes(layout)
+    out = np.empty((len(ids), len(method_kinds(method)) * len(boxes), bundle.embed_dim), np.float32)
+    for n_kind, kind in enumerate(method_kinds(method)):
+        rows_of = slice(n_kind * len(boxes), (n_kind + 1) * len(boxes))
+        lacking = [n for n, i in enumerate(ids) if kind not in found.get(i, {})]
+        if lacking:
+            sub = [pictures[n] for n in lacking]
+            out[lacking, rows_of] = encode_regions_by(bundle, sub, layout, kind)
+        for n, image_id in enumerate(ids):
+            if kind in found.get(image_id, {}):
+                out[n, rows_of] = found[image_id][kind]
+    return out
 
 
 def embed_images_job(ctx: JobContext) -> None:

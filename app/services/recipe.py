@@ -21,7 +21,7 @@ validation split (bench/results/pervl_synthetic*.json):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ from app.config import SearchSettings
 from app.ml.adapter import ConceptAdapter
 from app.ml.encode import encode_texts
 from app.ml.model import ClipBundle
-from app.ml.regions import rerank_scores
+from app.ml.regions import method_kinds, rerank_scores_by_kind
 from app.ml.train import placeholder_phrase
 
 
@@ -148,22 +148,36 @@ def encode_query(
     return QueryEncoding(vectors, None if parts is None else parts[0], bool(only[0]))
 
 
-def region_weight(encoding: QueryEncoding, settings: SearchSettings) -> float:
-    """The weight of crop matches in the query's re-ranking score; 0 = not re-ranked."""
+def region_weights(
+    encoding: QueryEncoding, settings: SearchSettings, method: str
+) -> dict[str, float]:
+    """The weight of each kind of region match ("crops", "pooled") in the query's re-ranking
+    score, for the region method that runs (`app.ml.regions.region_method`); {} = not
+    re-ranked.
+
+    Several concepts: every kind the method stores, crops at `region_weight`, pooled regions at
+    `pooled_region_weight`. One concept: the crops (the pooled regions when they are all there
+    is) at `concept_region_weight`, or `concept_only_region_weight` for a concept-only query.
+    """
     if encoding.parts is None or settings.regions == "none":
-        return 0.0
+        return {}
+    kinds = method_kinds(method)
     if len(encoding.parts) >= 2:
-        return settings.region_weight
-    return (
-        settings.concept_only_region_weight
-        if encoding.concept_only
-        else (settings.concept_region_weight)
-    )
+        per_kind = {"crops": settings.region_weight, "pooled": settings.pooled_region_weight}
+        weights = {kind: per_kind[kind] for kind in kinds}
+    else:
+        one = (
+            settings.concept_only_region_weight
+            if encoding.concept_only
+            else settings.concept_region_weight
+        )
+        weights = {kinds[0]: one}
+    return {kind: w for kind, w in weights.items() if w > 0}
 
 
-def reranks_by_regions(encoding: QueryEncoding, settings: SearchSettings) -> bool:
-    """Whether the query's best candidates are re-ranked by crop matches."""
-    return region_weight(encoding, settings) > 0
+def reranks_by_regions(encoding: QueryEncoding, settings: SearchSettings, method: str) -> bool:
+    """Whether the query's best candidates are re-ranked by region matches."""
+    return bool(region_weights(encoding, settings, method))
 
 
 def candidates_to_fetch(want: int, rerank: bool, settings: SearchSettings) -> int:
@@ -175,15 +189,16 @@ def rerank(
     base: np.ndarray,
     parts: np.ndarray,
     whole: np.ndarray,
-    regions: np.ndarray | Sequence[np.ndarray],
-    weight: float,
+    regions: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+    weights: Mapping[str, float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates re-scored with each part's best crop match: (order, scores), best first.
+    """Candidates re-scored with each part's best region match: (order, scores), best first.
 
-    base (N,) one-vector scores; parts (K, D); whole (N, D); regions[n] (R_n, D), R_n may be 0
-    (an image embedded without crops is matched on its whole embedding). Ties keep the
+    base (N,) one-vector scores; parts (K, D); whole (N, D); regions[kind][n] (R_n, D) for each
+    kind of `weights` (`region_weights`), R_n may be 0 and a kind may be absent (an image
+    embedded without those regions is matched on its whole embedding). Ties keep the
     candidates' order.
     """
-    scores = rerank_scores(base, parts, whole, regions, weight)  # (N,)
+    scores = rerank_scores_by_kind(base, parts, whole, regions, weights)  # (N,)
     order = np.argsort(-scores, kind="stable")
     return order, scores[order]

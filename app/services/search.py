@@ -21,7 +21,7 @@ from app.errors import NotFound, QueryTooLong, ValidationFailed
 from app.ml.adapter import ConceptAdapter
 from app.ml.encode import count_tokens
 from app.ml.model import AdapterMismatchError
-from app.ml.regions import unpack_regions
+from app.ml.regions import region_method, split_regions, unpack_regions
 from app.ml.threads import cpu_threads
 from app.ml.train import placeholder_phrase
 from app.models import Adapter, Concept, Image
@@ -183,13 +183,13 @@ def rerank_by_regions(
     user_id: str,
     ranked: list[tuple[int, float]],
     parts: np.ndarray,
-    weight: float,
+    weights: dict[str, float],
 ) -> tuple[list[tuple[int, float]], int]:
-    """Candidates (vec id, score) re-scored with each concept's best crop match, best first,
-    and how many of them had no crops.
+    """Candidates (vec id, score) re-scored with each concept's best region match of each kind
+    that `weights` names, best first, and how many of them lacked one of those kinds.
 
-    Images embedded without regions are matched on their whole embedding; rows deleted since
-    the index was read are dropped.
+    Images embedded without those regions are matched on their whole embedding; rows deleted
+    since the index was read are dropped.
     """
     if not ranked:
         return ranked, 0
@@ -197,15 +197,19 @@ def rerank_by_regions(
     rows = repositories.image_vectors(
         db_session=db_session, user_id=user_id, vec_ids=[i for i, _ in ranked]
     )
-    kept = [(i, s) for i, s in ranked if i in rows and rows[i][0] is not None]
+    kept = [(i, s) for i, s in ranked if i in rows and rows[i].embedding is not None]
     if not kept:
         return [], 0
-    whole = np.stack([np.frombuffer(rows[i][0], np.float32) for i, _ in kept])  # type: ignore[arg-type]
-    regions = [unpack_regions(rows[i][1], dim) for i, _ in kept]
+    whole = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i, _ in kept])  # type: ignore[arg-type]
+    stored = [
+        split_regions(unpack_regions(rows[i].regions, dim), rows[i].region_layout) for i, _ in kept
+    ]
+    empty = np.zeros((0, dim), dtype=np.float32)
+    regions = {kind: [s.get(kind, empty) for s in stored] for kind in weights}
     base = np.array([s for _, s in kept], dtype=np.float32)
-    order, scores = recipe.rerank(base, parts, whole, regions, weight)
+    order, scores = recipe.rerank(base, parts, whole, regions, weights)
     reranked = [(kept[n][0], float(s)) for n, s in zip(order, scores, strict=True)]
-    return reranked, sum(not len(r) for r in regions)
+    return reranked, sum(any(kind not in s for kind in weights) for s in stored)
 
 
 def validate_query(query: str, limits: LimitSettings) -> str:
@@ -357,7 +361,11 @@ def search_images(
             model_id=serving.model_id,
             dim=serving.bundle.embed_dim,
         )
-        ranked = _rank(db_session, user_id, encoding, cached, want, filters, cfg, named.warnings)
+        method = region_method(serving.bundle, cfg.region_method)
+        weights = recipe.region_weights(encoding, cfg, method)
+        ranked = _rank(
+            db_session, user_id, encoding, weights, cached, want, filters, cfg, named.warnings
+        )
     images = repositories.images_by_vec_id(
         db_session=db_session, user_id=user_id, vec_ids=[i for i, _ in ranked]
     )
@@ -373,7 +381,7 @@ def search_images(
         concepts=named.applied,
         indexed=len(cached.index),
         warnings=named.warnings,
-        reranked=recipe.reranks_by_regions(encoding, cfg),
+        reranked=bool(weights),
     )
 
 
@@ -448,34 +456,33 @@ def _rank(
     db_session: Session,
     user_id: str,
     encoding: QueryEncoding,
+    weights: dict[str, float],
     cached: CachedIndex,
     want: int,
     filters: SearchFilters | None,
     cfg: SearchSettings,
     warnings: list[str],
 ) -> list[tuple[int, float]]:
-    """The `want` best (vec id, score) of the user's index for the encoded query."""
-    regions = recipe.reranks_by_regions(encoding, cfg)
+    """The `want` best (vec id, score) of the user's index for the encoded query; `weights`
+    (`recipe.region_weights`) re-rank the best candidates by region matches when not empty."""
     # Filters select ids in SQL (no vectors read); FAISS then ranks only those.
     among = _filtered_vec_ids(db_session, user_id, filters) if filters and filters.active else None
     # Never more than the library: the result arrays are sized by it, not by the request.
-    fetch = min(recipe.candidates_to_fetch(want, regions, cfg), len(cached.index))
+    fetch = min(recipe.candidates_to_fetch(want, bool(weights), cfg), len(cached.index))
     scores, ids = cached.index.search(encoding.vector, fetch, among=among)
     ranked = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    if not regions:
+    if not weights:
         return ranked
     # Concepts named: the best candidates are re-ranked by where each concept best matches a
-    # crop of the image.
+    # region of the image.
     assert encoding.parts is not None
-    ranked, missing = rerank_by_regions(
-        db_session, user_id, ranked, encoding.parts, recipe.region_weight(encoding, cfg)
-    )
+    ranked, missing = rerank_by_regions(db_session, user_id, ranked, encoding.parts, weights)
     if missing:
         warnings.append(
             f"{missing} of the {len(ranked)} re-ranked "
-            "images have no crop embeddings yet (still being embedded, or added before "
-            "crops were on: POST /index/rebuild adds them); they were matched on the whole "
-            "image only"
+            "images have no region embeddings of the configured kind yet (still being "
+            "embedded, or added before the regions were on or changed: POST /index/rebuild "
+            "adds them); they were matched on the whole image only"
         )
     return ranked[:want]
 

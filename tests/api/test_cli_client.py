@@ -439,16 +439,16 @@ def test_index_status_and_rebuild_through_the_cli(polar, api_client, tmp_path):
     r = polar("index")
     assert r.code == 0, r.err
     assert "images: 2 (2 searchable, 0 pending)" in r.out
-    assert "regions (five): 2 of 2" in r.out
+    assert "regions (five-both): 2 of 2" in r.out
     # A layout the stored crops do not have: the rebuild embeds them again.
     with api_client.app.state.session_factory() as s:
         s.query(Image).update({Image.region_layout: None, Image.region_embeddings: None})
         s.commit()
-    assert "regions (five): 0 of 2" in polar("index").out
+    assert "regions (five-both): 0 of 2" in polar("index").out
     r = polar("index", "--rebuild")
     assert r.code == 0, r.err
     assert re.search(r"rebuild job: \S+ \(queued\)", r.out)
     assert "rebuilding: 100% (succeeded)" in r.err
-    assert r.out.rstrip().endswith("regions (five): 2 of 2")
+    assert r.out.rstrip().endswith("regions (five-both): 2 of 2")
     with api_client.app.state.session_factory() as s:
         assert all(s.scalars(select(Image.region_embeddings)).all())

@@ -13,9 +13,9 @@ from sqlalchemy import select, update
 from app.config import SearchSettings
 from app.ml.encode import encode_images
 from app.ml.region_pool import encode_with_regions
-from app.ml.regions import LAYOUTS, encode_regions, rerank_scores, unpack_regions
+from app.ml.regions import LAYOUTS, encode_regions, region_match, split_regions, unpack_regions
 from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
-from app.services.recipe import region_weight
+from app.services.recipe import region_weights
 from app.services.search import encode_query_parts
 from tests.api.test_search import (
     _add_concept,
@@ -37,20 +37,29 @@ def _rows(client: Any) -> dict[str, Image]:
         return {r.id: r for r in rows}
 
 
-def test_embedding_stores_the_crops_of_each_image(api_client, library, tiny_serving):  # noqa: F811
+def test_embedding_stores_the_crops_and_pooled_regions_of_each_image(
+    api_client,
+    library,  # noqa: F811
+    tiny_serving,  # noqa: F811
+):
+    """The default region method, both: the crops, then the regions pooled from one pass."""
     _, ids = library
     rows = _rows(api_client)
     assert sorted(rows) == sorted(ids)
     d = tiny_serving.embed_dim
     for seed, image_id in enumerate(ids):
         row = rows[image_id]
-        assert row.region_layout == "five"
+        assert row.region_layout == "five-both"
         regions = unpack_regions(row.region_embeddings, d)
-        assert regions.shape == (FIVE, d)
-        # The stored crops are the layout's crops of the uploaded picture (float16 storage).
+        assert regions.shape == (2 * FIVE, d)
+        # The stored crops are the layout's crops of the uploaded picture (float16 storage),
+        # the pooled regions those of the picture's one pass.
         picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
         expected = encode_regions(tiny_serving, [picture], "five")[0]
-        np.testing.assert_allclose(regions, expected, atol=2e-3)
+        np.testing.assert_allclose(regions[:FIVE], expected, atol=2e-3)
+        pooled = encode_with_regions(tiny_serving, [picture], LAYOUTS["five"])[1][0]
+        np.testing.assert_allclose(regions[FIVE:], pooled, atol=2e-3)
+        assert np.abs(regions[:FIVE] - regions[FIVE:]).max() > 0.05  # two different kinds
         whole = np.frombuffer(row.embedding, np.float32)
         np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture])[0], atol=1e-5)
 
@@ -76,7 +85,7 @@ def test_rebuild_fills_missing_regions_and_is_idempotent_while_open(api_client, 
         s.execute(update(Image).values(region_embeddings=None, region_layout=None))
         s.commit()
     status = api_client.get("/index", headers=user.headers).json()
-    assert status["model"] and status["region_layout"] == "five"
+    assert status["model"] and status["region_layout"] == "five-both"
     assert (status["images"], status["embedded"], status["with_regions"]) == (6, 6, 0)
     assert status["rebuild_job"] is None
     r = api_client.post("/index/rebuild", headers=user.headers)
@@ -137,11 +146,23 @@ def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> 
     assert enc.parts is not None and enc.parts.shape == (2, bundle.embed_dim)
     ids = list(rows)
     whole = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids])
-    regions = [unpack_regions(rows[i].region_embeddings, bundle.embed_dim) for i in ids]
+    stored = [
+        split_regions(unpack_regions(rows[i].region_embeddings, bundle.embed_dim),
+                      rows[i].region_layout)
+        for i in ids
+    ]  # fmt: skip
     base = whole @ enc.vector[0]
     if cfg.regions == "none":
         return dict(zip(ids, base.tolist(), strict=True))
-    scores = rerank_scores(base, enc.parts, whole, regions, cfg.region_weight)
+    # Each kind the method stores, at its own weight; an image without it matched whole.
+    kinds = {"crops": cfg.region_weight, "pooled": cfg.pooled_region_weight}
+    kinds = {
+        k: w for k, w in kinds.items() if k in cfg.region_method or cfg.region_method == "both"
+    }
+    empty = np.zeros((0, bundle.embed_dim), np.float32)
+    scores = base.copy()
+    for kind, weight in kinds.items():
+        scores += weight * region_match(enc.parts, whole, [r.get(kind, empty) for r in stored])
     return dict(zip(ids, scores.tolist(), strict=True))
 
 
@@ -182,7 +203,7 @@ def test_one_concept_queries_are_reranked_by_crops(api_client, library, tiny_ser
         adapter = api_client.app.state.adapter_cache.get(s.scalars(select(Adapter)).one())
     serving = api_client.app.state.model_loader.get()
     q = encode_query_parts(serving, body["rewritten"], [adapter], [None], search_settings)
-    assert region_weight(q, search_settings) == 0 and body["reranked"] is False
+    assert region_weights(q, search_settings, "both") == {} and body["reranked"] is False
     for h in body["hits"]:
         whole = np.frombuffer(rows[h["image"]["id"]].embedding, np.float32)
         assert h["score"] == pytest.approx(float(whole @ q.vector[0]), abs=1e-5)
@@ -198,37 +219,43 @@ def test_deleted_candidates_drop_out_of_the_reranking(api_client, library, tiny_
     assert sorted(h["image"]["id"] for h in body["hits"]) == sorted(ids[1:])
 
 
-def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_serving):  # noqa: F811
-    """Every image is searchable before the crop pass starts; progress only moves forward."""
+@pytest.mark.parametrize("method", ["crops", "both"])
+def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_serving, method):  # noqa: F811
+    """Every image is searchable before the crop pass starts (with both, re-ranked by its
+    pooled regions too); progress only moves forward."""
     from app.services.embedding import embed_pending
     from app.services.jobs import JobContext
 
-    api_client.app.state.settings.search.regions = "none"  # upload without crops first
+    cfg = api_client.app.state.settings.search
+    cfg.regions, cfg.region_method = "none", method  # upload without regions first
     user = make_user(api_client)
     ids = upload(api_client, user, range(40, 75))  # 35 images: two batches per pass
     wait_jobs(api_client)
-    api_client.app.state.settings.search.regions = "five"
+    cfg.regions = "five"
     with api_client.app.state.session_factory() as s:  # as after a model switch
         s.execute(update(Image).values(embedding_model="old-model"))
         s.commit()
-    seen: list[tuple[float, int, int]] = []
+    final = "five" if method == "crops" else "five-both"
+    seen: list[tuple[float, int, int, int]] = []
 
     def progress(fraction: float) -> None:
         with api_client.app.state.session_factory() as s:
             rows = s.execute(select(Image.embedding_model, Image.region_layout)).all()
         current = sum(m == tiny_serving.fingerprint.model_id for m, _ in rows)
-        seen.append((fraction, current, sum(r == "five" for _, r in rows)))
+        pooled = sum(r == "five-pooled" for _, r in rows)
+        seen.append((fraction, current, pooled, sum(r == final for _, r in rows)))
 
     ctx = JobContext("job", user.id, "rebuild_index", {}, api_client.app.state.container.jobs,
                      progress)  # fmt: skip
     assert embed_pending(ctx, None, ctx.serving()) == 35
-    fractions = [f for f, _, _ in seen]
+    fractions = [f for f, *_ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
-    first_crop = next(n for n, (_, _, crops) in enumerate(seen) if crops)
-    assert seen[first_crop - 1][1] == 35  # all whole embeddings were in before the first crop
+    first_crop = next(n for n, (*_, crops) in enumerate(seen) if crops)
+    # all whole embeddings were in before the first crop, with their pooled regions for both
+    assert seen[first_crop - 1][1:3] == (35, 0 if method == "crops" else 35)
     # Whole pass: 35 of 35 + 5 x 35 encodes => the whole pass is 1/6 of the work.
     assert seen[first_crop - 1][0] == pytest.approx(1 / 6)
-    assert seen[-1][1:] == (35, 35)
+    assert seen[-1][1:] == (35, 0, 35)
     assert sorted(ids) == sorted(_rows(api_client))
 
 
@@ -286,7 +313,10 @@ def test_candidates_without_crops_are_matched_whole_and_named_in_a_warning(
         s.commit()
     body = api_client.get("/search", params=q, headers=user.headers).json()
     assert body["reranked"] is True
-    assert any(w.startswith("2 of the 6 re-ranked images have no crop") for w in body["warnings"])
+    assert any(
+        w.startswith("2 of the 6 re-ranked images have no region embeddings")
+        for w in body["warnings"]
+    )
     expected = _expected(
         api_client, tiny_serving, body["rewritten"], api_client.app.state.settings.search
     )
@@ -315,9 +345,9 @@ def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tin
 
 
 def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, tiny_serving):  # noqa: F811
-    user, ids = library  # embedded with crops
+    user, ids = library  # embedded with both kinds
     cfg = api_client.app.state.settings.search
-    crops = {i: r.region_embeddings for i, r in _rows(api_client).items()}
+    both = {i: r.region_embeddings for i, r in _rows(api_client).items()}
     cfg.region_method = "pooled"
     status = api_client.get("/index", headers=user.headers).json()
     assert status["region_layout"] == "five-pooled"
@@ -327,15 +357,73 @@ def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, 
     assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 6
     rows = _rows(api_client)
     assert {r.region_layout for r in rows.values()} == {"five-pooled"}
-    assert all(rows[i].region_embeddings != crops[i] for i in ids)
+    half = len(both[ids[0]]) // 2  # the pooled rows both stored are kept, not encoded again
+    assert all(rows[i].region_embeddings == both[i][half:] for i in ids)
     # Two-concept queries re-rank with the pooled regions.
     _two_concepts(api_client, user, tiny_serving)
     body = api_client.get(
         "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
     ).json()
-    assert body["reranked"] is True
+    assert body["reranked"] is True and not body["warnings"]
     expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
     assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)
-    cfg.region_method = "crops"  # and back: stale again
+    cfg.region_method = "crops"  # and on: stale again
     status = api_client.get("/index", headers=user.headers).json()
     assert (status["region_layout"], status["with_regions"]) == ("five", 0)
+
+
+def test_a_switch_to_both_keeps_the_stored_crops(api_client, make_user, tiny_serving):  # noqa: F811
+    """crops -> both: a rebuild adds the pooled regions and encodes no crop again."""
+    cfg = api_client.app.state.settings.search
+    cfg.region_method = "crops"
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(3))
+    wait_jobs(api_client)
+    d = tiny_serving.embed_dim
+    # Mark the stored crops: were they encoded again, the mark would be gone.
+    mark = np.zeros((FIVE, d), np.float32)
+    mark[:, 0] = 1.0
+    with api_client.app.state.session_factory() as s:
+        s.execute(update(Image).values(region_embeddings=mark.astype(np.float16).tobytes()))
+        s.commit()
+    cfg.region_method = "both"
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 0
+    assert api_client.post("/index/rebuild", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    for seed, image_id in enumerate(ids):
+        assert rows[image_id].region_layout == "five-both"
+        regions = unpack_regions(rows[image_id].region_embeddings, d)
+        np.testing.assert_array_equal(regions[:FIVE], mark)
+        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        pooled = encode_with_regions(tiny_serving, [picture], LAYOUTS["five"])[1][0]
+        np.testing.assert_allclose(regions[FIVE:], pooled, atol=2e-3)
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 3
+
+
+def test_candidates_with_one_kind_of_regions_match_the_other_on_the_whole(
+    api_client,
+    library,  # noqa: F811
+    tiny_serving,  # noqa: F811
+):
+    """Method both, two images still holding crops only (embedded before the switch): their
+    pooled match falls back to the whole image, and a warning counts them."""
+    user, ids = library
+    _two_concepts(api_client, user, tiny_serving)
+    rows = _rows(api_client)
+    with api_client.app.state.session_factory() as s:
+        for i in ids[:2]:
+            crops_only = rows[i].region_embeddings[: len(rows[i].region_embeddings) // 2]
+            s.execute(
+                update(Image)
+                .where(Image.id == i)
+                .values(region_embeddings=crops_only, region_layout="five")
+            )
+        s.commit()
+    body = api_client.get(
+        "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
+    ).json()
+    assert any(w.startswith("2 of the 6 re-ranked") for w in body["warnings"])
+    cfg = api_client.app.state.settings.search
+    expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
+    assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)

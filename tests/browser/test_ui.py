@@ -475,7 +475,7 @@ def test_the_whole_story_in_the_browser(page, server, tmp_path):
     )
     expect(summary.locator(".warnings li")).to_have_text("<b>not markup</b>")
     expect(summary.locator("b")).to_have_count(0)
-    expect(summary.locator(".badge.info")).to_have_text("Re-ranked by crops")
+    expect(summary.locator(".badge.info")).to_have_text("Re-ranked by regions")
     page.unroute(re.compile(r".*/search\?.*"))
 
     # Index status and a rebuild.

@@ -2,7 +2,7 @@
 
 One tiny synthetic split: the bench's default method (`polar_multi_regions`) trains the
 concepts and scores every query over the pool; the same adapters, photo embeddings, pool
-embeddings and crop embeddings (float16, as the service stores them) go into a SQLite library,
+embeddings and region embeddings (float16, as the service stores them) go into a SQLite library,
 and `search_images` answers the same queries written with the concepts' names. Both rankings
 of the whole pool must be equal, query by query. A bench that drifts from the service (another
 photo weight, no context term, another re-ranking weight) fails this test: the last test shows
@@ -49,7 +49,7 @@ class Setup:
     ds: PerVLDataset
     method: ServiceRecipe  # the bench's default, fitted
     pool: np.ndarray  # (N, D) whole-image embeddings
-    regions: np.ndarray  # (N, 5, D) crops as the service stores them (float16)
+    regions: np.ndarray  # (N, R, D) regions as the service stores them (float16)
     names: dict[str, str]  # bench concept id -> the user's name for it
 
 
@@ -62,8 +62,9 @@ def setup(tiny: ClipBundle) -> Setup:
     emb = embed_dataset(tiny, ds)
     for cid, concept in ds.concepts.items():
         method.fit(concept, emb.photos[cid])
-    crops = pool_regions(tiny, ds, emb, "five")  # (N, 5, D) float32
-    regions = np.stack([unpack_regions(pack_regions(r), tiny.embed_dim) for r in crops])
+    assert method.layout == "five-both"  # the default: crops and pooled regions
+    stored = pool_regions(tiny, ds, emb, method.layout)  # (N, 10, D) float32
+    regions = np.stack([unpack_regions(pack_regions(r), tiny.embed_dim) for r in stored])
     pool = emb.pool
     method.regions = regions
     names = dict(zip(ds.concepts, NAMES, strict=False))
@@ -86,7 +87,7 @@ def library(setup: Setup, tiny: ClipBundle, tmp_path: Path) -> Iterator[tuple[Se
                     original_filename=f"{n}.png", mime="image/png", size_bytes=1, width=32,
                     height=32, storage_path=f"originals/{n}.png",
                     embedding=vec.astype(np.float32).tobytes(), embedding_model=model_id,
-                    region_embeddings=pack_regions(crops), region_layout="five",
+                    region_embeddings=pack_regions(crops), region_layout="five-both",
                 )
             )  # fmt: skip
         for cid, concept in setup.ds.concepts.items():
@@ -157,6 +158,7 @@ def test_bench_default_ranks_like_the_service(
         {"multi_photo_weight": 0.0},
         {"multi_context_weight": 0.0},
         {"region_weight": 0.0},
+        {"pooled_region_weight": 0.0},
     ],
     ids=lambda d: next(iter(d)),
 )

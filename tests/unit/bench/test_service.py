@@ -85,7 +85,8 @@ def test_single_concept_queries_are_reranked_by_their_vector_or_the_concepts_loo
 ) -> None:
     ds, base = small
     emb = embed_dataset(base.bundle, ds)
-    regions = pool_regions(base.bundle, ds, emb, "five")
+    regions = pool_regions(base.bundle, ds, emb, "five-both")  # the default: both kinds
+    crops = regions[:, :5]  # one concept is matched against the crops only
     context, only = ds.queries_of("context"), ds.queries_of("concept")  # "An image of *"
     off = with_regions(
         base, region_candidates=10_000, concept_region_weight=0.0, concept_only_region_weight=0.0
@@ -110,7 +111,7 @@ def test_single_concept_queries_are_reranked_by_their_vector_or_the_concepts_loo
         else:  # the query is its one part
             np.testing.assert_allclose(p[0], vectors[i], atol=1e-6)
             weight = 2.0
-        want = rerank_scores(ref[i], p, emb.pool, regions, weight)
+        want = rerank_scores(ref[i], p, emb.pool, crops, weight)
         assert (
             np.argsort(-got[i], kind="stable").tolist() == np.argsort(-want, kind="stable").tolist()
         )
@@ -123,7 +124,7 @@ def test_multi_queries_rerank_the_candidates(small: tuple[PerVLDataset, ServiceR
     regions = pool_regions(base.bundle, ds, emb, "five")
     (pair,) = ds.queries_of("multi")
     ref = base.score([pair], emb.pool)[0]
-    m = with_regions(base, region_candidates=10_000, region_weight=8.0)
+    m = with_regions(base, region_candidates=10_000, region_weight=8.0, region_method="crops")
     m.regions = regions
     got = m.score([pair], emb.pool)[0]
     parts = m.encodings([pair])[1][0]
@@ -138,7 +139,7 @@ def test_multi_queries_rerank_the_candidates(small: tuple[PerVLDataset, ServiceR
     m.regions = planted
     assert int(np.argmax(m.score([pair], emb.pool)[0])) == loser
     # ... and stays where it was when it is not: the top 3 are re-ordered, the rest untouched.
-    m.search = SearchSettings(region_candidates=3)
+    m.search = SearchSettings(region_candidates=3, region_method="crops")
     top = m.score([pair], emb.pool)[0]
     assert set(np.argsort(-top)[:3]) == set(np.argsort(-ref)[:3])
     rest = np.argsort(-ref)[3:]
@@ -147,6 +148,29 @@ def test_multi_queries_rerank_the_candidates(small: tuple[PerVLDataset, ServiceR
     m.regions = None
     with pytest.raises(ValueError, match="regions"):
         m.score([pair], emb.pool)
+
+
+def test_with_both_kinds_each_is_matched_at_its_own_weight(
+    small: tuple[PerVLDataset, ServiceRecipe],
+) -> None:
+    ds, base = small
+    emb = embed_dataset(base.bundle, ds)
+    both = pool_regions(base.bundle, ds, emb, "five-both")
+    crops, pooled = both[:, :5], both[:, 5:]
+    (pair,) = ds.queries_of("multi")
+    ref = base.score([pair], emb.pool)[0]
+    m = with_regions(base, region_candidates=10_000, region_weight=3.0, pooled_region_weight=5.0)
+    m.regions = both
+    got = m.score([pair], emb.pool)[0]
+    parts = m.encodings([pair])[1][0]
+    assert parts is not None
+    want = rerank_scores(ref, parts, emb.pool, crops, 3.0)
+    want = rerank_scores(want, parts, emb.pool, pooled, 5.0)
+    assert np.argsort(-got, kind="stable").tolist() == np.argsort(-want, kind="stable").tolist()
+    # Which kind is which matters: the same rows under swapped weights rank otherwise.
+    swapped = rerank_scores(rerank_scores(ref, parts, emb.pool, crops, 5.0), parts, emb.pool,
+                            pooled, 3.0)  # fmt: skip
+    assert not np.allclose(want, swapped)
 
 
 def test_evaluate_embeds_regions_once_and_only_when_needed(
@@ -164,9 +188,12 @@ def test_evaluate_embeds_regions_once_and_only_when_needed(
     monkeypatch.setattr(ml_regions, "encode_boxes", counting)
     evaluate(service(base.bundle, regions="none"), ds, emb)
     assert emb.regions == {} and calls == []  # methods without crops pay nothing
-    first = evaluate(with_regions(base), ds, emb)
-    assert emb.regions["five"].shape == (len(ds.pool), 5, base.bundle.embed_dim)
-    assert sum(calls) == len(ds.pool) and "five" in emb.region_seconds
+    first = evaluate(with_regions(base), ds, emb)  # both: crops and pooled regions
+    assert emb.regions["five-both"].shape == (len(ds.pool), 10, base.bundle.embed_dim)
+    np.testing.assert_array_equal(emb.regions["five-both"][:, :5], emb.regions["five"])
+    np.testing.assert_array_equal(emb.regions["five-both"][:, 5:], emb.regions["five-pooled"])
+    assert sum(calls) == len(ds.pool) and "five-both" in emb.region_seconds
+    evaluate(with_regions(base, region_method="crops"), ds, emb)
     evaluate(with_regions(base), ds, emb)
     assert sum(calls) == len(ds.pool)  # shared, not recomputed
     assert {"context", "concept", "multi", "retention"} <= set(first)
@@ -176,7 +203,7 @@ def test_the_default_method_is_the_services_defaults(tiny: ClipBundle) -> None:
     assert DEFAULT_METHOD == "polar_multi_regions" and DEFAULT_METHOD in DEFAULT_METHODS
     m = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.1))
     assert isinstance(m, ServiceRecipe) and m.name == "polar_multi_regions"
-    assert m.search == SearchSettings() and m.layout == "five"
+    assert m.search == SearchSettings() and m.layout == "five-both"
     # The tiny model has no recipe of its own: the paper's objective with its λ, as the
     # service trains it; the demo model's recipe (its polar.json) brings the keep term.
     assert m.token_mode == "distinct" and m.lam == tiny.default_lam and m.lr == 1e-3

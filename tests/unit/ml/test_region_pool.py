@@ -164,6 +164,7 @@ def test_unsupported_preprocessing_falls_back_to_crops_and_keys_say_which() -> N
     bundle = tiny_clip(0, torch.float32)
     assert region_method(bundle, "pooled") == "pooled"
     assert region_method(bundle, "crops") == "crops"
+    assert region_method(bundle, "both") == "both"
     odd = bundle_from_model(
         bundle.model,
         T.Compose([T.RandomCrop(32, pad_if_needed=True), T.ToTensor()]),
@@ -171,6 +172,7 @@ def test_unsupported_preprocessing_falls_back_to_crops_and_keys_say_which() -> N
         pretrained="odd",
     )
     assert not supports_pooling(odd) and region_method(odd, "pooled") == "crops"
+    assert region_method(odd, "both") == "crops"
     with pytest.raises(ValueError, match="cannot be pooled"):
         encode_with_regions(odd, noise_images([(32, 32)]), FIVE)
     with pytest.raises(ValueError, match="unknown region method"):
@@ -180,6 +182,11 @@ def test_unsupported_preprocessing_falls_back_to_crops_and_keys_say_which() -> N
     assert stored_layout("none", "pooled") == "none"
     assert parse_stored_layout("five-pooled") == ("five", "pooled")
     assert parse_stored_layout("five") == ("five", "crops")
+    assert stored_layout("five", "both") == "five-both"
+    assert stored_layout("none", "both") == "none"
+    assert parse_stored_layout("five-both") == ("five", "both")
+    with pytest.raises(ValueError, match="unknown region method"):
+        stored_layout("five", "all")
     with pytest.raises(ValueError, match="unknown region layout"):
         parse_stored_layout("nine-pooled")
 
@@ -195,6 +202,13 @@ def test_embed_with_regions_dispatches_on_the_method() -> None:
     np.testing.assert_allclose(pooled, encode_with_regions(bundle, images, FIVE)[1], atol=1e-6)
     np.testing.assert_allclose(encode_regions_by(bundle, images, "five", "pooled"), pooled)
     assert np.abs(pooled - crops).max() > 1e-3  # two different things
+    # both: the crops, then the pooled regions, from the same passes
+    whole_b, both = embed_with_regions(bundle, images, "five", "both")
+    np.testing.assert_allclose(whole_b, whole_p, atol=1e-6)
+    assert both.shape == (2, 10, bundle.embed_dim)
+    np.testing.assert_allclose(both[:, :5], crops, atol=1e-6)
+    np.testing.assert_allclose(both[:, 5:], pooled, atol=1e-6)
+    np.testing.assert_allclose(encode_regions_by(bundle, images, "five", "both"), both)
     whole, r = embed_with_regions(bundle, images, "none", "pooled")
     assert whole.shape == (2, bundle.embed_dim)
     assert r.shape == (2, 0, bundle.embed_dim)

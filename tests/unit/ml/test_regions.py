@@ -14,10 +14,13 @@ from app.ml.regions import (
     encode_boxes,
     encode_regions,
     layout_boxes,
+    method_kinds,
     pack_regions,
     part_matches,
     region_match,
     rerank_scores,
+    rerank_scores_by_kind,
+    split_regions,
     unpack_regions,
 )
 
@@ -25,6 +28,11 @@ from app.ml.regions import (
 def unit(*rows: list[float]) -> np.ndarray:
     x = np.asarray(rows, dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows (on the last axis) scaled to unit length, float32."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def coordinate_image(w: int, h: int) -> Image.Image:
@@ -134,3 +142,52 @@ def test_rerank_scores_adds_the_weighted_match() -> None:
     np.testing.assert_allclose(got, [0.1 + 8.0, 0.9, 0.5 + 4.0], atol=1e-5)
     assert got.dtype == np.float32 and int(np.argmax(got)) == 0
     np.testing.assert_allclose(rerank_scores(base, parts, whole, regions, 0.0), base)
+
+
+def test_method_kinds_say_what_each_method_stores_in_order() -> None:
+    assert method_kinds("crops") == ("crops",)
+    assert method_kinds("pooled") == ("pooled",)
+    assert method_kinds("both") == ("crops", "pooled")
+    with pytest.raises(ValueError, match="unknown region method"):
+        method_kinds("mean")
+
+
+def test_split_regions_reads_the_kinds_a_stored_key_names() -> None:
+    rows = unit_rows(np.random.default_rng(4).normal(size=(10, 8)))
+    both = split_regions(rows, "five-both")
+    assert sorted(both) == ["crops", "pooled"]
+    np.testing.assert_array_equal(both["crops"], rows[:5])
+    np.testing.assert_array_equal(both["pooled"], rows[5:])
+    assert sorted(split_regions(rows[:5], "five")) == ["crops"]
+    np.testing.assert_array_equal(split_regions(rows[:5], "five-pooled")["pooled"], rows[:5])
+    pool = np.stack([rows, rows[::-1]])  # (N, R_total, D): split on the rows axis
+    np.testing.assert_array_equal(split_regions(pool, "five-both")["pooled"], pool[:, 5:])
+    # Rows that do not fit the key, no key, an unknown key, no rows: nothing to match on.
+    assert split_regions(rows[:5], "five-both") == {}
+    assert split_regions(rows, "five") == {}
+    assert split_regions(rows, None) == {}
+    assert split_regions(rows, "nine-both") == {}
+    assert split_regions(rows[:0], "five") == {}
+    assert split_regions(rows[:0], "none") == {}
+
+
+def test_rerank_scores_by_kind_weighs_each_kind_on_its_own() -> None:
+    rng = np.random.default_rng(5)
+    parts = unit_rows(rng.normal(size=(2, 8)))
+    whole = unit_rows(rng.normal(size=(3, 8)))
+    crops = unit_rows(rng.normal(size=(3, 5, 8)))
+    pooled = unit_rows(rng.normal(size=(3, 5, 8)))
+    base = np.array([0.3, 0.2, 0.1], dtype=np.float32)
+    got = rerank_scores_by_kind(
+        base, parts, whole, {"crops": crops, "pooled": pooled}, {"crops": 2.0, "pooled": 3.0}
+    )
+    want = base + 2.0 * region_match(parts, whole, crops) + 3.0 * region_match(parts, whole, pooled)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # A kind with weight 0 is not matched; a kind without regions is matched on the whole.
+    only = rerank_scores_by_kind(
+        base, parts, whole, {"crops": crops, "pooled": pooled}, {"crops": 2.0, "pooled": 0.0}
+    )
+    np.testing.assert_allclose(only, rerank_scores(base, parts, whole, crops, 2.0), atol=1e-6)
+    missing = rerank_scores_by_kind(base, parts, whole, {"crops": crops}, {"pooled": 3.0})
+    empty = np.zeros((3, 0, 8), dtype=np.float32)
+    np.testing.assert_allclose(missing, base + 3.0 * region_match(parts, whole, empty), atol=1e-6)

@@ -203,7 +203,7 @@ function render(body) {
     const name = hit.image.filename || "untitled";
     const img = el("img", { alt: name, width: 160, height: 160, decoding: "async" });
     const scoreTitle = body.reranked
-      ? "cosine similarity plus the weighted crop match (re-ranked)"
+      ? "cosine similarity plus the weighted region match (re-ranked)"
       : "cosine similarity of the query and the image";
     const open = el(
       "button",
@@ -266,7 +266,7 @@ function renderSummary(body) {
     facts.append(
       el("span", {
         className: "badge info",
-        text: "Re-ranked by crops",
+        text: "Re-ranked by regions",
         attrs: { title: "several concepts: the top hits were re-ranked by where each matches" },
       }),
     );

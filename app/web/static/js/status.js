@@ -40,7 +40,7 @@ function render(status) {
   item("images", "Images", status.images);
   item("embedded", "Searchable", status.embedded);
   item("pending", "Pending", status.pending);
-  item("with_regions", `With crops (${status.region_layout})`, status.with_regions);
+  item("with_regions", `With regions (${status.region_layout})`, status.with_regions);
   item("model", "Model", status.model);
 }
 
