@@ -112,7 +112,7 @@ class SearchSettings(BaseModel):
         0.5, ge=0, description="weight of the concept's photo-embedding mean fused into the query"
     )
     multi_photo_weight: float = Field(
-        1.0,
+        1.5,
         ge=0,
         description="several concepts (stack=embeddings): weight of each concept's photo mean "
         "in its own part of the query",

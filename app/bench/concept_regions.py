@@ -47,8 +47,9 @@ def sweep_seed(bundle: ClipBundle, bench_seed: int, split: str = "val") -> dict[
     """Metrics of one-concept queries per weight, and of the composed baseline, on one seed."""
     ds = build_synthetic(split, SyntheticConfig(seed=bench_seed))
     emb = embed_dataset(bundle, ds)
-    regions = pool_regions(bundle, ds, emb, "five")
     trained = ServiceRecipe(bundle, "trained", search=SearchSettings(), **TUNED_TRAINING)  # type: ignore[arg-type]
+    assert trained.layout is not None
+    regions = pool_regions(bundle, ds, emb, trained.layout)  # the default's layout and method
     for cid, concept in ds.concepts.items():
         trained.fit(concept, emb.photos[cid])
     composed = METHODS["composed"](bundle, BenchSettings(lam=bundle.default_lam))

@@ -116,8 +116,10 @@ def sweep_seed(bundle: Any, bench_seed: int, split: str = "val") -> dict[str, An
                         s = sweep_scores(base[kind], matches, agg, w, c)
                         grid[kind][variant_key(name, agg, w, c)] = short(retrieval_metrics(s, gts))
 
-    # The registered method on the same adapters: the code path the bench and the service run.
-    method = share_fit(ctx, METHODS["polar_multi_regions"](bundle, settings))  # type: ignore[arg-type]
+    # The registered crops-only method on the same adapters: the code path the bench and the
+    # service run with POLAR_SEARCH__REGION_METHOD=crops (the default, both, adds pooled
+    # regions: bench/fusion_sweep.py).
+    method = share_fit(ctx, METHODS["polar_multi_crops"](bundle, settings))  # type: ignore[arg-type]
     assert isinstance(method, ServiceRecipe) and method.layout == "five"
     method.regions = emb.regions[method.layout]
     registered = {
@@ -131,7 +133,7 @@ def sweep_seed(bundle: Any, bench_seed: int, split: str = "val") -> dict[str, An
             "context": base_row["context"],
             "retention_drop": base_row["retention"]["drop"],  # type: ignore[index]
         },
-        "polar_multi_regions": registered,
+        "polar_multi_crops": registered,
         "grid": grid,
         "region_embed_seconds": seconds,
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -150,7 +152,7 @@ def summarize(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
             key: {m: mean([s["grid"][kind][key][m] for s in seeds]) for m in ("mrr", "r@1")}
             for key in seeds[0]["grid"][kind]
         }
-    for name in ("polar_multi_ctx", "polar_multi_regions"):
+    for name in ("polar_multi_ctx", "polar_multi_crops"):
         ctx = mean([s[name]["context"]["mrr"] for s in seeds])
         multi = mean([s[name]["multi"]["mrr"] for s in seeds])
         out[name] = {"context_mrr": ctx, "multi_mrr": multi, "ratio": multi / ctx}
@@ -177,7 +179,8 @@ def summarize(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def pervl_rows(pervl: dict[str, Any]) -> dict[str, Any]:
     """The two-concept story of a bench/pervl.py results JSON (test split)."""
     rows = {}
-    for name in ("composed", "polar_tuned", "polar_multi_ctx", "polar_multi_regions"):
+    for name in ("composed", "polar_tuned", "polar_multi_ctx", "polar_multi_crops",
+                 "polar_multi_regions"):  # fmt: skip
         r = pervl["methods"].get(name)
         if r is None:
             continue
@@ -201,14 +204,15 @@ def pervl_rows(pervl: dict[str, Any]) -> dict[str, Any]:
 PROTOCOL = (
     "adapters = polar_tuned's (keep term, keep=3, lam=0, lr=3e-3, 500 steps, distinct tokens), "
     "trained once per bench seed and shared by every grid point; base score = polar_multi_ctx "
-    "(per-concept fusion w=1, context c=1). Grid: crop layout x aggregation over the query's "
-    "parts (mean / min) x weight x candidates re-ranked (50, 200, all), applied to two-concept "
-    "queries (parts = fused partials) and, as a check, to context queries (one part = the "
-    "query embedding). Val split, bench seeds 0-3 (20 two-concept and 60 context queries each). "
-    "The choice (five60 = LAYOUTS['five'], mean, weight 8, 200 candidates) was declared from a "
-    "prototype run of the same grid on the same seeds before this sweep; polar_multi_regions "
-    "(the registered method, app.ml.regions code path) is scored on the same adapters as a "
-    "cross-check. Test (bench seed 0) runs once, through bench/pervl.py."
+    "(per-concept fusion and context at the service's weights). Grid: crop layout x "
+    "aggregation over the query's parts (mean / min) x weight x candidates re-ranked (50, 200, "
+    "all), applied to two-concept queries (parts = fused partials) and, as a check, to context "
+    "queries (one part = the query embedding). Val split, bench seeds 0-3 (20 two-concept and "
+    "60 context queries each). The choice (five60 = LAYOUTS['five'], mean, weight 8, 200 "
+    "candidates) was declared from a prototype run of the same grid on the same seeds before "
+    "this sweep; polar_multi_crops (the registered crops-only method, app.ml.regions code path) "
+    "is scored on the same adapters as a cross-check. Test (bench seed 0) runs once, through "
+    "bench/pervl.py."
 )
 COMMANDS = {
     "val": ".venv/bin/python -m app.bench regions --seeds 0,1,2,3 "

@@ -121,6 +121,11 @@ class ServiceRecipe(Polar):
                     f"{self.name}: regions of the scored pool ({self.layout!r}) not set"
                 )
             by_kind = split_regions(self.regions, self.layout)
+            if not by_kind:  # rows of another layout or method would silently match nothing
+                raise ValueError(
+                    f"{self.name}: the pool's regions ({self.regions.shape[1]} rows per image) "
+                    f"are not those of layout {self.layout!r}"
+                )
             idx = top_candidates(scores[i], self.search.region_candidates)
             order, new = recipe.rerank(
                 scores[i, idx],

@@ -47,7 +47,7 @@ def test_summarize_means_over_seeds_and_ranks_the_choice() -> None:
                 "context": {"five60/mean/8/c200": {"mrr": 0.7, "r@1": 0.5}},
             },
             "polar_multi_ctx": row | {"retention_drop": 0.01 * s},
-            "polar_multi_regions": row,
+            "polar_multi_crops": row,
         }
 
     out = summarize([seed(0, 0.6, 0.9), seed(1, 0.8, 0.3)])

@@ -57,13 +57,14 @@ def with_regions(base: ServiceRecipe, **search: Any) -> ServiceRecipe:
 def test_without_regions_it_is_the_research_recipe_it_was_chosen_as(
     small: tuple[PerVLDataset, ServiceRecipe],
 ) -> None:
-    # app.bench.multi's per-concept fusion (w 1) + context (c 1) is what the service runs: the
+    # app.bench.multi's per-concept fusion + context (at the service's weights) is what it runs: the
     # service's code gives the same scores on the same adapters.
     ds, base = small
     emb = embed_dataset(base.bundle, ds)
     research = PolarMulti(
         base.bundle, "r", token_mode="distinct", stack="embeddings", weight=0.5,
-        fuse="per", multi_weight=1.0, context=1.0,
+        fuse="per", multi_weight=SearchSettings().multi_photo_weight,
+        context=SearchSettings().multi_context_weight,
     )  # fmt: skip
     share_fit(base, research)
     # Concept-only queries fuse more of the photos (concept_only_photo_weight), as no
@@ -147,6 +148,11 @@ def test_multi_queries_rerank_the_candidates(small: tuple[PerVLDataset, ServiceR
 
     m.regions = None
     with pytest.raises(ValueError, match="regions"):
+        m.score([pair], emb.pool)
+    # Regions of another method (here both kinds, 10 rows, for a crops-only recipe) are refused,
+    # not silently matched as nothing.
+    m.regions = pool_regions(base.bundle, ds, emb, "five-both")
+    with pytest.raises(ValueError, match="not those of layout 'five'"):
         m.score([pair], emb.pool)
 
 
