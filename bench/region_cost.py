@@ -1,24 +1,30 @@
 """What region embeddings (app.ml.regions, layout "five") cost: indexing throughput, search
-latency of a two-concept query, and database bytes per image. Every comparison is a ratio
-taken in the same run.
+latency of a two-concept query, and database bytes per image, for each region method
+(POLAR_SEARCH__REGION_METHOD; "both", the default, stores the crops and the pooled regions).
+Every comparison is a ratio taken in the same run.
 
   index    images/s of embedding a batch of 32 pre-opened 640x480 images the way
            app.services.embedding.embed_pending does: no regions (encode_images), layout "five"
-           by crops (encode_images, then each crop encoded) and "five" pooled from the one pass
-           (app.ml.region_pool.encode_with_regions, POLAR_SEARCH__REGION_METHOD=pooled);
-           interleaved, medians; for the bundled demo model and for ViT-B-32 with random
-           weights (cost does not depend on the values);
+           by crops (encode_images, then each crop encoded), "five" pooled from the one pass
+           (app.ml.region_pool.encode_with_regions, method pooled) and both (the pooled pass,
+           then the five crops encoded: 10 region rows, the default); interleaved, the order
+           rotating, medians; for the bundled demo model and for ViT-B-32 with random weights
+           (cost does not depend on the values);
   query    search_images end to end, k = 20, for a query naming two concepts (random
            adapters, ViT-B-32 random weights), regions on vs off on the same SQLite library of
-           random unit embeddings plus random float16 region blobs, at 1k and 10k images;
-           interleaved, medians, with the share of rerank_by_regions (and of the query encoding),
-           each step timed alone right after the search, through the same functions;
-  storage  bytes per image of the whole embedding and of the region blob (computed), and the
-           SQLite file's growth per image when the blobs are added (measured, after VACUUM).
+           random unit embeddings plus random float16 region blobs, at 1k and 10k images: "on"
+           is SearchSettings() (method both, 10-row "five-both" blobs), then, on the same
+           library with its blobs rewritten, crops only (region_method crops, 5-row "five"
+           blobs); interleaved with off, medians, with the share of rerank_by_regions (and of
+           the query encoding), each step timed alone right after the search, through the same
+           functions;
+  storage  bytes per image of the whole embedding and of the region blob, crops (5 rows) and
+           both (10 rows) (computed), and the SQLite file's growth per image when the blobs are
+           added (measured, after VACUUM, in the query's libraries).
 
 Prints tables, writes bench/results/region_cost.json; never run by the tests.
 
-    .venv/bin/python bench/region_cost.py            # 4-18 minutes on 2 shared CPUs
+    .venv/bin/python bench/region_cost.py            # 7-25 minutes on 2 shared CPUs
     .venv/bin/python bench/region_cost.py --quick    # smoke run, nothing written
 """
 
@@ -56,7 +62,11 @@ from app.ml.regions import (
     LAYOUTS,
     embed_with_regions,
     encode_regions,
+    method_kinds,
     pack_regions,
+    region_method,
+    split_regions,
+    stored_layout,
     unpack_regions,
 )
 from app.models import Adapter, Concept, ConceptExample, Image
@@ -95,23 +105,28 @@ def synthetic_images(n: int, seed: int = 0) -> list[PILImage.Image]:
     return out
 
 
-MODES = ("none", "five", "pooled")  # no regions; five crops; five boxes pooled
+# no regions; five crops; five boxes pooled; both (the default): pooled, then the five crops
+MODES = ("none", "five", "pooled", "both")
+REGION_MODES = MODES[1:]
+ROWS = {"none": 0, "five": N_REGIONS, "pooled": N_REGIONS, "both": 2 * N_REGIONS}
 
 
 def embed_batch(bundle: ClipBundle, pictures: list[PILImage.Image], mode: str) -> None:
-    """What embed_pending computes for one batch (decode and the DB write excluded)."""
-    if mode == "pooled":
+    """What embed_pending computes for one batch (decode and the DB writes excluded); with
+    both, its two passes: the whole image and its pooled regions, then the crops."""
+    if mode in ("pooled", "both"):
         vectors, regions = embed_with_regions(bundle, pictures, "five", "pooled")
+        if mode == "both":  # stored crops first, then the pooled regions ("five-both")
+            regions = np.concatenate([encode_regions(bundle, pictures, "five"), regions], axis=1)
     else:
         vectors = encode_images(bundle, pictures)  # (B, D)
         regions = encode_regions(bundle, pictures, mode)  # (B, R, D)
     assert vectors.shape == (len(pictures), bundle.embed_dim)
-    boxes = len(LAYOUTS["none" if mode == "none" else "five"])
-    assert regions.shape == (len(pictures), boxes, bundle.embed_dim)
+    assert regions.shape == (len(pictures), ROWS[mode], bundle.embed_dim)
 
 
 def bench_index(name: str, bundle: ClipBundle, reps: int) -> dict[str, Any]:
-    """Seconds per batch of 32: no regions, five crops, five pooled; the order rotates."""
+    """Seconds per batch of 32: no regions, five crops, five pooled, both; the order rotates."""
     pictures = synthetic_images(BATCH)
     # Warm-up (allocator, caches) at the batch sizes the timed calls run: 32 images whole;
     # their 160 crops go as 64 + 64 + 32, and 13 images' 65 crops cover the 64.
@@ -120,32 +135,35 @@ def bench_index(name: str, bundle: ClipBundle, reps: int) -> dict[str, Any]:
     encode_regions(bundle, pictures[:13], "five")
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for i in range(reps):
-        for mode in MODES[i % 3 :] + MODES[: i % 3]:
+        shift = i % len(MODES)
+        for mode in MODES[shift:] + MODES[:shift]:
             t0 = time.perf_counter()
             embed_batch(bundle, pictures, mode)
             times[mode].append(time.perf_counter() - t0)
     med = {m: statistics.median(times[m]) for m in MODES}
-    # Each repetition's three ran back to back: the spread of its ratios shows the noise.
-    pair = {
-        m: [t / n for n, t in zip(times["none"], times[m], strict=True)] for m in ("five", "pooled")
-    }
+    # Each repetition's four ran back to back: the spread of its ratios shows the noise.
+    pairs = [(m, "none") for m in REGION_MODES] + [("both", "five")]
+    pair = {(m, by): [t / n for n, t in zip(times[by], times[m], strict=True)] for m, by in pairs}
     row: dict[str, Any] = {"model": name, "embed_dim": bundle.embed_dim, "reps": reps}
     row["batch"] = BATCH
     for m in MODES:
         row[f"{m}_s_per_batch"] = round(med[m], 4)
     for m in MODES:
         row[f"{m}_images_per_s"] = round(BATCH / med[m], 2)
-    for m in ("five", "pooled"):
-        row[f"{m}_over_none_time"] = round(med[m] / med["none"], 3)
-        row[f"{m}_over_none_per_rep_min_max"] = [round(min(pair[m]), 2), round(max(pair[m]), 2)]
+    for m, by in pairs:
+        row[f"{m}_over_{by}_time"] = round(med[m] / med[by], 3)
+        low, high = min(pair[m, by]), max(pair[m, by])
+        row[f"{m}_over_{by}_per_rep_min_max"] = [round(low, 2), round(high, 2)]
     row["five_over_pooled_time"] = round(med["five"] / med["pooled"], 2)
     for m in MODES:
         row[f"{m}_s_all"] = [round(t, 4) for t in times[m]]
+    both = pair["both", "none"]
     print(
         f"{name:<28}{bundle.embed_dim:>5}{row['none_images_per_s']:>12.1f}"
         f"{row['five_images_per_s']:>13.1f}{row['pooled_images_per_s']:>14.1f}"
-        f"{row['five_over_none_time']:>12.2f}{row['pooled_over_none_time']:>14.2f}"
-        f"{min(pair['pooled']):>9.2f} - {max(pair['pooled']):.2f}",
+        f"{row['both_images_per_s']:>12.1f}{row['five_over_none_time']:>12.2f}"
+        f"{row['pooled_over_none_time']:>13.2f}{row['both_over_none_time']:>11.2f}"
+        f"{row['both_over_five_time']:>12.2f}{min(both):>13.2f} - {max(both):.2f}",
         flush=True,
     )
     return row
@@ -216,18 +234,21 @@ def build_library(factory: sessionmaker[Session], n: int, bundle: ClipBundle) ->
     return user_id
 
 
-def add_region_blobs(factory: sessionmaker[Session], n: int, d: int) -> None:
-    """What embed_pending stores with regions "five": a (5, D) float16 blob per image."""
-    rng = np.random.default_rng(n + 1)
+def add_region_blobs(factory: sessionmaker[Session], n: int, d: int, method: str) -> None:
+    """What embed_pending stores with regions "five" by a method: a float16 blob per image of
+    (5, D) for crops ("five"), (10, D) for both (crops then pooled, "five-both"); replaces the
+    blobs the images had."""
+    rows, key = N_REGIONS * len(method_kinds(method)), stored_layout("five", method)
+    rng = np.random.default_rng([n, rows])
     with factory() as s:
         for start in range(0, n, 2000):
             stop = min(start + 2000, n)
-            regions = unit_rows(rng, (stop - start) * N_REGIONS, d).reshape(-1, N_REGIONS, d)
+            regions = unit_rows(rng, (stop - start) * rows, d).reshape(-1, rows, d)
             params = [
                 {
                     "id": f"00000000-0000-4000-8000-{i:012d}",
                     "region_embeddings": pack_regions(r),
-                    "region_layout": "five",
+                    "region_layout": key,
                 }
                 for i, r in zip(range(start, stop), regions, strict=True)
             ]
@@ -268,7 +289,8 @@ def time_phases(
     t0 = time.perf_counter()
     enc = recipe.encode_query(bundle, text, stack, means, settings)
     out["encode"] = time.perf_counter() - t0
-    regions = recipe.reranks_by_regions(enc, settings)
+    weights = recipe.region_weights(enc, settings, region_method(bundle, settings.region_method))
+    regions = bool(weights)
     # The rest of the search: index search, re-ranking (regions on), the hits' rows.
     t0 = time.perf_counter()
     index = cache.get(db_session=s, user_id=user_id, model_id=model_id, dim=bundle.embed_dim).index
@@ -277,25 +299,42 @@ def time_phases(
     if regions:
         assert enc.parts is not None
         t1 = time.perf_counter()
-        ranked = rerank_by_regions(s, user_id, ranked, enc.parts, settings.region_weight)[0]
+        ranked, lacking = rerank_by_regions(s, user_id, ranked, enc.parts, weights)
         out["rerank"] = time.perf_counter() - t1
+        assert not lacking, "the library's region blobs do not fit the method"
     repositories.images_by_vec_id(db_session=s, user_id=user_id, vec_ids=[i for i, _ in ranked[:K]])
     out["rest"] = time.perf_counter() - t0
     if regions:
         assert enc.parts is not None
         ids_ = [i for i, _ in ranked]
         found = repositories.image_vectors(db_session=s, user_id=user_id, vec_ids=ids_)
-        whole = np.stack([np.frombuffer(found[i][0], np.float32) for i in ids_])  # type: ignore[arg-type]
-        crops = [unpack_regions(found[i][1], bundle.embed_dim) for i in ids_]
+        whole = np.stack([np.frombuffer(found[i].embedding, np.float32) for i in ids_])  # type: ignore[arg-type]
+        dim = bundle.embed_dim
+        stored = [
+            split_regions(unpack_regions(found[i].regions, dim), found[i].region_layout)
+            for i in ids_
+        ]
+        by_kind = {k: [r.get(k, np.zeros((0, bundle.embed_dim), np.float32)) for r in stored]
+                   for k in weights}  # fmt: skip
         base = np.array([v for _, v in ranked], dtype=np.float32)
         t0 = time.perf_counter()
-        recipe.rerank(base, enc.parts, whole, crops, settings.region_weight)
+        recipe.rerank(base, enc.parts, whole, by_kind, weights)
         out["rerank_scores"] = time.perf_counter() - t0
     return out
 
 
-def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dict[str, Any]:
-    """Regions on vs off, the same library and process, interleaved."""
+# The query part's "on" settings: the default (both: 10-row "five-both" blobs) first, then
+# crops only (5-row "five" blobs); each against regions off, on the same library.
+QUERY_METHODS = ("both", "crops")
+
+
+def bench_query_one(
+    n: int, serving: ServingModel, reps: dict[str, int], work: Path
+) -> list[dict[str, Any]]:
+    """Regions on vs off, the same library and process, interleaved: one row per method of
+    QUERY_METHODS with searches in `reps` (per mode), the library's blobs rewritten for each."""
+    default = SearchSettings()
+    assert (default.regions, default.region_method) == ("five", "both"), "update QUERY_METHODS"
     bundle = serving.bundle
     d = bundle.embed_dim
     db_path = work / "regions.db"
@@ -305,11 +344,8 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
         factory = make_session_factory(engine)
         user_id = build_library(factory, n, bundle)
         bytes_without = sqlite_bytes(factory, db_path)
-        add_region_blobs(factory, n, d)
-        bytes_with = sqlite_bytes(factory, db_path)
-
         cache, adapters, limits = IndexCache(work / "index"), AdapterCache(), LimitSettings()
-        settings = {"on": SearchSettings(regions="five"), "off": SearchSettings(regions="none")}
+        settings = {"off": SearchSettings(regions="none")}
 
         def search(mode: str) -> tuple[list[str], str]:
             with factory() as s:
@@ -333,33 +369,61 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
             with factory() as s:
                 return time_phases(s, user_id, text, serving, cache, adapters, settings[mode])
 
-        times: dict[str, list[float]] = {"on": [], "off": []}
-        parts: dict[str, list[float]] = {
-            "rerank": [],
-            "rerank_scores": [],
-            "encode": [],
-            "rest": [],
-        }
-        parts_off: dict[str, list[float]] = {"encode": [], "rest": []}
-        hits = {mode: search(mode)[0] for mode in ("off", "on", "off", "on")}  # warm-up
-        assert cache.rebuilds == 1
-        for i in range(reps):
-            for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                t0 = time.perf_counter()
-                _, text = search(mode)
-                times[mode].append(time.perf_counter() - t0)
-                step = steps(mode, text)
-                if mode == "on":
-                    parts["rerank"].append(step["rerank"])
-                    parts["rerank_scores"].append(step["rerank_scores"])
-                    parts["encode"].append(step["encode"])
-                    parts["rest"].append(step["rest"])
-                else:
-                    assert "rerank" not in step
-                    parts_off["encode"].append(step["encode"])
-                    parts_off["rest"].append(step["rest"])
+        rows = []
+        for method in (m for m in QUERY_METHODS if reps.get(m)):
+            assert region_method(bundle, method) == method  # ViT-B-32 can be pooled
+            add_region_blobs(factory, n, d, method)  # replaces the previous method's
+            bytes_with = sqlite_bytes(factory, db_path)
+            blob_rows = N_REGIONS * len(method_kinds(method))
+            settings["on"] = default if method == "both" else SearchSettings(region_method=method)
+            times: dict[str, list[float]] = {"on": [], "off": []}
+            parts: dict[str, list[float]] = {
+                "rerank": [],
+                "rerank_scores": [],
+                "encode": [],
+                "rest": [],
+            }
+            parts_off: dict[str, list[float]] = {"encode": [], "rest": []}
+            hits = {mode: search(mode)[0] for mode in ("off", "on", "off", "on")}  # warm-up
+            assert cache.rebuilds == 1  # the blobs are not in the index
+            for i in range(reps[method]):
+                for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                    t0 = time.perf_counter()
+                    _, text = search(mode)
+                    times[mode].append(time.perf_counter() - t0)
+                    step = steps(mode, text)
+                    if mode == "on":
+                        parts["rerank"].append(step["rerank"])
+                        parts["rerank_scores"].append(step["rerank_scores"])
+                        parts["encode"].append(step["encode"])
+                        parts["rest"].append(step["rest"])
+                    else:
+                        assert "rerank" not in step
+                        parts_off["encode"].append(step["encode"])
+                        parts_off["rest"].append(step["rest"])
+            row = {
+                "n": n,
+                "region_method": method,
+                "region_layout": stored_layout("five", method),
+                "region_rows": blob_rows,
+                "region_blob_bytes": len(pack_regions(np.zeros((blob_rows, d), np.float32))),
+                "reps": reps[method],
+                **query_summary(times, parts, parts_off),
+                "top20_changed": len(set(hits["on"]) ^ set(hits["off"])) // 2,
+                "sqlite_bytes_per_image_without_regions": round(bytes_without / n),
+                "sqlite_bytes_per_image_with_regions": round(bytes_with / n),
+                "sqlite_growth_per_image": round((bytes_with - bytes_without) / n),
+            }
+            rows.append(row)
     finally:
         engine.dispose()
+    return rows
+
+
+def query_summary(
+    times: dict[str, list[float]], parts: dict[str, list[float]], parts_off: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Medians of one method's searches (on, off) and of their steps timed alone."""
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     # The query encoding (the same three text passes either way) is most of a search and most
     # of its noise; what the regions change is the rest: index search, re-ranking, hit rows.
@@ -368,8 +432,6 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
     rerank = statistics.median(parts["rerank"])
     share = statistics.median(r / t for r, t in zip(parts["rerank"], times["on"], strict=True))
     return {
-        "n": n,
-        "reps": reps,
         "off_ms": round(1000 * off, 2),
         "on_ms": round(1000 * on, 2),
         "on_over_off": round(on / off, 3),
@@ -382,58 +444,80 @@ def bench_query_one(n: int, serving: ServingModel, reps: int, work: Path) -> dic
         "without_encoding_on_over_off": round(rest_on / rest_off, 2),
         "query_encoding_ms_on": round(1000 * statistics.median(parts["encode"]), 2),
         "query_encoding_ms_off": round(1000 * statistics.median(parts_off["encode"]), 2),
-        "top20_changed": len(set(hits["on"]) ^ set(hits["off"])) // 2,
-        "sqlite_bytes_per_image_without_regions": round(bytes_without / n),
-        "sqlite_bytes_per_image_with_regions": round(bytes_with / n),
-        "sqlite_growth_per_image": round((bytes_with - bytes_without) / n),
     }
 
 
-def bench_query(sizes: list[int], reps: int) -> list[dict[str, Any]]:
+def bench_query(sizes: list[int], reps: dict[str, int]) -> list[dict[str, Any]]:
     serving = ServingModel(vit_b32(), "ViT-B-32/random", None)
     print(
-        f"\n{'N':>7}{'off ms':>9}{'on ms':>9}{'on/off':>8}{'+ms':>7}{'rerank ms':>11}"
-        f"{'share':>7}{'encode ms':>11}{'rest off':>10}{'rest on':>9}{'on/off':>8}"
-        f"{'SQLite B/img':>14}{'with regions':>14}"
+        f"\n{'N':>7}{'method':>7}{'off ms':>9}{'on ms':>9}{'on/off':>8}{'+ms':>7}"
+        f"{'rerank ms':>11}{'share':>7}{'encode ms':>11}{'rest off':>10}{'rest on':>9}"
+        f"{'on/off':>8}{'SQLite B/img':>14}{'with regions':>14}{'growth':>8}"
     )
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="polar-regions-") as tmp:
-            row = bench_query_one(n, serving, reps, Path(tmp))
-        rows.append(row)
-        print(
-            f"{n:>7}{row['off_ms']:>9.1f}{row['on_ms']:>9.1f}{row['on_over_off']:>8.3f}"
-            f"{row['on_minus_off_ms']:>7.1f}{row['rerank_by_regions_ms']:>11.2f}"
-            f"{row['rerank_share_of_on']:>7.3f}{row['query_encoding_ms_on']:>11.1f}"
-            f"{row['without_encoding_off_ms']:>10.2f}{row['without_encoding_on_ms']:>9.2f}"
-            f"{row['without_encoding_on_over_off']:>8.2f}"
-            f"{row['sqlite_bytes_per_image_without_regions']:>14}"
-            f"{row['sqlite_bytes_per_image_with_regions']:>14}",
-            flush=True,
-        )
+            found = bench_query_one(n, serving, reps, Path(tmp))
+        rows.extend(found)
+        for row in found:
+            print(
+                f"{n:>7}{row['region_method']:>7}{row['off_ms']:>9.1f}{row['on_ms']:>9.1f}"
+                f"{row['on_over_off']:>8.3f}{row['on_minus_off_ms']:>7.1f}"
+                f"{row['rerank_by_regions_ms']:>11.2f}{row['rerank_share_of_on']:>7.3f}"
+                f"{row['query_encoding_ms_on']:>11.1f}{row['without_encoding_off_ms']:>10.2f}"
+                f"{row['without_encoding_on_ms']:>9.2f}{row['without_encoding_on_over_off']:>8.2f}"
+                f"{row['sqlite_bytes_per_image_without_regions']:>14}"
+                f"{row['sqlite_bytes_per_image_with_regions']:>14}"
+                f"{row['sqlite_growth_per_image']:>8}",
+                flush=True,
+            )
     return rows
 
 
 # -- storage --------------------------------------------------------------------------------
 
 
-def storage(dims: dict[str, int]) -> list[dict[str, Any]]:
-    """Bytes per image: whole float32 (D,) vs float16 (5, D) region blob (pack_regions)."""
+def storage(dims: dict[str, int], query_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes per image: whole float32 (D,) vs the float16 region blob (pack_regions) of crops
+    (5, D) and of both (10, D), computed; and the SQLite growth the query's libraries measured."""
     rows = []
-    print(f"\n{'model':<28}{'D':>5}{'whole B':>9}{'regions B':>11}{'regions/whole':>15}")
+    print(
+        f"\n{'model':<28}{'D':>5}{'whole B':>9}{'crops B':>9}{'both B':>8}{'crops/whole':>13}"
+        f"{'both/whole':>12}"
+    )
     for name, d in dims.items():
         whole = len(np.zeros(d, np.float32).tobytes())
-        blob = len(pack_regions(np.zeros((N_REGIONS, d), np.float32)))
-        row = {
-            "model": name,
-            "embed_dim": d,
-            "whole_bytes": whole,
-            "region_blob_bytes": blob,
-            "regions_over_whole": round(blob / whole, 3),
+        blob = {
+            m: len(pack_regions(np.zeros((N_REGIONS * len(method_kinds(m)), d), np.float32)))
+            for m in QUERY_METHODS
         }
+        row = {"model": name, "embed_dim": d, "whole_bytes": whole}
+        row |= {f"{m}_blob_bytes": blob[m] for m in ("crops", "both")}
+        row |= {f"{m}_over_whole": round(blob[m] / whole, 3) for m in ("crops", "both")}
         rows.append(row)
-        print(f"{name:<28}{d:>5}{whole:>9}{blob:>11}{blob / whole:>15.2f}")
-    return rows
+        print(
+            f"{name:<28}{d:>5}{whole:>9}{blob['crops']:>9}{blob['both']:>8}"
+            f"{blob['crops'] / whole:>13.2f}{blob['both'] / whole:>12.2f}"
+        )
+    measured = []
+    for q in query_rows:
+        blob = q["region_blob_bytes"]
+        measured.append(
+            {
+                "model": "ViT-B-32 (random weights)",
+                "n": q["n"],
+                "region_method": q["region_method"],
+                "region_layout": q["region_layout"],
+                "region_blob_bytes": blob,
+                "sqlite_growth_per_image": q["sqlite_growth_per_image"],
+                "growth_over_blob": round(q["sqlite_growth_per_image"] / blob, 3),
+            }
+        )
+        print(
+            f"SQLite growth per image, ViT-B-32, N = {q['n']}, {q['region_method']} "
+            f"({q['region_layout']}, {blob} B blob): {q['sqlite_growth_per_image']} B"
+        )
+    return {"computed": rows, "sqlite_measured": measured}
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -444,13 +528,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="few repetitions, 1k only; no JSON")
     p.add_argument("--demo-reps", type=int, default=15, help="batches per mode, demo model")
     p.add_argument("--vit-reps", type=int, default=6, help="batches per mode, ViT-B-32")
-    p.add_argument("--query-reps", type=int, default=80, help="searches per mode and size")
+    p.add_argument("--query-reps", type=int, default=80, help="searches per mode and size (both)")
+    p.add_argument(
+        "--crops-query-reps",
+        type=int,
+        default=40,
+        help="searches per mode and size for the crops-only row (0 = none)",
+    )
     p.add_argument("--sizes", default="1000,10000", help="library sizes for the query part")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {OUT.name})")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.demo_reps, args.vit_reps, args.query_reps, sizes = 3, 1, 5, [1000]
+        args.crops_query_reps = 3
     # One thread: the cores are shared, and the service runs torch with one (ModelSettings).
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -459,20 +550,24 @@ def main() -> None:
 
     head = f"{'indexing, batch of 32':<28}{'D':>5}"
     print(
-        f"{head}{'none img/s':>12}{'crops img/s':>13}{'pooled img/s':>14}"
-        f"{'crops/none':>12}{'pooled/none':>14}{'pooled/none per rep':>20}"
+        f"{head}{'none img/s':>12}{'crops img/s':>13}{'pooled img/s':>14}{'both img/s':>12}"
+        f"{'crops/none':>12}{'pooled/none':>13}{'both/none':>11}{'both/crops':>12}"
+        f"{'both/none per rep':>20}"
     )
     index_rows = [bench_index(f"{DEMO_MODEL_NAME} (bundled)", demo(), args.demo_reps)]
     index_rows.append(bench_index("ViT-B-32 (random weights)", vit_b32(), args.vit_reps))
-    query_rows = bench_query(sizes, args.query_reps)
-    storage_rows = storage({r["model"]: r["embed_dim"] for r in index_rows})
+    query_reps = {"both": args.query_reps, "crops": args.crops_query_reps}
+    query_rows = bench_query(sizes, query_reps)
+    storage_rows = storage({r["model"]: r["embed_dim"] for r in index_rows}, query_rows)
 
     result = {
         "indexing": {
             "image_size": list(IMAGE_SIZE),
             "batch": BATCH,
             "what": "as embed_pending on pre-opened images: none = encode_images; five = "
-            "encode_images + encode_regions (crops); pooled = embed_with_regions(method=pooled)",
+            "encode_images + encode_regions (crops); pooled = embed_with_regions(method=pooled); "
+            "both (the default) = embed_with_regions(method=pooled) + encode_regions (crops), "
+            "10 region rows (crops, then pooled)",
             "rows": index_rows,
         },
         "query": {
@@ -481,9 +576,20 @@ def main() -> None:
             "model": "ViT-B-32 (random weights), two random adapters with 5 photo embeddings",
             "backend": "sqlite",
             "region_candidates": SearchSettings().region_candidates,
+            "what": "search_images with regions on vs off (regions=none), interleaved, on the "
+            "same library; on = SearchSettings() for region_method both (the default: blobs of "
+            "10 rows, crops then pooled, region_layout five-both), SearchSettings("
+            "region_method=crops) for crops (blobs of 5 rows, region_layout five), the blobs "
+            "rewritten between the two",
             "rows": query_rows,
         },
-        "storage": storage_rows,
+        "storage": {
+            "what": "bytes per image of the float32 whole embedding and the float16 region blob: "
+            "crops (5 rows; pooled alone is the same) and both (10 rows), computed; the SQLite "
+            "file's growth per image when the blobs were added to the query's libraries "
+            "(ViT-B-32, after VACUUM), measured",
+            **storage_rows,
+        },
         "threads": 1,
         "total_s": round(time.perf_counter() - t_start, 1),
         "loadavg_before": load_before,
