@@ -8,7 +8,7 @@
    Fido + a Rex look-alike, a Fido look-alike + Rex and both look-alikes;
 4. registers Fido and Rex from five photos each and waits for training, printing progress;
 5. searches "Fido on the beach" and, for comparison, plain CLIP's "a hat on the beach"; then the
-   two-concept "Fido and Rex on the beach" (re-ranked by crops) against "a hat and a ball on
+   two-concept "Fido and Rex on the beach" (re-ranked by regions) against "a hat and a ball on
    the beach";
 6. prints the rankings and writes an HTML contact sheet (and a PNG of it) to demo-out/.
 """
@@ -231,7 +231,7 @@ def _table(
     show: int,
 ) -> list[Row]:
     """Prints the first `show` hits, marking those that show every concept in `want`."""
-    how = ", re-ranked by crops" if body.get("reranked") else ""
+    how = ", re-ranked by regions" if body.get("reranked") else ""
     print(f"\n{title}\n  encoded as: {body['rewritten']!r}   (model {body['model']}{how})")
     rows = []
     for hit in body["hits"]:
@@ -493,7 +493,7 @@ def _run(client: httpx.Client, a: argparse.Namespace, out: Path) -> int:
             ),
             ("Rex's five training photos", _photo_cells(rex_photos)),
             (
-                f"Personalized, re-ranked by crops: {pair_q!r}",
+                f"Personalized, re-ranked by regions: {pair_q!r}",
                 _hit_cells(client, rows_pair[: a.k], by_name, both),
             ),
             (
@@ -511,7 +511,7 @@ def _run(client: httpx.Client, a: argparse.Namespace, out: Path) -> int:
     )
     print(
         f"Fido-and-Rex-on-the-beach photos at ranks {pair_got} personalized "
-        f"({'re-ranked by crops' if pair_body.get('reranked') else 'not re-ranked'}) "
+        f"({'re-ranked by regions' if pair_body.get('reranked') else 'not re-ranked'}) "
         f"vs {pair_base} plain (top {deep})."
     )
     print(f"Contact sheet: {out / 'contact_sheet.html'} (and contact_sheet.png)")
