@@ -65,6 +65,7 @@ from app.ml.regions import (
     method_kinds,
     pack_regions,
     region_method,
+    rows_of_kind,
     split_regions,
     stored_layout,
     unpack_regions,
@@ -314,8 +315,7 @@ def time_phases(
             split_regions(unpack_regions(found[i].regions, dim), found[i].region_layout)
             for i in ids_
         ]
-        by_kind = {k: [r.get(k, np.zeros((0, bundle.embed_dim), np.float32)) for r in stored]
-                   for k in weights}  # fmt: skip
+        by_kind = {k: [rows_of_kind(r, k, dim) for r in stored] for k in weights}
         base = np.array([v for _, v in ranked], dtype=np.float32)
         t0 = time.perf_counter()
         recipe.rerank(base, enc.parts, whole, by_kind, weights)

@@ -105,6 +105,19 @@ def split_regions(regions: np.ndarray, key: str | None) -> dict[str, np.ndarray]
     return {kind: regions[..., n * boxes : (n + 1) * boxes, :] for n, kind in enumerate(kinds)}
 
 
+def rows_of_kind(stored: Mapping[str, np.ndarray], kind: str, dim: int) -> np.ndarray:
+    """One image's region rows of `kind` from its `split_regions`, (R, D). An image without that
+    kind (between the two passes of "both", or stored before a switch of method) gives the kind
+    it has instead, so it is still matched region by region; one without regions gives (0, D):
+    its whole embedding only."""
+    if kind in stored:
+        return stored[kind]
+    for other in REGION_KINDS:
+        if other in stored:
+            return stored[other]
+    return np.zeros((0, dim), dtype=np.float32)
+
+
 def embed_with_regions(
     bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
 ) -> tuple[np.ndarray, np.ndarray]:

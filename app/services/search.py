@@ -21,7 +21,7 @@ from app.errors import NotFound, QueryTooLong, ValidationFailed
 from app.ml.adapter import ConceptAdapter
 from app.ml.encode import count_tokens
 from app.ml.model import AdapterMismatchError
-from app.ml.regions import region_method, split_regions, unpack_regions
+from app.ml.regions import region_method, rows_of_kind, split_regions, unpack_regions
 from app.ml.threads import cpu_threads
 from app.ml.train import placeholder_phrase
 from app.models import Adapter, Concept, Image
@@ -188,8 +188,8 @@ def rerank_by_regions(
     """Candidates (vec id, score) re-scored with each concept's best region match of each kind
     that `weights` names, best first, and how many of them lacked one of those kinds.
 
-    Images embedded without those regions are matched on their whole embedding; rows deleted
-    since the index was read are dropped.
+    An image lacking a kind is matched on the kind it has (`rows_of_kind`), one without regions
+    on its whole embedding; rows deleted since the index was read are dropped.
     """
     if not ranked:
         return ranked, 0
@@ -204,8 +204,7 @@ def rerank_by_regions(
     stored = [
         split_regions(unpack_regions(rows[i].regions, dim), rows[i].region_layout) for i, _ in kept
     ]
-    empty = np.zeros((0, dim), dtype=np.float32)
-    regions = {kind: [s.get(kind, empty) for s in stored] for kind in weights}
+    regions = {kind: [rows_of_kind(s, kind, dim) for s in stored] for kind in weights}
     base = np.array([s for _, s in kept], dtype=np.float32)
     order, scores = recipe.rerank(base, parts, whole, regions, weights)
     reranked = [(kept[n][0], float(s)) for n, s in zip(order, scores, strict=True)]
@@ -480,9 +479,9 @@ def _rank(
     if missing:
         warnings.append(
             f"{missing} of the {len(ranked)} re-ranked "
-            "images have no region embeddings of the configured kind yet (still being "
-            "embedded, or added before the regions were on or changed: POST /index/rebuild "
-            "adds them); they were matched on the whole image only"
+            "images lack region embeddings of the configured kind (still being embedded, or "
+            "added before the regions were on or changed: POST /index/rebuild adds them); "
+            "they were matched on the regions they have, or on the whole image"
         )
     return ranked[:want]
 

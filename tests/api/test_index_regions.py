@@ -160,9 +160,14 @@ def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> 
         k: w for k, w in kinds.items() if k in cfg.region_method or cfg.region_method == "both"
     }
     empty = np.zeros((0, bundle.embed_dim), np.float32)
+
+    def rows(r: dict[str, np.ndarray], kind: str) -> np.ndarray:
+        # A kind the image lacks: the kind it has stands in; no regions: the whole image.
+        return r.get(kind, r.get("crops", r.get("pooled", empty)))
+
     scores = base.copy()
     for kind, weight in kinds.items():
-        scores += weight * region_match(enc.parts, whole, [r.get(kind, empty) for r in stored])
+        scores += weight * region_match(enc.parts, whole, [rows(r, kind) for r in stored])
     return dict(zip(ids, scores.tolist(), strict=True))
 
 
@@ -314,8 +319,7 @@ def test_candidates_without_crops_are_matched_whole_and_named_in_a_warning(
     body = api_client.get("/search", params=q, headers=user.headers).json()
     assert body["reranked"] is True
     assert any(
-        w.startswith("2 of the 6 re-ranked images have no region embeddings")
-        for w in body["warnings"]
+        w.startswith("2 of the 6 re-ranked images lack region embeddings") for w in body["warnings"]
     )
     expected = _expected(
         api_client, tiny_serving, body["rewritten"], api_client.app.state.settings.search
@@ -401,13 +405,13 @@ def test_a_switch_to_both_keeps_the_stored_crops(api_client, make_user, tiny_ser
     assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 3
 
 
-def test_candidates_with_one_kind_of_regions_match_the_other_on_the_whole(
+def test_candidates_with_one_kind_of_regions_are_matched_on_it_for_both(
     api_client,
     library,  # noqa: F811
     tiny_serving,  # noqa: F811
 ):
     """Method both, two images still holding crops only (embedded before the switch): their
-    pooled match falls back to the whole image, and a warning counts them."""
+    crops stand in for the pooled regions they lack, and a warning counts them."""
     user, ids = library
     _two_concepts(api_client, user, tiny_serving)
     rows = _rows(api_client)

@@ -20,6 +20,7 @@ from app.ml.regions import (
     region_match,
     rerank_scores,
     rerank_scores_by_kind,
+    rows_of_kind,
     split_regions,
     unpack_regions,
 )
@@ -191,3 +192,15 @@ def test_rerank_scores_by_kind_weighs_each_kind_on_its_own() -> None:
     missing = rerank_scores_by_kind(base, parts, whole, {"crops": crops}, {"pooled": 3.0})
     empty = np.zeros((3, 0, 8), dtype=np.float32)
     np.testing.assert_allclose(missing, base + 3.0 * region_match(parts, whole, empty), atol=1e-6)
+
+
+def test_rows_of_kind_stand_in_with_the_kind_an_image_has() -> None:
+    rows = unit_rows(np.random.default_rng(6).normal(size=(10, 8)))
+    both = split_regions(rows, "five-both")
+    np.testing.assert_array_equal(rows_of_kind(both, "pooled", 8), rows[5:])
+    np.testing.assert_array_equal(rows_of_kind(both, "crops", 8), rows[:5])
+    crops_only = split_regions(rows[:5], "five")
+    np.testing.assert_array_equal(rows_of_kind(crops_only, "pooled", 8), rows[:5])
+    pooled_only = split_regions(rows[5:], "five-pooled")
+    np.testing.assert_array_equal(rows_of_kind(pooled_only, "crops", 8), rows[5:])
+    assert rows_of_kind({}, "crops", 8).shape == (0, 8)
