@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from app.demo import quality
-from app.demo.world import render_examples
+from app.demo.world import TWIN_KINDS, render_examples
 
 MODEL_NAME = quality.MODEL_NAME
 CONFIG_FILE = quality.CONFIG_DIR / f"{MODEL_NAME}.json"
@@ -64,11 +64,12 @@ class PretrainConfig:
     model_config: Path = field(default=CONFIG_FILE)  # open_clip config, named polar-demo.json
     data_cache: Path | None = None  # .npz to reuse generated data across runs (same seed/images)
     init: Path | None = None  # checkpoint to start from (warm start); None = random init
-    # shape-twin pairs (World.shape_twin): examples images..images+twin_pairs-1 of the train
-    # split, each with its twin; `twin_share` of every batch's rows are such pairs, with
-    # full captions
+    # twin pairs (World.twin: shape twins, pattern twins, or both alternating): examples
+    # images..images+twin_pairs-1 of the train split, each with its twin; `twin_share` of
+    # every batch's rows are such pairs, with full captions
     twin_pairs: int = 0
     twin_share: float = 0.25
+    twin_kind: str = "shape"
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TrainData:
     caption_ids: torch.Tensor  # (N, C) int64 index into tokens, C captions per image
     tokens: torch.Tensor  # (U, context) int64, one row per distinct caption
     seconds: float
-    twin_start: int = -1  # rows from here on are (example, shape twin) pairs; -1 = none
+    twin_start: int = -1  # rows from here on are (example, twin) pairs; -1 = none
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,16 +137,16 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Any) -> torch.Tensor:
 
 
 def render_dataset(
-    seed: int, images: int, workers: int, start: int = 0, shape_twins: bool = False
+    seed: int, images: int, workers: int, start: int = 0, twins: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images (N, 64, 64, 3) uint8, caption ids (N, C) and distinct captions, in parallel.
 
-    Examples start..start+images-1 of the train split (each followed by its shape twin with
-    `shape_twins`). Workers are spawned, so a calling script needs the `__main__` guard.
+    Examples start..start+images-1 of the train split (each followed by its twin of kind
+    `twins`, World.twin). Workers are spawned, so a calling script needs the `__main__` guard.
     """
     stop = start + images
     ranges = [(s, min(s + CHUNK, stop)) for s in range(start, stop, CHUNK)]
-    task = partial(render_examples, seed, "train", shape_twins=shape_twins)
+    task = partial(render_examples, seed, "train", twins=twins)
     if workers == 1:
         parts = [task(*r) for r in ranges]
     else:  # spawn: forking a process that holds torch threads can deadlock
@@ -177,7 +178,9 @@ def load_data(cfg: PretrainConfig, tokenizer: Any, device: torch.device) -> Trai
             np.savez(cache, images=images, caption_ids=ids, captions=text, seed=cfg.seed)
     twin_start = -1
     if cfg.twin_pairs:
-        twin_cache = None if cache is None else cache.with_suffix(".twins.npz")
+        # shape twins keep the name earlier stages cached them under
+        suffix = ".twins.npz" if cfg.twin_kind == "shape" else f".twins-{cfg.twin_kind}.npz"
+        twin_cache = None if cache is None else cache.with_suffix(suffix)
         if twin_cache is not None and twin_cache.exists():
             with np.load(twin_cache) as z:
                 if (int(z["seed"]), len(z["images"])) != (cfg.seed, 2 * cfg.twin_pairs):
@@ -186,7 +189,7 @@ def load_data(cfg: PretrainConfig, tokenizer: Any, device: torch.device) -> Trai
                 t_captions = z["captions"].tobytes().decode().split("\n")
         else:
             t_images, t_ids, t_captions = render_dataset(
-                cfg.seed, cfg.twin_pairs, workers, start=cfg.images, shape_twins=True
+                cfg.seed, cfg.twin_pairs, workers, start=cfg.images, twins=cfg.twin_kind
             )
             if twin_cache is not None:
                 text = np.frombuffer("\n".join(t_captions).encode(), np.uint8)
@@ -334,7 +337,8 @@ def train(
             pair_cursor += per_batch
             twins = (n_reg + 2 * p[:, None] + torch.arange(2, device=device)).reshape(-1)
             idx = torch.cat([idx, twins])
-            pick = torch.cat([pick, torch.zeros_like(twins)])  # full captions name the variant
+            # full captions name what the twin changes (the variant word, the pattern words)
+            pick = torch.cat([pick, torch.zeros_like(twins)])
         caption = data.caption_ids[idx, pick]  # (B,)
         x = (data.images[idx].float() - mean) / std  # (B, 3, 64, 64)
         # bf16 autocast on CUDA only: on a CPU without bf16 units it ran 25x slower than fp32
@@ -412,6 +416,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         raise ValueError(f"the model config must be named {MODEL_NAME}.json")
     if not 0.0 < cfg.twin_share < 1.0:
         raise ValueError(f"--twin-share must lie between 0 and 1, not {cfg.twin_share}")
+    if cfg.twin_kind not in TWIN_KINDS:
+        raise ValueError(f"--twin-kind must be one of {list(TWIN_KINDS)}, not {cfg.twin_kind!r}")
     open_clip.add_model_config(cfg.model_config)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     data = load_data(cfg, tokenizer, device)
@@ -482,10 +488,16 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     p.add_argument("--data-cache", type=Path, default=None, help=".npz to reuse or create")
     p.add_argument("--init", type=Path, default=None, help="checkpoint to start from")
     p.add_argument(
-        "--twin-pairs", type=int, default=d.twin_pairs, help="shape-twin pairs (hard negatives)"
+        "--twin-pairs", type=int, default=d.twin_pairs, help="twin pairs (hard negatives)"
     )
     p.add_argument(
         "--twin-share", type=float, default=d.twin_share, help="share of a batch's rows in pairs"
+    )
+    p.add_argument(
+        "--twin-kind",
+        choices=TWIN_KINDS,
+        default=d.twin_kind,
+        help="what a pair's twin changes: the shape, the pattern, or both kinds alternating",
     )
     a = p.parse_args(argv)
     return PretrainConfig(
@@ -506,6 +518,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
         init=a.init,
         twin_pairs=a.twin_pairs,
         twin_share=a.twin_share,
+        twin_kind=a.twin_kind,
     )
 
 

@@ -26,6 +26,7 @@ SUPERSAMPLE = 3  # sub-pixels per pixel side when drawing objects (anti-aliased 
 SCENES: tuple[str, ...] = ("beach", "snow", "grass", "night", "kitchen", "forest")
 CATEGORIES: tuple[str, ...] = ("ball", "box", "cup", "star", "bottle", "hat")
 PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
+TWIN_KINDS: tuple[str, ...] = ("shape", "pattern", "both")  # hard negatives (World.twin)
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.10, 0.10),
     "orange": (1.00, 0.55, 0.05),
@@ -612,13 +613,39 @@ class World:
         ex = self._example(rng)
         return Image.fromarray(ex.image), list(ex.captions)
 
-    def _example(self, rng: np.random.Generator, variant_shift: int = 0) -> Example:
+    def pattern_twin(self, index: int, split: Split = "train") -> Example:
+        """`example(index, split)` with its first object in another pattern (a named one:
+        plain, striped, dotted, checkered).
+
+        Same scene, background, colours, shape, place and caption wording: the image and the
+        captions differ only in that object's pattern and the words that name it (a hard
+        negative, as `shape_twin` is for shapes).
+        """
+        shift = 1 + index % (len(PATTERNS) - 1)
+        return self._example(self.rng(split, index), pattern_shift=shift)
+
+    def twin(self, index: int, split: Split, kind: str) -> Example:
+        """The hard negative of `example(index, split)` of a twin kind: "shape", "pattern", or
+        "both" (shape twins for even indices, pattern twins for odd ones)."""
+        if kind not in TWIN_KINDS:
+            raise ValueError(f"unknown twin kind {kind!r}; known: {list(TWIN_KINDS)}")
+        if kind == "shape" or (kind == "both" and index % 2 == 0):
+            return self.shape_twin(index, split)
+        return self.pattern_twin(index, split)
+
+    def _example(
+        self, rng: np.random.Generator, variant_shift: int = 0, pattern_shift: int = 0
+    ) -> Example:
         scene = SCENES[int(rng.integers(len(SCENES)))]
         n = 2 if rng.random() < 0.3 else 1
         objects = [self.sample_instance(rng) for _ in range(n)]
         if variant_shift:  # after sampling: the same draws as the untouched example
             first = objects[0]
             objects[0] = replace(first, variant=(first.variant + variant_shift) % N_VARIANTS)
+        if pattern_shift:  # the pattern draws no numbers when drawn or captioned
+            first = objects[0]
+            k = (PATTERNS.index(first.pattern) + pattern_shift) % len(PATTERNS)
+            objects[0] = replace(first, pattern=PATTERNS[k])
         placed = self.layout(objects, rng)
         image = self.render_array(scene, placed, rng)
         captions = (
@@ -691,20 +718,20 @@ def caption_vocabulary() -> set[str]:
 
 
 def render_examples(
-    seed: int, split: Split, start: int, stop: int, shape_twins: bool = False
+    seed: int, split: Split, start: int, stop: int, twins: str | None = None
 ) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     """Examples start..stop-1 as one (n, 64, 64, 3) uint8 array and their captions (pool worker).
 
-    With `shape_twins`, each example is followed by its shape twin (2n rows).
+    With `twins` (a kind of `World.twin`), each example is followed by its twin (2n rows).
     """
     world = World(seed)
-    per = 2 if shape_twins else 1
+    per = 2 if twins else 1
     images = np.empty(((stop - start) * per, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     captions: list[tuple[str, ...]] = []
     for i in range(start, stop):
         exs = [world.example(i, split)]
-        if shape_twins:
-            exs.append(world.shape_twin(i, split))
+        if twins:
+            exs.append(world.twin(i, split, twins))
         for k, ex in enumerate(exs):
             images[(i - start) * per + k] = ex.image
             captions.append(ex.captions)

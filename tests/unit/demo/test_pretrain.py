@@ -196,3 +196,40 @@ def test_twin_pairs_fill_their_share_of_each_batch_with_full_captions(
         tail = rows[-2 * pairs_per_batch :]
         padded = [r + (0,) * (data.tokens.shape[1] - len(r)) for r in tail]
         assert all(r in full for r in padded)
+
+
+@pytest.mark.parametrize(
+    ("kind", "suffix"), [("pattern", ".twins-pattern.npz"), ("both", ".twins-both.npz")]
+)
+def test_twin_kind_picks_the_pairs_and_their_own_cache(
+    tmp_path: Path, kind: str, suffix: str
+) -> None:
+    import numpy as np
+    import open_clip
+
+    cfg = pretrain.PretrainConfig(
+        images=8, twin_pairs=4, twin_kind=kind, data_workers=1, out=tmp_path, seed=0,
+        data_cache=tmp_path / "d.npz",
+    )  # fmt: skip
+    open_clip.add_model_config(cfg.model_config)
+    tokenizer = open_clip.get_tokenizer(pretrain.MODEL_NAME)
+    data = pretrain.load_data(cfg, tokenizer, torch.device("cpu"))
+    world = World(0)
+    assert data.twin_start == 8 and len(data.images) == 8 + 8
+    for n in range(4):  # pair n: example 8 + n, then its twin of this kind
+        want = world.twin(8 + n, "train", kind).image
+        got = data.images[8 + 2 * n + 1].permute(1, 2, 0).numpy()
+        assert np.array_equal(got, want)
+    assert (tmp_path / f"d{suffix}").is_file()  # a shape-twin cache (d.twins.npz) is not reused
+    assert not (tmp_path / "d.twins.npz").exists()
+    again = pretrain.load_data(cfg, tokenizer, torch.device("cpu"))  # from the caches
+    assert torch.equal(again.images, data.images)
+
+
+def test_an_unknown_twin_kind_is_refused(tmp_path: Path) -> None:
+    cfg = pretrain.PretrainConfig(twin_kind="colour", out=tmp_path)
+    with pytest.raises(ValueError, match="--twin-kind must be one of"):
+        pretrain.run(cfg)
+    assert pretrain.parse_args(["--twin-kind", "pattern"]).twin_kind == "pattern"
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--twin-kind", "colour"])

@@ -297,7 +297,48 @@ def test_shape_twin_changes_only_the_first_objects_shape() -> None:
         pairs = zip(_words(ex.captions[0]), _words(twin.captions[0]), strict=True)
         full = [(x, y) for x, y in pairs if x != y]
         assert full == [(a.variant_name, b.variant_name)]
-    images, captions = render_examples(0, "train", 3, 5, shape_twins=True)
+    images, captions = render_examples(0, "train", 3, 5, twins="shape")
     assert len(images) == len(captions) == 4
     assert np.array_equal(images[1], world.shape_twin(3).image)
     assert captions[2] == world.example(4).captions
+
+
+def test_pattern_twin_changes_only_the_first_objects_pattern() -> None:
+    world = World(0)
+    pattern_words = set(PATTERNS) | set(COLORS) | {"and", "with", "dots"}
+
+    def rest(caption: str) -> list[str]:
+        return [w for w in _words(caption) if w not in pattern_words]
+
+    seen = set()
+    for i in range(12):
+        ex, twin = world.example(i), world.pattern_twin(i)
+        assert ex.scene == twin.scene and len(ex.objects) == len(twin.objects)
+        a, b = ex.objects[0].instance, twin.objects[0].instance
+        assert a.pattern != b.pattern and replace(b, pattern=a.pattern) == a
+        seen.add((a.pattern, b.pattern))
+        # the same place, the other objects untouched: only the first object's pattern moved
+        assert replace(twin.objects[0], instance=a) == ex.objects[0]
+        assert ex.objects[1:] == twin.objects[1:]
+        assert not np.array_equal(ex.image, twin.image)
+        # captioned in full, they differ in the words naming the pattern (and its colour) only
+        assert ex.captions[0] != twin.captions[0]
+        assert rest(ex.captions[0]) == rest(twin.captions[0])
+        for k in (1, 2, 3):  # the other captions draw the same words
+            assert rest(ex.captions[k]) == rest(twin.captions[k])
+    assert len({b for _, b in seen}) == len(PATTERNS)  # every pattern is some twin's
+
+
+def test_twin_kinds_dispatch_and_both_alternates() -> None:
+    world = World(0)
+    for i in range(4):
+        assert np.array_equal(world.twin(i, "train", "shape").image, world.shape_twin(i).image)
+        assert np.array_equal(world.twin(i, "train", "pattern").image, world.pattern_twin(i).image)
+        expected = world.shape_twin(i) if i % 2 == 0 else world.pattern_twin(i)
+        assert np.array_equal(world.twin(i, "train", "both").image, expected.image)
+    with pytest.raises(ValueError, match="unknown twin kind"):
+        world.twin(0, "train", "colour")
+    images, captions = render_examples(0, "train", 6, 8, twins="both")
+    assert np.array_equal(images[1], world.shape_twin(6).image)
+    assert np.array_equal(images[3], world.pattern_twin(7).image)
+    assert captions[3] == world.pattern_twin(7).captions
