@@ -7,11 +7,14 @@ user take `user: CurrentUser`; FastAPI caches dependencies per request, so the k
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -43,6 +46,8 @@ PUBLIC_PATHS = frozenset(
     }
 )
 
+log = logging.getLogger(__name__)
+
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
@@ -57,9 +62,23 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_db_session(request: Request) -> Iterator[Session]:
-    """One session per request; services commit, anything uncommitted is rolled back on close."""
-    with request.app.state.session_factory() as session:
+    """One session per request; services commit, anything uncommitted is rolled back on close.
+
+    Closing runs after the response is decided, possibly after it started. A connection the
+    database dropped meanwhile (a restart) makes the close's rollback fail; that error must not
+    reach the server, which would then cut the connection without an answer: the session's
+    connections are invalidated (the pool replaces them) and the failure logged.
+    """
+    session: Session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except SQLAlchemyError as exc:
+            log.warning("database session could not be closed cleanly, discarded: %s", exc)
+            with contextlib.suppress(SQLAlchemyError):  # nothing more to release
+                session.invalidate()
 
 
 def get_store(request: Request) -> ImageStore:

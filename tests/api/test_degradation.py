@@ -80,3 +80,37 @@ def test_a_full_or_read_only_disk_refuses_uploads_and_keeps_serving_reads(
     assert api_client.get("/concepts", headers=user.headers).json()["items"] == []
     data_dir = Path(api_client.app.state.settings.data_dir)
     assert not any((data_dir / "tmp").glob("upload-*"))
+
+
+def test_a_session_that_fails_to_close_does_not_cut_the_response(
+    api_client: TestClient, make_user: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database dropped the request's connection after the work was done (a restart under
+    load): closing the session fails. The answer still goes out whole; the failure is logged."""
+    from sqlalchemy.exc import OperationalError
+
+    user = make_user(api_client)
+    real = api_client.app.state.session_factory
+    closes: list[int] = []
+
+    def factory() -> Any:
+        session = real()
+        close = session.close
+
+        def failing_close() -> None:
+            close()
+            closes.append(1)
+            raise OperationalError("ROLLBACK", {}, Exception("terminating connection"))
+
+        session.close = failing_close
+        return session
+
+    api_client.app.state.session_factory = factory
+    try:
+        r = api_client.get("/images", headers=user.headers)  # the client re-raises server errors
+    finally:
+        api_client.app.state.session_factory = real
+    assert r.status_code == 200, r.text
+    assert r.json()["items"] == []
+    assert closes  # the failing close did run
+    assert "could not be closed cleanly" in caplog.text
