@@ -192,17 +192,24 @@ def embed_pending(
             repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
     crops = _pending(ctx, image_ids, current, stale_regions) if boxes else []
     total = max(1, work + cost * len(crops))
+    kinds = method_kinds(method)
     for start in range(0, len(crops), BATCH):
         batch = crops[start : start + BATCH]
-        readable = [
-            (i, im) for i, p in batch if (im := _open_rgb(store, p, side, roots)) is not None
-        ]
-        if readable:
+        found = _stored_kinds(ctx, [i for i, _ in batch], layout, bundle.embed_dim)
+        # Only an image lacking a kind is decoded: after a switch between methods every row
+        # may be stored already, and a re-pack costs no decode.
+        complete = {i for i, _ in batch if set(kinds) <= found.get(i, {}).keys()}
+        pictures = {
+            i: im
+            for i, p in batch
+            if i not in complete and (im := _open_rgb(store, p, side, roots)) is not None
+        }
+        ready = [i for i, _ in batch if i in complete or i in pictures]
+        if ready:
             with cpu_threads(threads):
-                pictures = [im for _, im in readable]
-                regions = _regions_of(ctx, bundle, readable, pictures, layout, method)
+                regions = _regions_of(bundle, ready, pictures, found, layout, method)
             with session_scope(ctx.session_factory) as s:
-                for (image_id, _), reg in zip(readable, regions, strict=True):
+                for image_id, reg in zip(ready, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
                     s.execute(
                         update(Image)
@@ -224,39 +231,48 @@ def _layout_of(key: str | None) -> str | None:
         return None
 
 
+def _stored_kinds(
+    ctx: JobContext, ids: Sequence[str], layout: str, dim: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """The region rows by kind that the images already have stored for `layout`."""
+    found: dict[str, dict[str, np.ndarray]] = {}
+    with session_scope(ctx.session_factory) as s:
+        rows = s.execute(
+            select(Image.id, Image.region_embeddings, Image.region_layout).where(
+                Image.id.in_(list(ids)),
+                Image.user_id == ctx.user_id,
+                Image.region_layout.is_not(None),
+            )
+        )
+        for image_id, blob, key in rows:
+            if _layout_of(key) == layout:
+                found[image_id] = split_regions(unpack_regions(blob, dim), key)
+    return found
+
+
 def _regions_of(
-    ctx: JobContext,
     bundle: ClipBundle,
-    readable: Sequence[tuple[str, PILImage.Image]],
-    pictures: list[PILImage.Image],
+    ids: Sequence[str],
+    pictures: dict[str, PILImage.Image],
+    found: dict[str, dict[str, np.ndarray]],
     layout: str,
     method: str,
 ) -> np.ndarray:
     """The images' region rows for the layout and a resolved method, (B, R_total, D).
 
-    A kind of region an image already has stored for this layout (its pooled regions from the
-    first pass, its crops from before a switch to "both", either from before a switch back) is
-    reused, so only what is missing is encoded: a switch from crops to both costs one pass per
-    image, not R + 1.
+    A kind of region an image already has stored for this layout (`found`: its pooled regions
+    from the first pass, its crops from before a switch to "both", either from before a switch
+    back) is reused, so only what is missing is encoded, from `pictures` (decoded images of
+    those that lack a kind): a switch from crops to both costs one pass per image, not R + 1,
+    and a switch from both to one kind none.
     """
-    ids = [image_id for image_id, _ in readable]
-    found: dict[str, dict[str, np.ndarray]] = {}
-    with session_scope(ctx.session_factory) as s:
-        rows = s.execute(
-            select(Image.id, Image.region_embeddings, Image.region_layout).where(
-                Image.id.in_(ids), Image.user_id == ctx.user_id, Image.region_layout.is_not(None)
-            )
-        )
-        for image_id, blob, key in rows:
-            if _layout_of(key) == layout:
-                found[image_id] = split_regions(unpack_regions(blob, bundle.embed_dim), key)
     boxes = layout_boxes(layout)
     out = np.empty((len(ids), len(method_kinds(method)) * len(boxes), bundle.embed_dim), np.float32)
     for n_kind, kind in enumerate(method_kinds(method)):
         rows_of = slice(n_kind * len(boxes), (n_kind + 1) * len(boxes))
         lacking = [n for n, i in enumerate(ids) if kind not in found.get(i, {})]
         if lacking:
-            sub = [pictures[n] for n in lacking]
+            sub = [pictures[ids[n]] for n in lacking]
             out[lacking, rows_of] = encode_regions_by(bundle, sub, layout, kind)
         for n, image_id in enumerate(ids):
             if kind in found.get(image_id, {}):

@@ -405,6 +405,40 @@ def test_a_switch_to_both_keeps_the_stored_crops(api_client, make_user, tiny_ser
     assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 3
 
 
+def test_a_switch_from_both_to_crops_repacks_without_decoding(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811
+    monkeypatch,
+):
+    """both -> crops: every crop is stored already, so the rebuild re-packs the rows and reads
+    no image file (a decode per photo would be wasted)."""
+    from app.services import embedding
+
+    cfg = api_client.app.state.settings.search
+    cfg.region_method = "both"
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(3))
+    wait_jobs(api_client)
+    before = {i: r.region_embeddings for i, r in _rows(api_client).items()}
+    opened: list[object] = []
+    monkeypatch.setattr(embedding, "_open_rgb", lambda *a, **_: opened.append(a))
+    cfg.region_method = "crops"
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 0
+    assert api_client.post("/index/rebuild", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    assert opened == []
+    rows = _rows(api_client)
+    d = tiny_serving.embed_dim
+    for image_id in ids:
+        assert rows[image_id].region_layout == "five"
+        np.testing.assert_array_equal(
+            unpack_regions(rows[image_id].region_embeddings, d),
+            unpack_regions(before[image_id], d)[:FIVE],
+        )
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 3
+
+
 def test_candidates_with_one_kind_of_regions_are_matched_on_it_for_both(
     api_client,
     library,  # noqa: F811
