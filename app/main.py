@@ -13,7 +13,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, bootstrap, web
-from app.api.deps import AUTH
+from app.api.deps import AUTH, KeyBeforeBody
 from app.api.errors import BodySizeLimit, install_error_handlers
 from app.api.interactive import InteractiveRequests
 from app.api.openapi import install_openapi
@@ -109,11 +109,19 @@ def create_app(
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     # Outermost but one: probes never wait behind the body limit, auth or a thread.
     app.add_middleware(health.HealthProbe)
+    # A body for a route that needs a key is read only once the key is good.
+    app.add_middleware(KeyBeforeBody, session_factory=container.session_factory)
     limits = settings.limits
-    # The largest sane request: a full upload. Each file is also capped while it is read.
+    # Each route's largest sane body: a full upload for the upload routes (each file is also
+    # capped while it is read), one image for Immich's /predict, a JSON document elsewhere.
     app.add_middleware(
         BodySizeLimit,
-        max_bytes=limits.max_files_per_request * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
+        routes=[*images.router.routes, *concepts.router.routes, *immich.router.routes],
+        limits={
+            "upload": limits.max_files_per_request
+            * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
+            "image": limits.max_upload_bytes + _PART_OVERHEAD_BYTES,
+        },
         max_other_bytes=limits.max_json_bytes,
     )
     app.include_router(health.router)

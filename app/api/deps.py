@@ -14,9 +14,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.errors import error_response
 from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
 from app.models import User
@@ -109,7 +114,7 @@ def authenticate(
     if getattr(route, "path", request.url.path) in PUBLIC_PATHS:
         return None
     if credentials is None:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        raise Unauthorized(_MISSING_KEY)
     user = users_service.authenticate(credentials.credentials, db_session=db_session)
     # End the read transaction: the connection goes back to the pool while the request waits
     # for a thread to run its route, so connections in use never outnumber request threads
@@ -119,6 +124,45 @@ def authenticate(
 
 
 AUTH = Depends(authenticate)
+
+_MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
+
+
+class KeyBeforeBody:
+    """ASGI middleware: a request with a body for a route that needs a key is refused (401)
+    before any of its body is read when the key is missing or bad.
+
+    The app-wide AUTH dependency runs only after FastAPI has parsed the body, so without this
+    anyone could make the server spool an upload's worth of bytes to answer 401. The same check
+    as AUTH (users.authenticate), with the same messages; AUTH still runs for the route. If the
+    check itself cannot run (the database is down), the request goes on and AUTH answers as it
+    would.
+    """
+
+    def __init__(self, app: ASGIApp, session_factory: sessionmaker[Session]) -> None:
+        self.app = app
+        self.session_factory = session_factory
+
+    def _check(self, key: str) -> None:
+        with self.session_factory() as db_session:
+            users_service.authenticate(key, db_session=db_session)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+            if has_body and scope["path"] not in PUBLIC_PATHS:
+                scheme, key = get_authorization_scheme_param(headers.get("authorization"))
+                try:
+                    if scheme.lower() != "bearer" or not key:
+                        raise Unauthorized(_MISSING_KEY)
+                    await run_in_threadpool(self._check, key)
+                except Unauthorized as e:
+                    await error_response(e)(scope, receive, send)
+                    return
+                except Exception:
+                    log.debug("key check before the body could not run", exc_info=True)
+        await self.app(scope, receive, send)
 
 
 def get_current_user(user: Annotated[User | None, AUTH]) -> User:

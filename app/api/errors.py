@@ -13,9 +13,11 @@ an unexpected exception), has this JSON body:
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,7 @@ from sqlalchemy import exc as sqlalchemy_exc
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
@@ -106,6 +109,16 @@ def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": body}
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that is always valid UTF-8: a message may quote what a client sent, and a lone
+    surrogate in it (from a JSON `"\\ud800"` escape, or undecodable bytes) cannot be encoded;
+    such a character becomes "?" instead of failing the response with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "replace")
+
+
 def _response(
     status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -113,12 +126,17 @@ def _response(
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     if status == 503:
         headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
-    return JSONResponse(error_body(code, message, detail), status_code=status, headers=headers)
+    return SafeJSONResponse(error_body(code, message, detail), status_code=status, headers=headers)
+
+
+def error_response(exc: DomainError) -> JSONResponse:
+    """The response for a domain error (for code outside FastAPI's handlers: middleware)."""
+    return _response(status_for(exc), exc.code, exc.message, exc.detail)
 
 
 async def handle_domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return _response(status_for(exc), exc.code, exc.message, exc.detail)
+    return error_response(exc)
 
 
 def _body_error(request: Request, exc: StarletteHTTPException) -> DomainError | None:
@@ -164,6 +182,11 @@ async def handle_validation_error(_request: Request, exc: Exception) -> JSONResp
         {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type"))}
         for e in exc.errors()
     ]
+    if any(p["type"] == "json_invalid" for p in problems):
+        # A body that is not JSON at all (cut off, say) is a bad request, like any other body
+        # the parsers cannot read; a JSON body with wrong fields is the 422 below.
+        why = "; ".join(str(p["msg"]) for p in problems if p["type"] == "json_invalid")
+        return _response(400, "bad_request", f"the request body is not valid JSON: {why}")
     where = "; ".join(f"{'.'.join(str(p) for p in pr['loc'])}: {pr['msg']}" for pr in problems)
     return _response(422, "validation_failed", f"invalid request: {where}", problems)
 
@@ -181,29 +204,72 @@ async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return _response(500, "internal_error", "internal server error")
 
 
+BodyKind = Literal["json", "upload", "image"]
+BODY_ATTR: Final = "polar_body"
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+
+
+def takes_body(kind: BodyKind) -> Callable[[_Endpoint], _Endpoint]:
+    """Mark a route's endpoint with the body it takes, for BodySizeLimit: "upload" (files, up to
+    the per-request file limit), "image" (one image and a few form fields). Unmarked routes
+    take at most a JSON document's size, whatever Content-Type the client claims."""
+
+    def mark(endpoint: _Endpoint) -> _Endpoint:
+        setattr(endpoint, BODY_ATTR, kind)
+        return endpoint
+
+    return mark
+
+
+def body_kinds(routes: Iterable[BaseRoute]) -> list[tuple[BaseRoute, BodyKind]]:
+    """The routes among `routes` whose endpoint is marked by `takes_body`, with their kind."""
+    return [
+        (route, kind)
+        for route in routes
+        if (kind := getattr(getattr(route, "endpoint", None), BODY_ATTR, None)) is not None
+    ]
+
+
 class BodySizeLimit:
     """ASGI middleware: refuse request bodies over the limit, in the JSON error shape.
 
-    File uploads (multipart) may have `max_bytes`; any other body (JSON) only `max_other_bytes`,
-    so a search request cannot make the server parse megabytes. A declared Content-Length over
-    the limit is answered before any byte is read; a body that turns out longer (chunked, or
-    lying) is cut off once it passes the limit. Starlette's own limiter answers in plain text,
-    hence this one.
+    The limit is the route's, not the client's to choose: routes marked with `takes_body`
+    (among `routes`, the app's routers' routes) may have `limits[kind]` bytes, every other
+    one (JSON, or none) only `max_other_bytes`, even when the client labels its body
+    multipart, so no request to a search route can make the server buffer megabytes. A
+    declared Content-Length over the limit is answered before any byte is read; a body that
+    turns out longer (chunked, or lying) is cut off once it passes the limit. Starlette's own
+    limiter answers in plain text, hence
+    this one.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_other_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Iterable[BaseRoute],
+        limits: dict[BodyKind, int],
+        max_other_bytes: int,
+    ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.max_other_bytes = max_bytes if max_other_bytes is None else max_other_bytes
+        self.marked = body_kinds(routes)
+        self.limits = limits
+        self.max_other_bytes = max_other_bytes
+
+    def limit_for(self, scope: Scope) -> int:
+        """The body limit of the marked route the request matches (path and method), else
+        the JSON one."""
+        for route, kind in self.marked:
+            if route.matches(scope)[0] is Match.FULL:
+                return self.limits.get(kind, self.max_other_bytes)
+        return self.max_other_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        multipart = headers.get("content-type", "").lower().startswith("multipart/form-data")
-        limit = self.max_bytes if multipart else self.max_other_bytes
-        message = f"the request is larger than the limit of {limit} bytes"
+        limit = self.limit_for(scope)
+        message = f"the request is larger than this route's limit of {limit} bytes"
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             detail = {"max_bytes": limit}

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.config import ImmichSettings, LimitSettings, SearchSettings
 from app.errors import (
+    DomainError,
     ImageTooLarge,
     InvalidImage,
     Misconfigured,
@@ -41,6 +42,7 @@ from app.ml.threads import cpu_threads
 from app.services import users as users_service
 from app.services.model import ServingModel
 from app.services.search import AdapterCache, embed_text
+from app.text import UnsafeText, check_text
 
 CLIP_TASK = "clip"
 TEXTUAL = "textual"
@@ -67,6 +69,8 @@ def parse_entries(raw: str | None) -> list[Entry]:
         request = json.loads(raw)
     except ValueError as e:
         raise ValidationFailed(f"'entries' is not JSON: {e}", code="invalid_entries") from e
+    except RecursionError as e:  # "[[[[...]]]]" nested past the parser's stack
+        raise ValidationFailed("'entries' is nested too deeply", code="invalid_entries") from e
     if not isinstance(request, dict) or not request:
         raise ValidationFailed(
             "'entries' must be a non-empty object {task: {type: {modelName, options}}}",
@@ -74,6 +78,7 @@ def parse_entries(raw: str | None) -> list[Entry]:
         )
     out: list[Entry] = []
     for task, types in request.items():
+        _check_name(task, "a task")
         if not isinstance(types, dict) or not types:
             raise ValidationFailed(
                 f"'entries.{task}' must be a non-empty object {{type: {{modelName}}}}",
@@ -87,8 +92,19 @@ def parse_entries(raw: str | None) -> list[Entry]:
                     f"'entries.{task}.{kind}' needs a string 'modelName' (and 'options' an object)",
                     code="invalid_entries",
                 )
+            _check_name(kind, f"the type of {task!r}")
+            _check_name(name, "modelName")
             out.append(Entry(task, kind, name, options or {}))
     return out
+
+
+def _check_name(value: str, what: str) -> None:
+    """ValidationFailed when a name from `entries` holds a NUL or a lone surrogate (a JSON
+    `"\\ud800"` escape): it could not be echoed in an answer nor matched."""
+    try:
+        check_text(value)
+    except UnsafeText as e:
+        raise ValidationFailed(f"'entries': {what}: {e}", code="invalid_entries") from e
 
 
 def accepted_model_names(serving: ServingModel) -> set[str]:
@@ -207,7 +223,9 @@ def decode_image(data: bytes, limits: LimitSettings) -> Image.Image:
         raise ImageTooLarge(f"the image has too many pixels: {e}") from e
     except UnidentifiedImageError as e:
         raise InvalidImage("not an image") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except DomainError:
+        raise
+    except Exception as e:  # a decoder fed hostile bytes may raise anything (TypeError, ...)
         raise InvalidImage(f"the image cannot be decoded (truncated or corrupt): {e}") from e
 
 

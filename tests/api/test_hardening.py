@@ -323,3 +323,96 @@ def test_openapi_public_routes_have_no_security_and_search_states_its_limits(cli
     for status in ("400", "413", "422"):
         assert status in doc["paths"]["/images"]["post"]["responses"]
     assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+# -- bodies: the route sets the limit, and a keyed route reads none without a good key --------
+
+
+def test_a_json_route_keeps_its_limit_when_the_body_claims_to_be_multipart(api_client, user):
+    """The client's Content-Type used to choose the limit: labelled multipart, a 2 MB body for
+    /search was read in full (the upload limit is gigabytes)."""
+    body = b"--b\r\n" + b"a" * (2 * 1024 * 1024)
+    headers = {**user.headers, "content-type": "multipart/form-data; boundary=b"}
+    r = api_client.post("/search", content=body, headers=headers)
+    assert_error(r, 413, "payload_too_large")
+    assert (
+        r.json()["error"]["detail"]["max_bytes"]
+        == api_client.app.state.settings.limits.max_json_bytes
+    )
+
+
+def _call(app: Any, middleware: Any, headers: dict[str, str], path: str = "/images") -> Any:
+    """Run one request through `middleware` alone; what it read of the body and what it sent."""
+    import asyncio
+
+    read: list[bytes] = []
+    sent: list[dict[str, Any]] = []
+    reached: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        read.append(b"x" * 1024)
+        return {"type": "http.request", "body": read[-1], "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def inner(*_: Any) -> None:
+        reached.append(True)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "app": app,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    asyncio.run(middleware(inner)(scope, receive, send))
+    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+    return status, read, reached
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Basic abc", "Bearer", "Bearer polar_bad", "Bearer polar_aaaaaaaa_bbbbbbbbbbbbbbbb"],
+)
+def test_an_upload_without_a_good_key_is_refused_before_its_body_is_read(
+    api_client, user, authorization
+):
+    """FastAPI parses a body before the AUTH dependency runs: a key-less 100 MB upload was
+    spooled to disk to answer 401. The gate answers first and reads nothing."""
+    from app.api.deps import KeyBeforeBody
+
+    factory = api_client.app.state.session_factory
+    headers = {"content-type": "multipart/form-data; boundary=b", "content-length": str(10**8)}
+    if authorization is not None:
+        headers["authorization"] = authorization
+
+    def gate(inner: Any) -> Any:
+        return KeyBeforeBody(inner, session_factory=factory)
+
+    status, read, reached = _call(api_client.app, gate, headers)
+    assert (status, read, reached) == (401, [], [])
+    # With the user's key the request goes on to the app, which reads the body.
+    status, read, reached = _call(
+        api_client.app, gate, {**headers, "authorization": user.headers["Authorization"]}
+    )
+    assert reached == [True]
+    # Public routes (Immich's /predict sends no key) are not gated.
+    assert _call(api_client.app, gate, headers, path="/predict")[2] == [True]
+
+
+def test_an_upload_without_a_key_gets_the_usual_401(api_client, user):  # noqa: ARG001
+    files = [("files", ("a.png", b"\x89PNG" + b"0" * 5000, "image/png"))]
+    r = api_client.post("/images", files=files)
+    assert_error(r, 401, "unauthorized")
+    r = api_client.post("/images", files=files, headers={"Authorization": "Bearer polar_x_y"})
+    assert_error(r, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("body", ['{"q":', '{"q": "hat"', "{", '{"q": "hat"}}'])
+def test_a_body_that_is_not_json_is_400(api_client, user, body):
+    r = api_client.post("/search", content=body, headers={**user.headers, **JSON})
+    assert_error(r, 400, "bad_request")
+    assert "not valid JSON" in r.json()["error"]["message"]

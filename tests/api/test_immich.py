@@ -130,6 +130,13 @@ def test_visual_answers_embedding_and_size(bridge) -> None:
         (json.dumps({"clip": {"textual": {"modelName": 3}}}), "invalid_entries"),
         (json.dumps({"clip": {"sideways": {"modelName": "x"}}}), "invalid_entries"),
         (json.dumps({"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}), "model_mismatch"),
+        # Nested past the JSON parser's stack, and lone surrogates (JSON escapes) in each name
+        # the answer would echo: all were 500s that cut the connection.
+        ("[" * 100_000 + "]" * 100_000, "invalid_entries"),
+        ('{"clip": {"textual": {"modelName": "\\ud800"}}}', "invalid_entries"),
+        ('{"\\ud800": {"textual": {"modelName": "x"}}}', "invalid_entries"),
+        ('{"clip": {"\\udfff": {"modelName": "x"}}}', "invalid_entries"),
+        ('{"clip": {"textual": {"modelName": "a\\u0000"}}}', "invalid_entries"),
         (
             json.dumps(
                 {"clip": {"textual": {"modelName": "x"}}, "ocr": {"ocr": {"modelName": "y"}}}
@@ -143,6 +150,27 @@ def test_bad_requests_get_a_clear_4xx(bridge, entries: str, code: str) -> None:
     r = predict_text(client, entries, "a dog")
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == code
+
+
+def test_a_nul_in_the_text_is_a_422(bridge) -> None:
+    client, _ = bridge
+    r = predict_text(client, textual(tiny_name()), "a dog\x00")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "validation_failed"
+
+
+def test_predict_takes_one_image_not_a_whole_upload(bridge) -> None:
+    """/predict takes no key, so its body limit is one image's, not the upload routes'."""
+    client, _ = bridge
+    limits = client.app.state.settings.limits
+    over = limits.max_upload_bytes + 1024 * 1024
+    r = client.post(
+        "/predict",
+        content=b"x",
+        headers={"content-type": "multipart/form-data; boundary=b", "content-length": str(over)},
+    )
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["detail"]["max_bytes"] < over
 
 
 def test_missing_inputs_are_4xx(bridge) -> None:

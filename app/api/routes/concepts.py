@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
+from app.api.errors import takes_body
 from app.api.params import ConceptId, Cursor, ExampleId, LibraryImageIds, PageLimit
 from app.errors import NotFound
 from app.schemas import (
@@ -70,8 +71,9 @@ def _incoming(files: list[UploadFile] | None) -> list[IncomingFile]:
     status_code=202,
     response_model=ConceptJobResponse,
     summary="Create a concept from photos; it trains in the background",
-    responses=errors(409, 413, 415, 422),
+    responses=errors(404, 409, 413, 415, 422),
 )
+@takes_body("upload")
 def create_concept(
     name: Annotated[
         CleanStr, Form(description="what queries call it, e.g. Fido (1-64 characters)")
@@ -158,6 +160,7 @@ def update_concept(
     summary="Add photos to a concept; a new version trains on all of them",
     responses=errors(404, 413, 415, 422),
 )
+@takes_body("upload")
 def add_examples(
     concept_id: ConceptId,
     user: CurrentUser,

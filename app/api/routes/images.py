@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import Field
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
+from app.api.errors import takes_body
 from app.api.params import Cursor, ImageId, PageLimit
 from app.errors import NotFound, ValidationFailed
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
@@ -32,6 +33,7 @@ _IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
     summary="Upload images (one or many); they are embedded in the background",
     responses=errors(409, 413, 415, 422),
 )
+@takes_body("upload")
 def upload_images(
     files: Annotated[
         list[UploadFile],

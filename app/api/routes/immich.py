@@ -18,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import SearchContextDep, SessionDep
+from app.api.errors import takes_body
 from app.errors import ValidationFailed
 from app.services import immich as service
+from app.text import UnsafeText, clean_text
 
 router = APIRouter(tags=["immich"], include_in_schema=False)
 
@@ -31,6 +33,7 @@ def ping() -> PlainTextResponse:
 
 
 @router.post("/predict")
+@takes_body("image")
 async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDep) -> Response:
     """CLIP requests answered here; every other task forwarded (or refused)."""
     body = await request.body()  # kept: the form is parsed from it, and forwarded unchanged
@@ -76,6 +79,13 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
 
 
 def _text_field(value: object, name: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise ValidationFailed(f"the form field {name!r} must be text, not a file", code="no_input")
+    """A text form field, checked and normalised like every string of the API (app.text): a NUL
+    or a lone surrogate is a 422, not a 500 later."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationFailed(f"the form field {name!r} must be text, not a file", code="no_input")
+    try:
+        return clean_text(value)
+    except UnsafeText as e:
+        raise ValidationFailed(f"the form field {name!r}: {e}") from e
