@@ -332,8 +332,9 @@ def create_concept(
     The photos are the uploaded `files` and the user's library images `image_ids`, together.
     """
     name, category = clean_name(name), clean_category(category)
+    image_ids = list(dict.fromkeys(image_ids))  # an id sent twice is one photo
     sent = len(files) + len(image_ids)
-    if not training.min_photos <= sent <= training.max_photos:
+    if sent < training.min_photos:
         raise _photo_range_error(sent, training, "got")
     _check_name_free(db_session, user_id, name)
     uploads, library, staged = _gather_photos(
@@ -341,8 +342,10 @@ def create_concept(
     )
     created_paths: list[str] = []
     try:
+        # The maximum is checked here, on distinct photos: the same bytes sent twice count once
+        # (the form's file limit bounds what is read before).
         photos = _distinct([*uploads, *library], set())
-        if len(photos) < training.min_photos:
+        if not training.min_photos <= len(photos) <= training.max_photos:
             raise _photo_range_error(len(photos), training, "got (duplicates count once)")
         concept = Concept(
             id=new_id(),
@@ -459,14 +462,12 @@ def add_examples(
     The photos are the uploaded `files` and the user's library images `image_ids`, together.
     """
     _get(db_session, user_id, concept_id)  # 404 before reading any upload
-    sent = len(files) + len(image_ids)
-    if not sent:
+    image_ids = list(dict.fromkeys(image_ids))  # an id sent twice is one photo
+    if not files and not image_ids:
         raise ValidationFailed(
             "send at least one photo: files in the form field 'files' or library images in "
             "'image_ids'"
         )
-    if sent > training.max_photos:
-        raise _photo_range_error(sent, training, "this request sends")
     uploads, library, staged = _gather_photos(
         db_session, store, limits, user_id, files, image_ids, library_roots
     )

@@ -831,6 +831,30 @@ def test_uploads_and_library_images_mix_and_count_once(client, user):
 
 
 @pytest.mark.usefixtures("manual_jobs")
+def test_repeats_do_not_count_against_the_maximum(client, user):
+    """The maximum is of distinct photos, like the minimum: 16 ids naming 3 images, or the same
+    upload 14 times, were refused as too many."""
+    ids = library(client, user, 4)
+    r = client.post(
+        "/concepts", data={"name": "Fido", "image_ids": ids[:3] * 5 + ids[:1]}, headers=user.headers
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["concept"]["example_count"] == 3
+    cid = r.json()["concept"]["id"]
+    r = client.post(
+        f"/concepts/{cid}/examples", data={"image_ids": [ids[3]] * 14}, headers=user.headers
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["concept"]["example_count"] == 4
+    same = [("files", (f"s{i}.png", photo(200), "image/png")) for i in range(14)]
+    r = client.post(
+        "/concepts", data={"name": "Rex"}, files=same + photos(2, 300), headers=user.headers
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["concept"]["example_count"] == 3
+
+
+@pytest.mark.usefixtures("manual_jobs")
 def test_this_is_fido_adds_library_images_as_a_new_version(client, user):
     c = create(client, user, files=photos(3)).json()["concept"]
     ids = library(client, user, 2)
