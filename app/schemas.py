@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.config import MAX_CONCEPT_IDS
 from app.models import ConceptExample, Image, Job, Library
-from app.text import clean_text
+from app.text import check_path_text, clean_text
 
 _IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
 _JOB_ID = "0b7e4a91-5c2d-4d8e-8a43-7d6b1e9f2c33"
@@ -621,7 +621,8 @@ class RebuildOut(BaseModel):
 class LibraryIn(BaseModel):
     """A folder to index in place."""
 
-    path: CleanStr = Field(
+    # Taken exactly as given (checked, never normalised: file names are bytes; app/text.py).
+    path: Annotated[str, AfterValidator(check_path_text)] = Field(
         min_length=1, max_length=4096, description="absolute path under an allowed root"
     )
 

@@ -38,6 +38,24 @@ def check_text(value: str) -> str:
     return value
 
 
+# C0 and C1 control characters (and DEL): never part of a name a person typed or reads.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_path_text(value: str) -> str:
+    """A file-system path, checked like any text (see `check_text`) and refused if it holds a
+    control character, but never normalised: a file's name is its bytes, so "Café" in NFD (as
+    macOS writes it) or "ｂｏｂ" (full width) names another file than its NFKC form."""
+    check_text(value)
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise UnsafeText(
+            f"the path contains a control character (U+{ord(bad.group()):04X}) "
+            f"at position {bad.start()}"
+        )
+    return value
+
+
 def clean_text(value: str) -> str:
     """Checked (see `check_text`) and in the service's one normal form, NFKC."""
     return unicodedata.normalize(NORMAL_FORM, check_text(value))
