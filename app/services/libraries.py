@@ -6,6 +6,10 @@ another library's folder (or one inside or around it) is refused. A scan walks t
 batches of `library.batch` files, each in a short transaction; rows it did not see this time
 (their scan_generation is older) leave the index at the end; a file whose content the user
 already has at a path that is gone is a move: the row keeps its id and takes the new path.
+
+Every path that reaches the database or a report is valid UTF-8 text: a file or folder whose
+name is not (Latin-1 names from old shares: Python keeps their bytes as lone surrogates) is
+skipped with a reason, its name shown with the bad bytes escaped ("caf\\xe9.jpg").
 """
 
 from __future__ import annotations
@@ -41,6 +45,24 @@ def allowed_roots(settings: Settings) -> list[Path]:
     return [r.resolve() for r in settings.library.roots]
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` is valid UTF-8 text (a name from the file system is not when its bytes
+    were not: Python keeps them as lone surrogates, which no database or JSON can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(path: str | Path) -> str:
+    """`path` as safe text for a report or a log: bytes that are not UTF-8 escaped (\\xe9)."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to ("\\ud800")
+        return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def confine_folder(raw: str, settings: Settings) -> Path:
     """The resolved folder `raw` names, if it is an existing folder under an allowed root."""
     roots = allowed_roots(settings)
@@ -56,6 +78,8 @@ def confine_folder(raw: str, settings: Settings) -> Path:
         raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
     try:  # what the file system says of a path a user typed: any error is a clear 422
         real = p.resolve()
+        if not is_utf8(str(real)):  # a symlink on the way leads to a name that is not UTF-8
+            raise ValueError(f"it leads to {shown(real)}, a name that is not valid UTF-8")
         is_dir = real.is_dir()
     except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, a symlink loop
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -173,7 +197,7 @@ class ScanReport:
     def skip(self, path: str | Path, reason: str) -> None:
         self.skipped_count += 1
         if len(self.skipped) < self.max_reported:
-            self.skipped.append({"path": str(path), "reason": reason})
+            self.skipped.append({"path": shown(path), "reason": reason})
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -187,18 +211,29 @@ def _why(e: OSError) -> str:
     return f"unreadable: {e.strerror or e}"
 
 
+NOT_UTF8_FOLDER = "the folder's name is not valid UTF-8; rename it to index what it holds"
+NOT_UTF8_FILE = "the file's name is not valid UTF-8; rename it to index it"
+
+
 def _walk(folder: Path, report: ScanReport) -> Iterator[Path]:
-    """Every file path in the folder (sorted, symlinks not followed out of it)."""
+    """Every file path in the folder (sorted, symlinks not followed out of it), all of them
+    valid UTF-8 text: a folder whose name is not is skipped whole, a file so named too."""
     for dirpath, dirnames, filenames in os.walk(
         folder, followlinks=False, onerror=lambda e: report.skip(e.filename, _why(e))
     ):
-        dirnames.sort()
         base = Path(dirpath)
+        for name in sorted(d for d in dirnames if not is_utf8(d)):
+            dirnames.remove(name)  # not walked into: every path under it has this name
+            report.skip(base / name, NOT_UTF8_FOLDER)
+        dirnames.sort()
         for name in list(dirnames):
             if (base / name).is_symlink():
                 report.skip(base / name, "a symlinked folder is not followed")
         for name in sorted(filenames):
             p = base / name
+            if not is_utf8(name):
+                report.skip(p, NOT_UTF8_FILE)
+                continue
             if p.is_symlink():
                 try:
                     target = p.resolve()

@@ -1,9 +1,10 @@
-"""/libraries and the bytes of file names: a path is taken as given, never normalised, on SQLite
+"""/libraries and the bytes of file names: names that are not UTF-8, names not in NFKC, on SQLite
 and PostgreSQL."""
 
 from __future__ import annotations
 
 import json
+import os
 import unicodedata
 from pathlib import Path
 
@@ -20,6 +21,93 @@ def add(client, user, path: str | Path):
     body = json.dumps({"path": str(path)})  # ASCII: "\\ud800" escapes a lone surrogate
     headers = {**user.headers, "Content-Type": "application/json"}
     return client.post("/libraries", content=body, headers=headers)
+
+
+def test_a_library_with_files_named_in_latin1_indexes_the_rest_and_reports_them(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+):
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    raw = os.fsencode(lib)
+    (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=11))
+    Path(os.fsdecode(raw + b"/caf\xe9.jpg")).write_bytes(noisy_jpeg(seed=12))  # Latin-1 "é"
+    sub = Path(os.fsdecode(raw + b"/d\xe9j\xe0"))  # a folder so named: its subtree is skipped
+    (sub / "deeper").mkdir(parents=True)
+    (sub / "inside.jpg").write_bytes(noisy_jpeg(seed=13))
+    (sub / "deeper" / "more.jpg").write_bytes(noisy_jpeg(seed=14))
+    r = add(api_client, user, lib)
+    assert r.status_code == 202, r.text
+    lib_id = r.json()["id"]
+    wait_jobs(api_client)  # fails if the scan failed
+    rep = report(api_client, user, lib_id)  # a 200, with text that is valid UTF-8
+    assert (rep["added"], rep["skipped_count"]) == (1, 2), rep
+    reasons = {s["path"]: s["reason"] for s in rep["skipped"]}
+    assert set(reasons) == {f"{lib}/caf\\xe9.jpg", f"{lib}/d\\xe9j\\xe0"}, reasons
+    assert "not valid UTF-8" in reasons[f"{lib}/caf\\xe9.jpg"]
+    assert "folder" in reasons[f"{lib}/d\\xe9j\\xe0"]
+    assert set(paths(api_client, user)) == {str(lib / "ok.jpg")}
+    assert api_client.get("/libraries", headers=user.headers).status_code == 200
+    # The next scan sees the same; a new file beside them is indexed.
+    (lib / "new.jpg").write_bytes(noisy_jpeg(seed=15))
+    assert api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    rep = report(api_client, user, lib_id)
+    assert (rep["added"], rep["unchanged"], rep["skipped_count"]) == (1, 1, 2), rep
+    assert set(paths(api_client, user)) == {str(lib / "ok.jpg"), str(lib / "new.jpg")}
+
+
+def test_a_link_or_fifo_named_in_latin1_is_skipped_and_the_library_still_reads(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+):
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    raw = os.fsencode(lib)
+    (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=21))
+    (tmp_path / "secret.jpg").write_bytes(noisy_jpeg(seed=22))
+    os.symlink(os.fsencode(tmp_path / "secret.jpg"), raw + b"/lnk_\xff.jpg")  # leads out
+    os.symlink(os.fsencode(lib / "ok.jpg"), raw + b"/in_\xfe.jpg")  # stays in
+    os.mkfifo(raw + b"/fifo_\xfd")
+    os.symlink(os.fsencode(tmp_path), raw + b"/dir_\xfc")  # a linked folder
+    r = add(api_client, user, lib)
+    assert r.status_code == 202, r.text
+    lib_id = r.json()["id"]
+    wait_jobs(api_client)
+    rep = report(api_client, user, lib_id)
+    assert (rep["added"], rep["skipped_count"]) == (1, 4), rep
+    assert {s["path"] for s in rep["skipped"]} == {
+        f"{lib}/lnk_\\xff.jpg",
+        f"{lib}/in_\\xfe.jpg",
+        f"{lib}/fifo_\\xfd",
+        f"{lib}/dir_\\xfc",
+    }
+    assert all("not valid UTF-8" in s["reason"] for s in rep["skipped"]), rep
+    listing = api_client.get("/libraries", headers=user.headers)
+    assert listing.status_code == 200 and listing.json()["items"][0]["report"] == rep
+    assert set(paths(api_client, user)) == {str(lib / "ok.jpg")}
+
+
+def test_a_folder_that_leads_to_a_name_not_in_utf8_is_refused_clearly(
+    api_client,
+    make_user,
+    tmp_path,
+):
+    user = make_user(api_client)
+    photos = tmp_path / "photos"
+    target = Path(os.fsdecode(os.fsencode(photos) + b"/caf\xe9"))
+    target.mkdir()
+    (photos / "link").symlink_to(target)
+    for path in (photos / "link", photos / "link" / "sub"):
+        r = add(api_client, user, path)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_path" and "caf\\xe9" in error["message"], error
+    assert api_client.get("/libraries", headers=user.headers).json()["items"] == []
 
 
 @pytest.mark.parametrize(
