@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, bootstrap, web
 from app.api.deps import AUTH, KeyBeforeBody
-from app.api.errors import BodySizeLimit, install_error_handlers
+from app.api.errors import BodySizeLimit, Utf8Url, install_error_handlers
 from app.api.interactive import InteractiveRequests
 from app.api.openapi import install_openapi
 from app.api.routes import (
@@ -109,6 +109,8 @@ def create_app(
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     # Outermost but one: probes never wait behind the body limit, auth or a thread.
     app.add_middleware(health.HealthProbe)
+    # Path and query string: UTF-8 or a 422, before anything decodes them with replacements.
+    app.add_middleware(Utf8Url)
     # A body for a route that needs a key is read only once the key is good.
     app.add_middleware(KeyBeforeBody, session_factory=container.session_factory)
     limits = settings.limits

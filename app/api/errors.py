@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -287,6 +288,29 @@ class BodySizeLimit:
             return event
 
         await self.app(scope, limited_receive, send)
+
+
+class Utf8Url:
+    """ASGI middleware: a URL whose path or query string, percent-decoded, is not UTF-8 is a
+    422 `invalid_utf8`, like such a body. Starlette decodes both with replacement characters,
+    so `?q=%FF` used to be searched for as "\ufffd" and a lone surrogate (`%ED%A0%80`) never
+    reached the checks that refuse it elsewhere."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw_path = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "replace")
+            parts = (("path", raw_path), ("query string", scope.get("query_string", b"")))
+            for what, raw in parts:
+                try:
+                    unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+                except UnicodeDecodeError:
+                    message = f"the URL's {what} is not valid UTF-8 (percent-decoded)"
+                    await _response(422, "invalid_utf8", message)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

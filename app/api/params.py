@@ -7,10 +7,11 @@ the OpenAPI schema (the configured limits are filled in by app/api/openapi.py).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Form, Path, Query
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from app.schemas import CURSOR_DOC, CURSOR_MAX_CHARS, CURSOR_PATTERN, ID_MAX_CHARS, CleanStr
 
@@ -42,7 +43,21 @@ LibraryImageIds = Annotated[
     ),
 ]
 
-PageLimit = Annotated[int, Query(ge=1, le=PAGE_MAX, description=f"page size, 1 to {PAGE_MAX}")]
+_DIGITS = re.compile(r"[+-]?[0-9]+")
+
+
+def _integer_text(value: object) -> object:
+    """A query parameter is text; only digits (with a sign) are an integer. Pydantic's lax mode
+    also takes "5.0", "5_000" or " 5 ", which the API documents as a 422."""
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("must be a whole number written in digits")
+    return value
+
+
+# An integer query parameter; wrap it in Annotated with its Query(...).
+IntParam = Annotated[int, BeforeValidator(_integer_text)]
+
+PageLimit = Annotated[IntParam, Query(ge=1, le=PAGE_MAX, description=f"page size, 1 to {PAGE_MAX}")]
 # The pattern is documented, not enforced here: the service answers `invalid_cursor` for any
 # cursor it did not issue.
 Cursor = Annotated[

@@ -7,6 +7,7 @@ The query math is `app.services.recipe` (shared with the benchmark); the SQL is 
 from __future__ import annotations
 
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -211,9 +212,14 @@ def rerank_by_regions(
     return reranked, sum(any(kind not in s for kind in weights) for s in stored)
 
 
+# Characters that show nothing: whitespace, controls, and format characters (zero-width space
+# and joiner, bidi marks), which str.split does not count as space.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
 def validate_query(query: str, limits: LimitSettings) -> str:
     text = " ".join(query.split())
-    if not text:
+    if all(unicodedata.category(ch) in _INVISIBLE for ch in text):
         raise ValidationFailed("the query is empty; say what to look for", code="empty_query")
     if len(text) > limits.max_query_chars:
         raise QueryTooLong(

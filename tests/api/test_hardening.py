@@ -416,3 +416,25 @@ def test_a_body_that_is_not_json_is_400(api_client, user, body):
     r = api_client.post("/search", content=body, headers={**user.headers, **JSON})
     assert_error(r, 400, "bad_request")
     assert "not valid JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/search?q=%FF",
+        "/search?q=hat%ED%A0%80",  # a UTF-8-encoded lone surrogate
+        "/search?q=hat&k=%C3",
+        "/images/%ED%A0%80/file",
+        "/concepts/abc%FF",
+    ],
+)
+def test_a_url_that_is_not_utf8_is_422_not_replaced(api_client, user, url):
+    """Starlette decoded these with replacement characters: the search ran for "\ufffd"."""
+    r = api_client.get(url, headers=user.headers)
+    assert_error(r, 422, "invalid_utf8")
+
+
+def test_a_percent_encoded_utf8_url_is_fine(api_client, user):
+    r = api_client.get("/search?q=caf%C3%A9+%E2%98%95", headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["query"] == "café ☕"

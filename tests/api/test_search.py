@@ -116,6 +116,14 @@ def test_index_file_is_persisted_and_a_corrupt_one_is_rebuilt(api_client, librar
         ({"q": "hat", "k": 0}, None),
         ({"q": "hat", "k": 10_000}, "invalid_k"),
         ({"q": "hat", "offset": -1}, None),
+        # Nothing visible: zero-width space, joiner and a bidi mark were searched for.
+        ({"q": "\u200b\u200b"}, "empty_query"),
+        ({"q": " \u200d \u200e\u2060 "}, "empty_query"),
+        # Integers are written in digits: pydantic's lax mode took these.
+        ({"q": "hat", "k": "5.0"}, None),
+        ({"q": "hat", "k": "1e1"}, None),
+        ({"q": "hat", "offset": "1_0"}, None),
+        ({"q": "hat", "k": " 5"}, None),
     ],
 )
 def test_bad_queries_get_422_with_the_error_shape(api_client, library, params, code):

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentUser, SearchContextDep, SessionDep
+from app.api.params import IntParam
 from app.schemas import (
     K_DOC,
     OFFSET_DOC,
@@ -80,8 +81,8 @@ def search_get(
     db_session: SessionDep,
     ctx: SearchContextDep,
     q: Annotated[CleanStr, Query(description=Q_DOC, examples=["Fido at the beach"])],
-    k: Annotated[int, Query(ge=1, description=K_DOC)] = 20,
-    offset: Annotated[int, Query(ge=0, description=OFFSET_DOC)] = 0,
+    k: Annotated[IntParam, Query(ge=1, description=K_DOC)] = 20,
+    offset: Annotated[IntParam, Query(ge=0, description=OFFSET_DOC)] = 0,
     personalize: Annotated[bool, Query(description="false = plain CLIP")] = True,
 ) -> SearchResponse:
     """Names of your concepts in `q` (any case, whole words, "Fido's") personalise the search."""
