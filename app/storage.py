@@ -18,9 +18,10 @@ import hashlib
 import io
 import os
 import re
+import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -31,6 +32,7 @@ import pillow_heif
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import (
+    DomainError,
     ImageTooLarge,
     InvalidImage,
     PayloadTooLarge,
@@ -147,7 +149,7 @@ _UPRIGHT: dict[int, Image.Transpose] = {
 def _orientation(img: Image.Image) -> int:
     try:
         value = int(img.getexif().get(0x0112, 1))
-    except (TypeError, ValueError, SyntaxError, OSError):
+    except Exception:  # EXIF is parsed from the file's bytes: any failure means "no value"
         return 1
     return value if value in _UPRIGHT else 1
 
@@ -224,7 +226,8 @@ class ImageStore:
                 sha, size = _copy_limited(stream, out, max_bytes)
             if size == 0:
                 raise InvalidImage("the file is empty (0 bytes)")
-            fmt, width, height, thumb, taken_at = _inspect(tmp, max_pixels)
+            with open(tmp, "rb") as f:
+                fmt, width, height, thumb, taken_at = _inspect(f, max_pixels)
             return StagedImage(
                 temp_path=tmp,
                 sha256=sha,
@@ -344,7 +347,7 @@ def exif_taken_at(img: Image.Image) -> datetime | None:
             minutes = int(match[2]) * 60 + int(match[3])
             zone = timezone(timedelta(minutes=minutes if match[1] == "+" else -minutes))
         return stamp.replace(tzinfo=zone).astimezone(UTC)
-    except (ValueError, TypeError, OverflowError, KeyError, SyntaxError, OSError):
+    except Exception:  # hostile bytes may raise anything (struct.error, IndexError...)
         return None  # a broken EXIF block never rejects a photo that decodes
 
 
@@ -371,9 +374,9 @@ class InspectedFile:
 
 def inspect_file(path: Path, *, max_bytes: int, max_pixels: int) -> InspectedFile:
     """Validate a file where it lies, like an upload (hash, size limit, full decode); never
-    follows a symlink at the last component (the caller resolved and confined the path)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
+    follows a symlink at the last component (the caller resolved and confined the path), never
+    blocks on a FIFO or device put in its place (InvalidImage: not a regular file)."""
+    with open_regular_file(path) as f:
         digest, size = hashlib.sha256(), 0
         while chunk := f.read(_CHUNK):
             size += len(chunk)
@@ -401,39 +404,137 @@ def confined_file(source_path: str, folder: str, roots: list[Path]) -> Path:
     return real
 
 
-def _inspect(
-    path: Path | BinaryIO, max_pixels: int
-) -> tuple[str, int, int, bytes, datetime | None]:
-    """Fully decode the first frame: (format, width, height, thumbnail, taken_at) after EXIF
-    orientation."""
-    allowed = ", ".join(ALLOWED_FORMATS)
+def open_regular_file(path: Path, *, follow_symlinks: bool = False) -> BinaryIO:
+    """Open an untrusted path for reading, or raise InvalidImage if it is not a regular file.
+
+    The check is made on the opened descriptor (fstat), so a FIFO, device or folder swapped in
+    after any earlier stat is refused instead of read; O_NONBLOCK keeps the open itself from
+    waiting for a FIFO's writer. A symlink at the last component is refused (OSError ELOOP)
+    unless `follow_symlinks`. OSError as os.open raises it (missing, no permission...).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
     try:
-        with Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
-            fmt = str(img.format)
-            # Check the header's claim before decoding: a 100-byte PNG can promise 10^10 pixels.
-            if img.width * img.height > max_pixels:
-                raise ImageTooLarge(
-                    f"the image has {img.width}×{img.height} pixels, more than the limit of "
-                    f"{max_pixels}",
-                    detail={"width": img.width, "height": img.height, "max_pixels": max_pixels},
-                )
-            img.load()  # full decode: truncated and corrupt files fail here, not later
-            taken_at = exif_taken_at(img)
-            orientation = _orientation(img)
-            width, height = img.size
-            if orientation in (5, 6, 7, 8):  # a quarter turn: upright, the sides swap
-                width, height = height, width
-            thumb = _make_thumbnail(img, orientation)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"the image has too many pixels: {e}") from e
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+            raise InvalidImage(f"not a regular file ({kind})")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # no effect on a regular file's reads; restore the default
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _claimed_size(fp: BinaryIO, formats: Collection[str] | None) -> tuple[int, int] | None:
+    """The size an image's header claims, read by Pillow's format plugins without its
+    decompression-bomb check (only to word the refusal of an image Pillow refused for size);
+    None when it cannot be told."""
+    try:
+        fp.seek(0)
+        prefix = fp.read(16)
+        Image.init()
+        for fmt in formats if formats is not None else list(Image.OPEN):
+            if fmt.upper() not in Image.OPEN:
+                continue
+            factory, accept = Image.OPEN[fmt.upper()]
+            result = accept(prefix) if accept is not None else True
+            if isinstance(result, str) or not result:
+                continue
+            fp.seek(0)
+            try:
+                im = factory(fp, "")
+            except Exception:
+                continue
+            return int(im.size[0]), int(im.size[1])
+    except Exception:
+        return None
+    return None
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"the image has {width}×{height} pixels, more than the limit of {max_pixels}",
+        detail={"width": width, "height": height, "max_pixels": max_pixels},
+    )
+
+
+def _reason(e: BaseException) -> str:
+    """A decoder's exception in a few words (some carry no message: name the kind)."""
+    text = str(e).strip() or type(e).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+@contextmanager
+def untrusted_image(
+    source: BinaryIO | bytes,
+    *,
+    max_pixels: int | None,
+    formats: Collection[str] | None = tuple(ALLOWED_FORMATS),
+) -> Iterator[Image.Image]:
+    """Open untrusted image bytes (a binary file object or bytes) with Pillow, checked, for the
+    body of the `with` to decode (load, draft, exif_transpose, convert, thumbnail...).
+
+    Before the body: the format must be one of `formats` (None: any Pillow knows) and the
+    header's width × height at most `max_pixels` (None: Pillow's own bomb guard only). Anything
+    that fails while opening or in the body becomes a DomainError about the file:
+    ImageTooLarge (too many pixels, or MemoryError while decoding), UnsupportedMedia (a format
+    outside `formats`), InvalidImage (not an image; any other Exception a decoder raises on
+    hostile bytes: TypeError, RuntimeError, struct.error...). DomainErrors raised on purpose
+    pass through; BaseExceptions that are not Exceptions (KeyboardInterrupt...) propagate.
+    The caller closes a file object it passed.
+    """
+    fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    allowed = list(formats) if formats is not None else None
+    names = ", ".join(allowed) if allowed is not None else "a format Pillow can read"
+    try:
+        fp.seek(0)
+        with Image.open(fp, formats=allowed) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                # The header's claim, before decoding: a 100-byte PNG can promise 10^10 pixels.
+                raise _too_large(img.width, img.height, max_pixels)
+            yield img
+    except DomainError:
+        raise
+    except Image.DecompressionBombError as e:  # past Pillow's own hard limit
+        limit = max_pixels if max_pixels is not None else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        size = _claimed_size(fp, allowed)
+        if size is not None:
+            raise _too_large(size[0], size[1], limit) from e
+        raise ImageTooLarge(
+            f"the image has more pixels than the limit of {limit}", detail={"max_pixels": limit}
+        ) from e
     except UnidentifiedImageError as e:
-        other = _sniff_format(path)
+        other = _sniff_format(fp) if allowed is not None else None
         if other is not None:
             raise UnsupportedMedia(
-                f"{other} images are not accepted; send one of {allowed}",
-                detail={"format": other, "allowed": list(ALLOWED_FORMATS)},
+                f"{other} images are not accepted; send one of {names}",
+                detail={"format": other, "allowed": allowed},
             ) from e
-        raise InvalidImage(f"not an image (or not one of {allowed})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidImage(f"the image cannot be decoded (truncated or corrupt): {e}") from e
+        raise InvalidImage(f"not an image (or not one of {names})") from e
+    except MemoryError as e:
+        raise ImageTooLarge(
+            "the image cannot be decoded within the memory the server has for it"
+        ) from e
+    except Exception as e:  # a decoder fed hostile bytes may raise anything
+        raise InvalidImage(
+            f"the image cannot be decoded (truncated or corrupt): {_reason(e)}"
+        ) from e
+
+
+def _inspect(fp: BinaryIO, max_pixels: int) -> tuple[str, int, int, bytes, datetime | None]:
+    """Fully decode the first frame: (format, width, height, thumbnail, taken_at) after EXIF
+    orientation; a DomainError (see `untrusted_image`) for a file that is not acceptable."""
+    with untrusted_image(fp, max_pixels=max_pixels) as img:
+        fmt = str(img.format)
+        img.load()  # full decode: truncated and corrupt files fail here, not later
+        taken_at = exif_taken_at(img)
+        orientation = _orientation(img)
+        width, height = img.size
+        if orientation in (5, 6, 7, 8):  # a quarter turn: upright, the sides swap
+            width, height = height, width
+        thumb = _make_thumbnail(img, orientation)
     return fmt, width, height, thumb, taken_at
