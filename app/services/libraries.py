@@ -37,6 +37,7 @@ from app.services.embedding import embed_pending
 from app.services.images import delete_unused_files
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.storage import inspect_file
+from app.text import UnsafeText, check_text
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,35 @@ def shown(path: str | Path) -> str:
         return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def confine_folder(raw: str, settings: Settings) -> Path:
-    """The resolved folder `raw` names, if it is an existing folder under an allowed root."""
+def _taken() -> Conflict:
+    # One answer whatever the path (never the other user, nor whether the folder exists).
+    return Conflict(
+        "this folder, or one inside or around it, is another user's library",
+        code="library_taken",
+    )
+
+
+def _refuse_other_users(
+    db_session: Session, user_id: str, path: Path, roots: list[Path] | None = None
+) -> None:
+    """Conflict if `path` is another user's library folder, or inside or above one; with
+    `roots`, only if it is under one of them (above them it is refused as outside)."""
+    if roots is not None and not any(path.is_relative_to(r) for r in roots):
+        return
+    for other in repositories.libraries_overlapping(db_session=db_session, path=str(path)):
+        if other.user_id != user_id:
+            raise _taken()
+
+
+def confine_folder(
+    raw: str, settings: Settings, *, db_session: Session | None = None, user_id: str = ""
+) -> Path:
+    """The resolved folder `raw` names, if it is an existing folder under an allowed root.
+
+    With a `db_session`, a path inside or above another user's library is refused (409) before
+    the file system is asked whether it exists, both as typed and resolved: the answer must
+    not tell another user which folders exist in someone's library.
+    """
     roots = allowed_roots(settings)
     if not roots:
         raise ValidationFailed(
@@ -76,6 +104,18 @@ def confine_folder(raw: str, settings: Settings) -> Path:
         raise ValidationFailed(f"give an absolute path, not {raw!r}", code="path_not_absolute")
     if ".." in p.parts:
         raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
+    try:  # the API refuses these first (app/schemas.py LibraryIn); the database would fail
+        check_text(raw)
+    except UnsafeText as e:
+        raise ValidationFailed(
+            f"this path cannot be used as a folder: {e}", code="invalid_path"
+        ) from None
+    if db_session is not None:
+        # As typed, then with its symlinks followed as far as they go (realpath never fails:
+        # a missing part, a loop or a name too long is kept as it is), before any error the
+        # file system could give.
+        _refuse_other_users(db_session, user_id, p, roots)
+        _refuse_other_users(db_session, user_id, Path(shown(os.path.realpath(p))), roots)
     try:  # what the file system says of a path a user typed: any error is a clear 422
         real = p.resolve()
         if not is_utf8(str(real)):  # a symlink on the way leads to a name that is not UTF-8
@@ -102,13 +142,10 @@ def add_library(
     user_id: str, raw_path: str, *, db_session: Session, settings: Settings, queue: JobQueue
 ) -> tuple[Library, Job]:
     """Register a folder and queue its first scan (commits)."""
-    folder = confine_folder(raw_path, settings)
+    folder = confine_folder(raw_path, settings, db_session=db_session, user_id=user_id)
     for other in repositories.libraries_overlapping(db_session=db_session, path=str(folder)):
         if other.user_id != user_id:
-            raise Conflict(
-                "this folder, or one inside or around it, is another user's library",
-                code="library_taken",
-            )
+            raise _taken()
         raise Conflict(
             f"this folder overlaps your library {other.id} ({other.path})",
             code="library_overlaps",

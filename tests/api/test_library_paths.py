@@ -1,5 +1,5 @@
-"""/libraries and the bytes of file names: names that are not UTF-8, names not in NFKC, on SQLite
-and PostgreSQL."""
+"""/libraries and the bytes of file names: names that are not UTF-8, names not in NFKC, and what
+another user's library lets a user learn (nothing), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -182,3 +182,57 @@ def test_a_library_path_is_still_checked(api_client, make_user, tmp_path):
     for bad in ("\x1b[31m", "\x00", "\udce9"):
         with pytest.raises(UnsafeText):
             check_path_text(f"/x/{bad}")
+
+
+def test_another_users_library_tells_nothing_of_what_exists_in_it(
+    api_client,
+    make_user,
+    tmp_path,
+):
+    photos = (tmp_path / "photos").resolve()
+    alice, bob = make_user(api_client, "alice"), make_user(api_client, "bob")
+    mine = photos / "alice"
+    (mine / "trips" / "2019").mkdir(parents=True)
+    (mine / "a.jpg").write_bytes(noisy_jpeg(seed=51))
+    (mine / "out").symlink_to(tmp_path)  # a link leaving the roots
+    (mine / "loop").symlink_to(mine / "loop")
+    (mine / "too").symlink_to(photos / "bobs")  # a link to bob's own folder
+    assert add(api_client, alice, mine).status_code == 202
+    (photos / "bobs").mkdir()
+    (photos / "bobs" / "into").symlink_to(mine)  # bob's way into alice's folder
+
+    taken = add(api_client, bob, mine)
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "library_taken"
+    assert "alice" not in taken.text and alice.id not in taken.text
+    probes = [
+        mine / "trips",  # exists
+        mine / "trips" / "2019",
+        mine / "holidays",  # does not
+        mine / "holidays" / "2019",
+        mine / "a.jpg",  # a file
+        mine / "out",
+        mine / "out" / "x",
+        mine / "loop",
+        mine / "loop" / "x",
+        mine / "too",
+        mine / ("n" * 300),
+        f"{mine}/./trips",
+        f"{mine}//holidays",
+        photos / "bobs" / "into",
+        photos / "bobs" / "into" / "trips",
+        photos / "bobs" / "into" / "holidays",
+        photos / "bobs" / "into" / "loop" / "x",
+        photos,  # above it
+    ]
+    for probe in probes:
+        r = add(api_client, bob, probe)
+        assert (r.status_code, r.content) == (taken.status_code, taken.content), (probe, r.text)
+    # Elsewhere the answers are what they were: a missing folder, a path outside the roots.
+    r = add(api_client, bob, photos / "bobs" / "missing")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "not_a_folder", r.text
+    r = add(api_client, bob, "/")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "path_not_allowed", r.text
+    assert add(api_client, bob, photos / "bobs").status_code == 202
+    # Alice's own overlapping folders are still named to her.
+    r = add(api_client, alice, mine / "trips")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "library_overlaps", r.text
