@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
-from PIL import ImageOps, UnidentifiedImageError
+from PIL import ImageOps
 from sqlalchemy import ColumnElement, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import repositories
-from app.config import SearchSettings
+from app.config import LimitSettings, SearchSettings
 from app.db import session_scope
+from app.errors import DomainError
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
 from app.ml.regions import (
@@ -35,7 +36,7 @@ from app.ml.threads import cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
-from app.storage import ImageStore, confined_file
+from app.storage import ImageStore, confined_file, open_regular_file, untrusted_image
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ BATCH = 32  # images per forward pass and per commit: progress moves, memory sta
 # A generation bump makes the next search rebuild the user's index (bench/scale.py: 1.5 s at
 # 100k images), so during a long upload new images become searchable at most this often.
 PUBLISH_INTERVAL_S = 10.0
+# Pixel limit of `_open_rgb` when its caller has no settings at hand (the jobs pass theirs).
+DEFAULT_MAX_PIXELS = LimitSettings().max_pixels
 
 
 @dataclass(frozen=True)
@@ -62,20 +65,32 @@ def _file_of(store: ImageStore, roots: list[Path], src: ImageSource) -> Path:
 
 
 def _open_rgb(
-    store: ImageStore, src: ImageSource | str, min_side: int = 0, roots: Sequence[Path] = ()
+    store: ImageStore,
+    src: ImageSource | str,
+    min_side: int = 0,
+    roots: Sequence[Path] = (),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PILImage.Image | None:
     """The original (stored: `src` may be its storage path; or the library's file),
     EXIF-oriented, RGB. A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both
-    sides >= `min_side` (the model resizes far below that anyway)."""
+    sides >= `min_side` (the model resizes far below that anyway).
+
+    The file is checked as an upload is (a regular file, opened without following a link or
+    waiting on a FIFO; an allowed format; at most `max_pixels`), since it may have been swapped
+    since it was validated. None, logged, when it cannot be read or decoded for any reason:
+    only this image is skipped, never its batch."""
     if isinstance(src, str):
         src = ImageSource(src)
     try:
-        with PILImage.open(_file_of(store, list(roots), src)) as im:
+        with (
+            open_regular_file(_file_of(store, list(roots), src)) as f,
+            untrusted_image(f, max_pixels=max_pixels) as im,
+        ):
             if min_side:
                 im.draft("RGB", (min_side, min_side))  # no-op for formats other than JPEG
-            # Stored originals keep their EXIF orientation; the upload validated that it decodes.
+            # Stored originals keep their EXIF orientation.
             return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (DomainError, OSError, ValueError) as e:  # untrusted_image: any decoder failure
         log.warning("cannot read %s for embedding: %s", src.source_path or src.storage_path, e)
         return None
 
@@ -147,6 +162,7 @@ def embed_pending(
     store = ctx.store
     roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
+    max_pixels = ctx.settings.limits.max_pixels  # the files are checked again as uploads are
     threads = ctx.settings.threads.embedding
     current = Image.embedding_model == model_id
     whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
@@ -158,7 +174,9 @@ def embed_pending(
     for start in range(0, len(whole), BATCH):
         batch = whole[start : start + BATCH]
         readable = [
-            (i, im) for i, p in batch if (im := _open_rgb(store, p, side, roots)) is not None
+            (i, im)
+            for i, p in batch
+            if (im := _open_rgb(store, p, side, roots, max_pixels)) is not None
         ]
         if readable:
             with cpu_threads(threads):
@@ -202,7 +220,8 @@ def embed_pending(
         pictures = {
             i: im
             for i, p in batch
-            if i not in complete and (im := _open_rgb(store, p, side, roots)) is not None
+            if i not in complete
+            and (im := _open_rgb(store, p, side, roots, max_pixels)) is not None
         }
         ready = [i for i, _ in batch if i in complete or i in pictures]
         if ready:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from app import repositories
 from app.config import TrainingSettings
 from app.db import session_scope
-from app.errors import ConceptDeleted, DomainError, NotFound
+from app.errors import ConceptDeleted, DomainError, InvalidImage, NotFound
 from app.ml.adapter import ConceptAdapter
 from app.ml.encode import encode_images
 from app.ml.model import ClipBundle
@@ -38,7 +39,7 @@ from app.models import Adapter, Concept, ConceptExample, ConceptState, new_id
 from app.services import jobs, recipe, retention
 from app.services.jobs import JobContext, JobInterrupted
 from app.services.model import ServingModel
-from app.storage import ImageStore
+from app.storage import ImageStore, open_regular_file, untrusted_image
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,26 @@ class _Plan:
 
 
 def _load_photo(store: ImageStore, storage_path: str) -> PILImage.Image:
-    path = store.path(storage_path)
-    if not path.is_file():
+    """A concept's photo, upright, RGB; a DomainError naming it when it is gone or no longer
+    decodes (checked as an upload is: a regular file, an allowed format), which fails the
+    training job with that message: a concept is trained on all of its photos or not at all."""
+    try:
+        path = store.path(storage_path)
+        with open_regular_file(path) as f, untrusted_image(f, max_pixels=None) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except FileNotFoundError as e:
         raise NotFound(
             "a photo of this concept is missing from storage; delete the concept and create "
             "it again",
             code="file_missing",
-        )
-    with PILImage.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        ) from e
+    except (DomainError, OSError, ValueError) as e:  # untrusted_image: any decoder failure
+        reason = e.message if isinstance(e, DomainError) else str(e)
+        raise InvalidImage(
+            f"the photo {Path(storage_path).stem[:12]} of this concept cannot be read any more "
+            f"({reason}); delete the concept and create it again",
+            detail={"sha256": Path(storage_path).stem},
+        ) from e
 
 
 def _choose_token(
