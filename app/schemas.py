@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from app.config import MAX_CONCEPT_IDS
 from app.models import ConceptExample, Image, Job, Library
@@ -281,9 +281,10 @@ class SearchRequest(BaseModel):
     )
 
     q: CleanStr = Field(description=Q_DOC)
-    k: int = Field(20, ge=1, description=K_DOC)
-    offset: int = Field(0, ge=0, description=OFFSET_DOC)
-    personalize: bool = Field(True, description="false = plain CLIP, for comparison")
+    # Strict: in JSON 5.0, "5" and true are not integers, and 0 is not a boolean.
+    k: StrictInt = Field(20, ge=1, description=K_DOC)
+    offset: StrictInt = Field(0, ge=0, description=OFFSET_DOC)
+    personalize: StrictBool = Field(True, description="false = plain CLIP, for comparison")
     concept_ids: list[ObjectId] = Field(
         default_factory=list,
         max_length=MAX_CONCEPT_IDS,
@@ -373,7 +374,7 @@ class EmbedTextRequest(BaseModel):
     )
 
     q: CleanStr = Field(description=Q_DOC)
-    personalize: bool = Field(True, description="false = plain CLIP, for comparison")
+    personalize: StrictBool = Field(True, description="false = plain CLIP, for comparison")
     concept_ids: list[ObjectId] = Field(
         default_factory=list,
         max_length=MAX_CONCEPT_IDS,

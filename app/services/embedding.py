@@ -217,16 +217,16 @@ def embed_pending(
         # Only an image lacking a kind is decoded: after a switch between methods every row
         # may be stored already, and a re-pack costs no decode.
         complete = {i for i, _ in batch if set(kinds) <= found.get(i, {}).keys()}
-        pictures = {
+        decoded = {
             i: im
             for i, p in batch
             if i not in complete
             and (im := _open_rgb(store, p, side, roots, max_pixels)) is not None
         }
-        ready = [i for i, _ in batch if i in complete or i in pictures]
+        ready = [i for i, _ in batch if i in complete or i in decoded]
         if ready:
             with cpu_threads(threads):
-                regions = _regions_of(bundle, ready, pictures, found, layout, method)
+                regions = _regions_of(bundle, ready, decoded, found, layout, method)
             with session_scope(ctx.session_factory) as s:
                 for image_id, reg in zip(ready, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).

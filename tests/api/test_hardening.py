@@ -438,3 +438,23 @@ def test_a_percent_encoded_utf8_url_is_fine(api_client, user):
     r = api_client.get("/search?q=caf%C3%A9+%E2%98%95", headers=user.headers)
     assert r.status_code == 200, r.text
     assert r.json()["query"] == "café ☕"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"k": 5.0},
+        {"k": True},
+        {"k": "5"},
+        {"offset": False},
+        {"personalize": 0},
+        {"personalize": "yes"},
+    ],
+)
+def test_json_numbers_and_booleans_are_strict(api_client, user, extra):
+    """Pydantic's lax mode took these (k=true ran as k=1)."""
+    r = api_client.post("/search", json={"q": "hat", **extra}, headers=user.headers)
+    assert_error(r, 422, "validation_failed")
+    if "personalize" in extra:
+        r = api_client.post("/embed/text", json={"q": "hat", **extra}, headers=user.headers)
+        assert_error(r, 422, "validation_failed")
