@@ -29,6 +29,7 @@ from app.errors import (
     DuplicateConceptName,
     InvalidCategory,
     InvalidConceptName,
+    InvalidImage,
     NotFound,
     PhotoCountOutOfRange,
     ValidationFailed,
@@ -40,7 +41,7 @@ from app.services import jobs
 from app.services.images import IncomingFile, delete_unused_files, stage_all
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.query import normalize_name
-from app.storage import ImageStore, StagedImage, confined_file
+from app.storage import ImageStore, StagedImage, confined_file, open_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,11 @@ def _copies_of_folder_photos(
                 if library is None:
                     raise ValueError("its library is gone")
                 path = confined_file(image.source_path, library.path, list(roots))
-                with path.open("rb") as f:
+                try:  # not by path: a FIFO swapped in would hang the request
+                    f = open_regular_file(path, follow_symlinks=True)
+                except InvalidImage as e:
+                    raise ValueError(e.message) from e
+                with f:
                     copy = store.stage(
                         f,
                         path.name,

@@ -15,20 +15,17 @@ database: the answer is a vector, whoever asks.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from sqlalchemy.orm import Session
 
 from app.config import ImmichSettings, LimitSettings, SearchSettings
 from app.errors import (
-    DomainError,
-    ImageTooLarge,
     InvalidImage,
     Misconfigured,
     PayloadTooLarge,
@@ -42,6 +39,7 @@ from app.ml.threads import cpu_threads
 from app.services import users as users_service
 from app.services.model import ServingModel
 from app.services.search import AdapterCache, embed_text
+from app.storage import untrusted_image
 from app.text import UnsafeText, check_text
 
 CLIP_TASK = "clip"
@@ -210,23 +208,10 @@ def decode_image(data: bytes, limits: LimitSettings) -> Image.Image:
         raise PayloadTooLarge(
             f"the image has {len(data)} bytes, more than the limit of {limits.max_upload_bytes}"
         )
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > limits.max_pixels:
-                raise ImageTooLarge(
-                    f"the image has {img.width}×{img.height} pixels, more than the limit of "
-                    f"{limits.max_pixels}"
-                )
-            img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"the image has too many pixels: {e}") from e
-    except UnidentifiedImageError as e:
-        raise InvalidImage("not an image") from e
-    except DomainError:
-        raise
-    except Exception as e:  # a decoder fed hostile bytes may raise anything (TypeError, ...)
-        raise InvalidImage(f"the image cannot be decoded (truncated or corrupt): {e}") from e
+    # Any decoder failure is the file's 4xx (app.storage.untrusted_image), with the upload
+    # routes' format allow-list and pixel limit.
+    with untrusted_image(data, max_pixels=limits.max_pixels) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def encode_visual(

@@ -183,6 +183,23 @@ def test_missing_inputs_are_4xx(bridge) -> None:
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_image"
 
 
+def test_a_hostile_image_is_a_4xx_not_a_500(bridge) -> None:
+    """The bridge decodes with the uploads' checks (app.storage.untrusted_image): a TIFF whose
+    strip offsets are floats made Pillow raise TypeError, a 500; an ICO is not an allowed
+    format."""
+    from PIL import Image
+
+    from tests.unit.test_untrusted_images import tiff_with_strip_offsets_of_type
+
+    client, _ = bridge
+    r = predict_image(client, visual(tiny_name()), tiff_with_strip_offsets_of_type(11))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_image", r.text
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, "ICO")
+    r = predict_image(client, visual(tiny_name()), buf.getvalue())
+    assert r.status_code == 415, r.text
+
+
 def test_model_mismatch_names_both_models(bridge) -> None:
     client, _ = bridge
     r = predict_image(client, visual("ViT-B-16-SigLIP__webli"), noisy_jpeg(seed=1))
