@@ -62,13 +62,15 @@ class _Plan:
     hashes: frozenset[str]  # contents of the photos (the same photo in the library is no rival)
 
 
-def _load_photo(store: ImageStore, storage_path: str) -> PILImage.Image:
+def _load_photo(
+    store: ImageStore, storage_path: str, max_pixels: int | None = None
+) -> PILImage.Image:
     """A concept's photo, upright, RGB; a DomainError naming it when it is gone or no longer
     decodes (checked as an upload is: a regular file, an allowed format), which fails the
     training job with that message: a concept is trained on all of its photos or not at all."""
     try:
         path = store.path(storage_path)
-        with open_regular_file(path) as f, untrusted_image(f, max_pixels=None) as img:
+        with open_regular_file(path) as f, untrusted_image(f, max_pixels=max_pixels) as img:
             return ImageOps.exif_transpose(img).convert("RGB")
     except FileNotFoundError as e:
         raise NotFound(
@@ -163,7 +165,8 @@ def _embed_photos(ctx: JobContext, plan: _Plan, serving: ServingModel) -> np.nda
     missing = [i for i, e in enumerate(plan.embeddings) if e is None]
     vectors = list(plan.embeddings)
     if missing:
-        images = [_load_photo(ctx.store, plan.storage_paths[i]) for i in missing]
+        most = ctx.settings.limits.max_pixels
+        images = [_load_photo(ctx.store, plan.storage_paths[i], most) for i in missing]
         fresh = encode_images(serving.bundle, images)  # (M, D)
         with session_scope(ctx.session_factory) as s:
             for i, vec in zip(missing, fresh, strict=True):
