@@ -458,3 +458,23 @@ def test_json_numbers_and_booleans_are_strict(api_client, user, extra):
     if "personalize" in extra:
         r = api_client.post("/embed/text", json={"q": "hat", **extra}, headers=user.headers)
         assert_error(r, 422, "validation_failed")
+
+
+def test_bad_ranges_on_files_get_the_json_error_shape(api_client, user):
+    """Starlette answered these itself in plain text (416 with an empty body)."""
+    from tests.db_fixtures import noisy_jpeg
+
+    data = noisy_jpeg(seed=5)
+    files = [("files", ("a.jpg", data, "image/jpeg"))]
+    image = api_client.post("/images", files=files, headers=user.headers).json()["images"][0]
+    for url in (image["file_url"], image["thumbnail_url"]):
+        r = api_client.get(url, headers={**user.headers, "Range": "bytes=99999999-"})
+        assert_error(r, 416, "range_not_satisfiable")
+        assert r.headers["content-range"].startswith("bytes */")
+        for bad in ("bytes=5-2", "items=0-1", "bytes=x-y"):
+            r = api_client.get(url, headers={**user.headers, "Range": bad})
+            assert_error(r, 400, "bad_request")
+        r = api_client.get(url, headers={**user.headers, "Range": "bytes=0-9"})
+        assert r.status_code == 206 and len(r.content) == 10
+    got = api_client.get(image["file_url"], headers={**user.headers, "Range": "bytes=0-9"})
+    assert got.content == data[:10]

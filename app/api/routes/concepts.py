@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
-from app.api.errors import takes_body
+from app.api.errors import ApiFileResponse, takes_body
 from app.api.params import ConceptId, Cursor, ExampleId, LibraryImageIds, PageLimit
 from app.errors import NotFound
 from app.schemas import (
@@ -205,7 +205,7 @@ def list_examples(
     "/{concept_id}/examples/{example_id}/file",
     response_class=FileResponse,
     summary="A concept photo's original bytes",
-    responses=errors(404),
+    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
 )
 def get_example_file(
     concept_id: ConceptId,
@@ -218,7 +218,7 @@ def get_example_file(
     path = store.path(example.storage_path)
     if not path.is_file():
         raise NotFound("the stored file is missing", code="file_missing")
-    return FileResponse(
+    return ApiFileResponse(
         path, media_type=example.mime, content_disposition_type="inline", headers=_IMMUTABLE
     )
 
@@ -227,7 +227,7 @@ def get_example_file(
     "/{concept_id}/examples/{example_id}/thumbnail",
     response_class=FileResponse,
     summary=f"A concept photo's {THUMB_MIME} thumbnail, 256 px on its longest side",
-    responses=errors(404),
+    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
 )
 def get_example_thumbnail(
     concept_id: ConceptId,
@@ -240,7 +240,7 @@ def get_example_thumbnail(
     path = store.path(store.thumbnail_relpath(example.storage_path))
     if not path.is_file():
         raise NotFound("the thumbnail is missing", code="file_missing")
-    return FileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
+    return ApiFileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
 
 
 @router.delete(

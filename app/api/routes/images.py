@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import Field
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
-from app.api.errors import takes_body
+from app.api.errors import ApiFileResponse, takes_body
 from app.api.params import Cursor, ImageId, PageLimit
 from app.errors import NotFound, ValidationFailed
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
@@ -106,7 +106,7 @@ def get_image(image_id: ImageId, user: CurrentUser, db_session: SessionDep) -> I
     "/{image_id}/file",
     response_class=FileResponse,
     summary="The original bytes, as uploaded",
-    responses=errors(404),
+    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
 )
 def get_image_file(
     image_id: ImageId,
@@ -121,7 +121,7 @@ def get_image_file(
     )
     # A folder's file may be edited in place: only content-addressed originals are immutable.
     cache = _IMMUTABLE if image.source_path is None else {"Cache-Control": "private, no-cache"}
-    return FileResponse(
+    return ApiFileResponse(
         path,
         media_type=image.mime,
         filename=image.original_filename,
@@ -134,7 +134,7 @@ def get_image_file(
     "/{image_id}/thumbnail",
     response_class=FileResponse,
     summary=f"A {THUMB_MIME} thumbnail, 256 px on its longest side",
-    responses=errors(404),
+    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
 )
 def get_image_thumbnail(
     image_id: ImageId, user: CurrentUser, db_session: SessionDep, store: StoreDep
@@ -143,7 +143,7 @@ def get_image_thumbnail(
     path = store.path(store.thumbnail_relpath(image.storage_path))
     if not path.is_file():
         raise NotFound("the thumbnail is missing; upload the image again", code="file_missing")
-    return FileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
+    return ApiFileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
 
 
 @router.delete(
