@@ -6,6 +6,9 @@ another library's folder (or one inside or around it) is refused. A scan walks t
 batches of `library.batch` files, each in a short transaction; rows it did not see this time
 (their scan_generation is older) leave the index at the end; a file whose content the user
 already has at a path that is gone is a move: the row keeps its id and takes the new path.
+Whatever the file system refuses for one entry (a path past PATH_MAX, no permission) skips that
+entry with the reason, never the scan. A link to a file in the library is read as that file: a
+duplicate of its target, indexed once, at the target's path.
 
 Every path that reaches the database or a report is valid UTF-8 text: a file or folder whose
 name is not (Latin-1 names from old shares: Python keeps their bytes as lone surrogates) is
@@ -14,6 +17,7 @@ skipped with a reason, its name shown with the bad bytes escaped ("caf\\xe9.jpg"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -252,39 +256,74 @@ NOT_UTF8_FOLDER = "the folder's name is not valid UTF-8; rename it to index what
 NOT_UTF8_FILE = "the file's name is not valid UTF-8; rename it to index it"
 
 
-def _walk(folder: Path, report: ScanReport) -> Iterator[Path]:
-    """Every file path in the folder (sorted, symlinks not followed out of it), all of them
-    valid UTF-8 text: a folder whose name is not is skipped whole, a file so named too."""
-    for dirpath, dirnames, filenames in os.walk(
-        folder, followlinks=False, onerror=lambda e: report.skip(e.filename, _why(e))
-    ):
-        base = Path(dirpath)
-        for name in sorted(d for d in dirnames if not is_utf8(d)):
-            dirnames.remove(name)  # not walked into: every path under it has this name
-            report.skip(base / name, NOT_UTF8_FOLDER)
-        dirnames.sort()
-        for name in list(dirnames):
-            if (base / name).is_symlink():
-                report.skip(base / name, "a symlinked folder is not followed")
-        for name in sorted(filenames):
-            p = base / name
-            if not is_utf8(name):
-                report.skip(p, NOT_UTF8_FILE)
+def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
+    """(path, what to read) for every file in the folder, in order (sorted names, a folder's
+    files before its subfolders'), every path valid UTF-8 text: a folder whose name is not is
+    skipped whole, a file so named too. Symlinked folders are not followed; a link to a file
+    is read through its target, only if that stays in the folder, after every other file (so
+    that its target, indexed first, is what it duplicates).
+
+    Whatever the file system refuses for one entry (a path past PATH_MAX, no permission, a
+    folder gone meanwhile) skips that entry (a folder: its subtree) with the reason; it never
+    ends the walk. Iterative: a tree deeper than Python's recursion limit is walked too.
+    """
+    links: list[tuple[Path, Path]] = []
+    stack = [folder]
+    while stack:
+        base = stack.pop()
+        try:
+            with os.scandir(base) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            report.skip(base, _why(e))
+            continue
+        files: list[tuple[Path, bool]] = []
+        subdirs: list[Path] = []
+        for entry in entries:
+            p = base / entry.name
+            try:
+                is_link = entry.is_symlink()
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError as e:
+                report.skip(p, _why(e))
                 continue
-            if p.is_symlink():
-                try:
-                    target = p.resolve()
-                    exists = target.exists()
-                except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
-                    report.skip(p, "a symlink that loops or cannot be followed")
-                    continue
-                if not exists:
+            if is_link:  # a link to a folder is reported as a folder; a loop... is told below
+                with contextlib.suppress(OSError):
+                    is_dir = entry.is_dir()
+            if is_dir and not is_utf8(entry.name):
+                report.skip(p, NOT_UTF8_FOLDER)  # every path under it has this name
+            elif is_dir and is_link:
+                report.skip(p, "a symlinked folder is not followed")
+            elif is_dir:
+                subdirs.append(p)
+            elif not is_utf8(entry.name):
+                report.skip(p, NOT_UTF8_FILE)
+            else:
+                files.append((p, is_link))
+        for p, is_link in files:
+            if not is_link:
+                yield p, p
+                continue
+            try:
+                target = p.resolve()
+                os.stat(target)
+            except RuntimeError:  # a loop, before Python 3.13
+                report.skip(p, "a symlink that loops or cannot be followed")
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
                     report.skip(p, "broken link")
-                    continue
-                if not target.is_relative_to(folder):
-                    report.skip(p, "the symlink leads outside the library; not read")
-                    continue
-            yield p
+                elif e.errno == errno.ELOOP:
+                    report.skip(p, "a symlink that loops or cannot be followed")
+                else:
+                    report.skip(p, _why(e))
+                continue
+            if not target.is_relative_to(folder):
+                report.skip(p, "the symlink leads outside the library; not read")
+                continue
+            links.append((p, target))
+        stack.extend(reversed(subdirs))
+    yield from links
 
 
 def scan_library_job(ctx: JobContext) -> None:
@@ -320,9 +359,9 @@ def scan_library_job(ctx: JobContext) -> None:
             code="library_unavailable",
         )
     report = ScanReport(max_reported=settings.library.max_reported)
-    batch: list[Path] = []
-    for path in _walk(folder, report):
-        batch.append(path)
+    batch: list[tuple[Path, Path]] = []
+    for entry in _walk(folder, report):
+        batch.append(entry)
         if len(batch) >= settings.library.batch:
             _index_batch(ctx, library_id, gen, batch, report)
             batch = []
@@ -353,24 +392,42 @@ def scan_library_job(ctx: JobContext) -> None:
 
 
 def _index_batch(
-    ctx: JobContext, library_id: str, gen: int, paths: list[Path], report: ScanReport
+    ctx: JobContext,
+    library_id: str,
+    gen: int,
+    entries: list[tuple[Path, Path]],
+    report: ScanReport,
 ) -> None:
+    """Index (path, what to read) pairs from `_walk`: what is read is the path itself, or the
+    target in the library of a link, which is indexed under the link's path only if its target
+    is not indexed (its content is a duplicate of its target's). Any OSError, any refusal of
+    one file skips that file with the reason."""
     limits = ctx.settings.limits
     with session_scope(ctx.session_factory) as s:
+        looked_up = {str(p) for p, _ in entries}  # and a link's target (what a row can name)
+        looked_up |= {str(real) for _, real in entries if is_utf8(str(real))}
         known = {
             img.source_path: img
             for img in repositories.library_images_at(
-                db_session=s, library_id=library_id, paths=[str(p) for p in paths]
+                db_session=s, library_id=library_id, paths=sorted(looked_up)
             )
         }
-        for p in paths:
+        for p, real in entries:
             try:
-                st = os.stat(p)
+                st = os.stat(real)
             except OSError as e:
                 report.skip(p, _why(e))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 report.skip(p, "not a regular file")
+                continue
+            target = known.get(str(real)) if real != p else None
+            if (
+                target is not None
+                and target.scan_generation == gen
+                and (target.source_size, target.source_mtime_ns) == (st.st_size, st.st_mtime_ns)
+            ):  # its target was indexed by this scan: not read twice
+                report.skip(p, f"a link to {shown(real)} in the library; indexed there")
                 continue
             img = known.get(str(p))
             if img is not None and (img.source_size, img.source_mtime_ns) == (
@@ -382,9 +439,9 @@ def _index_batch(
                 continue
             try:
                 info = inspect_file(
-                    p, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels
+                    real, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels
                 )
-                after = os.stat(p)
+                after = os.stat(real)
             except DomainError as e:
                 report.skip(p, e.message)
                 continue
