@@ -256,6 +256,13 @@ NOT_UTF8_FOLDER = "the folder's name is not valid UTF-8; rename it to index what
 NOT_UTF8_FILE = "the file's name is not valid UTF-8; rename it to index it"
 
 
+# A file's path is stored and indexed (library_id, source_path); PostgreSQL's b-tree refuses
+# index entries past about 2.7 KB (2704 bytes with its id), which would fail the whole batch, so
+# longer paths are skipped.
+MAX_STORED_PATH_BYTES = 2600
+TOO_LONG_TO_STORE = f"its path is longer than {MAX_STORED_PATH_BYTES} bytes; not indexed"
+
+
 def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
     """(path, what to read) for every file in the folder, in order (sorted names, a folder's
     files before its subfolders'), every path valid UTF-8 text: a folder whose name is not is
@@ -298,6 +305,8 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
                 subdirs.append(p)
             elif not is_utf8(entry.name):
                 report.skip(p, NOT_UTF8_FILE)
+            elif len(str(p).encode("utf-8")) > MAX_STORED_PATH_BYTES:
+                report.skip(p, TOO_LONG_TO_STORE)
             else:
                 files.append((p, is_link))
         for p, is_link in files:

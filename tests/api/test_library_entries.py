@@ -153,3 +153,34 @@ def test_a_link_to_a_file_of_the_library_is_its_target_indexed_once(
     r = api_client.get(f"/images/{paths(api_client, user)[str(lib / 'to_latin.jpg')]}/file",
                        headers=user.headers)  # fmt: skip
     assert r.status_code == 200 and r.content == noisy_jpeg(seed=53)
+
+
+def test_a_path_too_long_to_store_is_skipped_not_a_failed_scan(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+):
+    """Under PATH_MAX but past what PostgreSQL's index on (library_id, source_path) takes: the
+    insert failed, and with it the batch and the scan. Random names: no compression saves it."""
+    import random
+    import string
+
+    from app.services.libraries import MAX_STORED_PATH_BYTES
+
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=33))
+    rng = random.Random(7)
+    folder = lib
+    while len(str(folder).encode()) < MAX_STORED_PATH_BYTES + 100:
+        folder = folder / "".join(rng.choices(string.ascii_letters + string.digits, k=200))
+    folder.mkdir(parents=True)
+    long_one = folder / "far.jpg"
+    long_one.write_bytes(noisy_jpeg(seed=34))
+    assert len(str(long_one).encode()) < 4096
+    _, rep = scan(api_client, user, lib)
+    assert (rep["added"], rep["skipped_count"]) == (1, 1), rep
+    assert rep["skipped"][0]["path"] == str(long_one)
+    assert str(MAX_STORED_PATH_BYTES) in rep["skipped"][0]["reason"]
+    assert set(paths(api_client, user)) == {str(lib / "ok.jpg")}
