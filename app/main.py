@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, bootstrap, web
 from app.api.deps import AUTH, KeyBeforeBody
-from app.api.errors import BodySizeLimit, Utf8Url, install_error_handlers
+from app.api.errors import BodySizeLimit, SafeJSONResponse, Utf8Url, install_error_handlers
 from app.api.interactive import InteractiveRequests
 from app.api.openapi import install_openapi
 from app.api.routes import (
@@ -86,6 +86,9 @@ def create_app(
         description="Teach CLIP your own objects from a few photos, then search for them.",
         lifespan=lifespan,
         dependencies=[AUTH],  # every route needs a key, except deps.PUBLIC_PATHS
+        # No answer can fail to encode: a lone surrogate that reached a stored field (a report
+        # written before it was refused) becomes "?" instead of a 500.
+        default_response_class=SafeJSONResponse,
     )
     app.state.container = container
     app.state.settings = settings

@@ -236,3 +236,38 @@ def test_another_users_library_tells_nothing_of_what_exists_in_it(
     # Alice's own overlapping folders are still named to her.
     r = add(api_client, alice, mine / "trips")
     assert r.status_code == 409 and r.json()["error"]["code"] == "library_overlaps", r.text
+
+
+def test_a_report_stored_before_the_fix_is_still_answered(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (installs the model)
+    tmp_path,
+):
+    """A report written by an older version with a raw non-UTF-8 name (SQLite kept it) made
+    GET /libraries answer 500 until the next scan: no answer can fail to encode now."""
+    from sqlalchemy import update
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.models import Library
+
+    user = make_user(api_client)
+    lib = tmp_path / "photos" / "lib"
+    (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=16))
+    lib_id = add(api_client, user, lib).json()["id"]
+    wait_jobs(api_client)
+    old = report(api_client, user, lib_id)
+    bad = f"{lib}/caf\udce9.jpg"  # what os.walk gives for b"caf\xe9.jpg"
+    old["skipped"] = [{"path": bad, "reason": "not an image"}]
+    old["skipped_count"] = 1
+    try:
+        with api_client.app.state.session_factory() as s:
+            s.execute(update(Library).where(Library.id == lib_id).values(report=old))
+            s.commit()
+    except (SQLAlchemyError, UnicodeError):  # PostgreSQL cannot even store it
+        assert api_client.app.state.engine.dialect.name == "postgresql"
+        return
+    r = api_client.get(f"/libraries/{lib_id}", headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["report"]["skipped"][0]["path"] == f"{lib}/caf?.jpg"
+    assert api_client.get("/libraries", headers=user.headers).status_code == 200
