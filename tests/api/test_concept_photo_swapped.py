@@ -6,27 +6,15 @@ from __future__ import annotations
 import os
 import threading
 
-from tests.api.test_libraries import db_settings, paths  # noqa: F401 (libraries allowed)
-from tests.api.test_search import wait_jobs
-from tests.db_fixtures import noisy_jpeg
+from tests.api.test_libraries import db_settings, scanned_photos  # noqa: F401 (libraries allowed)
 from tests.model_fixtures import tiny_serving  # noqa: F401
 
 
 def test_a_concept_from_a_folder_photo_swapped_for_a_fifo_is_refused_not_hung(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
+    api_client, folder_user
 ):
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
-    for i in range(3):
-        (lib / f"fido{i}.jpg").write_bytes(noisy_jpeg(seed=70 + i))
-    r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
-    assert r.status_code == 202, r.text
-    wait_jobs(api_client)
-    ids = list(paths(api_client, user).values())
-    assert len(ids) == 3
+    user, lib = folder_user
+    ids = scanned_photos(api_client, user, lib, seeds=range(70, 73))
     (lib / "fido0.jpg").unlink()
     os.mkfifo(lib / "fido0.jpg")
     answer: list[object] = []

@@ -124,6 +124,18 @@ def test_scan_rescan_and_safety(api_client, make_user, tiny_serving, tmp_path): 
     assert (lib / "b.jpg").exists()
 
 
+def scanned_photos(client, user, lib: Path, seeds: range) -> list[str]:
+    """Photos fido0.jpg... in `lib` (one per seed), added as a library and scanned: their ids."""
+    for i, seed in enumerate(seeds):
+        (lib / f"fido{i}.jpg").write_bytes(noisy_jpeg(seed=seed))
+    r = client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    wait_jobs(client)
+    ids = list(paths(client, user).values())
+    assert len(ids) == len(seeds)
+    return ids
+
+
 def test_a_concept_taught_from_folder_photos_keeps_copies_of_them(
     api_client,
     make_user,
@@ -132,13 +144,7 @@ def test_a_concept_taught_from_folder_photos_keeps_copies_of_them(
 ):
     user = make_user(api_client)
     lib = tmp_path / "photos" / "lib"
-    for i in range(3):
-        (lib / f"fido{i}.jpg").write_bytes(noisy_jpeg(seed=40 + i))
-    r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
-    assert r.status_code == 202, r.text
-    wait_jobs(api_client)
-    ids = list(paths(api_client, user).values())
-    assert len(ids) == 3
+    ids = scanned_photos(api_client, user, lib, seeds=range(40, 43))
     r = api_client.post("/concepts", data={"name": "Fido", "image_ids": ids}, headers=user.headers)
     assert r.status_code == 202, r.text
     concept_id = r.json()["concept"]["id"]

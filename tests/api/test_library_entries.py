@@ -36,14 +36,8 @@ def rescan(client, user, lib_id: str) -> dict:
     return report(client, user, lib_id)
 
 
-def test_a_path_longer_than_path_max_is_skipped_and_the_rest_indexed(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
-):
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+def test_a_path_longer_than_path_max_is_skipped_and_the_rest_indexed(api_client, folder_user):
+    user, lib = folder_user
     (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=31))
     # 40 folders of 200 characters, a photo at the bottom: built relative to an open folder,
     # as its absolute path is past PATH_MAX (4096 bytes on Linux).
@@ -74,14 +68,8 @@ def test_a_path_longer_than_path_max_is_skipped_and_the_rest_indexed(
     assert (rep["added"], rep["unchanged"], rep["skipped_count"]) == (0, 1, 1), rep
 
 
-def test_a_tree_deeper_than_the_recursion_limit_is_walked(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
-):
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+def test_a_tree_deeper_than_the_recursion_limit_is_walked(api_client, folder_user):
+    user, lib = folder_user
     chain = [lib / "d"]
     for _ in range(1199):  # "d/" 1200 times: 2400 bytes, under PATH_MAX
         chain.append(chain[-1] / "d")
@@ -101,14 +89,8 @@ def test_a_tree_deeper_than_the_recursion_limit_is_walked(
                 os.rmdir(folder)
 
 
-def test_a_link_to_a_file_of_the_library_is_its_target_indexed_once(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
-):
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+def test_a_link_to_a_file_of_the_library_is_its_target_indexed_once(api_client, folder_user):
+    user, lib = folder_user
     (lib / "sub").mkdir()
     (lib / "g11.jpg").write_bytes(noisy_jpeg(seed=51))
     (lib / "sub" / "b.jpg").write_bytes(noisy_jpeg(seed=52))
@@ -155,12 +137,7 @@ def test_a_link_to_a_file_of_the_library_is_its_target_indexed_once(
     assert r.status_code == 200 and r.content == noisy_jpeg(seed=53)
 
 
-def test_a_path_too_long_to_store_is_skipped_not_a_failed_scan(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
-):
+def test_a_path_too_long_to_store_is_skipped_not_a_failed_scan(api_client, folder_user):
     """Under PATH_MAX but past what PostgreSQL's index on (library_id, source_path) takes: the
     insert failed, and with it the batch and the scan. Random names: no compression saves it."""
     import random
@@ -168,8 +145,7 @@ def test_a_path_too_long_to_store_is_skipped_not_a_failed_scan(
 
     from app.services.libraries import MAX_STORED_PATH_BYTES
 
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+    user, lib = folder_user
     (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=33))
     rng = random.Random(7)
     folder = lib

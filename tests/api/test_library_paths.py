@@ -24,13 +24,9 @@ def add(client, user, path: str | Path):
 
 
 def test_a_library_with_files_named_in_latin1_indexes_the_rest_and_reports_them(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
+    api_client, folder_user
 ):
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+    user, lib = folder_user
     raw = os.fsencode(lib)
     (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=11))
     Path(os.fsdecode(raw + b"/caf\xe9.jpg")).write_bytes(noisy_jpeg(seed=12))  # Latin-1 "é"
@@ -60,13 +56,9 @@ def test_a_library_with_files_named_in_latin1_indexes_the_rest_and_reports_them(
 
 
 def test_a_link_or_fifo_named_in_latin1_is_skipped_and_the_library_still_reads(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
+    api_client, folder_user, tmp_path
 ):
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+    user, lib = folder_user
     raw = os.fsencode(lib)
     (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=21))
     (tmp_path / "secret.jpg").write_bytes(noisy_jpeg(seed=22))
@@ -238,12 +230,7 @@ def test_another_users_library_tells_nothing_of_what_exists_in_it(
     assert r.status_code == 409 and r.json()["error"]["code"] == "library_overlaps", r.text
 
 
-def test_a_report_stored_before_the_fix_is_still_answered(
-    api_client,
-    make_user,
-    tiny_serving,  # noqa: F811, ARG001 (installs the model)
-    tmp_path,
-):
+def test_a_report_stored_before_the_fix_is_still_answered(api_client, folder_user):
     """A report written by an older version with a raw non-UTF-8 name (SQLite kept it) made
     GET /libraries answer 500 until the next scan: no answer can fail to encode now."""
     from sqlalchemy import update
@@ -251,8 +238,7 @@ def test_a_report_stored_before_the_fix_is_still_answered(
 
     from app.models import Library
 
-    user = make_user(api_client)
-    lib = tmp_path / "photos" / "lib"
+    user, lib = folder_user
     (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=16))
     lib_id = add(api_client, user, lib).json()["id"]
     wait_jobs(api_client)
