@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+)
 
 from app.config import MAX_CONCEPT_IDS
 from app.models import ConceptExample, Image, Job, Library
@@ -41,7 +49,15 @@ def _as_utc(value: datetime) -> datetime:
         raise ValueError("the date-time is out of range once converted to UTC") from e
 
 
-UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+def _iso_text(value: object) -> object:
+    """Only text is a date-time here: pydantic's lax mode also reads a number as Unix time, so
+    `0` was 1970 rather than the documented 422."""
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError("must be an ISO 8601 date or date-time, as text")
+
+
+UtcDateTime = Annotated[datetime, BeforeValidator(_iso_text), AfterValidator(_as_utc)]
 """ISO 8601; without a zone it is UTC, a date alone is midnight UTC."""
 
 

@@ -449,6 +449,10 @@ def test_a_percent_encoded_utf8_url_is_fine(api_client, user):
         {"offset": False},
         {"personalize": 0},
         {"personalize": "yes"},
+        # A number is not a date-time (lax mode read it as Unix time).
+        {"filters": {"taken_before": 0}},
+        {"filters": {"created_after": 1.7e9}},
+        {"filters": {"taken_after": True}},
     ],
 )
 def test_json_numbers_and_booleans_are_strict(api_client, user, extra):
