@@ -143,6 +143,11 @@ def create_app(
         app.include_router(immich.router)
     app.include_router(index.router)
     app.include_router(libraries.router)
+    # Every method a path answers to, for the Allow header of a 405 (app/api/errors.py).
+    routers = [health, images, concepts, jobs, search, embed, index, libraries]
+    if settings.immich.enabled:
+        routers.append(immich)
+    app.state.api_routes = [route for module in routers for route in module.router.routes]
     # The web UI at /ui/ (static files; it calls the API above with the user's key).
     web.install(app)
     install_openapi(app, limits)

@@ -193,7 +193,24 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
         message, detail = exc.detail, None
     else:
         message, detail = phrase, exc.detail
-    return _response(status, code, message, detail, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if status == 405 and (allowed := _allowed_methods(request)):
+        headers["Allow"] = ", ".join(allowed)
+    return _response(status, code, message, detail, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the path answers to (`app.state.api_routes`). With one route per method,
+    Starlette's 405 names only the first route's."""
+    routes: Iterable[BaseRoute] = getattr(request.app.state, "api_routes", ())
+    return sorted(
+        {
+            method
+            for route in routes
+            if route.matches(request.scope)[0] is not Match.NONE
+            for method in getattr(route, "methods", None) or ()
+        }
+    )
 
 
 async def handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:

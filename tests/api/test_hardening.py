@@ -482,3 +482,19 @@ def test_bad_ranges_on_files_get_the_json_error_shape(api_client, user):
         assert r.status_code == 206 and len(r.content) == 10
     got = api_client.get(image["file_url"], headers={**user.headers, "Range": "bytes=0-9"})
     assert got.content == data[:10]
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "allowed"),
+    [
+        ("PUT", "/images", {"GET", "POST"}),
+        ("PUT", "/concepts/x", {"GET", "PATCH", "DELETE"}),
+        ("DELETE", "/search", {"GET", "POST"}),
+        ("PUT", "/libraries", {"GET", "POST"}),
+    ],
+)
+def test_a_405_names_every_method_the_path_answers_to(api_client, user, method, url, allowed):
+    """One route per method: Starlette's Allow named only the first route's."""
+    r = api_client.request(method, url, headers=user.headers)
+    assert_error(r, 405, "method_not_allowed")
+    assert set(r.headers["allow"].split(", ")) == allowed
