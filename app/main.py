@@ -103,6 +103,12 @@ def create_app(
     app.state.model_loader = container.model
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    # The API's routes, for each route's body limit and a 405's Allow header (app/api/errors.py).
+    routers = [health, images, concepts, jobs, search, embed, index, libraries]
+    if settings.immich.enabled:
+        routers.append(immich)
+    api_routes = [route for module in routers for route in module.router.routes]
+    app.state.api_routes = api_routes
     # Searches: this process's jobs pause for them, and they take turns (app/api/interactive.py).
     app.add_middleware(
         InteractiveRequests,
@@ -121,7 +127,7 @@ def create_app(
     # capped while it is read), one image for Immich's /predict, a JSON document elsewhere.
     app.add_middleware(
         BodySizeLimit,
-        routes=[*images.router.routes, *concepts.router.routes, *immich.router.routes],
+        routes=api_routes,
         limits={
             "upload": limits.max_files_per_request
             * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
@@ -143,11 +149,6 @@ def create_app(
         app.include_router(immich.router)
     app.include_router(index.router)
     app.include_router(libraries.router)
-    # Every method a path answers to, for the Allow header of a 405 (app/api/errors.py).
-    routers = [health, images, concepts, jobs, search, embed, index, libraries]
-    if settings.immich.enabled:
-        routers.append(immich)
-    app.state.api_routes = [route for module in routers for route in module.router.routes]
     # The web UI at /ui/ (static files; it calls the API above with the user's key).
     web.install(app)
     install_openapi(app, limits)

@@ -277,8 +277,7 @@ class BodySizeLimit:
     multipart, so no request to a search route can make the server buffer megabytes. A
     declared Content-Length over the limit is answered before any byte is read; a body that
     turns out longer (chunked, or lying) is cut off once it passes the limit. Starlette's own
-    limiter answers in plain text, hence
-    this one.
+    limiter answers in plain text, hence this one.
     """
 
     def __init__(
