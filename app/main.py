@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__, bootstrap, web
 from app.api.deps import AUTH, KeyBeforeBody
 from app.api.errors import BodySizeLimit, SafeJSONResponse, Utf8Url, install_error_handlers
+from app.api.head import HeadAsGet, is_head
 from app.api.interactive import InteractiveRequests
 from app.api.openapi import install_openapi
 from app.api.routes import (
@@ -135,6 +136,11 @@ def create_app(
         },
         max_other_bytes=limits.max_json_bytes,
     )
+    # Outermost: HEAD answered as GET without the body (app/api/head.py), so every GET route,
+    # the docs and the UI answer HEAD alike, through the same limits and key check, and the
+    # OpenAPI document has no HEAD operations. (Only Starlette's handler of unexpected errors
+    # lies outside it; uvicorn drops the body of a HEAD answer itself.)
+    app.add_middleware(HeadAsGet)
     app.include_router(health.router)
     # One file more than allowed is parsed, so the service can answer `too_many_files`.
     app.include_router(images.router, form_limits={"max_files": limits.max_files_per_request + 1})
@@ -190,5 +196,7 @@ class RequestMetrics:
             # The method is the client's to choose: only known ones become label values, so
             # made-up methods cannot grow the metrics without bound.
             method = scope["method"] if scope["method"] in _HTTP_METHODS else "other"
+            if is_head(scope):  # answered as a GET (app/api/head.py), counted as what it is
+                method = "HEAD"
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)

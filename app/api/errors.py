@@ -200,17 +200,19 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method the path answers to (`app.state.api_routes`). With one route per method,
-    Starlette's 405 names only the first route's."""
+    """Every method the path answers to (`app.state.api_routes`), HEAD wherever GET is (the
+    app answers it: app/api/head.py). With one route per method, Starlette's 405 names only
+    the first route's."""
     routes: Iterable[BaseRoute] = getattr(request.app.state, "api_routes", ())
-    return sorted(
-        {
-            method
-            for route in routes
-            if route.matches(request.scope)[0] is not Match.NONE
-            for method in getattr(route, "methods", None) or ()
-        }
-    )
+    methods = {
+        method
+        for route in routes
+        if route.matches(request.scope)[0] is not Match.NONE
+        for method in getattr(route, "methods", None) or ()
+    }
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 async def handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:

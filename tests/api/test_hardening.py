@@ -487,10 +487,11 @@ def test_bad_ranges_on_files_get_the_json_error_shape(api_client, user):
 @pytest.mark.parametrize(
     ("method", "url", "allowed"),
     [
-        ("PUT", "/images", {"GET", "POST"}),
-        ("PUT", "/concepts/x", {"GET", "PATCH", "DELETE"}),
-        ("DELETE", "/search", {"GET", "POST"}),
-        ("PUT", "/libraries", {"GET", "POST"}),
+        ("PUT", "/images", {"GET", "HEAD", "POST"}),
+        ("PUT", "/concepts/x", {"GET", "HEAD", "PATCH", "DELETE"}),
+        ("DELETE", "/search", {"GET", "HEAD", "POST"}),
+        ("PUT", "/libraries", {"GET", "HEAD", "POST"}),
+        ("PUT", "/embed/text", {"POST"}),
     ],
 )
 def test_a_405_names_every_method_the_path_answers_to(api_client, user, method, url, allowed):
