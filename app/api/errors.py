@@ -22,12 +22,11 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sqlalchemy_exc
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
-from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -120,24 +119,6 @@ class SafeJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         return text.encode("utf-8", "replace")
-
-
-class ApiFileResponse(FileResponse):
-    """A file, whose bad Range headers get the API's JSON error shape: Starlette answers them
-    itself in plain text (400 for a malformed range, 416 with an empty body past the end)."""
-
-    @classmethod
-    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
-        try:
-            return super()._parse_range_header(http_range, file_size)
-        except MalformedRangeHeader as e:
-            raise StarletteHTTPException(400, detail=f"bad Range header: {e.content}") from e
-        except RangeNotSatisfiable as e:
-            raise StarletteHTTPException(
-                416,
-                detail=f"the Range is past the end of the file ({file_size} bytes)",
-                headers={"Content-Range": f"bytes */{file_size}"},
-            ) from e
 
 
 def _response(

@@ -17,10 +17,12 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.errors import error_body
+from app.api.files import none_match
+from app.api.head import HeadAwareFileResponse
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PREFIX = "/ui"
@@ -114,9 +116,9 @@ class StaticUI:
             return _error(405, "method_not_allowed", "Method Not Allowed", {"Allow": "GET, HEAD"})
         # Revalidate every time (cheap with the ETag), so a new version is never half-cached.
         headers = _headers({"Cache-Control": "no-cache", "ETag": file.etag})
-        if file.etag in Headers(scope=scope).get("if-none-match", ""):
+        if none_match(Headers(scope=scope).getlist("if-none-match"), file.etag):
             return Response(status_code=304, headers=headers)
-        return FileResponse(file.path, media_type=file.media_type, headers=headers)
+        return HeadAwareFileResponse(file.path, media_type=file.media_type, headers=headers)
 
 
 def install(app: FastAPI) -> None:

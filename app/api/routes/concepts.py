@@ -8,7 +8,15 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
-from app.api.errors import ApiFileResponse, takes_body
+from app.api.errors import takes_body
+from app.api.files import (
+    FILE_RESPONSES,
+    IMMUTABLE,
+    ApiFileResponse,
+    content_etag,
+    regular_file_stat,
+    thumbnail_response,
+)
 from app.api.params import ConceptId, Cursor, ExampleId, LibraryImageIds, PageLimit
 from app.errors import NotFound
 from app.schemas import (
@@ -32,8 +40,6 @@ _PHOTOS_DOC = (
     "photos of the concept to upload; with `image_ids`, 3-13 in all "
     "(training.min_photos..max_photos)"
 )
-# Content-addressed, so a URL's bytes never change; `private`: it is behind a key.
-_IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
 
 def concept_out(view: service.ConceptView) -> ConceptOut:
@@ -205,7 +211,7 @@ def list_examples(
     "/{concept_id}/examples/{example_id}/file",
     response_class=FileResponse,
     summary="A concept photo's original bytes",
-    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
+    responses={**errors(400, 404, 416), **FILE_RESPONSES},
 )
 def get_example_file(
     concept_id: ConceptId,
@@ -216,10 +222,16 @@ def get_example_file(
 ) -> FileResponse:
     example = service.get_example(user.id, concept_id, example_id, db_session=db_session)
     path = store.path(example.storage_path)
-    if not path.is_file():
+    st = regular_file_stat(path)
+    if st is None:
         raise NotFound("the stored file is missing", code="file_missing")
-    return ApiFileResponse(
-        path, media_type=example.mime, content_disposition_type="inline", headers=_IMMUTABLE
+    return ApiFileResponse(  # content-addressed: its bytes are its hash's
+        path,
+        stat_result=st,
+        etag=content_etag(example.sha256),
+        cache_control=IMMUTABLE,
+        media_type=example.mime,
+        content_disposition_type="inline",
     )
 
 
@@ -227,7 +239,7 @@ def get_example_file(
     "/{concept_id}/examples/{example_id}/thumbnail",
     response_class=FileResponse,
     summary=f"A concept photo's {THUMB_MIME} thumbnail, 256 px on its longest side",
-    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
+    responses={**errors(400, 404, 416), **FILE_RESPONSES},
 )
 def get_example_thumbnail(
     concept_id: ConceptId,
@@ -238,9 +250,10 @@ def get_example_thumbnail(
 ) -> FileResponse:
     example = service.get_example(user.id, concept_id, example_id, db_session=db_session)
     path = store.path(store.thumbnail_relpath(example.storage_path))
-    if not path.is_file():
+    st = regular_file_stat(path)
+    if st is None:
         raise NotFound("the thumbnail is missing", code="file_missing")
-    return ApiFileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
+    return thumbnail_response(path, st, example.sha256)
 
 
 @router.delete(

@@ -10,9 +10,18 @@ from fastapi.responses import FileResponse
 from pydantic import Field
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
-from app.api.errors import ApiFileResponse, takes_body
+from app.api.errors import takes_body
+from app.api.files import (
+    FILE_RESPONSES,
+    IMMUTABLE,
+    REVALIDATE,
+    ApiFileResponse,
+    content_etag,
+    regular_file_stat,
+    thumbnail_response,
+)
 from app.api.params import Cursor, ImageId, PageLimit
-from app.errors import NotFound, ValidationFailed
+from app.errors import Conflict, NotFound, ValidationFailed
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
 from app.schemas import error_responses as errors
 from app.services import images as service
@@ -22,8 +31,6 @@ router = APIRouter(prefix="/images", tags=["images"], responses=errors(401))
 
 MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_FORM_TIMES = 10_000  # the files-per-request limit is checked by the service
-# Content-addressed, so a URL's bytes never change; `private`: it is behind a key.
-_IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
 
 @router.post(
@@ -106,7 +113,7 @@ def get_image(image_id: ImageId, user: CurrentUser, db_session: SessionDep) -> I
     "/{image_id}/file",
     response_class=FileResponse,
     summary="The original bytes, as uploaded",
-    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
+    responses={**errors(400, 404, 409, 416), **FILE_RESPONSES},
 )
 def get_image_file(
     image_id: ImageId,
@@ -115,18 +122,38 @@ def get_image_file(
     store: StoreDep,
     settings: SettingsDep,
 ) -> FileResponse:
-    """Uploads come from the store; photos of a folder library from their folder."""
+    """Uploads come from the store; photos of a folder library from their folder, while the
+    file is the one the last scan indexed (else a 409 `file_changed`)."""
     image, path = service.original_file(
         user.id, image_id, db_session=db_session, store=store, library_roots=settings.library.roots
     )
-    # A folder's file may be edited in place: only content-addressed originals are immutable.
-    cache = _IMMUTABLE if image.source_path is None else {"Cache-Control": "private, no-cache"}
+    st = regular_file_stat(path)
+    if st is None:
+        raise NotFound("the image's file is gone", code="file_missing")
+    if image.source_path is None:  # content-addressed: its bytes are its hash's
+        etag, cache = content_etag(image.sha256), IMMUTABLE
+    else:
+        # A folder's file changed since it was scanned may now hold anything (another photo,
+        # a text file), not what the image's type, size and hash say: not served until a
+        # scan reads it again. Its stat is in the ETag, so a cached copy is revalidated.
+        indexed = (image.source_size, image.source_mtime_ns)
+        if image.source_size is not None and (st.st_size, st.st_mtime_ns) != indexed:
+            raise Conflict(
+                "the photo's file changed in its library folder since the library was last "
+                "scanned; the next scan picks it up (the folder watcher starts one soon, or "
+                f"POST /libraries/{image.library_id}/scan)",
+                code="file_changed",
+                detail={"library_id": image.library_id},
+            )
+        etag, cache = content_etag(image.sha256, st.st_size, st.st_mtime_ns), REVALIDATE
     return ApiFileResponse(
         path,
+        stat_result=st,
+        etag=etag,
+        cache_control=cache,
         media_type=image.mime,
         filename=image.original_filename,
         content_disposition_type="inline",
-        headers=cache,
     )
 
 
@@ -134,16 +161,17 @@ def get_image_file(
     "/{image_id}/thumbnail",
     response_class=FileResponse,
     summary=f"A {THUMB_MIME} thumbnail, 256 px on its longest side",
-    responses={**errors(400, 404, 416), 206: {"description": "the requested Range"}},
+    responses={**errors(400, 404, 416), **FILE_RESPONSES},
 )
 def get_image_thumbnail(
     image_id: ImageId, user: CurrentUser, db_session: SessionDep, store: StoreDep
 ) -> FileResponse:
     image = service.get_image(user.id, image_id, db_session=db_session)
     path = store.path(store.thumbnail_relpath(image.storage_path))
-    if not path.is_file():
+    st = regular_file_stat(path)
+    if st is None:
         raise NotFound("the thumbnail is missing; upload the image again", code="file_missing")
-    return ApiFileResponse(path, media_type=THUMB_MIME, headers=_IMMUTABLE)
+    return thumbnail_response(path, st, image.sha256)
 
 
 @router.delete(
