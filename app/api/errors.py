@@ -30,6 +30,7 @@ from starlette.formparsers import MultiPartException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.forms import InvalidUtf8Form
 from app.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -147,10 +148,13 @@ def _body_error(request: Request, exc: StarletteHTTPException) -> DomainError | 
     FastAPI and Starlette answer every body they cannot parse with a bare 400; the cause says
     what it was: text that is not UTF-8 (a 422 like any other invalid string), more files than
     the limit (the documented `too_many_files`), an oversized form field (413).
+    A multipart body that is cut off or malformed stays a 400 (app/api/forms.py says which).
     """
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, UnicodeDecodeError):
         return ValidationFailed("the request body is not valid UTF-8", code="invalid_utf8")
+    if isinstance(cause, InvalidUtf8Form):  # a form's text or file name (app/api/forms.py)
+        return ValidationFailed(cause.message, code="invalid_utf8")
     if isinstance(cause, MultiPartException):
         if cause.message.startswith("Too many files"):
             most = request.app.state.settings.limits.max_files_per_request

@@ -17,6 +17,7 @@ from app.api.files import (
     regular_file_stat,
     thumbnail_response,
 )
+from app.api.forms import FormRoute
 from app.api.params import ConceptId, Cursor, ExampleId, LibraryImageIds, PageLimit
 from app.errors import NotFound
 from app.schemas import (
@@ -34,7 +35,9 @@ from app.services import concepts as service
 from app.services.images import IncomingFile
 from app.storage import THUMB_MIME
 
-router = APIRouter(prefix="/concepts", tags=["concepts"], responses=errors(401))
+router = APIRouter(
+    prefix="/concepts", tags=["concepts"], responses=errors(401), route_class=FormRoute
+)
 
 _PHOTOS_DOC = (
     "photos of the concept to upload; with `image_ids`, 3-13 in all "

@@ -20,6 +20,7 @@ from app.api.files import (
     regular_file_stat,
     thumbnail_response,
 )
+from app.api.forms import FormRoute
 from app.api.params import Cursor, ImageId, PageLimit
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
@@ -27,7 +28,7 @@ from app.schemas import error_responses as errors
 from app.services import images as service
 from app.storage import THUMB_MIME
 
-router = APIRouter(prefix="/images", tags=["images"], responses=errors(401))
+router = APIRouter(prefix="/images", tags=["images"], responses=errors(401), route_class=FormRoute)
 
 MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_FORM_TIMES = 10_000  # the files-per-request limit is checked by the service

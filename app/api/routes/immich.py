@@ -19,11 +19,12 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import SearchContextDep, SessionDep
 from app.api.errors import takes_body
+from app.api.forms import FormRoute
 from app.errors import ValidationFailed
 from app.services import immich as service
 from app.text import UnsafeText, clean_text
 
-router = APIRouter(tags=["immich"], include_in_schema=False)
+router = APIRouter(tags=["immich"], include_in_schema=False, route_class=FormRoute)
 
 
 @router.get("/ping")
