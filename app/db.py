@@ -123,6 +123,27 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def transaction_lock(db_session: Session, key: int) -> None:
+    """Hold a lock named `key` until `db_session`'s transaction ends (commit or rollback), so
+    that a check and the write it allows are one step for every transaction taking the same
+    lock (check-then-insert without a race).
+
+    PostgreSQL: a transaction-scoped advisory lock on `key` (other transactions are not held
+    up). SQLite: the database's one writer lock, taken by BEGIN IMMEDIATE (the driver begins a
+    transaction only at a session's first write, so the reads before it ran outside one and
+    left no snapshot that could make the lock fail); a transaction already open here has
+    written, so it holds that lock already. Waits up to the busy timeout (30 s) for another
+    writer, then raises OperationalError.
+    """
+    conn = db_session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    elif conn.dialect.name == "sqlite":
+        dbapi = conn.connection.driver_connection
+        if dbapi is not None and not dbapi.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def alembic_config() -> Config:
     """Alembic config that needs no alembic.ini (works from any working directory)."""
     if not (MIGRATIONS_DIR / "env.py").is_file():

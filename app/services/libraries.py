@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from app import repositories
 from app.config import Settings
-from app.db import session_scope
+from app.db import session_scope, transaction_lock
 from app.errors import Conflict, DomainError, NotFound, ValidationFailed
 from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
@@ -142,24 +142,39 @@ def confine_folder(
     return real
 
 
+# The lock that makes "no library overlaps this folder" and the insert one step (any constant;
+# the same in every process on one database).
+_ADD_LIBRARY_LOCK_KEY = 0x504F4C4C4942  # "POLLIB"
+
+
 def add_library(
     user_id: str, raw_path: str, *, db_session: Session, settings: Settings, queue: JobQueue
 ) -> tuple[Library, Job]:
-    """Register a folder and queue its first scan (commits)."""
+    """Register a folder and queue its first scan (commits).
+
+    The last overlap check and the insert run under one lock (`transaction_lock`) that every
+    add takes, so two adds of overlapping folders at the same moment (two users, or one user
+    twice) cannot both pass the check: the second waits for the first to commit, then sees its
+    library and gets the 409."""
     folder = confine_folder(raw_path, settings, db_session=db_session, user_id=user_id)
-    for other in repositories.libraries_overlapping(db_session=db_session, path=str(folder)):
-        if other.user_id != user_id:
-            raise _taken()
-        raise Conflict(
-            f"this folder overlaps your library {other.id} ({other.path})",
-            code="library_overlaps",
-            detail={"library_id": other.id},
-        )
-    library = Library(user_id=user_id, path=str(folder), scan_generation=0)
-    db_session.add(library)
-    db_session.flush()
-    job = _add_scan_job(db_session, library)
-    db_session.commit()
+    try:
+        transaction_lock(db_session, _ADD_LIBRARY_LOCK_KEY)
+        for other in repositories.libraries_overlapping(db_session=db_session, path=str(folder)):
+            if other.user_id != user_id:
+                raise _taken()
+            raise Conflict(
+                f"this folder overlaps your library {other.id} ({other.path})",
+                code="library_overlaps",
+                detail={"library_id": other.id},
+            )
+        library = Library(user_id=user_id, path=str(folder), scan_generation=0)
+        db_session.add(library)
+        db_session.flush()
+        job = _add_scan_job(db_session, library)
+        db_session.commit()
+    except BaseException:
+        db_session.rollback()  # releases the lock at once, whoever closes the session
+        raise
     enqueue_committed(queue, job)
     return library, job
 
