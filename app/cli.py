@@ -499,9 +499,13 @@ def _print_library(library: Library) -> None:
     counts = ", ".join(
         f"{rep.get(k, 0)} {k}" for k in ("added", "changed", "moved", "unchanged", "removed")
     )
-    print(f"  last scan: {counts}; {rep.get('skipped_count', 0)} skipped")
+    failed = rep.get("failed_count", 0)
+    unreadable = f"; {failed} not searchable (unreadable)" if failed else ""
+    print(f"  last scan: {counts}; {rep.get('skipped_count', 0)} skipped{unreadable}")
     for s in rep.get("skipped", [])[:20]:
         print(f"    skipped {s.get('path')}: {s.get('reason')}")
+    for s in rep.get("failed", [])[:20]:
+        print(f"    not searchable {s.get('path')}: {s.get('reason')}")
 
 
 def _find_library(client: PolarClient, ref: str) -> Library:
@@ -546,7 +550,10 @@ def _library(client: PolarClient, args: argparse.Namespace) -> int:
 
 def _print_index(status: IndexStatus) -> None:
     print(f"model: {status.model}")
-    print(f"images: {status.images} ({status.embedded} searchable, {status.pending} pending)")
+    failed = f", {status.failed} unreadable" if status.failed else ""
+    print(
+        f"images: {status.images} ({status.embedded} searchable, {status.pending} pending{failed})"
+    )
     if status.region_layout != "none":
         print(f"regions ({status.region_layout}): {status.with_regions} of {status.embedded}")
 

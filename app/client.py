@@ -223,6 +223,7 @@ class IndexStatus:
     region_layout: str
     with_regions: int
     rebuild_job: Job | None
+    failed: int = 0  # files that could not be read when embedded (a server before 0006: 0)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> IndexStatus:
@@ -235,6 +236,7 @@ class IndexStatus:
             region_layout=d["region_layout"],
             with_regions=int(d["with_regions"]),
             rebuild_job=Job.from_json(job) if job else None,
+            failed=int(d.get("failed", 0)),
         )
 
 

@@ -191,6 +191,11 @@ class Image(Base):
     source_size: Mapped[int | None] = mapped_column(BigInteger)
     source_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     scan_generation: Mapped[int | None] = mapped_column(Integer)  # the last scan that saw it
+    # Why the embed jobs could not read or decode the file (swapped for a FIFO or a bomb since
+    # it was validated, gone, unreadable): such an image is not read again by every embed pass,
+    # only once its file changes (a rescan sees a new size or time; the same bytes uploaded
+    # again) or a rebuild is asked for, which clear this. None: nothing failed.
+    embed_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Library(Base):

@@ -511,13 +511,15 @@ def filtered_vec_ids(
 
 
 def count_unembedded_images(*, db_session: Session, user_id: str, model_id: str) -> int:
-    """Images of the user not (yet) embedded by `model_id`."""
+    """Images of the user not (yet) embedded by `model_id`, other than those whose file could
+    not be read (embed_error): no pass embeds them until their file changes."""
     query = (
         select(func.count())
         .select_from(Image)
         .where(
             Image.user_id == user_id,
             (Image.embedding_model.is_(None)) | (Image.embedding_model != model_id),
+            Image.embed_error.is_(None),
         )
     )
     return int(db_session.scalar(query) or 0)
@@ -563,6 +565,22 @@ def libraries_overlapping(*, db_session: Session, path: str) -> list[Library]:
             )
         )
     )
+
+
+def library_embed_failures(
+    *, db_session: Session, library_id: str, limit: int
+) -> tuple[int, list[tuple[str, str]]]:
+    """(how many, the first `limit` (source_path, embed_error) by path) of the library's images
+    whose file could not be read or decoded when embedded."""
+    failed = (Image.library_id == library_id, Image.embed_error.is_not(None))
+    count = int(db_session.scalar(select(func.count()).select_from(Image).where(*failed)) or 0)
+    rows = db_session.execute(
+        select(Image.source_path, Image.embed_error)
+        .where(*failed)
+        .order_by(Image.source_path)
+        .limit(limit)
+    )
+    return count, [(str(path), str(reason)) for path, reason in rows]
 
 
 def open_scan_job(

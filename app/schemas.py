@@ -147,6 +147,13 @@ class ImageOut(BaseModel):
         None, description="the library it is indexed from in place; null for an upload"
     )
     path: str | None = Field(None, description="the original file's path (library images)")
+    embed_error: str | None = Field(
+        None,
+        description="why its file could not be read or decoded for embedding (swapped, "
+        "damaged, gone since it was validated): not retried until the file changes (a rescan "
+        "sees it; for an upload, the same bytes sent again) or POST /index/rebuild; null "
+        "when nothing failed",
+    )
 
     @classmethod
     def from_model(cls, image: Image) -> ImageOut:
@@ -167,6 +174,7 @@ class ImageOut(BaseModel):
             thumbnail_url=f"/images/{image.id}/thumbnail",
             library_id=image.library_id,
             path=image.source_path,
+            embed_error=image.embed_error,
         )
 
 
@@ -369,7 +377,10 @@ class SearchResponse(BaseModel):
     k: int
     offset: int
     indexed: int = Field(description="images in your searchable index")
-    pending: int = Field(description="images not yet embedded by the serving model")
+    pending: int = Field(
+        description="images not yet embedded by the serving model (those whose file could not "
+        "be read are not counted: GET /index `failed`)"
+    )
     reranked: bool = Field(
         False,
         description="concepts named: the top hits were re-ranked by where each concept best "
@@ -616,7 +627,16 @@ class IndexOut(BaseModel):
     model: str = Field(description="the serving model's id")
     images: int = Field(description="images in your library")
     embedded: int = Field(description="embedded by the serving model: searchable")
-    pending: int = Field(description="not (yet) searchable: being embedded, or from another model")
+    pending: int = Field(
+        description="not (yet) searchable: being embedded, or from another model (a rebuild "
+        "embeds them)"
+    )
+    failed: int = Field(
+        0,
+        description="not searchable because their file could not be read or decoded when it "
+        "was embedded (each image says why: `embed_error`); not retried until the file changes "
+        "or POST /index/rebuild",
+    )
     region_layout: str = Field(
         description="regions embedded per image for queries naming concepts, and how: five = "
         "five crops, five-pooled = five boxes pooled from the image's one pass, five-both = "
@@ -654,7 +674,9 @@ class LibraryOut(BaseModel):
     report: dict[str, Any] | None = Field(
         None,
         description="the last finished scan: added, changed, moved, unchanged, removed, "
-        "skipped_count and skipped ([{path, reason}])",
+        "skipped_count and skipped ([{path, reason}]); failed_count and failed ([{path, "
+        "reason}]): files of the library that passed the scan but could not be read or decoded "
+        "when they were embedded (not searchable; read again once they change)",
     )
     job: JobOut | None = Field(None, description="the scan this request queued, if any")
 

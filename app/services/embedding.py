@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +64,34 @@ def _file_of(store: ImageStore, roots: list[Path], src: ImageSource) -> Path:
     return confined_file(src.source_path, src.library_path, roots)
 
 
+MAX_ERROR_CHARS = 500
+
+
+def failure_reason(e: BaseException) -> str:
+    """Why a file could not be read or decoded, in a few words, as UTF-8 text a database and
+    JSON can carry (a path in an OSError may hold bytes of a name that is not UTF-8)."""
+    if isinstance(e, DomainError):
+        text = e.message
+    elif isinstance(e, FileNotFoundError):
+        text = "the file is gone"
+    elif isinstance(e, PermissionError):
+        text = "permission denied"
+    elif isinstance(e, OSError):
+        text = f"unreadable: {e.strerror or e}"
+    else:
+        text = str(e) or type(e).__name__
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def _open_rgb(
     store: ImageStore,
     src: ImageSource | str,
     min_side: int = 0,
     roots: Sequence[Path] = (),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    on_failure: Callable[[str], None] | None = None,
 ) -> PILImage.Image | None:
     """The original (stored: `src` may be its storage path; or the library's file),
     EXIF-oriented, RGB. A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both
@@ -77,8 +99,8 @@ def _open_rgb(
 
     The file is checked as an upload is (a regular file, opened without following a link or
     waiting on a FIFO; an allowed format; at most `max_pixels`), since it may have been swapped
-    since it was validated. None, logged, when it cannot be read or decoded for any reason:
-    only this image is skipped, never its batch."""
+    since it was validated. None, logged and told to `on_failure` (the reason), when it cannot
+    be read or decoded for any reason: only this image is skipped, never its batch."""
     if isinstance(src, str):
         src = ImageSource(src)
     try:
@@ -92,6 +114,8 @@ def _open_rgb(
             return ImageOps.exif_transpose(im).convert("RGB")
     except (DomainError, OSError, ValueError) as e:  # untrusted_image: any decoder failure
         log.warning("cannot read %s for embedding: %s", src.source_path or src.storage_path, e)
+        if on_failure is not None:
+            on_failure(failure_reason(e))
         return None
 
 
@@ -165,28 +189,34 @@ def embed_pending(
     max_pixels = ctx.settings.limits.max_pixels  # the files are checked again as uploads are
     threads = ctx.settings.threads.embedding
     current = Image.embedding_model == model_id
-    whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current))
+    # An image whose file could not be read is not read again by every pass: only once the file
+    # changes (a rescan or a new upload of the bytes clears embed_error) or a rebuild is asked.
+    readable = Image.embed_error.is_(None)
+    whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current), readable)
     stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != key)
-    crops_left = len(_pending(ctx, image_ids, current, stale_regions)) if boxes else 0
+    crops_left = len(_pending(ctx, image_ids, current, stale_regions, readable)) if boxes else 0
     total = max(1, len(whole) + cost * ((0 if method == "pooled" else len(whole)) + crops_left))
     work = 0
     last_publish, unpublished = time.monotonic(), False
     for start in range(0, len(whole), BATCH):
         batch = whole[start : start + BATCH]
-        readable = [
+        failed: dict[str, str] = {}
+        decoded = [
             (i, im)
             for i, p in batch
-            if (im := _open_rgb(store, p, side, roots, max_pixels)) is not None
+            if (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
+            is not None
         ]
-        if readable:
+        _record_failures(ctx, failed)
+        if decoded:
             with cpu_threads(threads):
-                pictures = [im for _, im in readable]
+                pictures = [im for _, im in decoded]
                 if pooled:  # (B, D) and (B, R, D) from one pass
                     vectors, regions = embed_with_regions(bundle, pictures, layout, "pooled")
                 else:
                     vectors, regions = encode_images(bundle, pictures), None
             with session_scope(ctx.session_factory) as s:
-                for n, ((image_id, _), vec) in enumerate(zip(readable, vectors, strict=True)):
+                for n, ((image_id, _), vec) in enumerate(zip(decoded, vectors, strict=True)):
                     # A row deleted meanwhile simply matches nothing. Crops of another model
                     # are dropped with its embedding.
                     s.execute(
@@ -208,7 +238,7 @@ def embed_pending(
     if unpublished:
         with session_scope(ctx.session_factory) as s:
             repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
-    crops = _pending(ctx, image_ids, current, stale_regions) if boxes else []
+    crops = _pending(ctx, image_ids, current, stale_regions, readable) if boxes else []
     total = max(1, work + cost * len(crops))
     kinds = method_kinds(method)
     for start in range(0, len(crops), BATCH):
@@ -217,16 +247,19 @@ def embed_pending(
         # Only an image lacking a kind is decoded: after a switch between methods every row
         # may be stored already, and a re-pack costs no decode.
         complete = {i for i, _ in batch if set(kinds) <= found.get(i, {}).keys()}
-        decoded = {
+        failed = {}
+        pictures_of = {
             i: im
             for i, p in batch
             if i not in complete
-            and (im := _open_rgb(store, p, side, roots, max_pixels)) is not None
+            and (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
+            is not None
         }
-        ready = [i for i, _ in batch if i in complete or i in decoded]
+        _record_failures(ctx, failed)
+        ready = [i for i, _ in batch if i in complete or i in pictures_of]
         if ready:
             with cpu_threads(threads):
-                regions = _regions_of(bundle, ready, decoded, found, layout, method)
+                regions = _regions_of(bundle, ready, pictures_of, found, layout, method)
             with session_scope(ctx.session_factory) as s:
                 for image_id, reg in zip(ready, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
@@ -238,6 +271,25 @@ def embed_pending(
         work += cost * len(batch)
         ctx.progress(work / total)
     return len({i for i, _ in whole} | {i for i, _ in crops})
+
+
+def _note(failed: dict[str, str], image_id: str) -> Callable[[str], None]:
+    """An `on_failure` for `_open_rgb` that files the reason under `image_id`."""
+    return lambda reason: failed.__setitem__(image_id, reason)
+
+
+def _record_failures(ctx: JobContext, failed: dict[str, str]) -> None:
+    """Store why each image could not be read (embed_error): it leaves the passes that follow
+    until its file changes, and GET /index counts it as failed, not pending."""
+    if not failed:
+        return
+    with session_scope(ctx.session_factory) as s:
+        for image_id, reason in failed.items():
+            s.execute(
+                update(Image)
+                .where(Image.id == image_id, Image.user_id == ctx.user_id)
+                .values(embed_error=reason)
+            )
 
 
 def _layout_of(key: str | None) -> str | None:
@@ -305,7 +357,15 @@ def embed_images_job(ctx: JobContext) -> None:
 
 
 def rebuild_index_job(ctx: JobContext) -> None:
-    """Handler of `rebuild_index`: (re-)embed every image of the user not embedded by this model."""
+    """Handler of `rebuild_index`: (re-)embed every image of the user not embedded by this model;
+    an image whose file could not be read before is tried once more (asked for by the user:
+    a file whose permissions or share were fixed, which changed neither its size nor time)."""
+    with session_scope(ctx.session_factory) as s:
+        s.execute(
+            update(Image)
+            .where(Image.user_id == ctx.user_id, Image.embed_error.is_not(None))
+            .values(embed_error=None)
+        )
     embed_pending(ctx, None)
     with session_scope(ctx.session_factory) as s:
         repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
@@ -317,24 +377,35 @@ class IndexStatus:
 
     images: int
     embedded: int  # embedded by the serving model (searchable)
+    failed: int  # not embedded by it: the file could not be read or decoded (embed_error)
     with_regions: int  # ... that also have regions of the configured layout and method
     region_layout: str  # the stored key: "five", "five-pooled" or "none"
     rebuild_job: Job | None  # a queued or running rebuild, if any
+
+    @property
+    def pending(self) -> int:
+        """Not embedded by the serving model yet, and not failed: what a pass will embed."""
+        return self.images - self.embedded - self.failed
 
 
 def index_status(db_session: Session, user_id: str, model_id: str, layout: str) -> IndexStatus:
     """Counts for GET /index (one query); `layout` is the stored key (`stored_layout`)."""
     current = Image.embedding_model == model_id
+    failed = Image.embed_error.is_not(None) & or_(
+        Image.embedding_model.is_(None), Image.embedding_model != model_id
+    )
     row = db_session.execute(
         select(
             func.count(),
             func.count(case((current, 1))),
             func.count(case((current & (Image.region_layout == layout), 1))),
+            func.count(case((failed, 1))),
         ).where(Image.user_id == user_id)
     ).one()
     return IndexStatus(
         images=int(row[0]),
         embedded=int(row[1]),
+        failed=int(row[3]),
         with_regions=int(row[2]) if layout != "none" else 0,
         region_layout=layout,
         rebuild_job=_open_rebuild(db_session, user_id),

@@ -162,9 +162,16 @@ def _persist(
             db_session.add(image)
             by_sha[s.sha256] = image
             results.append(UploadedImage(image, duplicate=False))
+        # The same bytes sent again: an image whose file could not be read when it was
+        # embedded (its stored original lost or damaged, now restored by store.commit) is
+        # read again.
+        retried = {img.id for img in by_sha.values() if img.embed_error is not None}
+        for img in by_sha.values():
+            if img.id in retried:
+                img.embed_error = None
         db_session.flush()
         # Re-uploading an image whose embedding never arrived (failed job) embeds it again.
-        pending = [img.id for img in by_sha.values() if img.embedding is None]
+        pending = [img.id for img in by_sha.values() if img.embedding is None or img.id in retried]
         job = None
         if pending:
             job = repositories.add_job(

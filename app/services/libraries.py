@@ -8,7 +8,9 @@ batches of `library.batch` files, each in a short transaction; rows it did not s
 already has at a path that is gone is a move: the row keeps its id and takes the new path.
 Whatever the file system refuses for one entry (a path past PATH_MAX, no permission) skips that
 entry with the reason, never the scan. A link to a file in the library is read as that file: a
-duplicate of its target, indexed once, at the target's path.
+duplicate of its target, indexed once, at the target's path. A file indexed but that embedding
+then cannot read (swapped for a FIFO or a bomb) is marked with the reason (images.embed_error),
+listed in the report's `failed`, and read again only once a scan sees it changed.
 
 Every path that reaches the database or a report is valid UTF-8 text: a file or folder whose
 name is not (Latin-1 names from old shares: Python keeps their bytes as lone surrogates) is
@@ -249,6 +251,9 @@ class ScanReport:
     removed: int = 0
     skipped_count: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # Files indexed but not searchable: they could not be read or decoded when embedded.
+    failed_count: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
 
     def skip(self, path: str | Path, reason: str) -> None:
         self.skipped_count += 1
@@ -409,10 +414,25 @@ def scan_library_job(ctx: JobContext) -> None:
         delete_unused_files(s, ctx.store, sorted(set(stale)))
         library = repositories.get_library(db_session=s, user_id=ctx.user_id, library_id=library_id)
         if library is not None:
+            _note_failures(s, library, report)
             library.report = {"job_id": ctx.job_id, **report.as_dict()}
             library.scanned_at = utcnow()
     ctx.progress(0.5)
     embed_pending(dataclasses.replace(ctx, progress=lambda f: ctx.progress(0.5 + f / 2)), None)
+    with session_scope(ctx.session_factory) as s:  # what embedding could not read, and why
+        library = repositories.get_library(db_session=s, user_id=ctx.user_id, library_id=library_id)
+        if library is not None:
+            _note_failures(s, library, report)
+            library.report = {"job_id": ctx.job_id, **report.as_dict()}
+
+
+def _note_failures(db_session: Session, library: Library, report: ScanReport) -> None:
+    """Put the library's files that could not be embedded (embed_error) in the report."""
+    count, rows = repositories.library_embed_failures(
+        db_session=db_session, library_id=library.id, limit=report.max_reported
+    )
+    report.failed_count = count
+    report.failed = [{"path": path, "reason": reason} for path, reason in rows]
 
 
 def _index_batch(
@@ -425,7 +445,8 @@ def _index_batch(
     """Index (path, what to read) pairs from `_walk`: what is read is the path itself, or the
     target in the library of a link, which is indexed under the link's path only if its target
     is not indexed (its content is a duplicate of its target's). Any OSError, any refusal of
-    one file skips that file with the reason."""
+    one file skips that file with the reason. A file read again because it changed (or moved)
+    loses a past embedding failure."""
     limits = ctx.settings.limits
     with session_scope(ctx.session_factory) as s:
         looked_up = {str(p) for p, _ in entries}  # and a link's target (what a row can name)
@@ -494,6 +515,7 @@ def _index_batch(
                 img.taken_at = info.taken_at or mtime
                 img.source_size, img.source_mtime_ns = st.st_size, st.st_mtime_ns
                 img.scan_generation = gen
+                img.embed_error = None  # a new file: read again
                 report.changed += 1
                 continue
             if same is not None:
@@ -504,6 +526,7 @@ def _index_batch(
                     same.original_filename = p.name[-255:]
                     same.source_size, same.source_mtime_ns = st.st_size, st.st_mtime_ns
                     same.scan_generation = gen
+                    same.embed_error = None  # read whole just now, at its new path
                     known[str(p)] = same
                     report.moved += 1
                 else:

@@ -239,3 +239,29 @@ def test_0003_rekeys_concept_names_with_the_one_caseless_rule(empty_engine):
         "c3": "Rex|rex",
         "b0": "fıdo|fido",
     }
+
+
+def test_0006_adds_embed_error_and_keeps_the_images(empty_engine):
+    """Images from before 0006 have no failure recorded; a downgrade keeps them."""
+    migrate(empty_engine, "0005")
+    with Session(empty_engine) as session:
+        session.execute(text("INSERT INTO users (id, name, created_at, index_generation)"
+                             " VALUES ('u', 'u', '2026-01-01 00:00:00+00:00', 0)"))  # fmt: skip
+        session.execute(
+            text(
+                "INSERT INTO images (id, user_id, vec_id, sha256, mime, size_bytes, width,"
+                " height, storage_path, taken_at, created_at) VALUES ('i', 'u', 1, :sha,"
+                " 'image/png', 1, 1, 1, 'originals/x', :t, :t)"
+            ),
+            {"sha": "a" * 64, "t": "2026-01-01 00:00:00+00:00"},
+        )
+        session.commit()
+    migrate(empty_engine)
+    with Session(empty_engine) as session:
+        assert session.get(Image, "i").embed_error is None
+        session.execute(text("UPDATE images SET embed_error = 'the file is gone'"))
+        session.commit()
+    downgrade(empty_engine, "0005")
+    with Session(empty_engine) as session:
+        assert session.execute(text("SELECT id FROM images")).scalars().all() == ["i"]
+    assert "embed_error" not in {c["name"] for c in inspect(empty_engine).get_columns("images")}

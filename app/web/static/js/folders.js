@@ -124,6 +124,9 @@ export function describeReport(report) {
     if (report[key]) parts.push(`${plural(report[key], "photo")} ${word}`);
   }
   if (report.skipped_count) parts.push(`${plural(report.skipped_count, "file")} skipped`);
+  if (report.failed_count) {
+    parts.push(`${plural(report.failed_count, "photo")} not searchable (unreadable)`);
+  }
   return parts.length ? `${parts.join(", ")}.` : "No photos found in this folder.";
 }
 
@@ -151,21 +154,29 @@ function folderItem(library) {
     el("span", { className: "folder-report muted", text: when + describeReport(report) }),
     el("span", { className: "folder-actions" }, scan, remove),
   );
-  const skipped = report?.skipped || [];
-  if (skipped.length) {
-    const rows = skipped.map((s) =>
-      el("li", {}, el("code", { text: s.path }), document.createTextNode(`: ${s.reason}`)),
-    );
-    const more = report.skipped_count - skipped.length;
-    if (more > 0) rows.push(el("li", { className: "muted", text: `and ${more} more` }));
-    item.append(
-      el(
-        "details",
-        { className: "folder-skipped" },
-        el("summary", { text: `Why ${plural(report.skipped_count, "file was", "files were")} skipped` }),
-        el("ul", {}, ...rows),
-      ),
-    );
-  }
+  const skipped = whyList(report?.skipped, report?.skipped_count, (n) =>
+    `Why ${plural(n, "file was", "files were")} skipped`,
+  );
+  // Indexed, but their file could not be read or decoded when embedded: read again once changed.
+  const failed = whyList(report?.failed, report?.failed_count, (n) =>
+    `Why ${plural(n, "photo is", "photos are")} not searchable`,
+  );
+  for (const details of [skipped, failed]) if (details) item.append(details);
   return item;
+}
+
+/** A <details> listing {path, reason} entries (of `count` in all), or null when there are none. */
+function whyList(entries, count, title) {
+  if (!entries?.length) return null;
+  const rows = entries.map((s) =>
+    el("li", {}, el("code", { text: s.path }), document.createTextNode(`: ${s.reason}`)),
+  );
+  const more = count - entries.length;
+  if (more > 0) rows.push(el("li", { className: "muted", text: `and ${more} more` }));
+  return el(
+    "details",
+    { className: "folder-skipped" },
+    el("summary", { text: title(count) }),
+    el("ul", {}, ...rows),
+  );
 }
