@@ -21,11 +21,12 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+import weakref
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import BinaryIO, Protocol
 
 import pillow_heif
@@ -372,11 +373,15 @@ class InspectedFile:
         return ALLOWED_FORMATS[self.format][1]
 
 
-def inspect_file(path: Path, *, max_bytes: int, max_pixels: int) -> InspectedFile:
+def inspect_file(
+    path: Path, *, max_bytes: int, max_pixels: int, within: Path | None = None
+) -> InspectedFile:
     """Validate a file where it lies, like an upload (hash, size limit, full decode); never
-    follows a symlink at the last component (the caller resolved and confined the path), never
-    blocks on a FIFO or device put in its place (InvalidImage: not a regular file)."""
-    with open_regular_file(path) as f:
+    blocks on a FIFO or device put in its place (InvalidImage: not a regular file). With
+    `within` (an allowed root above it), opened by `open_beneath`: no symlink below `within`
+    is followed, in any component; without, only the last component is refused as a link."""
+    opened = open_beneath(path, within) if within is not None else open_regular_file(path)
+    with opened as f:
         digest, size = hashlib.sha256(), 0
         while chunk := f.read(_CHUNK):
             size += len(chunk)
@@ -391,9 +396,21 @@ def inspect_file(path: Path, *, max_bytes: int, max_pixels: int) -> InspectedFil
     return InspectedFile(sha, size, fmt, width, height, thumb, taken_at)
 
 
-def confined_file(source_path: str, folder: str, roots: list[Path]) -> Path:
+def root_of(folder: str | Path, roots: Sequence[Path]) -> Path:
+    """The allowed root (resolved) that `folder` lies under, or ValueError."""
+    for r in roots:
+        root = r.resolve()
+        if Path(folder).is_relative_to(root):
+            return root
+    raise ValueError(f"{str(folder)!r} is outside the allowed roots")
+
+
+def confined_file(source_path: str, folder: str, roots: Sequence[Path]) -> Path:
     """The real path of a library file, or ValueError if it (through any symlink) leaves its
-    library folder or the allowed roots, or cannot be resolved (a symlink loop, a path too long)."""
+    library folder or the allowed roots, or cannot be resolved (a symlink loop, a path too long).
+
+    Only a check of names: open the result with `open_beneath` (or use `open_library_file`),
+    never by name, or a folder swapped for a link after this check is followed."""
     try:
         real = Path(source_path).resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop, before Python 3.13
@@ -404,18 +421,71 @@ def confined_file(source_path: str, folder: str, roots: list[Path]) -> Path:
     return real
 
 
-def open_regular_file(path: Path, *, follow_symlinks: bool = False) -> BinaryIO:
+def open_library_file(
+    source_path: str, folder: str, roots: Sequence[Path]
+) -> tuple[Path, BinaryIO]:
+    """(its real path, the open file) of a library file, for reading: a link to a file inside
+    the library is read as that file, at its own path (`confined_file`); the real path is then
+    opened from the allowed root down by `open_beneath`, so nothing outside the library and
+    the roots is read even when a folder on the way is swapped for a link meanwhile. ValueError
+    (outside, unresolvable), InvalidImage (not a regular file) or OSError (missing, a link met
+    on the way: ELOOP or ENOTDIR, no permission)."""
+    real = confined_file(source_path, folder, roots)
+    return real, open_beneath(real, root_of(folder, roots))
+
+
+_DIR_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_DIRECTORY", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def open_beneath(path: Path, base: Path) -> BinaryIO:
+    """Open the file `path` (absolute, under the folder `base`) for reading without following
+    any symlink below `base`: `base` is opened, then each folder of `path` in turn relative to
+    the one before (dir_fd) with O_NOFOLLOW | O_DIRECTORY, then the file with O_NOFOLLOW, as
+    `open_regular_file` (never waits on a FIFO; InvalidImage unless a regular file). A link in
+    any component, put there at any time before the open, is refused (OSError ELOOP, or
+    ENOTDIR for a link or file where a folder was), never followed: the check of a resolved
+    path and this open cannot be raced. ValueError if `path` is not under `base`."""
+    parts = path.relative_to(base).parts
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{str(path)!r} does not name a file under {str(base)!r}")
+    fd = os.open(base, _DIR_FLAGS & ~getattr(os, "O_NOFOLLOW", 0))  # the root: trusted as set
+    try:
+        for name in parts[:-1]:
+            try:
+                inner = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OSError(
+                        e.errno, f"the folder {name!r} on its path is a link or not a folder now"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = inner
+        return open_regular_file(Path(parts[-1]), dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_regular_file(
+    path: Path, *, follow_symlinks: bool = False, dir_fd: int | None = None
+) -> BinaryIO:
     """Open an untrusted path for reading, or raise InvalidImage if it is not a regular file.
 
     The check is made on the opened descriptor (fstat), so a FIFO, device or folder swapped in
     after any earlier stat is refused instead of read; O_NONBLOCK keeps the open itself from
     waiting for a FIFO's writer. A symlink at the last component is refused (OSError ELOOP)
-    unless `follow_symlinks`. OSError as os.open raises it (missing, no permission...).
+    unless `follow_symlinks`. `dir_fd`: `path` is relative to that open folder. OSError as
+    os.open raises it (missing, no permission...).
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     if not follow_symlinks:
         flags |= getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -427,6 +497,42 @@ def open_regular_file(path: Path, *, follow_symlinks: bool = False) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+# Where an open descriptor can be opened again by name, whatever happened to the file's own
+# name meanwhile (Linux: a "magic link" to the open file; BSD and macOS: the descriptor itself).
+_FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
+
+
+class HeldFile(PosixPath):
+    """A file opened and checked, as a path for code that reads a path (a FileResponse, the
+    API's ETag from `path.stat()`): `str()` is its real path, but every file system call made
+    with it (os.stat, open, Path.stat, is_file) reaches it through its open descriptor
+    (/proc/self/fd/N), so what is read is the file that was opened, never what its name points
+    at by then (a folder on the way swapped for a link meanwhile). The descriptor is closed by
+    `close()`, or when the object is collected. Paths derived from it (`.parent`) are names.
+    """
+
+    _held: str | None = None
+    _closer: weakref.finalize[[], HeldFile] | None = None
+
+    @classmethod
+    def hold(cls, f: BinaryIO, name: Path) -> HeldFile:
+        """`f` (open, now owned by the result) as a path named `name`."""
+        if _FD_DIR is None:
+            raise OSError(errno.ENOSYS, "no /proc/self/fd or /dev/fd to hold a file open by")
+        path = cls(name)
+        path._held = f"{_FD_DIR}/{f.fileno()}"
+        path._closer = weakref.finalize(path, f.close)
+        return path
+
+    def __fspath__(self) -> str:
+        return self._held if self._held is not None else str(self)
+
+    def close(self) -> None:
+        """Close the descriptor (the path then names nothing that can be read)."""
+        if self._closer is not None:
+            self._closer()
 
 
 def _claimed_size(fp: BinaryIO, formats: Collection[str] | None) -> tuple[int, int] | None:

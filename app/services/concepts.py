@@ -41,7 +41,7 @@ from app.services import jobs
 from app.services.images import IncomingFile, delete_unused_files, stage_all
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.query import normalize_name
-from app.storage import ImageStore, StagedImage, confined_file, open_regular_file
+from app.storage import ImageStore, StagedImage, open_library_file
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,8 @@ def _copies_of_folder_photos(
             try:
                 if library is None:
                     raise ValueError("its library is gone")
-                path = confined_file(image.source_path, library.path, list(roots))
-                try:  # not by path: a FIFO swapped in would hang the request
-                    f = open_regular_file(path, follow_symlinks=True)
+                try:  # no link followed on the way; a FIFO swapped in would hang the request
+                    path, f = open_library_file(image.source_path, library.path, list(roots))
                 except InvalidImage as e:
                     raise ValueError(e.message) from e
                 with f:

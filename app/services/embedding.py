@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image as PILImage
@@ -36,7 +37,7 @@ from app.ml.threads import cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
-from app.storage import ImageStore, confined_file, open_regular_file, untrusted_image
+from app.storage import ImageStore, open_library_file, open_regular_file, untrusted_image
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,13 @@ class ImageSource:
     library_path: str | None = None
 
 
-def _file_of(store: ImageStore, roots: list[Path], src: ImageSource) -> Path:
-    """The file to read; a library file only while it stays inside its library and the roots."""
+def _opened(store: ImageStore, roots: list[Path], src: ImageSource) -> BinaryIO:
+    """The file to read, open: a stored original (a regular file, no link), or a library's
+    file only while it stays inside its library and the roots, opened with no link followed
+    on the way (a folder swapped for a link meanwhile is refused, never followed)."""
     if src.source_path is None or src.library_path is None:
-        return store.path(src.storage_path)
-    return confined_file(src.source_path, src.library_path, roots)
+        return open_regular_file(store.path(src.storage_path))
+    return open_library_file(src.source_path, src.library_path, roots)[1]
 
 
 MAX_ERROR_CHARS = 500
@@ -105,7 +108,7 @@ def _open_rgb(
         src = ImageSource(src)
     try:
         with (
-            open_regular_file(_file_of(store, list(roots), src)) as f,
+            _opened(store, list(roots), src) as f,
             untrusted_image(f, max_pixels=max_pixels) as im,
         ):
             if min_side:

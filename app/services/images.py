@@ -23,6 +23,7 @@ from app.errors import (
     Conflict,
     DomainError,
     FileFailure,
+    InvalidImage,
     NotFound,
     StorageUnavailable,
     TooManyFiles,
@@ -32,7 +33,14 @@ from app.errors import (
 from app.models import Image, Job, JobKind, utcnow
 from app.repositories import Page
 from app.services.jobs import JobQueue, enqueue_committed
-from app.storage import BinaryStream, ImageStore, StagedImage, confined_file, display_filename
+from app.storage import (
+    BinaryStream,
+    HeldFile,
+    ImageStore,
+    StagedImage,
+    display_filename,
+    open_library_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +226,11 @@ def original_file(
     library_roots: Sequence[Path],
 ) -> tuple[Image, Path]:
     """One of the user's images and where its original bytes are: the store (uploads), or its
-    folder (libraries indexed in place; read only inside the library and the allowed roots)."""
+    folder (libraries indexed in place). A folder's file is opened here, inside the library
+    and the allowed roots with no link followed on the way (`open_library_file`), and what
+    comes back is that open file as a path (`HeldFile`: its stat and every open reach that
+    file), so whoever reads it reads the file checked here, even if a folder on its path is
+    swapped for a link to somewhere else meanwhile."""
     image = get_image(user_id, image_id, db_session=db_session)
     if image.source_path is not None and image.library_id is not None:
         library = repositories.get_library(
@@ -227,18 +239,22 @@ def original_file(
         try:
             if library is None:
                 raise ValueError("its library is gone")
-            path = confined_file(image.source_path, library.path, list(library_roots))
-        except ValueError as e:
+            real, f = open_library_file(image.source_path, library.path, list(library_roots))
+        except FileNotFoundError as e:
+            raise NotFound(
+                "the photo is gone from its library folder; rescan the library",
+                code="file_missing",
+            ) from e
+        except (OSError, ValueError, InvalidImage) as e:  # InvalidImage: not a regular file
             raise NotFound(
                 "the photo is no longer readable in its library folder; rescan the library",
                 code="file_missing",
             ) from e
-        if not path.is_file():
-            raise NotFound(
-                "the photo is gone from its library folder; rescan the library",
-                code="file_missing",
-            )
-        return image, path
+        try:
+            return image, HeldFile.hold(f, real)
+        except BaseException:
+            f.close()
+            raise
     path = store.path(image.storage_path)
     if not path.is_file():
         raise NotFound("the stored file is missing; upload the image again", code="file_missing")

@@ -8,9 +8,12 @@ batches of `library.batch` files, each in a short transaction; rows it did not s
 already has at a path that is gone is a move: the row keeps its id and takes the new path.
 Whatever the file system refuses for one entry (a path past PATH_MAX, no permission) skips that
 entry with the reason, never the scan. A link to a file in the library is read as that file: a
-duplicate of its target, indexed once, at the target's path. A file indexed but that embedding
-then cannot read (swapped for a FIFO or a bomb) is marked with the reason (images.embed_error),
-listed in the report's `failed`, and read again only once a scan sees it changed.
+duplicate of its target, indexed once, at the target's path. A file is read by its real path,
+opened one folder at a time from the allowed root with no link followed (app.storage
+open_beneath): a folder swapped for a link after the walk or a check is refused, not followed.
+A file indexed but that embedding then cannot read (swapped for a FIFO or a bomb) is marked
+with the reason (images.embed_error), listed in the report's `failed`, and read again only once
+a scan sees it changed.
 
 Every path that reaches the database or a report is valid UTF-8 text: a file or folder whose
 name is not (Latin-1 names from old shares: Python keeps their bytes as lone surrogates) is
@@ -42,7 +45,7 @@ from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
 from app.services.images import delete_unused_files
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
-from app.storage import inspect_file
+from app.storage import inspect_file, root_of
 from app.text import UnsafeText, check_text
 
 log = logging.getLogger(__name__)
@@ -381,6 +384,7 @@ def scan_library_job(ctx: JobContext) -> None:
             "the library's folder is no longer under an allowed root; nothing was changed",
             code="path_not_allowed",
         )
+    root = root_of(folder, roots)  # files are opened from it down, no link followed
     if not folder.is_dir():
         # Never empty a library because its disk is not mounted right now.
         raise ValidationFailed(
@@ -392,10 +396,10 @@ def scan_library_job(ctx: JobContext) -> None:
     for entry in _walk(folder, report):
         batch.append(entry)
         if len(batch) >= settings.library.batch:
-            _index_batch(ctx, library_id, gen, batch, report)
+            _index_batch(ctx, library_id, gen, batch, report, root)
             batch = []
     if batch:
-        _index_batch(ctx, library_id, gen, batch, report)
+        _index_batch(ctx, library_id, gen, batch, report, root)
     stale: list[str] = []
     while True:
         with session_scope(ctx.session_factory) as s:
@@ -441,12 +445,14 @@ def _index_batch(
     gen: int,
     entries: list[tuple[Path, Path]],
     report: ScanReport,
+    root: Path,
 ) -> None:
     """Index (path, what to read) pairs from `_walk`: what is read is the path itself, or the
     target in the library of a link, which is indexed under the link's path only if its target
-    is not indexed (its content is a duplicate of its target's). Any OSError, any refusal of
-    one file skips that file with the reason. A file read again because it changed (or moved)
-    loses a past embedding failure."""
+    is not indexed (its content is a duplicate of its target's). What is read is opened from
+    the allowed `root` down with no link followed on the way (a folder swapped for a link
+    since the walk is refused). Any OSError, any refusal of one file skips that file with the
+    reason. A file read again because it changed (or moved) loses a past embedding failure."""
     limits = ctx.settings.limits
     with session_scope(ctx.session_factory) as s:
         looked_up = {str(p) for p, _ in entries}  # and a link's target (what a row can name)
@@ -484,7 +490,10 @@ def _index_batch(
                 continue
             try:
                 info = inspect_file(
-                    real, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels
+                    real,
+                    max_bytes=limits.max_upload_bytes,
+                    max_pixels=limits.max_pixels,
+                    within=root,
                 )
                 after = os.stat(real)
             except DomainError as e:
