@@ -8,6 +8,7 @@ non-2xx answer becomes a `PolarAPIError` carrying the server's error shape
 from __future__ import annotations
 
 import mimetypes
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -359,6 +360,19 @@ def _mime(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
+def wire_name(path: Path) -> str:
+    """The file name sent for `path`: its name, with bytes that are not UTF-8 (a Latin-1 name
+    from an old share, which Python holds as surrogates) replaced by U+FFFD (`caf\ufffd.jpg`).
+    The server takes only UTF-8 names (and reads a backslash as a Windows path's separator, so
+    `\\xe9` escapes would lose the name's start); the name is for display only."""
+    return os.fsencode(path.name).decode("utf-8", "replace")
+
+
+def _file_parts(stack: ExitStack, paths: Sequence[Path]) -> list[tuple[str, Any]]:
+    """The multipart `files` parts for `paths`, each opened on `stack`."""
+    return [("files", (wire_name(p), stack.enter_context(p.open("rb")), _mime(p))) for p in paths]
+
+
 # -- the client -----------------------------------------------------------------------------
 
 
@@ -470,9 +484,7 @@ class PolarClient:
 
     def _post_files(self, batch: Sequence[Path]) -> Any:
         with ExitStack() as stack:
-            files = [
-                ("files", (p.name, stack.enter_context(p.open("rb")), _mime(p))) for p in batch
-            ]
+            files = _file_parts(stack, batch)
             # When each photo was taken, if its EXIF does not say: the file's time here.
             times = [str(int(p.stat().st_mtime * 1000)) for p in batch]
             return self._request("POST", "/images", files=files, data={"modified_at": times})
@@ -510,9 +522,7 @@ class PolarClient:
         """POST /concepts: the concept (state `training`) and the job that trains it."""
         data = {"name": name} if category is None else {"name": name, "category": category}
         with ExitStack() as stack:
-            files = [
-                ("files", (p.name, stack.enter_context(p.open("rb")), _mime(p))) for p in photos
-            ]
+            files = _file_parts(stack, photos)
             body = self._request("POST", "/concepts", data=data, files=files)
         job = Job.from_json(body["job"]) if body.get("job") else None
         return Concept.from_json(body["concept"]), job
@@ -557,9 +567,7 @@ class PolarClient:
     ) -> tuple[Concept, Job]:
         """POST /concepts/{id}/examples: local photos and/or library images; a new version."""
         with ExitStack() as stack:
-            files = [
-                ("files", (p.name, stack.enter_context(p.open("rb")), _mime(p))) for p in photos
-            ]
+            files = _file_parts(stack, photos)
             body = self._request(
                 "POST",
                 f"/concepts/{_seg(concept_id)}/examples",

@@ -12,6 +12,10 @@ Routers whose routes take forms use `FormRoute` (`APIRouter(route_class=FormRout
 requests parse forms with the parsers below, which refuse such text (`InvalidUtf8Form`, answered
 422 `invalid_utf8` by app/api/errors.py) and such bodies (400 `bad_request`). Nothing else of
 Starlette's parsing changes: limits, spooled files, the form's lifetime.
+
+The parsers are subclasses of Starlette's and use some of their private state (the current
+part, the parsed items, `Request._get_form`): Starlette has no hook for this. A Starlette
+release that changes them fails tests/api/test_multipart.py, which checks every rule above.
 """
 
 from __future__ import annotations

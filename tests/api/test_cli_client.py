@@ -8,6 +8,7 @@ PolarClient over that TestClient.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,33 @@ def test_upload_folder_skips_and_lists_non_images_then_embeds(polar, api_client,
     rows = images_in_db(api_client)
     assert sorted(rows) == ["a.jpg", "b.png"]  # not the text file, not the hidden file
     assert all(row.embedding is not None for row in rows.values())
+
+
+def test_a_file_named_in_latin1_uploads_with_a_replacement_character(polar, api_client, tmp_path):
+    """A name that is not UTF-8 (an old share's Latin-1 `café.jpg`) is sent with U+FFFD for the
+    bad byte: httpx cannot encode the surrogates Python holds it as, and the server takes UTF-8
+    names only."""
+    folder = tmp_path / "old-share"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (folder / name).write_bytes(noisy_jpeg(seed=21))
+    (folder / "plain.jpg").write_bytes(noisy_jpeg(seed=22))
+    r = polar("upload", str(folder), "--wait")
+    assert r.code == 0, r.err
+    assert "done: 2 new, 0 duplicate(s), 0 skipped, 0 rejected" in r.out
+    assert sorted(images_in_db(api_client)) == ["caf\ufffd.jpg", "plain.jpg"]
+
+
+def test_concept_photos_named_in_latin1_are_sent(api_client, user, tmp_path):
+    photos = []
+    for n in range(3):
+        path = tmp_path / os.fsdecode(b"r\xe9x-%d.jpg" % n)
+        path.write_bytes(noisy_jpeg(seed=30 + n))
+        photos.append(path)
+    client = PolarClient("http://testserver", user.key, http=api_client)
+    concept, _job = client.create_concept("Rex", None, photos)
+    assert concept.example_count == 3
+    assert len(client.concept_photos(concept.id)) == 3
 
 
 def test_recursive_reupload_reports_duplicates(polar, api_client, tmp_path):
