@@ -196,6 +196,10 @@ class Image(Base):
     # only once its file changes (a rescan sees a new size or time; the same bytes uploaded
     # again) or a rebuild is asked for, which clear this. None: nothing failed.
     embed_error: Mapped[str | None] = mapped_column(Text)
+    # The failure may pass without the file changing (an I/O error: a network share that
+    # dropped, a permission): a library's next scan reads such a file again. None/False: the
+    # bytes themselves failed (not an image, too large, not a regular file).
+    embed_error_transient: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class Library(Base):

@@ -567,6 +567,22 @@ def libraries_overlapping(*, db_session: Session, path: str) -> list[Library]:
     )
 
 
+def retry_passing_embed_failures(*, db_session: Session, library_id: str) -> int:
+    """Forget the embed failures of the library's files that may pass without the file changing
+    (embed_error_transient: an I/O error), so the embed pass after a scan reads them again; how
+    many."""
+    result = db_session.execute(
+        update(Image)
+        .where(
+            Image.library_id == library_id,
+            Image.embed_error.is_not(None),
+            Image.embed_error_transient.is_(True),
+        )
+        .values(embed_error=None, embed_error_transient=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def library_embed_failures(
     *, db_session: Session, library_id: str, limit: int
 ) -> tuple[int, list[tuple[str, str]]]:

@@ -590,7 +590,9 @@ def untrusted_image(
     ImageTooLarge (too many pixels, or MemoryError while decoding), UnsupportedMedia (a format
     outside `formats`), InvalidImage (not an image; any other Exception a decoder raises on
     hostile bytes: TypeError, RuntimeError, struct.error...). DomainErrors raised on purpose
-    pass through; BaseExceptions that are not Exceptions (KeyboardInterrupt...) propagate.
+    pass through, and so does an OSError with an errno: the file could not be read (EIO from a
+    network share), which says nothing of its bytes. BaseExceptions that are not Exceptions
+    (KeyboardInterrupt...) propagate.
     The caller closes a file object it passed.
     """
     fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
@@ -624,6 +626,15 @@ def untrusted_image(
     except MemoryError as e:
         raise ImageTooLarge(
             "the image cannot be decoded within the memory the server has for it"
+        ) from e
+    except OSError as e:
+        if e.errno is not None:
+            # The file could not be read (EIO, ESTALE or ETIMEDOUT from a network share, EACCES):
+            # that says nothing of its bytes, so it stays an OSError for the caller to retry.
+            # Pillow's own decoding errors are OSErrors without an errno.
+            raise
+        raise InvalidImage(
+            f"the image cannot be decoded (truncated or corrupt): {_reason(e)}"
         ) from e
     except Exception as e:  # a decoder fed hostile bytes may raise anything
         raise InvalidImage(

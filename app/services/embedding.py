@@ -87,6 +87,14 @@ def failure_reason(e: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
+def may_pass(e: BaseException) -> bool:
+    """Whether a failure to read a file may pass without the file changing: an I/O error (a
+    network share that dropped or timed out, a permission, a file briefly gone), as opposed to
+    bytes that are not an acceptable image (a DomainError) or a path that leaves its library
+    (ValueError). `untrusted_image` keeps read errors as OSErrors for this."""
+    return isinstance(e, OSError)
+
+
 def _open_rgb(
     store: ImageStore,
     src: ImageSource | str,
@@ -94,7 +102,7 @@ def _open_rgb(
     roots: Sequence[Path] = (),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
-    on_failure: Callable[[str], None] | None = None,
+    on_failure: Callable[[str, bool], None] | None = None,
 ) -> PILImage.Image | None:
     """The original (stored: `src` may be its storage path; or the library's file),
     EXIF-oriented, RGB. A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both
@@ -102,8 +110,9 @@ def _open_rgb(
 
     The file is checked as an upload is (a regular file, opened without following a link or
     waiting on a FIFO; an allowed format; at most `max_pixels`), since it may have been swapped
-    since it was validated. None, logged and told to `on_failure` (the reason), when it cannot
-    be read or decoded for any reason: only this image is skipped, never its batch."""
+    since it was validated. None, logged and told to `on_failure` (the reason, and whether it
+    may pass without the file changing: `may_pass`), when it cannot be read or decoded for any
+    reason: only this image is skipped, never its batch."""
     if isinstance(src, str):
         src = ImageSource(src)
     try:
@@ -118,7 +127,7 @@ def _open_rgb(
     except (DomainError, OSError, ValueError) as e:  # untrusted_image: any decoder failure
         log.warning("cannot read %s for embedding: %s", src.source_path or src.storage_path, e)
         if on_failure is not None:
-            on_failure(failure_reason(e))
+            on_failure(failure_reason(e), may_pass(e))
         return None
 
 
@@ -203,7 +212,7 @@ def embed_pending(
     last_publish, unpublished = time.monotonic(), False
     for start in range(0, len(whole), BATCH):
         batch = whole[start : start + BATCH]
-        failed: dict[str, str] = {}
+        failed: dict[str, tuple[str, bool]] = {}
         decoded = [
             (i, im)
             for i, p in batch
@@ -276,22 +285,22 @@ def embed_pending(
     return len({i for i, _ in whole} | {i for i, _ in crops})
 
 
-def _note(failed: dict[str, str], image_id: str) -> Callable[[str], None]:
-    """An `on_failure` for `_open_rgb` that files the reason under `image_id`."""
-    return lambda reason: failed.__setitem__(image_id, reason)
+def _note(failed: dict[str, tuple[str, bool]], image_id: str) -> Callable[[str, bool], None]:
+    """An `on_failure` for `_open_rgb` that files (reason, may pass) under `image_id`."""
+    return lambda reason, transient: failed.__setitem__(image_id, (reason, transient))
 
 
-def _record_failures(ctx: JobContext, failed: dict[str, str]) -> None:
+def _record_failures(ctx: JobContext, failed: dict[str, tuple[str, bool]]) -> None:
     """Store why each image could not be read (embed_error): it leaves the passes that follow
     until its file changes, and GET /index counts it as failed, not pending."""
     if not failed:
         return
     with session_scope(ctx.session_factory) as s:
-        for image_id, reason in failed.items():
+        for image_id, (reason, transient) in failed.items():
             s.execute(
                 update(Image)
                 .where(Image.id == image_id, Image.user_id == ctx.user_id)
-                .values(embed_error=reason)
+                .values(embed_error=reason, embed_error_transient=transient)
             )
 
 
@@ -367,7 +376,7 @@ def rebuild_index_job(ctx: JobContext) -> None:
         s.execute(
             update(Image)
             .where(Image.user_id == ctx.user_id, Image.embed_error.is_not(None))
-            .values(embed_error=None)
+            .values(embed_error=None, embed_error_transient=None)
         )
     embed_pending(ctx, None)
     with session_scope(ctx.session_factory) as s:

@@ -13,7 +13,8 @@ opened one folder at a time from the allowed root with no link followed (app.sto
 open_beneath): a folder swapped for a link after the walk or a check is refused, not followed.
 A file indexed but that embedding then cannot read (swapped for a FIFO or a bomb) is marked
 with the reason (images.embed_error), listed in the report's `failed`, and read again only once
-a scan sees it changed.
+a scan sees it changed; one that failed on an I/O error (a network share that dropped) is read
+again by the next scan.
 
 Every path that reaches the database or a report is valid UTF-8 text: a file or folder whose
 name is not (Latin-1 names from old shares: Python keeps their bytes as lone surrogates) is
@@ -418,6 +419,8 @@ def scan_library_job(ctx: JobContext) -> None:
         delete_unused_files(s, ctx.store, sorted(set(stale)))
         library = repositories.get_library(db_session=s, user_id=ctx.user_id, library_id=library_id)
         if library is not None:
+            # A file that failed for a reason that may pass (its share dropped) is read again.
+            repositories.retry_passing_embed_failures(db_session=s, library_id=library_id)
             _note_failures(s, library, report)
             library.report = {"job_id": ctx.job_id, **report.as_dict()}
             library.scanned_at = utcnow()

@@ -7,8 +7,11 @@ and PostgreSQL."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from sqlalchemy import update
@@ -225,3 +228,60 @@ def test_an_upload_whose_stored_file_is_lost_fails_and_is_read_again_when_sent_a
     assert image["embed_error"] is None and image["embedded"]
     status = index(api_client, user)
     assert (status["embedded"], status["failed"], status["pending"]) == (3, 0, 0), status
+
+
+class ShareDropped(io.BytesIO):
+    """A library file on a share that stops answering after its first kilobyte: reads past it
+    fail with EIO (what an SMB or NFS mount says when its server goes away)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        with f:
+            super().__init__(f.read())
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or self.tell() + size > 1024:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(size)
+
+
+def test_a_file_whose_share_dropped_while_embedding_is_read_again_by_the_next_scan(
+    api_client, folder_user, monkeypatch
+):
+    """An I/O error says nothing of the file's bytes: the file is failed with the reason (not
+    pending, not read again by every pass) until the library's next scan, which reads it again,
+    though the file did not change. A file whose bytes failed waits for a change."""
+    user, lib = folder_user
+    flaky, junk = lib / "a.jpg", lib / "b.jpg"
+    flaky.write_bytes(noisy_jpeg(seed=11))
+    junk.write_bytes(noisy_jpeg(seed=12))
+    before_embedding(monkeypatch, lambda: same_size_and_time(junk, b"this is no image"))
+    opened = embedding._opened
+    dropped = [True]
+
+    def share(store, roots, src):
+        f = opened(store, roots, src)
+        return ShareDropped(f) if dropped[0] and src.source_path == str(flaky) else f
+
+    monkeypatch.setattr(embedding, "_opened", share)
+    r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    lib_id = r.json()["id"]
+    wait_jobs(api_client)
+    found = by_path(api_client, user)
+    assert "Input/output error" in found[str(flaky)]["embed_error"], found[str(flaky)]
+    assert "not an image" in found[str(junk)]["embed_error"]
+    status = index(api_client, user)
+    assert (status["failed"], status["pending"]) == (2, 0), status
+
+    # The share is back; nothing changed on disk. An upload's embed pass leaves both alone...
+    dropped[0] = False
+    seen = reads(monkeypatch)
+    upload(api_client, user, range(1))
+    wait_jobs(api_client)
+    assert str(flaky) not in seen and str(junk) not in seen
+    # ...the library's next scan reads the one that failed on I/O again, not the junk.
+    rep = rescan(api_client, user, lib_id)
+    assert str(flaky) in seen and str(junk) not in seen
+    assert rep["failed"] == [{"path": str(junk), "reason": found[str(junk)]["embed_error"]}]
+    found = by_path(api_client, user)
+    assert found[str(flaky)]["embed_error"] is None and found[str(flaky)]["embedded"]

@@ -3,6 +3,7 @@ hang (uploads, and library files validated in place)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -17,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMedia
 from app.storage import ImageStore, inspect_file, untrusted_image
-from tests.db_fixtures import image_bytes, png_claiming
+from tests.db_fixtures import image_bytes, noisy_jpeg, png_claiming
 
 MB = 1024 * 1024
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -111,6 +112,36 @@ def test_out_of_memory_while_decoding_is_a_clear_refusal(store, monkeypatch):
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
     with pytest.raises(ImageTooLarge, match="memory"):
         stage(store, image_bytes("PNG", (8, 8)))
+
+
+class FailingRead(io.BytesIO):
+    """A file whose reads fail with EIO past `good` bytes, as a network share's can."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        super().__init__(data)
+        self.good = good
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() + (size if size is not None and size >= 0 else 1) > self.good:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(size)
+
+
+def test_a_read_error_stays_an_os_error_and_a_decoding_error_does_not():
+    """EIO says nothing of the file's bytes (the caller may try again); Pillow's own decoding
+    errors are OSErrors too, but without an errno, and are the file's fault."""
+    data = noisy_jpeg((64, 64))
+    with (
+        pytest.raises(OSError) as caught,
+        untrusted_image(FailingRead(data, 200), max_pixels=None) as im,
+    ):
+        im.load()
+    assert caught.value.errno == errno.EIO and not isinstance(caught.value, InvalidImage)
+    with (
+        pytest.raises(InvalidImage, match="truncated or corrupt"),
+        untrusted_image(data[:200], max_pixels=None) as im,
+    ):
+        im.load()
 
 
 def test_keyboard_interrupt_is_not_swallowed(monkeypatch):
