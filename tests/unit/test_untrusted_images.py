@@ -77,6 +77,17 @@ def unblock_fifo(path: Path) -> None:
         pass
 
 
+def refuses_a_fifo_at_once(path: Path, read: Callable[[], Any]) -> None:
+    """`path` made a FIFO (nothing writes to it): `read()` must refuse it as not a regular file
+    within a second, not wait for a writer."""
+    os.mkfifo(path)
+    try:
+        with pytest.raises(InvalidImage, match="not a regular file"):
+            within(1.0, read)
+    finally:
+        unblock_fifo(path)
+
+
 # -- any exception of a decoder is the file's InvalidImage -------------------------------------
 
 

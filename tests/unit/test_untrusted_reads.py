@@ -15,7 +15,12 @@ from app.services.embedding import _open_rgb
 from app.services.training import _load_photo
 from app.storage import ImageStore
 from tests.db_fixtures import image_bytes, png_claiming
-from tests.unit.test_untrusted_images import tiff_with_strip_offsets_of_type, unblock_fifo, within
+from tests.unit.test_untrusted_images import (
+    refuses_a_fifo_at_once,
+    tiff_with_strip_offsets_of_type,
+    unblock_fifo,
+    within,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 
@@ -84,12 +89,7 @@ def test_a_concept_photo_swapped_for_a_fifo_fails_at_once(store):
     rel = _stored(store, b"")
     path = store.path(rel)
     path.unlink()
-    os.mkfifo(path)
-    try:
-        with pytest.raises(InvalidImage, match="not a regular file"):
-            within(1.0, lambda: _load_photo(store, rel))
-    finally:
-        unblock_fifo(path)
+    refuses_a_fifo_at_once(path, lambda: _load_photo(store, rel))
 
 
 def test_a_missing_concept_photo_is_still_file_missing(store):
