@@ -506,6 +506,8 @@ def _print_library(library: Library) -> None:
         print(f"    skipped {s.get('path')}: {s.get('reason')}")
     for s in rep.get("failed", [])[:20]:
         print(f"    not searchable {s.get('path')}: {s.get('reason')}")
+    if rep.get("not_pruned"):
+        print(f"  nothing removed: {rep['not_pruned']}")
 
 
 def _find_library(client: PolarClient, ref: str) -> Library:

@@ -630,6 +630,29 @@ def library_images_at(*, db_session: Session, library_id: str, paths: list[str])
     )
 
 
+def keep_library_images(
+    *, db_session: Session, library_id: str, generation: int, paths: Sequence[str]
+) -> int:
+    """Mark the library's images at or under `paths` as seen by scan `generation` (what a scan
+    could not look at is kept); how many."""
+    kept = 0
+    for start in range(0, len(paths), 100):
+        chunk = paths[start : start + 100]
+        result = db_session.execute(
+            update(Image)
+            .where(
+                Image.library_id == library_id,
+                or_(
+                    Image.source_path.in_(chunk),
+                    *(Image.source_path.startswith(f"{p}/", autoescape=True) for p in chunk),
+                ),
+            )
+            .values(scan_generation=generation)
+        )
+        kept += int(getattr(result, "rowcount", 0) or 0)
+    return kept
+
+
 def stale_library_images(
     *, db_session: Session, library_id: str, generation: int, limit: int
 ) -> list[Image]:

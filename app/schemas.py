@@ -676,7 +676,11 @@ class LibraryOut(BaseModel):
         description="the last finished scan: added, changed, moved, unchanged, removed, "
         "skipped_count and skipped ([{path, reason}]); failed_count and failed ([{path, "
         "reason}]): files of the library that passed the scan but could not be read or decoded "
-        "when they were embedded (not searchable; read again once they change)",
+        "when they were embedded (not searchable; read again once they change); kept_count: "
+        "files and folders the scan could not look at (an I/O error, no permission) whose "
+        "indexed images were kept; not_pruned: why images the scan did not see were not "
+        "removed (the folder was empty, as an unmounted share's mount point is, or went away), "
+        "null when they were",
     )
     job: JobOut | None = Field(None, description="the scan this request queued, if any")
 

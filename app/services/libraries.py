@@ -258,15 +258,33 @@ class ScanReport:
     # Files indexed but not searchable: they could not be read or decoded when embedded.
     failed_count: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
+    # Files and folders the scan could not look at (an I/O error, no permission): what was
+    # indexed there is kept as it was, since nothing says it is gone.
+    kept_count: int = 0
+    # Why nothing was removed although the scan saw none of the indexed files (None: pruned).
+    not_pruned: str | None = None
+    kept_paths: list[str] = field(default_factory=list)  # internal: not in the stored report
 
     def skip(self, path: str | Path, reason: str) -> None:
         self.skipped_count += 1
         if len(self.skipped) < self.max_reported:
             self.skipped.append({"path": shown(path), "reason": reason})
 
+    def unreadable(self, path: Path, e: OSError) -> None:
+        """`path` could not be looked at: skipped with the reason; unless the error says it is
+        gone, what was indexed at or under it is kept (a network share that dropped, a folder
+        made unreadable, must not empty the index)."""
+        if _is_gone(e) or not is_utf8(str(path)):
+            self.skip(path, _why(e))
+            return
+        self.skip(path, f"{_why(e)}; what was indexed there is kept")
+        self.kept_count += 1
+        self.kept_paths.append(str(path))
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("max_reported")
+        d.pop("kept_paths")
         return d
 
 
@@ -274,6 +292,17 @@ def _why(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return f"unreadable: {e.strerror or e}"
+
+
+# Errors after which what was indexed at a path is dropped: the path is gone, or can never be
+# read as it is named. Any other (EIO, ESTALE or ETIMEDOUT from a network share, EACCES) says
+# nothing of the file and may pass.
+_FINAL_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def _is_gone(e: OSError) -> bool:
+    """Whether an error says the path is gone or can never be read as named."""
+    return e.errno in _FINAL_ERRNOS
 
 
 NOT_UTF8_FOLDER = "the folder's name is not valid UTF-8; rename it to index what it holds"
@@ -306,7 +335,7 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
             with os.scandir(base) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            report.skip(base, _why(e))
+            report.unreadable(base, e)
             continue
         files: list[tuple[Path, bool]] = []
         subdirs: list[Path] = []
@@ -316,7 +345,7 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
                 is_link = entry.is_symlink()
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError as e:
-                report.skip(p, _why(e))
+                report.unreadable(p, e)
                 continue
             if is_link:  # a link to a folder is reported as a folder; a loop... is told below
                 with contextlib.suppress(OSError):
@@ -401,8 +430,13 @@ def scan_library_job(ctx: JobContext) -> None:
             batch = []
     if batch:
         _index_batch(ctx, library_id, gen, batch, report, root)
+    with session_scope(ctx.session_factory) as s:
+        repositories.keep_library_images(
+            db_session=s, library_id=library_id, generation=gen, paths=report.kept_paths
+        )
+        report.not_pruned = _why_not_prune(s, folder, library_id, gen, report)
     stale: list[str] = []
-    while True:
+    while report.not_pruned is None:
         with session_scope(ctx.session_factory) as s:
             rows = repositories.stale_library_images(
                 db_session=s, library_id=library_id, generation=gen, limit=settings.library.batch
@@ -431,6 +465,25 @@ def scan_library_job(ctx: JobContext) -> None:
         if library is not None:
             _note_failures(s, library, report)
             library.report = {"job_id": ctx.job_id, **report.as_dict()}
+
+
+def _why_not_prune(
+    db_session: Session, folder: Path, library_id: str, gen: int, report: ScanReport
+) -> str | None:
+    """Why the images this scan did not see must not be removed, or None to remove them: the
+    folder is gone now, or it holds nothing at all though images were indexed from it (a
+    network share not mounted leaves its mount point as an empty folder)."""
+    if not folder.is_dir():
+        return "the folder went away during the scan; nothing was removed"
+    seen = report.added + report.changed + report.moved + report.unchanged + report.skipped_count
+    if seen == 0 and repositories.stale_library_images(
+        db_session=db_session, library_id=library_id, generation=gen, limit=1
+    ):
+        return (
+            "the folder is empty; nothing was removed, in case it is a share that is not "
+            "mounted (delete the library to drop its images)"
+        )
+    return None
 
 
 def _note_failures(db_session: Session, library: Library, report: ScanReport) -> None:
@@ -470,7 +523,7 @@ def _index_batch(
             try:
                 st = os.stat(real)
             except OSError as e:
-                report.skip(p, _why(e))
+                report.unreadable(p, e)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 report.skip(p, "not a regular file")
@@ -503,7 +556,7 @@ def _index_batch(
                 report.skip(p, e.message)
                 continue
             except OSError as e:
-                report.skip(p, _why(e))
+                report.unreadable(p, e)
                 continue
             if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or (
                 info.size_bytes != st.st_size

@@ -127,6 +127,7 @@ export function describeReport(report) {
   if (report.failed_count) {
     parts.push(`${plural(report.failed_count, "photo")} not searchable (unreadable)`);
   }
+  if (report.not_pruned) parts.push(`nothing removed: ${report.not_pruned}`);
   return parts.length ? `${parts.join(", ")}.` : "No photos found in this folder.";
 }
 

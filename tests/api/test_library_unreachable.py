@@ -1,0 +1,148 @@
+"""A library scan that cannot look at part of its folder keeps what it indexed there.
+
+A network share that drops or times out answers EIO, ESTALE or ETIMEDOUT, and one that is not
+mounted leaves its mount point as an empty folder. Neither says a photo is gone, so a rescan
+must not remove its images (their ids, what was embedded, concepts taught from them) the way it
+removes files that were deleted. ENOENT still means gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.services import libraries as libraries_service
+from tests.api.test_libraries import db_settings, paths, report  # noqa: F401 (fixture)
+from tests.api.test_search import wait_jobs
+from tests.db_fixtures import noisy_jpeg
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+
+def scan(client, user, lib: Path) -> tuple[str, dict]:
+    r = client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
+    assert r.status_code == 202, r.text
+    lib_id = r.json()["id"]
+    wait_jobs(client)
+    return lib_id, report(client, user, lib_id)
+
+
+def rescan(client, user, lib_id: str) -> dict:
+    assert client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
+    wait_jobs(client)
+    return report(client, user, lib_id)
+
+
+def photos(lib: Path) -> dict[str, Path]:
+    """lib/{a.jpg, trips/b.jpg, trips/c.jpg}."""
+    (lib / "trips").mkdir()
+    out = {"a": lib / "a.jpg", "b": lib / "trips" / "b.jpg", "c": lib / "trips" / "c.jpg"}
+    for n, p in enumerate(out.values()):
+        p.write_bytes(noisy_jpeg(seed=60 + n))
+    return out
+
+
+def failing(monkeypatch, name: str, bad: set[str], code: int) -> None:
+    """`os.<name>` (as the scan calls it) fails with `code` for the paths in `bad`."""
+    real = getattr(os, name)
+
+    def fake(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path) in bad:
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(libraries_service.os, name, fake)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ETIMEDOUT, errno.EACCES])
+def test_a_folder_that_cannot_be_listed_keeps_its_images(
+    api_client, folder_user, monkeypatch, code
+):
+    user, lib = folder_user
+    files = photos(lib)
+    lib_id, _ = scan(api_client, user, lib)
+    before = paths(api_client, user)
+    assert set(before) == {str(p) for p in files.values()}
+
+    failing(monkeypatch, "scandir", {str(lib / "trips")}, code)
+    rep = rescan(api_client, user, lib_id)
+    assert (rep["removed"], rep["kept_count"], rep["not_pruned"]) == (0, 1, None), rep
+    [skipped] = rep["skipped"]
+    assert skipped["path"] == str(lib / "trips") and "kept" in skipped["reason"], skipped
+    assert paths(api_client, user) == before  # the same images, the same ids
+
+    # The share is back, and a photo was deleted meanwhile: now it goes.
+    monkeypatch.undo()
+    files["c"].unlink()
+    rep = rescan(api_client, user, lib_id)
+    assert (rep["removed"], rep["kept_count"], rep["skipped_count"]) == (1, 0, 0), rep
+    assert set(paths(api_client, user)) == {str(files["a"]), str(files["b"])}
+
+
+def test_a_file_that_cannot_be_looked_at_keeps_its_image_and_a_gone_one_is_removed(
+    api_client, folder_user, monkeypatch
+):
+    user, lib = folder_user
+    files = photos(lib)
+    lib_id, _ = scan(api_client, user, lib)
+    before = paths(api_client, user)
+
+    failing(monkeypatch, "stat", {str(files["b"])}, errno.ESTALE)
+    rep = rescan(api_client, user, lib_id)
+    assert (rep["removed"], rep["unchanged"], rep["kept_count"]) == (0, 2, 1), rep
+    assert paths(api_client, user) == before
+
+    # ENOENT between the listing and the stat: the file is gone, its image removed.
+    monkeypatch.undo()
+    failing(monkeypatch, "stat", {str(files["b"])}, errno.ENOENT)
+    rep = rescan(api_client, user, lib_id)
+    assert (rep["removed"], rep["kept_count"]) == (1, 0), rep
+    assert str(files["b"]) not in paths(api_client, user)
+
+
+def test_an_empty_folder_removes_nothing_until_it_holds_files_again(api_client, folder_user):
+    """An unmounted share's mount point is an empty folder: the scan says so and keeps every
+    image; once the share is back, scans work as before."""
+    user, lib = folder_user
+    files = photos(lib)
+    lib_id, _ = scan(api_client, user, lib)
+    before = paths(api_client, user)
+    keep = lib.parent / "elsewhere"
+    shutil.move(lib, keep)
+    lib.mkdir()  # the mount point, empty
+
+    rep = rescan(api_client, user, lib_id)
+    assert rep["removed"] == 0 and "empty" in rep["not_pruned"], rep
+    assert paths(api_client, user) == before
+    listed = api_client.get(f"/libraries/{lib_id}", headers=user.headers).json()
+    assert "not mounted" in listed["report"]["not_pruned"]
+
+    lib.rmdir()
+    shutil.move(keep, lib)
+    files["a"].unlink()
+    rep = rescan(api_client, user, lib_id)
+    assert (rep["removed"], rep["unchanged"], rep["not_pruned"]) == (1, 2, None), rep
+    assert set(paths(api_client, user)) == {str(files["b"]), str(files["c"])}
+
+
+def test_a_folder_emptied_on_purpose_is_said_and_deleting_the_library_drops_it(
+    api_client, folder_user
+):
+    user, lib = folder_user
+    files = photos(lib)
+    lib_id, _ = scan(api_client, user, lib)
+    for p in files.values():
+        p.unlink()
+    rep = rescan(api_client, user, lib_id)
+    assert "delete the library" in rep["not_pruned"] and len(paths(api_client, user)) == 3
+    assert api_client.delete(f"/libraries/{lib_id}", headers=user.headers).status_code in (
+        200,
+        202,
+        204,
+    )
+    wait_jobs(api_client)
+    assert paths(api_client, user) == {}
