@@ -121,6 +121,13 @@ class StorageUnavailable(DomainError):
     code = "storage_unavailable"
 
 
+class LibraryUnavailable(DomainError):
+    """A library folder's file cannot be read right now (its network share dropped or timed
+    out, no permission): nothing says it is gone; retry when the folder is back."""
+
+    code = "library_unavailable"
+
+
 class StorageFull(StorageUnavailable):
     """The disk holding the data folder (or its quota) is full; nothing was stored."""
 

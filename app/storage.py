@@ -421,6 +421,18 @@ def confined_file(source_path: str, folder: str, roots: Sequence[Path]) -> Path:
     return real
 
 
+# Errors after which a path is taken for gone: it does not exist, or can never be read as it is
+# named. Any other (EIO, ESTALE or ETIMEDOUT from a network share, EACCES) says nothing of the
+# file and may pass.
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def is_gone_error(e: OSError) -> bool:
+    """Whether an error reading a path says it is gone or can never be read as named (what was
+    indexed there may be dropped), rather than that it cannot be read right now."""
+    return e.errno in _GONE_ERRNOS
+
+
 def open_library_file(
     source_path: str, folder: str, roots: Sequence[Path]
 ) -> tuple[Path, BinaryIO]:

@@ -35,6 +35,7 @@ from app.errors import (
     Conflict,
     DatabaseUnavailable,
     DomainError,
+    LibraryUnavailable,
     Misconfigured,
     ModelUnavailable,
     NotFound,
@@ -63,6 +64,7 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     DatabaseUnavailable: 503,
     StorageFull: 507,
     StorageUnavailable: 503,
+    LibraryUnavailable: 503,
     UpstreamUnavailable: 502,
     Misconfigured: 503,
 }

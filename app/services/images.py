@@ -24,6 +24,7 @@ from app.errors import (
     DomainError,
     FileFailure,
     InvalidImage,
+    LibraryUnavailable,
     NotFound,
     StorageUnavailable,
     TooManyFiles,
@@ -39,6 +40,7 @@ from app.storage import (
     ImageStore,
     StagedImage,
     display_filename,
+    is_gone_error,
     open_library_file,
 )
 
@@ -245,7 +247,17 @@ def original_file(
                 "the photo is gone from its library folder; rescan the library",
                 code="file_missing",
             ) from e
-        except (OSError, ValueError, InvalidImage) as e:  # InvalidImage: not a regular file
+        except OSError as e:
+            if is_gone_error(e):
+                raise NotFound(
+                    "the photo is no longer readable in its library folder; rescan the library",
+                    code="file_missing",
+                ) from e
+            raise LibraryUnavailable(
+                f"the photo's library folder cannot be read right now ({e.strerror or e}); "
+                "try again once it is back (a network share may have dropped)"
+            ) from e
+        except (ValueError, InvalidImage) as e:  # InvalidImage: not a regular file
             raise NotFound(
                 "the photo is no longer readable in its library folder; rescan the library",
                 code="file_missing",

@@ -46,7 +46,7 @@ from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
 from app.services.images import delete_unused_files
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
-from app.storage import inspect_file, root_of
+from app.storage import inspect_file, is_gone_error, root_of
 from app.text import UnsafeText, check_text
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class ScanReport:
         """`path` could not be looked at: skipped with the reason; unless the error says it is
         gone, what was indexed at or under it is kept (a network share that dropped, a folder
         made unreadable, must not empty the index)."""
-        if _is_gone(e) or not is_utf8(str(path)):
+        if is_gone_error(e) or not is_utf8(str(path)):
             self.skip(path, _why(e))
             return
         self.skip(path, f"{_why(e)}; what was indexed there is kept")
@@ -292,17 +292,6 @@ def _why(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return f"unreadable: {e.strerror or e}"
-
-
-# Errors after which what was indexed at a path is dropped: the path is gone, or can never be
-# read as it is named. Any other (EIO, ESTALE or ETIMEDOUT from a network share, EACCES) says
-# nothing of the file and may pass.
-_FINAL_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
-
-
-def _is_gone(e: OSError) -> bool:
-    """Whether an error says the path is gone or can never be read as named."""
-    return e.errno in _FINAL_ERRNOS
 
 
 NOT_UTF8_FOLDER = "the folder's name is not valid UTF-8; rename it to index what it holds"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from app.services import images as images_service
 from app.services import libraries as libraries_service
 from tests.api.test_libraries import db_settings, paths, report  # noqa: F401 (fixture)
 from tests.api.test_search import wait_jobs
@@ -146,3 +147,29 @@ def test_a_folder_emptied_on_purpose_is_said_and_deleting_the_library_drops_it(
     )
     wait_jobs(api_client)
     assert paths(api_client, user) == {}
+
+
+def test_a_photo_whose_share_is_down_is_a_503_and_a_gone_one_a_404(
+    api_client, folder_user, monkeypatch
+):
+    user, lib = folder_user
+    files = photos(lib)
+    scan(api_client, user, lib)
+    image_id = paths(api_client, user)[str(files["a"])]
+    real = images_service.open_library_file
+
+    def share_down(source_path: str, *args: Any) -> Any:
+        if source_path == str(files["a"]):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), source_path)
+        return real(source_path, *args)
+
+    monkeypatch.setattr(images_service, "open_library_file", share_down)
+    r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "library_unavailable" and r.headers["retry-after"]
+    assert "Input/output error" in r.json()["error"]["message"]
+
+    monkeypatch.undo()
+    files["a"].unlink()
+    r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "file_missing"), r.text

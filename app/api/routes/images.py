@@ -114,7 +114,7 @@ def get_image(image_id: ImageId, user: CurrentUser, db_session: SessionDep) -> I
     "/{image_id}/file",
     response_class=FileResponse,
     summary="The original bytes, as uploaded",
-    responses={**errors(400, 404, 409, 416), **FILE_RESPONSES},
+    responses={**errors(400, 404, 409, 416, 503), **FILE_RESPONSES},
 )
 def get_image_file(
     image_id: ImageId,
