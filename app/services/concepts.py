@@ -30,6 +30,7 @@ from app.errors import (
     InvalidCategory,
     InvalidConceptName,
     InvalidImage,
+    LibraryUnavailable,
     NotFound,
     PhotoCountOutOfRange,
     ValidationFailed,
@@ -41,7 +42,7 @@ from app.services import jobs
 from app.services.images import IncomingFile, delete_unused_files, stage_all
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.query import normalize_name
-from app.storage import ImageStore, StagedImage, open_library_file
+from app.storage import ImageStore, StagedImage, is_gone_error, open_library_file
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,20 @@ def _copies_of_folder_photos(
                         max_bytes=limits.max_upload_bytes,
                         max_pixels=limits.max_pixels,
                     )
-            except (OSError, ValueError) as e:
+            except OSError as e:
+                if not is_gone_error(e):
+                    raise LibraryUnavailable(
+                        f"the photo {image.id} cannot be read from its folder right now "
+                        f"({e.strerror or e}); try again once it is back (a network share may "
+                        "have dropped)",
+                        detail={"image_ids": [image.id]},
+                    ) from e
+                raise NotFound(
+                    f"the photo {image.id} is gone from its folder; rescan the library",
+                    code="file_missing",
+                    detail={"image_ids": [image.id]},
+                ) from e
+            except ValueError as e:
                 raise NotFound(
                     f"the photo {image.id} cannot be read from its folder any more; rescan "
                     "the library",

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from app.services import concepts as concepts_service
 from app.services import images as images_service
 from app.services import libraries as libraries_service
 from tests.api.test_libraries import db_settings, paths, report  # noqa: F401 (fixture)
@@ -173,3 +174,25 @@ def test_a_photo_whose_share_is_down_is_a_503_and_a_gone_one_a_404(
     files["a"].unlink()
     r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "file_missing"), r.text
+
+
+def test_teaching_from_a_photo_whose_share_is_down_is_a_503_and_changes_nothing(
+    api_client, folder_user, monkeypatch
+):
+    user, lib = folder_user
+    files = photos(lib)
+    scan(api_client, user, lib)
+    ids = list(paths(api_client, user).values())
+    real = concepts_service.open_library_file
+
+    def share_down(source_path: str, *args: Any) -> Any:
+        if source_path == str(files["c"]):
+            raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT), source_path)
+        return real(source_path, *args)
+
+    monkeypatch.setattr(concepts_service, "open_library_file", share_down)
+    r = api_client.post("/concepts", data={"name": "Fido", "image_ids": ids}, headers=user.headers)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "library_unavailable"
+    assert r.json()["error"]["detail"] == {"image_ids": [paths(api_client, user)[str(files["c"])]]}
+    assert api_client.get("/concepts", headers=user.headers).json()["items"] == []
