@@ -7,6 +7,7 @@ is not stored again: the existing image comes back marked `duplicate`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app import repositories
 from app.config import LimitSettings
+from app.db import transaction_lock
 from app.errors import (
     Conflict,
     DomainError,
@@ -138,12 +140,19 @@ def _persist(
     db_session: Session,
     store: ImageStore,
 ) -> UploadOutcome:
-    """Move files into place and insert rows in one transaction; undo the files on failure."""
+    """Move files into place and insert rows in one transaction; undo the files on failure.
+
+    The user's uploads take turns here (`transaction_lock` on a key of the user): two requests
+    with the same new bytes at the same moment would otherwise both find no row and both insert
+    one, and the second would fail on the unique (user, sha256) key. With the lock the second
+    finds the first's row and answers it as a duplicate. Only this short step is serialised;
+    files are validated before it, side by side."""
     now = utcnow()
     created_paths: list[str] = []
     by_sha: dict[str, Image] = {}
     results: list[UploadedImage] = []
     try:
+        transaction_lock(db_session, _upload_lock_key(user_id))
         for s, taken_at in zip(staged, taken, strict=True):
             # Committing a duplicate too restores its file if it went missing.
             storage_path, created = store.commit(s)
@@ -200,6 +209,12 @@ def _persist(
             ) from e
         raise
     return UploadOutcome(images=results, job=job)
+
+
+def _upload_lock_key(user_id: str) -> int:
+    """The advisory lock key of a user's uploads: 64 bits of a hash of the id."""
+    digest = hashlib.blake2b(f"polar-upload:{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def list_images(
