@@ -552,6 +552,12 @@ def list_libraries(*, db_session: Session, user_id: str) -> list[Library]:
     )
 
 
+def _starts_with(column: Any, prefix: str) -> Any:
+    """`column` begins with `prefix`, exactly: SQL's LIKE ignores ASCII case on SQLite, and file
+    paths are case-sensitive (/photos/A is not /photos/a)."""
+    return func.substr(column, 1, len(prefix)) == prefix
+
+
 def libraries_overlapping(*, db_session: Session, path: str) -> list[Library]:
     """Libraries (any user) at `path`, above it, or inside it."""
     ancestors = [str(a) for a in PurePath(path).parents] + [path]
@@ -560,7 +566,7 @@ def libraries_overlapping(*, db_session: Session, path: str) -> list[Library]:
             select(Library).where(
                 or_(
                     Library.path.in_(ancestors),
-                    Library.path.startswith(path.rstrip("/") + "/", autoescape=True),
+                    _starts_with(Library.path, path.rstrip("/") + "/"),
                 )
             )
         )
@@ -644,7 +650,7 @@ def keep_library_images(
                 Image.library_id == library_id,
                 or_(
                     Image.source_path.in_(chunk),
-                    *(Image.source_path.startswith(f"{p}/", autoescape=True) for p in chunk),
+                    *(_starts_with(Image.source_path, f"{p}/") for p in chunk),
                 ),
             )
             .values(scan_generation=generation)

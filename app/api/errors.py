@@ -187,10 +187,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method the path answers to (`app.state.api_routes`), HEAD wherever GET is (the
-    app answers it: app/api/head.py). With one route per method, Starlette's 405 names only
-    the first route's."""
-    routes: Iterable[BaseRoute] = getattr(request.app.state, "api_routes", ())
+    """Every method the path answers to (`app.state.api_routes`, and the app's own routes:
+    the docs, the web UI), HEAD wherever GET is (the app answers it: app/api/head.py). With
+    one route per method, Starlette's 405 names only the first route's."""
+    own = (route for route in request.app.routes if getattr(route, "methods", None))
+    routes: Iterable[BaseRoute] = [*getattr(request.app.state, "api_routes", ()), *own]
     methods = {
         method
         for route in routes

@@ -57,6 +57,17 @@ class StrictMultiPartParser(MultiPartParser):
         self._parts = 0
         self._complete = False
 
+    # Starlette decodes names and text with the `charset` the Content-Type names (Latin-1 for
+    # `charset=latin-1`, and for a charset it does not know): this API's forms are UTF-8, and
+    # the bytes were checked to be (above), whatever the client declares.
+    @property
+    def _charset(self) -> str:
+        return "utf-8"
+
+    @_charset.setter
+    def _charset(self, _declared: str) -> None:
+        pass
+
     def on_part_begin(self) -> None:
         self._parts += 1
         super().on_part_begin()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import placeholder_phrase
 from app.models import Concept, ConceptExample, ConceptState, Image, Job, JobKind, new_id
 from app.services import jobs
-from app.services.images import IncomingFile, delete_unused_files, stage_all
+from app.services.images import IncomingFile, delete_unused_files, ensure_unchanged, stage_all
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.query import normalize_name
 from app.storage import ImageStore, StagedImage, is_gone_error, open_library_file
@@ -223,6 +224,8 @@ def _copies_of_folder_photos(
                 except InvalidImage as e:
                     raise ValueError(e.message) from e
                 with f:
+                    # The bytes the image was indexed (and shown, and embedded) as, or none.
+                    ensure_unchanged(image, os.fstat(f.fileno()))
                     copy = store.stage(
                         f,
                         path.name,

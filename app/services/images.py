@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,6 +287,22 @@ def original_file(
     if not path.is_file():
         raise NotFound("the stored file is missing; upload the image again", code="file_missing")
     return image, path
+
+
+def ensure_unchanged(image: Image, st: os.stat_result) -> None:
+    """Conflict `file_changed` unless a folder photo's file (`st`: its stat) is the one the
+    library's last scan indexed: one changed since may now hold anything (another photo, a text
+    file), not what the image's type, size, hash and embedding say. Uploads always pass."""
+    if image.source_path is None or image.source_size is None:
+        return
+    if (st.st_size, st.st_mtime_ns) != (image.source_size, image.source_mtime_ns):
+        raise Conflict(
+            "the photo's file changed in its library folder since the library was last "
+            "scanned; the next scan picks it up (the folder watcher starts one soon, or "
+            f"POST /libraries/{image.library_id}/scan)",
+            code="file_changed",
+            detail={"library_id": image.library_id},
+        )
 
 
 def delete_image(user_id: str, image_id: str, *, db_session: Session, store: ImageStore) -> None:

@@ -461,16 +461,18 @@ def _why_not_prune(
 ) -> str | None:
     """Why the images this scan did not see must not be removed, or None to remove them: the
     folder is gone now, or it holds nothing at all though images were indexed from it (a
-    network share not mounted leaves its mount point as an empty folder)."""
+    network share not mounted leaves its mount point as an empty folder, or with a file or two
+    that are not photos)."""
     if not folder.is_dir():
         return "the folder went away during the scan; nothing was removed"
-    seen = report.added + report.changed + report.moved + report.unchanged + report.skipped_count
+    # Files that are not photos (a placeholder left in a mount point) say nothing.
+    seen = report.added + report.changed + report.moved + report.unchanged + report.kept_count
     if seen == 0 and repositories.stale_library_images(
         db_session=db_session, library_id=library_id, generation=gen, limit=1
     ):
         return (
-            "the folder is empty; nothing was removed, in case it is a share that is not "
-            "mounted (delete the library to drop its images)"
+            "the folder holds no photos; nothing was removed, in case it is a share that is "
+            "not mounted (delete the library to drop its images)"
         )
     return None
 

@@ -150,6 +150,14 @@ def test_a_405_allows_head_wherever_get_is(api_client, make_user):
     assert r.headers["allow"] == "GET, HEAD, POST"
 
 
+@pytest.mark.parametrize("url", ["/docs", "/redoc", "/openapi.json"])
+def test_a_405_on_the_docs_allows_head_too(api_client, url):
+    """The docs are routes of the app too, not of the API's routers."""
+    r = api_client.put(url)
+    assert r.status_code == 405, r.text
+    assert r.headers["allow"] == "GET, HEAD"
+
+
 def test_head_is_no_operation_of_the_openapi_document(api_client):
     schema = api_client.get("/openapi.json").json()
     assert schema["paths"]

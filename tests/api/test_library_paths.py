@@ -257,3 +257,22 @@ def test_a_report_stored_before_the_fix_is_still_answered(api_client, folder_use
     assert r.status_code == 200, r.text
     assert r.json()["report"]["skipped"][0]["path"] == f"{lib}/caf?.jpg"
     assert api_client.get("/libraries", headers=user.headers).status_code == 200
+
+
+def test_folders_whose_names_differ_in_case_are_different_folders(
+    api_client, folder_user, make_user
+):
+    """On SQLite, LIKE ignores ASCII case: bob's /…/trips was refused as inside alice's
+    /…/TRIPS/x. Paths are case-sensitive on the file systems the service runs on."""
+    alice, lib = folder_user
+    bob = make_user(api_client, "bob")
+    (lib / "TRIPS" / "x").mkdir(parents=True)
+    (lib / "trips").mkdir()
+    (lib / "trips" / "a.jpg").write_bytes(noisy_jpeg(seed=41))
+    assert add(api_client, alice, lib / "TRIPS" / "x").status_code == 202
+    r = add(api_client, bob, lib / "trips")
+    assert r.status_code == 202, r.text
+    wait_jobs(api_client)
+    assert set(paths(api_client, bob)) == {str(lib / "trips" / "a.jpg")}
+    # The same folder, or one inside alice's, still overlaps.
+    assert add(api_client, bob, lib / "TRIPS").status_code == 409

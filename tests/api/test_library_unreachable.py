@@ -115,15 +115,16 @@ def test_an_empty_folder_removes_nothing_until_it_holds_files_again(api_client, 
     before = paths(api_client, user)
     keep = lib.parent / "elsewhere"
     shutil.move(lib, keep)
-    lib.mkdir()  # the mount point, empty
+    lib.mkdir()  # the mount point: empty but for a note that is not a photo
+    (lib / "NOT-MOUNTED.txt").write_text("the share is not mounted")
 
     rep = rescan(api_client, user, lib_id)
-    assert rep["removed"] == 0 and "empty" in rep["not_pruned"], rep
+    assert rep["removed"] == 0 and "no photos" in rep["not_pruned"], rep
     assert paths(api_client, user) == before
     listed = api_client.get(f"/libraries/{lib_id}", headers=user.headers).json()
     assert "not mounted" in listed["report"]["not_pruned"]
 
-    lib.rmdir()
+    shutil.rmtree(lib)
     shutil.move(keep, lib)
     files["a"].unlink()
     rep = rescan(api_client, user, lib_id)
@@ -195,4 +196,21 @@ def test_teaching_from_a_photo_whose_share_is_down_is_a_503_and_changes_nothing(
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "library_unavailable"
     assert r.json()["error"]["detail"] == {"image_ids": [paths(api_client, user)[str(files["c"])]]}
+    assert api_client.get("/concepts", headers=user.headers).json()["items"] == []
+
+
+def test_teaching_from_a_folder_photo_changed_since_its_scan_is_409_file_changed(
+    api_client, folder_user
+):
+    """The concept would learn from bytes that are not the image the user picked (the file
+    was overwritten with another photo): refused as the file route refuses it."""
+    user, lib = folder_user
+    files = photos(lib)
+    scan(api_client, user, lib)
+    ids = list(paths(api_client, user).values())
+    files["b"].write_bytes(noisy_jpeg(seed=99))
+    os.utime(files["b"], ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    r = api_client.post("/concepts", data={"name": "Fido", "image_ids": ids}, headers=user.headers)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "file_changed"
     assert api_client.get("/concepts", headers=user.headers).json()["items"] == []

@@ -134,6 +134,23 @@ def test_utf8_names_and_file_names_arrive_unchanged(api_client, user):
     assert r.json()["concept"]["name"] == "Fidò"
 
 
+@pytest.mark.parametrize("charset", ["latin-1", "utf-16", "bogus"])
+def test_a_declared_charset_does_not_change_how_text_is_read(api_client, user, charset):
+    """Starlette decoded names and text with the Content-Type's `charset` (Latin-1 for one it
+    does not know): "Café" sent in UTF-8 under `charset=latin-1` became "CafÃ©"."""
+    headers = {"content-type": f"{MULTIPART['content-type']}; charset={charset}"}
+    body = multipart(file("café.jpg".encode(), noisy_jpeg(seed=6)))
+    r = post(api_client, user, "/images", body, headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["images"][0]["filename"] == "café.jpg"
+    body = multipart(field(b"name", "Café".encode()), *photos(seed=20))
+    r = post(api_client, user, "/concepts", body, headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["concept"]["name"] == "Café"
+    body = multipart(field(b"name", "Caf\xe9".encode("latin-1")), *photos(seed=30))
+    assert_error(post(api_client, user, "/concepts", body, headers), 422, "invalid_utf8")
+
+
 def test_a_url_encoded_form_is_utf8_too(api_client, user):
     """POST /concepts takes a URL-encoded form too (library image ids, no files): `%FF` was
     decoded to U+FFFD and raw UTF-8 bytes as Latin-1 ("Fidò" became "FidÃ²")."""

@@ -22,7 +22,7 @@ from app.api.files import (
 )
 from app.api.forms import FormRoute
 from app.api.params import Cursor, ImageId, PageLimit
-from app.errors import Conflict, NotFound, ValidationFailed
+from app.errors import NotFound, ValidationFailed
 from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
 from app.schemas import error_responses as errors
 from app.services import images as service
@@ -134,18 +134,9 @@ def get_image_file(
     if image.source_path is None:  # content-addressed: its bytes are its hash's
         etag, cache = content_etag(image.sha256), IMMUTABLE
     else:
-        # A folder's file changed since it was scanned may now hold anything (another photo,
-        # a text file), not what the image's type, size and hash say: not served until a
-        # scan reads it again. Its stat is in the ETag, so a cached copy is revalidated.
-        indexed = (image.source_size, image.source_mtime_ns)
-        if image.source_size is not None and (st.st_size, st.st_mtime_ns) != indexed:
-            raise Conflict(
-                "the photo's file changed in its library folder since the library was last "
-                "scanned; the next scan picks it up (the folder watcher starts one soon, or "
-                f"POST /libraries/{image.library_id}/scan)",
-                code="file_changed",
-                detail={"library_id": image.library_id},
-            )
+        # Not served once changed since its scan, until a scan reads it again. Its stat is in
+        # the ETag, so a cached copy is revalidated.
+        service.ensure_unchanged(image, st)
         etag, cache = content_etag(image.sha256, st.st_size, st.st_mtime_ns), REVALIDATE
     return ApiFileResponse(
         path,
