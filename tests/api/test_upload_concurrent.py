@@ -35,7 +35,9 @@ def lookups_side_by_side(monkeypatch) -> None:
 
 
 def test_the_same_new_photo_uploaded_at_once_is_stored_once(
-    api_client, make_user, tiny_serving  # noqa: F811, ARG001 (the model)
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811, ARG001 (the model)
 ):
     user = make_user(api_client)
     data = noisy_jpeg(seed=77)
