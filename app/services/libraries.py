@@ -24,6 +24,7 @@ skipped with a reason, its name shown with the bad bytes escaped ("caf\\xe9.jpg"
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import logging
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import repositories
@@ -415,10 +417,10 @@ def scan_library_job(ctx: JobContext) -> None:
     for entry in _walk(folder, report):
         batch.append(entry)
         if len(batch) >= settings.library.batch:
-            _index_batch(ctx, library_id, gen, batch, report, root)
+            _index_batch_once_more_on_a_race(ctx, library_id, gen, batch, report, root)
             batch = []
     if batch:
-        _index_batch(ctx, library_id, gen, batch, report, root)
+        _index_batch_once_more_on_a_race(ctx, library_id, gen, batch, report, root)
     with session_scope(ctx.session_factory) as s:
         repositories.keep_library_images(
             db_session=s, library_id=library_id, generation=gen, paths=report.kept_paths
@@ -484,6 +486,27 @@ def _note_failures(db_session: Session, library: Library, report: ScanReport) ->
     )
     report.failed_count = count
     report.failed = [{"path": path, "reason": reason} for path, reason in rows]
+
+
+def _index_batch_once_more_on_a_race(
+    ctx: JobContext,
+    library_id: str,
+    gen: int,
+    entries: list[tuple[Path, Path]],
+    report: ScanReport,
+    root: Path,
+) -> None:
+    """`_index_batch`, run again once if its transaction lost a race on a unique key: an
+    upload of the same new bytes committed between the batch's lookup and its insert. The
+    second run finds the upload's image (the file is then a duplicate of it); the report
+    counts the batch once."""
+    before = copy.deepcopy(report)
+    try:
+        _index_batch(ctx, library_id, gen, entries, report, root)
+    except IntegrityError:
+        log.info("library %s: a batch met a concurrent upload; indexing it again", library_id)
+        report.__dict__.update(copy.deepcopy(before).__dict__)
+        _index_batch(ctx, library_id, gen, entries, report, root)
 
 
 def _index_batch(

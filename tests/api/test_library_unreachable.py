@@ -9,6 +9,7 @@ removes files that were deleted. ENOENT still means gone.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from app import repositories
 from app.services import concepts as concepts_service
 from app.services import images as images_service
 from app.services import libraries as libraries_service
@@ -214,3 +216,41 @@ def test_teaching_from_a_folder_photo_changed_since_its_scan_is_409_file_changed
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "file_changed"
     assert api_client.get("/concepts", headers=user.headers).json()["items"] == []
+
+
+def test_a_scan_batch_that_meets_an_upload_of_the_same_bytes_is_indexed_again(
+    api_client, folder_user, monkeypatch
+):
+    """An upload committed between a scan batch's lookup of the bytes and its insert made the
+    insert fail on the unique (user, sha256) key, and the whole scan job with it. The batch is
+    indexed once more: the file is then the upload's duplicate, the rest of the batch indexed,
+    and the report counts each file once."""
+    user, lib = folder_user
+    # One file a batch: on SQLite a batch that has written holds the one writer lock, so only a
+    # batch's first lookup can race an upload there.
+    monkeypatch.setattr(api_client.app.state.settings.library, "batch", 1)
+    files = photos(lib)
+    data = files["b"].read_bytes()
+    lookup = repositories.get_image_by_sha256
+    raced: list[str] = []
+
+    def upload_meanwhile(**kwargs: Any) -> Any:
+        found = lookup(**kwargs)
+        if not raced and found is None and kwargs["sha256"] == hashlib.sha256(data).hexdigest():
+            raced.append("")  # first: the upload's own lookup, through here too, passes
+            r = api_client.post(
+                "/images", files=[("files", ("b-up.jpg", data, "image/jpeg"))], headers=user.headers
+            )
+            assert r.status_code == 202, r.text
+            raced[0] = r.json()["images"][0]["id"]
+        return found  # what the scan saw before the upload committed
+
+    monkeypatch.setattr(repositories, "get_image_by_sha256", upload_meanwhile)
+    _lib_id, rep = scan(api_client, user, lib)  # fails if the scan job failed
+    assert raced
+    assert (rep["added"], rep["skipped_count"]) == (2, 1), rep
+    assert "same content as image " + raced[0] in rep["skipped"][0]["reason"]
+    items = api_client.get("/images", headers=user.headers).json()["items"]
+    assert sorted((i["path"] or i["filename"]) for i in items) == sorted(
+        [str(files["a"]), str(files["c"]), "b-up.jpg"]
+    ), items
