@@ -27,10 +27,12 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
+import itertools
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -413,14 +415,10 @@ def scan_library_job(ctx: JobContext) -> None:
             code="library_unavailable",
         )
     report = ScanReport(max_reported=settings.library.max_reported)
-    batch: list[tuple[Path, Path]] = []
-    for entry in _walk(folder, report):
-        batch.append(entry)
-        if len(batch) >= settings.library.batch:
-            _index_batch_once_more_on_a_race(ctx, library_id, gen, batch, report, root)
-            batch = []
-    if batch:
-        _index_batch_once_more_on_a_race(ctx, library_id, gen, batch, report, root)
+    entries = _walk(folder, report)
+    while batch := list(itertools.islice(entries, settings.library.batch)):
+        index = functools.partial(_index_batch, ctx, library_id, gen, batch, report, root)
+        _once_more_on_a_race(index, report, library_id)
     with session_scope(ctx.session_factory) as s:
         repositories.keep_library_images(
             db_session=s, library_id=library_id, generation=gen, paths=report.kept_paths
@@ -488,25 +486,18 @@ def _note_failures(db_session: Session, library: Library, report: ScanReport) ->
     report.failed = [{"path": path, "reason": reason} for path, reason in rows]
 
 
-def _index_batch_once_more_on_a_race(
-    ctx: JobContext,
-    library_id: str,
-    gen: int,
-    entries: list[tuple[Path, Path]],
-    report: ScanReport,
-    root: Path,
-) -> None:
-    """`_index_batch`, run again once if its transaction lost a race on a unique key: an
+def _once_more_on_a_race(index: Callable[[], None], report: ScanReport, library_id: str) -> None:
+    """`index()` (a batch), run again once if its transaction lost a race on a unique key: an
     upload of the same new bytes committed between the batch's lookup and its insert. The
     second run finds the upload's image (the file is then a duplicate of it); the report
     counts the batch once."""
     before = copy.deepcopy(report)
     try:
-        _index_batch(ctx, library_id, gen, entries, report, root)
+        index()
     except IntegrityError:
         log.info("library %s: a batch met a concurrent upload; indexing it again", library_id)
         report.__dict__.update(copy.deepcopy(before).__dict__)
-        _index_batch(ctx, library_id, gen, entries, report, root)
+        index()
 
 
 def _index_batch(

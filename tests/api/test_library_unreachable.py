@@ -153,6 +153,18 @@ def test_a_folder_emptied_on_purpose_is_said_and_deleting_the_library_drops_it(
     assert paths(api_client, user) == {}
 
 
+def share_down(monkeypatch, module: Any, path: Path, code: int) -> None:
+    """`module.open_library_file` fails with `code` for `path`, as on a share that is down."""
+    real = module.open_library_file
+
+    def down(source_path: str, *args: Any) -> Any:
+        if source_path == str(path):
+            raise OSError(code, os.strerror(code), source_path)
+        return real(source_path, *args)
+
+    monkeypatch.setattr(module, "open_library_file", down)
+
+
 def test_a_photo_whose_share_is_down_is_a_503_and_a_gone_one_a_404(
     api_client, folder_user, monkeypatch
 ):
@@ -160,14 +172,7 @@ def test_a_photo_whose_share_is_down_is_a_503_and_a_gone_one_a_404(
     files = photos(lib)
     scan(api_client, user, lib)
     image_id = paths(api_client, user)[str(files["a"])]
-    real = images_service.open_library_file
-
-    def share_down(source_path: str, *args: Any) -> Any:
-        if source_path == str(files["a"]):
-            raise OSError(errno.EIO, os.strerror(errno.EIO), source_path)
-        return real(source_path, *args)
-
-    monkeypatch.setattr(images_service, "open_library_file", share_down)
+    share_down(monkeypatch, images_service, files["a"], errno.EIO)
     r = api_client.get(f"/images/{image_id}/file", headers=user.headers)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "library_unavailable" and r.headers["retry-after"]
@@ -186,14 +191,7 @@ def test_teaching_from_a_photo_whose_share_is_down_is_a_503_and_changes_nothing(
     files = photos(lib)
     scan(api_client, user, lib)
     ids = list(paths(api_client, user).values())
-    real = concepts_service.open_library_file
-
-    def share_down(source_path: str, *args: Any) -> Any:
-        if source_path == str(files["c"]):
-            raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT), source_path)
-        return real(source_path, *args)
-
-    monkeypatch.setattr(concepts_service, "open_library_file", share_down)
+    share_down(monkeypatch, concepts_service, files["c"], errno.ETIMEDOUT)
     r = api_client.post("/concepts", data={"name": "Fido", "image_ids": ids}, headers=user.headers)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "library_unavailable"
