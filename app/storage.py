@@ -427,6 +427,13 @@ def confined_file(source_path: str, folder: str, roots: Sequence[Path]) -> Path:
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
+def os_error_reason(e: OSError) -> str:
+    """A few words on why a path could not be read, for a report or an image's embed_error."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"unreadable: {e.strerror or e}"
+
+
 def is_gone_error(e: OSError) -> bool:
     """Whether an error reading a path says it is gone or can never be read as named (what was
     indexed there may be dropped), rather than that it cannot be read right now."""

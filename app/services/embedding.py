@@ -37,7 +37,13 @@ from app.ml.threads import cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
-from app.storage import ImageStore, open_library_file, open_regular_file, untrusted_image
+from app.storage import (
+    ImageStore,
+    open_library_file,
+    open_regular_file,
+    os_error_reason,
+    untrusted_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +83,8 @@ def failure_reason(e: BaseException) -> str:
         text = e.message
     elif isinstance(e, FileNotFoundError):
         text = "the file is gone"
-    elif isinstance(e, PermissionError):
-        text = "permission denied"
     elif isinstance(e, OSError):
-        text = f"unreadable: {e.strerror or e}"
+        text = os_error_reason(e)
     else:
         text = str(e) or type(e).__name__
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")

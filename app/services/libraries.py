@@ -50,7 +50,7 @@ from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
 from app.services.images import delete_unused_files
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
-from app.storage import inspect_file, is_gone_error, root_of
+from app.storage import inspect_file, is_gone_error, os_error_reason, root_of
 from app.text import UnsafeText, check_text
 
 log = logging.getLogger(__name__)
@@ -279,9 +279,9 @@ class ScanReport:
         gone, what was indexed at or under it is kept (a network share that dropped, a folder
         made unreadable, must not empty the index)."""
         if is_gone_error(e) or not is_utf8(str(path)):
-            self.skip(path, _why(e))
+            self.skip(path, os_error_reason(e))
             return
-        self.skip(path, f"{_why(e)}; what was indexed there is kept")
+        self.skip(path, f"{os_error_reason(e)}; what was indexed there is kept")
         self.kept_count += 1
         self.kept_paths.append(str(path))
 
@@ -290,12 +290,6 @@ class ScanReport:
         d.pop("max_reported")
         d.pop("kept_paths")
         return d
-
-
-def _why(e: OSError) -> str:
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    return f"unreadable: {e.strerror or e}"
 
 
 NOT_UTF8_FOLDER = "the folder's name is not valid UTF-8; rename it to index what it holds"
@@ -371,7 +365,7 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
                 elif e.errno == errno.ELOOP:
                     report.skip(p, "a symlink that loops or cannot be followed")
                 else:
-                    report.skip(p, _why(e))
+                    report.skip(p, os_error_reason(e))
                 continue
             if not target.is_relative_to(folder):
                 report.skip(p, "the symlink leads outside the library; not read")
