@@ -34,7 +34,7 @@ from app.ml.regions import (
     unpack_regions,
 )
 from app.ml.threads import cpu_threads
-from app.models import Image, Job, JobKind, JobState, Library
+from app.models import Image, Job, JobKind, JobState, Library, new_vec_id
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
 from app.storage import (
@@ -241,6 +241,9 @@ def embed_pending(
                         .values(
                             embedding=vec.tobytes(),
                             embedding_model=model_id,
+                            # A vec_id names one vector, never a row: the index caches of every
+                            # process see a re-embedded row as one vector gone, one new.
+                            vec_id=new_vec_id(),
                             region_embeddings=None if regions is None else pack_regions(regions[n]),
                             region_layout=None if regions is None else first_key,
                         )

@@ -29,6 +29,11 @@ from app.models import Image, User
 log = logging.getLogger(__name__)
 
 
+# What the ids of a saved index mean. 2: one id per vector (a re-embedded row has a new id).
+# Files written under 1 (one id per row) may hold a replaced photo's old vector: rebuilt once.
+ID_SCHEME = 2
+
+
 @dataclass(frozen=True)
 class CachedIndex:
     """An index and the database state it reflects."""
@@ -80,8 +85,9 @@ def sync_index(
     """Bring `index` up to date by id difference: read only the ids, fetch only new vectors.
 
     Returns (added, removed), or None without touching the index when more than `max_changes`
-    ids differ (a full rebuild is cheaper then). Embeddings of one model never change in place
-    (a re-upload is a new row with a new vec_id), so ids alone tell what changed.
+    ids differ (a full rebuild is cheaper then). A vec_id names one vector, not a row: every
+    write of an embedding gives the row a new vec_id (a library file replaced in place and
+    embedded again, a rebuild, a model change), so ids alone tell what changed.
     """
     mine = (
         Image.user_id == user_id,
@@ -106,6 +112,15 @@ def sync_index(
         vectors = np.frombuffer(b"".join(b for _, b in found), np.float32).reshape(len(found), -1)
         index.add(np.array([v for v, _ in found], dtype=np.int64), vectors)
     return len(found), removed
+
+
+def _current(meta: dict[str, object], generation: int, model_id: str) -> bool:
+    """Whether a saved index's meta says it is the database's state now."""
+    return (
+        meta.get("generation") == generation
+        and meta.get("model_id") == model_id
+        and meta.get("id_scheme") == ID_SCHEME
+    )
 
 
 class IndexCache:
@@ -202,7 +217,8 @@ class IndexCache:
         path = self.path(user_id, model_id)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            index.save(path, {"generation": generation, "model_id": model_id, "user_id": user_id})
+            meta = {"generation": generation, "model_id": model_id, "user_id": user_id}
+            index.save(path, {**meta, "id_scheme": ID_SCHEME})
         except OSError as e:  # a read-only or full disk costs speed, not correctness
             log.warning("could not persist the index of user %s: %s", user_id, e)
 
@@ -222,7 +238,7 @@ class IndexCache:
         try:  # the small sidecar first: a stale file is not worth reading and checksumming
             side = json.loads(path.with_name(path.name + ".json").read_text())
             meta = side.get("meta") or {}
-            if meta.get("generation") != generation or meta.get("model_id") != model_id:
+            if not _current(meta, generation, model_id):
                 return None
         except (OSError, ValueError, AttributeError):
             return None
@@ -231,7 +247,7 @@ class IndexCache:
         except IndexCorruptError as e:
             log.warning("rebuilding the index of user %s: %s", user_id, e)
             return None
-        if meta.get("generation") != generation or meta.get("model_id") != model_id:
+        if not _current(meta, generation, model_id):
             return None
         return CachedIndex(index, generation, model_id)
 
