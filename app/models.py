@@ -27,7 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 
 # Deterministic constraint names, so migrations name things the same on SQLite and Postgres.
 NAMING_CONVENTION = {
@@ -188,8 +188,13 @@ class Image(Base):
         String(36), ForeignKey("libraries.id", ondelete="CASCADE")
     )
     source_path: Mapped[str | None] = mapped_column(String(4096))  # absolute, inside the library
+    # The file as the last scan saw it (app.storage.FileStamp): size and mtime, which a user can
+    # set back (cp -p, rsync -a, touch -r), and ctime and inode, which nobody can. NULL ctime
+    # and inode: indexed before they were kept; the next scan reads the file once and fills them.
     source_size: Mapped[int | None] = mapped_column(BigInteger)
     source_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    source_ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    source_ino: Mapped[int | None] = mapped_column(BigInteger)  # as a signed 64-bit number
     scan_generation: Mapped[int | None] = mapped_column(Integer)  # the last scan that saw it
     # Why the embed jobs could not read or decode the file (swapped for a FIFO or a bomb since
     # it was validated, gone, unreadable): such an image is not read again by every embed pass,
@@ -200,6 +205,16 @@ class Image(Base):
     # dropped, a permission): a library's next scan reads such a file again. None/False: the
     # bytes themselves failed (not an image, too large, not a regular file).
     embed_error_transient: Mapped[bool | None] = mapped_column(Boolean)
+
+    @validates("embedding")
+    def _new_vector_new_id(self, _key: str, value: bytes | None) -> bytes | None:
+        # A vec_id names one vector, never a row: a row whose embedding is written again gets a
+        # new one, so every process's index cache, synced by id difference, drops the old
+        # vector and takes the new one (app.services.index.sync_index). Core UPDATEs of
+        # `embedding` set vec_id=new_vec_id() themselves (app.services.embedding).
+        if value is not None and self.vec_id is not None:
+            self.vec_id = new_vec_id()
+        return value
 
 
 class Library(Base):
@@ -215,6 +230,25 @@ class Library(Base):
     report: Mapped[dict[str, Any] | None]  # the last finished scan's report
     scanned_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Why the folder watcher does not watch this library now (a link where its folder was, a
+    # tree it cannot list); None while it is watched or watching is off.
+    watch_error: Mapped[str | None] = mapped_column(Text)
+
+
+class LibraryFolder(Base):
+    """A folder a library's last scan walked, by identity (app.folders.FolderId: device and
+    inode as text), not by name: another user's folder is compared with these, so a second name
+    for one of them (a bind mount, another case on a case-insensitive share) is seen as the same
+    folder. `depth` 0 is the library's own folder."""
+
+    __tablename__ = "library_folders"
+    __table_args__ = (Index(None, "folder_key"),)
+
+    library_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("libraries.id", ondelete="CASCADE"), primary_key=True
+    )
+    folder_key: Mapped[str] = mapped_column(String(48), primary_key=True)
+    depth: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Concept(Base):

@@ -421,6 +421,38 @@ def confined_file(source_path: str, folder: str, roots: Sequence[Path]) -> Path:
     return real
 
 
+def _signed64(n: int) -> int:
+    """`n` (an unsigned 64-bit inode number) as the signed 64-bit number a BIGINT column holds."""
+    return n - (1 << 64) if n >= (1 << 63) else n
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What says a library file is the one a scan read: its size and mtime, which a user's tools
+    can set back (`cp -p`, `rsync -a`, `touch -r`), and its ctime and inode, which nobody can
+    (any write or rename into place moves ctime; a file renamed over it has another inode).
+    `ctime_ns` and `ino` None: not known (a row indexed before they were kept)."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int | None
+    ino: int | None
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, _signed64(st.st_ino))
+
+    def same_file(self, st: os.stat_result) -> bool:
+        """Whether `st` (a stat now) is the file this stamp was taken of, unchanged; a part of
+        the stamp that is not known is not compared (the next scan fills it in)."""
+        now = FileStamp.of(st)
+        return (
+            (self.size, self.mtime_ns) == (now.size, now.mtime_ns)
+            and self.ctime_ns in (None, now.ctime_ns)
+            and self.ino in (None, now.ino)
+        )
+
+
 # Errors after which a path is taken for gone: it does not exist, or can never be read as it is
 # named. Any other (EIO, ESTALE or ETIMEDOUT from a network share, EACCES) says nothing of the
 # file and may pass.

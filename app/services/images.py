@@ -39,6 +39,7 @@ from app.repositories import Page
 from app.services.jobs import JobQueue, enqueue_committed
 from app.storage import (
     BinaryStream,
+    FileStamp,
     HeldFile,
     ImageStore,
     StagedImage,
@@ -289,13 +290,31 @@ def original_file(
     return image, path
 
 
+def source_stamp(image: Image) -> FileStamp | None:
+    """The stamp of the file a folder photo's last scan read (None: an upload)."""
+    if image.source_size is None or image.source_mtime_ns is None:
+        return None
+    return FileStamp(
+        image.source_size, image.source_mtime_ns, image.source_ctime_ns, image.source_ino
+    )
+
+
+def set_source_stamp(image: Image, st: os.stat_result) -> None:
+    """Record `st` as the stat of the file the scan read for `image`."""
+    stamp = FileStamp.of(st)
+    image.source_size, image.source_mtime_ns = stamp.size, stamp.mtime_ns
+    image.source_ctime_ns, image.source_ino = stamp.ctime_ns, stamp.ino
+
+
 def ensure_unchanged(image: Image, st: os.stat_result) -> None:
     """Conflict `file_changed` unless a folder photo's file (`st`: its stat) is the one the
-    library's last scan indexed: one changed since may now hold anything (another photo, a text
-    file), not what the image's type, size, hash and embedding say. Uploads always pass."""
-    if image.source_path is None or image.source_size is None:
+    library's last scan indexed (app.storage.FileStamp: size, mtime, ctime and inode): one
+    changed since may now hold anything (another photo, a text file), not what the image's
+    type, size, hash, ETag and embedding say. Uploads always pass."""
+    stamp = source_stamp(image)
+    if image.source_path is None or stamp is None:
         return
-    if (st.st_size, st.st_mtime_ns) != (image.source_size, image.source_mtime_ns):
+    if not stamp.same_file(st):
         raise Conflict(
             "the photo's file changed in its library folder since the library was last "
             "scanned; the next scan picks it up (the folder watcher starts one soon, or "

@@ -48,9 +48,9 @@ from app.db import session_scope, transaction_lock
 from app.errors import Conflict, DomainError, NotFound, ValidationFailed
 from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
-from app.services.images import delete_unused_files
+from app.services.images import delete_unused_files, set_source_stamp, source_stamp
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
-from app.storage import inspect_file, is_gone_error, os_error_reason, root_of
+from app.storage import FileStamp, inspect_file, is_gone_error, os_error_reason, root_of
 from app.text import UnsafeText, check_text
 
 log = logging.getLogger(__name__)
@@ -494,6 +494,13 @@ def _once_more_on_a_race(index: Callable[[], None], report: ScanReport, library_
         index()
 
 
+def _unchanged(img: Image, st: os.stat_result) -> bool:
+    """Whether `st` is the file `img` was indexed from, unchanged (FileStamp: a restored
+    mtime does not hide a change; a stamp not fully known yet reads the file once)."""
+    stamp = source_stamp(img)
+    return stamp is not None and None not in (stamp.ctime_ns, stamp.ino) and stamp.same_file(st)
+
+
 def _index_batch(
     ctx: JobContext,
     library_id: str,
@@ -531,15 +538,12 @@ def _index_batch(
             if (
                 target is not None
                 and target.scan_generation == gen
-                and (target.source_size, target.source_mtime_ns) == (st.st_size, st.st_mtime_ns)
+                and _unchanged(target, st)
             ):  # its target was indexed by this scan: not read twice
                 report.skip(p, f"a link to {shown(real)} in the library; indexed there")
                 continue
             img = known.get(str(p))
-            if img is not None and (img.source_size, img.source_mtime_ns) == (
-                st.st_size,
-                st.st_mtime_ns,
-            ):
+            if img is not None and _unchanged(img, st):
                 img.scan_generation = gen
                 report.unchanged += 1
                 continue
@@ -557,9 +561,7 @@ def _index_batch(
             except OSError as e:
                 report.unreadable(p, e)
                 continue
-            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or (
-                info.size_bytes != st.st_size
-            ):
+            if not FileStamp.of(st).same_file(after) or info.size_bytes != st.st_size:
                 report.skip(p, "the file changed while it was read; the next scan takes it")
                 continue
             storage_path = ctx.store.cache_thumbnail(info.sha256, info.ext, info.thumbnail)
@@ -567,6 +569,13 @@ def _index_batch(
             same = repositories.get_image_by_sha256(
                 db_session=s, user_id=ctx.user_id, sha256=info.sha256
             )
+            if img is not None and info.sha256 == img.sha256:
+                # Touched, not changed (a chmod, the same bytes copied over it): its image,
+                # vector and all, stay; only the new stamp is kept.
+                set_source_stamp(img, st)
+                img.scan_generation = gen
+                report.unchanged += 1
+                continue
             if img is not None:
                 if same is not None and same.id != img.id:
                     s.delete(img)  # this path now holds content indexed elsewhere
@@ -577,7 +586,7 @@ def _index_batch(
                 img.embedding = img.embedding_model = None
                 img.region_embeddings = img.region_layout = None
                 img.taken_at = info.taken_at or mtime
-                img.source_size, img.source_mtime_ns = st.st_size, st.st_mtime_ns
+                set_source_stamp(img, st)
                 img.scan_generation = gen
                 img.embed_error = None  # a new file: read again
                 report.changed += 1
@@ -588,7 +597,7 @@ def _index_batch(
                 if same.library_id is not None and gone and not seen_here:
                     same.library_id, same.source_path = library_id, str(p)
                     same.original_filename = p.name[-255:]
-                    same.source_size, same.source_mtime_ns = st.st_size, st.st_mtime_ns
+                    set_source_stamp(same, st)
                     same.scan_generation = gen
                     same.embed_error = None  # read whole just now, at its new path
                     known[str(p)] = same
@@ -610,10 +619,9 @@ def _index_batch(
                 created_at=utcnow(),
                 library_id=library_id,
                 source_path=str(p),
-                source_size=st.st_size,
-                source_mtime_ns=st.st_mtime_ns,
                 scan_generation=gen,
             )
+            set_source_stamp(new, st)
             s.add(new)
             s.flush()
             known[str(p)] = new

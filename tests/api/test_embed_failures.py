@@ -83,12 +83,21 @@ def polar(client, user, monkeypatch, capsys, *argv: str) -> str:
     return capsys.readouterr().out
 
 
-def same_size_and_time(path: Path, data: bytes) -> None:
-    """Other bytes in `path`, of its size and with its times: a scan sees no change."""
+def undecodable_when_embedded(monkeypatch, path: Path) -> None:
+    """Embedding reads bytes it cannot decode from `path` until the file changes, while a scan
+    sees the file as it was (a file the scan's checks passed but whose full decode fails; a
+    swap on disk cannot stand in: a scan sees it by its ctime and inode)."""
+    opened = embedding._opened
     st = path.stat()
-    data = (data + b"\0" * st.st_size)[: st.st_size]
-    path.write_bytes(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def junk(store, roots, src):
+        f = opened(store, roots, src)
+        if src.source_path == str(path) and path.stat().st_mtime_ns == st.st_mtime_ns:
+            f.close()
+            return io.BytesIO(b"this is no image")
+        return f
+
+    monkeypatch.setattr(embedding, "_opened", junk)
 
 
 def test_a_library_file_that_cannot_be_embedded_is_failed_and_rests_until_it_changes(
@@ -98,7 +107,7 @@ def test_a_library_file_that_cannot_be_embedded_is_failed_and_rests_until_it_cha
     good, bad = lib / "a.jpg", lib / "b.jpg"
     good.write_bytes(noisy_jpeg(seed=1))
     bad.write_bytes(noisy_jpeg(seed=2))
-    before_embedding(monkeypatch, lambda: same_size_and_time(bad, b"this is no image"))
+    undecodable_when_embedded(monkeypatch, bad)
     r = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
     assert r.status_code == 202, r.text
     lib_id = r.json()["id"]
@@ -257,7 +266,7 @@ def test_a_file_whose_share_dropped_while_embedding_is_read_again_by_the_next_sc
     flaky, junk = lib / "a.jpg", lib / "b.jpg"
     flaky.write_bytes(noisy_jpeg(seed=11))
     junk.write_bytes(noisy_jpeg(seed=12))
-    before_embedding(monkeypatch, lambda: same_size_and_time(junk, b"this is no image"))
+    undecodable_when_embedded(monkeypatch, junk)
     opened = embedding._opened
     dropped = [True]
 
