@@ -18,6 +18,7 @@ from app.runner import JobRunner
 from app.services.foreground import Foreground
 from app.services.job_handlers import handler_table
 from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
+from app.services.libraries import refuse_data_folder_in_roots
 from app.services.model import ModelLoader
 from app.storage import ImageStore
 from workers.queue import CeleryQueue, celery_client
@@ -37,7 +38,9 @@ class Container:
 
 
 def build(settings: Settings, *, handlers: Mapping[str, JobHandler] | None = None) -> Container:
-    """Wire one process; `handlers` replaces the service's handler table (tests)."""
+    """Wire one process; `handlers` replaces the service's handler table (tests). Misconfigured
+    (nothing started) when the data folder lies under an allowed library root."""
+    refuse_data_folder_in_roots(settings)
     engine = make_engine(settings.database_url, pool_size=settings.request_threads)
     session_factory = make_session_factory(engine)
     store = ImageStore(settings.data_dir)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from app.errors import InvalidCursor
@@ -25,6 +25,7 @@ from app.models import (
     JobKind,
     JobState,
     Library,
+    LibraryFolder,
     User,
     utcnow,
 )
@@ -550,6 +551,38 @@ def list_libraries(*, db_session: Session, user_id: str) -> list[Library]:
             .order_by(Library.created_at, Library.id)
         )
     )
+
+
+def other_users_libraries(*, db_session: Session, user_id: str) -> list[Library]:
+    """Every library that is not `user_id`'s."""
+    return list(db_session.scalars(select(Library).where(Library.user_id != user_id)))
+
+
+def library_folder_keys(
+    *, db_session: Session, library_ids: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """library id -> {folder identity: depth} of the folders each library's last scan walked."""
+    found: dict[str, dict[str, int]] = {i: {} for i in library_ids}
+    ids = list(library_ids)
+    for start in range(0, len(ids), _IN_CHUNK):
+        rows = db_session.execute(
+            select(LibraryFolder.library_id, LibraryFolder.folder_key, LibraryFolder.depth).where(
+                LibraryFolder.library_id.in_(ids[start : start + _IN_CHUNK])
+            )
+        )
+        for library_id, key, depth in rows:
+            found[library_id][key] = depth
+    return found
+
+
+def replace_library_folders(
+    *, db_session: Session, library_id: str, folders: Mapping[str, int]
+) -> None:
+    """The folders (identity -> depth) a scan of the library walked, instead of the last's."""
+    db_session.execute(delete(LibraryFolder).where(LibraryFolder.library_id == library_id))
+    rows = [{"library_id": library_id, "folder_key": k, "depth": d} for k, d in folders.items()]
+    for start in range(0, len(rows), 500):
+        db_session.execute(insert(LibraryFolder), rows[start : start + 500])
 
 
 def _starts_with(column: Any, prefix: str) -> Any:

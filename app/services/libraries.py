@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import stat
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,9 +46,10 @@ from sqlalchemy.orm import Session
 from app import repositories
 from app.config import Settings
 from app.db import session_scope, transaction_lock
-from app.errors import Conflict, DomainError, NotFound, ValidationFailed
+from app.errors import Conflict, DomainError, Misconfigured, NotFound, ValidationFailed
 from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
+from app.services.folders import ancestry_keys, folder_key, open_folder_beneath, walk
 from app.services.images import delete_unused_files, set_source_stamp, source_stamp
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.storage import FileStamp, inspect_file, is_gone_error, os_error_reason, root_of
@@ -86,16 +88,134 @@ def _taken() -> Conflict:
     )
 
 
+def _data_folder(raw: str | Path) -> ValidationFailed:
+    return ValidationFailed(
+        f"{shown(raw)} is the service's data folder, inside it or around it (its uploads, "
+        "thumbnails and indexes); it can never be a library",
+        code="path_not_allowed",
+    )
+
+
+# Why a scan does not enter a folder inside a library (named by the folder's own path only).
+TAKEN_FOLDER = "another user's library (the same folder under another name); not read"
+DATA_FOLDER = "the service's own data folder; never indexed"
+
+
+def _folded(path: str | Path) -> str:
+    """`path` as a case-insensitive file system compares names: case folded, Unicode composed."""
+    return unicodedata.normalize("NFC", str(path)).casefold().rstrip("/") or "/"
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two folders (as text) are one, or one holds the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
 def _refuse_other_users(
     db_session: Session, user_id: str, path: Path, roots: list[Path] | None = None
 ) -> None:
-    """Conflict if `path` is another user's library folder, or inside or above one; with
-    `roots`, only if it is under one of them (above them it is refused as outside)."""
+    """Conflict if `path` is another user's library folder, or inside or above one, by name,
+    exactly or as a case-insensitive file system compares names (`Alice` is `ALICE` on an SMB
+    share: refused before the file system is asked whether it exists, so that an answer never
+    tells which folders someone's library holds); with `roots`, only if it is under one of them
+    (above them it is refused as outside)."""
     if roots is not None and not any(path.is_relative_to(r) for r in roots):
         return
     for other in repositories.libraries_overlapping(db_session=db_session, path=str(path)):
         if other.user_id != user_id:
             raise _taken()
+    mine = _folded(path)
+    for other in repositories.other_users_libraries(db_session=db_session, user_id=user_id):
+        if _overlap(mine, _folded(other.path)) and _ignores_case(Path(other.path)):
+            raise _taken()
+
+
+def _ignores_case(folder: Path) -> bool:
+    """Whether the file system holding `folder` (a library's folder, known to exist) finds it
+    under its name with the case of its letters changed: then names that differ only in case
+    are one folder there. Asks only about that library's own folder."""
+    for name, parent in zip((folder, *folder.parents), folder.parents, strict=False):
+        flipped = name.name.swapcase()
+        if flipped == name.name:
+            continue  # no letters in this name: try the folder above
+        try:
+            return os.path.samestat(os.stat(name), os.stat(parent / flipped))
+        except OSError:
+            return False
+    return False
+
+
+def foreign_folders(db_session: Session, user_id: str, settings: Settings) -> dict[str, str]:
+    """The folders (identity -> why) that no library of `user_id` may hold, under any name:
+    every other user's library folder as it is now and the folders its last scan walked inside
+    it, and the service's data folder with the folders in it."""
+    refuse: dict[str, str] = {}
+    others = repositories.other_users_libraries(db_session=db_session, user_id=user_id)
+    walked = repositories.library_folder_keys(
+        db_session=db_session, library_ids=[o.id for o in others]
+    )
+    for other in others:
+        refuse.update(dict.fromkeys(walked.get(other.id, {}), TAKEN_FOLDER))
+        with contextlib.suppress(OSError):
+            refuse[folder_key(os.stat(other.path))] = TAKEN_FOLDER
+    refuse.update(dict.fromkeys(_data_folder_keys(settings), DATA_FOLDER))
+    return refuse
+
+
+def _data_folder_keys(settings: Settings) -> list[str]:
+    """The identities of the data folder and of the folders in it (what a bind mount of one
+    of them elsewhere would show)."""
+    keys: list[str] = []
+    with contextlib.suppress(OSError):
+        data = settings.data_dir.resolve()
+        keys.append(folder_key(os.stat(data)))
+        with os.scandir(data) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    keys.append(folder_key(entry.stat(follow_symlinks=False)))
+    return keys
+
+
+def check_ownership(db_session: Session, user_id: str, folder: Path, settings: Settings) -> None:
+    """Refuse `folder` (resolved) as a library of `user_id` if it is, by identity, another
+    user's library folder or inside one (under any name: a bind mount, another case on a
+    case-insensitive share) or above one (Conflict `library_taken`), or the data folder, inside
+    it or above it (ValidationFailed). OSError if the file system cannot tell."""
+    refuse = foreign_folders(db_session, user_id, settings)
+    mine = ancestry_keys(folder)
+    for key in mine:
+        if key in refuse:
+            raise _taken() if refuse[key] == TAKEN_FOLDER else _data_folder(folder)
+    for other in repositories.other_users_libraries(db_session=db_session, user_id=user_id):
+        with contextlib.suppress(OSError):
+            if mine[0] in ancestry_keys(Path(other.path)):
+                raise _taken()
+    with contextlib.suppress(OSError):
+        if mine[0] in ancestry_keys(settings.data_dir.resolve()):
+            raise _data_folder(folder)
+
+
+def refuse_data_folder_in_roots(settings: Settings) -> None:
+    """Misconfigured (the service must not start) when the data folder lies under an allowed
+    library root, by name or by identity (a root that is a bind mount of a folder above it):
+    any user could add it as a library and read every user's uploads."""
+    try:
+        data = settings.data_dir.resolve()
+        above = set(ancestry_keys(data)) if data.exists() else set()
+    except OSError:
+        return  # nothing there yet to hold: the check by name below still holds
+    for root in allowed_roots(settings):
+        by_key = False
+        with contextlib.suppress(OSError):
+            by_key = folder_key(os.stat(root)) in above
+        if data.is_relative_to(root) or root.is_relative_to(data) or by_key:
+            raise Misconfigured(
+                f"the data folder {shown(data)} lies under the library root {shown(root)} (or "
+                "holds it): every user could add it as a library and read everyone's uploads. "
+                "Set POLAR_DATA_DIR outside POLAR_LIBRARY__ROOTS (or the roots around your "
+                "photos only)",
+                code="data_dir_in_library_roots",
+            )
 
 
 def confine_folder(
@@ -105,7 +225,9 @@ def confine_folder(
 
     With a `db_session`, a path inside or above another user's library is refused (409) before
     the file system is asked whether it exists, both as typed and resolved: the answer must
-    not tell another user which folders exist in someone's library.
+    not tell another user which folders exist in someone's library. Whatever the file system
+    says of the path (no permission to follow a /proc link, a loop, a name too long) is a 422
+    `invalid_path`, never a 500.
     """
     roots = allowed_roots(settings)
     if not roots:
@@ -125,21 +247,22 @@ def confine_folder(
             f"this path cannot be used as a folder: {e}", code="invalid_path"
         ) from None
     if db_session is not None:
-        # As typed, then with its symlinks followed as far as they go (realpath never fails:
-        # a missing part, a loop or a name too long is kept as it is), before any error the
-        # file system could give.
+        # As typed, then with its symlinks followed as far as they go (realpath keeps a missing
+        # part, a loop or a name too long as it is), before any error the file system could
+        # give but one: no permission to read a link on the way (a /proc link), a 422 below.
         _refuse_other_users(db_session, user_id, p, roots)
-        _refuse_other_users(db_session, user_id, Path(shown(os.path.realpath(p))), roots)
+        try:
+            followed = os.path.realpath(p)
+        except OSError as e:
+            raise _unusable(e) from None
+        _refuse_other_users(db_session, user_id, Path(shown(followed)), roots)
     try:  # what the file system says of a path a user typed: any error is a clear 422
         real = p.resolve()
         if not is_utf8(str(real)):  # a symlink on the way leads to a name that is not UTF-8
             raise ValueError(f"it leads to {shown(real)}, a name that is not valid UTF-8")
         is_dir = real.is_dir()
-    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, a symlink loop
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ValidationFailed(
-            f"this path cannot be used as a folder: {reason}", code="invalid_path"
-        ) from None
+    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, a loop, EACCES
+        raise _unusable(e) from None
     if not any(real.is_relative_to(r) for r in roots):
         via = " (through a symlink)" if real != Path(os.path.normpath(p)) else ""
         raise ValidationFailed(
@@ -149,7 +272,17 @@ def confine_folder(
         )
     if not is_dir:
         raise ValidationFailed(f"{raw} is not an existing folder", code="not_a_folder")
+    if db_session is not None:
+        try:
+            check_ownership(db_session, user_id, real, settings)
+        except OSError as e:
+            raise _unusable(e) from None
     return real
+
+
+def _unusable(e: BaseException) -> ValidationFailed:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return ValidationFailed(f"this path cannot be used as a folder: {reason}", code="invalid_path")
 
 
 # The lock that makes "no library overlaps this folder" and the insert one step (any constant;
@@ -162,10 +295,10 @@ def add_library(
 ) -> tuple[Library, Job]:
     """Register a folder and queue its first scan (commits).
 
-    The last overlap check and the insert run under one lock (`transaction_lock`) that every
-    add takes, so two adds of overlapping folders at the same moment (two users, or one user
-    twice) cannot both pass the check: the second waits for the first to commit, then sees its
-    library and gets the 409."""
+    The last overlap checks (by name and by identity) and the insert run under one lock
+    (`transaction_lock`) that every add takes, so two adds of overlapping folders at the same
+    moment (two users, or one user twice, under one name or two) cannot both pass the check:
+    the second waits for the first to commit, then sees its library and gets the 409."""
     folder = confine_folder(raw_path, settings, db_session=db_session, user_id=user_id)
     try:
         transaction_lock(db_session, _ADD_LIBRARY_LOCK_KEY)
@@ -177,6 +310,11 @@ def add_library(
                 code="library_overlaps",
                 detail={"library_id": other.id},
             )
+        _refuse_other_users(db_session, user_id, folder)
+        try:
+            check_ownership(db_session, user_id, folder, settings)
+        except OSError as e:
+            raise _unusable(e) from None
         library = Library(user_id=user_id, path=str(folder), scan_generation=0)
         db_session.add(library)
         db_session.flush()
@@ -265,6 +403,9 @@ class ScanReport:
     # Files and folders the scan could not look at (an I/O error, no permission): what was
     # indexed there is kept as it was, since nothing says it is gone.
     kept_count: int = 0
+    # Folders inside the library not entered because they are, by identity, another user's
+    # library or the service's data folder (under another name): what was indexed there goes.
+    refused_count: int = 0
     # Why nothing was removed although the scan saw none of the indexed files (None: pruned).
     not_pruned: str | None = None
     kept_paths: list[str] = field(default_factory=list)  # internal: not in the stored report
@@ -273,6 +414,12 @@ class ScanReport:
         self.skipped_count += 1
         if len(self.skipped) < self.max_reported:
             self.skipped.append({"path": shown(path), "reason": reason})
+
+    def refuse(self, path: Path, reason: str) -> None:
+        """`path` is a folder that no library of this user may hold: not read; what was indexed
+        under it leaves the index."""
+        self.skip(path, reason)
+        self.refused_count += 1
 
     def unreadable(self, path: Path, e: OSError) -> None:
         """`path` could not be looked at: skipped with the reason; unless the error says it is
@@ -303,30 +450,32 @@ MAX_STORED_PATH_BYTES = 2600
 TOO_LONG_TO_STORE = f"its path is longer than {MAX_STORED_PATH_BYTES} bytes; not indexed"
 
 
-def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
+def _walk(
+    folder: Path, root: Path, report: ScanReport, walked: dict[str, int], refuse: dict[str, str]
+) -> Iterator[tuple[Path, Path]]:
     """(path, what to read) for every file in the folder, in order (sorted names, a folder's
     files before its subfolders'), every path valid UTF-8 text: a folder whose name is not is
-    skipped whole, a file so named too. Symlinked folders are not followed; a link to a file
-    is read through its target, only if that stays in the folder, after every other file (so
-    that its target, indexed first, is what it duplicates).
+    skipped whole, a file so named too. Folders are opened from the allowed `root` down with no
+    link followed (app.services.folders.walk): a symlinked folder is not entered, nor one
+    swapped for a link while the scan runs (named in the report by its own path only), nor one
+    whose identity is in `refuse` (another user's library, the service's data folder) under
+    any name. A link to a file is read through its target, only if that stays in the folder,
+    after every other file (so that its target, indexed first, is what it duplicates).
+    `walked` collects the identity and depth of every folder walked.
 
     Whatever the file system refuses for one entry (a path past PATH_MAX, no permission, a
     folder gone meanwhile) skips that entry (a folder: its subtree) with the reason; it never
     ends the walk. Iterative: a tree deeper than Python's recursion limit is walked too.
     """
     links: list[tuple[Path, Path]] = []
-    stack = [folder]
-    while stack:
-        base = stack.pop()
-        try:
-            with os.scandir(base) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            report.unreadable(base, e)
-            continue
+    for here in walk(
+        folder, root, unreadable=report.unreadable, refused=report.refuse, refuse=refuse
+    ):
+        walked[here.key] = here.depth
+        base = here.path
         files: list[tuple[Path, bool]] = []
-        subdirs: list[Path] = []
-        for entry in entries:
+        subdirs: list[str] = []
+        for entry in here.entries:
             p = base / entry.name
             try:
                 is_link = entry.is_symlink()
@@ -341,14 +490,17 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
                 report.skip(p, NOT_UTF8_FOLDER)  # every path under it has this name
             elif is_dir and is_link:
                 report.skip(p, "a symlinked folder is not followed")
+            elif is_dir and len(str(p).encode("utf-8")) > MAX_STORED_PATH_BYTES:
+                report.skip(p, TOO_LONG_TO_STORE)  # nothing under it could be stored
             elif is_dir:
-                subdirs.append(p)
+                subdirs.append(entry.name)
             elif not is_utf8(entry.name):
                 report.skip(p, NOT_UTF8_FILE)
             elif len(str(p).encode("utf-8")) > MAX_STORED_PATH_BYTES:
                 report.skip(p, TOO_LONG_TO_STORE)
             else:
                 files.append((p, is_link))
+        here.descend = subdirs
         for p, is_link in files:
             if not is_link:
                 yield p, p
@@ -371,7 +523,6 @@ def _walk(folder: Path, report: ScanReport) -> Iterator[tuple[Path, Path]]:
                 report.skip(p, "the symlink leads outside the library; not read")
                 continue
             links.append((p, target))
-        stack.extend(reversed(subdirs))
     yield from links
 
 
@@ -396,20 +547,18 @@ def scan_library_job(ctx: JobContext) -> None:
         library.scan_generation += 1
         gen, folder = library.scan_generation, Path(library.path)
     roots = allowed_roots(settings)
-    if not any(folder.is_relative_to(r) for r in roots) or folder.resolve() != folder:
+    if not any(folder.is_relative_to(r) for r in roots):
         raise ValidationFailed(
             "the library's folder is no longer under an allowed root; nothing was changed",
             code="path_not_allowed",
         )
-    root = root_of(folder, roots)  # files are opened from it down, no link followed
-    if not folder.is_dir():
-        # Never empty a library because its disk is not mounted right now.
-        raise ValidationFailed(
-            "the library's folder is missing or unreadable; nothing was changed",
-            code="library_unavailable",
-        )
+    root = root_of(folder, roots)  # folders and files are opened from it down, no link followed
+    _check_top(ctx, library_id, folder, root)
+    with session_scope(ctx.session_factory) as s:
+        refuse = foreign_folders(s, ctx.user_id, settings)
     report = ScanReport(max_reported=settings.library.max_reported)
-    entries = _walk(folder, report)
+    walked: dict[str, int] = {}
+    entries = _walk(folder, root, report, walked, refuse)
     while batch := list(itertools.islice(entries, settings.library.batch)):
         index = functools.partial(_index_batch, ctx, library_id, gen, batch, report, root)
         _once_more_on_a_race(index, report, library_id)
@@ -417,6 +566,7 @@ def scan_library_job(ctx: JobContext) -> None:
         repositories.keep_library_images(
             db_session=s, library_id=library_id, generation=gen, paths=report.kept_paths
         )
+        repositories.replace_library_folders(db_session=s, library_id=library_id, folders=walked)
         report.not_pruned = _why_not_prune(s, folder, library_id, gen, report)
     stale: list[str] = []
     while report.not_pruned is None:
@@ -450,6 +600,37 @@ def scan_library_job(ctx: JobContext) -> None:
             library.report = {"job_id": ctx.job_id, **report.as_dict()}
 
 
+def _check_top(ctx: JobContext, library_id: str, folder: Path, root: Path) -> None:
+    """Fail the scan, changing nothing, while the library's folder cannot be walked (its disk is
+    not mounted, it is a link now: never followed); and, removing the library's images, when it
+    is by identity another user's library, inside or around one, or the data folder (a mount
+    changed under the running service)."""
+    try:
+        os.close(open_folder_beneath(folder, root))
+    except (OSError, ValueError) as e:
+        why = "is a link now" if isinstance(e, OSError) and e.errno == errno.ELOOP else ""
+        raise ValidationFailed(
+            f"the library's folder {why or 'is missing or unreadable'}; nothing was changed",
+            code="library_unavailable",
+        ) from None
+    try:
+        with session_scope(ctx.session_factory) as s:
+            check_ownership(s, ctx.user_id, folder, ctx.settings)
+    except OSError:
+        return  # told by the walk, folder by folder
+    except DomainError as refused:
+        with session_scope(ctx.session_factory) as s:
+            paths = repositories.library_storage_paths(db_session=s, library_id=library_id)
+            s.execute(delete(Image).where(Image.library_id == library_id))
+            repositories.replace_library_folders(db_session=s, library_id=library_id, folders={})
+            repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
+        with session_scope(ctx.session_factory) as s:
+            delete_unused_files(s, ctx.store, paths)
+        log.warning("library %s: %s; its images were removed", library_id, refused.message,
+                    extra={"job_id": ctx.job_id})  # fmt: skip
+        raise
+
+
 def _why_not_prune(
     db_session: Session, folder: Path, library_id: str, gen: int, report: ScanReport
 ) -> str | None:
@@ -461,6 +642,7 @@ def _why_not_prune(
         return "the folder went away during the scan; nothing was removed"
     # Files that are not photos (a placeholder left in a mount point) say nothing.
     seen = report.added + report.changed + report.moved + report.unchanged + report.kept_count
+    seen += report.refused_count  # what was there is not this library's: it goes
     if seen == 0 and repositories.stale_library_images(
         db_session=db_session, library_id=library_id, generation=gen, limit=1
     ):
@@ -536,9 +718,7 @@ def _index_batch(
                 continue
             target = known.get(str(real)) if real != p else None
             if (
-                target is not None
-                and target.scan_generation == gen
-                and _unchanged(target, st)
+                target is not None and target.scan_generation == gen and _unchanged(target, st)
             ):  # its target was indexed by this scan: not read twice
                 report.skip(p, f"a link to {shown(real)} in the library; indexed there")
                 continue

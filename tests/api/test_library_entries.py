@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
+from app.services.libraries import MAX_STORED_PATH_BYTES, TOO_LONG_TO_STORE
 from tests.api.test_libraries import library_settings, paths, report
 from tests.api.test_search import wait_jobs
 from tests.db_fixtures import noisy_jpeg
@@ -57,11 +58,13 @@ def test_a_path_longer_than_path_max_is_skipped_and_the_rest_indexed(api_client,
     finally:
         os.close(fd)
     assert len(os.fsencode(chain[-1])) > 4096
-    too_long = next(p for p in chain if len(os.fsencode(p)) >= 4096)  # the first one refused
+    # Folders are opened one by one (openat), so PATH_MAX does not stop the walk; a folder whose
+    # path is too long for the database to index is not entered (nothing under it could be).
+    too_long = next(p for p in chain if len(os.fsencode(p)) > MAX_STORED_PATH_BYTES)
 
     lib_id, rep = scan(api_client, user, lib)
     assert (rep["added"], rep["skipped_count"]) == (1, 1), rep
-    assert rep["skipped"] == [{"path": str(too_long), "reason": "unreadable: File name too long"}]
+    assert rep["skipped"] == [{"path": str(too_long), "reason": TOO_LONG_TO_STORE}]
     assert set(paths(api_client, user)) == {str(lib / "ok.jpg")}
     # The next scan sees the same.
     rep = rescan(api_client, user, lib_id)
@@ -157,6 +160,10 @@ def test_a_path_too_long_to_store_is_skipped_not_a_failed_scan(api_client, folde
     assert len(str(long_one).encode()) < 4096
     _, rep = scan(api_client, user, lib)
     assert (rep["added"], rep["skipped_count"]) == (1, 1), rep
-    assert rep["skipped"][0]["path"] == str(long_one)
+    # The first folder on its way too long to store: nothing under it could be stored.
+    first = next(
+        p for p in reversed(long_one.parents) if len(str(p).encode()) > MAX_STORED_PATH_BYTES
+    )
+    assert rep["skipped"][0]["path"] == str(first)
     assert str(MAX_STORED_PATH_BYTES) in rep["skipped"][0]["reason"]
     assert set(paths(api_client, user)) == {str(lib / "ok.jpg")}

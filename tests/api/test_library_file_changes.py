@@ -110,9 +110,7 @@ def _same_size_jpeg(size: int, seed: int) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["cp -p", "rsync -a", "touch -r"])
-def test_a_same_size_replacement_with_its_mtime_restored_is_a_change(
-    api_client, folder_user, how
-):
+def test_a_same_size_replacement_with_its_mtime_restored_is_a_change(api_client, folder_user, how):
     user, lib = folder_user
     photo = lib / "p.jpg"
     photo.write_bytes(noisy_jpeg(seed=1) + b"\0" * 2000)
