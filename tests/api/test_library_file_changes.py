@@ -50,7 +50,9 @@ def _replace_and_rescan(client, user, lib_id: str, photo: Path, seed: int) -> No
 
 
 def test_a_replaced_photo_is_searched_by_its_new_picture_at_once_and_after_a_restart(
-    api_client, folder_user, db_settings
+    api_client,
+    folder_user,
+    db_settings,  # noqa: F811 (the fixture)
 ):
     user, lib = folder_user
     for i in range(4):
