@@ -18,12 +18,13 @@ library's row, so they queue one scan between them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,7 +36,9 @@ from app.config import LibrarySettings
 from app.db import session_scope
 from app.models import utcnow
 from app.services import libraries
+from app.services.folders import is_real_folder, open_folder_beneath, walk
 from app.services.jobs import JobQueue, SessionFactory
+from app.storage import os_error_reason, root_of
 
 log = logging.getLogger(__name__)
 
@@ -210,24 +213,29 @@ class LibraryMonitor:
     def _watch_loop(self) -> None:
         """Watch the current folder set until it changes (or stop), then watch the new one."""
         watching: set[str] = set()
+        roots = [Path(r).resolve() for r in self.cfg.roots]
         while not self._stop.is_set():
             self._watch_restart.wait()
             if self._stop.is_set():
                 return
             self._watch_restart.clear()
-            folders = sorted(f for f in self._watched if Path(f).is_dir())
+            with self.state.lock:
+                libraries_now = dict(self.state.folders)
+            folders, problems = watch_plan(libraries_now, roots)
+            self._note(libraries_now, problems)
             if not folders:
                 continue
+            tops = set(libraries_now) & set(folders)
             # What changed before a folder was watched (since the process started, or the
             # library's first scan) is found by one scan each of the newly watched folders.
-            self.state.mark(set(folders) - watching, self.clock())
-            watching = set(folders)
+            self.state.mark(tops - watching, self.clock())
+            watching = tops
             try:
                 # Each real folder on its own, not recursively: the watcher would follow
                 # symlinked folders (a link to / would watch the whole disk); these are exactly
                 # the folders a scan reads. A new folder restarts the watch to take it in.
                 for changes in watchfiles.watch(
-                    *real_folders(folders),
+                    *folders,
                     stop_event=_Either(self._stop, self._watch_restart),
                     debounce=500,
                     recursive=False,
@@ -236,31 +244,78 @@ class LibraryMonitor:
                 ):
                     self.state.mark((path for _change, path in changes), self.clock())
                     if any(
-                        change == watchfiles.Change.added and _is_real_dir(path)
+                        change == watchfiles.Change.added and is_real_folder(path)
                         for change, path in changes
                     ):
                         self._watch_restart.set()
-            except Exception:  # too many folders for inotify, a folder vanished, ...
+            except Exception as e:  # too many folders for inotify, a folder vanished, ...
                 log.warning("watching the library folders failed; periodic rescans (every "
                             "%.0f s) still find changes", self.cfg.rescan_interval_s,
                             exc_info=True)  # fmt: skip
+                failed = f"watching failed ({type(e).__name__}: {e}); tried again in a minute"
+                everyone = {lib for _user, lib in libraries_now.values()}
+                self._note(libraries_now, {lib: problems.get(lib, failed) for lib in everyone})
                 self._stop.wait(60.0)
                 self._watch_restart.set()
 
+    def _note(self, libraries_now: Mapping[str, tuple[str, str]], problems: dict[str, str]) -> None:
+        """Say in each library's row why it is not watched now (None: it is)."""
+        notes = {lib: problems.get(lib) for _user, lib in libraries_now.values()}
+        try:
+            with session_scope(self.session_factory) as s:
+                repositories.set_watch_errors(db_session=s, errors=notes)
+        except Exception:  # the database may be away: the next restart of the watch says it
+            log.warning("could not record why libraries are not watched", exc_info=True)
 
-def _is_real_dir(path: str) -> bool:
-    p = Path(path)
-    return not p.is_symlink() and p.is_dir()
+
+def watch_plan(
+    libraries_now: Mapping[str, tuple[str, str]], roots: Sequence[Path]
+) -> tuple[list[str], dict[str, str]]:
+    """(every folder to watch, library id -> why it is not watched): each library's folder and
+    the real folders under it, walked as a scan walks them (app.services.folders.walk: opened
+    from the allowed root down, no link followed, no recursion limit). A library whose folder is
+    a link now, is gone or cannot be walked is left out, with the reason; the others are
+    watched whatever happens to it."""
+    out: list[str] = []
+    problems: dict[str, str] = {}
+    for path, (_user, library_id) in sorted(libraries_now.items()):
+        try:
+            out.extend(real_folders([path], roots))
+        except ValueError:
+            problems[library_id] = "its folder is no longer under an allowed root; not watched"
+        except OSError as e:
+            problems[library_id] = f"its folder {_why(e)}; not watched (rescans still run)"
+        except Exception as e:  # whatever goes wrong in one library stays its own
+            log.warning("library %s: cannot list its folders to watch", library_id, exc_info=True)
+            problems[library_id] = f"its folders could not be listed ({type(e).__name__}: {e})"
+    return out, problems
 
 
-def real_folders(tops: Iterable[str]) -> list[str]:
-    """Every folder under the given ones, themselves included, without entering symlinked
-    folders (the same folders a scan walks)."""
+def _why(e: OSError) -> str:
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return "is a link now (never followed) or not a folder"
+    if e.errno == errno.ENOENT:
+        return "is missing (a share not mounted?)"
+    return f"cannot be opened ({os_error_reason(e)})"
+
+
+def real_folders(tops: Iterable[str], roots: Sequence[Path]) -> list[str]:
+    """Every folder under the given ones (each under one of the resolved `roots`), themselves
+    included, entering no symlinked folder, not even one swapped in during the walk (the same
+    folders a scan walks). ValueError if a top is outside the roots; OSError if a top cannot be
+    opened as a folder without following a link."""
     out: list[str] = []
     for top in tops:
-        for dirpath, _dirnames, _files in os.walk(top, followlinks=False):
-            out.append(dirpath)
+        folder = Path(top)
+        root = root_of(folder, roots)
+        os.close(open_folder_beneath(folder, root))  # the top: an error is the caller's
+        for here in walk(folder, root, unreadable=_ignored, refused=_ignored):
+            out.append(str(here.path))
     return out
+
+
+def _ignored(_path: Path, _why: object) -> None:
+    """A folder the watcher cannot enter is not watched; its library's scan says why."""
 
 
 class _Either:

@@ -585,6 +585,16 @@ def replace_library_folders(
         db_session.execute(insert(LibraryFolder), rows[start : start + 500])
 
 
+def set_watch_errors(*, db_session: Session, errors: Mapping[str, str | None]) -> None:
+    """Record why each library (id -> reason, None: it is watched) is not watched now."""
+    for library_id, error in errors.items():
+        db_session.execute(
+            update(Library)
+            .where(Library.id == library_id, Library.watch_error.is_distinct_from(error))
+            .values(watch_error=error)
+        )
+
+
 def _starts_with(column: Any, prefix: str) -> Any:
     """`column` begins with `prefix`, exactly: SQL's LIKE ignores ASCII case on SQLite, and file
     paths are case-sensitive (/photos/A is not /photos/a)."""

@@ -680,7 +680,15 @@ class LibraryOut(BaseModel):
         "files and folders the scan could not look at (an I/O error, no permission) whose "
         "indexed images were kept; not_pruned: why images the scan did not see were not "
         "removed (the folder was empty, as an unmounted share's mount point is, or went away), "
-        "null when they were",
+        "null when they were; refused_count: folders inside it not entered because they are, "
+        "under another name (a bind mount, another case on a case-insensitive share), another "
+        "user's library or the service's data folder (what was indexed there is removed)",
+    )
+    watch_error: str | None = Field(
+        None,
+        description="why the folder watcher does not watch this library now (its folder is a "
+        "link now, missing, or cannot be listed; periodic rescans still run); null while it is "
+        "watched, or when watching is off",
     )
     job: JobOut | None = Field(None, description="the scan this request queued, if any")
 
@@ -692,6 +700,7 @@ class LibraryOut(BaseModel):
             created_at=library.created_at,
             scanned_at=library.scanned_at,
             report=library.report,
+            watch_error=library.watch_error,
             job=JobOut.from_model(job) if job is not None else None,
         )
 

@@ -13,7 +13,13 @@ import pytest
 from app import repositories
 from app.config import LibrarySettings, Settings
 from app.db import session_scope
-from app.library_monitor import MonitorState, due_for_rescan, monitor_pass, real_folders
+from app.library_monitor import (
+    MonitorState,
+    due_for_rescan,
+    monitor_pass,
+    real_folders,
+    watch_plan,
+)
 from app.models import Job, JobState, Library, utcnow
 from app.services import libraries
 from app.services.jobs import JobContext, JobEnvironment
@@ -85,7 +91,34 @@ def test_the_watched_folders_are_the_real_ones_a_scan_reads(tmp_path):
     os.symlink(tmp_path / "elsewhere", top / "2024" / "link")  # a link out: never watched
     os.symlink(top / "loop", top / "loop")
     want = {str(top), str(top / "2024"), str(top / "2024" / "summer")}
-    assert set(real_folders([str(top)])) == want
+    assert set(real_folders([str(top)], [tmp_path.resolve()])) == want
+
+
+def test_one_librarys_trouble_stays_its_own(tmp_path):
+    """A tree deeper than Python's recursion limit (os.walk raised RecursionError, and no
+    library was watched), a library folder swapped for a link out of the roots (os.walk
+    followed it), a library folder gone: each is left out with its reason, the others are
+    watched."""
+    roots = [(tmp_path / "photos").resolve()]
+    deep, linked, gone, fine = (roots[0] / n for n in ("deep", "linked", "gone", "fine"))
+    (fine / "2024").mkdir(parents=True)
+    folder = deep
+    deep.mkdir()
+    for _ in range(1200):  # one at a time: pathlib's mkdir(parents=True) recurses too
+        folder = folder / "d"
+        os.mkdir(folder)
+    (tmp_path / "outside" / "secret").mkdir(parents=True)
+    linked.symlink_to(tmp_path / "outside")
+    libs = {str(p): ("u", p.name) for p in (deep, linked, gone, fine)}
+
+    folders, problems = watch_plan(libs, roots)
+
+    assert set(problems) == {"linked", "gone"}, problems
+    assert "a link now" in problems["linked"] and "missing" in problems["gone"]
+    assert str(folder) in folders and len([f for f in folders if f.startswith(str(deep))]) == 1201
+    assert {str(fine), str(fine / "2024")} <= set(folders)
+    assert not any(f.startswith(str(tmp_path / "outside")) for f in folders)
+    assert not any(f.startswith(str(linked)) for f in folders)
 
 
 def test_never_scanned_or_zero_interval_is_not_due():
@@ -215,6 +248,61 @@ def test_new_and_deleted_photos_appear_without_asking(
         wait_for_paths(client, user, {str(lib / "new" / "b.jpg"), str(lib / "new" / "c.jpg")})
         wait_jobs(client)
         assert len(scans(client, user)) >= 4  # first, watch began, b.jpg added, c.jpg and a.jpg
+
+
+@pytest.mark.slow
+def test_a_library_whose_folder_became_a_link_says_why_it_is_not_watched(
+    watch_settings: Settings,
+    make_user: Any,
+    tmp_path: Path,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    lib, other = tmp_path / "photos" / "lib", tmp_path / "photos" / "other"
+    other.mkdir()
+    (lib / "a.jpg").write_bytes(noisy_jpeg(seed=1))
+    (other / "b.jpg").write_bytes(noisy_jpeg(seed=2))
+    (tmp_path / "outside").mkdir()
+    with TestClient(create_app(watch_settings)) as client:
+        client.app.state.model_loader.install(tiny_clip(0))
+        user = make_user(client)
+        ids = []
+        for folder in (lib, other):
+            r = client.post("/libraries", json={"path": str(folder)}, headers=user.headers)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        wait_for_paths(client, user, {str(lib / "a.jpg"), str(other / "b.jpg")})
+        wait_jobs(client)
+        # lib's folder swapped for a link out of the roots; the monitor restarts its watch when
+        # the folder set changes, here when a third library is added.
+        lib.rename(tmp_path / "lib-moved")
+        lib.symlink_to(tmp_path / "outside")
+        third = tmp_path / "photos" / "third"
+        third.mkdir()
+        assert (
+            client.post("/libraries", json={"path": str(third)}, headers=user.headers).status_code
+            == 202
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            got = client.get(f"/libraries/{ids[0]}", headers=user.headers).json()
+            if got["watch_error"]:
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.2)
+        assert "link" in got["watch_error"], got
+        # A change outside marks nothing; the other library is still watched.
+        (tmp_path / "outside" / "x.jpg").write_bytes(noisy_jpeg(seed=3))
+        wait_jobs(client)
+        (other / "c.jpg").write_bytes(noisy_jpeg(seed=4))
+        wait_for_paths(
+            client, user, {str(lib / "a.jpg"), str(other / "b.jpg"), str(other / "c.jpg")}
+        )
+        assert (
+            client.get(f"/libraries/{ids[1]}", headers=user.headers).json()["watch_error"] is None
+        )
 
 
 def scans(client: Any, user: Any) -> list[dict[str, Any]]:
