@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# OS packages the test suite uses: docker-compose (v1, validates docker-compose.yml offline) and
+# OS packages the test suite uses: docker-compose (v1, validates docker-compose.yml offline),
 # chromium (Debian's browser, which the web UI's browser tests drive with playwright; playwright
-# never downloads one). Installs them with apt when running as root; otherwise says what to install.
+# never downloads one) and libfuse2 (fusepy's library: the library tests mount a case-insensitive
+# FUSE file system). Installs them with apt when running as root; otherwise says what to install.
 set -euo pipefail
 missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || missing+=(libfuse2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} with apt-get"

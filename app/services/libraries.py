@@ -139,7 +139,10 @@ def _ignores_case(folder: Path) -> bool:
         if flipped == name.name:
             continue  # no letters in this name: try the folder above
         try:
-            return os.path.samestat(os.stat(name), os.stat(parent / flipped))
+            found = os.stat(parent / flipped)
+            if flipped not in os.listdir(parent):  # found, though no entry has that name
+                return True
+            return os.path.samestat(os.stat(name), found)  # an entry: itself, or another?
         except OSError:
             return False
     return False
@@ -181,18 +184,38 @@ def check_ownership(db_session: Session, user_id: str, folder: Path, settings: S
     user's library folder or inside one (under any name: a bind mount, another case on a
     case-insensitive share) or above one (Conflict `library_taken`), or the data folder, inside
     it or above it (ValidationFailed). OSError if the file system cannot tell."""
-    refuse = foreign_folders(db_session, user_id, settings)
     mine = ancestry_keys(folder)
-    for key in mine:
-        if key in refuse:
-            raise _taken() if refuse[key] == TAKEN_FOLDER else _data_folder(folder)
-    for other in repositories.other_users_libraries(db_session=db_session, user_id=user_id):
-        with contextlib.suppress(OSError):
-            if mine[0] in ancestry_keys(Path(other.path)):
-                raise _taken()
+    data_keys = set(_data_folder_keys(settings))
+    if data_keys & set(mine):
+        raise _data_folder(folder)
     with contextlib.suppress(OSError):
         if mine[0] in ancestry_keys(settings.data_dir.resolve()):
             raise _data_folder(folder)
+    others = repositories.other_users_libraries(db_session=db_session, user_id=user_id)
+    if _same_folder_as(db_session, mine, others) is not None:
+        raise _taken()
+
+
+def _same_folder_as(
+    db_session: Session, mine: list[str], libraries: list[Library]
+) -> Library | None:
+    """The first of `libraries` that the folder whose ancestry is `mine` (its identity first,
+    then its parents') is, lies inside (as the library's last scan walked it, or its folder as
+    it is now) or lies above; None."""
+    walked = repositories.library_folder_keys(
+        db_session=db_session, library_ids=[lib.id for lib in libraries]
+    )
+    ancestry = set(mine)
+    for lib in libraries:
+        keys = set(walked.get(lib.id, {}))
+        with contextlib.suppress(OSError):
+            keys.add(folder_key(os.stat(lib.path)))
+        if keys & ancestry:
+            return lib
+        with contextlib.suppress(OSError):
+            if mine[0] in ancestry_keys(Path(lib.path)):
+                return lib
+    return None
 
 
 def refuse_data_folder_in_roots(settings: Settings) -> None:
@@ -280,6 +303,16 @@ def confine_folder(
     return real
 
 
+def _own_overlap(db_session: Session, user_id: str, folder: Path) -> Library | None:
+    """The user's own library that `folder` is under another name, lies in or around."""
+    own = repositories.list_libraries(db_session=db_session, user_id=user_id)
+    folded = _folded(folder)
+    for lib in own:
+        if _overlap(folded, _folded(lib.path)) and _ignores_case(Path(lib.path)):
+            return lib
+    return _same_folder_as(db_session, ancestry_keys(folder), own)
+
+
 def _unusable(e: BaseException) -> ValidationFailed:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     return ValidationFailed(f"this path cannot be used as a folder: {reason}", code="invalid_path")
@@ -313,8 +346,16 @@ def add_library(
         _refuse_other_users(db_session, user_id, folder)
         try:
             check_ownership(db_session, user_id, folder, settings)
+            own = _own_overlap(db_session, user_id, folder)
         except OSError as e:
             raise _unusable(e) from None
+        if own is not None:
+            raise Conflict(
+                f"this folder is your library {own.id} ({own.path}), inside it or around it, "
+                "under another name (a bind mount, or another case on a case-insensitive share)",
+                code="library_overlaps",
+                detail={"library_id": own.id},
+            )
         library = Library(user_id=user_id, path=str(folder), scan_generation=0)
         db_session.add(library)
         db_session.flush()
