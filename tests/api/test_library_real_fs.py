@@ -289,7 +289,7 @@ def test_on_a_case_sensitive_file_system_names_differing_in_case_stay_two_folder
     assert set(paths(api_client, bob)) == theirs
 
 
-def test_a_proc_link_the_server_may_not_read_is_a_422(tmp_path):
+def test_a_proc_link_the_server_may_not_read_is_a_422():
     """realpath raised PermissionError for /proc/1/cwd and the request ended in a 500. Checked
     in a forked child that became an unprivileged user (root may read every /proc link), with
     / as the allowed root."""
