@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    inspect,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
@@ -212,7 +213,7 @@ class Image(Base):
         # new one, so every process's index cache, synced by id difference, drops the old
         # vector and takes the new one (app.services.index.sync_index). Core UPDATEs of
         # `embedding` set vec_id=new_vec_id() themselves (app.services.embedding).
-        if value is not None and self.vec_id is not None:
+        if value is not None and inspect(self).has_identity:  # a stored row, not a new one
             self.vec_id = new_vec_id()
         return value
 

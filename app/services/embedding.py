@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from app.models import Image, Job, JobKind, JobState, Library, new_vec_id
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
 from app.storage import (
+    FileStamp,
     ImageStore,
     open_library_file,
     open_regular_file,
@@ -57,20 +60,36 @@ DEFAULT_MAX_PIXELS = LimitSettings().max_pixels
 
 @dataclass(frozen=True)
 class ImageSource:
-    """Where an image's bytes are: the store (uploads), or a library's file (indexed in place)."""
+    """Where an image's bytes are: the store (uploads), or a library's file (indexed in place),
+    with the stamp of the file the library's scan read (`stamp`)."""
 
     storage_path: str
     source_path: str | None = None
     library_path: str | None = None
+    stamp: FileStamp | None = None
+
+
+class ChangedSinceScan(OSError):
+    """A library file is not the one its scan read (another file renamed over it, a mount laid
+    over its folder): its bytes are not what the row's hash says. Passes: the next scan reads
+    the file anew."""
 
 
 def _opened(store: ImageStore, roots: list[Path], src: ImageSource) -> BinaryIO:
     """The file to read, open: a stored original (a regular file, no link), or a library's
     file only while it stays inside its library and the roots, opened with no link followed
-    on the way (a folder swapped for a link meanwhile is refused, never followed)."""
+    on the way (a folder swapped for a link meanwhile is refused, never followed), and only
+    while it is the file its scan read (ChangedSinceScan: the vector of a row must be of the
+    bytes its hash and thumbnail are of, never of another user's file mounted there since)."""
     if src.source_path is None or src.library_path is None:
         return open_regular_file(store.path(src.storage_path))
-    return open_library_file(src.source_path, src.library_path, roots)[1]
+    f = open_library_file(src.source_path, src.library_path, roots)[1]
+    if src.stamp is not None and not src.stamp.same_file(os.fstat(f.fileno())):
+        f.close()
+        raise ChangedSinceScan(
+            errno.ESTALE, "the file changed since the library's scan; the next scan reads it"
+        )
+    return f
 
 
 MAX_ERROR_CHARS = 500
@@ -81,6 +100,8 @@ def failure_reason(e: BaseException) -> str:
     JSON can carry (a path in an OSError may hold bytes of a name that is not UTF-8)."""
     if isinstance(e, DomainError):
         text = e.message
+    elif isinstance(e, ChangedSinceScan):
+        text = e.strerror or str(e)
     elif isinstance(e, FileNotFoundError):
         text = "the file is gone"
     elif isinstance(e, OSError):
@@ -148,6 +169,12 @@ def decode_side(bundle: ClipBundle) -> int:
     return 0
 
 
+def _stamp(
+    size: int | None, mtime_ns: int | None, ctime_ns: int | None, ino: int | None
+) -> FileStamp | None:
+    return None if size is None or mtime_ns is None else FileStamp(size, mtime_ns, ctime_ns, ino)
+
+
 def _pending(
     ctx: JobContext, image_ids: Sequence[str] | None, *conditions: ColumnElement[bool]
 ) -> list[tuple[str, ImageSource]]:
@@ -155,14 +182,26 @@ def _pending(
     conditions."""
     with session_scope(ctx.session_factory) as s:
         query = (
-            select(Image.id, Image.storage_path, Image.source_path, Library.path)
+            select(
+                Image.id,
+                Image.storage_path,
+                Image.source_path,
+                Library.path,
+                Image.source_size,
+                Image.source_mtime_ns,
+                Image.source_ctime_ns,
+                Image.source_ino,
+            )
             .outerjoin(Library, Library.id == Image.library_id)
             .where(Image.user_id == ctx.user_id, *conditions)
         )
         if image_ids is not None:
             query = query.where(Image.id.in_(list(image_ids)))
         rows = s.execute(query.order_by(Image.created_at, Image.id))
-        return [(i, ImageSource(p, sp, lp)) for i, p, sp, lp in rows]
+        return [
+            (i, ImageSource(p, sp, lp, _stamp(size, m, c, ino)))
+            for i, p, sp, lp, size, m, c, ino in rows
+        ]
 
 
 def region_key(search: SearchSettings, bundle: ClipBundle) -> str:

@@ -160,3 +160,36 @@ def test_a_large_change_rebuilds_instead(db: Session, tmp_path: Path) -> None:
     rebuilds = cache.rebuilds
     assert get(cache, db, big) == many
     assert cache.rebuilds == rebuilds + 1 and cache.refreshes == 1
+
+
+def test_a_stored_row_embedded_again_gets_a_new_vector_id_and_the_cache_follows(
+    db: Session, tmp_path: Path
+) -> None:
+    """A vec_id names one vector: an ORM write of a stored row's embedding gives it a new id
+    (a new row keeps the id it is given), so the cache, synced by id difference, swaps the
+    vector at the next search, and a restart does not load the old one from the file."""
+    user_id = add_user(db, "u", images=3)
+    cache = IndexCache(tmp_path / "idx")
+    get(cache, db, user_id)
+    row = db.scalars(select(Image).where(Image.user_id == user_id)).first()
+    assert row is not None
+    old_id = row.vec_id
+    new = np.zeros(D, np.float32)
+    new[0] = 1.0
+    row.embedding = new.tobytes()
+    bump = db.get(User, user_id)
+    assert bump is not None
+    bump.index_generation += 1
+    db.commit()
+    assert row.vec_id != old_id
+    for c in (cache, IndexCache(tmp_path / "idx")):  # this process, then a restart
+        entry = c.get(db_session=db, user_id=user_id, model_id=MODEL, dim=D)
+        scores, ids = entry.index.search(new[None, :], 1)
+        assert int(ids[0, 0]) == row.vec_id and scores[0, 0] == pytest.approx(1.0)
+        assert old_id not in entry.index.ids()
+        c.flush()
+    fresh = Image(
+        user_id=user_id, vec_id=7, sha256="f" * 64, mime="image/png", size_bytes=1,
+        width=1, height=1, storage_path="x", embedding=new.tobytes(),
+    )  # fmt: skip
+    assert fresh.vec_id == 7
