@@ -492,6 +492,8 @@ def _search(client: PolarClient, args: argparse.Namespace) -> int:
 
 def _print_library(library: Library) -> None:
     print(f"{library.id}  {library.path}")
+    if library.watch_error:
+        print(f"  not watched: {library.watch_error}")
     rep = library.report
     if rep is None:
         print("  not scanned yet")

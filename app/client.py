@@ -200,6 +200,7 @@ class Library:
     scanned_at: str | None
     report: dict[str, Any] | None
     job: Job | None  # the scan the request that returned it queued
+    watch_error: str | None = None  # why the folder watcher does not watch it now
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Library:
@@ -210,6 +211,7 @@ class Library:
             scanned_at=d.get("scanned_at"),
             report=d.get("report"),
             job=Job.from_json(job) if job else None,
+            watch_error=d.get("watch_error"),
         )
 
 

@@ -127,6 +127,9 @@ export function describeReport(report) {
   if (report.failed_count) {
     parts.push(`${plural(report.failed_count, "photo")} not searchable (unreadable)`);
   }
+  if (report.refused_count) {
+    parts.push(`${plural(report.refused_count, "folder")} not read (another user's or the service's)`);
+  }
   if (report.not_pruned) parts.push(`nothing removed: ${report.not_pruned}`);
   return parts.length ? `${parts.join(", ")}.` : "No photos found in this folder.";
 }
@@ -155,6 +158,11 @@ function folderItem(library) {
     el("span", { className: "folder-report muted", text: when + describeReport(report) }),
     el("span", { className: "folder-actions" }, scan, remove),
   );
+  if (library.watch_error) {
+    item.append(
+      el("span", { className: "folder-watch", text: `Not watched: ${library.watch_error}` }),
+    );
+  }
   const skipped = whyList(report?.skipped, report?.skipped_count, (n) =>
     `Why ${plural(n, "file was", "files were")} skipped`,
   );
