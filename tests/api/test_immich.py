@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from app.config import ImmichSettings, ModelSettings, Settings
 from app.demo.run_demo import FIDO_CATEGORY, FIDO_INDEX, build_library, concept_photos
 from app.demo.world import World
 from app.main import create_app
-from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path
+from app.ml.model import DEMO_MODEL_NAME, ClipBundle, demo_checkpoint_path
 from tests.api.test_search import wait_jobs
 from tests.db_fixtures import ApiUser, create_api_user, noisy_jpeg
 from tests.unit.ml.conftest import tiny_clip
@@ -64,11 +65,15 @@ def _bridge(tmp_path: Path, **immich: Any) -> Settings:
     )
 
 
+def tiny_bundle() -> ClipBundle:
+    """The tiny random CLIP, its weights declared as tag "s0": Immich's name `tiny__s0`."""
+    return replace(tiny_clip(0), weights_tag="s0")
+
+
 @pytest.fixture
 def bridge(tmp_path: Path) -> Iterator[tuple[TestClient, ApiUser]]:
     app = create_app(_bridge(tmp_path, forward_url="http://immich-ml.invalid:3003"))
-    bundle = tiny_clip(0)
-    app.state.model_loader.install(bundle)
+    app.state.model_loader.install(tiny_bundle())
     with TestClient(app) as client:
         user = create_api_user(client)
         app.state.settings.immich.api_key = user.key
@@ -76,8 +81,7 @@ def bridge(tmp_path: Path) -> Iterator[tuple[TestClient, ApiUser]]:
 
 
 def tiny_name() -> str:
-    fp = tiny_clip(0).fingerprint
-    return f"{fp.name}__{fp.pretrained}"
+    return "tiny__s0"
 
 
 def test_bridge_is_off_unless_configured(tmp_path: Path) -> None:
@@ -206,7 +210,7 @@ def test_model_mismatch_names_both_models(bridge) -> None:
     assert r.status_code == 422
     err = r.json()["error"]
     assert err["code"] == "model_mismatch" and "ViT-B-16-SigLIP__webli" in err["message"]
-    assert err["detail"]["served"] == [tiny_name().lower()]
+    assert err["detail"]["served"] == [tiny_name()]
 
 
 def test_a_revoked_bridge_key_is_a_clear_503(bridge) -> None:
@@ -236,7 +240,7 @@ def test_other_tasks_are_forwarded_unchanged(bridge) -> None:
             200, json={"facial-recognition": [], "imageHeight": 8, "imageWidth": 9}
         )
 
-    client.app.state.immich_client = httpx.Client(transport=httpx.MockTransport(upstream))  # type: ignore[attr-defined]
+    client.app.state.immich_client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))  # type: ignore[attr-defined]
     jpeg = noisy_jpeg(seed=2)
     r = predict_image(client, FACES, jpeg)
     assert r.status_code == 200, r.text
@@ -250,7 +254,7 @@ def test_other_tasks_are_forwarded_unchanged(bridge) -> None:
 def test_upstream_errors_pass_through_and_a_dead_upstream_is_502(bridge) -> None:
     client, _ = bridge
     app: Any = client.app
-    app.state.immich_client = httpx.Client(
+    app.state.immich_client = httpx.AsyncClient(
         transport=httpx.MockTransport(lambda _r: httpx.Response(422, json={"detail": "x"}))
     )
     assert predict_image(client, FACES, noisy_jpeg(seed=2)).status_code == 422
@@ -258,19 +262,27 @@ def test_upstream_errors_pass_through_and_a_dead_upstream_is_502(bridge) -> None
     def dead(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
-    app.state.immich_client = httpx.Client(transport=httpx.MockTransport(dead))
+    app.state.immich_client = httpx.AsyncClient(transport=httpx.MockTransport(dead))
     r = predict_image(client, FACES, noisy_jpeg(seed=2))
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
 
 
 def test_other_tasks_are_refused_without_a_forward_url(tmp_path: Path) -> None:
+    """The advice is the forward URL or faces/OCR off in Immich, never a second URL in Immich:
+    Immich would mark this service unhealthy after each face request and send its searches,
+    unpersonalized, to the other (machine-learning.repository.ts `predict`, commit
+    028fab83fded0590eca2772ef2add592294749ac: healthy URLs first, a failure marks one
+    unhealthy)."""
     app = create_app(_bridge(tmp_path))
-    app.state.model_loader.install(tiny_clip(0))
+    app.state.model_loader.install(tiny_bundle())
     with TestClient(app) as client:
         r = predict_image(client, FACES, noisy_jpeg(seed=2))
         assert r.status_code == 422
         assert r.json()["error"]["code"] == "task_not_served"
-        assert "POLAR_IMMICH__FORWARD_URL" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert "POLAR_IMMICH__FORWARD_URL" in message
+        assert "Facial Recognition and OCR off" in message
+        assert "give Immich that URL too" not in message and "only URL" in message
 
 
 def test_immich_finds_fido_on_the_beach(tmp_path: Path) -> None:
