@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import socket
 import threading
 from collections.abc import Callable
@@ -324,7 +325,7 @@ def _create(
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device, cache_dir=cache_dir, **options
         )
-    except RuntimeError as e:
+    except (RuntimeError, pickle.UnpicklingError) as e:  # an unreadable file too
         raise ModelUnavailableError(
             f"could not obtain weights for {name}/{pretrained} ({e}); {_offline_hint(name)}."
         ) from e

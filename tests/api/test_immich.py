@@ -29,8 +29,8 @@ from app.config import ImmichSettings, ModelSettings, Settings
 from app.demo.run_demo import FIDO_CATEGORY, FIDO_INDEX, build_library, concept_photos
 from app.demo.world import World
 from app.main import create_app
-from app.services.immich import ClientRateLimit
 from app.ml.model import DEMO_MODEL_NAME, ClipBundle, demo_checkpoint_path
+from app.services.immich import ClientRateLimit
 from tests.api.test_search import wait_jobs
 from tests.db_fixtures import ApiUser, create_api_user, noisy_jpeg
 from tests.unit.ml.conftest import tiny_clip
@@ -460,7 +460,7 @@ def test_only_allowed_client_networks_reach_the_bridge(tmp_path: Path) -> None:
         assert predict_text(immich, textual(tiny_name()), "a dog").status_code == 200
 
 
-def test_allowed_clients_must_be_networks(tmp_path: Path) -> None:
+def test_allowed_clients_must_be_networks() -> None:
     with pytest.raises(ValueError, match="not an address or CIDR"):
         ImmichSettings(api_key="k", allowed_clients=["immich-server"])
 
@@ -514,8 +514,9 @@ def test_a_slow_forwarded_request_holds_no_search_turn(tmp_path: Path) -> None:
         app.state.settings.immich.api_key = user.key
         app.state.immich_client = httpx.AsyncClient(transport=httpx.MockTransport(slow))
         faces: list[int] = []
+        jpeg = noisy_jpeg(seed=2)
         waiting = threading.Thread(
-            target=lambda: faces.append(predict_image(client, FACES, noisy_jpeg(seed=2)).status_code)
+            target=lambda: faces.append(predict_image(client, FACES, jpeg).status_code)
         )
         waiting.start()
         try:
