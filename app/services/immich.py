@@ -330,10 +330,21 @@ def decode_image(data: bytes, limits: LimitSettings) -> Image.Image:
 
 
 def encode_visual(
-    data: bytes, *, serving: ServingModel, limits: LimitSettings, threads: int = 0
+    data: bytes,
+    *,
+    serving: ServingModel,
+    limits: LimitSettings,
+    threads: int = 0,
+    step_aside: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
-    """Immich's visual CLIP answer: the image's embedding and its size."""
+    """Immich's visual CLIP answer: the image's embedding and its size. Immich's indexing is
+    background work: `step_aside` (Foreground.wait_idle) runs before the decode and before the
+    model call, so searches in flight go first, as jobs let them."""
+    if step_aside is not None:
+        step_aside()
     image = decode_image(data, limits)
+    if step_aside is not None:
+        step_aside()
     with cpu_threads(threads):
         vector = encode_images(serving.bundle, [image])[0]
     return {CLIP_TASK: _serialize(vector), "imageHeight": image.height, "imageWidth": image.width}

@@ -154,6 +154,7 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
                 serving=serving,
                 limits=ctx.settings.limits,
                 threads=ctx.settings.threads.search,
+                step_aside=state.search_turns.foreground.wait_idle,
             )
     else:
         query = _text_field(text, "text")
