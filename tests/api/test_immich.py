@@ -539,3 +539,55 @@ def test_a_slow_forwarded_request_holds_no_search_turn(tmp_path: Path) -> None:
             release.set()
             waiting.join(60)
         assert faces == [200]
+
+
+def test_bridge_images_take_their_own_turns_not_the_searches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images (Immich's indexing) are encoded POLAR_IMMICH__CONCURRENT_IMAGES at a time and
+    never in a search turn: with one search turn and images stuck in the model call, Immich's
+    and the API's searches are answered, and no second image enters the model call."""
+    import app.services.immich as bridge_service
+
+    settings = _bridge(tmp_path, concurrent_images=1)
+    settings.threads.concurrent_searches = 1
+    app = create_app(settings)
+    app.state.model_loader.install(tiny_bundle())
+    release, inside, most = threading.Event(), [0], [0]
+    real = bridge_service.encode_images
+
+    def held(bundle: ClipBundle, images: list[Any]) -> np.ndarray:
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        release.wait(60)
+        inside[0] -= 1
+        return real(bundle, images)
+
+    monkeypatch.setattr(bridge_service, "encode_images", held)
+    with TestClient(app) as client:
+        user = create_api_user(client)
+        app.state.settings.immich.api_key = user.key
+        jpeg = noisy_jpeg(seed=4)
+        codes: list[int] = []
+        images = [
+            threading.Thread(
+                target=lambda: codes.append(
+                    predict_image(client, visual(tiny_name()), jpeg).status_code
+                )
+            )
+            for _ in range(3)
+        ]
+        for t in images:
+            t.start()
+        try:
+            deadline = time.monotonic() + 30
+            while inside[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert predict_text(client, textual(tiny_name()), "a dog").status_code == 200
+            r = client.get("/search", params={"q": "a dog"}, headers=user.headers)
+            assert r.status_code == 200 and not codes
+        finally:
+            release.set()
+            for t in images:
+                t.join(60)
+        assert codes == [200, 200, 200] and most[0] == 1
