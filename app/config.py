@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +17,13 @@ class ModelSettings(BaseModel):
     name: str = Field("ViT-B-32", description="open_clip model name (or the demo model's name)")
     pretrained: str = Field(
         "openai", description="open_clip pretrained tag, or a path to a local checkpoint file"
+    )
+    checkpoint_tag: str = Field(
+        "",
+        description="for a local checkpoint file: the open_clip tag of the weights it holds "
+        "(openai for OpenAI's ViT-B-32): sets their activation and Immich's model name "
+        '(ViT-B-32__openai); empty = "pretrained" in polar.json beside the file, else the '
+        "weights are undeclared and answer no Immich model",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA if present")
     cache_dir: Path | None = Field(None, description="where open_clip caches downloaded weights")
@@ -252,6 +260,35 @@ class ImmichSettings(BaseModel):
     forward_timeout_s: float = Field(
         120.0, gt=0, description="seconds a forwarded request may take (connect + answer)"
     )
+    allowed_clients: list[str] = Field(
+        default_factory=list,
+        description="networks whose clients may call /ping and /predict, as a JSON list of "
+        'addresses or CIDRs (["172.18.0.0/16"]: Immich\'s container network); others get 403. '
+        "Empty = any client that can reach the port",
+    )
+    text_rate_per_minute: int = Field(
+        120,
+        ge=0,
+        description="textual CLIP requests (searches) one client address may send per minute; "
+        "more get 429 (each answer is a personalized vector); 0 = no limit",
+    )
+    concurrent_images: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Immich's images (smart-search indexing) encoded at once; more wait, "
+        "holding no thread and no search turn",
+    )
+
+    @field_validator("allowed_clients")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError as e:
+                raise ValueError(f"allowed_clients: {item!r} is not an address or CIDR") from e
+        return value
 
     @property
     def enabled(self) -> bool:

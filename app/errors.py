@@ -212,6 +212,18 @@ class UpstreamUnavailable(DomainError):
     code = "upstream_unavailable"
 
 
+class RateLimited(DomainError):
+    """A client sent more requests than its rate limit allows; it may retry later."""
+
+    code = "rate_limited"
+
+
+class ClientNotAllowed(DomainError):
+    """The client's address is outside the networks allowed to call this route."""
+
+    code = "client_not_allowed"
+
+
 class Misconfigured(DomainError):
     """A setting names something that does not work (e.g. a revoked bridge key)."""
 

@@ -16,7 +16,7 @@ from app import __version__, bootstrap, web
 from app.api.deps import AUTH, KeyBeforeBody
 from app.api.errors import BodySizeLimit, SafeJSONResponse, Utf8Url, install_error_handlers
 from app.api.head import HeadAsGet, is_head
-from app.api.interactive import InteractiveRequests
+from app.api.interactive import InteractiveRequests, SearchTurns
 from app.api.openapi import install_openapi
 from app.api.routes import (
     concepts,
@@ -76,7 +76,7 @@ def create_app(
                 runner.stop()
             app.state.index_cache.close()
             if settings.immich.enabled:
-                app.state.immich_client.close()
+                await app.state.immich_client.aclose()
             engine.dispose()
 
     # FastAPIOffline: /docs and /redoc with their assets served by this app (from the
@@ -111,11 +111,10 @@ def create_app(
     api_routes = [route for module in routers for route in module.router.routes]
     app.state.api_routes = api_routes
     # Searches: this process's jobs pause for them, and they take turns (app/api/interactive.py).
-    app.add_middleware(
-        InteractiveRequests,
-        foreground=container.foreground,
-        concurrency=settings.threads.concurrent_searches or cpu_count(),
+    app.state.search_turns = SearchTurns(
+        container.foreground, settings.threads.concurrent_searches or cpu_count()
     )
+    app.add_middleware(InteractiveRequests, turns=app.state.search_turns)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     # Outermost but one: probes never wait behind the body limit, auth or a thread.
     app.add_middleware(health.HealthProbe)
@@ -136,6 +135,9 @@ def create_app(
         },
         max_other_bytes=limits.max_json_bytes,
     )
+    if settings.immich.enabled:
+        # Only Immich's network reaches /ping and /predict, before any of a body is read.
+        app.add_middleware(immich.BridgeClients, settings=settings.immich)
     # Outermost: HEAD answered as GET without the body (app/api/head.py), so every GET route,
     # the docs and the UI answer HEAD alike, through the same limits and key check, and the
     # OpenAPI document has no HEAD operations. (Only Starlette's handler of unexpected errors
@@ -151,7 +153,9 @@ def create_app(
     app.include_router(embed.router)
     if settings.immich.enabled:
         # Immich's machine-learning protocol at /ping and /predict (off unless configured).
-        app.state.immich_client = httpx.Client()
+        app.state.immich_client = httpx.AsyncClient()
+        app.state.immich_images = immich.ImageTurns(settings.immich.concurrent_images)
+        app.state.immich_rate = immich.ClientRateLimit(settings.immich.text_rate_per_minute)
         app.include_router(immich.router)
     app.include_router(index.router)
     app.include_router(libraries.router)

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.forms import InvalidUtf8Form
 from app.errors import (
+    ClientNotAllowed,
     Conflict,
     DatabaseUnavailable,
     DomainError,
@@ -40,6 +41,7 @@ from app.errors import (
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     StorageFull,
     StorageUnavailable,
     TooManyFiles,
@@ -67,6 +69,8 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     LibraryUnavailable: 503,
     UpstreamUnavailable: 502,
     Misconfigured: 503,
+    RateLimited: 429,
+    ClientNotAllowed: 403,
 }
 # Every 503 is temporary by nature (a dependency away, a model loading): clients retry after.
 RETRY_AFTER_S = 5

@@ -14,36 +14,55 @@ concepts and images, and writing the response all need the GIL and a core.
   is the sum of the few ahead of it, which varies much less (bench/load.py). Waiting searches
   hold no request thread, and a request takes its turn only once its body has arrived, so a
   client that sends slowly holds back nobody, jobs included.
+- **Only searches take turns.** Immich's `/predict` is not in these paths: its textual requests
+  (Immich's smart search) take a turn in the route, around their work; its images (Immich's
+  indexing job) and the face/OCR requests it forwards never do (app/api/routes/immich.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.services.foreground import Foreground
 
-# Requests that run the model for a waiting user: searches, query embeddings, Immich's /predict.
-INTERACTIVE_PATHS = frozenset({"/search", "/embed/text", "/predict"})
+# Requests that run the model for a waiting user: searches and query embeddings.
+INTERACTIVE_PATHS = frozenset({"/search", "/embed/text"})
+
+
+class SearchTurns:
+    """The turns searches take: `concurrency` at once, in arrival order, as foreground work
+    (this process's jobs pause while one runs)."""
+
+    def __init__(self, foreground: Foreground, concurrency: int) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self.foreground = foreground
+        self.concurrency = concurrency
+        self._turns: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for a turn (holding no thread) and hold it for the block."""
+        if self._turns is None:
+            self._turns = anyio.CapacityLimiter(self.concurrency)  # waiters are served in order
+        with self.foreground.active():
+            async with self._turns:
+                yield
 
 
 class InteractiveRequests:
-    """ASGI middleware: requests to `paths` are foreground work, `concurrency` at a time."""
+    """ASGI middleware: requests to `paths` are foreground work, a search turn each."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        foreground: Foreground,
-        concurrency: int,
-        paths: frozenset[str] = INTERACTIVE_PATHS,
+        self, app: ASGIApp, turns: SearchTurns, paths: frozenset[str] = INTERACTIVE_PATHS
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.app = app
-        self.foreground = foreground
-        self.concurrency = concurrency
+        self.turns = turns
         self.paths = paths
-        self._turns: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") not in self.paths:
@@ -54,11 +73,8 @@ class InteractiveRequests:
         except Exception as refused:  # BodySizeLimit cut it off: the app answers, in its shape
             await self.app(scope, _raising(refused), send)
             return
-        if self._turns is None:
-            self._turns = anyio.CapacityLimiter(self.concurrency)  # waiters are served in order
-        with self.foreground.active():
-            async with self._turns:
-                await self.app(scope, _replay(arrived, receive), send)
+        async with self.turns.turn():
+            await self.app(scope, _replay(arrived, receive), send)
 
 
 async def _read_request(receive: Receive) -> list[Message]:

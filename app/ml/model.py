@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import socket
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import QuickGELU
 from torch import nn
 
 from app.ml.text import text_tower
@@ -71,29 +73,48 @@ class AdapterMismatchError(ValueError):
     """An adapter was trained on a different text tower than the one loaded."""
 
 
+GELU = "gelu"
+QUICK_GELU = "quick_gelu"
+_QUICKGELU_SUFFIX = "-quickgelu"
+
+
 @dataclass(frozen=True)
 class ModelFingerprint:
     """Identity of the text tower an adapter was trained on."""
 
     name: str  # open_clip model name, e.g. "ViT-B-32" or "polar-demo"
-    pretrained: str  # tag ("openai") or checkpoint file name (not the full path)
-    text_sha256: str  # hash of the text tower's weights
+    pretrained: str  # tag ("openai": also a local file declared as those weights) or file name
+    text_sha256: str  # hash of the text tower's weights and activation (text_state_sha256)
+    activation: str = GELU  # the MLP activation the model is built with: gelu or quick_gelu
 
     def as_dict(self) -> dict[str, str]:
         """Plain dict for JSON or safetensors metadata."""
-        return {"name": self.name, "pretrained": self.pretrained, "text_sha256": self.text_sha256}
+        return {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "text_sha256": self.text_sha256,
+            "activation": self.activation,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
-        """Inverse of as_dict."""
+        """Inverse of as_dict (adapters saved before the activation was recorded: GELU)."""
         return cls(
-            name=str(d["name"]), pretrained=str(d["pretrained"]), text_sha256=str(d["text_sha256"])
+            name=str(d["name"]),
+            pretrained=str(d["pretrained"]),
+            text_sha256=str(d["text_sha256"]),
+            activation=str(d.get("activation", GELU)),
         )
 
     @property
     def model_id(self) -> str:
-        """Short stable id stored next to embeddings."""
-        return f"{self.name}/{self.pretrained}@{self.text_sha256[:12]}"
+        """Short stable id stored next to embeddings. A model built with QuickGELU on an
+        architecture whose open_clip config has GELU reads as open_clip's `-quickgelu` twin
+        ("ViT-B-32-quickgelu/openai@..."): the id says which activation made its vectors."""
+        name = self.name
+        if self.activation == QUICK_GELU and not name.endswith(_QUICKGELU_SUFFIX):
+            name += _QUICKGELU_SUFFIX
+        return f"{name}/{self.pretrained}@{self.text_sha256[:12]}"
 
 
 @dataclass
@@ -110,11 +131,31 @@ class ClipBundle:
     context_length: int  # 77 for OpenAI CLIP, 32 for the demo model
     default_lam: float  # λ calibrated for this model (demo model ships its own)
     recipe: TrainingRecipe = PAPER_RECIPE  # training defaults for this model (polar.json)
+    # The open_clip pretrained tag the weights are (a tag, or declared for a local file);
+    # None = weights of unknown origin, which no Immich model name is answered with.
+    weights_tag: str | None = None
+
+
+def activation_of(model: nn.Module) -> str:
+    """The MLP activation the model was built with, read from its modules: `quick_gelu`,
+    `gelu`, or `mixed`/`none` (a model open_clip did not build alike in both towers)."""
+    kinds = {
+        QUICK_GELU if isinstance(m, QuickGELU) else GELU
+        for m in model.modules()
+        if isinstance(m, QuickGELU | nn.GELU)
+    }
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "mixed" if kinds else "none"
 
 
 def text_state_sha256(model: nn.Module) -> str:
-    """sha256 over the text tower's tensors (names, dtypes, shapes, bytes), in name order."""
+    """sha256 over the text tower's tensors (names, dtypes, shapes, bytes), in name order, and
+    its activation where it is QuickGELU: the same weights under another activation give other
+    vectors, so adapters trained under GELU do not match (GELU hashes are the weights alone)."""
     digest = hashlib.sha256()
+    if activation_of(model) == QUICK_GELU:
+        digest.update(b"activation|quick_gelu|")
     state = model.state_dict()
     for key in sorted(state):
         if key.startswith("visual.") or key in ("logit_scale", "logit_bias"):
@@ -199,38 +240,103 @@ def _offline_hint(name: str) -> str:
     return hint
 
 
+def declared_tag(pretrained: str, checkpoint_tag: str = "") -> str | None:
+    """The open_clip pretrained tag the weights are: `pretrained` itself when it is a tag; for
+    a local checkpoint file what it is declared to be (POLAR_MODEL__CHECKPOINT_TAG, or
+    `"pretrained"` in polar.json beside it); None = undeclared weights."""
+    if not _looks_like_path(pretrained):
+        return pretrained or None
+    in_file = _polar_json(pretrained).get("pretrained")
+    if in_file is not None and not (isinstance(in_file, str) and in_file.strip()):
+        raise ModelUnavailableError(
+            f'"pretrained" in the polar.json beside {pretrained} must be an open_clip tag '
+            '(e.g. "openai"), not ' + json.dumps(in_file)
+        )
+    setting = checkpoint_tag.strip()
+    if setting and in_file and in_file.strip() != setting:
+        raise ModelUnavailableError(
+            f"POLAR_MODEL__CHECKPOINT_TAG={setting!r} but the polar.json beside {pretrained} "
+            f"declares {in_file.strip()!r}; keep one of them"
+        )
+    return setting or (in_file.strip() if in_file else None)
+
+
+def expected_activation(name: str, pretrained: str, tag: str | None) -> str:
+    """The activation the weights were trained with: open_clip's pretrained config of the tag
+    (`quick_gelu`), else `"quick_gelu"` (true/false) in polar.json beside a local file, else
+    the architecture's own config."""
+    if tag is not None:
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        if not cfg:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            what = (
+                f"POLAR_MODEL__PRETRAINED={pretrained!r}"
+                if not _looks_like_path(pretrained)
+                else f"the checkpoint {pretrained} is declared as {tag!r}, which"
+            )
+            raise ModelUnavailableError(
+                f"{what} is not a tag of {name} (known: {tags}) nor a checkpoint file."
+            )
+        return QUICK_GELU if cfg.get("quick_gelu") else GELU
+    declared = _polar_json(pretrained).get("quick_gelu")
+    if isinstance(declared, bool):
+        return QUICK_GELU if declared else GELU
+    model_cfg = open_clip.get_model_config(name) or {}
+    return QUICK_GELU if model_cfg.get("quick_gelu") else GELU
+
+
 def _create(
-    name: str, pretrained: str, device: torch.device, cache_dir: str | None
+    name: str,
+    pretrained: str,
+    device: torch.device,
+    cache_dir: str | None,
+    tag: str | None,
 ) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
-    """open_clip model and eval transform, with configuration errors made actionable."""
+    """open_clip model and eval transform, built with the activation its weights were trained
+    with, with configuration errors made actionable."""
     if name not in open_clip.list_models():
         raise ModelUnavailableError(
             f"unknown model POLAR_MODEL__NAME={name!r}; set it to an open_clip model name "
             f"such as ViT-B-32 or {DEMO_MODEL_NAME}."
         )
-    if _looks_like_path(pretrained) and not Path(pretrained).is_file():
+    is_file = _looks_like_path(pretrained)
+    if is_file and not Path(pretrained).is_file():
         raise ModelUnavailableError(
             f"checkpoint POLAR_MODEL__PRETRAINED={pretrained} does not exist; "
             f"set POLAR_MODEL__PRETRAINED to an existing file or an open_clip tag "
             f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'})."
         )
-    if pretrained and not _looks_like_path(pretrained):
+    expected = expected_activation(name, pretrained, tag)
+    options: dict[str, Any] = {"force_quick_gelu": expected == QUICK_GELU}
+    if is_file and tag is not None:
+        # A declared file gets its tag's preprocessing too (open_clip merges it only for tags).
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        options.update(
+            {
+                f"image_{key}": cfg[key]
+                for key in ("mean", "std", "interpolation", "resize_mode")
+                if key in cfg
+            }
+        )
+    if pretrained and not is_file:
         ensure_hub_or_offline()
     try:
         # open_clip >= 2.24 loads .safetensors itself when `pretrained` is a file path.
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir
+            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir, **options
         )
-    except RuntimeError as e:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained and not _looks_like_path(pretrained) and pretrained not in tags:
-            raise ModelUnavailableError(
-                f"POLAR_MODEL__PRETRAINED={pretrained!r} is not a tag of {name} "
-                f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file."
-            ) from e
+    except (RuntimeError, pickle.UnpicklingError) as e:  # an unreadable file too
         raise ModelUnavailableError(
             f"could not obtain weights for {name}/{pretrained} ({e}); {_offline_hint(name)}."
         ) from e
+    built = activation_of(model)
+    if built in (GELU, QUICK_GELU, "mixed") and built != expected:
+        # open_clip only warns about this; every vector would be slightly wrong.
+        raise ModelUnavailableError(
+            f"{name} is built with {built} but its weights ({tag or pretrained}) were trained "
+            f"with {expected}; use the open_clip model name whose activation matches them "
+            f"(e.g. without or with the '{_QUICKGELU_SUFFIX}' suffix)."
+        )
     return model, preprocess
 
 
@@ -295,16 +401,25 @@ def ensure_hub_or_offline(timeout: float = 3.0) -> bool:
 
 
 def load_clip(
-    name: str, pretrained: str, device: str = "auto", cache_dir: str | None = None
+    name: str,
+    pretrained: str,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    checkpoint_tag: str = "",
 ) -> ClipBundle:
-    """Build the model in eval mode with frozen weights; raises ModelUnavailableError."""
+    """Build the model in eval mode with frozen weights; raises ModelUnavailableError.
+
+    `checkpoint_tag`: for a local checkpoint file, the open_clip tag of the weights it holds
+    (else polar.json's "pretrained" beside it): the model is then built with that tag's
+    activation and preprocessing, and is identified as those weights (Immich's names too)."""
     if not pretrained:
         raise ModelUnavailableError(
             "POLAR_MODEL__PRETRAINED is empty; set it to an open_clip tag or a checkpoint file."
         )
     dev = resolve_device(device)
-    model, preprocess = _create(name, pretrained, dev, cache_dir)
-    label = Path(pretrained).name if _looks_like_path(pretrained) else pretrained
+    tag = declared_tag(pretrained, checkpoint_tag)
+    model, preprocess = _create(name, pretrained, dev, cache_dir, tag)
+    label = tag or Path(pretrained).name
     bundle = bundle_from_model(
         model,
         preprocess,
@@ -312,6 +427,7 @@ def load_clip(
         pretrained=label,
         default_lam=_default_lam(pretrained),
         recipe=training_recipe(pretrained),
+        weights_tag=tag,
     )
     log.info("loaded %s on %s", bundle.fingerprint.model_id, dev)
     return bundle
@@ -335,37 +451,51 @@ def bundle_from_model(
     pretrained: str,
     default_lam: float = DEFAULT_LAM,
     recipe: TrainingRecipe = PAPER_RECIPE,
+    weights_tag: str | None = None,
 ) -> ClipBundle:
     """Wrap an already built open_clip model (tests and benchmarks use random weights)."""
     model.eval().requires_grad_(False)
     tower = text_tower(model)
+    activation = activation_of(model)
     return ClipBundle(
         model=model,
         tokenizer=_tokenizer(name, tower.context_length),
         preprocess=preprocess,
         device=tower.last.attn.in_proj_weight.device,
-        fingerprint=ModelFingerprint(name, pretrained, text_state_sha256(model)),
+        fingerprint=ModelFingerprint(
+            name,
+            pretrained,
+            text_state_sha256(model),
+            QUICK_GELU if activation == QUICK_GELU else GELU,
+        ),
         embed_dim=tower.embed_dim,
         text_width=tower.width,
         context_length=tower.context_length,
         default_lam=default_lam,
         recipe=recipe,
+        weights_tag=weights_tag,
     )
 
 
-_cache: dict[tuple[str, str, str, str | None], ClipBundle] = {}
+_cache: dict[tuple[str, str, str, str | None, str], ClipBundle] = {}
 _lock = threading.Lock()
 
 
 def get_clip(
-    name: str, pretrained: str, device: str = "auto", cache_dir: str | None = None
+    name: str,
+    pretrained: str,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    checkpoint_tag: str = "",
 ) -> ClipBundle:
     """The process-wide bundle for this configuration, loaded on first use under a lock."""
-    key = (name, pretrained, str(resolve_device(device)), cache_dir)
+    key = (name, pretrained, str(resolve_device(device)), cache_dir, checkpoint_tag)
     bundle = _cache.get(key)
     if bundle is None:
         with _lock:
             bundle = _cache.get(key)
             if bundle is None:
-                bundle = _cache[key] = load_clip(name, pretrained, device, cache_dir)
+                bundle = _cache[key] = load_clip(
+                    name, pretrained, device, cache_dir, checkpoint_tag
+                )
     return bundle

@@ -9,18 +9,26 @@ unchanged to the real Immich machine learning when one is configured.
 
 Textual requests are encoded exactly as `/search` encodes a query of the user whose key is
 `POLAR_IMMICH__API_KEY` (`app.services.search.embed_text`), so Immich's own cosine ranking over
-the image vectors it stored becomes personal. Nothing here reads images or names from the
-database: the answer is a vector, whoever asks.
+the image vectors it stored becomes personal; a query past the model's context is cut to it as
+Immich's machine learning cuts (machine-learning/immich_ml/models/clip/textual.py:
+`tokenizer.enable_truncation(max_length=context_length)`). Nothing here reads images or names
+from the database: the answer is a vector, whoever asks (what that vector still tells: README,
+"For Immich users").
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import numpy as np
+import open_clip
 from PIL import Image, ImageOps
 from sqlalchemy.orm import Session
 
@@ -34,7 +42,7 @@ from app.errors import (
     ValidationFailed,
 )
 from app.ml.encode import encode_images
-from app.ml.model import DEMO_MODEL_NAME
+from app.ml.model import DEMO_MODEL_NAME, ClipBundle
 from app.ml.threads import cpu_threads
 from app.services import users as users_service
 from app.services.model import ServingModel
@@ -105,32 +113,136 @@ def _check_name(value: str, what: str) -> None:
         raise ValidationFailed(f"'entries': {what}: {e}", code="invalid_entries") from e
 
 
-def accepted_model_names(serving: ServingModel) -> set[str]:
-    """Immich's names for the serving model: `<name>__<pretrained>` (Immich's "ViT-B-32__openai"
-    is open_clip's ViT-B-32 / openai). The bundled demo model also answers to its bare name
-    ("polar-demo"): no Immich model shares its vectors, so only an Immich told that name on
-    purpose (a custom CLIP model name in its settings) gets them."""
-    fp = serving.bundle.fingerprint
-    names = {f"{fp.name}__{fp.pretrained}".lower()}
+# Immich's CLIP model names and the vector size its database column gets for each
+# (server/src/constants.ts, CLIP_MODEL_INFO, commit 02454cb48e9aee23af9b1293e525bcec9bcf1344);
+# Immich's config validation refuses any other name ("Unknown CLIP model",
+# server/src/utils/misc.ts getCLIPModelInfo). Newer Immich versions know more: a name missing
+# here is still answered when it is the served model's, only never recommended.
+IMMICH_CLIP_MODELS: dict[str, int] = {
+    "RN50__openai": 1024,
+    "RN50__yfcc15m": 1024,
+    "RN50__cc12m": 1024,
+    "RN101__openai": 512,
+    "RN101__yfcc15m": 512,
+    "RN50x4__openai": 640,
+    "RN50x16__openai": 768,
+    "RN50x64__openai": 1024,
+    "ViT-B-32__openai": 512,
+    "ViT-B-32__laion2b_e16": 512,
+    "ViT-B-32__laion400m_e31": 512,
+    "ViT-B-32__laion400m_e32": 512,
+    "ViT-B-32__laion2b-s34b-b79k": 512,
+    "ViT-B-16__openai": 512,
+    "ViT-B-16__laion400m_e31": 512,
+    "ViT-B-16__laion400m_e32": 512,
+    "ViT-B-16-plus-240__laion400m_e31": 640,
+    "ViT-B-16-plus-240__laion400m_e32": 640,
+    "ViT-L-14__openai": 768,
+    "ViT-L-14__laion400m_e31": 768,
+    "ViT-L-14__laion400m_e32": 768,
+    "ViT-L-14__laion2b-s32b-b82k": 768,
+    "ViT-L-14-336__openai": 768,
+    "ViT-L-14-quickgelu__dfn2b": 768,
+    "ViT-H-14__laion2b-s32b-b79k": 1024,
+    "ViT-H-14-quickgelu__dfn5b": 1024,
+    "ViT-H-14-378-quickgelu__dfn5b": 1024,
+    "ViT-g-14__laion2b-s12b-b42k": 1024,
+}
+_QUICKGELU = "-quickgelu"
+
+
+def name_key(name: str) -> str:
+    """A model name as Immich resolves it (`cleanModelName`: the part after the last "/",
+    ":" read as "_"), compared without case and with "-" and "_" alike: Immich spells
+    open_clip's tag laion2b_s34b_b79k as laion2b-s34b-b79k."""
+    return name.rsplit("/", 1)[-1].replace(":", "_").replace("-", "_").lower()
+
+
+_IMMICH_BY_KEY = {name_key(n): n for n in IMMICH_CLIP_MODELS}
+
+
+def immich_names(bundle: ClipBundle) -> list[str]:
+    """The Immich model names the model is answered under: `<architecture>__<tag>` of the
+    open_clip tag its weights are (a tag, or a local file declared as one:
+    POLAR_MODEL__CHECKPOINT_TAG / polar.json), in Immich's spelling where Immich knows it, and
+    only where the vector size is the one Immich expects. Undeclared weights answer none: their
+    vectors may be anything. The demo model answers its own name (tests, demos): no Immich
+    accepts that name, and no Immich model shares its vectors."""
+    fp = bundle.fingerprint
     if fp.name == DEMO_MODEL_NAME:
-        names.add(DEMO_MODEL_NAME)
+        return [DEMO_MODEL_NAME]
+    tag = bundle.weights_tag
+    if tag is None:
+        return []
+    archs = [fp.name]
+    if fp.name.endswith(_QUICKGELU):  # ViT-B-32-quickgelu/openai is Immich's ViT-B-32__openai
+        archs.append(fp.name.removesuffix(_QUICKGELU))
+    names: list[str] = []
+    for arch in archs:
+        name = f"{arch}__{tag}"
+        known = _IMMICH_BY_KEY.get(name_key(name))
+        if known is not None and IMMICH_CLIP_MODELS[known] != bundle.embed_dim:
+            continue
+        names.append(known or name)
     return names
+
+
+def accepted_model_names(serving: ServingModel) -> set[str]:
+    """`immich_names` as compared (name_key)."""
+    return {name_key(n) for n in immich_names(serving.bundle)}
+
+
+def _how_to_serve(asked: str) -> str:
+    """The settings that serve the model Immich asks for, where open_clip knows it."""
+    arch, _, tag = asked.rsplit("/", 1)[-1].replace(":", "_").partition("__")
+    if arch not in open_clip.list_models():
+        return ""
+    tags = [
+        t for t in open_clip.list_pretrained_tags_by_model(arch) if name_key(t) == name_key(tag)
+    ]
+    if not tags:
+        return ""
+    return (
+        f"; or serve the model Immich asks for: POLAR_MODEL__NAME={arch} "
+        f"POLAR_MODEL__PRETRAINED={tags[0]} (offline, a local file of those weights: "
+        f"POLAR_MODEL__PRETRAINED=/path/to/file POLAR_MODEL__CHECKPOINT_TAG={tags[0]})"
+    )
 
 
 def check_model(entry: Entry, serving: ServingModel) -> None:
     """ValidationFailed (`model_mismatch`) unless Immich asks for the model this service serves:
-    vectors of another model would silently rank nonsense."""
-    asked = entry.model_name.rsplit("/", 1)[-1].lower()  # "immich-app/ViT-B-32__openai" too
-    accepted = accepted_model_names(serving)
-    if asked not in accepted:
-        raise ValidationFailed(
-            f"Immich asks for CLIP model {entry.model_name!r} but this service serves "
-            f"{serving.model_id}; set Immich's smart-search model to "
-            f"{' or '.join(sorted(accepted))} (and re-run its smart-search job), or serve "
-            f"the model Immich uses (POLAR_MODEL__NAME / POLAR_MODEL__PRETRAINED)",
-            code="model_mismatch",
-            detail={"asked": entry.model_name, "served": sorted(accepted)},
+    vectors of another model would silently rank nonsense. The advice names only model names
+    Immich's own settings accept."""
+    if name_key(entry.model_name) in accepted_model_names(serving):
+        return
+    served = immich_names(serving.bundle)
+    usable = [n for n in served if name_key(n) in _IMMICH_BY_KEY]
+    bundle = serving.bundle
+    if usable:
+        advice = (
+            f"set Immich's CLIP model (Administration > Settings > Machine Learning > Smart "
+            f"Search) to {usable[0]} and re-run its Smart Search job"
         )
+    elif serving.is_demo:
+        advice = (
+            "the bundled demo model has no Immich model name (Immich refuses unknown names); "
+            "serve real CLIP weights"
+        )
+    elif bundle.weights_tag is None:
+        advice = (
+            f"the checkpoint {bundle.fingerprint.pretrained} does not say which weights it "
+            "holds, so it answers no Immich model: declare them with "
+            "POLAR_MODEL__CHECKPOINT_TAG=<open_clip tag> (openai for OpenAI's ViT-B-32), or "
+            '{"pretrained": "openai"} in a polar.json beside the file'
+        )
+    else:
+        advice = f"{serving.model_id} has no model name Immich accepts; serve one Immich knows"
+    raise ValidationFailed(
+        f"Immich asks for CLIP model {entry.model_name!r} but this service serves "
+        f"{serving.model_id}; {advice}{_how_to_serve(entry.model_name)}",
+        code="model_mismatch",
+        detail={"asked": entry.model_name, "served": served},
+    )
 
 
 def is_clip_request(entries: list[Entry]) -> bool:
@@ -185,7 +297,9 @@ def encode_textual(
     threads: int = 0,
 ) -> dict[str, Any]:
     """Immich's textual CLIP answer: the query encoded as /search encodes it for the bridge
-    user (concept names rewritten, adapters stacked, photos fused)."""
+    user (concept names rewritten, adapters stacked, photos fused), cut to the model's context
+    as Immich's machine learning cuts (no `query_too_long`: nothing about the rewritten text is
+    counted back to whoever asks)."""
     user_id = bridge_user_id(settings, db_session)
     out = embed_text(
         user_id,
@@ -196,6 +310,7 @@ def encode_textual(
         limits=limits,
         search_settings=search_settings,
         threads=threads,
+        truncate=True,
     )
     return {CLIP_TASK: _serialize(out.vector)}
 
@@ -215,13 +330,57 @@ def decode_image(data: bytes, limits: LimitSettings) -> Image.Image:
 
 
 def encode_visual(
-    data: bytes, *, serving: ServingModel, limits: LimitSettings, threads: int = 0
+    data: bytes,
+    *,
+    serving: ServingModel,
+    limits: LimitSettings,
+    threads: int = 0,
+    step_aside: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
-    """Immich's visual CLIP answer: the image's embedding and its size."""
+    """Immich's visual CLIP answer: the image's embedding and its size. Immich's indexing is
+    background work: `step_aside` (Foreground.wait_idle) runs before the decode and before the
+    model call, so searches in flight go first, as jobs let them."""
+    if step_aside is not None:
+        step_aside()
     image = decode_image(data, limits)
+    if step_aside is not None:
+        step_aside()
     with cpu_threads(threads):
         vector = encode_images(serving.bundle, [image])[0]
     return {CLIP_TASK: _serialize(vector), "imageHeight": image.height, "imageWidth": image.width}
+
+
+class ClientRateLimit:
+    """At most `per_minute` requests a minute per client address (token buckets refilled
+    continuously, bursts up to `per_minute`); 0 = no limit. Bounded: the buckets of the
+    longest-idle clients are dropped past `max_clients`."""
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+        self._lock = threading.Lock()
+
+    def allow(self, client: str) -> bool:
+        """Take one request's token for `client`; False when it has none left."""
+        if self.per_minute <= 0:
+            return True
+        now = self.clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(client, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - then) * self.per_minute / 60.0)
+            allowed = tokens >= 1.0
+            self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            return allowed
 
 
 @dataclass(frozen=True)
@@ -233,20 +392,42 @@ class Forwarded:
     content_type: str
 
 
-def forward(
-    body: bytes, content_type: str, *, settings: ImmichSettings, client: httpx.Client
+NOT_SERVED = (
+    "this service answers only CLIP requests; face and OCR requests need Immich's own "
+    "machine learning: set POLAR_IMMICH__FORWARD_URL to its URL "
+    "(http://immich-machine-learning:3003) and they are passed on unchanged, or turn Facial "
+    "Recognition and OCR off in Immich (Administration > Settings > Machine Learning). Keep "
+    "this service the only URL in Immich's machine-learning settings: with two, Immich marks "
+    "this one unhealthy after each refused request and sends its searches, unpersonalized, "
+    "to the other"
+)
+
+
+def unready_reason(
+    settings: ImmichSettings, db_session: Session, *, model_ok: bool, model_detail: str
+) -> str | None:
+    """Why the bridge cannot serve Immich now (None = it can): the model is not loaded, or the
+    bridge key does not authenticate. `/ping` fails with it, so Immich's availability check
+    stops sending searches that would fail."""
+    if not model_ok:
+        return f"the model is not ready ({model_detail})"
+    try:
+        bridge_user_id(settings, db_session)
+    except Misconfigured as e:
+        return e.message
+    return None
+
+
+async def forward(
+    body: bytes, content_type: str, *, settings: ImmichSettings, client: httpx.AsyncClient
 ) -> Forwarded:
-    """A non-CLIP request sent unchanged to the real Immich machine learning."""
+    """A non-CLIP request sent unchanged to the real Immich machine learning. Asynchronous: a
+    slow upstream holds no thread and no search turn."""
     if not settings.forward_url.strip():
-        raise ValidationFailed(
-            "this service answers only CLIP requests; face and OCR requests need the real "
-            "Immich machine learning: set POLAR_IMMICH__FORWARD_URL, or give Immich that URL "
-            "too (it tries its machine-learning URLs in turn)",
-            code="task_not_served",
-        )
+        raise ValidationFailed(NOT_SERVED, code="task_not_served")
     url = settings.forward_url.strip().rstrip("/") + "/predict"
     try:
-        response = client.post(
+        response = await client.post(
             url,
             content=body,
             headers={"content-type": content_type},

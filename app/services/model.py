@@ -48,7 +48,9 @@ def load_model(cfg: ModelSettings) -> ServingModel:
         torch.set_num_threads(cfg.threads)
     try:
         return ServingModel(
-            get_clip(cfg.name, cfg.pretrained, cfg.device, cache_dir), requested, None
+            get_clip(cfg.name, cfg.pretrained, cfg.device, cache_dir, cfg.checkpoint_tag),
+            requested,
+            None,
         )
     except ModelUnavailableError as e:
         if not cfg.fallback_to_demo or cfg.name == DEMO_MODEL_NAME:

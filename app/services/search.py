@@ -29,7 +29,7 @@ from app.models import Adapter, Concept, Image
 from app.services import recipe
 from app.services.index import CachedIndex, IndexCache
 from app.services.model import ServingModel
-from app.services.query import NamedConcept, rewrite_query
+from app.services.query import NamedConcept, RewrittenQuery, rewrite_query
 from app.services.recipe import QueryEncoding
 
 __all__ = [
@@ -246,8 +246,12 @@ def _personalize(
     concept_ids: Sequence[str],
     serving: ServingModel,
     adapter_cache: AdapterCache,
+    truncate: bool = False,
 ) -> _Personalized:
-    """Rewrite the user's concept names into placeholders; load the named concepts' adapters."""
+    """Rewrite the user's concept names into placeholders; load the named concepts' adapters.
+
+    `truncate`: a query past the model's context is cut to it (`_fit_context`) instead of
+    refused, and only the concepts named in what is kept apply."""
     concepts = repositories.user_concepts(db_session=db_session, user_id=user_id)
     by_id = {c.id: c for c in concepts}
     for cid in concept_ids:
@@ -264,8 +268,11 @@ def _personalize(
         )
         for c in concepts
     }
-    rewritten = rewrite_query(text, [NamedConcept(c.id, c.name) for c in concepts], phrases)
+    named_concepts = [NamedConcept(c.id, c.name) for c in concepts]
+    rewritten = rewrite_query(text, named_concepts, phrases)
     out.text = rewritten.text
+    if truncate:
+        out.text, rewritten = _fit_context(serving, text, named_concepts, phrases, rewritten)
     for cid in dict.fromkeys([*rewritten.concept_ids, *concept_ids]):
         concept, row = by_id[cid], stored.get(cid)
         ok = cid in loaded
@@ -311,6 +318,40 @@ def _compatible_adapters(
             continue
         loaded[cid] = adapter
     return loaded
+
+
+def _fit_context(
+    serving: ServingModel,
+    text: str,
+    concepts: Sequence[NamedConcept],
+    phrases: dict[str, str],
+    rewritten: RewrittenQuery,
+) -> tuple[str, RewrittenQuery]:
+    """The text to encode for a query that may pass the model's context, cut the way Immich's
+    machine learning cuts its queries: the first context-2 tokens kept (open_clip's tokenizer,
+    and Immich's `tokenizer.enable_truncation(max_length=context_length)`, keep the start and
+    end tokens). The cut falls on the query as typed, so a concept applies when its name lies
+    in the words that survive: the longest run of leading words whose rewriting fits is
+    rewritten, the rest follows as typed and the tokenizer cuts it (returns the text and the
+    rewriting of the kept words, whose mentions are the concepts that apply)."""
+    bundle = serving.bundle
+    if count_tokens(bundle, rewritten.text) <= bundle.context_length:
+        return rewritten.text, rewritten
+    words = text.split(" ")  # validate_query joined the words with single spaces
+
+    def fits(n: int) -> RewrittenQuery | None:
+        head = rewrite_query(" ".join(words[:n]), concepts, phrases)
+        return head if count_tokens(bundle, head.text) <= bundle.context_length else None
+
+    lo, hi = 0, len(words)  # fits(lo) holds (no words); fits(hi) does not (the whole query)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid) is None:
+            hi = mid
+        else:
+            lo = mid
+    head = fits(lo) or rewrite_query("", concepts, phrases)
+    return " ".join([*([head.text] if head.text else []), *words[lo:]]), head
 
 
 def _check_length(serving: ServingModel, text: str) -> None:
@@ -398,14 +439,17 @@ def _understand(
     concept_ids: Sequence[str],
     serving: ServingModel,
     adapter_cache: AdapterCache,
+    truncate: bool = False,
 ) -> _Personalized:
-    """The query as it will be encoded (names rewritten, adapters found), within the context."""
+    """The query as it will be encoded (names rewritten, adapters found), within the context:
+    QueryTooLong past it, or (`truncate`) cut to it as Immich's machine learning cuts."""
     named = (
-        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache)
+        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache, truncate)
         if personalize
         else _Personalized(text)
     )
-    _check_length(serving, named.text)
+    if not truncate:
+        _check_length(serving, named.text)
     return named
 
 
@@ -434,13 +478,17 @@ def embed_text(
     limits: LimitSettings,
     search_settings: SearchSettings | None = None,
     threads: int = 0,
+    truncate: bool = False,
 ) -> TextEmbedding:
     """The vector `search_images` would rank the library with (the same rewriting, stacking and
     photo fusion), for an application that searches its own index of the same model's image
     embeddings. The per-concept parts of a several-concept query (region re-ranking) stay here:
-    the vector alone is the product."""
+    the vector alone is the product. `truncate`: a query past the model's context is cut to
+    it as Immich's machine learning cuts (`_fit_context`) instead of refused."""
     text = validate_query(query, limits)
-    named = _understand(db_session, user_id, text, personalize, concept_ids, serving, adapter_cache)
+    named = _understand(
+        db_session, user_id, text, personalize, concept_ids, serving, adapter_cache, truncate
+    )
     cfg = search_settings or SearchSettings()
     with cpu_threads(threads):
         encoding = recipe.encode_query(

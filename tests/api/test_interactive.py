@@ -8,7 +8,7 @@ import anyio
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.interactive import InteractiveRequests
+from app.api.interactive import InteractiveRequests, SearchTurns
 from app.services.foreground import Foreground
 from tests.api.test_search import library  # noqa: F401
 from tests.model_fixtures import tiny_serving  # noqa: F401
@@ -17,7 +17,7 @@ from tests.model_fixtures import tiny_serving  # noqa: F401
 def _call(middleware: InteractiveRequests, path: str) -> list[int]:
     """Run one request; the foreground counts seen while each message is sent."""
     seen: list[int] = []
-    fg = middleware.foreground
+    fg = middleware.turns.foreground
     scope: Scope = {"type": "http", "path": path, "method": "GET"}
 
     async def receive() -> Message:
@@ -39,19 +39,23 @@ def _app(fg: Foreground, inside: list[int]) -> ASGIApp:
     return app
 
 
-@pytest.mark.parametrize("path", ["/search", "/search/", "/embed/text", "/predict"])
+@pytest.mark.parametrize("path", ["/search", "/search/", "/embed/text"])
 def test_interactive_paths_are_foreground_until_the_response_is_sent(path: str) -> None:
     fg, inside = Foreground(), []
-    seen = _call(InteractiveRequests(_app(fg, inside), fg, concurrency=2), path)
+    seen = _call(InteractiveRequests(_app(fg, inside), SearchTurns(fg, 2)), path)
     assert inside == [1]
     assert seen == [1, 1]  # the response is written while the jobs still wait
     assert fg.active_count == 0
 
 
-@pytest.mark.parametrize("path", ["/images", "/concepts", "/jobs/x", "/searchx", "/healthz"])
+# Immich's /predict takes a turn in its route, and only for a textual request
+# (tests/api/test_immich.py); its images and forwarded requests never do.
+@pytest.mark.parametrize(
+    "path", ["/images", "/concepts", "/jobs/x", "/searchx", "/healthz", "/predict"]
+)
 def test_other_requests_do_not_pause_jobs(path: str) -> None:
     fg, inside = Foreground(), []
-    seen = _call(InteractiveRequests(_app(fg, inside), fg, concurrency=2), path)
+    seen = _call(InteractiveRequests(_app(fg, inside), SearchTurns(fg, 2)), path)
     assert inside == [0]
     assert seen == [0, 0]
 
@@ -65,7 +69,7 @@ def test_a_failing_request_still_ends_its_mark() -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        _call(InteractiveRequests(broken, fg, concurrency=2), "/search")
+        _call(InteractiveRequests(broken, SearchTurns(fg, 2)), "/search")
     assert inside == [1]
     assert fg.active_count == 0
 
@@ -84,7 +88,7 @@ def test_searches_take_turns_in_arrival_order_a_few_at_a_time() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    middleware = InteractiveRequests(app, fg, concurrency=2)
+    middleware = InteractiveRequests(app, SearchTurns(fg, 2))
 
     async def one(n: int) -> None:
         async def receive() -> Message:
@@ -125,7 +129,7 @@ def test_a_slow_body_holds_no_turn_and_pauses_no_job() -> None:
         ran.append(body)
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
-    middleware = InteractiveRequests(app, fg, concurrency=1)
+    middleware = InteractiveRequests(app, SearchTurns(fg, 1))
     chunks = [b'{"q":', b' "a dog"}']
 
     async def main() -> None:

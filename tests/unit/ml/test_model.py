@@ -9,6 +9,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
 from app.ml import model as model_mod
@@ -18,6 +19,7 @@ from app.ml.model import (
     ModelFingerprint,
     ModelUnavailableError,
     TrainingRecipe,
+    activation_of,
     demo_checkpoint_path,
     get_clip,
     load_clip,
@@ -178,3 +180,47 @@ def test_get_clip_loads_once_per_process_under_concurrency(
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(got) == 6 and all(b is got[0] for b in got)
+
+
+# --- Activation and declared weights (issue: QuickGELU, model identity) -------------------
+
+
+def _beside(tmp_path: Path, path: Path, polar: dict) -> Path:
+    """A copy of the checkpoint with a polar.json beside it."""
+    folder = tmp_path / "declared"
+    folder.mkdir()
+    copy = folder / "weights.safetensors"
+    copy.write_bytes(path.read_bytes())
+    (folder / "polar.json").write_text(json.dumps(polar))
+    return copy
+
+
+def test_a_file_declared_quickgelu_is_built_with_it_and_says_so(tiny_checkpoint, tmp_path) -> None:
+    name, path, _ = tiny_checkpoint
+    gelu = load_clip(name, str(path), device="cpu")
+    quick = load_clip(name, str(_beside(tmp_path, path, {"quick_gelu": True})), device="cpu")
+    assert activation_of(gelu.model) == "gelu" and gelu.fingerprint.activation == "gelu"
+    assert activation_of(quick.model) == "quick_gelu" == quick.fingerprint.activation
+    assert {type(b.mlp.gelu) for b in quick.model.transformer.resblocks} == {QuickGELU}
+    # Same weights, other vectors: another id, and adapters trained under GELU do not apply.
+    assert quick.fingerprint.model_id.startswith(f"{name}-quickgelu/")
+    assert quick.fingerprint.text_sha256 != gelu.fingerprint.text_sha256
+    tokens = gelu.tokenizer(["a photo of a dog"])
+    assert not torch.allclose(gelu.model.encode_text(tokens), quick.model.encode_text(tokens))
+
+
+def test_an_adapter_saved_before_activations_were_recorded_reads_as_gelu() -> None:
+    old = {"name": "ViT-B-32", "pretrained": "openai", "text_sha256": "0" * 64}
+    assert ModelFingerprint.from_dict(old).activation == "gelu"
+
+
+def test_a_declared_tag_must_be_one_of_the_architecture(tiny_checkpoint, tmp_path) -> None:
+    name, path, _ = tiny_checkpoint
+    with pytest.raises(ModelUnavailableError, match=r"declared as 'openai'.*not a tag"):
+        load_clip(name, str(path), device="cpu", checkpoint_tag="openai")
+    declared = _beside(tmp_path, path, {"pretrained": "laion2b"})
+    with pytest.raises(ModelUnavailableError, match="keep one of them"):
+        load_clip(name, str(declared), device="cpu", checkpoint_tag="openai")
+    (declared.parent / "polar.json").write_text(json.dumps({"pretrained": 3}))
+    with pytest.raises(ModelUnavailableError, match="must be an open_clip tag"):
+        load_clip(name, str(declared), device="cpu")
