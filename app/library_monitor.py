@@ -282,9 +282,9 @@ def watch_plan(
         try:
             out.extend(real_folders([path], roots))
         except ValueError:
-            problems[library_id] = "its folder is no longer under an allowed root; not watched"
+            problems[library_id] = "its folder is no longer under an allowed root"
         except OSError as e:
-            problems[library_id] = f"its folder {_why(e)}; not watched (rescans still run)"
+            problems[library_id] = f"its folder {_why(e)}; periodic rescans still run"
         except Exception as e:  # whatever goes wrong in one library stays its own
             log.warning("library %s: cannot list its folders to watch", library_id, exc_info=True)
             problems[library_id] = f"its folders could not be listed ({type(e).__name__}: {e})"

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -751,7 +752,7 @@ def _noise_png(seed: int) -> bytes:
     return _png(Image.frombytes("RGB", (48, 40), bytes(rng.randrange(256) for _ in range(5760))))
 
 
-def test_folders_on_the_server_in_the_browser(page, server):
+def test_folders_on_the_server_in_the_browser(page, server, tmp_path):
     """A folder indexed in place: refused paths say why, the report in words, scan, remove."""
     client = api(server)
     trip = server.folders / "trip"
@@ -797,6 +798,19 @@ def test_folders_on_the_server_in_the_browser(page, server):
     expect(item.locator(".folder-report")).to_contain_text("1 photo added", timeout=120_000)
     expect(item.locator(".folder-report")).to_contain_text("3 photos unchanged")
     expect(grid.get_by_text("trip-3.png", exact=True)).to_be_visible()
+
+    # A library the watcher cannot watch says why, in full, under its report (the watcher
+    # writes watch_error; it is off in this server, so the row is set as the watcher would).
+    why = "its folder is a link now (never followed) or not a folder; periodic rescans still run"
+    with sqlite3.connect(server.folders.parent / "data" / "polar.db") as db:
+        db.execute("UPDATE libraries SET watch_error = ?", (why,))
+    page.get_by_role("button", name=f"Scan {trip} now").click()
+    note = item.locator(".folder-watch")
+    expect(note).to_have_text(f"Not watched: {why}", timeout=120_000)
+    box, width = note.bounding_box(), page.viewport_size["width"]
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    assert note.evaluate("e => e.scrollWidth <= e.clientWidth"), "the note is cut off"
+    page.screenshot(path=str(tmp_path / "folders.png"), full_page=True)
 
     # Remove, after confirming (declining keeps it); the files stay, the photos leave.
     page.once("dialog", lambda d: d.dismiss())
