@@ -38,7 +38,9 @@ def test_celery_config_comes_from_settings(tmp_path: Path) -> None:
     assert conf.broker_url == "redis://cache:6379/3"
     assert conf.result_backend == "redis://cache:6379/3"
     assert conf.task_acks_late is True
-    assert conf.task_reject_on_worker_lost is True
+    # A pool process lost mid-task: its job is re-queued and sent again by the main process
+    # (task_failure with WorkerLostError), so the message is not put back as well.
+    assert conf.task_reject_on_worker_lost is False
     assert conf.worker_prefetch_multiplier == 1
     assert (conf.task_serializer, conf.result_serializer) == ("json", "json")
     assert list(conf.accept_content) == ["json"]
@@ -48,14 +50,40 @@ def test_celery_config_comes_from_settings(tmp_path: Path) -> None:
     assert "polar.run_job" in app.tasks
 
 
-def test_run_job_task_retries_only_transient_errors() -> None:
+def test_run_job_task_retries_only_infrastructure_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert run_job_task.name == "polar.run_job"
-    assert set(run_job_task.autoretry_for) == set(jobs.TRANSIENT_ERRORS)
-    assert OperationalError in run_job_task.autoretry_for
-    assert ConnectionError in run_job_task.autoretry_for
-    assert not any(issubclass(ValidationFailed, e) for e in run_job_task.autoretry_for)
     assert run_job_task.max_retries == MAX_RETRIES == 5
-    assert run_job_task.retry_backoff and run_job_task.retry_jitter
+    retried: list[tuple[BaseException, float]] = []
+
+    class Retry(Exception):
+        pass
+
+    def retry(exc: BaseException, countdown: float) -> Retry:
+        retried.append((exc, countdown))
+        return Retry()
+
+    monkeypatch.setattr(run_job_task, "retry", retry)
+    db_down = OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+    for error in (db_down, ConnectionError("reset"), OSError(28, "No space left on device")):
+
+        def run(*_: Any, error: Exception = error, **__: Any) -> None:
+            raise error
+
+        monkeypatch.setattr(jobs, "run_job", run)
+        with pytest.raises(Retry):
+            run_job_task.run("job-1")
+    assert retried[0][0] is db_down and len(retried) == 3
+    assert all(0 < delay <= 4 for _, delay in retried)  # the first retry: 2 s with jitter
+
+    def bad(*_: Any, **__: Any) -> None:
+        raise ValidationFailed("bad input")
+
+    monkeypatch.setattr(jobs, "run_job", bad)
+    with pytest.raises(ValidationFailed):
+        run_job_task.run("job-1")
+    assert len(retried) == 3
 
 
 def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
@@ -63,7 +91,9 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
 ) -> None:
     ran: list[tuple[str, Any]] = []
     failed: list[tuple[str, str, str]] = []
-    monkeypatch.setattr(jobs, "run_job", lambda job_id, env: ran.append((job_id, env)))
+    monkeypatch.setattr(
+        jobs, "run_job", lambda job_id, env, runner: ran.append((job_id, env, runner))
+    )
     monkeypatch.setattr(
         jobs,
         "mark_failed",
@@ -71,11 +101,17 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     )
     run_job_task.run("job-1")
     env = celery_module.celery_app.job_environment()
-    assert ran == [("job-1", env)]  # the worker's wiring, from the composition root
+    # The worker's wiring, from the composition root; the run is named by its task.
+    assert ran == [("job-1", env, f"celery:{run_job_task.request.id}")]
     assert set(env.handlers) == {k.value for k in JobKind}
     run_job_task.on_failure(ConnectionError("down"), "task-id", ["job-2"], {}, None)
-    # The client reads a message for it; "down" goes to the log only.
-    assert failed == [("job-2", jobs.RETRIES_EXHAUSTED, jobs.RETRIES_EXHAUSTED_MESSAGE)]
+    db_down = OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+    run_job_task.on_failure(db_down, "task-id", ["job-3"], {}, None)
+    # The client reads a message that says what was down; the exception goes to the log only.
+    assert failed == [
+        ("job-2", jobs.RETRIES_EXHAUSTED, jobs.RETRIES_EXHAUSTED_MESSAGE),
+        ("job-3", "database_unavailable", jobs.DATABASE_OUTAGE.message),
+    ]
 
 
 def test_worker_process_init_warms_the_model_in_the_background(
