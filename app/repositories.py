@@ -160,6 +160,13 @@ def storage_path_in_use(*, db_session: Session, storage_path: str) -> bool:
     return bool(db_session.scalar(select(or_(in_images, in_examples))))
 
 
+def referenced_storage_paths(*, db_session: Session) -> set[str]:
+    """Every stored file some row points at (any user, images and concept examples)."""
+    return set(db_session.scalars(select(Image.storage_path).distinct())) | set(
+        db_session.scalars(select(ConceptExample.storage_path).distinct())
+    )
+
+
 def add_job(*, db_session: Session, user_id: str, kind: str, payload: dict[str, Any]) -> Job:
     """A new queued job (flushed, so it has its id; the caller commits)."""
     job = Job(user_id=user_id, kind=kind, state=JobState.QUEUED.value, payload=payload)

@@ -162,6 +162,7 @@ def test_a_pool_process_killed_mid_statement(
     assert was_resumed, "the job was not resumed within 60 s of its pool process dying"
     done = finished(api, job_id)
     assert (done["state"], done["attempts"]) == ("succeeded", 2), log[-5000:]
+
     def all_embedded() -> bool:
         index = api.get("/index").json()
         return bool(index["images"] >= 4 + 40 + 40 and index["embedded"] == index["images"])
