@@ -116,6 +116,16 @@ def _broken_session_is_a_disconnect(ctx: ExceptionContext) -> None:
         ctx.is_disconnect = True
 
 
+def database_disk_full(error: BaseException) -> bool:
+    """Whether a database error says the database's own disk is full (SQLite: SQLITE_FULL;
+    PostgreSQL: disk_full), as opposed to the database being away."""
+    orig = getattr(error, "orig", None)
+    return (
+        getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL"
+        or getattr(orig, "sqlstate", None) == "53100"
+    )
+
+
 def _guard_forks(engine: Engine) -> Engine:
     _ENGINES.add(engine)
     event.listen(engine, "connect", _remember_pid)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import repositories
 from app.config import Settings
-from app.db import session_scope
+from app.db import database_disk_full, session_scope
 from app.errors import DomainError, NotFound, StorageUnavailable
 from app.models import Job, JobKind, JobState, utcnow
 from app.repositories import Page
@@ -130,6 +130,8 @@ def outage_of(error: BaseException) -> Outage | None:
 
 def _outage_of_one(e: BaseException) -> Outage | None:
     if isinstance(e, sa_exc.DBAPIError):
+        if database_disk_full(e):
+            return STORAGE_FULL_OUTAGE
         # Connection gone, server restarting, pool state broken (a statement another process
         # prepared on a shared connection): the statement itself was fine.
         broken = isinstance(

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 from app.config import Settings
-from app.db import make_engine, session_scope
+from app.db import database_disk_full, make_engine, session_scope
 from app.errors import StorageFull, ValidationFailed
 from app.models import Job, JobKind
 from app.runner import JobRunner
@@ -216,5 +216,25 @@ def test_a_statement_prepared_twice_drops_the_connection(postgres_url: str) -> N
         assert jobs.is_transient(caught.value)
         with engine.connect() as c:
             assert c.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_database_on_a_full_disk_is_a_full_disk_not_an_outage_of_the_database(
+    tmp_path: Path,
+) -> None:
+    """SQLite in the data folder when its disk fills: uploads answer 507 storage_full and jobs
+    wait for space, as when the files themselves do not fit."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'full.db'}")
+    try:
+        with engine.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (b BLOB)")
+            c.exec_driver_sql("PRAGMA max_page_count = 8")  # a disk this small
+        with pytest.raises(OperationalError) as caught, engine.begin() as c:
+            c.exec_driver_sql("INSERT INTO t VALUES (zeroblob(1000000))")
+        assert database_disk_full(caught.value)
+        outage = jobs.outage_of(caught.value)
+        assert outage is not None and outage.code == "storage_full"
+        assert not database_disk_full(db_error(OperationalError))
     finally:
         engine.dispose()
