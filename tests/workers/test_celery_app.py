@@ -344,3 +344,45 @@ def test_a_new_worker_runs_jobs_that_were_never_published_or_lost_their_worker(
     finally:
         next(worker, None)  # stops the worker
         engine.dispose()
+
+
+def test_a_lost_pool_process_resumes_its_job_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's main process reports WorkerLostError (task_failure): the job that task was
+    running goes back to 'queued' and is sent again; another run of it is left alone."""
+    from billiard.exceptions import WorkerLostError
+    from celery import signals
+
+    from tests.fakes import RecordingQueue
+
+    settings = Settings(
+        data_dir=tmp_path, broker_url="", database_url=f"sqlite:///{tmp_path}/j.db"
+    )
+    app = create_celery(settings, warm_model=False)
+    factory = app.job_environment().session_factory
+    migrate(app.container().engine)
+    with session_scope(factory) as s:
+        uid = users.create_user("alice", db_session=s).id
+        job_id = jobs.create_job(db_session=s, user_id=uid, kind=KIND, payload={}).id
+    assert jobs.mark_running(job_id, session_factory=factory, runner="celery:task-1")
+    sent = RecordingQueue()
+    monkeypatch.setattr(app, "publisher", lambda: sent)
+
+    app.resume_lost_run(job_id, "task-0").join(10)  # an older run of it: nothing to do
+    assert sent.job_ids == []
+    app.resume_lost_run(job_id, "task-1").join(10)
+    assert sent.job_ids == [job_id]
+    with factory() as s:
+        assert s.get_one(Job, job_id).state == "queued"
+
+    # The signal handler: only a lost process counts, not a task's own exception.
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(celery_module.celery_app, "resume_lost_run",
+                        lambda j, t: seen.append((j, t)))  # fmt: skip
+    signals.task_failure.send(sender=None, task_id="t1", exception=ValueError("x"), args=["j1"])
+    signals.task_failure.send(
+        sender=None, task_id="t2", exception=WorkerLostError("signal 9"), args=["j2"], kwargs={}
+    )
+    assert seen == [("j2", "t2")]
+    app.container().engine.dispose()
