@@ -356,9 +356,7 @@ def test_a_lost_pool_process_resumes_its_job_at_once(
 
     from tests.fakes import RecordingQueue
 
-    settings = Settings(
-        data_dir=tmp_path, broker_url="", database_url=f"sqlite:///{tmp_path}/j.db"
-    )
+    settings = Settings(data_dir=tmp_path, broker_url="", database_url=f"sqlite:///{tmp_path}/j.db")
     app = create_celery(settings, warm_model=False)
     factory = app.job_environment().session_factory
     migrate(app.container().engine)
