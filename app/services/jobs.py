@@ -124,6 +124,8 @@ def outage_of(error: BaseException) -> Outage | None:
         found = _outage_of_one(e)
         if found is not None:
             return found
+        if isinstance(e, DomainError):  # the handler decided the outcome, whatever came before
+            return None
         e = e.__cause__ or e.__context__
     return None
 

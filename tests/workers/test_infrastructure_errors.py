@@ -73,6 +73,16 @@ def test_a_wrapped_infrastructure_error_is_one_too() -> None:
         assert jobs.is_transient(wrapped)
 
 
+def test_a_domain_error_raised_over_an_outage_is_the_outcome() -> None:
+    try:
+        try:
+            raise db_error(OperationalError)
+        except OperationalError as e:
+            raise ValidationFailed("the concept was deleted meanwhile") from e
+    except ValidationFailed as decided:
+        assert not jobs.is_transient(decided)
+
+
 @pytest.mark.parametrize(
     "error",
     [
