@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -13,8 +15,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, make_url, text
-from sqlalchemy.engine import URL
+from sqlalchemy import Engine, create_engine, event, exc, make_url, text
+from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -61,6 +63,75 @@ def _set_pg_timeouts(dbapi_conn: Any, _record: Any) -> None:
 # Connections beyond the pool size, for the job, heartbeat and reconciler threads.
 POOL_OVERFLOW = 8
 
+# --- no connection crosses a fork -------------------------------------------------------------
+#
+# A forked child (a Celery pool process, started again after one died, is forked from the
+# worker's main process, whose reconciler holds pooled connections) inherits the parent's pooled
+# sockets. Two processes talking over one socket corrupt the session both think they own
+# (psycopg: `prepared statement "_pg3_0" already exists`). Every engine made here therefore
+# (1) forgets its pool in a forked child, without closing the parent's connections, and
+# (2) refuses, at checkout, any connection opened by another process.
+
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _forget_pools_after_fork() -> None:
+    """In a forked child: every engine starts a new, empty pool (the parent's stay open)."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+def _remember_pid(_dbapi_conn: Any, record: Any) -> None:
+    record.info["pid"] = os.getpid()
+
+
+def _refuse_other_process(_dbapi_conn: Any, record: Any, proxy: Any) -> None:
+    """A pooled connection opened by another process is dropped (not closed: it is the other
+    process's) and the pool opens a new one."""
+    pid = os.getpid()
+    if record.info.get("pid", pid) != pid:
+        record.dbapi_connection = proxy.dbapi_connection = None
+        raise exc.DisconnectionError(
+            f"connection opened by process {record.info['pid']}, checked out in {pid}"
+        )
+
+
+# SQLSTATEs that say a connection's session state is not what this process believes (a
+# connection shared with another process, or one left mid-statement): the connection is
+# dropped as a disconnect would be, and the statement fails with a retryable error.
+_BROKEN_SESSION_SQLSTATES = frozenset(
+    {
+        "42P05",  # duplicate_prepared_statement
+        "26000",  # invalid_sql_statement_name (a prepared statement this session lacks)
+        "08P01",  # protocol_violation
+    }
+)
+
+
+def _broken_session_is_a_disconnect(ctx: ExceptionContext) -> None:
+    if getattr(ctx.original_exception, "sqlstate", None) in _BROKEN_SESSION_SQLSTATES:
+        ctx.is_disconnect = True
+
+
+def database_disk_full(error: BaseException) -> bool:
+    """Whether a database error says the database's own disk is full (SQLite: SQLITE_FULL;
+    PostgreSQL: disk_full), as opposed to the database being away."""
+    orig = getattr(error, "orig", None)
+    return (
+        getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL"
+        or getattr(orig, "sqlstate", None) == "53100"
+    )
+
+
+def _guard_forks(engine: Engine) -> Engine:
+    _ENGINES.add(engine)
+    event.listen(engine, "connect", _remember_pid)
+    event.listen(engine, "checkout", _refuse_other_process)
+    return engine
+
 
 def make_engine(url: str, pool_size: int = 5) -> Engine:
     """An engine for `url` (SQLite file, in-memory SQLite, or Postgres via psycopg 3).
@@ -81,15 +152,19 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         )
         if parsed.get_backend_name() == "postgresql":
             event.listen(pg, "connect", _set_pg_timeouts)
-        return pg
+            event.listen(pg, "handle_error", _broken_session_is_a_disconnect)
+        return _guard_forks(pg)
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
-    if parsed.database in (None, "", ":memory:"):
+    database = parsed.database
+    memory = database in (None, "", ":memory:")
+    if memory or database is None:
         kwargs["poolclass"] = StaticPool  # one shared connection, or each sees an empty DB
     else:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, **kwargs)
     event.listen(engine, "connect", _set_sqlite_pragmas)
-    return engine
+    # An in-memory database is its one connection: a child could not open another to it.
+    return engine if memory else _guard_forks(engine)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -35,9 +36,12 @@ from app.logs import configure_logging
 from app.metrics import Metrics
 from app.ml.threads import cpu_count
 from app.runner import JobRunner
+from app.services import images as images_service
 from app.services.index import IndexCache
 from app.services.jobs import JobHandler
 from app.services.search import AdapterCache
+
+log = logging.getLogger(__name__)
 
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -61,6 +65,7 @@ def create_app(
         # Idempotent, and serialised across replicas on Postgres (advisory lock);
         # deployments may also run `polar migrate` first.
         migrate(engine)
+        _sweep_originals(container)
         # Sync routes run in anyio's thread pool (40 by default): bound it to the request
         # threads the database pool was sized for; more requests wait in the event loop.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
@@ -163,6 +168,15 @@ def create_app(
     web.install(app)
     install_openapi(app, limits)
     return app
+
+
+def _sweep_originals(container: bootstrap.Container) -> None:
+    """Remove originals that no row references (left by an upload cut short); the database
+    being unreachable skips it, it never stops the start."""
+    try:
+        images_service.sweep_unreferenced_originals(container.session_factory, container.store)
+    except Exception:
+        log.warning("startup sweep of unreferenced originals skipped", exc_info=True)
 
 
 def create_worker_app() -> FastAPI:

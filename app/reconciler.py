@@ -7,7 +7,11 @@ handed it over, the API process died in between), and a `running` job's worker m
 - `running` with no heartbeat for `dead_after_s` (run_job touches the row every 15 s) -> back
   to `queued` and re-sent;
 - `queued` and untouched for `resend_after_s` -> re-sent (and touched, so at most once per
-  period).
+  period);
+- a re-send the queue refused (the broker away) -> tried again at every pass until it goes;
+- images never embedded (no embedding, no read failure) of a user with no embedding job
+  queued or running, and none touched within `resend_after_s` -> a new `embed_images` job, so
+  accepted photos never stay unsearchable after a job failed or was lost.
 Re-sending is safe: `run_job` claims a job atomically (`mark_running`), so a duplicate delivery of
 a job that is running or done does nothing, and handlers are idempotent.
 
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from app import repositories
 from app.config import JobSettings
-from app.db import session_scope
-from app.models import utcnow
+from app.db import session_scope, transaction_lock
+from app.models import JobKind, utcnow
 from app.services.jobs import JobQueue, SessionFactory
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class ReconcilePolicy:
     resend_after_s: float = 300.0  # a queued job waiting this long is sent again
     interval_s: float = 30.0  # how often to look
     batch: int = 500  # most jobs re-sent per pass
+    images_per_job: int = 5_000  # most pending images one embedding job gets
 
     @classmethod
     def of(cls, cfg: JobSettings) -> ReconcilePolicy:
@@ -52,6 +57,12 @@ class ReconcileReport:
     revived: list[str] = field(default_factory=list)  # running without heartbeat -> re-queued
     resent: list[str] = field(default_factory=list)  # queued too long -> sent again
     failed: list[str] = field(default_factory=list)  # the queue refused them (stay queued)
+    embedding: list[str] = field(default_factory=list)  # new jobs for unclaimed pending images
+
+
+# Serialises the check for unclaimed pending images with the jobs it creates, across every
+# process reconciling one database (two passes at once would each create one).
+_PENDING_IMAGES_LOCK = 0x504F4C4150  # "POLAP"
 
 
 def reconcile_once(
@@ -60,8 +71,11 @@ def reconcile_once(
     policy: ReconcilePolicy,
     *,
     skip: Callable[[str], bool] = lambda _job_id: False,
+    unsent: Sequence[str] = (),
 ) -> ReconcileReport:
-    """One pass: revive dead running jobs and re-send long-waiting queued ones.
+    """One pass: revive dead running jobs, re-send long-waiting queued ones and those of
+    `unsent` (a previous pass's refused re-sends) still queued, and give unclaimed pending
+    images a job.
 
     `skip(job_id)` says a job is known to be on its way already (the embedded runner's own
     backlog), so it is not sent twice.
@@ -74,8 +88,11 @@ def reconcile_once(
         waiting = repositories.take_waiting_jobs(
             db_session=s, before=now - timedelta(seconds=policy.resend_after_s), limit=policy.batch
         )
-    report = ReconcileReport()
-    for job_id in [*dead, *(j for j in waiting if j not in dead)]:
+        still = set(repositories.queued_among(db_session=s, job_ids=unsent)) if unsent else set()
+    embedding = _embed_unclaimed_images(session_factory, policy, now)
+    report = ReconcileReport(embedding=embedding)
+    retry = [j for j in unsent if j in still]
+    for job_id in dict.fromkeys([*dead, *waiting, *retry, *embedding]):
         if skip(job_id):
             continue
         try:
@@ -85,11 +102,43 @@ def reconcile_once(
                         extra={"job_id": job_id})  # fmt: skip
             report.failed.append(job_id)
             continue
-        (report.revived if job_id in dead else report.resent).append(job_id)
+        if job_id in dead:
+            report.revived.append(job_id)
+        elif job_id not in embedding:
+            report.resent.append(job_id)
     if report.revived or report.resent:
         log.info("reconciler: %d running job(s) without heartbeat re-queued, %d waiting job(s) "
                  "re-sent", len(report.revived), len(report.resent))  # fmt: skip
+    if embedding:
+        log.warning("reconciler: %d embedding job(s) created for photos that no job was "
+                    "embedding", len(embedding))  # fmt: skip
     return report
+
+
+def _embed_unclaimed_images(
+    session_factory: SessionFactory, policy: ReconcilePolicy, now: datetime
+) -> list[str]:
+    """A new embed_images job (committed) for each user whose pending images no job claims."""
+    created: list[str] = []
+    with session_scope(session_factory) as s:
+        transaction_lock(s, _PENDING_IMAGES_LOCK)
+        users = repositories.users_with_unclaimed_pending_images(
+            db_session=s,
+            quiet_since=now - timedelta(seconds=policy.resend_after_s),
+            limit=policy.batch,
+        )
+        for user_id in users:
+            ids = repositories.pending_image_ids(
+                db_session=s, user_id=user_id, limit=policy.images_per_job
+            )
+            job = repositories.add_job(
+                db_session=s,
+                user_id=user_id,
+                kind=JobKind.EMBED_IMAGES.value,
+                payload={"image_ids": ids},
+            )
+            created.append(job.id)
+    return created
 
 
 class Reconciler:
@@ -109,6 +158,7 @@ class Reconciler:
         self.skip = skip
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unsent: list[str] = []  # re-sends the queue refused, tried again next pass
 
     def start(self) -> None:
         assert self._thread is None, "start() once"
@@ -123,6 +173,13 @@ class Reconciler:
     def _loop(self) -> None:
         while not self._stop.wait(self.policy.interval_s):
             try:
-                reconcile_once(self.session_factory, self.queue, self.policy, skip=self.skip)
+                report = reconcile_once(
+                    self.session_factory,
+                    self.queue,
+                    self.policy,
+                    skip=self.skip,
+                    unsent=self._unsent,
+                )
+                self._unsent = report.failed[: self.policy.batch]
             except Exception:  # the database may be away; the next pass tries again
                 log.warning("reconciler pass failed", exc_info=True)

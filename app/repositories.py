@@ -161,6 +161,13 @@ def storage_path_in_use(*, db_session: Session, storage_path: str) -> bool:
     return bool(db_session.scalar(select(or_(in_images, in_examples))))
 
 
+def referenced_storage_paths(*, db_session: Session) -> set[str]:
+    """Every stored file some row points at (any user, images and concept examples)."""
+    return set(db_session.scalars(select(Image.storage_path).distinct())) | set(
+        db_session.scalars(select(ConceptExample.storage_path).distinct())
+    )
+
+
 def add_job(*, db_session: Session, user_id: str, kind: str, payload: dict[str, Any]) -> Job:
     """A new queued job (flushed, so it has its id; the caller commits)."""
     job = Job(user_id=user_id, kind=kind, state=JobState.QUEUED.value, payload=payload)
@@ -224,6 +231,64 @@ def take_waiting_jobs(*, db_session: Session, before: datetime, limit: int) -> l
             .execution_options(synchronize_session=False)
         )
     return ids
+
+
+# Jobs that embed a user's images not embedded yet (a library scan queues an embed job).
+EMBEDDING_JOB_KINDS = (
+    JobKind.EMBED_IMAGES.value,
+    JobKind.REBUILD_INDEX.value,
+    JobKind.SCAN_LIBRARY.value,
+)
+
+
+def users_with_unclaimed_pending_images(
+    *, db_session: Session, quiet_since: datetime, limit: int
+) -> list[str]:
+    """Users with images never embedded (no embedding and no recorded read failure) that no
+    job will embed: none of an embedding kind is queued or running, and none was touched since
+    `quiet_since` (a job that just ended, even failed, is not replaced at once)."""
+    claimed = exists().where(
+        Job.user_id == Image.user_id,
+        Job.kind.in_(EMBEDDING_JOB_KINDS),
+        or_(
+            Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]),
+            Job.updated_at >= quiet_since,
+        ),
+    )
+    return list(
+        db_session.scalars(
+            select(Image.user_id)
+            .where(Image.embedding.is_(None), Image.embed_error.is_(None), ~claimed)
+            .distinct()
+            .order_by(Image.user_id)
+            .limit(limit)
+        )
+    )
+
+
+def pending_image_ids(*, db_session: Session, user_id: str, limit: int) -> list[str]:
+    """Up to `limit` of the user's images never embedded and not failed, oldest first."""
+    return list(
+        db_session.scalars(
+            select(Image.id)
+            .where(
+                Image.user_id == user_id,
+                Image.embedding.is_(None),
+                Image.embed_error.is_(None),
+            )
+            .order_by(Image.created_at, Image.id)
+            .limit(limit)
+        )
+    )
+
+
+def queued_among(*, db_session: Session, job_ids: Sequence[str]) -> list[str]:
+    """Those of `job_ids` that are still 'queued'."""
+    return list(
+        db_session.scalars(
+            select(Job.id).where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED.value)
+        )
+    )
 
 
 def queued_job_ids(*, db_session: Session) -> list[str]:

@@ -136,30 +136,33 @@ class JobRunner:
             if self._stopping.is_set():
                 return  # still 'queued' in the database
             try:
-                jobs.run_job(job_id, self.env, should_stop=self._stopping.is_set)
+                jobs.run_job(
+                    job_id,
+                    self.env,
+                    should_stop=self._stopping.is_set,
+                    runner=jobs.embedded_runner_name(),
+                )
                 return
             except JobInterrupted:
                 log.info("job %s interrupted by shutdown; it will run after the next start", job_id)
                 return
-            except jobs.TRANSIENT_ERRORS as e:
+            except Exception as e:
+                outage = jobs.outage_of(e)
+                if outage is None:
+                    log.exception("job %s: the runner caught an unexpected error", job_id)
+                    return
                 if attempt == len(self.retry_delays):
-                    self._give_up(job_id, e)
+                    self._give_up(job_id, e, outage)
                     return
                 # wait() returns early on shutdown: the job stays queued for the next start.
                 self._stopping.wait(self.retry_delays[attempt])
-            except Exception:
-                log.exception("job %s: the runner caught an unexpected error", job_id)
-                return
 
-    def _give_up(self, job_id: str, error: BaseException) -> None:
+    def _give_up(self, job_id: str, error: BaseException, outage: jobs.Outage) -> None:
         try:
             log.error("job %s: giving up after %d retries: %s", job_id, len(self.retry_delays),
                       error, extra={"job_id": job_id})  # fmt: skip
             jobs.mark_failed(
-                job_id,
-                jobs.RETRIES_EXHAUSTED,
-                jobs.RETRIES_EXHAUSTED_MESSAGE,
-                session_factory=self.session_factory,
+                job_id, outage.code, outage.message, session_factory=self.session_factory
             )
         except Exception:
             log.exception("could not mark job %s failed", job_id)

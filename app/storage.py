@@ -257,7 +257,7 @@ class ImageStore:
         relpath = self.original_relpath(staged.sha256, staged.ext)
         dest = self.path(relpath)
         created = False
-        if dest.exists():
+        if _touch(dest):  # stored already; touched, so the startup sweep leaves it alone
             staged.temp_path.unlink(missing_ok=True)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -267,8 +267,37 @@ class ImageStore:
             created = True
         thumb = self.path(self.thumbnail_relpath(relpath))
         if not thumb.exists():
-            _atomic_write(thumb, staged.thumbnail)
+            try:
+                _atomic_write(thumb, staged.thumbnail)
+            except BaseException:
+                if created:  # the disk filled up between the two: no original without a row
+                    dest.unlink(missing_ok=True)
+                raise
         return relpath, created
+
+    def originals(self) -> Iterator[tuple[str, float]]:
+        """(storage_path, modification time) of every stored original."""
+        base = self.root / "originals"
+        if not base.is_dir():
+            return
+        for path in base.glob("*/*/*"):
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield path.relative_to(self.root).as_posix(), st.st_mtime
+
+    def delete_if_older(self, storage_path: str, cutoff: float) -> bool:
+        """Delete an original (and its thumbnail) unless it was written or touched since
+        `cutoff` (an upload may be storing it right now); whether it was deleted."""
+        try:
+            if self.path(storage_path).lstat().st_mtime >= cutoff:
+                return False
+        except FileNotFoundError:
+            return False
+        self.delete(storage_path)
+        return True
 
     def cache_thumbnail(self, sha256: str, ext: str, thumbnail: bytes) -> str:
         """Cache a library file's thumbnail; returns the content address (storage_path) that
@@ -300,6 +329,15 @@ class ImageStore:
         """Remove an original and its thumbnail (callers check nothing references them)."""
         self.path(storage_path).unlink(missing_ok=True)
         self.path(self.thumbnail_relpath(storage_path)).unlink(missing_ok=True)
+
+
+def _touch(path: Path) -> bool:
+    """Set the file's modification time to now; False when there is no such file."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _copy_limited(stream: BinaryStream, out: BinaryIO, max_bytes: int) -> tuple[str, int]:

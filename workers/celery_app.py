@@ -7,10 +7,12 @@ The worker's wiring (database, storage, model, handler table) comes from the com
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+from billiard.exceptions import WorkerLostError
 from celery import Celery, signals
 
 from app.bootstrap import Container, build
@@ -19,8 +21,9 @@ from app.library_monitor import LibraryMonitor
 from app.logs import configure_logging
 from app.priority import lower_this_process
 from app.reconciler import ReconcilePolicy, Reconciler
+from app.services import jobs
 from app.services.jobs import JobEnvironment, JobHandler
-from workers.queue import CeleryQueue, celery_config
+from workers.queue import CeleryQueue, celery_config, runner_name
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +40,64 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         self._container: Container | None = None
         self._reconciler: Reconciler | None = None
         self._monitor: LibraryMonitor | None = None
+        self._publisher: CeleryQueue | None = None
+        self._handlers: Mapping[str, JobHandler] | None = None  # None: the service's table
+        self._built_in = os.getpid()  # the process that built _container
 
     def container(self) -> Container:
         """This process's wiring (built on first use)."""
         with self._lock:
             if self._container is None:
-                self._container = build(self.settings)
+                self._container = build(self.settings, handlers=self._handlers)
+                self._built_in = os.getpid()
             return self._container
+
+    def forget_parent(self) -> None:
+        """In a pool process just forked from the worker's main process: drop the wiring it
+        inherited (its pooled database connections are the parent's, open in the parent; its
+        locks may have been held by a thread that did not come along), and build afresh."""
+        if self._built_in == os.getpid():
+            return  # not forked (the solo pool runs tasks in the main process)
+        self._lock = threading.RLock()
+        container, self._container = self._container, None
+        self._reconciler = self._monitor = self._publisher = None
+        if container is not None:
+            container.engine.dispose(close=False)  # not closed: they are the parent's
+
+    def resume_lost_run(self, job_id: str, task_id: str) -> threading.Thread:
+        """A pool process died running `job_id` (task `task_id`): put the job back to 'queued'
+        and send it again now, not after the heartbeat deadline. In a thread: the worker's
+        main loop must not wait on the database."""
+
+        def resume() -> None:
+            try:
+                factory = self.job_environment().session_factory
+                if not jobs.requeue_lost_run(job_id, runner_name(task_id), session_factory=factory):
+                    return  # finished meanwhile, or another delivery holds it
+                log.warning("job %s lost its worker process; re-queued and sent again", job_id,
+                            extra={"job_id": job_id})  # fmt: skip
+                self.publisher().enqueue(job_id)
+            except Exception:  # the database may be away: the heartbeat deadline catches it
+                log.warning("could not re-queue job %s after its process was lost", job_id,
+                            exc_info=True, extra={"job_id": job_id})  # fmt: skip
+
+        thread = threading.Thread(target=resume, name="polar-resume-lost", daemon=True)
+        thread.start()
+        return thread
+
+    def publisher(self) -> CeleryQueue:
+        """This process's background publisher (sends again once the broker answers)."""
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = CeleryQueue(self)
+            return self._publisher
 
     def use_handlers(self, handlers: Mapping[str, JobHandler]) -> None:
         """Run jobs with this handler table instead of the service's (tests)."""
         with self._lock:
+            self._handlers = handlers
             self._container = build(self.settings, handlers=handlers)
+            self._built_in = os.getpid()
 
     def job_environment(self) -> JobEnvironment:
         return self.container().jobs
@@ -123,10 +172,29 @@ def _on_worker_shutdown(**_: Any) -> None:
     celery_app.stop_reconciler()
 
 
+@signals.task_failure.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _on_task_failure(
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    """The worker's main process saw a pool process die mid-task (WorkerLostError: killed,
+    out of memory): its job resumes at once."""
+    if not isinstance(exception, WorkerLostError) or task_id is None:
+        return
+    job_id = args[0] if args else (kwargs or {}).get("job_id")
+    if isinstance(job_id, str):
+        celery_app.resume_lost_run(job_id, task_id)
+
+
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_worker_process_init(**_: Any) -> None:
-    """Each worker process runs at the jobs' lower CPU priority (app/priority.py) and loads the
-    model once, before its first task needs it."""
+    """Each worker process starts with wiring of its own (nothing of the main process's
+    crosses the fork: app/db.py), runs at the jobs' lower CPU priority (app/priority.py) and
+    loads the model once, before its first task needs it."""
+    celery_app.forget_parent()
     lower_this_process(celery_app.settings.jobs.nice)
     if celery_app.warm_model_at_start:
         celery_app.warm_model()

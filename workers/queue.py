@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +21,15 @@ RUN_JOB_TASK = "polar.run_job"
 BROKER_TIMEOUT_S = 5.0
 # Job ids waiting to be published; beyond this, new ones are left to the reconciler.
 PUBLISH_BACKLOG = 10_000
+# After a failed publish, the broker is tried again this often (doubling up to the max), so
+# jobs accepted while it was away are sent within about a second of its return.
+REPUBLISH_FIRST_S = 0.25
+REPUBLISH_MAX_S = 1.0
+
+
+def runner_name(task_id: str) -> str:
+    """The `runner` of a job run by the Celery task `task_id` (jobs.runner)."""
+    return f"celery:{task_id}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -27,10 +37,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url or None,
         "result_backend": settings.broker_url or None,
-        # A task is acknowledged only once it has finished, so a worker that dies mid-task
-        # (OOM, node lost) hands it back to the queue; run_job is idempotent, so a rerun is safe.
+        # A task is acknowledged only once it has finished, so a worker whose host is lost
+        # mid-task leaves it in Redis; run_job is idempotent, so a rerun is safe. A pool process
+        # that dies under a living worker is reported (WorkerLostError) and its job re-queued
+        # and sent again at once (workers/celery_app.py): the message is acknowledged, not put
+        # back, as the job would still read 'running' when it came round.
         "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
+        "task_reject_on_worker_lost": False,
         # Training and embedding are long and hold the model: take one task at a time.
         "worker_prefetch_multiplier": 1,
         "task_serializer": "json",
@@ -65,8 +78,10 @@ class CeleryQueue:
     """Publishes job ids to the broker by task name, so the API never imports the task module.
 
     `enqueue` never blocks the caller: ids go to one publishing thread. If the broker is down
-    or frozen the publish fails after BROKER_TIMEOUT_S and the job simply stays `queued` in the
-    database, where the reconciler (app/reconciler.py) finds it and sends it again.
+    or frozen the publish fails after BROKER_TIMEOUT_S and the job stays `queued` in the
+    database; the thread keeps the ids that failed and tries the broker again every second at
+    most, so they are sent as soon as it answers. (Should this process die first, the
+    reconciler, app/reconciler.py, finds them in the database and sends them.)
     """
 
     def __init__(self, celery: Celery, *, background: bool = True) -> None:
@@ -75,6 +90,8 @@ class CeleryQueue:
         self._ids: queue.Queue[str] = queue.Queue(PUBLISH_BACKLOG)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Ids whose publish failed, oldest first (only the publishing thread touches it).
+        self._unsent: OrderedDict[str, None] = OrderedDict()
 
     def enqueue(self, job_id: str) -> None:
         """Have the job published; raises only in the foreground mode (the reconciler's)."""
@@ -93,7 +110,7 @@ class CeleryQueue:
         self.celery.send_task(RUN_JOB_TASK, args=[job_id], retry=False)
 
     def join(self, timeout: float = 10.0) -> bool:
-        """Wait until every enqueued id was handed to the broker or given up (tests)."""
+        """Wait until every enqueued id was tried once (tests)."""
         done = threading.Event()
 
         def wait() -> None:
@@ -111,13 +128,52 @@ class CeleryQueue:
                 )
                 self._thread.start()
 
+    @property
+    def unsent(self) -> list[str]:
+        """Ids whose publish failed and that wait for the broker, oldest first."""
+        return list(self._unsent)
+
     def _publish_forever(self) -> None:
+        wait = REPUBLISH_FIRST_S
         while True:
-            job_id = self._ids.get()
+            try:
+                # With nothing unsent, wait for work; else only until the next try.
+                job_id = self._ids.get(timeout=wait if self._unsent else None)
+            except queue.Empty:
+                wait = REPUBLISH_FIRST_S if self._republish() else min(2 * wait, REPUBLISH_MAX_S)
+                continue
             try:
                 self.publish(job_id)
             except Exception:
-                log.warning("publishing job %s failed; it stays queued for the reconciler",
-                            job_id, exc_info=True, extra={"job_id": job_id})  # fmt: skip
+                log.warning("publishing job %s failed; it stays queued and is sent again once "
+                            "the broker answers", job_id, exc_info=True,
+                            extra={"job_id": job_id})  # fmt: skip
+                self._keep(job_id)
+            else:
+                if self._unsent:  # the broker answers again
+                    self._republish()
+                    wait = REPUBLISH_FIRST_S
             finally:
                 self._ids.task_done()
+
+    def _keep(self, job_id: str) -> None:
+        if len(self._unsent) >= PUBLISH_BACKLOG:
+            log.warning("too many unsent jobs; job %s waits for the reconciler", job_id)
+            return
+        self._unsent[job_id] = None
+
+    def _republish(self) -> bool:
+        """Send the unsent ids, oldest first, until one fails; whether all went."""
+        sent = 0
+        while self._unsent:
+            job_id = next(iter(self._unsent))
+            try:
+                self.publish(job_id)
+            except Exception:
+                if sent:
+                    log.info("broker back: %d waiting job(s) sent, more wait", sent)
+                return False
+            del self._unsent[job_id]
+            sent += 1
+        log.info("broker back: %d waiting job(s) sent", sent)
+        return True

@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.forms import InvalidUtf8Form
+from app.db import database_disk_full
 from app.errors import (
     ClientNotAllowed,
     Conflict,
@@ -224,6 +225,14 @@ async def handle_validation_error(_request: Request, exc: Exception) -> JSONResp
 
 
 async def handle_database_down(request: Request, exc: Exception) -> JSONResponse:
+    if database_disk_full(exc):  # the database lives on the disk that filled up
+        log.warning("database disk full: %s", exc.__class__.__name__, exc_info=exc)
+        return await handle_domain_error(
+            request,
+            StorageFull(
+                "the server's disk is full; nothing was stored. Try again once space is freed"
+            ),
+        )
     log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=exc)
     return await handle_domain_error(
         request,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +18,11 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import repositories
 from app.config import LimitSettings
-from app.db import transaction_lock
+from app.db import session_scope, transaction_lock
 from app.errors import (
     Conflict,
     DomainError,
@@ -334,6 +335,48 @@ def delete_image(user_id: str, image_id: str, *, db_session: Session, store: Ima
     # After the commit: a concurrent upload of the same content either committed first (and
     # keeps the file) or re-creates it in store.commit.
     delete_unused_files(db_session, store, [storage_path])
+
+
+# An original younger than this may belong to an upload whose row is not committed yet.
+SWEEP_MIN_AGE_S = 3600.0
+_SWEEP_LOG_PATHS = 20  # paths named in the sweep's log line; the rest are counted
+
+
+def sweep_unreferenced_originals(
+    session_factory: sessionmaker[Session],
+    store: ImageStore,
+    *,
+    min_age_s: float = SWEEP_MIN_AGE_S,
+    now: float | None = None,
+) -> list[str]:
+    """Delete stored originals (and their thumbnails) that no row references, older than
+    `min_age_s` (an upload moved in place but interrupted before its commit, by a crash or a
+    full disk); their storage paths, also logged.
+
+    Only on the database's word: if it cannot be asked the error propagates and nothing is
+    deleted, and a database that references no file at all while originals exist (the wrong
+    database, or an empty one) is not believed: nothing is deleted either.
+    """
+    cutoff = (time.time() if now is None else now) - min_age_s
+    candidates = [path for path, mtime in store.originals() if mtime < cutoff]
+    if not candidates:
+        return []
+    with session_scope(session_factory) as s:
+        referenced = repositories.referenced_storage_paths(db_session=s)
+    if not referenced:
+        log.warning(
+            "startup sweep skipped: the database references no stored file, yet %d "
+            "original(s) are stored; check POLAR_DATABASE_URL",
+            len(candidates),
+        )
+        return []
+    removed = [p for p in candidates if p not in referenced and store.delete_if_older(p, cutoff)]
+    if removed:
+        named = ", ".join(removed[:_SWEEP_LOG_PATHS])
+        more = len(removed) - _SWEEP_LOG_PATHS
+        log.warning("startup sweep removed %d original(s) that no row references: %s%s",
+                    len(removed), named, f" and {more} more" if more > 0 else "")  # fmt: skip
+    return removed
 
 
 def delete_unused_files(db_session: Session, store: ImageStore, paths: Sequence[str]) -> None:

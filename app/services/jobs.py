@@ -9,21 +9,23 @@ the job calls `run_job(job_id, env)`, which looks the handler up in `env.handler
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import update
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import repositories
 from app.config import Settings
-from app.db import session_scope
-from app.errors import DomainError, NotFound
+from app.db import database_disk_full, session_scope
+from app.errors import DomainError, NotFound, StorageUnavailable
 from app.models import Job, JobKind, JobState, utcnow
 from app.repositories import Page
 from app.storage import ImageStore
@@ -34,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Errors worth another attempt later (database or broker briefly away); anything else is final.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError, TimeoutError)
 # Progress writes at most this often per job (a 500-step training loop reports every step).
 PROGRESS_MIN_INTERVAL_S = 0.5
 # A running job's row is touched this often; one untouched for much longer lost its worker
@@ -54,6 +54,112 @@ RETRIES_EXHAUSTED_MESSAGE = (
     "the job could not run: the database or the broker stayed unavailable through every retry. "
     "Try again once the service is healthy"
 )
+
+
+# --- infrastructure errors: retried, never the job's fault -------------------------------------
+
+
+@dataclass(frozen=True)
+class Outage:
+    """What was unavailable when a job met an infrastructure error: the code and message the
+    job fails with if it is still unavailable after every retry."""
+
+    code: str
+    message: str
+
+
+DATABASE_OUTAGE = Outage(
+    "database_unavailable",
+    "the job could not run: the database stayed unavailable through every retry. Its photos "
+    "are picked up again by themselves once the database is back",
+)
+BROKER_OUTAGE = Outage(
+    "broker_unavailable",
+    "the job could not run: the broker (Redis) stayed unavailable through every retry",
+)
+STORAGE_FULL_OUTAGE = Outage(
+    "storage_full", "the job could not run: the server's disk stayed full through every retry"
+)
+STORAGE_OUTAGE = Outage(
+    "storage_unavailable",
+    "the job could not run: the server's data folder stayed unreadable or read-only through "
+    "every retry",
+)
+NETWORK_OUTAGE = Outage(RETRIES_EXHAUSTED, RETRIES_EXHAUSTED_MESSAGE)
+INTERNAL_FAULT = Outage(INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE)  # not an outage: a bug
+
+# The file system failing, not a file being bad: worth another attempt.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_STORAGE_ERRNOS = frozenset(
+    {errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ESTALE, errno.EAGAIN}
+)
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """The broker client's connection errors (kombu's and redis-py's, where installed)."""
+    found: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from kombu.exceptions import OperationalError as KombuOperationalError
+
+        found.append(KombuOperationalError)
+    with contextlib.suppress(ImportError):
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        found += [RedisConnectionError, RedisTimeoutError]
+    return tuple(found)
+
+
+_BROKER_ERRORS = _broker_errors()
+
+
+def outage_of(error: BaseException) -> Outage | None:
+    """The outage behind `error` when it is the machinery's (the database, the broker or the
+    file system away, full or in a bad state), not the job's input or a bug: the job is retried
+    with backoff, and fails only when the outage outlasts every retry. None otherwise."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # an error raised while handling another
+        seen.add(id(e))
+        found = _outage_of_one(e)
+        if found is not None:
+            return found
+        if isinstance(e, DomainError):  # the handler decided the outcome, whatever came before
+            return None
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _outage_of_one(e: BaseException) -> Outage | None:
+    if isinstance(e, sa_exc.DBAPIError):
+        if database_disk_full(e):
+            return STORAGE_FULL_OUTAGE
+        # Connection gone, server restarting, pool state broken (a statement another process
+        # prepared on a shared connection): the statement itself was fine.
+        broken = isinstance(
+            e, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.InternalError
+        )
+        return DATABASE_OUTAGE if broken or e.connection_invalidated else None
+    if isinstance(e, sa_exc.TimeoutError | sa_exc.DisconnectionError):  # no pooled connection
+        return DATABASE_OUTAGE
+    if isinstance(e, _BROKER_ERRORS):
+        return BROKER_OUTAGE
+    if isinstance(e, StorageUnavailable):  # a write to the data folder refused (full, read-only)
+        return STORAGE_FULL_OUTAGE if e.code == STORAGE_FULL_OUTAGE.code else STORAGE_OUTAGE
+    if isinstance(e, ConnectionError | TimeoutError):
+        return NETWORK_OUTAGE
+    if isinstance(e, OSError):
+        if e.errno in _FULL_ERRNOS:
+            return STORAGE_FULL_OUTAGE
+        if e.errno in _STORAGE_ERRNOS:
+            return STORAGE_OUTAGE
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a job that raised `error` is worth another attempt later (`outage_of`)."""
+    return outage_of(error) is not None
+
 
 SessionFactory = sessionmaker[Session]
 ProgressCallback = Callable[[float], None]
@@ -202,9 +308,17 @@ def set_progress(job_id: str, fraction: float, *, session_factory: SessionFactor
     ProgressThrottle(job_id, session_factory)(fraction)
 
 
-def mark_running(job_id: str, *, session_factory: SessionFactory) -> bool:
+def embedded_runner_name() -> str:
+    """The `runner` of jobs that this process's embedded runner claims."""
+    return f"embedded:{os.getpid()}"
+
+
+def mark_running(
+    job_id: str, *, session_factory: SessionFactory, runner: str | None = None
+) -> bool:
     """Claim the job: -> running (one more attempt, progress from 0) unless it is running or
-    succeeded already; whether this caller got it. Two deliveries never run one job at once."""
+    succeeded already; whether this caller got it. Two deliveries never run one job at once.
+    `runner` names this run (a Celery task id), so a lost run can be put back by its name."""
     with session_scope(session_factory) as s:
         result = s.execute(
             update(Job)
@@ -216,12 +330,26 @@ def mark_running(job_id: str, *, session_factory: SessionFactory) -> bool:
                 state=JobState.RUNNING.value,
                 progress=0.0,
                 attempts=Job.attempts + 1,
+                runner=runner,
                 started_at=utcnow(),
                 finished_at=None,
                 error_code=None,
                 error_message=None,
                 updated_at=utcnow(),
             )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+
+def requeue_lost_run(job_id: str, runner: str, *, session_factory: SessionFactory) -> bool:
+    """A run whose process was lost (its worker says so) -> 'queued', only if the job is still
+    running under that run's name (another delivery may hold it by now); whether it was."""
+    with session_scope(session_factory) as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.runner == runner)
+            .values(state=JobState.QUEUED.value, updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
         return bool(getattr(result, "rowcount", 0))
@@ -310,12 +438,18 @@ def mark_failed(job_id: str, code: str, message: str, *, session_factory: Sessio
 
 
 def run_job(
-    job_id: str, env: JobEnvironment, *, should_stop: Callable[[], bool] | None = None
+    job_id: str,
+    env: JobEnvironment,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    runner: str | None = None,
 ) -> None:
-    """Run one job to 'succeeded' or 'failed'; transient errors propagate (the caller retries).
+    """Run one job to 'succeeded' or 'failed'; infrastructure errors (`is_transient`) leave it
+    'queued' and propagate (the caller retries with backoff).
 
     Idempotent: a job that already succeeded (a redelivered task) is left alone.
-    `should_stop` lets the embedded runner interrupt a job at its next progress report.
+    `should_stop` lets the embedded runner interrupt a job at its next progress report;
+    `runner` names this run in the row (`mark_running`).
     """
     factory = env.session_factory
     with session_scope(factory) as s:
@@ -338,7 +472,7 @@ def run_job(
             session_factory=factory,
         )
         return
-    if not mark_running(job_id, session_factory=factory):
+    if not mark_running(job_id, session_factory=factory, runner=runner):
         # Another delivery holds it (running) or finished it: a duplicate message, dropped.
         log.info("job %s is running or done elsewhere; this delivery does nothing", job_id,
                  extra=fields)  # fmt: skip
@@ -366,18 +500,18 @@ def run_job(
         log.info("job %s interrupted by shutdown; back to queued", job_id, extra=took())
         mark_queued(job_id, session_factory=factory)
         raise
-    except TRANSIENT_ERRORS:
-        log.warning("job %s hit a transient error; it will be retried", job_id, exc_info=True,
-                    extra=took())  # fmt: skip
-        # If the database itself is away, the retry sets the state instead.
-        with contextlib.suppress(*TRANSIENT_ERRORS):
-            mark_queued(job_id, session_factory=factory)
-        raise
-    except DomainError as e:
-        log.info("job %s failed: %s (%s)", job_id, e.message, e.code, extra=took())
-        mark_failed(job_id, e.code, e.message, session_factory=factory)
-        return
-    except Exception:
+    except Exception as e:
+        if is_transient(e):
+            log.warning("job %s hit an infrastructure error; it will be retried", job_id,
+                        exc_info=True, extra=took())  # fmt: skip
+            # If the database itself is away, the retry sets the state instead.
+            with contextlib.suppress(Exception):
+                mark_queued(job_id, session_factory=factory)
+            raise
+        if isinstance(e, DomainError):
+            log.info("job %s failed: %s (%s)", job_id, e.message, e.code, extra=took())
+            mark_failed(job_id, e.code, e.message, session_factory=factory)
+            return
         log.exception("job %s crashed", job_id, extra=took())
         mark_failed(job_id, INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE, session_factory=factory)
         return

@@ -323,8 +323,12 @@ def _save(ctx: JobContext, concept_id: str, version: int, fitted: Adapter) -> No
 
 
 def _mark_failed(ctx: JobContext, concept_id: str, version: int, error: BaseException) -> None:
-    """Set the concept `failed` if this job's version is still the current one."""
-    if isinstance(error, DomainError):
+    """Set the concept `failed` if this job's version is still the current one. An outage
+    (`jobs.outage_of`) says so: the job is retried, and a retry that succeeds sets it `ready`."""
+    outage = jobs.outage_of(error)
+    if outage is not None:
+        failure = {"code": outage.code, "message": outage.message}
+    elif isinstance(error, DomainError):
         failure = {"code": error.code, "message": error.message}
     else:
         # The exception itself is in the job's log line, not in what the client reads.

@@ -7,6 +7,7 @@ test's folder and serve the bundled demo model.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,18 +100,27 @@ class Stack:
                              check=True, capture_output=True, text=True)  # fmt: skip
         return out.stdout
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, pool: str = "solo") -> subprocess.Popen[bytes]:
+        """A `celery worker` (its main process); `pool="prefork"` runs tasks in one forked
+        pool process, which the main process replaces when it dies."""
         n = len(self.workers)
+        concurrency = ["-c", "1"] if pool == "prefork" else []
         with (self.tmp / f"worker{n}.log").open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P",
-                 "solo", "-n", f"faults{n}-{uuid.uuid4().hex[:6]}@%h", "--loglevel=INFO",
-                 "--without-gossip", "--without-mingle"],
+                 pool, *concurrency, "-n", f"faults{n}-{uuid.uuid4().hex[:6]}@%h",
+                 "--loglevel=INFO", "--without-gossip", "--without-mingle"],
                 env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         self.workers.append(proc)
         return proc
+
+    @staticmethod
+    def pool_processes(worker: subprocess.Popen[bytes]) -> list[int]:
+        """The pids of a prefork worker's pool processes (its main process's children)."""
+        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+        return [int(p) for p in children.read_text().split()] if children.exists() else []
 
     def worker_log(self, n: int) -> str:
         return (self.tmp / f"worker{n}.log").read_text(errors="replace")
@@ -132,13 +142,25 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def database_url(tmp_path: Path) -> str:
+    """The scenario's database: a SQLite file (tests override it with PostgreSQL)."""
+    return f"sqlite:///{(tmp_path / 'polar.db').as_posix()}"
+
+
+@pytest.fixture
+def env_overrides() -> dict[str, str]:
+    """Settings a test module sets for every process of its scenarios."""
+    return {}
+
+
+@pytest.fixture
+def stack(tmp_path: Path, database_url: str, env_overrides: dict[str, str]) -> Iterator[Stack]:
     private = PrivateRedis(free_port(), tmp_path / "redis.log")
     private.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLAR_")}
     env |= {
         "POLAR_DATA_DIR": str(tmp_path / "data"),
-        "POLAR_DATABASE_URL": f"sqlite:///{(tmp_path / 'polar.db').as_posix()}",
+        "POLAR_DATABASE_URL": database_url,
         "POLAR_BROKER_URL": private.url,
         "POLAR_MODEL__NAME": DEMO_MODEL_NAME,
         "POLAR_MODEL__PRETRAINED": str(demo_checkpoint_path()),
@@ -151,6 +173,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    env |= env_overrides
     s = Stack(tmp_path, private, env)
     s.cli("migrate")
     try:
@@ -171,3 +194,15 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
             base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=20
         ) as client:
             yield client
+
+
+def report_recovery(what: str, seconds: float) -> None:
+    """A measured recovery time: printed (`pytest -s`), and added to the JSON file named by
+    POLAR_FAULTS_TIMINGS when set (the README's "when a dependency fails" table quotes them)."""
+    print(f"\nrecovery: {what}: {seconds:.1f} s")
+    out = os.environ.get("POLAR_FAULTS_TIMINGS")
+    if out:
+        path = Path(out)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault(what, []).append(round(seconds, 2))
+        path.write_text(json.dumps(data, indent=2) + "\n")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.faults.conftest import Stack, wait_until
+from tests.faults.conftest import Stack, report_recovery, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -71,6 +72,31 @@ def test_jobs_accepted_while_redis_is_down_run_once_it_is_back(stack: Stack, api
     index = api.get("/index").json()
     assert (index["images"], index["embedded"]) == (6, 6)
     assert api.get(f"/concepts/{concept.json()['concept']['id']}").json()["state"] == "ready"
+
+
+def test_jobs_whose_publish_failed_are_sent_as_soon_as_redis_answers(
+    stack: Stack, api: httpx.Client
+) -> None:
+    """Issue 28: not after the reconciler's re-send age (set far beyond the test here), but as
+    soon as the broker answers: the API keeps trying the ids it could not publish."""
+    stack.env["POLAR_JOBS__RESEND_AFTER_S"] = "3600"
+    stack.start_worker()
+    warm = upload(api, 0, 2)
+    assert finished(api, warm["job"]["id"])["state"] == "succeeded", stack.worker_log(0)
+    stack.redis.stop()
+    accepted = [upload(api, 10 + 3 * i, 3)["job"]["id"] for i in range(3)]
+    time.sleep(3)  # the publisher has failed and tried again meanwhile
+    assert all(job(api, j)["state"] == "queued" for j in accepted)
+
+    stack.redis.start()  # empty: no message of them is in it
+    back = time.monotonic()
+    wait_until(lambda: all(job(api, j)["state"] != "queued" for j in accepted), 60,
+               "jobs stayed queued after Redis came back")  # fmt: skip
+    report_recovery("Redis back -> jobs accepted meanwhile running", time.monotonic() - back)
+    outcomes = [finished(api, j) for j in accepted]
+    assert [(o["state"], o["attempts"]) for o in outcomes] == [("succeeded", 1)] * 3
+    index = api.get("/index").json()
+    assert (index["images"], index["embedded"]) == (11, 11)
 
 
 def test_a_dead_workers_job_is_finished_by_a_new_worker(stack: Stack, api: httpx.Client):

@@ -36,15 +36,18 @@ def noise_png(seed: int, side: int = 300) -> bytes:
     return buf.getvalue()
 
 
-def test_a_full_disk_refuses_uploads_cleanly_and_recovers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["outside", "inside"])
+def test_a_full_disk_refuses_uploads_cleanly_and_recovers(tmp_path: Path, database: str) -> None:
+    """The database file on another volume, or in the data folder (on the full disk itself)."""
     if shutil.which("unshare") is None:
         pytest.fail("util-linux's unshare is needed to give the server a small private disk")
     data = tmp_path / "data"
     data.mkdir()
+    db_file = data / "polar.db" if database == "inside" else tmp_path / "polar.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLAR_")}
     env |= {
         "POLAR_DATA_DIR": str(data),
-        "POLAR_DATABASE_URL": f"sqlite:///{(tmp_path / 'polar.db').as_posix()}",
+        "POLAR_DATABASE_URL": f"sqlite:///{db_file.as_posix()}",
         "POLAR_BROKER_URL": "",
         "POLAR_MODEL__NAME": DEMO_MODEL_NAME,
         "POLAR_MODEL__PRETRAINED": str(demo_checkpoint_path()),
@@ -59,7 +62,10 @@ def test_a_full_disk_refuses_uploads_cleanly_and_recovers(tmp_path: Path) -> Non
     key = next(line.split()[-1] for line in out.splitlines() if "api_key" in line)
     port = free_port()
     serve = " ".join([*cli, "serve", "--port", str(port)])
-    script = f"mount -t tmpfs -o size=4m tmpfs {data} && exec {serve}"
+    # The tmpfs hides what the data folder held: the migrated database moves onto it.
+    keep = f"cp {db_file} {tmp_path}/db.keep && " if database == "inside" else ""
+    back = f" && cp {tmp_path}/db.keep {db_file}" if database == "inside" else ""
+    script = f"{keep}mount -t tmpfs -o size=4m tmpfs {data}{back} && exec {serve}"
     with (tmp_path / "api.log").open("wb") as log:
         server = subprocess.Popen(["unshare", "-rm", "--", "sh", "-c", script], env=env,
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -89,6 +95,10 @@ def test_a_full_disk_refuses_uploads_cleanly_and_recovers(tmp_path: Path) -> Non
         assert refused.status_code == 507, refused.text
         assert refused.json()["error"]["code"] == "storage_full"
         assert accepted, "nothing fitted at all"
+        # No original is left without its row: as many as were accepted (all different).
+        seen = Path(f"/proc/{server.pid}/root") / data.relative_to("/") / "originals"
+        stored = [p for p in seen.rglob("*") if p.is_file()]
+        assert len(stored) == len(accepted), sorted(p.name for p in stored)
 
         # Nothing half-stored: exactly the accepted images, each readable in full.
         listed = api.get("/images", params={"limit": 200}).raise_for_status().json()["items"]

@@ -70,3 +70,40 @@ def test_other_io_errors_are_not_disguised(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OSError) as raised:
         ImageStore(tmp_path).stage(io.BytesIO(b"x"), "a.png", **LIMITS)
     assert not isinstance(raised.value, StorageUnavailable) and raised.value.errno == errno.EIO
+
+
+def test_a_disk_that_fills_up_between_original_and_thumbnail_leaves_no_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 28: the original fitted, its thumbnail did not; the upload fails, and no file is
+    left that no row will ever reference."""
+    store = ImageStore(tmp_path)
+    staged = store.stage(io.BytesIO(image_bytes("PNG", (8, 8), (1, 2, 3))), "a.png", **LIMITS)
+
+    def full(*_: Any) -> None:
+        raise oserror(errno.ENOSPC)
+
+    monkeypatch.setattr(storage, "_atomic_write", full)
+    with pytest.raises(StorageFull):
+        store.commit(staged)
+    monkeypatch.undo()
+    store.discard(staged)
+    assert files_under(tmp_path) == []
+
+
+def test_a_duplicate_that_fills_the_disk_keeps_the_original_it_did_not_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ImageStore(tmp_path)
+    data = image_bytes("PNG", (8, 8), (1, 2, 3))
+    first, _ = store.commit(store.stage(io.BytesIO(data), "a.png", **LIMITS))
+    store.path(store.thumbnail_relpath(first)).unlink()  # a damaged store: thumbnail lost
+    again = store.stage(io.BytesIO(data), "a.png", **LIMITS)
+
+    def full(*_: Any) -> None:
+        raise oserror(errno.ENOSPC)
+
+    monkeypatch.setattr(storage, "_atomic_write", full)
+    with pytest.raises(StorageFull):
+        store.commit(again)
+    assert store.path(first).is_file()  # another row's file stays

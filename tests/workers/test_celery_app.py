@@ -38,7 +38,9 @@ def test_celery_config_comes_from_settings(tmp_path: Path) -> None:
     assert conf.broker_url == "redis://cache:6379/3"
     assert conf.result_backend == "redis://cache:6379/3"
     assert conf.task_acks_late is True
-    assert conf.task_reject_on_worker_lost is True
+    # A pool process lost mid-task: its job is re-queued and sent again by the main process
+    # (task_failure with WorkerLostError), so the message is not put back as well.
+    assert conf.task_reject_on_worker_lost is False
     assert conf.worker_prefetch_multiplier == 1
     assert (conf.task_serializer, conf.result_serializer) == ("json", "json")
     assert list(conf.accept_content) == ["json"]
@@ -48,14 +50,40 @@ def test_celery_config_comes_from_settings(tmp_path: Path) -> None:
     assert "polar.run_job" in app.tasks
 
 
-def test_run_job_task_retries_only_transient_errors() -> None:
+def test_run_job_task_retries_only_infrastructure_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert run_job_task.name == "polar.run_job"
-    assert set(run_job_task.autoretry_for) == set(jobs.TRANSIENT_ERRORS)
-    assert OperationalError in run_job_task.autoretry_for
-    assert ConnectionError in run_job_task.autoretry_for
-    assert not any(issubclass(ValidationFailed, e) for e in run_job_task.autoretry_for)
     assert run_job_task.max_retries == MAX_RETRIES == 5
-    assert run_job_task.retry_backoff and run_job_task.retry_jitter
+    retried: list[tuple[BaseException, float]] = []
+
+    class Retry(Exception):
+        pass
+
+    def retry(exc: BaseException, countdown: float) -> Retry:
+        retried.append((exc, countdown))
+        return Retry()
+
+    monkeypatch.setattr(run_job_task, "retry", retry)
+    db_down = OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+    for error in (db_down, ConnectionError("reset"), OSError(28, "No space left on device")):
+
+        def run(*_: Any, error: Exception = error, **__: Any) -> None:
+            raise error
+
+        monkeypatch.setattr(jobs, "run_job", run)
+        with pytest.raises(Retry):
+            run_job_task.run("job-1")
+    assert retried[0][0] is db_down and len(retried) == 3
+    assert all(0 < delay <= 4 for _, delay in retried)  # the first retry: 2 s with jitter
+
+    def bad(*_: Any, **__: Any) -> None:
+        raise ValidationFailed("bad input")
+
+    monkeypatch.setattr(jobs, "run_job", bad)
+    with pytest.raises(ValidationFailed):
+        run_job_task.run("job-1")
+    assert len(retried) == 3
 
 
 def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
@@ -63,7 +91,9 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
 ) -> None:
     ran: list[tuple[str, Any]] = []
     failed: list[tuple[str, str, str]] = []
-    monkeypatch.setattr(jobs, "run_job", lambda job_id, env: ran.append((job_id, env)))
+    monkeypatch.setattr(
+        jobs, "run_job", lambda job_id, env, runner: ran.append((job_id, env, runner))
+    )
     monkeypatch.setattr(
         jobs,
         "mark_failed",
@@ -71,11 +101,17 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     )
     run_job_task.run("job-1")
     env = celery_module.celery_app.job_environment()
-    assert ran == [("job-1", env)]  # the worker's wiring, from the composition root
+    # The worker's wiring, from the composition root; the run is named by its task.
+    assert ran == [("job-1", env, f"celery:{run_job_task.request.id}")]
     assert set(env.handlers) == {k.value for k in JobKind}
     run_job_task.on_failure(ConnectionError("down"), "task-id", ["job-2"], {}, None)
-    # The client reads a message for it; "down" goes to the log only.
-    assert failed == [("job-2", jobs.RETRIES_EXHAUSTED, jobs.RETRIES_EXHAUSTED_MESSAGE)]
+    db_down = OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+    run_job_task.on_failure(db_down, "task-id", ["job-3"], {}, None)
+    # The client reads a message that says what was down; the exception goes to the log only.
+    assert failed == [
+        ("job-2", jobs.RETRIES_EXHAUSTED, jobs.RETRIES_EXHAUSTED_MESSAGE),
+        ("job-3", "database_unavailable", jobs.DATABASE_OUTAGE.message),
+    ]
 
 
 def test_worker_process_init_warms_the_model_in_the_background(
@@ -308,3 +344,43 @@ def test_a_new_worker_runs_jobs_that_were_never_published_or_lost_their_worker(
     finally:
         next(worker, None)  # stops the worker
         engine.dispose()
+
+
+def test_a_lost_pool_process_resumes_its_job_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's main process reports WorkerLostError (task_failure): the job that task was
+    running goes back to 'queued' and is sent again; another run of it is left alone."""
+    from billiard.exceptions import WorkerLostError
+    from celery import signals
+
+    from tests.fakes import RecordingQueue
+
+    settings = Settings(data_dir=tmp_path, broker_url="", database_url=f"sqlite:///{tmp_path}/j.db")
+    app = create_celery(settings, warm_model=False)
+    factory = app.job_environment().session_factory
+    migrate(app.container().engine)
+    with session_scope(factory) as s:
+        uid = users.create_user("alice", db_session=s).id
+        job_id = jobs.create_job(db_session=s, user_id=uid, kind=KIND, payload={}).id
+    assert jobs.mark_running(job_id, session_factory=factory, runner="celery:task-1")
+    sent = RecordingQueue()
+    monkeypatch.setattr(app, "publisher", lambda: sent)
+
+    app.resume_lost_run(job_id, "task-0").join(10)  # an older run of it: nothing to do
+    assert sent.job_ids == []
+    app.resume_lost_run(job_id, "task-1").join(10)
+    assert sent.job_ids == [job_id]
+    with factory() as s:
+        assert s.get_one(Job, job_id).state == "queued"
+
+    # The signal handler: only a lost process counts, not a task's own exception.
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(celery_module.celery_app, "resume_lost_run",
+                        lambda j, t: seen.append((j, t)))  # fmt: skip
+    signals.task_failure.send(sender=None, task_id="t1", exception=ValueError("x"), args=["j1"])
+    signals.task_failure.send(
+        sender=None, task_id="t2", exception=WorkerLostError("signal 9"), args=["j2"], kwargs={}
+    )
+    assert seen == [("j2", "t2")]
+    app.container().engine.dispose()

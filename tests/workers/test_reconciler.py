@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ from sqlalchemy import update
 
 from app.config import Settings
 from app.db import session_scope
-from app.models import Job, JobKind, utcnow
+from app.models import Image, Job, JobKind, utcnow
 from app.reconciler import ReconcilePolicy, reconcile_once
 from app.runner import JobRunner
-from app.services import jobs
+from app.services import jobs, users
 from app.services.jobs import JobContext, JobEnvironment, SessionFactory
 from app.storage import ImageStore
 from tests.fakes import RecordingQueue
@@ -151,3 +152,89 @@ def test_the_embedded_runner_finds_jobs_it_was_never_given(
             time.sleep(0.02)
     finally:
         runner.stop()
+
+
+def add_images(factory: SessionFactory, user_id: str, n: int, **values: Any) -> list[str]:
+    """`n` image rows of the user (no file: the reconciler reads none)."""
+    ids = []
+    with session_scope(factory) as s:
+        for _ in range(n):
+            image = Image(
+                user_id=user_id,
+                sha256=uuid.uuid4().hex * 2,
+                mime="image/png",
+                size_bytes=1,
+                width=1,
+                height=1,
+                storage_path=f"originals/{uuid.uuid4().hex}.png",
+                **values,
+            )
+            s.add(image)
+            s.flush()
+            ids.append(image.id)
+    return ids
+
+
+def test_pending_images_that_no_job_claims_get_an_embedding_job(
+    factory: SessionFactory, user_id: str
+) -> None:
+    """A job that failed (or vanished) left accepted photos unembedded: the reconciler gives
+    them a new embed_images job; photos some job will embed, or that failed to read, it leaves."""
+    pending = add_images(factory, user_id, 3)
+    add_images(factory, user_id, 1, embed_error="the file is gone")  # failed: not retried
+    add_images(factory, user_id, 1, embedding=b"\0" * 8, embedding_model="m")  # embedded
+    with session_scope(factory) as s:
+        bob = users.create_user("bob", db_session=s).id
+    add_images(factory, bob, 2)
+    claimed = new_job(factory, bob, age_s=600)  # bob's photos wait for a queued rebuild
+    crashed = new_job(factory, user_id, state="failed", age_s=600)  # alice's job failed long ago
+    queue = RecordingQueue()
+
+    report = reconcile_once(factory, queue, POLICY)
+
+    assert len(report.embedding) == 1 and report.resent == [claimed]
+    job_id = report.embedding[0]
+    assert queue.job_ids == [claimed, job_id]
+    with factory() as s:
+        job = s.get_one(Job, job_id)
+        assert (job.user_id, job.kind, job.state) == (user_id, "embed_images", "queued")
+        assert sorted(job.payload["image_ids"]) == sorted(pending)
+        assert s.get_one(Job, crashed).state == "failed"  # the failed job is left as it was
+    # Claimed now: the next pass creates no other.
+    assert reconcile_once(factory, queue, POLICY).embedding == []
+
+
+def test_a_job_that_just_ended_is_not_replaced_at_once(
+    factory: SessionFactory, user_id: str
+) -> None:
+    add_images(factory, user_id, 2)
+    failed = new_job(factory, user_id, state="failed", age_s=5)  # failed 5 s ago
+    with session_scope(factory) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == failed)
+            .values(kind=JobKind.EMBED_IMAGES.value, updated_at=utcnow() - timedelta(seconds=5))
+        )
+    assert reconcile_once(factory, RecordingQueue(), POLICY).embedding == []
+    # Once the quiet period is over it is.
+    later = ReconcilePolicy(dead_after_s=120, resend_after_s=1, interval_s=0.05)
+    assert len(reconcile_once(factory, RecordingQueue(), later).embedding) == 1
+
+
+def test_refused_resends_are_tried_again_at_the_next_pass(
+    factory: SessionFactory, user_id: str
+) -> None:
+    """The broker was away when a lost job was re-sent: the next pass sends it again, not only
+    after another `resend_after_s`."""
+    waiting = new_job(factory, user_id, age_s=600)
+    refused = reconcile_once(factory, RecordingQueue(fail=True), POLICY)
+    assert refused.failed == [waiting]
+    queue = RecordingQueue()
+    again = reconcile_once(factory, queue, POLICY, unsent=refused.failed)
+    assert queue.job_ids == [waiting] and again.resent == [waiting]
+    # A job that left 'queued' meanwhile is not sent again.
+    with session_scope(factory) as s:
+        s.execute(update(Job).where(Job.id == waiting).values(state="succeeded"))
+    queue = RecordingQueue()
+    reconcile_once(factory, queue, POLICY, unsent=[waiting])
+    assert queue.job_ids == []
