@@ -191,7 +191,7 @@ class Image(Base):
     source_path: Mapped[str | None] = mapped_column(String(4096))  # absolute, inside the library
     # The file as the last scan saw it (app.storage.FileStamp): size and mtime, which a user can
     # set back (cp -p, rsync -a, touch -r), and ctime and inode, which nobody can. NULL ctime
-    # and inode: indexed before they were kept; the next scan reads the file once and fills them.
+    # and inode: indexed before they were kept; the next scan fills them in.
     source_size: Mapped[int | None] = mapped_column(BigInteger)
     source_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     source_ctime_ns: Mapped[int | None] = mapped_column(BigInteger)

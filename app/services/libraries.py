@@ -719,9 +719,15 @@ def _once_more_on_a_race(index: Callable[[], None], report: ScanReport, library_
 
 def _unchanged(img: Image, st: os.stat_result) -> bool:
     """Whether `st` is the file `img` was indexed from, unchanged (FileStamp: a restored
-    mtime does not hide a change; a stamp not fully known yet reads the file once)."""
+    mtime does not hide a change). A row indexed before ctime and inode were kept matches on
+    size and mtime, as it did then, and takes the rest of its stamp now: upgrading does not
+    read a whole library again."""
     stamp = source_stamp(img)
-    return stamp is not None and None not in (stamp.ctime_ns, stamp.ino) and stamp.same_file(st)
+    if stamp is None or not stamp.same_file(st):
+        return False
+    if None in (stamp.ctime_ns, stamp.ino):
+        set_source_stamp(img, st)
+    return True
 
 
 def _index_batch(

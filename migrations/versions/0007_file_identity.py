@@ -21,8 +21,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Existing rows: NULL; the next scan reads each such file once (the same bytes keep their
-    # embedding) and fills them in.
+    # Existing rows: NULL; the next scan takes them from a file whose size and mtime still
+    # match, without reading it (as the old version trusted those two).
     with op.batch_alter_table("images") as batch:
         batch.add_column(sa.Column("source_ctime_ns", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("source_ino", sa.BigInteger(), nullable=True))

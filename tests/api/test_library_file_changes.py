@@ -167,3 +167,41 @@ def test_a_touched_but_unchanged_photo_keeps_its_embedding(api_client, folder_us
         after = s.query(Image).one()
         assert (after.vec_id, after.embedding) == (vec_id, embedding)
         assert after.source_ctime_ns == os.stat(photo).st_ctime_ns
+
+
+def test_a_row_from_before_the_stamp_takes_it_without_a_read(api_client, folder_user, monkeypatch):
+    """Rows indexed before ctime and inode were kept (NULL): the next scan trusts size and
+    mtime as the old version did, reads nothing, and fills the stamp; a later same-size swap
+    with its mtime put back is then seen."""
+    from sqlalchemy import update
+
+    from app.services import libraries as libraries_service
+
+    user, lib = folder_user
+    photo = lib / "p.jpg"
+    photo.write_bytes(noisy_jpeg(seed=1) + b"\0" * 2000)
+    lib_id = api_client.post("/libraries", json={"path": str(lib)}, headers=user.headers).json()[
+        "id"
+    ]
+    wait_jobs(api_client)
+    with api_client.app.state.session_factory() as s:
+        s.execute(update(Image).values(source_ctime_ns=None, source_ino=None))
+        s.commit()
+    read: list[object] = []
+    inspect_file = libraries_service.inspect_file
+    monkeypatch.setattr(
+        libraries_service, "inspect_file", lambda *a, **k: read.append(a) or inspect_file(*a, **k)
+    )
+    assert api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    assert (report(api_client, user, lib_id)["unchanged"], read) == (1, [])
+    with api_client.app.state.session_factory() as s:
+        row = s.query(Image).one()
+        assert (row.source_ctime_ns, row.source_ino) == (
+            os.stat(photo).st_ctime_ns,
+            os.stat(photo).st_ino,
+        )
+    _stamp_restored_replace(photo, _same_size_jpeg(os.stat(photo).st_size, seed=8), "rsync -a")
+    assert api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    assert report(api_client, user, lib_id)["changed"] == 1
