@@ -77,9 +77,9 @@ function choosePhotos(files) {
     list.append(el("li", {}, el("img", { src: url, alt: file.name })));
   }
   for (const image of picks) {
-    const img = el("img", { alt: image.filename || "library photo" });
-    thumbs.load(img, image.thumbnail_url);
+    const img = el("img", { alt: image.filename || "library photo", width: 56, height: 56 });
     list.append(el("li", { className: "library-pick" }, img));
+    thumbs.load(img, image.thumbnail_url);
   }
   const n = files.length + picks.length;
   if (n) {

@@ -135,20 +135,25 @@ function card(image) {
       img,
     ),
     el("div", { className: "name", text: name, attrs: { title: name } }),
-    el("div", {
-      className: "taken muted",
-      text: image.taken_at ? `Taken ${formatDate(image.taken_at)}` : "",
-    }),
     el(
       "div",
-      { className: "card-actions" },
+      { className: "card-info" },
       el("span", {
         className: image.embedded ? "badge good" : "badge",
         text: image.embedded ? "searchable" : "embedding…",
       }),
-      selectBox(image, name),
-      remove,
+      image.library_id
+        ? el("span", {
+            className: "badge source",
+            text: "folder",
+            attrs: { title: "Indexed in place from a folder on the server" },
+          })
+        : null,
+      image.taken_at
+        ? el("span", { className: "taken muted", text: `Taken ${formatDate(image.taken_at)}` })
+        : null,
     ),
+    el("div", { className: "card-actions" }, selectBox(image, name), remove),
   );
   remove.addEventListener("click", () => removeImage(image, item, img, remove));
   thumbs.attach(img, image.thumbnail_url);
