@@ -422,7 +422,7 @@ def _register(client: httpx.Client, name: str, category: str, photos: list[bytes
     retention = concept["retention_score"]
     kept = ""
     if retention is not None:  # 1.0 = all of plain CLIP's general retrieval kept
-        kept = f", general search quality kept: {min(100, round(100 * retention))}%"
+        kept = f", searches naming it keep {min(100, round(100 * retention))}% of general quality"
     print(
         f"  ready: version {concept['version']}, placeholder {concept['placeholder']!r}, "
         f"learned in {m.get('train_seconds', 0):.1f} s{kept}"
