@@ -494,7 +494,9 @@ def _search(client: PolarClient, args: argparse.Namespace) -> int:
         print(f"{'rank':>4}  {'score':>5}  {'filename':<{width}}  id / file")
         for h in result.hits:
             print(f"{h.rank:>4}  {h.score:>5.3f}  {h.filename or '-':<{width}}  {h.image_id}")
-            print(f"{'':>4}  {'':>5}  {'':<{width}}  {client.base_url}{h.file_url}")
+            # A folder's photo: its file on the server. An upload: its URL (send the API key).
+            where = h.path or f"{client.base_url}{h.file_url}"
+            print(f"{'':>4}  {'':>5}  {'':<{width}}  {where}")
     else:
         print("no results")
     print(f"({result.indexed} image(s) indexed, {result.pending} pending)")

@@ -763,11 +763,15 @@ def test_manage_a_concept_in_the_browser(page, server, tmp_path):
     bar.get_by_role("button", name="Clear").click()
     expect(bar).to_be_hidden()
 
-    # Delete, after confirming; declining keeps it.
+    # Delete, after confirming; declining keeps it. The question says the library's photos stay.
     nav(page, "Concepts")
-    page.once("dialog", lambda d: d.dismiss())
-    page.get_by_role("button", name="Delete concept Cookie").click()
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    bring_into_view(card)
+    click(page, page.get_by_role("button", name="Delete concept Cookie"), ".concept")
     expect(card).to_be_visible()
+    assert "with its photos" not in asked[0], asked
+    assert "Your library keeps every photo" in asked[0], asked
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Delete concept Cookie").click()
     expect(card).to_have_count(0)
@@ -809,7 +813,7 @@ def test_teach_a_new_concept_from_search_hits(page, server):
     assert client.delete(f"/concepts/{created['id']}").status_code == 204
 
 
-def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
+def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server, tmp_path):
     client = api(server)
     if not client.get("/images", params={"limit": 1}).json()["items"]:
         files = [("files", (p.name, p.read_bytes(), "image/png")) for p in server.library]
@@ -817,7 +821,7 @@ def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
     sign_in(page, server.key)
     # The demo model serves: a banner says real photos will not work, on every view.
     banner = page.locator("#demo-banner")
-    expect(banner).to_contain_text("The small demo model is serving")
+    expect(banner).to_contain_text("Demo model: searches know only the demo's generated pictures")
     nav(page, "Library")
     expect(banner).to_be_visible()
     nav(page, "Search")
@@ -840,20 +844,37 @@ def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
     expect(page.locator("#search-hint")).to_be_hidden()
     expect(hits.first).to_be_visible()
 
-    # Type and date filters (the photos are PNGs, taken when their files were written).
+    # Type and date filters (the photos are PNGs, taken when their files were written). A
+    # filter that leaves nothing is named, with what to change.
+    empty = page.locator("#search-empty")
     page.get_by_label("Type").select_option("image/jpeg")
     expect(page.locator("#search-summary .headline")).to_contain_text("No results for")
     expect(hits).to_have_count(0)
+    expect(empty).to_contain_text("No photo is a JPEG (the “Type” filter)")
+    expect(empty).to_contain_text("choose another type")
+    expect(empty).not_to_contain_text("dates")
     page.get_by_label("Type").select_option("image/png")
     expect(hits.first).to_be_visible()
+    expect(empty).to_be_hidden()
     page.get_by_label("Taken from").fill("2001-01-01")
     page.get_by_label("to", exact=True).fill("2001-12-31")
     page.get_by_label("to", exact=True).dispatch_event("change")
     expect(hits).to_have_count(0)
-    page.get_by_label("Taken from").fill("")
-    page.get_by_label("to", exact=True).fill("")
-    page.get_by_label("to", exact=True).dispatch_event("change")
+    expect(empty).to_contain_text("No photo was taken from")
+    expect(empty).to_contain_text("2001")
+    expect(empty).to_contain_text("widen or clear the dates")
+    expect(empty).not_to_contain_text("Type")
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 844 if width < 600 else 900})
+        bring_into_view(empty)
+        text_fits(page, "#search-empty, #search-empty *")
+        shot(page, tmp_path, f"search-no-results-{width}")
+        reachable(empty.get_by_role("button", name="Clear the filters"), "#search-empty")
+    click(page, empty.get_by_role("button", name="Clear the filters"), "#search-empty")
     expect(hits.first).to_be_visible()
+    expect(empty).to_be_hidden()
+    expect(page.get_by_label("Taken from")).to_have_value("")
+    expect(page.get_by_label("Type")).to_have_value("")
 
     # An error clears the old results: they answered another query.
     expect(page.get_by_role("button", name="Search", exact=True)).to_be_enabled()
@@ -911,6 +932,14 @@ def test_folders_on_the_server_in_the_browser(page, server, tmp_path):
     grid = page.locator("#library-grid")
     for i in range(3):
         expect(grid.get_by_text(f"trip-{i}.png", exact=True)).to_be_visible()
+    # Newest first, and a folder's photos are marked as such (uploads are not).
+    cards = grid.locator("> li")
+    expect(cards.locator(".badge.source")).to_have_count(3)
+    assert sorted(cards.locator(".name").all_text_contents()[:3]) == [
+        f"trip-{i}.png" for i in range(3)
+    ]
+    for i in range(3):
+        expect(cards.nth(i).locator(".badge.source")).to_have_text("folder")
 
     # A new photo in the folder, "Scan now": one added, the rest unchanged.
     (trip / "trip-3.png").write_bytes(_noise_png(103))
@@ -969,6 +998,9 @@ def test_library_cards_can_be_used_at_every_width(page, server, tmp_path):
     nav(page, "Library")
     cards = page.locator("#library-grid > li")
     expect(cards).to_have_count(n)
+    # Newest first, as the API lists them when asked.
+    newest = client.get("/images", params={"limit": 200, "order": "newest"}).json()["items"]
+    assert cards.locator(".name").all_text_contents() == [i["filename"] for i in newest]
     for width in WIDTHS:
         page.set_viewport_size({"width": width, "height": 844 if width < 600 else 900})
         for i in (0, 1, n - 1):
@@ -994,6 +1026,25 @@ def test_library_cards_can_be_used_at_every_width(page, server, tmp_path):
         page.once("dialog", lambda d: d.dismiss())
         click(page, cards.first.get_by_role("button", name=f"Delete {first}", exact=True), ".card")
         expect(cards).to_have_count(n)
+
+        # The photo viewer: previous and next through the grid, by button and arrow key.
+        names = cards.locator(".name").all_text_contents()
+        click(page, cards.first.get_by_role("button", name=f"Open {first}"), ".card")
+        viewer = page.locator("#viewer")
+        expect(viewer.locator("#viewer-title")).to_have_text(names[0])
+        expect(viewer.locator("#viewer-position")).to_have_text(f"1 of {n}")
+        expect(viewer.get_by_role("button", name="Previous photo")).to_be_disabled()
+        images_loaded(page, "#viewer-img")
+        click(page, viewer.get_by_role("button", name="Next photo"), "#viewer")
+        expect(viewer.locator("#viewer-title")).to_have_text(names[1])
+        expect(viewer.locator("#viewer-position")).to_have_text(f"2 of {n}")
+        images_loaded(page, "#viewer-img")
+        text_fits(page, "#viewer, #viewer *")
+        shot(page, tmp_path, f"viewer-{width}")
+        page.keyboard.press("ArrowLeft")
+        expect(viewer.locator("#viewer-title")).to_have_text(names[0])
+        click(page, viewer.get_by_role("button", name="Close"), "#viewer")
+        expect(viewer).to_be_hidden()
 
 
 def test_library_photos_picked_for_a_new_concept_show_in_the_teach_form(page, server, tmp_path):

@@ -475,7 +475,10 @@ async function addPhotos(concept, files, item, error, button) {
 }
 
 async function removeConcept(concept, item, button, error) {
-  if (!window.confirm(`Delete the concept “${concept.name}” with its photos?`)) return;
+  const question =
+    `Delete the concept “${concept.name}”? Searches stop knowing it. Your library keeps ` +
+    "every photo; only the copies uploaded just to teach it go.";
+  if (!window.confirm(question)) return;
   await busy(button, async () => {
     try {
       await api.del(`/concepts/${encodeURIComponent(concept.id)}`);
