@@ -11,10 +11,11 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install test test-faults test-fast run demo lint fmt bench services system-deps migrate clean help compose-smoke
+.PHONY: install install-runtime test test-faults test-fast run demo lint fmt bench services system-deps migrate clean help compose-smoke
 
 help:
-	@echo "make install  - create $(VENV) and install the package with dev extras"
+	@echo "make install  - create $(VENV) and install the package with dev extras (tests, lint)"
+	@echo "make install-runtime - only what serving needs (what make run and make demo install)"
 	@echo "make test     - install if needed, start PostgreSQL/Redis if down, run all tests"
 	@echo "make test-faults - only the fault-injection suite (also part of make test)"
 	@echo "make run      - start the service (embedded mode: SQLite, local data, in-process jobs)"
@@ -23,9 +24,12 @@ help:
 	@echo "make bench    - run the benchmarks in bench/ (writes bench/results/*.json)"
 	@echo "make compose-smoke - build and run the Docker stack for real (needs a Docker engine; slow)"
 
+# Two installs: what serving needs (`make run`, `make demo`: the package and its runtime
+# dependencies) and, on top, the dev and test tools (`make install`, `make test`, `make lint`).
 install: $(VENV)/.installed
+install-runtime: $(VENV)/.runtime
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -35,12 +39,16 @@ $(VENV)/.installed: pyproject.toml
 	      '$(TORCH_CPU_INDEX)' 2>/dev/null; then idx='$(TORCH_CPU_INDEX)'; else idx=pypi; fi; \
 	fi; \
 	if [ "$$idx" = pypi ]; then \
-	  echo "torch: from PyPI's default index (the CPU wheel index did not answer; may include CUDA libraries, several GB)"; \
+	  echo "torch: CPU-only wheels cannot be had here ($(TORCH_CPU_INDEX) did not answer); PyPI's default build, with CUDA libraries (several GB)"; \
 	  $(PY) -m pip install -q $(TORCH_SPEC); \
 	else \
 	  echo "torch: CPU wheels from $$idx"; \
 	  $(PY) -m pip install -q --index-url "$$idx" $(TORCH_SPEC); \
 	fi
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -61,10 +69,10 @@ test-faults: install services
 test-fast: install
 	$(PY) -m pytest -m "not slow and not postgres and not redis" $(PYTEST_ARGS)
 
-run: install
+run: install-runtime
 	$(VENV)/bin/polar serve
 
-demo: install
+demo: install-runtime
 	$(PY) -m app.demo.run_demo
 
 lint: install

@@ -323,7 +323,10 @@ def _quality_words(concept: Concept) -> list[str]:
                 f"about {kept}%); photos that show it from more sides, or a category, may help"
             )
         else:
-            lines.append(f"other searches are unaffected (general search quality kept: {kept}%)")
+            lines.append(
+                f"searches that name it keep {kept}% of general search quality; "
+                "searches that do not name it are unchanged"
+            )
     separation = metrics.get("separation")
     if isinstance(separation, dict) and isinstance(separation.get("checked"), int):
         lines.append(_separation_words(separation["checked"], separation.get("lookalikes", 0)))
@@ -331,14 +334,22 @@ def _quality_words(concept: Concept) -> list[str]:
 
 
 def _separation_words(checked: int, lookalikes: int) -> str:
-    """How well a concept stood out from the user's library when it was trained, in words."""
+    """How the concept's own photos ranked against the rest of the library when it was trained,
+    in words. A photo that ranks as high may be one of it that was not taught, or a look-alike:
+    the words never claim which."""
     if checked == 0:
-        return "no library photos to compare it with yet"
+        return "no other library photos to compare it with yet"
+    others = f"{checked} other library photo{'' if checked == 1 else 's'}"
     if lookalikes == 0:
-        return f"stands out: none of the {checked} library photo(s) checked looks like it"
+        return (
+            f"its searches rank the photos it was taught from above all {others} checked "
+            "(other photos of it included)"
+        )
+    verb = "ranks" if lookalikes == 1 else "rank"
     return (
-        f"{lookalikes} of the {checked} library photo(s) checked look like it to the model and "
-        "may show up in its searches; more photos of it, from other sides, help"
+        f"{lookalikes} of the {others} checked {verb} as high as the photos it was taught "
+        "from, so its searches find them too: photos of it, or look-alikes (if they are "
+        "not it, more photos of it from other sides help)"
     )
 
 
@@ -483,7 +494,9 @@ def _search(client: PolarClient, args: argparse.Namespace) -> int:
         print(f"{'rank':>4}  {'score':>5}  {'filename':<{width}}  id / file")
         for h in result.hits:
             print(f"{h.rank:>4}  {h.score:>5.3f}  {h.filename or '-':<{width}}  {h.image_id}")
-            print(f"{'':>4}  {'':>5}  {'':<{width}}  {client.base_url}{h.file_url}")
+            # A folder's photo: its file on the server. An upload: its URL (send the API key).
+            where = h.path or f"{client.base_url}{h.file_url}"
+            print(f"{'':>4}  {'':>5}  {'':<{width}}  {where}")
     else:
         print("no results")
     print(f"({result.indexed} image(s) indexed, {result.pending} pending)")

@@ -264,6 +264,7 @@ class SearchHit:
     filename: str | None
     thumbnail_url: str
     file_url: str
+    path: str | None = None  # a folder library's photo: where its file is on the server
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,7 @@ class SearchResult:
                 h["image"].get("filename"),
                 h["image"]["thumbnail_url"],
                 h["image"]["file_url"],
+                h["image"].get("path"),
             )
             for h in d["hits"]
         ]

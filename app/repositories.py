@@ -127,9 +127,14 @@ def get_image_by_sha256(*, db_session: Session, user_id: str, sha256: str) -> Im
 
 
 def list_images_page(
-    *, db_session: Session, user_id: str, limit: int, cursor: str | None = None
+    *,
+    db_session: Session,
+    user_id: str,
+    limit: int,
+    cursor: str | None = None,
+    newest_first: bool = False,
 ) -> Page[Image]:
-    """A page of the user's images, oldest first."""
+    """A page of the user's images, oldest (or newest) first."""
     return keyset_page(
         db_session,
         select(Image).where(Image.user_id == user_id),
@@ -137,6 +142,7 @@ def list_images_page(
         row_id=Image.id,
         limit=limit,
         cursor=cursor,
+        newest_first=newest_first,
     )
 
 

@@ -91,3 +91,14 @@ def fold_with_spans(text: str) -> tuple[str, list[int], list[int]]:
 def fold(text: str) -> str:
     """The caseless key two texts compare equal on: folded per character, whitespace collapsed."""
     return " ".join(fold_with_spans(text)[0].split())
+
+
+# An absolute or home-relative file-system path ("/srv/polar/data/x.db", "~/.cache/x"): not a
+# URL's path (after "host:port" or "//"), not a model id's "name/tag" (after a word character).
+_PATH = re.compile(r"(?<![\w:/.~-])(?:~/|/)(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every file-system path replaced by "<path>": for answers anyone can read
+    (the public /readyz), which must not tell where the server is installed."""
+    return _PATH.sub("<path>", text)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from app.client import Job
 from app.demo.world import CATEGORIES, SCENES, Instance, World
@@ -285,6 +285,20 @@ def _hit_cells(
     return cells
 
 
+def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+    """`text` in Pillow's default font, one word at a time: its space is 2 px wide at this size,
+    narrower than some gaps inside words, so "Fido on the beach" read "Fidoon the beach"."""
+    font = ImageFont.load_default()
+    size = getattr(font, "size", 10)
+    space = max(draw.textlength(" ", font=font), 0.5 * size)
+    x, y = float(xy[0]), xy[1]
+    for word in text.split(" "):
+        if word:
+            draw.text((x, y), word, fill="black", font=font)
+            x += draw.textlength(word, font=font)
+        x += space
+
+
 def write_contact_sheet(out: Path, sections: list[tuple[str, list[Cell]]]) -> None:
     """demo-out/contact_sheet.html and a PNG of it: one row of thumbnails per section."""
     cell, pad, label_h = 96, 6, 28
@@ -303,7 +317,7 @@ def write_contact_sheet(out: Path, sections: list[tuple[str, list[Cell]]]) -> No
     y = 0
     for title, cells in sections:
         html.append(f"<h2>{escape(title)}</h2><div>")
-        draw.text((pad, y + 4), title, fill="black")
+        draw_label(draw, (pad, y + 4), title)
         y += 18
         for col, (im, caption, hit) in enumerate(cells):
             buf = io.BytesIO()
@@ -318,7 +332,7 @@ def write_contact_sheet(out: Path, sections: list[tuple[str, list[Cell]]]) -> No
             if hit:
                 draw.rectangle([x - 3, y - 3, x + cell + 2, y + cell + 2], fill=(26, 127, 55))
             sheet.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
-            draw.text((x, y + cell + 4), caption, fill="black")
+            draw_label(draw, (x, y + cell + 4), caption)
         html.append("</div>")
         y += cell + label_h
     (out / "contact_sheet.html").write_text("\n".join(html))
@@ -422,7 +436,7 @@ def _register(client: httpx.Client, name: str, category: str, photos: list[bytes
     retention = concept["retention_score"]
     kept = ""
     if retention is not None:  # 1.0 = all of plain CLIP's general retrieval kept
-        kept = f", general search quality kept: {min(100, round(100 * retention))}%"
+        kept = f", searches naming it keep {min(100, round(100 * retention))}% of general quality"
     print(
         f"  ready: version {concept['version']}, placeholder {concept['placeholder']!r}, "
         f"learned in {m.get('train_seconds', 0):.1f} s{kept}"

@@ -9,7 +9,8 @@ import os
 import pickle
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,9 +323,10 @@ def _create(
         ensure_hub_or_offline()
     try:
         # open_clip >= 2.24 loads .safetensors itself when `pretrained` is a file path.
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir, **options
-        )
+        with _open_clip_errors_raised_not_logged():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device, cache_dir=cache_dir, **options
+            )
     except (RuntimeError, pickle.UnpicklingError) as e:  # an unreadable file too
         raise ModelUnavailableError(
             f"could not obtain weights for {name}/{pretrained} ({e}); {_offline_hint(name)}."
@@ -338,6 +340,30 @@ def _create(
             f"(e.g. without or with the '{_QUICKGELU_SUFFIX}' suffix)."
         )
     return model, preprocess
+
+
+_OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__)
+
+
+def _from_open_clip(record: logging.LogRecord) -> bool:
+    """Drop open_clip's ERROR records: it logs (on the root logger) and then raises the same
+    message, which the caller turns into one ModelUnavailableError and reports once."""
+    return not (record.levelno >= logging.ERROR and record.pathname.startswith(_OPEN_CLIP_DIR))
+
+
+@contextmanager
+def _open_clip_errors_raised_not_logged() -> Iterator[None]:
+    root = logging.getLogger()
+    root.addFilter(_from_open_clip)
+    try:
+        yield
+    finally:
+        root.removeFilter(_from_open_clip)
+
+
+def hub_unreachable() -> bool:
+    """Whether the model hub was probed (ensure_hub_or_offline) and could not be reached."""
+    return _hub_reachable is False
 
 
 _hub_lock = threading.Lock()
@@ -390,7 +416,9 @@ def ensure_hub_or_offline(timeout: float = 3.0) -> bool:
         address = _hub_address()
         _hub_reachable = _can_connect(address, timeout)
         if not _hub_reachable:
-            log.warning(
+            # Info, not a warning: cached weights still load; when they are not there the
+            # demo-model fallback's one warning says so (app/services/model.py).
+            log.info(
                 "the model hub (%s:%d) cannot be reached; using only locally cached weights "
                 "(HF_HUB_OFFLINE=1 for this process)",
                 *address,

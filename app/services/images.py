@@ -221,11 +221,20 @@ def _upload_lock_key(user_id: str) -> int:
 
 
 def list_images(
-    user_id: str, *, db_session: Session, limit: int, cursor: str | None = None
+    user_id: str,
+    *,
+    db_session: Session,
+    limit: int,
+    cursor: str | None = None,
+    newest_first: bool = False,
 ) -> Page[Image]:
-    """A page of the user's images, oldest first; stable under concurrent uploads."""
+    """A page of the user's images, oldest (or newest) first; stable under concurrent uploads."""
     return repositories.list_images_page(
-        db_session=db_session, user_id=user_id, limit=limit, cursor=cursor
+        db_session=db_session,
+        user_id=user_id,
+        limit=limit,
+        cursor=cursor,
+        newest_first=newest_first,
     )
 
 

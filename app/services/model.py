@@ -16,6 +16,7 @@ from app.ml.model import (
     ModelUnavailableError,
     demo_checkpoint_path,
     get_clip,
+    hub_unreachable,
 )
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,15 @@ class ServingModel:
         return self.bundle.fingerprint.name == DEMO_MODEL_NAME
 
 
+def fallback_line(cfg: ModelSettings) -> str:
+    """Why the demo model serves, in one line anyone may read (no file-system paths: the
+    configured weights may be a file; the public /readyz shows this)."""
+    return (
+        f"the weights configured for {cfg.name} could not be loaded, so the small demo model "
+        "serves: it knows only the demo's generated pictures"
+    )
+
+
 def load_model(cfg: ModelSettings) -> ServingModel:
     """Load the configured model, or the demo model (loudly) when it cannot be had."""
     cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None
@@ -55,15 +65,20 @@ def load_model(cfg: ModelSettings) -> ServingModel:
     except ModelUnavailableError as e:
         if not cfg.fallback_to_demo or cfg.name == DEMO_MODEL_NAME:
             raise ModelUnavailable(str(e)) from e
-        reason = f"{requested} could not be loaded: {e}"
+        reason = fallback_line(cfg)
+        # The whole story once, for whoever reads the logs closely; one warning line for all.
+        log.info("why %s could not be loaded: %s", requested, e)
+        offline = (
+            " (the model hub cannot be reached and they are not cached)"
+            if (hub_unreachable())
+            else ""
+        )
         log.warning(
-            "\n%s\n!! SERVING THE SYNTHETIC DEMO MODEL, NOT %s.\n!! %s\n!! Searches of real "
-            "photos will be poor. Set POLAR_MODEL__PRETRAINED to a local checkpoint, or "
-            "POLAR_MODEL__FALLBACK_TO_DEMO=false to refuse to start.\n%s",
-            "!" * 78,
+            "serving the small demo model, not %s: its weights could not be loaded%s. Searches "
+            "of real photos will be poor; set POLAR_MODEL__PRETRAINED to a local checkpoint "
+            "(POLAR_MODEL__FALLBACK_TO_DEMO=false refuses to start instead)",
             requested,
-            reason,
-            "!" * 78,
+            offline,
         )
         try:
             bundle = get_clip(DEMO_MODEL_NAME, str(demo_checkpoint_path()), cfg.device)

@@ -930,6 +930,31 @@ def test_a_trained_concept_says_how_it_stands_out_from_the_library(client, user)
     from app.cli import _separation_words
 
     words = _separation_words(sep["checked"], sep["lookalikes"])
-    assert ("stands out" in words) == (sep["lookalikes"] == 0) and "margin" not in words
-    assert _separation_words(0, 0) == "no library photos to compare it with yet"
-    assert _separation_words(6, 2).startswith("2 of the 6 library photo(s) checked look like it")
+    assert ("above all" in words) == (sep["lookalikes"] == 0) and "margin" not in words
+    assert _separation_words(0, 0) == "no other library photos to compare it with yet"
+    # Photos that rank as high may be more photos of it: the words never say "none looks like
+    # it" (read backwards with ten untaught photos of Fido in the library) nor call them rivals.
+    none = _separation_words(31, 0)
+    assert "looks like it" not in none and "stands out" not in none
+    assert none.startswith("its searches rank the photos it was taught from above all 31 other")
+    assert "other photos of it included" in none
+    some = _separation_words(31, 4)
+    assert some.startswith("4 of the 31 other library photos checked rank as high as the photos")
+    assert "photos of it, or look-alikes" in some and "look like it" not in some
+    assert _separation_words(31, 1).startswith("1 of the 31 other library photos checked ranks")
+
+
+def test_the_general_quality_line_reads_the_right_way_round():
+    from types import SimpleNamespace
+
+    from app.cli import _quality_words
+
+    concept = SimpleNamespace(
+        state="ready", metrics={}, example_count=5, retention_score=0.97, retention_flagged=False
+    )
+    line = _quality_words(concept)[-1]  # type: ignore[arg-type]
+    assert "unaffected" not in line, line  # "unaffected (kept: 97%)" contradicted itself
+    assert line == (
+        "searches that name it keep 97% of general search quality; searches that do not name it "
+        "are unchanged"
+    )

@@ -376,6 +376,26 @@ def test_pagination_is_stable_complete_and_without_duplicates(api_client, make_u
     assert [i["id"] for i in second.json()["items"]] == [i["id"] for i in seen[3:6]]
 
 
+def test_images_list_newest_first_when_asked_and_pages_stay_in_that_order(api_client, make_user):
+    user = make_user(api_client)
+    for i in range(5):  # one request each: five distinct upload times
+        upload(api_client, user, (f"{i}.jpg", jpeg(200 + i)))
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, "order": "newest"} | ({"cursor": cursor} if cursor else {})
+        r = api_client.get("/images", params=params, headers=user.headers)
+        assert r.status_code == 200, r.text
+        seen += r.json()["items"]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert [i["filename"] for i in seen] == ["4.jpg", "3.jpg", "2.jpg", "1.jpg", "0.jpg"]
+    keys = [(i["created_at"], i["id"]) for i in seen]
+    assert keys == sorted(keys, reverse=True)
+    bad = api_client.get("/images", params={"order": "sideways"}, headers=user.headers)
+    assert bad.status_code == 422
+
+
 def test_default_page_and_empty_library(api_client, make_user):
     user = make_user(api_client)
     r = api_client.get("/images", headers=user.headers)

@@ -226,6 +226,12 @@ def test_the_cli_adds_scans_lists_and_removes_libraries(
     assert code == 0 and "1 added" in out and "1 unchanged" in out, (out, err)
     code, out, _ = polar("library", "list")
     assert code == 0 and str(lib) in out
+    # A search names a folder's photo by its file on the server, not a URL that needs the key.
+    wait_jobs(api_client)
+    code, out, err = polar("search", "a photo", "-k", "5")
+    assert code == 0, err
+    assert str(lib / "a.jpg") in out and str(lib / "b.jpg") in out, out
+    assert "/file" not in out, out
     code, _, err = polar("library", "add", str(tmp_path / "elsewhere"))
     assert code != 0 and "error:" in err  # outside the allowed roots: refused, said so
     code, _, err = polar("library", "scan")

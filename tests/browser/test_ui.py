@@ -241,6 +241,127 @@ def loaded_blob_images(page: Any, selector: str) -> list[str]:
     return srcs
 
 
+# Phone, laptop and desktop widths: every control a test uses must work at each.
+WIDTHS = (390, 1280, 1600)
+
+_REACH = """(e, within) => {
+    const r = e.getBoundingClientRect();
+    const out = { rect: [r.left, r.top, r.width, r.height], problems: [] };
+    const say = (what) => out.problems.push(what);
+    const name = (n) => n ? `${n.tagName.toLowerCase()}${n.id ? "#" + n.id : ""}${
+        n.className && typeof n.className === "string" ? "." + n.className.split(" ").join(".") : ""
+    }` : "nothing";
+    if (r.width < 1 || r.height < 1) say("has no size");
+    if (r.left < 0 || r.top < 0 || r.right > window.innerWidth || r.bottom > window.innerHeight) {
+        say(`is not inside the viewport (${window.innerWidth}x${window.innerHeight})`);
+    }
+    const box = within ? e.closest(within) : null;
+    if (within && !box) say(`is not inside ${within}`);
+    if (box) {
+        const b = box.getBoundingClientRect();
+        if (r.left < b.left - 0.5 || r.right > b.right + 0.5 || r.top < b.top - 0.5 ||
+            r.bottom > b.bottom + 0.5) say(`sticks out of its ${within}`);
+    }
+    // Clipped, or reachable only by scrolling a container a person cannot scroll.
+    for (let a = e.parentElement; a && a !== document.body; a = a.parentElement) {
+        const s = getComputedStyle(a);
+        if (s.overflowX === "visible" && s.overflowY === "visible") continue;
+        if (a.scrollLeft || a.scrollTop) say(`${name(a)} is scrolled to reach it`);
+        const b = a.getBoundingClientRect();
+        if (r.left < b.left - 0.5 || r.right > b.right + 0.5 || r.top < b.top - 0.5 ||
+            r.bottom > b.bottom + 0.5) say(`is clipped by ${name(a)}`);
+    }
+    const cx = r.left + r.width / 2, cy = r.top + r.height / 2;
+    const hit = document.elementFromPoint(cx, cy);
+    const label = e.labels && e.labels[0];
+    if (!hit || !(hit === e || e.contains(hit) || (label && label.contains(hit)))) {
+        say(`is covered at its centre by ${name(hit)}`);
+    }
+    // Its own text (and its label's) is not cut off.
+    for (const t of [e, label].filter(Boolean)) {
+        if (t.clientWidth > 0 && t.scrollWidth > t.clientWidth + 1) {
+            say(`${name(t)} text overflows`);
+        }
+    }
+    out.center = [cx, cy];
+    return out;
+}"""
+
+
+def reachable(locator: Any, within: str | None = None) -> tuple[float, float]:
+    """Where a person clicks `locator`: asserts it is inside `within` (its card) and the
+    viewport, unclipped, not reached by scrolling a clipped container, and is the element hit
+    at its centre. The driver never scrolls it into reach."""
+    expect(locator).to_be_visible()
+    info = locator.evaluate(_REACH, within)
+    assert not info["problems"], f"{locator}: " + "; ".join(info["problems"])
+    x, y = info["center"]
+    return float(x), float(y)
+
+
+def click(page: Any, locator: Any, within: str | None = None) -> None:
+    """Click as a person does: at the centre of what they see, after checking it is there."""
+    x, y = reachable(locator, within)
+    page.mouse.click(x, y)
+
+
+def bring_into_view(locator: Any) -> None:
+    """Scroll the page (as a person's wheel does) so that the element's box is in the middle
+    of the viewport; containers inside the page are left as they are."""
+    locator.evaluate(
+        """(e) => {
+            const r = e.getBoundingClientRect();
+            window.scrollBy(0, r.top + r.height / 2 - window.innerHeight / 2);
+        }"""
+    )
+
+
+def images_loaded(page: Any, selector: str) -> int:
+    """Wait until every image under `selector` shows a picture (non-zero natural size); how
+    many there are. An image that failed fails the test with its src."""
+    script = """(sel) => {
+        const imgs = [...document.querySelectorAll(sel)];
+        if (!imgs.length) return null;
+        return imgs.every((i) => i.complete && i.naturalWidth > 0) ? imgs.length : null;
+    }"""
+    try:
+        return int(page.wait_for_function(script, arg=selector, timeout=20_000).json_value())
+    except Exception as e:
+        state = page.evaluate(
+            """(sel) => [...document.querySelectorAll(sel)].map(
+                (i) => `${i.alt}: src=${i.getAttribute("src")} complete=${i.complete} ` +
+                       `natural=${i.naturalWidth}`)""",
+            selector,
+        )
+        raise AssertionError(f"images under {selector} did not load: {state}") from e
+
+
+def text_fits(page: Any, selector: str) -> None:
+    """No element under `selector` cuts its text off (scrollWidth > clientWidth)."""
+    over = page.evaluate(
+        """(sel) => [...document.querySelectorAll(sel)].filter(
+            (e) => e.clientWidth > 1 && e.scrollWidth > e.clientWidth + 1 &&
+                   getComputedStyle(e).textOverflow !== "ellipsis" &&
+                   !e.classList.contains("visually-hidden")
+        ).map((e) => `${e.tagName} ${e.className} "${e.textContent.trim().slice(0, 40)}"`)""",
+        selector,
+    )
+    assert not over, f"text overflows its box: {over}"
+
+
+def ensure_library(server: Server) -> None:
+    client = api(server)
+    if not client.get("/images", params={"limit": 1}).json()["items"]:
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in server.library]
+        assert client.post("/images", files=files).status_code == 202
+    for _ in range(600):
+        items = client.get("/images", params={"limit": 200}).json()["items"]
+        if all(i["embedded"] for i in items):
+            return
+        __import__("time").sleep(0.2)
+    raise AssertionError("the library was not embedded")
+
+
 def no_horizontal_scroll(page: Any) -> bool:
     return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
 
@@ -496,7 +617,9 @@ def test_the_whole_story_in_the_browser(page, server, tmp_path):
     expect(cards).to_have_count(n)
     victim = server.library[-1].name
     page.once("dialog", lambda d: d.accept())
-    page.get_by_role("button", name=f"Delete {victim}", exact=True).click()
+    victim_card = cards.filter(has=page.get_by_text(victim, exact=True))
+    bring_into_view(victim_card)
+    click(page, victim_card.get_by_role("button", name=f"Delete {victim}", exact=True), ".card")
     expect(cards).to_have_count(n - 1)
     expect(page.locator("#library-count")).to_have_text(f"{n - 1} photos")
     items = client.get("/images", params={"limit": 200}).json()["items"]
@@ -507,12 +630,14 @@ def test_the_whole_story_in_the_browser(page, server, tmp_path):
     page.get_by_role("button", name=f"Delete {server.library[0].name}", exact=True).click()
     expect(cards).to_have_count(n - 1)
 
-    # 400 px wide: everything still fits.
-    page.set_viewport_size({"width": 400, "height": 800})
-    for view in ("Search", "Library", "Concepts", "Index"):
-        nav(page, view)
-        page.wait_for_timeout(200)
-        assert no_horizontal_scroll(page), view
+    # Phone, laptop and desktop widths: everything still fits, no text is cut off.
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 844 if width < 600 else 900})
+        for view in ("Search", "Library", "Concepts", "Index"):
+            nav(page, view)
+            page.wait_for_timeout(200)
+            assert no_horizontal_scroll(page), (view, width)
+            text_fits(page, "main *:not(input):not(select):not(textarea)")
 
     # Sign out: the key is gone from the browser.
     page.get_by_role("button", name="Sign out").click()
@@ -643,11 +768,15 @@ def test_manage_a_concept_in_the_browser(page, server, tmp_path):
     bar.get_by_role("button", name="Clear").click()
     expect(bar).to_be_hidden()
 
-    # Delete, after confirming; declining keeps it.
+    # Delete, after confirming; declining keeps it. The question says the library's photos stay.
     nav(page, "Concepts")
-    page.once("dialog", lambda d: d.dismiss())
-    page.get_by_role("button", name="Delete concept Cookie").click()
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    bring_into_view(card)
+    click(page, page.get_by_role("button", name="Delete concept Cookie"), ".concept")
     expect(card).to_be_visible()
+    assert "with its photos" not in asked[0], asked
+    assert "Your library keeps every photo" in asked[0], asked
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Delete concept Cookie").click()
     expect(card).to_have_count(0)
@@ -665,11 +794,13 @@ def test_teach_a_new_concept_from_search_hits(page, server):
     hits = page.locator("#search-results > li")
     expect(hits.first).to_be_visible()
     names = hits.locator(".name").all_text_contents()[:3]
-    for name in names:
-        page.get_by_label(f"Select {name}", exact=True).check()
-    page.get_by_role("button", name="Teach a new concept").click()
+    for i, name in enumerate(names):
+        bring_into_view(hits.nth(i))
+        click(page, hits.nth(i).get_by_label(f"Select {name}", exact=True), ".card")
+    click(page, page.get_by_role("button", name="Teach a new concept"), "#selection")
     expect(page.locator("#view-concepts")).to_be_visible()
     expect(page.locator("#concept-previews .library-pick img")).to_have_count(3)
+    assert images_loaded(page, "#concept-previews img") == 3
     expect(page.locator("#concept-previews")).to_contain_text("3 photos (3 from your library)")
     # No name: said in words, nothing sent.
     page.get_by_role("button", name="Teach concept").click()
@@ -689,7 +820,7 @@ def test_teach_a_new_concept_from_search_hits(page, server):
     assert client.delete(f"/concepts/{created['id']}").status_code == 204
 
 
-def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
+def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server, tmp_path):
     client = api(server)
     if not client.get("/images", params={"limit": 1}).json()["items"]:
         files = [("files", (p.name, p.read_bytes(), "image/png")) for p in server.library]
@@ -697,7 +828,7 @@ def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
     sign_in(page, server.key)
     # The demo model serves: a banner says real photos will not work, on every view.
     banner = page.locator("#demo-banner")
-    expect(banner).to_contain_text("The small demo model is serving")
+    expect(banner).to_contain_text("Demo model: searches know only the demo's generated pictures")
     nav(page, "Library")
     expect(banner).to_be_visible()
     nav(page, "Search")
@@ -720,20 +851,37 @@ def test_search_speaks_plainly_guides_filters_and_clears_on_error(page, server):
     expect(page.locator("#search-hint")).to_be_hidden()
     expect(hits.first).to_be_visible()
 
-    # Type and date filters (the photos are PNGs, taken when their files were written).
+    # Type and date filters (the photos are PNGs, taken when their files were written). A
+    # filter that leaves nothing is named, with what to change.
+    empty = page.locator("#search-empty")
     page.get_by_label("Type").select_option("image/jpeg")
     expect(page.locator("#search-summary .headline")).to_contain_text("No results for")
     expect(hits).to_have_count(0)
+    expect(empty).to_contain_text("No photo is a JPEG (the “Type” filter)")
+    expect(empty).to_contain_text("choose another type")
+    expect(empty).not_to_contain_text("dates")
     page.get_by_label("Type").select_option("image/png")
     expect(hits.first).to_be_visible()
+    expect(empty).to_be_hidden()
     page.get_by_label("Taken from").fill("2001-01-01")
     page.get_by_label("to", exact=True).fill("2001-12-31")
     page.get_by_label("to", exact=True).dispatch_event("change")
     expect(hits).to_have_count(0)
-    page.get_by_label("Taken from").fill("")
-    page.get_by_label("to", exact=True).fill("")
-    page.get_by_label("to", exact=True).dispatch_event("change")
+    expect(empty).to_contain_text("No photo was taken from")
+    expect(empty).to_contain_text("2001")
+    expect(empty).to_contain_text("widen or clear the dates")
+    expect(empty).not_to_contain_text("Type")
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 844 if width < 600 else 900})
+        bring_into_view(empty)
+        text_fits(page, "#search-empty, #search-empty *")
+        shot(page, tmp_path, f"search-no-results-{width}")
+        reachable(empty.get_by_role("button", name="Clear the filters"), "#search-empty")
+    click(page, empty.get_by_role("button", name="Clear the filters"), "#search-empty")
     expect(hits.first).to_be_visible()
+    expect(empty).to_be_hidden()
+    expect(page.get_by_label("Taken from")).to_have_value("")
+    expect(page.get_by_label("Type")).to_have_value("")
 
     # An error clears the old results: they answered another query.
     expect(page.get_by_role("button", name="Search", exact=True)).to_be_enabled()
@@ -791,6 +939,14 @@ def test_folders_on_the_server_in_the_browser(page, server, tmp_path):
     grid = page.locator("#library-grid")
     for i in range(3):
         expect(grid.get_by_text(f"trip-{i}.png", exact=True)).to_be_visible()
+    # Newest first, and a folder's photos are marked as such (uploads are not).
+    cards = grid.locator("> li")
+    expect(cards.locator(".badge.source")).to_have_count(3)
+    assert sorted(cards.locator(".name").all_text_contents()[:3]) == [
+        f"trip-{i}.png" for i in range(3)
+    ]
+    for i in range(3):
+        expect(cards.nth(i).locator(".badge.source")).to_have_text("folder")
 
     # A new photo in the folder, "Scan now": one added, the rest unchanged.
     (trip / "trip-3.png").write_bytes(_noise_png(103))
@@ -824,3 +980,136 @@ def test_folders_on_the_server_in_the_browser(page, server, tmp_path):
     assert sorted(p.name for p in trip.iterdir()) == [
         "notes.png", "trip-0.png", "trip-1.png", "trip-2.png", "trip-3.png"
     ]  # fmt: skip
+
+
+# -- as a person sees it: at phone, laptop and desktop widths ---------------------------------
+
+SHOTS_ENV = "POLAR_UI_SHOTS"  # a folder: the screenshots below are also written there
+
+
+def shot(page: Any, tmp_path: Path, name: str, **kwargs: Any) -> Path:
+    folder = Path(os.environ.get(SHOTS_ENV) or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), **kwargs)
+    return path
+
+
+def test_library_cards_can_be_used_at_every_width(page, server, tmp_path):
+    """Each card's open, select and delete controls lie inside the card and the viewport and
+    take the click at their centre; nothing in a card is cut off; the thumbnails load."""
+    ensure_library(server)
+    client = api(server)
+    n = len(client.get("/images", params={"limit": 200}).json()["items"])
+    sign_in(page, server.key)
+    nav(page, "Library")
+    cards = page.locator("#library-grid > li")
+    expect(cards).to_have_count(n)
+    # Newest first, as the API lists them when asked.
+    newest = client.get("/images", params={"limit": 200, "order": "newest"}).json()["items"]
+    assert cards.locator(".name").all_text_contents() == [i["filename"] for i in newest]
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 844 if width < 600 else 900})
+        for i in (0, 1, n - 1):
+            card = cards.nth(i)
+            bring_into_view(card)
+            name = card.locator(".name").inner_text()
+            reachable(card.get_by_role("button", name=f"Open {name}"), ".card")
+            reachable(card.get_by_label(f"Select {name}", exact=True), ".card")
+            reachable(card.locator("label.pick"), ".card")
+            reachable(card.get_by_role("button", name=f"Delete {name}", exact=True), ".card")
+            images_loaded(page, f"#library-grid > li:nth-child({i + 1}) img")
+        text_fits(page, "#library-grid .card, #library-grid .card *")
+        assert no_horizontal_scroll(page), width
+        bring_into_view(cards.first)
+        shot(page, tmp_path, f"library-{width}")
+        # The clicks land: select, unselect, and delete (declined at the prompt).
+        first = cards.first.locator(".name").inner_text()
+        box = cards.first.get_by_label(f"Select {first}", exact=True)
+        click(page, box, ".card")
+        expect(page.locator("#selection-count")).to_have_text("1 photo selected")
+        click(page, box, ".card")
+        expect(page.locator("#selection")).to_be_hidden()
+        page.once("dialog", lambda d: d.dismiss())
+        click(page, cards.first.get_by_role("button", name=f"Delete {first}", exact=True), ".card")
+        expect(cards).to_have_count(n)
+
+        # The photo viewer: previous and next through the grid, by button and arrow key.
+        names = cards.locator(".name").all_text_contents()
+        click(page, cards.first.get_by_role("button", name=f"Open {first}"), ".card")
+        viewer = page.locator("#viewer")
+        expect(viewer.locator("#viewer-title")).to_have_text(names[0])
+        expect(viewer.locator("#viewer-position")).to_have_text(f"1 of {n}")
+        expect(viewer.get_by_role("button", name="Previous photo")).to_be_disabled()
+        images_loaded(page, "#viewer-img")
+        click(page, viewer.get_by_role("button", name="Next photo"), "#viewer")
+        expect(viewer.locator("#viewer-title")).to_have_text(names[1])
+        expect(viewer.locator("#viewer-position")).to_have_text(f"2 of {n}")
+        images_loaded(page, "#viewer-img")
+        text_fits(page, "#viewer, #viewer *")
+        shot(page, tmp_path, f"viewer-{width}")
+        page.keyboard.press("ArrowLeft")
+        expect(viewer.locator("#viewer-title")).to_have_text(names[0])
+        click(page, viewer.get_by_role("button", name="Close"), "#viewer")
+        expect(viewer).to_be_hidden()
+
+
+def test_library_photos_picked_for_a_new_concept_show_in_the_teach_form(page, server, tmp_path):
+    ensure_library(server)
+    sign_in(page, server.key)
+    page.set_viewport_size({"width": 390, "height": 844})
+    nav(page, "Library")
+    cards = page.locator("#library-grid > li")
+    expect(cards.first).to_be_visible()
+    names = []
+    for i in range(3):
+        bring_into_view(cards.nth(i))
+        name = cards.nth(i).locator(".name").inner_text()
+        click(page, cards.nth(i).get_by_label(f"Select {name}", exact=True), ".card")
+        names.append(name)
+    bar = page.locator("#selection")
+    expect(bar.locator("#selection-count")).to_have_text("3 photos selected")
+    click(page, bar.get_by_role("button", name="Teach a new concept"), "#selection")
+    expect(page.locator("#view-concepts")).to_be_visible()
+    previews = page.locator("#concept-previews .library-pick img")
+    expect(previews).to_have_count(3)
+    assert images_loaded(page, "#concept-previews img") == 3
+    assert sorted(previews.evaluate_all("(imgs) => imgs.map((i) => i.alt)")) == sorted(names)
+    bring_into_view(page.locator("#concept-previews"))
+    shot(page, tmp_path, "teach-from-library-390")
+
+
+def test_the_demo_model_note_is_one_line_and_stays_dismissed_until_the_next_sign_in(
+    page, server, tmp_path
+):
+    ready = httpx.get(f"{server.base}/readyz").json()
+    assert ready["demo_model"] is True
+    page.set_viewport_size({"width": 390, "height": 844})
+    sign_in(page, server.key)
+    banner = page.locator("#demo-banner")
+    expect(banner).to_be_visible()
+    words = banner.locator("p").inner_text()
+    # One sentence or two, in words: what it means and the one setting that changes it.
+    assert "\n" not in words.strip() and len(words) < 200, words
+    assert "POLAR_MODEL__PRETRAINED" in words and "demo" in words.lower()
+    assert not re.search(r"(^|[\s(=])(/|~/)\w", words), f"a path in the note: {words}"
+    height = banner.bounding_box()["height"]
+    assert height <= 0.2 * 844, f"the note fills {height} px of a phone's first screen"
+    text_fits(page, "#demo-banner, #demo-banner *")
+    shot(page, tmp_path, "demo-note-390")
+    for view in ("Library", "Concepts", "Index", "Search"):
+        nav(page, view)
+        expect(banner).to_be_visible()
+    click(page, banner.get_by_role("button", name="Dismiss the demo-model note"), "#demo-banner")
+    expect(banner).to_be_hidden()
+    for view in ("Library", "Search"):
+        nav(page, view)
+        expect(banner).to_be_hidden()
+    page.reload()
+    expect(page.locator("#nav")).to_be_visible()
+    expect(banner).to_be_hidden()
+    # Signed out and in again: the note is back.
+    page.get_by_role("button", name="Sign out").click()
+    expect(banner).to_be_hidden()
+    sign_in(page, server.key)
+    expect(banner).to_be_visible()

@@ -263,7 +263,7 @@ def get_example_thumbnail(
     "/{concept_id}",
     status_code=204,
     response_class=Response,
-    summary="Delete a concept with its photos and adapters",
+    summary="Delete a concept and the copies uploaded to teach it (library photos stay)",
     responses=errors(404),
 )
 def delete_concept(

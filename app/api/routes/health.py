@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
 from app.config import Settings
+from app.text import without_paths
 
 router = APIRouter(tags=["health"])
 
@@ -98,6 +99,11 @@ def readyz(request: Request) -> Response:
         "broker": _check_broker(settings),
         "model": Check(ok=state.ok, detail=state.detail),
     }
+    # Public: the details say what is wrong, never where the server keeps its files.
+    checks = {
+        name: Check(ok=c.ok, detail=without_paths(c.detail) if c.detail else c.detail)
+        for name, c in checks.items()
+    }
     ok = all(c.ok for c in checks.values())
     serving = state.serving
     status = "ready" if ok else "not_ready"
@@ -108,7 +114,9 @@ def readyz(request: Request) -> Response:
         version=__version__,
         model=serving.model_id if serving else None,
         demo_model=bool(serving and serving.is_demo),
-        warning=serving.fallback_reason if serving else None,
+        warning=without_paths(serving.fallback_reason)
+        if serving and serving.fallback_reason
+        else None,
         checks=checks,
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

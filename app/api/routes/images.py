@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import Field
 
@@ -90,7 +90,7 @@ def upload_images(
 @router.get(
     "",
     response_model=ImagePage,
-    summary="List images, oldest first, by cursor",
+    summary="List images by cursor, oldest first (or newest first: order=newest)",
     responses=errors(422),
 )
 def list_images(
@@ -98,8 +98,14 @@ def list_images(
     db_session: SessionDep,
     limit: PageLimit = 50,
     cursor: Cursor = None,
+    order: Annotated[
+        Literal["oldest", "newest"],
+        Query(description="by when each image was added; a cursor continues the same order"),
+    ] = "oldest",
 ) -> ImagePage:
-    page = service.list_images(user.id, db_session=db_session, limit=limit, cursor=cursor)
+    page = service.list_images(
+        user.id, db_session=db_session, limit=limit, cursor=cursor, newest_first=order == "newest"
+    )
     return ImagePage(
         items=[ImageOut.from_model(i) for i in page.items], next_cursor=page.next_cursor
     )

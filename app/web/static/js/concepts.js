@@ -77,9 +77,9 @@ function choosePhotos(files) {
     list.append(el("li", {}, el("img", { src: url, alt: file.name })));
   }
   for (const image of picks) {
-    const img = el("img", { alt: image.filename || "library photo" });
-    thumbs.load(img, image.thumbnail_url);
+    const img = el("img", { alt: image.filename || "library photo", width: 56, height: 56 });
     list.append(el("li", { className: "library-pick" }, img));
+    thumbs.load(img, image.thumbnail_url);
   }
   const n = files.length + picks.length;
   if (n) {
@@ -234,17 +234,25 @@ function qualityWords(concept) {
   return lines;
 }
 
-/** How well it stands out from the rest of the library, measured when it was trained. */
+/**
+ * How its own photos ranked against the rest of the library when it was trained. A photo that
+ * ranks as high may be one of it that was not taught, or a look-alike: never claimed which.
+ */
 export function separationWords(sep) {
   if (!sep || typeof sep.checked !== "number") return null;
-  if (sep.checked === 0) return "Your library had no photos to compare it with yet.";
-  const checked = plural(sep.checked, "library photo");
+  if (sep.checked === 0) return "Your library had no other photos to compare it with yet.";
+  const others = plural(sep.checked, "other library photo");
   if (sep.lookalikes === 0) {
-    return `It stands out: none of the ${checked} checked looks like it to the model.`;
+    return (
+      `Its searches rank the photos it was taught from above all ${others} checked ` +
+      "(other photos of it included)."
+    );
   }
+  const verb = sep.lookalikes === 1 ? "ranks" : "rank";
   return (
-    `${plural(sep.lookalikes, "other photo")} of the ${checked} checked look like it to the ` +
-    "model and may show up in its searches; more photos of it, from other sides, help."
+    `${sep.lookalikes} of the ${others} checked ${verb} as high as the photos it was taught ` +
+    "from, so its searches find them too: photos of it, or look-alikes. If they are not it, " +
+    "more photos of it from other sides help."
   );
 }
 
@@ -467,7 +475,10 @@ async function addPhotos(concept, files, item, error, button) {
 }
 
 async function removeConcept(concept, item, button, error) {
-  if (!window.confirm(`Delete the concept “${concept.name}” with its photos?`)) return;
+  const question =
+    `Delete the concept “${concept.name}”? Searches stop knowing it. Your library keeps ` +
+    "every photo; only the copies uploaded just to teach it go.";
+  if (!window.confirm(question)) return;
   await busy(button, async () => {
     try {
       await api.del(`/concepts/${encodeURIComponent(concept.id)}`);

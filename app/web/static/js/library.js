@@ -28,6 +28,7 @@ let cursor = null;
 let shown = 0;
 let generation = 0; // bumped by every reload: pages of an older listing are dropped
 let uploading = false;
+let listing = []; // the images in the grid, in its order (the viewer's previous and next)
 
 export function setupLibrary() {
   const input = $("library-files");
@@ -70,6 +71,7 @@ export function resetLibrary() {
   thumbs.clear();
   cursor = null;
   shown = 0;
+  listing = [];
   clear($("library-grid"));
   clear($("library-upload"));
   setAlert($("library-error"), "");
@@ -82,6 +84,7 @@ export async function loadLibrary() {
   thumbs.clear();
   cursor = null;
   shown = 0;
+  listing = [];
   clear($("library-grid"));
   await loadPage();
 }
@@ -90,9 +93,11 @@ async function loadPage() {
   const mine = generation;
   await busy([$("library-more"), $("library-refresh")], async () => {
     try {
-      const page = await api.get("/images", { limit: PAGE, cursor });
+      // Newest first: what was just added or scanned is what a person looks for.
+      const page = await api.get("/images", { limit: PAGE, cursor, order: "newest" });
       if (mine !== generation) return;
       for (const image of page.items) $("library-grid").append(card(image));
+      listing.push(...page.items);
       shown += page.items.length;
       cursor = page.next_cursor;
       setAlert($("library-error"), "");
@@ -130,25 +135,32 @@ function card(image) {
         className: "thumb",
         title: `${image.width}×${image.height} · ${formatBytes(image.size_bytes)}`,
         attrs: { "aria-label": `Open ${name}` },
-        on: { click: () => openViewer(image) },
+        on: {
+          click: () => openViewer(image, "", listing.map((shownImage) => ({ image: shownImage }))),
+        },
       },
       img,
     ),
     el("div", { className: "name", text: name, attrs: { title: name } }),
-    el("div", {
-      className: "taken muted",
-      text: image.taken_at ? `Taken ${formatDate(image.taken_at)}` : "",
-    }),
     el(
       "div",
-      { className: "card-actions" },
+      { className: "card-info" },
       el("span", {
         className: image.embedded ? "badge good" : "badge",
         text: image.embedded ? "searchable" : "embedding…",
       }),
-      selectBox(image, name),
-      remove,
+      image.library_id
+        ? el("span", {
+            className: "badge source",
+            text: "folder",
+            attrs: { title: "Indexed in place from a folder on the server" },
+          })
+        : null,
+      image.taken_at
+        ? el("span", { className: "taken muted", text: `Taken ${formatDate(image.taken_at)}` })
+        : null,
     ),
+    el("div", { className: "card-actions" }, selectBox(image, name), remove),
   );
   remove.addEventListener("click", () => removeImage(image, item, img, remove));
   thumbs.attach(img, image.thumbnail_url);
@@ -163,6 +175,7 @@ async function removeImage(image, item, img, button) {
       await api.del(`/images/${encodeURIComponent(image.id)}`);
       thumbs.release(img);
       item.remove();
+      listing = listing.filter((other) => other.id !== image.id);
       shown -= 1;
       $("library-count").textContent = cursor ? `${shown} shown, more below` : plural(shown, "photo");
       toast(`Deleted ${name}.`);

@@ -50,23 +50,28 @@ function route({ focus = true } = {}) {
 }
 
 let modelChecked = false;
+// Dismissed until the next sign-in: the flag goes with the key (signIn/signOut clear it).
+const BANNER_DISMISSED = "polar.demoBannerDismissed";
 
-/** A banner for as long as the page lives when the synthetic demo model serves. */
+/** One line, on every view, while the synthetic demo model serves (unless dismissed). */
 async function checkModel() {
   if (modelChecked) return;
   modelChecked = true;
   try {
     const ready = await serving();
-    if (!ready.demo_model) return;
-    $("demo-banner").textContent =
-      "The small demo model is serving, not a real CLIP: it only knows the demo's generated " +
-      "pictures, so searches of real photos will not find what you ask for. An administrator " +
-      "can point POLAR_MODEL__PRETRAINED at real weights." +
-      (ready.warning ? ` (${ready.warning})` : "");
-    $("demo-banner").hidden = false;
+    const banner = $("demo-banner");
+    banner.hidden = !ready.demo_model || localStorage.getItem(BANNER_DISMISSED) === "1";
+    // Why it serves (the configured weights failed), for whoever hovers: no paths in it.
+    if (ready.warning) $("demo-banner-text").title = ready.warning;
   } catch {
     modelChecked = false; // try again on the next view
   }
+}
+
+function dismissBanner() {
+  localStorage.setItem(BANNER_DISMISSED, "1");
+  $("demo-banner").hidden = true;
+  $("main").focus();
 }
 
 function showSignIn(message = "") {
@@ -99,6 +104,8 @@ function setupSignIn() {
     await busy(form.querySelector("button[type=submit]"), async () => {
       try {
         await signIn(key);
+        localStorage.removeItem(BANNER_DISMISSED); // a new sign-in shows the note again
+        modelChecked = false;
         $("signin-key").value = "";
         setAlert($("signin-error"), "");
         route();
@@ -107,8 +114,12 @@ function setupSignIn() {
       }
     });
   });
+  $("demo-banner-close").addEventListener("click", () => dismissBanner());
   $("signout").addEventListener("click", () => {
     signOut();
+    localStorage.removeItem(BANNER_DISMISSED);
+    $("demo-banner").hidden = true;
+    modelChecked = false;
     resetViews();
     showSignIn();
     toast("Signed out. The key was removed from this browser.");
@@ -116,6 +127,8 @@ function setupSignIn() {
   // The key stopped working (revoked, or another one was signed in elsewhere): start over.
   onUnauthorized((error) => {
     signOut();
+    $("demo-banner").hidden = true;
+    modelChecked = false;
     resetViews();
     showSignIn(`Signed out: ${error.message}`);
   });

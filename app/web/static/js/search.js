@@ -1,7 +1,7 @@
 // Search view: a query, how the service understood it, and a page of ranked thumbnails.
 
 import { api, isAbort } from "./api.js";
-import { $, clear, el, plural, setAlert } from "./dom.js";
+import { $, clear, el, formatDate, plural, setAlert } from "./dom.js";
 import { selectBox } from "./selection.js";
 import { Thumbs } from "./thumbs.js";
 import { openViewer } from "./viewer.js";
@@ -43,6 +43,14 @@ export function setupSearch() {
       run();
     }
   });
+  $("search-clear-filters").addEventListener("click", () => {
+    $("search-from").value = "";
+    $("search-to").value = "";
+    $("search-type").value = "";
+    state.offset = 0;
+    run();
+    $("search-q").focus();
+  });
   $("search-prev").addEventListener("click", () => {
     state.offset = Math.max(0, state.offset - state.k);
     run();
@@ -59,6 +67,67 @@ export function searchFor(q) {
   state.q = q;
   state.offset = 0;
   run();
+}
+
+/** The date filter in words ("taken from 1 Jan 2001 to 31 Dec 2001"), or "" when unset. */
+function datesInWords() {
+  const day = (value) => formatDate(`${value}T00:00:00`);
+  const from = $("search-from").value;
+  const to = $("search-to").value;
+  if (from && to) return `taken from ${day(from)} to ${day(to)}`;
+  if (from) return `taken on or after ${day(from)}`;
+  if (to) return `taken on or before ${day(to)}`;
+  return "";
+}
+
+/**
+ * A page with no results while filters are set: say which filter leaves nothing and what to
+ * change. Each filter is tried alone (one small search each) so the words name the right one.
+ */
+async function explainEmpty(filters, mine) {
+  const dates = {};
+  if (filters.taken_after) dates.taken_after = filters.taken_after;
+  if (filters.taken_before) dates.taken_before = filters.taken_before;
+  const groups = [];
+  if (Object.keys(dates).length) {
+    groups.push({
+      filters: dates,
+      words: `No photo was ${datesInWords()} (the “Taken from” and “to” dates)`,
+      change: "widen or clear the dates",
+    });
+  }
+  if (filters.mime) {
+    const type = $("search-type").selectedOptions[0]?.textContent || filters.mime[0];
+    groups.push({
+      filters: { mime: filters.mime },
+      words: `No photo is a ${type} (the “Type” filter)`,
+      change: "choose another type, or “any”",
+    });
+  }
+  const empty = [];
+  for (const group of groups) {
+    try {
+      const probe = await api.post("/search", {
+        json: { q: state.q, k: 1, personalize: state.personalize, filters: group.filters },
+      });
+      if (mine !== latest) return;
+      if (probe.hits.length === 0) empty.push(group);
+    } catch (error) {
+      if (isAbort(error)) return;
+    }
+  }
+  if (mine !== latest) return;
+  let why;
+  if (empty.length) {
+    why = empty.map((g) => `${g.words}: ${g.change}.`).join(" ");
+  } else {
+    // Each filter alone leaves photos; together they leave none.
+    why =
+      `No photo is ${groups.map((g) => g.words.replace(/^No photo (is|was) /, "")).join(" and ")}` +
+      " at once: loosen one of the filters.";
+  }
+  $("search-empty-why").textContent = why;
+  $("search-empty").hidden = false;
 }
 
 /** The date and type filters as the API's `filters`, or null when none is set. */
@@ -126,6 +195,7 @@ export function resetSearch() {
   setAlert($("search-error"), "");
   setAlert($("search-hint"), "");
   $("search-guide").hidden = true;
+  $("search-empty").hidden = true;
   $("search-from").value = "";
   $("search-to").value = "";
   $("search-type").value = "";
@@ -175,8 +245,10 @@ async function run() {
     if (mine !== latest) return;
     state.last = body;
     $("search-guide").hidden = true;
+    $("search-empty").hidden = true;
     render(body);
     showHint(body);
+    if (filters && body.hits.length === 0 && body.offset === 0) explainEmpty(filters, mine);
   } catch (error) {
     if (isAbort(error) || mine !== latest) return;
     // The old results answered another query: leave none on screen under the error.
@@ -184,6 +256,7 @@ async function run() {
     thumbs.clear();
     clear($("search-summary"));
     clear($("search-results"));
+    $("search-empty").hidden = true;
     setAlert($("search-hint"), "");
     setAlert($("search-error"), error.message);
   }
@@ -199,6 +272,8 @@ function render(body) {
   renderSummary(body);
   thumbs.clear();
   const grid = clear($("search-results"));
+  const extra = (hit) => `#${hit.rank} · score ${hit.score.toFixed(3)}`;
+  const items = body.hits.map((hit) => ({ image: hit.image, extra: extra(hit) }));
   for (const hit of body.hits) {
     const name = hit.image.filename || "untitled";
     const img = el("img", { alt: name, width: 160, height: 160, decoding: "async" });
@@ -211,7 +286,7 @@ function render(body) {
         type: "button",
         className: "thumb",
         attrs: { "aria-label": `Open result ${hit.rank}: ${name}` },
-        on: { click: () => openViewer(hit.image, `#${hit.rank} · score ${hit.score.toFixed(3)}`) },
+        on: { click: () => openViewer(hit.image, extra(hit), items) },
       },
       img,
     );

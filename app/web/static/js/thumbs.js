@@ -13,6 +13,9 @@ export class Thumbs {
     this.queue = [];
     this.active = 0;
     this.generation = 0;
+    // Images whose card is gone. Not "!img.isConnected": an image is often made, handed here
+    // and only then put on the page (it must still load when it gets there).
+    this.released = new WeakSet();
     this.observer = new IntersectionObserver((entries) => this.#visible(entries), {
       rootMargin: "200px",
     });
@@ -20,6 +23,7 @@ export class Thumbs {
 
   /** Load `path` (an API path such as image.thumbnail_url) into `img` once it is near view. */
   attach(img, path) {
+    this.released.delete(img);
     img.dataset.path = path;
     img.classList.add("loading");
     this.observer.observe(img);
@@ -27,12 +31,15 @@ export class Thumbs {
 
   /** Load now, whether visible or not (the viewer's full-size image). */
   load(img, path) {
+    this.released.delete(img);
     img.dataset.path = path;
+    img.classList.add("loading");
     this.#enqueue(img);
   }
 
   /** Forget one image (its card is gone): revoke its URL. */
   release(img) {
+    this.released.add(img);
     this.observer.unobserve(img);
     this.#revoke(img);
   }
@@ -62,7 +69,7 @@ export class Thumbs {
   #pump() {
     while (this.active < CONCURRENCY && this.queue.length) {
       const { img, generation } = this.queue.shift();
-      if (generation !== this.generation || !img.isConnected) continue;
+      if (generation !== this.generation || this.released.has(img)) continue;
       this.active += 1;
       this.#fetch(img, generation).finally(() => {
         this.active -= 1;
@@ -74,7 +81,7 @@ export class Thumbs {
   async #fetch(img, generation) {
     try {
       const blob = await api.blob(img.dataset.path);
-      if (generation !== this.generation || !img.isConnected) return;
+      if (generation !== this.generation || this.released.has(img)) return;
       this.#revoke(img);
       const url = URL.createObjectURL(blob);
       this.urls.set(img, url);
