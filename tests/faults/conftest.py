@@ -196,6 +196,22 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
             yield client
 
 
+def job(api: httpx.Client, job_id: str) -> dict[str, Any]:
+    """GET /jobs/{id}."""
+    body: dict[str, Any] = api.get(f"/jobs/{job_id}").raise_for_status().json()
+    return body
+
+
+def finished(api: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    """The job once it has succeeded or failed."""
+    result: dict[str, Any] = wait_until(
+        lambda: (j := job(api, job_id))["state"] in ("succeeded", "failed") and j,
+        timeout,
+        f"job {job_id} never finished",
+    )
+    return result
+
+
 def report_recovery(what: str, seconds: float) -> None:
     """A measured recovery time: printed (`pytest -s`), and added to the JSON file named by
     POLAR_FAULTS_TIMINGS when set (the README's "when a dependency fails" table quotes them)."""

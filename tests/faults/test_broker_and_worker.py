@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.faults.conftest import Stack, report_recovery, wait_until
+from tests.faults.conftest import Stack, finished, job, report_recovery, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -33,20 +33,6 @@ def upload(api: httpx.Client, first: int, n: int) -> dict[str, Any]:
     assert r.status_code == 202, r.text
     body: dict[str, Any] = r.json()
     return body
-
-
-def job(api: httpx.Client, job_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = api.get(f"/jobs/{job_id}").raise_for_status().json()
-    return body
-
-
-def finished(api: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    result: dict[str, Any] = wait_until(
-        lambda: (j := job(api, job_id))["state"] in ("succeeded", "failed") and j,
-        timeout,
-        f"job {job_id} never finished",
-    )
-    return result
 
 
 def test_jobs_accepted_while_redis_is_down_run_once_it_is_back(stack: Stack, api: httpx.Client):

@@ -26,7 +26,7 @@ from sqlalchemy import text
 
 from app.db import make_engine
 from tests.db_fixtures import temporary_pg_schema
-from tests.faults.conftest import Stack, report_recovery, wait_until
+from tests.faults.conftest import Stack, finished, job, report_recovery, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
 
@@ -65,20 +65,6 @@ def upload(api: httpx.Client, first: int, n: int) -> str:
     assert r.status_code == 202, r.text
     job_id: str = r.json()["job"]["id"]
     return job_id
-
-
-def job(api: httpx.Client, job_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = api.get(f"/jobs/{job_id}").raise_for_status().json()
-    return body
-
-
-def finished(api: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    result: dict[str, Any] = wait_until(
-        lambda: (j := job(api, job_id))["state"] in ("succeeded", "failed") and j,
-        timeout,
-        f"job {job_id} never finished",
-    )
-    return result
 
 
 def run_every_kind(stack: Stack, api: httpx.Client, first: int) -> None:
