@@ -65,7 +65,10 @@ def test_a_full_disk_refuses_uploads_cleanly_and_recovers(tmp_path: Path, databa
     # The tmpfs hides what the data folder held: the migrated database moves onto it.
     keep = f"cp {db_file} {tmp_path}/db.keep && " if database == "inside" else ""
     back = f" && cp {tmp_path}/db.keep {db_file}" if database == "inside" else ""
-    script = f"{keep}mount -t tmpfs -o size=4m tmpfs {data}{back} && exec {serve}"
+    # A ballast file the "admin" deletes to free space: with the database on the full disk, even
+    # a delete needs room for SQLite's journal first.
+    ballast = f" && head -c 400000 /dev/zero > {data}/ballast"
+    script = f"{keep}mount -t tmpfs -o size=4m tmpfs {data}{back}{ballast} && exec {serve}"
     with (tmp_path / "api.log").open("wb") as log:
         server = subprocess.Popen(["unshare", "-rm", "--", "sh", "-c", script], env=env,
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -111,7 +114,9 @@ def test_a_full_disk_refuses_uploads_cleanly_and_recovers(tmp_path: Path, databa
         found = api.get("/search", params={"q": "a photo", "k": 5})
         assert found.status_code == 200 and found.json()["hits"]
 
-        # Space freed: uploads work again, by themselves.
+        # Space freed (the admin removes a file, then the user deletes photos): uploads work
+        # again, by themselves.
+        (Path(f"/proc/{server.pid}/root") / data.relative_to("/") / "ballast").unlink()
         for image_id in accepted[:3]:
             assert api.delete(f"/images/{image_id}").status_code == 204
         time.sleep(0.2)
