@@ -31,7 +31,10 @@ from types import FrameType
 
 log = logging.getLogger("polar.serve")
 
-FAST_EXIT_S = 10.0  # a process that dies sooner than this after its start failed to start
+# A process that dies sooner than this after its start failed to start. Importing the app
+# (torch, open_clip) alone takes about 9 s on a busy 2-core machine; 10 s let a failed start
+# pass for a crash.
+FAST_EXIT_S = 30.0
 MAX_FAST_EXITS = 3  # in a row, for one slot: stop everything
 STOP_GRACE_S = 30.0  # SIGTERM to SIGKILL, for requests in flight to finish
 _spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
