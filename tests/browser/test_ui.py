@@ -1054,6 +1054,41 @@ def test_library_cards_can_be_used_at_every_width(page, server, tmp_path):
         expect(viewer).to_be_hidden()
 
 
+def test_a_drop_right_after_an_upload_is_taken_while_the_grid_reloads(page, server):
+    """Once an upload's summary shows, the next drop is taken, even while the grid behind it is
+    still reloading (a slow listing used to hold the upload open, and the second drop was turned
+    away with "An upload is still running")."""
+    ensure_library(server)
+    client = api(server)
+    n = len(client.get("/images", params={"limit": 200}).json()["items"])
+    sign_in(page, server.key)
+    nav(page, "Library")
+    cards = page.locator("#library-grid > li")
+    expect(cards).to_have_count(n)
+    held: list[Any] = []
+
+    def hold_listings(route: Any) -> None:
+        if route.request.method == "GET":
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/images\?"), hold_listings)
+    first, second = server.library[0], server.library[1]
+    drop_files(page, "#library-drop", [(first.name, first.read_bytes(), "image/png")])
+    status = page.locator("#library-upload")
+    expect(status).to_contain_text("Uploaded 0 new photos, 1 duplicate.")
+    expect(status.locator(".duplicates")).to_have_text(f"Already in your library: {first.name}")
+    drop_files(page, "#library-drop", [(second.name, second.read_bytes(), "image/png")])
+    expect(status.locator(".duplicates")).to_have_text(f"Already in your library: {second.name}")
+    expect(page.locator("#toast")).not_to_contain_text("still running")
+    assert held, "the grid's reload was not held: the test did not test the race"
+    for route in held:
+        route.continue_()
+    page.unroute(re.compile(r"/images\?"))
+    expect(cards).to_have_count(n)
+
+
 def test_library_photos_picked_for_a_new_concept_show_in_the_teach_form(page, server, tmp_path):
     ensure_library(server)
     sign_in(page, server.key)

@@ -192,11 +192,13 @@ async function upload(files) {
     return;
   }
   uploading = true;
+  let changed = false;
   try {
-    await uploadNow(files);
+    changed = await uploadNow(files);
   } finally {
-    uploading = false;
+    uploading = false; // the upload is over once its summary shows: the next drop is taken
   }
+  if (changed) await loadLibrary();
 }
 
 /**
@@ -318,7 +320,7 @@ async function uploadNow(files) {
       }
     }
   });
-  if (added || duplicates.length) await loadLibrary();
+  return Boolean(added || duplicates.length);
 }
 
 function uploadSummary(added, duplicates, skipped) {
