@@ -1,18 +1,23 @@
-"""The README's configuration table and .env.example are generated; they must not drift."""
+"""The configuration table of docs/CONFIGURATION.md and .env.example are generated; they must
+not drift."""
 
 from pathlib import Path
 
-from app.settings_doc import render_env_example, render_markdown, settings_env_vars
+from app.settings_doc import (
+    TABLE_DOC,
+    render_env_example,
+    render_markdown,
+    settings_env_vars,
+    table_in,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_readme_settings_table_is_current():
-    text = (ROOT / "README.md").read_text()
-    start = text.index("<!-- settings-table:start -->\n") + len("<!-- settings-table:start -->\n")
-    end = text.index("<!-- settings-table:end -->")
-    assert text[start:end] == render_markdown(), (
-        "regenerate the table: python -m app.settings_doc markdown"
+def test_settings_table_is_current():
+    assert TABLE_DOC == ROOT / "docs" / "CONFIGURATION.md"
+    assert table_in(TABLE_DOC.read_text()) == render_markdown(), (
+        "regenerate the table: python -m app.settings_doc docs"
     )
 
 
