@@ -1,4 +1,4 @@
-"""Shared fixtures. Integration tests use the real PostgreSQL and Redis (see README)."""
+"""Shared fixtures. Integration tests use the real PostgreSQL and Redis (docs/DEVELOPMENT.md)."""
 
 from __future__ import annotations
 
