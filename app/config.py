@@ -223,7 +223,7 @@ class LimitSettings(BaseModel):
 
 
 class JobSettings(BaseModel):
-    """Background jobs: when one counts as lost and is sent again (app/reconciler.py)."""
+    """Background jobs: when one counts as lost and is sent again (app/runtime/reconciler.py)."""
 
     dead_after_s: float = Field(
         120.0, gt=0, description="a running job without a heartbeat this long is re-queued"

@@ -13,11 +13,12 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import __version__, bootstrap, web
+from app import __version__, web
 from app.api.deps import AUTH, KeyBeforeBody
 from app.api.errors import BodySizeLimit, SafeJSONResponse, Utf8Url, install_error_handlers
 from app.api.head import HeadAsGet, is_head
 from app.api.interactive import InteractiveRequests, SearchTurns
+from app.api.metrics import Metrics, multiprocess_dir
 from app.api.openapi import install_openapi
 from app.api.routes import (
     concepts,
@@ -33,9 +34,9 @@ from app.api.routes import (
 from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
-from app.metrics import Metrics, multiprocess_dir
 from app.ml.threads import cpu_count
-from app.runner import JobRunner
+from app.runtime import container as bootstrap
+from app.runtime.runner import JobRunner
 from app.services import images as images_service
 from app.services.index import IndexCache
 from app.services.jobs import JobHandler

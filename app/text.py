@@ -1,6 +1,6 @@
 """Text from outside, made safe once: one Unicode normal form, one caseless key.
 
-Every string a request brings in goes through `clean_text` at the API boundary (app/schemas.py
+Every string a request brings in goes through `clean_text` at the API boundary (app/api/schemas.py
 `CleanStr`): a lone surrogate (what invalid UTF-8 decodes to with `surrogateescape`, and what a
 JSON `"\\ud800"` escape decodes to) or a NUL cannot be stored by PostgreSQL nor sent back as
 UTF-8, so it is refused there with a 422 instead of failing later with a 500. What passes is

@@ -1,7 +1,7 @@
 """The Celery app: `celery -A workers.celery_app worker`, configured from the same Settings.
 
 The worker's wiring (database, storage, model, handler table) comes from the composition root
-(app/bootstrap.py), built once per worker process on first use and kept on the Celery app.
+(app/runtime/container.py), built once per worker process on first use and kept on the Celery app.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import Celery, signals
 
-from app.bootstrap import Container, build
 from app.config import Settings, get_settings
-from app.library_monitor import LibraryMonitor
 from app.logs import configure_logging
-from app.priority import lower_this_process
-from app.reconciler import ReconcilePolicy, Reconciler
+from app.runtime.container import Container, build
+from app.runtime.library_monitor import LibraryMonitor
+from app.runtime.priority import lower_this_process
+from app.runtime.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobHandler
 from workers.queue import CeleryQueue, celery_config, runner_name
@@ -120,7 +120,7 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
 
     def start_reconciler(self) -> Reconciler:
         """Re-send jobs that no worker has (lost messages, dead workers), and watch the library
-        folders (app/library_monitor.py), from this process."""
+        folders (app/runtime/library_monitor.py), from this process."""
         with self._lock:
             if self._reconciler is None:
                 self._reconciler = Reconciler(
@@ -192,7 +192,7 @@ def _on_task_failure(
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _on_worker_process_init(**_: Any) -> None:
     """Each worker process starts with wiring of its own (nothing of the main process's
-    crosses the fork: app/db.py), runs at the jobs' lower CPU priority (app/priority.py) and
+    crosses the fork: app/db.py), runs at the jobs' lower CPU priority (app/runtime/priority.py) and
     loads the model once, before its first task needs it."""
     celery_app.forget_parent()
     lower_this_process(celery_app.settings.jobs.nice)

@@ -81,7 +81,7 @@ class CeleryQueue:
     or frozen the publish fails after BROKER_TIMEOUT_S and the job stays `queued` in the
     database; the thread keeps the ids that failed and tries the broker again every second at
     most, so they are sent as soon as it answers. (Should this process die first, the
-    reconciler, app/reconciler.py, finds them in the database and sends them.)
+    reconciler, app/runtime/reconciler.py, finds them in the database and sends them.)
     """
 
     def __init__(self, celery: Celery, *, background: bool = True) -> None:

@@ -22,9 +22,9 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.metrics import Metrics
 from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
-from app.metrics import Metrics
 from app.models import User
 from app.services import users as users_service
 from app.services.index import IndexCache
@@ -94,7 +94,7 @@ def get_store(request: Request) -> ImageStore:
 
 
 def get_queue(request: Request) -> JobQueue:
-    """Where new jobs go: the embedded runner, or Celery (wired in app/bootstrap.py)."""
+    """Where new jobs go: the embedded runner, or Celery (wired in app/runtime/container.py)."""
     queue: JobQueue = request.app.state.job_queue
     return queue
 

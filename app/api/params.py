@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Form, Path, Query
 from pydantic import BeforeValidator, Field
 
-from app.schemas import CURSOR_DOC, CURSOR_MAX_CHARS, CURSOR_PATTERN, ID_MAX_CHARS, CleanStr
+from app.api.schemas import CURSOR_DOC, CURSOR_MAX_CHARS, CURSOR_PATTERN, ID_MAX_CHARS, CleanStr
 
 PAGE_MAX = 200
 

@@ -35,10 +35,10 @@ from typing import Any
 import httpx
 from PIL import Image, ImageDraw, ImageFont
 
-from app.client import Job
+from app.cli.http import Job
+from app.cli.progress import JobProgress
 from app.demo.world import CATEGORIES, SCENES, Instance, World
 from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path
-from app.progress import JobProgress
 
 FIDO_CATEGORY = "hat"
 FIDO_INDEX = 4  # which reserved instance of the world plays Fido (a pink and blue striped hat)
@@ -195,7 +195,7 @@ def _polar(*args: str, env: dict[str, str]) -> str:
 
 
 def _wait_job(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
-    """Poll a job to its end; a bar on a terminal, one finished line in a log (app.progress)."""
+    """Poll a job to its end; a bar on a terminal, one finished line in a log (app.cli.progress)."""
     sys.stdout.flush()  # the bar writes through its own handle: keep the lines in order
     with JobProgress(f"  {label}", file=sys.stdout) as progress:
         while True:

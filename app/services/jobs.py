@@ -2,8 +2,8 @@
 
 The `jobs` row is the only source of truth. Services create a job in their own transaction and,
 after the commit, hand its id to a `JobQueue` they were given (the embedded runner in
-app/runner.py or the Celery queue in workers/queue.py; wired in app/bootstrap.py). Whatever runs
-the job calls `run_job(job_id, env)`, which looks the handler up in `env.handlers`.
+app/runtime/runner.py or the Celery queue in workers/queue.py; wired in
+app/runtime/container.py). Whatever runs the job calls `run_job(job_id, env)`, which looks the handler up in `env.handlers`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # Progress writes at most this often per job (a 500-step training loop reports every step).
 PROGRESS_MIN_INTERVAL_S = 0.5
 # A running job's row is touched this often; one untouched for much longer lost its worker
-# (app/reconciler.py puts it back in the queue).
+# (app/runtime/reconciler.py puts it back in the queue).
 HEARTBEAT_INTERVAL_S = 15.0
 # Stable error codes of jobs that failed for reasons of their own runner, not of their input.
 NO_HANDLER = "no_handler"

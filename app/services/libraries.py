@@ -263,7 +263,7 @@ def confine_folder(
         raise ValidationFailed(f"give an absolute path, not {raw!r}", code="path_not_absolute")
     if ".." in p.parts:
         raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
-    try:  # the API refuses these first (app/schemas.py LibraryIn); the database would fail
+    try:  # the API refuses these first (app/api/schemas.py LibraryIn); the database would fail
         check_text(raw)
     except UnsafeText as e:
         raise ValidationFailed(

@@ -97,7 +97,7 @@ class LoaderState:
 
 class ModelLoader:
     """The one model of a process: loaded once (in the background at startup, or on first use),
-    shared by searches and jobs. Built by the composition root (app/bootstrap.py)."""
+    shared by searches and jobs. Built by the composition root (app/runtime/container.py)."""
 
     def __init__(self, cfg: ModelSettings) -> None:
         self.cfg = cfg

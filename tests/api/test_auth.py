@@ -8,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app import cli, errors
+from app.cli import errors
+from app.cli import main as cli
 from app.db import get_engine, head_revision
 from app.main import create_app
 from app.models import ApiKey

@@ -1,8 +1,8 @@
-"""The HTTP client (app/client.py) and the `polar` client commands, against the real app.
+"""The HTTP client (app/cli/http.py) and the `polar` client commands, against the real app.
 
 The app runs in-process behind FastAPI's TestClient (SQLite and PostgreSQL, the embedded job
 runner), serving a tiny random CLIP, so embedding and training really happen, in well under a
-second. The CLI runs through `app.cli.main([...])` with `app.cli.client_factory` swapped for a
+second. The CLI runs through `app.cli.main([...])` with `app.cli.main.client_factory` swapped for a
 PolarClient over that TestClient.
 """
 
@@ -19,8 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app import cli
-from app.client import PolarAPIError, PolarClient, collect_images
+from app.cli import main as cli
+from app.cli.http import PolarAPIError, PolarClient, collect_images
 from app.config import Settings
 from app.models import Concept, Image
 from tests.db_fixtures import ApiUser, image_bytes, noisy_jpeg
@@ -352,7 +352,7 @@ def test_concept_create_then_search_through_the_cli(polar, api_client, user, tmp
 
 
 def test_search_says_when_the_demo_model_serves(polar, monkeypatch):
-    from app.client import SearchResult
+    from app.cli.http import SearchResult
 
     monkeypatch.setattr(SearchResult, "demo_model", property(lambda _self: True))
     r = polar("search", "a hat on the beach")

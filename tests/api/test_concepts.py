@@ -927,7 +927,7 @@ def test_a_trained_concept_says_how_it_stands_out_from_the_library(client, user)
     assert sep["checked"] == 6  # its own photo in the library is no rival
     assert 0 <= sep["lookalikes"] <= 6 and isinstance(sep["margin"], float)
     # The words say the same as the numbers, never the numbers' names.
-    from app.cli import _separation_words
+    from app.cli.main import _separation_words
 
     words = _separation_words(sep["checked"], sep["lookalikes"])
     assert ("above all" in words) == (sep["lookalikes"] == 0) and "margin" not in words
@@ -947,7 +947,7 @@ def test_a_trained_concept_says_how_it_stands_out_from_the_library(client, user)
 def test_the_general_quality_line_reads_the_right_way_round():
     from types import SimpleNamespace
 
-    from app.cli import _quality_words
+    from app.cli.main import _quality_words
 
     concept = SimpleNamespace(
         state="ready", metrics={}, example_count=5, retention_score=0.97, retention_flagged=False

@@ -74,8 +74,8 @@ def rescan(client, user, lib_id: str) -> dict:
 
 def polar(client, user, monkeypatch, capsys, *argv: str) -> str:
     """What the CLI prints for `argv` (on the test's app)."""
-    from app import cli
-    from app.client import PolarClient
+    from app.cli import main as cli
+    from app.cli.http import PolarClient
 
     monkeypatch.setattr(cli, "client_factory", lambda url, key: PolarClient(url, key, http=client))
     capsys.readouterr()

@@ -201,8 +201,8 @@ def test_the_cli_adds_scans_lists_and_removes_libraries(
     monkeypatch,
     capsys,
 ):
-    from app import cli
-    from app.client import PolarClient
+    from app.cli import main as cli
+    from app.cli.http import PolarClient
 
     user = make_user(api_client)
     monkeypatch.setattr(

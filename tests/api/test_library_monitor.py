@@ -14,14 +14,14 @@ import pytest
 from app import repositories
 from app.config import LibrarySettings, Settings
 from app.db import session_scope
-from app.library_monitor import (
+from app.models import Job, JobState, Library, utcnow
+from app.runtime.library_monitor import (
     MonitorState,
     due_for_rescan,
     monitor_pass,
     real_folders,
     watch_plan,
 )
-from app.models import Job, JobState, Library, utcnow
 from app.services import libraries
 from app.services.jobs import JobContext, JobEnvironment
 from app.storage import ImageStore

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.demo.run_demo import free_port
-from app.multiworker import reuse_port_supported
+from app.runtime.supervisor import reuse_port_supported
 
 REDIS_URL = os.environ.get("POLAR_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 pytestmark = [

@@ -168,7 +168,7 @@ WORKER_MAIN = textwrap.dedent(
 CLIENT_MAIN = textwrap.dedent(
     """
     import sys
-    from app.bootstrap import build, job_queue
+    from app.runtime.container import build, job_queue
     from app.config import get_settings
     queue = job_queue(build(get_settings()))
     queue.celery.conf.task_default_queue = sys.argv[1]  # this test's own queue

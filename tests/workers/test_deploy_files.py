@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.cli import build_parser
+from app.cli.main import build_parser
 from app.config import Settings
 from app.settings_doc import COMPOSE_ONLY_VARS, COMPOSE_WIRED_SETTINGS, settings_env_vars
 

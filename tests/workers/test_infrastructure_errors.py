@@ -18,7 +18,7 @@ from app.config import Settings
 from app.db import database_disk_full, make_engine, session_scope
 from app.errors import StorageFull, ValidationFailed
 from app.models import Job, JobKind
-from app.runner import JobRunner
+from app.runtime.runner import JobRunner
 from app.services import jobs
 from app.services.jobs import JobContext, JobEnvironment, SessionFactory
 from app.storage import ImageStore

@@ -1,4 +1,5 @@
-"""The database as the queue of record (app/reconciler.py) and the atomic claim in run_job."""
+"""The database as the queue of record (app/runtime/reconciler.py) and the atomic claim in
+run_job."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from sqlalchemy import update
 from app.config import Settings
 from app.db import session_scope
 from app.models import Image, Job, JobKind, utcnow
-from app.reconciler import ReconcilePolicy, reconcile_once
-from app.runner import JobRunner
+from app.runtime.reconciler import ReconcilePolicy, reconcile_once
+from app.runtime.runner import JobRunner
 from app.services import jobs, users
 from app.services.jobs import JobContext, JobEnvironment, SessionFactory
 from app.storage import ImageStore

@@ -1,4 +1,5 @@
-"""Job service (app/services/jobs.py) and the embedded runner (app/runner.py) on a real database."""
+"""Job service (app/services/jobs.py) and the embedded runner (app/runtime/runner.py) on a
+real database."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
-from app.bootstrap import build, job_queue
 from app.config import Settings
 from app.db import session_scope
 from app.errors import NotFound, ValidationFailed
 from app.main import create_app
 from app.models import Job, JobKind
-from app.runner import JobRunner
+from app.runtime.container import build, job_queue
+from app.runtime.runner import JobRunner
 from app.services import jobs, users
 from app.services.jobs import JobContext, JobEnvironment, ProgressThrottle, SessionFactory
 from app.storage import ImageStore
@@ -440,7 +441,7 @@ def test_a_worker_process_lowers_itself_once_and_zero_means_unchanged() -> None:
     import subprocess
 
     code = (
-        "import os; from app.priority import lower_this_process as low; "
+        "import os; from app.runtime.priority import lower_this_process as low; "
         "b = os.nice(0); n = low(4); z = low(0); print(b, n, z, os.nice(0))"
     )
     out = subprocess.run(

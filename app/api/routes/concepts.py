@@ -19,8 +19,7 @@ from app.api.files import (
 )
 from app.api.forms import FormRoute
 from app.api.params import ConceptId, Cursor, ExampleId, LibraryImageIds, PageLimit
-from app.errors import NotFound
-from app.schemas import (
+from app.api.schemas import (
     CleanStr,
     ConceptExampleList,
     ConceptExampleOut,
@@ -30,7 +29,8 @@ from app.schemas import (
     ConceptPatch,
     JobOut,
 )
-from app.schemas import error_responses as errors
+from app.api.schemas import error_responses as errors
+from app.errors import NotFound
 from app.services import concepts as service
 from app.services.images import IncomingFile
 from app.storage import THUMB_MIME

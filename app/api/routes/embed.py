@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import CurrentUser, SearchContextDep, SessionDep
-from app.schemas import EmbedTextRequest, EmbedTextResponse, SearchConceptOut
-from app.schemas import error_responses as errors
+from app.api.schemas import EmbedTextRequest, EmbedTextResponse, SearchConceptOut
+from app.api.schemas import error_responses as errors
 from app.services import search as service
 
 router = APIRouter(prefix="/embed", tags=["embed"], responses=errors(401, 404, 422, 503))

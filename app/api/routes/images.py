@@ -22,9 +22,9 @@ from app.api.files import (
 )
 from app.api.forms import FormRoute
 from app.api.params import Cursor, ImageId, PageLimit
+from app.api.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
+from app.api.schemas import error_responses as errors
 from app.errors import NotFound, ValidationFailed
-from app.schemas import ImageOut, ImagePage, JobOut, UploadedImageOut, UploadResponse
-from app.schemas import error_responses as errors
 from app.services import images as service
 from app.storage import THUMB_MIME
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app.api.deps import CurrentUser, QueueDep, SearchContextDep, SessionDep
-from app.schemas import IndexOut, JobOut, RebuildOut
-from app.schemas import error_responses as errors
+from app.api.schemas import IndexOut, JobOut, RebuildOut
+from app.api.schemas import error_responses as errors
 from app.services import embedding as service
 
 router = APIRouter(prefix="/index", tags=["index"], responses=errors(401))

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentUser, SessionDep
 from app.api.params import Cursor, JobId, PageLimit
+from app.api.schemas import JobDetail, JobPage
+from app.api.schemas import error_responses as errors
 from app.models import JobKind, JobState
-from app.schemas import JobDetail, JobPage
-from app.schemas import error_responses as errors
 from app.services import jobs as service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=errors(401))

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 
 from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
 from app.api.params import LibraryId
-from app.schemas import JobOut, LibraryIn, LibraryList, LibraryOut
-from app.schemas import error_responses as errors
+from app.api.schemas import JobOut, LibraryIn, LibraryList, LibraryOut
+from app.api.schemas import error_responses as errors
 from app.services import libraries as service
 
 router = APIRouter(prefix="/libraries", tags=["libraries"], responses=errors(401))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentUser, SearchContextDep, SessionDep
 from app.api.params import IntParam
-from app.schemas import (
+from app.api.schemas import (
     K_DOC,
     OFFSET_DOC,
     Q_DOC,
@@ -19,7 +19,7 @@ from app.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from app.schemas import error_responses as errors
+from app.api.schemas import error_responses as errors
 from app.services import search as service
 
 router = APIRouter(prefix="/search", tags=["search"], responses=errors(401, 404, 422, 503))

@@ -10,7 +10,7 @@ import pytest
 from app.bench import cli, report
 from app.bench.runner import BenchSettings, embed_dataset, run_methods
 from app.bench.synthetic import SyntheticConfig, build_synthetic
-from app.cli import build_parser
+from app.cli.main import build_parser
 from app.ml.model import ClipBundle
 
 SMALL = SyntheticConfig(concepts=2, context_scenes=1, pair_scenes=1, background=3)

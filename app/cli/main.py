@@ -14,20 +14,20 @@ from app.config import get_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from app.client import Concept, IndexStatus, Job, Library, PolarClient, UploadBatch
+    from app.cli.http import Concept, IndexStatus, Job, Library, PolarClient, UploadBatch
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
-    from app.multiworker import Supervisor, reuse_port_supported
+    from app.runtime.supervisor import Supervisor, reuse_port_supported
 
     settings = get_settings()
     host, port = args.host or settings.host, args.port or settings.port
     # log_config=None keeps the format main() configured (app/logs.py) for uvicorn too.
     if settings.workers > 1 and reuse_port_supported():
-        # One socket per process, so connections spread over them (app/multiworker.py); each
+        # One socket per process, so connections spread over them (app/runtime/supervisor.py); each
         # process builds its own app (model, caches, pool) from the environment.
         return Supervisor(host, port, settings.workers, settings.log_level).run()
     if settings.workers > 1:
@@ -156,11 +156,11 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
-# -- client commands: talk to a running service over HTTP (app/client.py) -------------------
+# -- client commands: talk to a running service over HTTP (app/cli/http.py) -------------------
 
 
 def _make_client(url: str, key: str) -> PolarClient:
-    from app.client import PolarClient
+    from app.cli.http import PolarClient
 
     return PolarClient(url, key)
 
@@ -185,7 +185,7 @@ def _client_command(
     def command(args: argparse.Namespace) -> int:
         import httpx
 
-        from app.client import PolarAPIError
+        from app.cli.http import PolarAPIError
 
         if not args.key:
             print(
@@ -215,7 +215,7 @@ def _client_command(
 
 
 def _wait(client: PolarClient, job_id: str, label: str, timeout: float | None) -> Job:
-    from app.progress import JobProgress
+    from app.cli.progress import JobProgress
 
     with JobProgress(label) as progress:
         return client.wait_job(job_id, progress, timeout=timeout)
@@ -238,7 +238,7 @@ def _print_batch(batch: UploadBatch, total_files: int, sent: list[int]) -> None:
 
 def _collect(paths: list[str], *, recursive: bool) -> tuple[list[Path], list[Path]]:
     """Image files under `paths`; lists what it skips."""
-    from app.client import collect_images
+    from app.cli.http import collect_images
 
     images, skipped = collect_images([Path(p) for p in paths], recursive=recursive)
     for path in skipped:
@@ -248,7 +248,7 @@ def _collect(paths: list[str], *, recursive: bool) -> tuple[list[Path], list[Pat
 
 
 def _upload(client: PolarClient, args: argparse.Namespace) -> int:
-    from app.client import IMAGE_SUFFIXES
+    from app.cli.http import IMAGE_SUFFIXES
 
     images, skipped = _collect(args.paths, recursive=args.recursive)
     if not images:

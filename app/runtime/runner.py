@@ -15,9 +15,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from app import repositories
 from app.db import session_scope
-from app.library_monitor import LibraryMonitor
-from app.priority import lower_this_thread
-from app.reconciler import ReconcilePolicy, Reconciler
+from app.runtime.library_monitor import LibraryMonitor
+from app.runtime.priority import lower_this_thread
+from app.runtime.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobInterrupted
 
@@ -69,7 +69,7 @@ class JobRunner:
         self._executor = ThreadPoolExecutor(
             self.max_workers,
             thread_name_prefix="polar-job",
-            # Searches first: job threads run at a lower CPU priority (app/priority.py).
+            # Searches first: job threads run at a lower CPU priority (app/runtime/priority.py).
             initializer=lower_this_thread,
             initargs=(self.env.settings.jobs.nice,),
         )

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TaskID, TextColum
 
 
 class JobLike(Protocol):
-    """What a progress line reads from a job (app.client.Job, or a job's JSON as an object)."""
+    """What a progress line reads from a job (app.cli.http.Job, or a job's JSON as an object)."""
 
     @property
     def progress(self) -> float: ...  # 0..1

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from app.metrics import MULTIPROC_ENV, multiprocess_dir
+from app.api.metrics import MULTIPROC_ENV, multiprocess_dir
 
 log = logging.getLogger("polar.serve")
 
@@ -46,7 +46,7 @@ _spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no torch st
 
 
 class _MetricsDir:
-    """The directory the API processes share their metrics through (app/metrics.py): a fresh
+    """The directory the API processes share their metrics through (app/api/metrics.py): a fresh
     one of this supervisor's own, or the operator's PROMETHEUS_MULTIPROC_DIR with the values of
     earlier runs removed (prometheus_client needs it emptied between runs)."""
 

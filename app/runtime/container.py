@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from app.config import Settings
 from app.db import make_engine, make_session_factory
-from app.runner import JobRunner
+from app.runtime.runner import JobRunner
 from app.services.foreground import Foreground
 from app.services.job_handlers import handler_table
 from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory

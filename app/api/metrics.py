@@ -1,7 +1,7 @@
 """Prometheus metrics of one app instance.
 
 One API process (the default): each app has its own registry, so tests can build many apps in
-one process. Several API processes (`POLAR_WORKERS` > 1, app/multiworker.py): the supervisor
+one process. Several API processes (`POLAR_WORKERS` > 1, app/runtime/supervisor.py): the supervisor
 gives its processes one `PROMETHEUS_MULTIPROC_DIR`, prometheus_client keeps every value in a
 file there, and `/metrics` on any process answers the sum over all of them (prometheus_client's
 multi-process mode), so a scrape that lands on one process still counts every request.
