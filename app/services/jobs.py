@@ -3,7 +3,8 @@
 The `jobs` row is the only source of truth. Services create a job in their own transaction and,
 after the commit, hand its id to a `JobQueue` they were given (the embedded runner in
 app/runtime/runner.py or the Celery queue in workers/queue.py; wired in
-app/runtime/container.py). Whatever runs the job calls `run_job(job_id, env)`, which looks the handler up in `env.handlers`.
+app/runtime/container.py). Whatever runs the job calls `run_job(job_id, env)`, which looks the
+handler up in `env.handlers`.
 """
 
 from __future__ import annotations
