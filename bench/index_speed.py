@@ -20,11 +20,11 @@ a tower timed minutes apart is no baseline, so each pipeline run is also divided
 towers' rate timed just before and just after it (a batch of 8, same thread count): the
 "vs torch" and "vs ORT" columns are medians of those ratios. The scan section times what a
 library scan does per new photo before embedding (hash, validating decode, thumbnail), with
-the thumbnail's draft decode and with a full decode (the code before issue 32). The 50,000-photo estimate divides
-by the median throughput of each row. Prints tables, writes bench/results/index_speed.json;
-never run by the tests.
+the thumbnail's draft decode and with a full decode (the code before issue 32). The
+50,000-photo estimate divides by the median throughput of each row (the embedding job's alone).
+Prints tables, writes bench/results/index_speed.json; never run by the tests.
 
-    .venv/bin/python bench/index_speed.py            # about 10 minutes on 2 shared CPUs
+    .venv/bin/python bench/index_speed.py            # about 9 minutes on 2 shared CPUs
     .venv/bin/python bench/index_speed.py --quick    # smoke run, nothing written
 """
 
