@@ -622,30 +622,39 @@ def adapter_photo_embeddings(
 ) -> list[bytes]:
     """The stored photo embeddings (float32 bytes, `model_id`) the adapter was trained on: its
     concept's photos and the library photos a person confirmed (its meta's `feedback`)."""
-    blobs = list(
-        db_session.scalars(
-            select(ConceptExample.embedding).where(
-                ConceptExample.concept_id == adapter.concept_id,
-                ConceptExample.version_added <= adapter.version,
-                ConceptExample.embedding_model == model_id,
-                ConceptExample.embedding.is_not(None),
-            )
-        ).all()
+    taught, confirmed = adapter_photo_embeddings_by_kind(
+        db_session=db_session, adapter=adapter, model_id=model_id
     )
+    return taught + confirmed
+
+
+def adapter_photo_embeddings_by_kind(
+    *, db_session: Session, adapter: Adapter, model_id: str
+) -> tuple[list[bytes], list[bytes]]:
+    """(the concept's photos, the confirmed library photos) the adapter was trained on."""
+    taught = db_session.scalars(
+        select(ConceptExample.embedding).where(
+            ConceptExample.concept_id == adapter.concept_id,
+            ConceptExample.version_added <= adapter.version,
+            ConceptExample.embedding_model == model_id,
+            ConceptExample.embedding.is_not(None),
+        )
+    ).all()
     feedback = (adapter.meta or {}).get("feedback") or {}
-    confirmed = [str(i) for i in feedback.get("confirmed") or []]
-    if confirmed:
+    ids = [str(i) for i in feedback.get("confirmed") or []]
+    confirmed: list[bytes | None] = []
+    if ids:
         owner = select(Concept.user_id).where(Concept.id == adapter.concept_id).scalar_subquery()
-        for start in range(0, len(confirmed), _IN_CHUNK):
-            blobs += db_session.scalars(
+        for start in range(0, len(ids), _IN_CHUNK):
+            confirmed += db_session.scalars(
                 select(Image.embedding).where(
                     Image.user_id == owner,
-                    Image.id.in_(confirmed[start : start + _IN_CHUNK]),
+                    Image.id.in_(ids[start : start + _IN_CHUNK]),
                     Image.embedding_model == model_id,
                     Image.embedding.is_not(None),
                 )
             ).all()
-    return [b for b in blobs if b is not None]
+    return [b for b in taught if b is not None], [b for b in confirmed if b is not None]
 
 
 def recent_image_embeddings(

@@ -123,15 +123,21 @@ def _scorer(
     """The album vector and calibration of an adapter over the library as indexed now."""
 
     def vector_and_own() -> tuple[np.ndarray, np.ndarray]:
-        blobs = repositories.adapter_photo_embeddings(
+        taught, confirmed = repositories.adapter_photo_embeddings_by_kind(
             db_session=db_session, adapter=row, model_id=serving.model_id
         )
         dim = serving.bundle.embed_dim
-        photos = np.stack(
-            [np.frombuffer(b, np.float32) for b in blobs] or [np.zeros(dim, np.float32)]
-        )[: len(blobs)]
-        vector = calibration.album_vector(serving.bundle, adapter, photos, settings)
-        return vector, calibration.leave_one_out(serving.bundle, adapter, photos, settings)
+
+        def stack(blobs: list[bytes]) -> np.ndarray:
+            if not blobs:
+                return np.zeros((0, dim), np.float32)
+            return np.stack([np.frombuffer(b, np.float32) for b in blobs])
+
+        own, extra = stack(taught), stack(confirmed)
+        both = np.concatenate([own, extra])
+        vector = calibration.album_vector(serving.bundle, adapter, both, settings)
+        loo = calibration.leave_one_out(serving.bundle, adapter, own, settings, extra)
+        return vector, loo
 
     vector, own = adapter_cache.memo(f"album:{row.id}:{serving.model_id}", vector_and_own)
 

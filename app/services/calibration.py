@@ -8,7 +8,8 @@ for different concepts, so each score is put on the concept's own scale:
     confidence = (score - library) / (own - library)
 
 `own` is the mean leave-one-out score of the concept's own photos (each photo scored by the
-vector built from the *other* photos: what a new photo of the concept scores), `library` the
+vector built from the *other* photos: what a new photo of the concept scores; photos a person
+confirmed help build the vector but are not scored: they were picked for ranking low), `library` the
 median score of the user's library (most photos are not of the concept). So 0 is a typical
 library photo, 1 a typical photo of the concept; a photo is in the album from `cutoff` up (one
 number for every concept, chosen on the benchmark's validation split: docs/ALBUMS.md). The
@@ -80,13 +81,16 @@ def leave_one_out(
     adapter: ConceptAdapter,
     photos: np.ndarray,
     settings: SearchSettings,
+    confirmed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Each photo's score under the album vector built from the other photos, (n,)."""
+    """Each of the concept's own photos scored by the album vector built from the others (and
+    the `confirmed` library photos, which are not scored: a person picked them because they
+    ranked low, so they would not say what a typical photo scores), (n,)."""
     photos = recipe.unit(np.asarray(photos, dtype=np.float32))
-    n = len(photos)
-    out = np.zeros(n, dtype=np.float32)
-    for i in range(n):  # n <= a few dozen: one short text pass each
-        rest = np.delete(photos, i, axis=0)
+    extra = np.zeros((0, photos.shape[1]), np.float32) if confirmed is None else confirmed
+    out = np.zeros(len(photos), dtype=np.float32)
+    for i in range(len(photos)):  # n <= a few dozen: one short text pass each
+        rest = np.concatenate([np.delete(photos, i, axis=0), extra])
         q = album_vector(bundle, adapter, rest, settings)
         out[i] = float(photos[i] @ q)
     return out
