@@ -31,7 +31,7 @@ from app.services import recipe
 
 # Where the album starts, in confidence units (chosen on the synthetic PerVL validation split by
 # bench/albums.py; docs/ALBUMS.md has the sweep).
-ALBUM_CUTOFF = 0.5
+ALBUM_CUTOFF = 0.95
 # The smallest own-to-library span: a concept whose photos do not stand out from the library
 # still gets finite confidences.
 MIN_SPAN = 1e-3

@@ -49,7 +49,7 @@ KEEP_OTHER_TOKENS = 0
 # Weight ν of the negative term (app.ml.train.away_from): how far a concept's text is pushed
 # from the photos a person marked "not <concept>"; chosen on the synthetic PerVL validation split
 # (bench/albums.py, docs/ALBUMS.md).
-NEGATIVE_WEIGHT = 0.5
+NEGATIVE_WEIGHT = 0.25
 # Photos marked per verdict that one training reads (the most recent ones).
 MAX_FEEDBACK_PHOTOS = 200
 # Shares of a training job's progress: embedding the photos, then Adam, then retention.

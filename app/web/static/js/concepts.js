@@ -2,6 +2,7 @@
 // train, see in words how it does and the photos it learned from; rename it, change its
 // category, give it more photos, delete it.
 
+import { albumSection } from "./albums.js";
 import { api, isAbort, waitForJob } from "./api.js";
 import {
   $,
@@ -316,6 +317,24 @@ function card(concept, job = null) {
       }),
     );
   }
+  const albumButton = el("button", {
+    type: "button",
+    className: "button small",
+    text: "Every photo",
+    attrs: { "aria-label": `Every photo of ${concept.name}`, "aria-expanded": "false" },
+  });
+  let album = null;
+  albumButton.addEventListener("click", () => {
+    if (album) {
+      album.remove();
+      album = null;
+    } else {
+      album = albumSection(concept);
+      actions.after(album);
+    }
+    albumButton.setAttribute("aria-expanded", String(Boolean(album)));
+  });
+  actions.append(albumButton);
   const editButton = el("button", {
     type: "button",
     className: "button small",
