@@ -1170,6 +1170,7 @@ def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
     expect(photos).to_have_count(min(total, 24))
     expect(album.locator(".album-summary")).to_contain_text(f"{total} photo")
     sel = f'#concepts-list li[data-concept-id="{cid}"] .album-photo img'
+    bring_into_view(photos.last)  # thumbnails load as they scroll into view
     assert images_loaded(page, sel) == min(total, 24)
     text_fits(page, ".album")
     words = album.locator(".confidence").all_text_contents()
