@@ -1166,6 +1166,8 @@ def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
     bring_into_view(card)
     click(page, card.get_by_role("button", name="Every photo of Sunny"), ".concept")
     album = card.get_by_role("region", name="Album of Sunny")
+    expect(album.locator(".album-summary")).not_to_have_text("Looking…")
+    expect(album.locator(":scope > p.alert")).to_be_hidden()
     photos = album.locator(".album-photo")
     expect(photos).to_have_count(min(total, 24))
     expect(album.locator(".album-summary")).to_contain_text(f"{total} photo")
