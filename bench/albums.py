@@ -179,6 +179,7 @@ def run_split(
     cfg: SyntheticConfig,
     weights: tuple[float, ...],
     cutoff: float | None,
+    negatives_only: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Everything on one split; `cutoff` None: choose it here (validation)."""
     ds = build_synthetic(split, cfg)
@@ -203,30 +204,36 @@ def run_split(
     base_adapters, base_photos = dict(method.adapters), dict(method.photos)
     picked = {cid: marks(a) for cid, a in before.items()}
     seconds: dict[float, list[float]] = {}
-    for w in weights:
+    # (key, ν, whether the confirmed photos are examples): "negatives only" keeps the taught
+    # photos alone, to tell what the negative term does from what the confirmed photos do.
+    variants = [(str(w), w, True) for w in weights]
+    variants += [(f"negatives_only:{w}", w, False) for w in negatives_only]
+    for key, w, with_confirmed in variants:
         method.adapters, method.photos = dict(base_adapters), dict(base_photos)
         after: dict[str, ConceptAlbum] = {}
         shown: dict[str, ConceptAlbum] = {}
-        seconds[w] = []
+        if with_confirmed:
+            seconds[w] = []
         for cid in ds.concepts:
             rejected, confirmed = picked[cid]
-            photos = np.concatenate([base_photos[cid], emb.pool[confirmed]])
+            extra = emb.pool[confirmed] if with_confirmed else emb.pool[confirmed][:0]
+            photos = np.concatenate([base_photos[cid], extra])
             adapter, took = retrain(method, cid, photos, emb.pool[rejected], w)
-            seconds[w].append(took)
+            if with_confirmed:
+                seconds[w].append(took)
             method.adapters[cid], method.photos[cid] = adapter, photos
             unmarked = np.ones(len(ds.pool), dtype=bool)
             unmarked[np.concatenate([rejected, confirmed])] = False
-            conf = album_of(bundle, method, cid, base_photos[cid], emb.pool, emb.pool[confirmed])
+            conf = album_of(bundle, method, cid, base_photos[cid], emb.pool, extra)
             after[cid] = ConceptAlbum(conf[unmarked], truth[cid][unmarked])
             # As the person sees it: confirmed photos always in, rejected never.
             marked = conf.copy()
             marked[confirmed], marked[rejected] = np.inf, -np.inf
             shown[cid] = ConceptAlbum(marked, truth[cid])
-        result["after"][str(w)] = {
+        result["after"][key] = {
             "album_shown": album_figures(shown, chosen),
             "album": album_figures(after, chosen),
             "search": search_figures(method, ds, emb),
-            "train_seconds": float(np.mean(seconds[w])),
         }
     method.adapters, method.photos = base_adapters, base_photos
     # Training time with vs without negatives (same photos, same run, interleaved repeats).
@@ -283,8 +290,10 @@ def pick_weight(val: dict[str, Any]) -> float:
 
 def table(res: dict[str, Any], weight: float) -> None:
     cols = [res["before"], res["after"]["0.0"], res["after"][str(weight)]]
-    unmarked = [res["before"]["album_unmarked"], cols[1]["album"], cols[2]["album"]]
-    shown = [res["before"]["album"], cols[1]["album_shown"], cols[2]["album_shown"]]
+    neg_only = [k for k in res["after"] if k.startswith("negatives_only:")]
+    cols += [res["after"][k] for k in neg_only]
+    unmarked = [res["before"]["album_unmarked"], *(c["album"] for c in cols[1:])]
+    shown = [res["before"]["album"], *(c["album_shown"] for c in cols[1:])]
     rows = [
         ("album F1 @ cut-off", [c["mean"]["f1"] for c in shown]),
         ("album F1 oracle", [c["mean"]["oracle_f1"] for c in shown]),
@@ -298,11 +307,10 @@ def table(res: dict[str, Any], weight: float) -> None:
         ("retention drop", [c["search"]["retention"]["drop"] for c in cols]),
     ]
     print(f"\n{res['split']}: cut-off {res['cutoff']}, ν {weight}")
-    print(f"{'':<24}{'before':>10}{'confirm only':>14}{'+ negatives':>13}")
+    heads = ["before", "confirm only", "+ negatives", "negatives only"][: len(cols)]
+    print(f"{'':<24}" + "".join(f"{h:>15}" for h in heads))
     for name, vals in rows:
-        print(
-            f"{name:<24}" + "".join(f"{v:>{n}.3f}" for v, n in zip(vals, (10, 14, 13), strict=True))
-        )
+        print(f"{name:<24}" + "".join(f"{v:>15.3f}" for v in vals))
 
 
 def main() -> None:
@@ -319,7 +327,14 @@ def main() -> None:
     val = run_split(bundle, "val", cfg, NEGATIVE_WEIGHTS, None)
     weight = pick_weight(val)
     table(val, weight)
-    test = run_split(bundle, "test", cfg, (0.0, weight) if weight > 0 else (0.0,), val["cutoff"])
+    test = run_split(
+        bundle,
+        "test",
+        cfg,
+        (0.0, weight) if weight > 0 else (0.0,),
+        val["cutoff"],
+        negatives_only=(weight or 0.25,),
+    )
     table(test, weight)
     timing = timing_ratio(bundle, weight or 0.5, a.repeats)
     b, after = test["before"], test["after"][str(weight)]
