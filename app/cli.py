@@ -488,7 +488,7 @@ def _concept_mark(client: PolarClient, args: argparse.Namespace) -> int:
         changed, new_job = client.set_verdict(concept.id, image_id, verdict)
         job = new_job or job
         said = f"not {concept.name}" if args.no else f"{concept.name}"
-        print(f"{image_id}: {said}" + ("" if new_job else " (already marked so)"))
+        print(f"{image_id}: {said}")
     if job is None:
         return 0
     print(f"{changed.name}: retraining as version {changed.version}")
@@ -499,7 +499,8 @@ def _concept_unmark(client: PolarClient, args: argparse.Namespace) -> int:
     concept = _find_concept(client, args.concept)
     changed, job = concept, None
     for image_id in args.image_ids:
-        changed, job = client.undo_verdict(concept.id, image_id)
+        changed, new_job = client.undo_verdict(concept.id, image_id)
+        job = new_job or job
         print(f"{image_id}: mark taken back")
     if job is None:
         return 0

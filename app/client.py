@@ -649,7 +649,7 @@ class PolarClient:
         self, concept_id: str, image_id: str, verdict: str
     ) -> tuple[Concept, Job | None]:
         """PUT /concepts/{id}/photos/{image_id}/verdict: "confirmed" or "rejected"; the job
-        training the next version (None when the photo already had this mark)."""
+        training the next version (None when nothing retrains)."""
         body = self._request(
             "PUT",
             f"/concepts/{_seg(concept_id)}/photos/{_seg(image_id)}/verdict",
@@ -658,12 +658,14 @@ class PolarClient:
         job = Job.from_json(body["job"]) if body.get("job") else None
         return Concept.from_json(body["concept"]), job
 
-    def undo_verdict(self, concept_id: str, image_id: str) -> tuple[Concept, Job]:
-        """DELETE /concepts/{id}/photos/{image_id}/verdict."""
+    def undo_verdict(self, concept_id: str, image_id: str) -> tuple[Concept, Job | None]:
+        """DELETE /concepts/{id}/photos/{image_id}/verdict; the job retraining the concept
+        (None when the mark taught it nothing)."""
         body = self._request(
             "DELETE", f"/concepts/{_seg(concept_id)}/photos/{_seg(image_id)}/verdict"
         )
-        return Concept.from_json(body["concept"]), Job.from_json(body["job"])
+        job = Job.from_json(body["job"]) if body.get("job") else None
+        return Concept.from_json(body["concept"]), job
 
     # -- libraries (folders indexed in place) --
 

@@ -29,7 +29,7 @@ from app.errors import InvalidCursor, NotFound, ValidationFailed
 from app.ml.adapter import ConceptAdapter
 from app.ml.model import AdapterMismatchError
 from app.models import Adapter, Concept, ConceptVerdict, Image, Job, Verdict, new_id, utcnow
-from app.services import calibration
+from app.services import calibration, training
 from app.services.concepts import ConceptView, get_concept, start_new_version
 from app.services.index import CachedIndex, IndexCache
 from app.services.jobs import JobQueue, enqueue_committed
@@ -84,7 +84,7 @@ class VerdictChange:
 
     view: ConceptView
     mark: ConceptVerdict | None  # the active mark now (None after an undo)
-    job: Job | None  # None when nothing changed
+    job: Job | None  # None when nothing retrains
 
 
 @dataclass(frozen=True)
@@ -353,6 +353,13 @@ def _check_verdict(verdict: str) -> Verdict:
         ) from e
 
 
+def _teaches(verdict: str | None) -> bool:
+    """Whether a photo's mark changes what the concept's next version learns."""
+    if verdict == Verdict.REJECTED:
+        return True
+    return verdict == Verdict.CONFIRMED and training.TRAIN_ON_CONFIRMED
+
+
 def _marked(
     db_session: Session, user_id: str, concept_id: str, image_id: str
 ) -> tuple[Concept, Image]:
@@ -378,7 +385,8 @@ def set_verdict(
     queue: JobQueue,
 ) -> VerdictChange:
     """Mark a library photo "this is <concept>" (confirmed) or "not <concept>" (rejected); a
-    change starts the concept's next version. The same mark again changes nothing."""
+    change that alters what the concept learns (a rejection, or its end; a confirmation when
+    training.TRAIN_ON_CONFIRMED) starts its next version. The same mark again changes nothing."""
     wanted = _check_verdict(verdict)
     try:
         concept, image = _marked(db_session, user_id, concept_id, image_id)
@@ -404,7 +412,8 @@ def set_verdict(
             created_at=now,
         )
         db_session.add(mark)
-        job = start_new_version(db_session, concept)
+        teaches = _teaches(wanted) or _teaches(active.verdict if active else None)
+        job = start_new_version(db_session, concept) if teaches else None
         db_session.commit()
     except BaseException:
         db_session.rollback()
@@ -417,7 +426,7 @@ def undo_verdict(
     user_id: str, concept_id: str, image_id: str, *, db_session: Session, queue: JobQueue
 ) -> VerdictChange:
     """Take back the photo's mark (kept in the history as ended); the concept retrains without
-    it. NotFound (`no_verdict`) when the photo has no mark for the concept."""
+    it when the mark taught it. NotFound (`no_verdict`) when the photo has no mark for it."""
     try:
         concept, image = _marked(db_session, user_id, concept_id, image_id)
         active = repositories.active_verdict(
@@ -426,7 +435,7 @@ def undo_verdict(
         if active is None:
             raise NotFound("this photo has no mark for this concept", code="no_verdict")
         active.ended_at = utcnow()
-        job = start_new_version(db_session, concept)
+        job = start_new_version(db_session, concept) if _teaches(active.verdict) else None
         db_session.commit()
     except BaseException:
         db_session.rollback()

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings
 from app.models import ConceptVerdict, Job, JobState
-from app.services import calibration
+from app.services import calibration, training
 from tests.api.test_concepts import tiny_app
 from tests.api.test_concepts import tiny_settings as tiny_settings  # the fixture
 from tests.db_fixtures import ApiUser, create_api_user, noisy_jpeg
@@ -194,19 +194,33 @@ def test_rejected_never_shows_confirmed_always_does(client, fido, monkeypatch):
     }
 
 
-def test_marks_retrain_with_negatives_and_examples(client, fido):
+def test_rejections_retrain_with_negatives_and_confirmations_do_not(client, fido):
     user, cid, ids = fido
-    assert mark(client, user, cid, ids[5], "rejected").status_code == 200
-    assert mark(client, user, cid, ids[6], "rejected").status_code == 200
-    assert mark(client, user, cid, ids[7], "confirmed").status_code == 200
+    assert mark(client, user, cid, ids[5], "rejected").json()["concept"]["version"] == 2
+    assert mark(client, user, cid, ids[6], "rejected").json()["concept"]["version"] == 3
+    confirmed = mark(client, user, cid, ids[7], "confirmed").json()
+    assert confirmed["job"] is None and confirmed["concept"]["version"] == 3
     wait_jobs(client)
     concept = client.get(f"/concepts/{cid}", headers=user.headers).json()
-    assert concept["state"] == "ready" and concept["version"] == 4
+    assert concept["state"] == "ready" and concept["version"] == 3
     metrics = concept["metrics"]
-    assert metrics["n_rejected"] == 2 and metrics["n_confirmed"] == 1
-    assert metrics["n_photos"] == 4 and metrics["negative_weight"] > 0
+    assert metrics["n_rejected"] == 2 and metrics["n_confirmed"] == 0
+    assert metrics["n_photos"] == 3 and metrics["negative_weight"] > 0
     # The next album is scored by the new version.
-    assert album(client, user, cid)["version"] == 4
+    assert album(client, user, cid)["version"] == 3
+
+
+def test_confirmed_photos_are_examples_when_so_configured(client, fido, monkeypatch):
+    user, cid, ids = fido
+    monkeypatch.setattr(training, "TRAIN_ON_CONFIRMED", True)
+    r = mark(client, user, cid, ids[7], "confirmed").json()
+    assert r["job"] is not None and r["concept"]["version"] == 2
+    wait_jobs(client)
+    metrics = client.get(f"/concepts/{cid}", headers=user.headers).json()["metrics"]
+    assert metrics["n_confirmed"] == 1 and metrics["n_photos"] == 4
+    assert metrics["n_rejected"] == 0 and metrics["negative_weight"] == 0
+    body = album(client, user, cid, limit=200)
+    assert body["version"] == 2 and ids[7] in ids_of(body)
 
 
 def test_same_mark_again_changes_nothing_and_undo_keeps_history(client, fido):
@@ -218,9 +232,10 @@ def test_same_mark_again_changes_nothing_and_undo_keeps_history(client, fido):
     assert again.json()["concept"]["version"] == 2
     flipped = mark(client, user, cid, ids[5], "confirmed").json()
     assert flipped["concept"]["version"] == 3
+    # Undoing a confirmation: it taught nothing, so nothing retrains.
     r = client.delete(f"/concepts/{cid}/photos/{ids[5]}/verdict", headers=user.headers)
-    assert r.status_code == 200 and r.json()["mark"] is None and r.json()["job"] is not None
-    assert r.json()["concept"]["version"] == 4
+    assert r.status_code == 200 and r.json()["mark"] is None and r.json()["job"] is None
+    assert r.json()["concept"]["version"] == 3
     r = client.delete(f"/concepts/{cid}/photos/{ids[5]}/verdict", headers=user.headers)
     assert r.status_code == 404 and r.json()["error"]["code"] == "no_verdict"
     history = client.get(f"/concepts/{cid}/verdicts", headers=user.headers).json()

@@ -105,9 +105,10 @@ def set_verdict(
     db_session: SessionDep,
     queue: QueueDep,
 ) -> VerdictResponse:
-    """A new mark replaces the photo's previous one (kept in the history) and starts the
-    concept's next version: confirmed photos are examples, rejected ones negatives. The same
-    mark again changes nothing (`job` is null)."""
+    """A new mark replaces the photo's previous one (kept in the history). A rejection (or the
+    end of one) starts the concept's next version, with the rejected photos as negatives;
+    confirmed photos are always in the album (docs/ALBUMS.md says why they do not retrain it).
+    The same mark again changes nothing (`job` is null)."""
     change = service.set_verdict(
         user.id, concept_id, image_id, body.verdict, db_session=db_session, queue=queue
     )
@@ -117,7 +118,7 @@ def set_verdict(
 @router.delete(
     "/concepts/{concept_id}/photos/{image_id}/verdict",
     response_model=VerdictResponse,
-    summary="Undo a photo's mark; the concept retrains without it",
+    summary="Undo a photo's mark; a concept it taught retrains without it",
     responses=errors(404),
 )
 def undo_verdict(
