@@ -27,9 +27,8 @@ const capital = (text) => text.charAt(0).toUpperCase() + text.slice(1);
  */
 export function markControls(concept, image, initial = null, onChange = () => {}) {
   const name = image.filename || "this photo";
-  const path =
-    `/concepts/${encodeURIComponent(concept.id)}/photos/` +
-    `${encodeURIComponent(image.id)}/verdict`;
+  const cid = encodeURIComponent(concept.id);
+  const iid = encodeURIComponent(image.id);
   const no = el("button", {
     type: "button",
     className: "button small",
@@ -67,7 +66,9 @@ export function markControls(concept, image, initial = null, onChange = () => {}
     setAlert(error, "");
     await busy([no, yes, undo], async () => {
       try {
-        const answer = verdict ? await api.put(path, { verdict }) : await api.del(path);
+        const answer = verdict
+          ? await api.put(`/concepts/${cid}/photos/${iid}/verdict`, { verdict })
+          : await api.del(`/concepts/${cid}/photos/${iid}/verdict`);
         const now = answer.mark ? answer.mark.verdict : null;
         show(now);
         onChange(now);
