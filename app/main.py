@@ -34,7 +34,7 @@ from app.api.routes import (
 from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
-from app.metrics import Metrics
+from app.metrics import Metrics, multiprocess_dir
 from app.ml.threads import cpu_count
 from app.runner import JobRunner
 from app.services import images as images_service
@@ -202,6 +202,7 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
+        metrics_shared = multiprocess_dir() is not None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -220,3 +221,5 @@ class RequestMetrics:
                 method = "HEAD"
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            if metrics_shared:
+                health.sample_process_state(scope["app"])

@@ -1,8 +1,25 @@
-"""Prometheus metrics of one app instance (its own registry, so tests can build many apps)."""
+"""Prometheus metrics of one app instance.
+
+One API process (the default): each app has its own registry, so tests can build many apps in
+one process. Several API processes (`POLAR_WORKERS` > 1, app/multiworker.py): the supervisor
+gives its processes one `PROMETHEUS_MULTIPROC_DIR`, prometheus_client keeps every value in a
+file there, and `/metrics` on any process answers the sum over all of them (prometheus_client's
+multi-process mode), so a scrape that lands on one process still counts every request.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the API processes share their metrics through, when there is one."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
@@ -23,28 +40,43 @@ class Metrics:
         )
         self.searches = Counter(
             "polar_searches_total",
-            "Searches by whether a concept adapter was applied",
+            "Searches (GET and POST /search) by whether a concept adapter was applied",
             ["personalized"],
             registry=self.registry,
         )
+        # Gauges of per-process state: with several processes, summed over the live ones
+        # (rebuilds and evictions also count processes that ended: they happened).
         self.index_rebuilds = Gauge(
             "polar_index_rebuilds",
-            "Per-user indexes this process built from the database",
+            "Per-user indexes the API processes built from the database",
             registry=self.registry,
+            multiprocess_mode="sum",
         )
         self.index_cache_bytes = Gauge(
             "polar_index_cache_bytes",
-            "Approximate memory held by this process's cached per-user indexes",
+            "Approximate memory held by the API processes' cached per-user indexes",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.index_evictions = Gauge(
             "polar_index_evictions",
             "Per-user indexes dropped from memory to stay within POLAR_SEARCH__INDEX_CACHE_MB",
             registry=self.registry,
+            multiprocess_mode="sum",
         )
         self.model_info = Gauge(
             "polar_model_info",
-            "The model serving this process (value 1); demo=1 when it is the fallback demo model",
+            "The model serving the API (value 1); demo=1 when it is the fallback demo model",
             ["model", "demo"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this app's values, or every API process's summed."""
+        shared = multiprocess_dir()
+        if shared is None:
+            return bytes(generate_latest(self.registry))
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(registry))

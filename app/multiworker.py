@@ -22,12 +22,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from types import FrameType
+
+from app.metrics import MULTIPROC_ENV, multiprocess_dir
 
 log = logging.getLogger("polar.serve")
 
@@ -38,6 +43,36 @@ FAST_EXIT_S = 30.0
 MAX_FAST_EXITS = 3  # in a row, for one slot: stop everything
 STOP_GRACE_S = 30.0  # SIGTERM to SIGKILL, for requests in flight to finish
 _spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
+
+
+class _MetricsDir:
+    """The directory the API processes share their metrics through (app/metrics.py): a fresh
+    one of this supervisor's own, or the operator's PROMETHEUS_MULTIPROC_DIR with the values of
+    earlier runs removed (prometheus_client needs it emptied between runs)."""
+
+    def __init__(self) -> None:
+        given = multiprocess_dir()
+        self.owned = given is None
+        self.path = tempfile.mkdtemp(prefix="polar-metrics-") if given is None else given
+        if given is not None:
+            os.makedirs(given, exist_ok=True)
+            for name in os.listdir(given):
+                if name.endswith(".db"):
+                    os.unlink(os.path.join(given, name))
+        os.environ[MULTIPROC_ENV] = self.path  # inherited by the spawned processes
+
+    def cleanup(self) -> None:
+        if self.owned:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def mark_process_dead(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    shared = multiprocess_dir()
+    if shared is not None:
+        multiprocess.mark_process_dead(pid, shared)  # type: ignore[no-untyped-call]
 
 
 def reuse_port_supported() -> bool:
@@ -130,6 +165,7 @@ class Supervisor:
         self.port = reserved.getsockname()[1]
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         code = 0
+        metrics_dir = _MetricsDir()
         try:
             for slot in self.slots:
                 self._start(slot)
@@ -144,6 +180,7 @@ class Supervisor:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             reserved.close()
+            metrics_dir.cleanup()
         return code
 
     def _watch(self) -> int | None:
@@ -153,6 +190,8 @@ class Supervisor:
             if proc is None or proc.is_alive() or self._stop_signal is not None:
                 continue
             exitcode = proc.exitcode if proc.exitcode is not None else 1
+            if proc.pid is not None:  # its live gauges no longer count
+                mark_process_dead(proc.pid)
             lived = time.monotonic() - slot.started_at
             slot.fast_exits = slot.fast_exits + 1 if lived < FAST_EXIT_S else 0
             if slot.fast_exits >= MAX_FAST_EXITS:

@@ -1,17 +1,24 @@
-"""Every setting as an environment variable: feeds .env.example and the README's table.
+"""Every setting as an environment variable: feeds .env.example and docs/CONFIGURATION.md.
 
 python -m app.settings_doc env > .env.example
-python -m app.settings_doc markdown      # the README's configuration table
+python -m app.settings_doc markdown      # the configuration table, on stdout
+python -m app.settings_doc docs          # rewrites the table in docs/CONFIGURATION.md in place
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
 from app.config import Settings
+
+# The page that holds the generated table, between these two markers.
+TABLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "CONFIGURATION.md"
+TABLE_START = "<!-- settings-table:start -->\n"
+TABLE_END = "<!-- settings-table:end -->"
 
 # Variables only docker compose reads (documented in .env.example, not Settings fields).
 COMPOSE_ONLY_VARS = {
@@ -102,7 +109,7 @@ def render_env_example() -> str:
 
 
 def render_markdown() -> str:
-    """The README's configuration table."""
+    """The configuration table of docs/CONFIGURATION.md."""
     rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for name, (default, desc, _group) in settings_env_vars().items():
         shown = f"`{default}`" if default else "(empty)"
@@ -111,6 +118,21 @@ def render_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def table_in(text: str) -> str:
+    """The generated table as it stands between the markers of a page."""
+    start = text.index(TABLE_START) + len(TABLE_START)
+    return text[start : text.index(TABLE_END, start)]
+
+
+def with_current_table(text: str) -> str:
+    """A page's text with the table between its markers regenerated."""
+    start = text.index(TABLE_START) + len(TABLE_START)
+    return text[:start] + render_markdown() + text[text.index(TABLE_END, start) :]
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "env"
-    sys.stdout.write(render_markdown() if which == "markdown" else render_env_example())
+    if which == "docs":
+        TABLE_DOC.write_text(with_current_table(TABLE_DOC.read_text()))
+    else:
+        sys.stdout.write(render_markdown() if which == "markdown" else render_env_example())

@@ -110,7 +110,7 @@ def quiet(args: Sequence[str], timeout: float = 120) -> subprocess.CompletedProc
 def ensure_docker() -> None:
     """A Docker engine to talk to. On a fresh Debian machine (root): install Debian's docker.io,
     docker-compose and debootstrap, and start dockerd without bridge networks (the stack runs on
-    host networking), as the README's deployment section describes."""
+    host networking), as docs/DEPLOYMENT.md describes."""
     if quiet(["docker", "info"]).returncode == 0:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:

@@ -1,4 +1,4 @@
-"""Shared fixtures. Integration tests use the real PostgreSQL and Redis (see README)."""
+"""Shared fixtures. Integration tests use the real PostgreSQL and Redis (docs/DEVELOPMENT.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import fastapi.dependencies.models as fastapi_models
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -23,6 +24,29 @@ os.environ.setdefault("POLAR_MODEL__PRELOAD", "false")
 os.environ.setdefault("POLAR_MODEL__NAME", "polar-demo")
 os.environ.setdefault("POLAR_MODEL__PRETRAINED", str(demo_checkpoint_path()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# FastAPI remembers what kind of callable each endpoint and dependency is in module-level LRU
+# caches (fastapi.dependencies.models, 4096 entries each). Their keys hold the callables, and
+# an app's endpoints are closures that reach the app: every app a test builds stayed alive with
+# its models, indexes and pools, about 30 MB each, until the caches had cycled. One process
+# builds one app; the suite builds thousands, so the caches are emptied after each test.
+_FASTAPI_CALLABLE_CACHES = tuple(
+    cache
+    for name in (
+        "_is_gen_callable_cached",
+        "_is_async_gen_callable_cached",
+        "_is_coroutine_callable_cached",
+    )
+    if (cache := getattr(fastapi_models, name, None)) is not None
+)
+
+
+@pytest.fixture(autouse=True)
+def _release_apps() -> Iterator[None]:
+    yield
+    for cache in _FASTAPI_CALLABLE_CACHES:
+        cache.cache_clear()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Postgres: one fresh schema per test session (migrated once, dropped at the end; the URL carries
 `search_path`, so the app, Alembic and raw SQL all land in it), truncated after every test.
-SQLite: a new file per test in tmp_path.
+SQLite: a copy per test (in tmp_path) of one database migrated once per session.
 
 `api_client` runs a test once per backend (the Postgres run is marked `postgres`);
 `make_user(client)` creates a user with a key in that app's database.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ __all__ = [
     "png_claiming",
     "postgres_schema_url",
     "postgres_url",
+    "sqlite_template",
     "temporary_pg_schema",
     "truncate_all",
 ]
@@ -62,9 +64,11 @@ def truncate_all(url: str) -> None:
     """Empty every application table (Postgres), keeping the schema and its revision."""
     engine = make_engine(url)
     try:
-        names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        # DELETE, dependents first: a test leaves a few rows, and TRUNCATE's fixed cost (new
+        # files for every table) was about 0.25 s, twice per Postgres test.
         with engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE {names} CASCADE"))
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(text(f'DELETE FROM "{table.name}"'))
     finally:
         engine.dispose()
 
@@ -86,11 +90,30 @@ def postgres_schema_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty SQLite database made once per session; each test gets a copy of it
+    (migrating a new file took 0.2-1.2 s of every SQLite test on a busy 2-core machine, a
+    copy about 5 ms). The apps still run `migrate` at startup, which finds it at head."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "migrated.db"
+    engine = make_engine(f"sqlite:///{path.as_posix()}")
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()  # the last connection closed: the WAL is folded into the file
+    for extra in ("-wal", "-shm"):
+        assert not path.with_name(path.name + extra).exists(), "the template is not one file"
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL, once per backend; the database is empty when the test starts."""
+    """A database URL, once per backend; the database is migrated and empty when the test
+    starts."""
     if request.param == "sqlite":
-        yield f"sqlite:///{(tmp_path / 'test.db').as_posix()}"
+        path = tmp_path / "test.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path.as_posix()}"
         return
     url = request.getfixturevalue("postgres_url")
     truncate_all(url)  # also covers a previous test that died before its teardown

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.errors import error_response
 from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
+from app.metrics import Metrics
 from app.models import User
 from app.services import users as users_service
 from app.services.index import IndexCache
@@ -183,6 +184,7 @@ class SearchContext:
         self.index_cache: IndexCache = request.app.state.index_cache
         self.adapter_cache: AdapterCache = request.app.state.adapter_cache
         self.model_loader: ModelLoader = request.app.state.model_loader
+        self.metrics: Metrics = request.app.state.metrics
 
     def query_options(self) -> dict[str, Any]:
         """The keyword arguments every query encoding takes from the app: the adapter cache,

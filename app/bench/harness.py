@@ -107,7 +107,7 @@ def insert_images(
             s.commit()
 
 
-# The PostgreSQL the tests use (README, Development); scale.py times the index build on it.
+# The PostgreSQL the tests use (docs/DEVELOPMENT.md); scale.py times the index build on it.
 POSTGRES_URL = os.environ.get(
     "POLAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

@@ -1,4 +1,4 @@
-"""The service's query recipe as a benchmark method: the row the README's headline is.
+"""The service's query recipe as a benchmark method: the default row of docs/BENCHMARKS.md.
 
 `ServiceRecipe` trains concepts like any POLAR method (the factory in app.bench.runner passes
 the service's training settings) and turns queries into scores with the very functions

@@ -12,8 +12,8 @@ Textual requests are encoded exactly as `/search` encodes a query of the user wh
 the image vectors it stored becomes personal; a query past the model's context is cut to it as
 Immich's machine learning cuts (machine-learning/immich_ml/models/clip/textual.py:
 `tokenizer.enable_truncation(max_length=context_length)`). Nothing here reads images or names
-from the database: the answer is a vector, whoever asks (what that vector still tells: README,
-"For Immich users").
+from the database: the answer is a vector, whoever asks (what that vector still tells:
+docs/IMMICH.md, "What it exposes").
 """
 
 from __future__ import annotations

@@ -181,6 +181,11 @@ def test_concept_names_personalise_the_query(api_client, library, tiny_serving):
     assert plain["personalized"] is False and plain["concepts"] == []
     assert plain["rewritten"] == "fido's hat on the beach"
     assert [h["score"] for h in mine["hits"]] != [h["score"] for h in plain["hits"]]
+    # Each search is counted by whether a concept was applied (GET and POST alike).
+    api_client.post("/search", json={"q": "a hat", "concept_ids": [cid]}, headers=user.headers)
+    metrics = api_client.get("/metrics").text
+    assert 'polar_searches_total{personalized="true"} 2.0' in metrics
+    assert 'polar_searches_total{personalized="false"} 1.0' in metrics
 
 
 def test_post_applies_explicit_concepts_and_filters(api_client, library, tiny_serving):  # noqa: F811

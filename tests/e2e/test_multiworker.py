@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.demo.run_demo import free_port
 from app.multiworker import reuse_port_supported
@@ -119,6 +120,40 @@ def _all_listening(parent: int, port: int) -> bool:
     return len(workers) == 2 and all(_socket_inodes(pid) & listening for pid in workers)
 
 
+def _response_status(conn: socket.socket) -> int:
+    """Read one whole HTTP/1.1 response (headers and Content-Length body) off `conn`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    assert len(body) == length, "more bytes than the response said"
+    return int(head.split(b" ", 2)[1])
+
+
+def _unauthorized_images(base: str) -> float:
+    """polar_http_requests_total for GET /images answered 401, from one scrape."""
+    text = httpx.get(f"{base}/metrics", timeout=10, headers={"Connection": "close"}).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "polar_http_requests_total"
+                and labels.get("route") == "/images"
+                and labels.get("method") == "GET"
+                and labels.get("status") == "401"
+            ):
+                total += sample.value
+    return total
+
+
 def test_connections_spread_over_the_processes_and_a_dead_one_is_replaced(tmp_path):
     with _supervisor(_env(tmp_path / "data"), tmp_path / "serve.log") as (proc, port):
         base = f"http://127.0.0.1:{port}"
@@ -134,13 +169,22 @@ def test_connections_spread_over_the_processes_and_a_dead_one_is_replaced(tmp_pa
         for c in conns:
             c.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
         for c in conns:
-            assert b" 200 " in c.recv(4096).split(b"\r\n", 1)[0] + b" "
+            assert _response_status(c) == 200
         accepted = _sockets_on(port, "01")
         held = {pid: len(_socket_inodes(pid) & accepted) for pid in workers}
+        # A counted request on each connection (no key: 401), so both processes count some.
+        for c in conns:
+            c.sendall(b"GET /images HTTP/1.1\r\nHost: test\r\n\r\n")
+        for c in conns:
+            assert _response_status(c) == 401
         for c in conns:
             c.close()
         assert sum(held.values()) == 16, held
         assert all(n > 0 for n in held.values()), held
+        # /metrics adds up every process's counts, whichever process a scrape reaches (each
+        # scrape on a new connection; one process's share alone is below 16).
+        for _ in range(6):
+            assert _unauthorized_images(base) == 16
 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
@@ -151,6 +195,8 @@ def test_connections_spread_over_the_processes_and_a_dead_one_is_replaced(tmp_pa
         )
         _wait(lambda: _answers(base), 60, "the API after the restart")
         assert "starting another" in (tmp_path / "serve.log").read_text()
+        # What the killed process counted still counts (requests it served happened).
+        assert _unauthorized_images(base) == 16
 
         survivors = _api_processes(proc.pid)
         proc.send_signal(signal.SIGTERM)

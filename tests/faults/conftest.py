@@ -214,7 +214,7 @@ def finished(api: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, 
 
 def report_recovery(what: str, seconds: float) -> None:
     """A measured recovery time: printed (`pytest -s`), and added to the JSON file named by
-    POLAR_FAULTS_TIMINGS when set (the README's "when a dependency fails" table quotes them)."""
+    POLAR_FAULTS_TIMINGS when set (docs/ARCHITECTURE.md's "When a dependency fails" quotes them)."""
     print(f"\nrecovery: {what}: {seconds:.1f} s")
     out = os.environ.get("POLAR_FAULTS_TIMINGS")
     if out:

@@ -256,7 +256,7 @@ def test_smoke_override_keeps_every_container_on_loopback_ports(tmp_path: Path) 
     assert str(port) not in taken
     assert f":{port}/healthz" in " ".join(merged["api"]["healthcheck"]["test"])
     assert merged["postgres"]["environment"]["PGPORT"] == "55432"
-    for name in ("api", "worker"):  # the README's read-only mount; the worker scans it
+    for name in ("api", "worker"):  # docs/DEPLOYMENT.md's read-only mount; the worker scans it
         assert f"{tmp_path}:/photos:ro" in merged[name]["volumes"], name
     assert (
         "56379" in merged["redis"]["command"] and "56379" in merged["redis"]["healthcheck"]["test"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -130,11 +132,19 @@ def readyz(request: Request) -> Response:
 )
 def metrics(request: Request) -> Response:
     m = request.app.state.metrics
-    cache = request.app.state.index_cache
+    sample_process_state(request.app)
+    return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def sample_process_state(app: Any) -> None:
+    """Copy this process's index cache and model into its gauges. Done after every request it
+    serves (app/main.py), so with several API processes each one's share stays current
+    whichever of them a scrape reaches."""
+    m = app.state.metrics
+    cache = app.state.index_cache
     m.index_rebuilds.set(cache.rebuilds)
     m.index_cache_bytes.set(cache.nbytes)
     m.index_evictions.set(cache.evictions)
-    serving = request.app.state.model_loader.state().serving
+    serving = app.state.model_loader.state().serving
     if serving is not None:
         m.model_info.labels(serving.model_id, str(int(serving.is_demo))).set(1)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

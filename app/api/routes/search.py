@@ -71,6 +71,7 @@ def _run(
         index_cache=ctx.index_cache,
         **ctx.query_options(),
     )
+    ctx.metrics.searches.labels(str(outcome.personalized).lower()).inc()
     pending = service.unembedded_count(db_session, user.id, serving.model_id)
     return _respond(outcome, body.k, body.offset, pending)
 
