@@ -20,6 +20,7 @@ from app.api.head import HeadAsGet, is_head
 from app.api.interactive import InteractiveRequests, SearchTurns
 from app.api.openapi import install_openapi
 from app.api.routes import (
+    albums,
     concepts,
     embed,
     health,
@@ -153,6 +154,7 @@ def create_app(
     app.include_router(images.router, form_limits={"max_files": limits.max_files_per_request + 1})
     # Past training.max_photos too, so the answer can name the allowed range.
     app.include_router(concepts.router, form_limits={"max_files": limits.max_files_per_request + 1})
+    app.include_router(albums.router)
     app.include_router(jobs.router)
     app.include_router(search.router)
     app.include_router(embed.router)
