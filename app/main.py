@@ -21,6 +21,7 @@ from app.api.interactive import InteractiveRequests, SearchTurns
 from app.api.metrics import Metrics, multiprocess_dir
 from app.api.openapi import install_openapi
 from app.api.routes import (
+    albums,
     concepts,
     embed,
     health,
@@ -154,6 +155,7 @@ def create_app(
     app.include_router(images.router, form_limits={"max_files": limits.max_files_per_request + 1})
     # Past training.max_photos too, so the answer can name the allowed range.
     app.include_router(concepts.router, form_limits={"max_files": limits.max_files_per_request + 1})
+    app.include_router(albums.router)
     app.include_router(jobs.router)
     app.include_router(search.router)
     app.include_router(embed.router)

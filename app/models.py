@@ -98,6 +98,13 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+class Verdict(StrEnum):
+    """A person's mark on a library photo for one concept (docs/ALBUMS.md)."""
+
+    CONFIRMED = "confirmed"  # "this is Fido": a positive for the next version, always in the album
+    REJECTED = "rejected"  # "not Fido": a negative for the next version, never in the album
+
+
 class ConceptState(StrEnum):
     """Concept life cycle: training → ready | failed."""
 
@@ -305,6 +312,40 @@ class ConceptExample(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     concept: Mapped[Concept] = relationship(back_populates="examples")
+
+
+class ConceptVerdict(Base):
+    """One mark of a library photo for a concept, kept as history: a new mark or an undo ends the
+    photo's active mark (`ended_at`), so at most one mark per (concept, image) is active and
+    every earlier one says what was marked when. Deleting the concept, the image or the user
+    deletes its marks (ON DELETE CASCADE)."""
+
+    __tablename__ = "concept_verdicts"
+    __table_args__ = (
+        CheckConstraint(_in("verdict", Verdict), name="verdict"),
+        # One active mark per photo and concept (both databases support partial indexes).
+        Index(
+            "uq_concept_verdicts_active",
+            "concept_id",
+            "image_id",
+            unique=True,
+            sqlite_where=text("ended_at IS NULL"),
+            postgresql_where=text("ended_at IS NULL"),
+        ),
+        Index(None, "image_id"),
+        Index(None, "user_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    concept_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("concepts.id", ondelete="CASCADE")
+    )
+    image_id: Mapped[str] = mapped_column(String(36), ForeignKey("images.id", ondelete="CASCADE"))
+    verdict: Mapped[str] = mapped_column(String(16))
+    concept_version: Mapped[int] = mapped_column(Integer)  # the version that was marked
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]  # replaced or undone; None while it is the photo's mark
 
 
 class Adapter(Base):

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import numpy as np
 from sqlalchemy import Select, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
@@ -20,6 +21,7 @@ from app.models import (
     ApiKey,
     Concept,
     ConceptExample,
+    ConceptVerdict,
     Image,
     Job,
     JobKind,
@@ -458,6 +460,135 @@ def delete_concept(*, db_session: Session, concept_id: str) -> None:
     )
 
 
+# --- concept verdicts: a person's marks on library photos (docs/ALBUMS.md) ---------------------
+
+
+def active_verdict(
+    *, db_session: Session, concept_id: str, image_id: str, lock: bool = False
+) -> ConceptVerdict | None:
+    """The photo's current mark for the concept, if any."""
+    query = select(ConceptVerdict).where(
+        ConceptVerdict.concept_id == concept_id,
+        ConceptVerdict.image_id == image_id,
+        ConceptVerdict.ended_at.is_(None),
+    )
+    return db_session.scalar(query.with_for_update() if lock else query)
+
+
+def active_verdicts(*, db_session: Session, concept_id: str) -> dict[str, ConceptVerdict]:
+    """image id -> its current mark for the concept."""
+    rows = db_session.scalars(
+        select(ConceptVerdict).where(
+            ConceptVerdict.concept_id == concept_id, ConceptVerdict.ended_at.is_(None)
+        )
+    )
+    return {v.image_id: v for v in rows}
+
+
+def image_verdicts(*, db_session: Session, user_id: str, image_id: str) -> dict[str, str]:
+    """concept id -> the image's current verdict for it, over the user's concepts."""
+    rows = db_session.execute(
+        select(ConceptVerdict.concept_id, ConceptVerdict.verdict).where(
+            ConceptVerdict.user_id == user_id,
+            ConceptVerdict.image_id == image_id,
+            ConceptVerdict.ended_at.is_(None),
+        )
+    )
+    return {str(cid): str(verdict) for cid, verdict in rows.all()}
+
+
+def verdict_history_page(
+    *, db_session: Session, concept_id: str, limit: int, cursor: str | None = None
+) -> Page[ConceptVerdict]:
+    """Every mark of the concept, ended ones too, newest first."""
+    return keyset_page(
+        db_session,
+        select(ConceptVerdict).where(ConceptVerdict.concept_id == concept_id),
+        created_at=ConceptVerdict.created_at,
+        row_id=ConceptVerdict.id,
+        limit=limit,
+        cursor=cursor,
+        newest_first=True,
+    )
+
+
+class MarkedEmbedding(NamedTuple):
+    """A marked library photo's embedding, for training."""
+
+    image_id: str
+    verdict: str
+    sha256: str
+    embedding: bytes
+
+
+def verdict_embeddings(
+    *, db_session: Session, concept_id: str, model_id: str, limit: int
+) -> list[MarkedEmbedding]:
+    """The concept's currently marked photos embedded by `model_id`, oldest mark first; at most
+    `limit` per verdict (the most recent)."""
+    out: list[MarkedEmbedding] = []
+    for verdict in ("confirmed", "rejected"):
+        rows = db_session.execute(
+            select(ConceptVerdict.image_id, Image.sha256, Image.embedding)
+            .join(Image, Image.id == ConceptVerdict.image_id)
+            .where(
+                ConceptVerdict.concept_id == concept_id,
+                ConceptVerdict.ended_at.is_(None),
+                ConceptVerdict.verdict == verdict,
+                Image.embedding_model == model_id,
+                Image.embedding.is_not(None),
+            )
+            .order_by(ConceptVerdict.created_at.desc(), ConceptVerdict.id.desc())
+            .limit(limit)
+        ).all()
+        out += [
+            MarkedEmbedding(i, verdict, sha, e) for i, sha, e in reversed(rows) if e is not None
+        ]
+    return out
+
+
+def taught_library_images(*, db_session: Session, user_id: str, concept_id: str) -> list[Image]:
+    """The user's library images with the same content as one of the concept's photos."""
+    hashes = select(ConceptExample.sha256).where(ConceptExample.concept_id == concept_id)
+    return list(
+        db_session.scalars(
+            select(Image)
+            .options(defer(Image.embedding))
+            .where(Image.user_id == user_id, Image.sha256.in_(hashes))
+        )
+    )
+
+
+def concepts_taught_with(*, db_session: Session, user_id: str, sha256: str) -> set[str]:
+    """Ids of the user's concepts with a photo of this content."""
+    return set(
+        db_session.scalars(
+            select(ConceptExample.concept_id)
+            .join(Concept, Concept.id == ConceptExample.concept_id)
+            .where(Concept.user_id == user_id, ConceptExample.sha256 == sha256)
+        )
+    )
+
+
+def image_embeddings_by_id(
+    *, db_session: Session, user_id: str, image_ids: Sequence[str], model_id: str
+) -> dict[str, np.ndarray]:
+    """image id -> its embedding by `model_id`, (D,), for the user's images that have one."""
+    ids = list(dict.fromkeys(image_ids))
+    found: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        rows = db_session.execute(
+            select(Image.id, Image.embedding).where(
+                Image.user_id == user_id,
+                Image.id.in_(ids[start : start + _IN_CHUNK]),
+                Image.embedding_model == model_id,
+                Image.embedding.is_not(None),
+            )
+        )
+        found.update((i, np.frombuffer(e, np.float32)) for i, e in rows if e is not None)
+    return found
+
+
 # --- search: what a query reads (app.services.search) -------------------------------------------
 
 _IN_CHUNK = 900  # ids per IN (...): SQLite allows at most 999 bound parameters
@@ -489,8 +620,19 @@ def latest_adapters(*, db_session: Session, concept_ids: Sequence[str]) -> dict[
 def adapter_photo_embeddings(
     *, db_session: Session, adapter: Adapter, model_id: str
 ) -> list[bytes]:
-    """The stored photo embeddings (float32 bytes, `model_id`) the adapter was trained on."""
-    blobs = db_session.scalars(
+    """The stored photo embeddings (float32 bytes, `model_id`) the adapter was trained on: its
+    concept's photos and the library photos a person confirmed (its meta's `feedback`)."""
+    taught, confirmed = adapter_photo_embeddings_by_kind(
+        db_session=db_session, adapter=adapter, model_id=model_id
+    )
+    return taught + confirmed
+
+
+def adapter_photo_embeddings_by_kind(
+    *, db_session: Session, adapter: Adapter, model_id: str
+) -> tuple[list[bytes], list[bytes]]:
+    """(the concept's photos, the confirmed library photos) the adapter was trained on."""
+    taught = db_session.scalars(
         select(ConceptExample.embedding).where(
             ConceptExample.concept_id == adapter.concept_id,
             ConceptExample.version_added <= adapter.version,
@@ -498,7 +640,21 @@ def adapter_photo_embeddings(
             ConceptExample.embedding.is_not(None),
         )
     ).all()
-    return [b for b in blobs if b is not None]
+    feedback = (adapter.meta or {}).get("feedback") or {}
+    ids = [str(i) for i in feedback.get("confirmed") or []]
+    confirmed: list[bytes | None] = []
+    if ids:
+        owner = select(Concept.user_id).where(Concept.id == adapter.concept_id).scalar_subquery()
+        for start in range(0, len(ids), _IN_CHUNK):
+            confirmed += db_session.scalars(
+                select(Image.embedding).where(
+                    Image.user_id == owner,
+                    Image.id.in_(ids[start : start + _IN_CHUNK]),
+                    Image.embedding_model == model_id,
+                    Image.embedding.is_not(None),
+                )
+            ).all()
+    return [b for b in taught if b is not None], [b for b in confirmed if b is not None]
 
 
 def recent_image_embeddings(

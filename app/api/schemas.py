@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from app.config import MAX_CONCEPT_IDS
-from app.models import ConceptExample, Image, Job, Library
+from app.models import ConceptExample, ConceptVerdict, Image, Job, Library
 from app.text import check_path_text, clean_text
 
 _IMAGE_ID = "6f1c7a2e-3b7d-4a53-9a51-2f0c8f1b9d10"
@@ -712,3 +712,118 @@ class LibraryList(BaseModel):
         description="folders under which libraries may be added (POLAR_LIBRARY__ROOTS); "
         "empty = this server allows no folders",
     )
+
+
+# -- albums and feedback (docs/ALBUMS.md) ----------------------------------------------------
+
+CONFIDENCE_DOC = (
+    "the score on the concept's own scale: 0 = as a typical photo of your library scores, 1 = "
+    "as a typical photo of the concept scores (its own photos, each left out in turn); photos "
+    "from `cutoff` up are in the album. null: the photo is not embedded yet, or the concept "
+    "has no trained version"
+)
+REASON_DOC = (
+    "why it is in the album: confirmed (you said it is), taught (one of the concept's photos), "
+    "matched (its confidence reached the cut-off)"
+)
+
+
+class AlbumCalibrationOut(BaseModel):
+    """The concept's score scale under the library as indexed now."""
+
+    own: float = Field(description="mean leave-one-out score of the concept's own photos")
+    library: float = Field(description="median score of your library")
+
+
+class AlbumPhotoOut(BaseModel):
+    """A photo in a concept's album."""
+
+    image: ImageOut
+    score: float | None = Field(description="cosine with the concept's album vector")
+    confidence: float | None = Field(description=CONFIDENCE_DOC)
+    reason: str = Field(description=REASON_DOC)
+    verdict: str | None = Field(description="your current mark on it: confirmed, or null")
+
+
+class AlbumPage(BaseModel):
+    """One page of GET /concepts/{id}/photos; pass `next_cursor` back as `cursor` (same order)."""
+
+    concept_id: str
+    version: int | None = Field(description="the trained version that scored it; null: none yet")
+    cutoff: float = Field(description="the confidence from which a photo is in the album")
+    calibration: AlbumCalibrationOut | None
+    total: int = Field(description="photos in the whole album")
+    items: list[AlbumPhotoOut]
+    next_cursor: str | None = Field(description="null on the last page")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class VerdictIn(BaseModel):
+    """PUT /concepts/{id}/photos/{image_id}/verdict."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"verdict": "rejected"}]}
+    )
+
+    verdict: Literal["confirmed", "rejected"] = Field(
+        description='confirmed = "this is it" (an example for the next version, always in the '
+        'album); rejected = "not it" (a negative for the next version, never in the album)'
+    )
+
+
+class VerdictOut(BaseModel):
+    """One mark of a photo for a concept."""
+
+    id: str
+    concept_id: str
+    image_id: str
+    verdict: str
+    concept_version: int = Field(description="the concept's version when it was marked")
+    created_at: datetime
+    ended_at: datetime | None = Field(description="when it was replaced or undone; null: active")
+
+    @classmethod
+    def from_model(cls, row: ConceptVerdict) -> VerdictOut:
+        """Build from the ORM row."""
+        return cls(
+            id=row.id,
+            concept_id=row.concept_id,
+            image_id=row.image_id,
+            verdict=row.verdict,
+            concept_version=row.concept_version,
+            created_at=row.created_at,
+            ended_at=row.ended_at,
+        )
+
+
+class VerdictResponse(BaseModel):
+    """A concept after a mark or its undo, and the job training its next version."""
+
+    concept: ConceptOut
+    mark: VerdictOut | None = Field(description="the photo's active mark; null after an undo")
+    job: JobOut | None = Field(description="trains the next version; null when nothing changed")
+
+
+class VerdictPage(BaseModel):
+    """GET /concepts/{id}/verdicts: every mark, ended ones too, newest first."""
+
+    items: list[VerdictOut]
+    next_cursor: str | None = Field(description="null on the last page")
+
+
+class ImageConceptOut(BaseModel):
+    """A concept a photo shows."""
+
+    concept_id: str
+    name: str
+    score: float | None
+    confidence: float | None = Field(description=CONFIDENCE_DOC)
+    reason: str = Field(description=REASON_DOC)
+    verdict: str | None
+
+
+class ImageConceptList(BaseModel):
+    """GET /images/{id}/concepts: your concepts whose album holds the photo, most confident
+    first."""
+
+    items: list[ImageConceptOut]

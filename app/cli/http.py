@@ -191,6 +191,47 @@ class ConceptPhoto:
         )
 
 
+def confidence_words(confidence: float | None, cutoff: float) -> str:
+    """An album photo's confidence in words (the web UI says the same: static/js/albums.js)."""
+    if confidence is None:
+        return "not scored yet"
+    if confidence >= 1.0:
+        return "as sure as its own photos"
+    if confidence >= cutoff + (1.0 - cutoff) / 2:
+        return "likely"
+    if confidence >= cutoff:
+        return "possibly"
+    return "unlikely by its look"
+
+
+@dataclass(frozen=True)
+class AlbumPhoto:
+    """A photo in a concept's album."""
+
+    image_id: str
+    filename: str | None
+    path: str | None
+    file_url: str
+    score: float | None
+    confidence: float | None
+    reason: str  # confirmed, taught, matched
+    verdict: str | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AlbumPhoto:
+        image = d["image"]
+        return cls(
+            image_id=image["id"],
+            filename=image.get("filename"),
+            path=image.get("path"),
+            file_url=image["file_url"],
+            score=d.get("score"),
+            confidence=d.get("confidence"),
+            reason=d["reason"],
+            verdict=d.get("verdict"),
+        )
+
+
 @dataclass(frozen=True)
 class Library:
     """A folder indexed in place, and its last scan's report (None before the first ends)."""
@@ -582,6 +623,49 @@ class PolarClient:
 
     def delete_concept(self, concept_id: str) -> None:
         self._request("DELETE", f"/concepts/{_seg(concept_id)}")
+
+    # -- albums and feedback (docs/ALBUMS.md) --
+
+    def concept_album(
+        self, concept_id: str, *, order: str = "newest", limit: int | None = None
+    ) -> tuple[dict[str, Any], list[AlbumPhoto]]:
+        """GET /concepts/{id}/photos, every page (or the first `limit` photos): (the first
+        page's body without its items, the photos)."""
+        photos: list[AlbumPhoto] = []
+        cursor: str | None = None
+        head: dict[str, Any] = {}
+        while True:
+            params: dict[str, Any] = {"order": order, "limit": 200}
+            if cursor:
+                params["cursor"] = cursor
+            body = self._request("GET", f"/concepts/{_seg(concept_id)}/photos", params=params)
+            head = head or {k: v for k, v in body.items() if k != "items"}
+            photos.extend(AlbumPhoto.from_json(p) for p in body["items"])
+            cursor = body.get("next_cursor")
+            if not cursor or (limit is not None and len(photos) >= limit):
+                return head, photos[:limit] if limit is not None else photos
+
+    def set_verdict(
+        self, concept_id: str, image_id: str, verdict: str
+    ) -> tuple[Concept, Job | None]:
+        """PUT /concepts/{id}/photos/{image_id}/verdict: "confirmed" or "rejected"; the job
+        training the next version (None when nothing retrains)."""
+        body = self._request(
+            "PUT",
+            f"/concepts/{_seg(concept_id)}/photos/{_seg(image_id)}/verdict",
+            json={"verdict": verdict},
+        )
+        job = Job.from_json(body["job"]) if body.get("job") else None
+        return Concept.from_json(body["concept"]), job
+
+    def undo_verdict(self, concept_id: str, image_id: str) -> tuple[Concept, Job | None]:
+        """DELETE /concepts/{id}/photos/{image_id}/verdict; the job retraining the concept
+        (None when the mark taught it nothing)."""
+        body = self._request(
+            "DELETE", f"/concepts/{_seg(concept_id)}/photos/{_seg(image_id)}/verdict"
+        )
+        job = Job.from_json(body["job"]) if body.get("job") else None
+        return Concept.from_json(body["concept"]), job
 
     # -- libraries (folders indexed in place) --
 

@@ -452,6 +452,62 @@ def _concept_add(client: PolarClient, args: argparse.Namespace) -> int:
     return _follow_training(client, changed, job, args)
 
 
+def _concept_photos(client: PolarClient, args: argparse.Namespace) -> int:
+    """Every photo of the concept: its album, with the confidence in words."""
+    from app.client import confidence_words
+
+    concept = _find_concept(client, args.concept)
+    head, photos = client.concept_album(concept.id, order=args.order, limit=args.limit)
+    for warning in head.get("warnings") or []:
+        print(f"note: {warning}")
+    total = head.get("total", len(photos))
+    shown = f" (the first {len(photos)})" if len(photos) < total else ""
+    print(f"{concept.name}: {total} photo(s){shown}")
+    why = {"taught": "taught from", "confirmed": "you said it is", "matched": ""}
+    for p in photos:
+        words = confidence_words(p.confidence, float(head.get("cutoff", 0.5)))
+        reason = why.get(p.reason, p.reason)
+        where = p.path or p.filename or f"{client.base_url}{p.file_url}"
+        detail = f"{words}; {reason}" if reason else words
+        print(f"  {p.image_id}  {where}  ({detail})")
+    if photos:
+        print(
+            f"wrong one? `polar concept mark {concept.name} ID --not`; "
+            f"`polar concept unmark {concept.name} ID` takes a mark back"
+        )
+    return 0
+
+
+def _concept_mark(client: PolarClient, args: argparse.Namespace) -> int:
+    """Mark photos "this is it" or "not it"; the concept retrains once with all the marks."""
+    concept = _find_concept(client, args.concept)
+    verdict = "rejected" if args.no else "confirmed"
+    job = None
+    changed = concept
+    for image_id in args.image_ids:
+        changed, new_job = client.set_verdict(concept.id, image_id, verdict)
+        job = new_job or job
+        said = f"not {concept.name}" if args.no else f"{concept.name}"
+        print(f"{image_id}: {said}")
+    if job is None:
+        return 0
+    print(f"{changed.name}: retraining as version {changed.version}")
+    return _follow_training(client, changed, job, args)
+
+
+def _concept_unmark(client: PolarClient, args: argparse.Namespace) -> int:
+    concept = _find_concept(client, args.concept)
+    changed, job = concept, None
+    for image_id in args.image_ids:
+        changed, new_job = client.undo_verdict(concept.id, image_id)
+        job = new_job or job
+        print(f"{image_id}: mark taken back")
+    if job is None:
+        return 0
+    print(f"{changed.name}: retraining as version {changed.version}")
+    return _follow_training(client, changed, job, args)
+
+
 def _concept_delete(client: PolarClient, args: argparse.Namespace) -> int:
     concept = _find_concept(client, args.concept)
     if not args.yes:
@@ -616,7 +672,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     upload.add_argument("--batch-size", type=int, default=50, help="files per request")
     upload.set_defaults(func=_client_command(_upload))
     concept = sub.add_parser(
-        "concept", help="your concepts: create, list, show, rename, category, add, delete"
+        "concept",
+        help="your concepts: create, list, show, rename, category, add, photos, mark, unmark, "
+        "delete",
     )
     concept_sub = concept.add_subparsers(dest="concept_command", required=True)
     training = argparse.ArgumentParser(add_help=False)
@@ -668,6 +726,33 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         help="an image already in your library (repeatable)",
     )
     add.set_defaults(func=_client_command(_concept_add))
+    photos_cmd = concept_sub.add_parser(
+        "photos", parents=[conn], help="every photo of a concept in your library (its album)"
+    )
+    photos_cmd.add_argument("concept", help=ref_help)
+    photos_cmd.add_argument(
+        "--order",
+        choices=("newest", "confidence"),
+        default="newest",
+        help="newest first, or surest",
+    )
+    photos_cmd.add_argument("--limit", type=int, default=None, help="at most this many")
+    photos_cmd.set_defaults(func=_client_command(_concept_photos))
+    mark_cmd = concept_sub.add_parser(
+        "mark",
+        parents=[conn, training],
+        help='mark library photos "this is it" (or --not); the concept learns from it',
+    )
+    mark_cmd.add_argument("concept", help=ref_help)
+    mark_cmd.add_argument("image_ids", nargs="+", metavar="IMAGE_ID", help="library image ids")
+    mark_cmd.add_argument("--not", dest="no", action="store_true", help='"not it": a negative')
+    mark_cmd.set_defaults(func=_client_command(_concept_mark))
+    unmark = concept_sub.add_parser(
+        "unmark", parents=[conn, training], help="take marks back; the concept learns without them"
+    )
+    unmark.add_argument("concept", help=ref_help)
+    unmark.add_argument("image_ids", nargs="+", metavar="IMAGE_ID", help="library image ids")
+    unmark.set_defaults(func=_client_command(_concept_unmark))
     delete = concept_sub.add_parser(
         "delete", parents=[conn], help="delete a concept and its photos (asks first)"
     )

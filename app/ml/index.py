@@ -131,6 +131,18 @@ class VectorIndex:
         scores[ids < 0] = -np.inf
         return scores, ids
 
+    def range_search(self, query: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every vector scoring above `threshold` for one query: (scores, ids), each (M,), in
+        no particular order (FAISS's range search: no top-k to guess, no Python loop)."""
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query must be ({self.dim},), got {query.shape}")
+        with self._lock:
+            if self._index.ntotal == 0:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            lims, scores, ids = self._index.range_search(q, float(threshold))
+        return scores[lims[0] : lims[1]].astype(np.float32), ids[lims[0] : lims[1]].astype(np.int64)
+
     def _ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 

@@ -36,7 +36,14 @@ from app.ml.text import (
     truncate,
 )
 from app.ml.tokens import pick_token
-from app.ml.train import TEMPLATES, Progress, init_factors, placeholder_phrase, training_texts
+from app.ml.train import (
+    TEMPLATES,
+    Progress,
+    away_from,
+    init_factors,
+    placeholder_phrase,
+    training_texts,
+)
 from app.ml.train import _targets as image_targets
 
 
@@ -87,11 +94,16 @@ def train_selective(
     contrast: float = 0.0,
     temperature: float = 0.05,
     progress: Progress | None = None,
+    negatives: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> ConceptAdapter:
-    """POLAR with the keep term (weight `keep`) and an optional library-contrastive term."""
+    """POLAR with the keep term (weight `keep`) and an optional library-contrastive term;
+    `negatives` (K, D), rejected photos, are pushed away with weight ν (app.ml.train.away_from:
+    the regression target shifted, exactly the negative term)."""
     tower = text_tower(bundle.model)
     dtype, dev = tower.dtype, bundle.device
-    target = image_targets(bundle, image_embeddings, dtype)  # (N, D), validated, unit norm
+    photos = image_targets(bundle, image_embeddings, dtype)  # (N, D), validated, unit norm
+    target = away_from(photos, negatives, negative_weight)
     texts = training_texts(token, category, target.shape[0], seed)
     pos = frozen_rows(tower, bundle.tokenizer(texts).to(dev))
     neg_texts = keep_texts(bundle, token, category, others) if keep > 0 else []
@@ -113,7 +125,7 @@ def train_selective(
             g = F.normalize(updated_features(tower, neg, a, b), dim=-1)  # (M, D)
             loss = loss + keep * (g - base).pow(2).mean()
         if lib is not None and contrast > 0:
-            loss = loss + contrast * _library_nce(f, target, lib, temperature)
+            loss = loss + contrast * _library_nce(f, photos, lib, temperature)
         return loss
 
     for step in range(steps):

@@ -83,6 +83,32 @@ def _targets(
     return F.normalize(y, dim=-1)
 
 
+def away_from(target: torch.Tensor, negatives: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """The regression target with the negative term folded in, (N, D).
+
+    The negative term rewards distance from the rejected photos r_k (unit rows) with the
+    positive term's own form and scale, per element:
+
+        L = mean_{i,e}(n(f_i) - y_i)²  -  ν · mean_{i,k,e}(n(f_i) - r_k)²  (+ λ·mean(B²) ...)
+
+    n(f_i) and r_k are unit vectors, so (n(f_i) - r_k)² sums to 2 - 2·n(f_i)·r_k and the
+    second mean is linear in n(f_i): the whole equals mean((n(f_i) - (y_i - ν·r̄))²) plus a
+    constant, r̄ the mean of the r_k. Training on the shifted target y_i - ν·r̄ is therefore
+    exactly that objective, at no cost per step, with the same trainer; no negatives (or ν = 0)
+    leaves the target, and so the whole run, bit for bit as before.
+    """
+    if negatives is None or weight == 0.0 or negatives.shape[0] == 0:
+        return target
+    if weight < 0:
+        raise ValueError("the negative weight must be >= 0")
+    r = torch.as_tensor(negatives).to(device=target.device, dtype=target.dtype)
+    if r.ndim != 2 or r.shape[1] != target.shape[1]:
+        raise ValueError(f"negatives must be (K, {target.shape[1]}), got {tuple(r.shape)}")
+    if not torch.isfinite(r).all():
+        raise ValueError("negatives contain NaN or infinity")
+    return target - weight * F.normalize(r, dim=-1).mean(dim=0, keepdim=True)
+
+
 def _loss(
     features: torch.Tensor, target: torch.Tensor, b: torch.Tensor, lam: float
 ) -> torch.Tensor:
@@ -203,12 +229,14 @@ def _train(
     seed: int,
     progress: Progress | None,
     fast: bool,
+    negatives: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> ConceptAdapter:
     """Shared setup of the fast and the reference trainer."""
     if steps < 1 or lr <= 0 or lam < 0:
         raise ValueError("steps must be >= 1, lr > 0 and lam >= 0")
     tower = text_tower(bundle.model)
-    target = _targets(bundle, image_embeddings, tower.dtype)
+    target = away_from(_targets(bundle, image_embeddings, tower.dtype), negatives, negative_weight)
     texts = training_texts(token, category, target.shape[0], seed)
     tokens = bundle.tokenizer(texts).to(bundle.device)  # (N, C)
     objective: Objective
@@ -246,11 +274,14 @@ def train_adapter(
     lr: float = 1e-3,
     seed: int = 0,
     progress: Progress | None = None,
+    negatives: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> ConceptAdapter:
-    """Train one concept with the exact fast path (frozen part computed once)."""
+    """Train one concept with the exact fast path (frozen part computed once); `negatives`
+    (K, D) are rejected photos' embeddings, pushed away with weight ν (`away_from`)."""
     return _train(
         bundle, image_embeddings, token, category, lam=lam, steps=steps, lr=lr, seed=seed,
-        progress=progress, fast=True,
+        progress=progress, fast=True, negatives=negatives, negative_weight=negative_weight,
     )  # fmt: skip
 
 
@@ -265,9 +296,11 @@ def train_adapter_reference(
     lr: float = 1e-3,
     seed: int = 0,
     progress: Progress | None = None,
+    negatives: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> ConceptAdapter:
     """The straightforward trainer (full forward every step): the baseline tests compare to."""
     return _train(
         bundle, image_embeddings, token, category, lam=lam, steps=steps, lr=lr, seed=seed,
-        progress=progress, fast=False,
+        progress=progress, fast=False, negatives=negatives, negative_weight=negative_weight,
     )  # fmt: skip

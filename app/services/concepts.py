@@ -331,6 +331,14 @@ def _start_new_version(concept: Concept) -> None:
     concept.retention_flagged = False
 
 
+def start_new_version(db_session: Session, concept: Concept) -> Job:
+    """The concept's next version, queued for training (flushed, not committed): what a change
+    of what it learns from does (more photos, a new category, a person's marks)."""
+    _start_new_version(concept)
+    db_session.flush()
+    return _queue_training(db_session, concept)
+
+
 # --- use cases ----------------------------------------------------------------------------------
 
 

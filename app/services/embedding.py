@@ -6,10 +6,11 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image as PILImage
@@ -35,7 +36,7 @@ from app.ml.regions import (
     stored_layout,
     unpack_regions,
 )
-from app.ml.threads import cpu_threads
+from app.ml.threads import cpu_count, cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library, new_vec_id
 from app.services.jobs import JobContext, JobQueue, enqueue_committed
 from app.services.model import ServingModel
@@ -49,6 +50,9 @@ from app.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 BATCH = 32  # images per forward pass and per commit: progress moves, memory stays flat
 # A generation bump makes the next search rebuild the user's index (bench/scale.py: 1.5 s at
@@ -169,6 +173,17 @@ def decode_side(bundle: ClipBundle) -> int:
     return 0
 
 
+def embedding_threads(ctx: JobContext) -> int:
+    """Torch threads for the next batch: POLAR_THREADS__EMBEDDING, or with 0 every core while
+    no search of this process is in flight and one while any is (asked again at each batch, so
+    a search that arrives mid-job gets the other cores from the next batch on)."""
+    threads = ctx.settings.threads.embedding
+    if threads > 0:
+        return threads
+    foreground = ctx.env.foreground
+    return 1 if foreground is not None and foreground.active_count > 0 else cpu_count()
+
+
 def _stamp(
     size: int | None, mtime_ns: int | None, ctime_ns: int | None, ino: int | None
 ) -> FileStamp | None:
@@ -242,7 +257,6 @@ def embed_pending(
     roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
     max_pixels = ctx.settings.limits.max_pixels  # the files are checked again as uploads are
-    threads = ctx.settings.threads.embedding
     current = Image.embedding_model == model_id
     # An image whose file could not be read is not read again by every pass: only once the file
     # changes (a rescan or a new upload of the bytes clears embed_error) or a rebuild is asked.
@@ -253,18 +267,24 @@ def embed_pending(
     total = max(1, len(whole) + cost * ((0 if method == "pooled" else len(whole)) + crops_left))
     work = 0
     last_publish, unpublished = time.monotonic(), False
-    for start in range(0, len(whole), BATCH):
-        batch = whole[start : start + BATCH]
+
+    def decode(batch: list[tuple[str, ImageSource]]) -> _Decoded:
         failed: dict[str, tuple[str, bool]] = {}
-        decoded = [
-            (i, im)
+        pictures = {
+            i: im
             for i, p in batch
             if (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
             is not None
-        ]
-        _record_failures(ctx, failed)
+        }
+        return _Decoded(batch, pictures, failed)
+
+    # The next batch is decoded in a second thread while the model runs on this one.
+    for part in _ahead(_batches(whole), decode):
+        batch = part.batch
+        decoded = list(part.pictures.items())
+        _record_failures(ctx, part.failed)
         if decoded:
-            with cpu_threads(threads):
+            with cpu_threads(embedding_threads(ctx)):
                 pictures = [im for _, im in decoded]
                 if pooled:  # (B, D) and (B, R, D) from one pass
                     vectors, regions = embed_with_regions(bundle, pictures, layout, "pooled")
@@ -299,24 +319,28 @@ def embed_pending(
     crops = _pending(ctx, image_ids, current, stale_regions, readable) if boxes else []
     total = max(1, work + cost * len(crops))
     kinds = method_kinds(method)
-    for start in range(0, len(crops), BATCH):
-        batch = crops[start : start + BATCH]
+
+    def decode_lacking(batch: list[tuple[str, ImageSource]]) -> _Decoded:
         found = _stored_kinds(ctx, [i for i, _ in batch], layout, bundle.embed_dim)
         # Only an image lacking a kind is decoded: after a switch between methods every row
         # may be stored already, and a re-pack costs no decode.
         complete = {i for i, _ in batch if set(kinds) <= found.get(i, {}).keys()}
-        failed = {}
-        pictures_of = {
+        failed: dict[str, tuple[str, bool]] = {}
+        pictures = {
             i: im
             for i, p in batch
             if i not in complete
             and (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
             is not None
         }
-        _record_failures(ctx, failed)
+        return _Decoded(batch, pictures, failed, found, complete)
+
+    for part in _ahead(_batches(crops), decode_lacking):
+        batch, found, complete, pictures_of = part.batch, part.found, part.complete, part.pictures
+        _record_failures(ctx, part.failed)
         ready = [i for i, _ in batch if i in complete or i in pictures_of]
         if ready:
-            with cpu_threads(threads):
+            with cpu_threads(embedding_threads(ctx)):
                 regions = _regions_of(bundle, ready, pictures_of, found, layout, method)
             with session_scope(ctx.session_factory) as s:
                 for image_id, reg in zip(ready, regions, strict=True):
@@ -329,6 +353,41 @@ def embed_pending(
         work += cost * len(batch)
         ctx.progress(work / total)
     return len({i for i, _ in whole} | {i for i, _ in crops})
+
+
+@dataclass
+class _Decoded:
+    """One batch of a pass, read: its images' pictures (those that could be decoded), why the
+    others could not (`failed`), and for the region pass the kinds each image has stored."""
+
+    batch: list[tuple[str, ImageSource]]
+    pictures: dict[str, PILImage.Image]
+    failed: dict[str, tuple[str, bool]]
+    found: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    complete: set[str] = field(default_factory=set)
+
+
+def _batches(items: list[T]) -> list[list[T]]:
+    return [items[start : start + BATCH] for start in range(0, len(items), BATCH)]
+
+
+def _ahead(items: Sequence[T], work: Callable[[T], R]) -> Iterator[R]:
+    """work(item) for each item, in order, with the next item's work running in a second thread
+    while the caller uses this one's result: decoding (Pillow lets go of the GIL) overlaps the
+    model's pass, so a pass takes about the longer of the two rather than their sum. At most
+    one item is worked ahead (memory: two batches of pictures). The thread is made by the
+    calling job thread, so it inherits its lowered priority (app/priority.py). An exception of
+    `work` is raised where its result is taken; leaving the loop early waits for the item
+    in flight."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="polar-decode") as pool:
+        pending = pool.submit(work, items[0])
+        for item in items[1:]:
+            done = pending.result()
+            pending = pool.submit(work, item)
+            yield done
+        yield pending.result()
 
 
 def _note(failed: dict[str, tuple[str, bool]], image_id: str) -> Callable[[str, bool], None]:

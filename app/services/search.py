@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -31,6 +32,8 @@ from app.services.index import CachedIndex, IndexCache
 from app.services.model import ServingModel
 from app.services.query import NamedConcept, RewrittenQuery, rewrite_query
 from app.services.recipe import QueryEncoding
+
+T = TypeVar("T")
 
 __all__ = [
     "AdapterCache",
@@ -108,6 +111,7 @@ class AdapterCache:
     def __init__(self, max_items: int = 4096) -> None:
         self._items: OrderedDict[str, ConceptAdapter] = OrderedDict()
         self._means: dict[str, np.ndarray | None] = {}
+        self._memo: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
         self.max_items = max_items
 
@@ -138,6 +142,20 @@ class AdapterCache:
             while len(self._means) > self.max_items:
                 self._means.pop(next(iter(self._means)))
         return mean
+
+    def memo(self, key: str, load: Callable[[], T]) -> T:
+        """What `load()` returns for `key`, computed once while it stays among the most recent
+        (an album's vector and calibration, app.services.albums)."""
+        with self._lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                return self._memo[key]  # type: ignore[return-value]
+        value = load()
+        with self._lock:
+            self._memo[key] = value
+            while len(self._memo) > self.max_items:
+                self._memo.popitem(last=False)
+        return value
 
 
 def photo_mean(

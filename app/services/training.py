@@ -35,7 +35,7 @@ from app.ml.selective import train_selective
 from app.ml.threads import cpu_threads
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
-from app.models import Adapter, Concept, ConceptExample, ConceptState, new_id
+from app.models import Adapter, Concept, ConceptExample, ConceptState, Verdict, new_id
 from app.services import jobs, recipe, retention
 from app.services.jobs import JobContext, JobInterrupted
 from app.services.model import ServingModel
@@ -46,6 +46,17 @@ log = logging.getLogger(__name__)
 # Keep texts with foreign placeholder tokens: none (see _fit). The benchmark's service rows
 # train with the same (app.bench.runner.TUNED_TRAINING).
 KEEP_OTHER_TOKENS = 0
+# Weight ν of the negative term (app.ml.train.away_from): how far a concept's text is pushed
+# from the photos a person marked "not <concept>"; chosen on the synthetic PerVL validation split
+# (bench/albums.py, docs/ALBUMS.md).
+NEGATIVE_WEIGHT = 0.25
+# Whether photos a person confirmed are training examples of the next version. Off: on the
+# synthetic PerVL validation split, training on the confirmed photos (the album's lowest-ranked
+# right ones) cost context mRR 0.914 -> 0.876 and two-concept mRR 0.950 -> 0.842
+# (bench/results/albums_synthetic.json); confirmed photos are always in the album either way.
+TRAIN_ON_CONFIRMED = False
+# Photos marked per verdict that one training reads (the most recent ones).
+MAX_FEEDBACK_PHOTOS = 200
 # Shares of a training job's progress: embedding the photos, then Adam, then retention.
 _EMBED_SHARE, _TRAIN_SHARE = 0.1, 0.8
 
@@ -60,6 +71,11 @@ class _Plan:
     storage_paths: list[str]
     embeddings: list[np.ndarray | None]  # cached for this model, else None
     hashes: frozenset[str]  # contents of the photos (the same photo in the library is no rival)
+    # Library photos marked for this concept (docs/ALBUMS.md), embedded by this model:
+    confirmed_ids: list[str]  # more positives
+    confirmed: list[np.ndarray]
+    rejected_ids: list[str]  # negatives
+    rejected: list[np.ndarray]
 
 
 def _load_photo(
@@ -150,13 +166,39 @@ def _read_plan(
                 vec = np.frombuffer(ex.embedding, dtype=np.float32)
                 vec = vec if vec.shape == (serving.bundle.embed_dim,) else None
             cached.append(vec)
+        hashes = frozenset(ex.sha256 for ex in examples)
+        marked = repositories.verdict_embeddings(
+            db_session=s,
+            concept_id=concept_id,
+            model_id=model_id,
+            limit=MAX_FEEDBACK_PHOTOS,
+        )
+        dim = serving.bundle.embed_dim
+        confirmed = [
+            (m.image_id, v)
+            for m in marked
+            if TRAIN_ON_CONFIRMED and m.verdict == Verdict.CONFIRMED and m.sha256 not in hashes
+            for v in [np.frombuffer(m.embedding, np.float32)]
+            if v.shape == (dim,)
+        ]
+        rejected = [
+            (m.image_id, v)
+            for m in marked
+            if m.verdict == Verdict.REJECTED
+            for v in [np.frombuffer(m.embedding, np.float32)]
+            if v.shape == (dim,)
+        ]
         return _Plan(
             token=_choose_token(s, concept, serving.bundle, ctx.settings.training),
             category=concept.category,
             example_ids=[ex.id for ex in examples],
             storage_paths=[ex.storage_path for ex in examples],
             embeddings=cached,
-            hashes=frozenset(ex.sha256 for ex in examples),
+            hashes=hashes,
+            confirmed_ids=[i for i, _ in confirmed],
+            confirmed=[v for _, v in confirmed],
+            rejected_ids=[i for i, _ in rejected],
+            rejected=[v for _, v in rejected],
         )
 
 
@@ -178,7 +220,8 @@ def _embed_photos(ctx: JobContext, plan: _Plan, serving: ServingModel) -> np.nda
                         embedding=vec.astype(np.float32).tobytes(), embedding_model=serving.model_id
                     )
                 )
-    return np.stack([v for v in vectors if v is not None]).astype(np.float32)
+    # Photos a person confirmed are examples too (after the taught ones, in marking order).
+    return np.stack([*(v for v in vectors if v is not None), *plan.confirmed]).astype(np.float32)
 
 
 def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray) -> Adapter:
@@ -201,6 +244,12 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         # tokens as well changed nothing on the validation split (ctx mRR 0.789 without, 0.781
         # with two) and cost 30% more training time.
         trainer, extra = train_selective, {"keep": keep, "others": KEEP_OTHER_TOKENS}
+    if plan.rejected:
+        # Photos marked "not <concept>": the negative term (app.ml.train.away_from).
+        extra |= {
+            "negatives": torch.from_numpy(np.stack(plan.rejected)),
+            "negative_weight": NEGATIVE_WEIGHT,
+        }
     adapter = trainer(
         bundle,
         torch.from_numpy(photos),
@@ -227,6 +276,9 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         "lr": lr,
         "recipe": bundle.recipe.source,
         "n_photos": int(photos.shape[0]),
+        "n_confirmed": len(plan.confirmed),
+        "n_rejected": len(plan.rejected),
+        "negative_weight": NEGATIVE_WEIGHT if plan.rejected else 0.0,
         "model_id": serving.model_id,
         **kept.as_metrics(),
         "separation": _separation(ctx, plan, serving, adapter, photos),
@@ -238,6 +290,9 @@ def _fit(ctx: JobContext, plan: _Plan, serving: ServingModel, photos: np.ndarray
         "metrics": metrics,
         "retention_score": kept.score,
         "retention_flagged": kept.flagged,
+        # The marked library photos this version learned from: search and the album fuse the
+        # confirmed ones into the concept's photo mean (repositories.adapter_photo_embeddings).
+        "feedback": {"confirmed": plan.confirmed_ids, "rejected": plan.rejected_ids},
     }
     return Adapter(weights=adapter.to_bytes(), model_id=serving.model_id, meta=meta)
 

@@ -480,3 +480,37 @@ def test_index_status_and_rebuild_through_the_cli(polar, api_client, tmp_path):
     assert r.out.rstrip().endswith("regions (five-both): 2 of 2")
     with api_client.app.state.session_factory() as s:
         assert all(s.scalars(select(Image.region_embeddings)).all())
+
+
+def test_concept_photos_mark_and_unmark(polar, api_client, tmp_path, monkeypatch):
+    from app.services import calibration
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i in range(6):
+        (lib / f"p{i}.jpg").write_bytes(noisy_jpeg(seed=700 + i))
+    assert polar("upload", str(lib), "--wait").code == 0
+    ids = {name: row.id for name, row in images_in_db(api_client).items()}
+    taught = [ids["p0.jpg"], ids["p1.jpg"], ids["p2.jpg"]]
+    monkeypatch.setattr(calibration, "ALBUM_CUTOFF", -1e9)  # every library photo in the album
+    r = polar("concept", "create", "Fido", str(fido_photos(tmp_path)))
+    assert r.code == 0, r.err
+    r = polar("concept", "add", "Fido", *[a for i in taught for a in ("--image-id", i)])
+    assert r.code == 0, r.err
+    r = polar("concept", "photos", "fido", "--order", "confidence")
+    assert r.code == 0, r.err
+    assert "Fido: 6 photo(s)" in r.out
+    assert all(re.search(rf"{i}\s+\S*p\d\.jpg\s+\(.*taught from\)", r.out) for i in taught)
+    r = polar("concept", "mark", "Fido", ids["p5.jpg"], "--not")
+    assert r.code == 0, r.err
+    assert f"{ids['p5.jpg']}: not Fido" in r.out and "retraining as version 3" in r.out
+    assert ids["p5.jpg"] not in polar("concept", "photos", "Fido").out
+    r = polar("concept", "mark", "Fido", ids["p5.jpg"], "--not")
+    assert r.code == 0 and "retraining" not in r.out
+    r = polar("concept", "unmark", "Fido", ids["p5.jpg"])
+    assert r.code == 0 and "mark taken back" in r.out
+    assert ids["p5.jpg"] in polar("concept", "photos", "Fido").out
+    r = polar("concept", "unmark", "Fido", ids["p5.jpg"])
+    assert r.code == 1 and "no mark" in r.err
+    r = polar("concept", "mark", "Fido", "00000000-0000-4000-8000-000000000000")
+    assert r.code == 1 and "not found" in r.err

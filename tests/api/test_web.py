@@ -37,6 +37,9 @@ REQUIRED_CALLS = {
     ("GET", "/jobs/{job_id}"),
     ("GET", "/index"),
     ("POST", "/index/rebuild"),
+    ("GET", "/concepts/{concept_id}/photos"),
+    ("PUT", "/concepts/{concept_id}/photos/{image_id}/verdict"),
+    ("DELETE", "/concepts/{concept_id}/photos/{image_id}/verdict"),
 }
 
 
@@ -322,13 +325,15 @@ def _strip_comments(source: str) -> str:
 
 _LITERAL = re.compile(r"""(["'`])(/[A-Za-z][^"'`\s]*)\1""")
 _CALL = re.compile(
-    r"""(?:api\.(get|post|patch|del|blob|upload)|request)\(\s*(?:"(GET|POST|PATCH|DELETE)",\s*)?"""
+    r"""(?:api\.(get|post|patch|put|del|blob|upload)|request)\("""
+    r"""\s*(?:"(GET|POST|PATCH|DELETE)",\s*)?"""
     r"""(["'`])(/[^"'`\s]*)\3"""
 )
 _METHODS = {
     "get": "GET",
     "post": "POST",
     "patch": "PATCH",
+    "put": "PUT",
     "del": "DELETE",
     "blob": "GET",
     "upload": "POST",  # with upload progress (XMLHttpRequest)

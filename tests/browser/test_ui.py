@@ -1148,3 +1148,77 @@ def test_the_demo_model_note_is_one_line_and_stays_dismissed_until_the_next_sign
     expect(banner).to_be_hidden()
     sign_in(page, server.key)
     expect(banner).to_be_visible()
+
+
+def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
+    """A concept card opens its album (thumbnails, confidence in words); one click says "not
+    it" or "it is", Undo takes it back; search hits carry the same actions; a mark that cannot
+    be made (the concept is gone) says why."""
+    client = api(server)
+    ensure_library(server)
+    cid = ready_concept(client, "Sunny", FIDO_CATEGORY, server.photos[:4])["id"]
+    total = client.get(f"/concepts/{cid}/photos", params={"limit": 200}).json()["total"]
+    assert total > 0
+    sign_in(page, server.key)
+    nav(page, "Concepts")
+    card = page.locator(f'#concepts-list li[data-concept-id="{cid}"]')
+    expect(card.locator(".state")).to_have_text("Ready")
+    bring_into_view(card)
+    click(page, card.get_by_role("button", name="Every photo of Sunny"), ".concept")
+    album = card.get_by_role("region", name="Album of Sunny")
+    expect(album.locator(".album-summary")).not_to_have_text("Looking…")
+    expect(album.locator(":scope > p.alert")).to_be_hidden()
+    photos = album.locator(".album-photo")
+    expect(photos).to_have_count(min(total, 24))
+    expect(album.locator(".album-summary")).to_contain_text(f"{total} photo")
+    sel = f'#concepts-list li[data-concept-id="{cid}"] .album-photo img'
+    bring_into_view(photos.last)  # thumbnails load as they scroll into view
+    assert images_loaded(page, sel) == min(total, 24)
+    text_fits(page, ".album")
+    words = album.locator(".confidence").all_text_contents()
+    assert all(
+        re.match(r"(As sure as its own photos|Likely|Possibly|Unlikely by its look)", w)
+        for w in words
+    ), words
+
+    # "Not Sunny": marked, kept by the server (history too), gone from the album it serves.
+    first = photos.first
+    name = first.locator("img").get_attribute("alt")
+    image_id = first.get_attribute("data-image-id")
+    bring_into_view(first)
+    click(page, first.get_by_role("button", name=f"{name} is not Sunny", exact=True), ".album")
+    expect(first.locator(".mark-status")).to_have_text("Marked: not Sunny")
+    listed = client.get(f"/concepts/{cid}/photos", params={"limit": 200}).json()
+    assert image_id not in [p["image"]["id"] for p in listed["items"]]
+    # Undo: the mark ends (kept as history) and the photo is back.
+    click(page, first.get_by_role("button", name=f"Undo the mark of {name} for Sunny"), ".album")
+    expect(first.locator(".mark-status")).to_have_text("")
+    history = client.get(f"/concepts/{cid}/verdicts").json()["items"]
+    assert [(v["verdict"], v["ended_at"] is not None) for v in history] == [("rejected", True)]
+    listed = client.get(f"/concepts/{cid}/photos", params={"limit": 200}).json()
+    assert image_id in [p["image"]["id"] for p in listed["items"]]
+    wait_ready(client, cid)
+
+    # Search hits that name the concept carry the same two actions.
+    nav(page, "Search")
+    page.get_by_label("Search your photos").fill("Sunny in the snow")
+    page.get_by_label("Search your photos").press("Enter")
+    hit = page.locator("#search-results > li").first
+    expect(hit).to_be_visible()
+    hit_name = hit.locator(".name").text_content()
+    hit_id = hit.get_attribute("data-image-id")
+    bring_into_view(hit)
+    click(page, hit.get_by_role("button", name=f"{hit_name} is Sunny", exact=True), ".card")
+    expect(hit.locator(".mark-status")).to_have_text("Marked: Sunny")
+    marks = client.get(f"/concepts/{cid}/verdicts").json()["items"]
+    assert (marks[0]["image_id"], marks[0]["verdict"], marks[0]["ended_at"]) == (
+        hit_id,
+        "confirmed",
+        None,
+    )
+    # A mark that cannot be made says why, and changes nothing.
+    wait_ready(client, cid)
+    assert client.delete(f"/concepts/{cid}").status_code == 204
+    click(page, hit.get_by_role("button", name=f"{hit_name} is not Sunny", exact=True), ".card")
+    expect(hit.locator(".marks .alert")).to_contain_text("concept not found")
+    expect(hit.locator(".mark-status")).to_have_text("Marked: Sunny")

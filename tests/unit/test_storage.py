@@ -253,3 +253,31 @@ def test_heic_photos_are_accepted_thumbnailed_and_readable_for_embedding(tmp_pat
     assert pixels is not None and pixels.size == (64, 48)
     r, g, b = pixels.getpixel((32, 24))  # type: ignore[misc]
     assert r > 150 and g < 90 and b < 90  # lossy, but the colour survives
+
+
+def test_a_large_jpeg_is_validated_and_thumbnailed_at_a_reduced_scale(store, monkeypatch):
+    """The decode that checks a JPEG and makes its thumbnail runs at the smallest JPEG scale
+    keeping both sides >= twice the thumbnail (1/2 of 2400x1600 here: 1/4 would be 600x400):
+    the stored size is the file's, the thumbnail as large as ever, and a cut file still fails."""
+    from app import storage
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    import numpy as np
+
+    pixels = np.random.default_rng(3).integers(0, 256, (1600, 2400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    decoded: list[tuple[int, int]] = []
+    make = storage._make_thumbnail
+    monkeypatch.setattr(
+        storage, "_make_thumbnail", lambda img, o=1: decoded.append(img.size) or make(img, o)
+    )
+    staged = stage(store, data)
+    assert decoded == [(1200, 800)]
+    assert (staged.width, staged.height) == (1600, 2400)  # EXIF-upright, the file's full size
+    with Image.open(io.BytesIO(staged.thumbnail)) as thumb:
+        assert thumb.size == (171, THUMB_SIZE)  # 256 x 1600 / 2400, rounded
+    with pytest.raises(InvalidImage, match="truncated"):
+        stage(store, data[: len(data) * 2 // 3])

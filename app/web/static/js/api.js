@@ -175,6 +175,7 @@ export const api = {
   get: (path, query, options) => request("GET", path, { ...options, query }),
   post: (path, options) => request("POST", path, options),
   patch: (path, json) => request("PATCH", path, { json }),
+  put: (path, json) => request("PUT", path, { json }),
   del: (path) => request("DELETE", path),
   blob: (path) => request("GET", path, { as: "blob" }),
   upload: (path, form, onProgress) => upload(path, form, onProgress),

@@ -2,6 +2,7 @@
 // train, see in words how it does and the photos it learned from; rename it, change its
 // category, give it more photos, delete it.
 
+import { albumSection } from "./albums.js";
 import { api, isAbort, waitForJob } from "./api.js";
 import {
   $,
@@ -29,6 +30,7 @@ const thumbs = new Thumbs(); // library picks' previews and the concepts' photos
 let cursor = null;
 let generation = 0; // bumped by every reload: pages of an older listing are dropped
 const watching = new Set(); // concept ids whose training job is being polled
+const openAlbums = new Set(); // concept ids whose album is open: kept when the card is redrawn
 
 export function setupConcepts() {
   const input = $("concept-files");
@@ -55,6 +57,7 @@ export function resetConcepts() {
   cursor = null;
   generation += 1;
   watching.clear();
+  openAlbums.clear();
 }
 
 /** Teach a new concept from library images (a selection's "Teach a new concept"). */
@@ -316,6 +319,23 @@ function card(concept, job = null) {
       }),
     );
   }
+  const albumButton = el("button", {
+    type: "button",
+    className: "button small",
+    text: "Every photo",
+    attrs: { "aria-label": `Every photo of ${concept.name}`, "aria-expanded": "false" },
+  });
+  let album = null;
+  const showAlbum = (open) => {
+    album?.remove();
+    album = open ? albumSection(concept) : null;
+    if (album) actions.after(album);
+    if (open) openAlbums.add(concept.id);
+    else openAlbums.delete(concept.id);
+    albumButton.setAttribute("aria-expanded", String(open));
+  };
+  albumButton.addEventListener("click", () => showAlbum(!album));
+  actions.append(albumButton);
   const editButton = el("button", {
     type: "button",
     className: "button small",
@@ -369,6 +389,7 @@ function card(concept, job = null) {
     if (!editor.hidden) editor.querySelector("input").focus();
   });
   item.append(editor, error);
+  if (openAlbums.has(concept.id)) showAlbum(true);
   return item;
 }
 

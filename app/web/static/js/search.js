@@ -1,5 +1,6 @@
 // Search view: a query, how the service understood it, and a page of ranked thumbnails.
 
+import { markControls } from "./albums.js";
 import { api, isAbort } from "./api.js";
 import { $, clear, el, formatDate, plural, setAlert } from "./dom.js";
 import { selectBox } from "./selection.js";
@@ -274,6 +275,8 @@ function render(body) {
   const grid = clear($("search-results"));
   const extra = (hit) => `#${hit.rank} · score ${hit.score.toFixed(3)}`;
   const items = body.hits.map((hit) => ({ image: hit.image, extra: extra(hit) }));
+  // The concepts the query named: each hit can be marked as one of them, or not.
+  const named = body.concepts.filter((c) => c.mentioned && c.applied);
   for (const hit of body.hits) {
     const name = hit.image.filename || "untitled";
     const img = el("img", { alt: name, width: 160, height: 160, decoding: "async" });
@@ -307,6 +310,7 @@ function render(body) {
         ),
         el("div", { className: "name", text: name, attrs: { title: name } }),
         el("div", { className: "card-actions" }, selectBox(hit.image, name)),
+        ...named.map((concept) => markControls(concept, hit.image)),
       ),
     );
     thumbs.attach(img, hit.image.thumbnail_url);

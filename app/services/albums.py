@@ -1,0 +1,467 @@
+"""Concept albums and feedback: every photo of Fido, and "this is / not Fido" marks that teach.
+
+A concept's album is the user's library photos the service believes show it: those whose
+confidence (`app.services.calibration`: the score under the concept's album vector, on the
+concept's own scale) reaches the cut-off, found by FAISS range search over the user's cached
+index, so photos indexed after the concept was trained appear without anyone asking. The
+photos it was taught from (the same content in the library) and the photos a person confirmed
+are always in it; the photos a person rejected never are.
+
+Marks are kept as history (`ConceptVerdict` rows; a new mark or an undo ends the previous one)
+and every change starts a new version of the concept through the usual training job: confirmed
+photos are more examples, rejected ones negatives (app.ml.train.away_from). docs/ALBUMS.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from app import repositories
+from app.config import SearchSettings
+from app.errors import InvalidCursor, NotFound, ValidationFailed
+from app.ml.adapter import ConceptAdapter
+from app.ml.model import AdapterMismatchError
+from app.models import Adapter, Concept, ConceptVerdict, Image, Job, Verdict, new_id, utcnow
+from app.services import calibration, training
+from app.services.concepts import ConceptView, get_concept, start_new_version
+from app.services.index import CachedIndex, IndexCache
+from app.services.jobs import JobQueue, enqueue_committed
+from app.services.model import ServingModel
+from app.services.search import AdapterCache
+
+AlbumOrder = Literal["newest", "confidence"]
+Reason = Literal["confirmed", "taught", "matched"]
+_SLACK = 1e-5  # below the threshold, in cosine units (float32 rounding)
+_MALFORMED = "malformed cursor: pass back next_cursor unchanged"
+
+
+@dataclass(frozen=True)
+class AlbumPhoto:
+    """A photo in an album, with why it is there."""
+
+    image: Image
+    score: float | None  # cosine with the album vector; None: not embedded by this model
+    confidence: float | None  # on the concept's scale (calibration.Calibration.confidence)
+    reason: Reason  # confirmed by a person, taught from, or matched at the cut-off
+    verdict: str | None  # the photo's current mark for the concept
+
+
+@dataclass
+class Album:
+    """One page of a concept's album."""
+
+    concept: Concept
+    version: int | None  # the adapter version that scored it; None: none trained yet
+    cutoff: float
+    calibration: calibration.Calibration | None
+    items: list[AlbumPhoto]
+    total: int  # photos in the whole album
+    next_cursor: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImageConcept:
+    """A concept a photo shows."""
+
+    concept: Concept
+    score: float | None
+    confidence: float | None
+    reason: Reason
+    verdict: str | None
+
+
+@dataclass(frozen=True)
+class VerdictChange:
+    """A concept after a mark (or its undo), and the job training its next version."""
+
+    view: ConceptView
+    mark: ConceptVerdict | None  # the active mark now (None after an undo)
+    job: Job | None  # None when nothing retrains
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """A concept's album vector and scale under one index generation."""
+
+    vector: np.ndarray  # (D,)
+    scale: calibration.Calibration
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def _adapter(
+    adapter_cache: AdapterCache, row: Adapter | None, serving: ServingModel
+) -> ConceptAdapter | None:
+    if row is None:
+        return None
+    adapter = adapter_cache.get(row)
+    try:
+        adapter.check_compatible(serving.bundle.fingerprint)
+    except AdapterMismatchError:
+        return None
+    return adapter
+
+
+def _scorer(
+    db_session: Session,
+    row: Adapter,
+    adapter: ConceptAdapter,
+    serving: ServingModel,
+    cached: CachedIndex,
+    adapter_cache: AdapterCache,
+    settings: SearchSettings,
+) -> _Scorer:
+    """The album vector and calibration of an adapter over the library as indexed now."""
+
+    def vector_and_own() -> tuple[np.ndarray, np.ndarray]:
+        taught, confirmed = repositories.adapter_photo_embeddings_by_kind(
+            db_session=db_session, adapter=row, model_id=serving.model_id
+        )
+        dim = serving.bundle.embed_dim
+
+        def stack(blobs: list[bytes]) -> np.ndarray:
+            if not blobs:
+                return np.zeros((0, dim), np.float32)
+            return np.stack([np.frombuffer(b, np.float32) for b in blobs])
+
+        own, extra = stack(taught), stack(confirmed)
+        both = np.concatenate([own, extra])
+        vector = calibration.album_vector(serving.bundle, adapter, both, settings)
+        loo = calibration.leave_one_out(serving.bundle, adapter, own, settings, extra)
+        return vector, loo
+
+    vector, own = adapter_cache.memo(f"album:{row.id}:{serving.model_id}", vector_and_own)
+
+    def scale() -> calibration.Calibration:
+        # The library's scores: one exact FAISS pass over the user's index per generation.
+        scores, _ = cached.index.search(vector[None], len(cached.index))
+        return calibration.calibrate(own, scores[0][np.isfinite(scores[0])])
+
+    key = f"album-scale:{row.id}:{serving.model_id}:{cached.generation}:{len(cached.index)}"
+    return _Scorer(vector, adapter_cache.memo(key, scale))
+
+
+def _index(
+    db_session: Session, user_id: str, serving: ServingModel, cache: IndexCache
+) -> CachedIndex:
+    return cache.get(
+        db_session=db_session,
+        user_id=user_id,
+        model_id=serving.model_id,
+        dim=serving.bundle.embed_dim,
+    )
+
+
+# --- the album ----------------------------------------------------------------------------------
+
+
+def _sort_key(photo: AlbumPhoto, order: AlbumOrder) -> tuple[float, str]:
+    """Ascending sort key: newest (by when added) or most confident first; ties by id."""
+    if order == "newest":
+        return (-photo.image.created_at.timestamp(), photo.image.id)
+    conf = photo.confidence
+    return (math.inf if conf is None else -conf, photo.image.id)
+
+
+def _encode_cursor(order: AlbumOrder, key: tuple[float, str]) -> str:
+    raw = f"{order}|{key[0]!r}|{key[1]}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, order: AlbumOrder) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, value, image_id = raw.split("|")
+        key = (float(value), image_id)
+    except (binascii.Error, UnicodeError, ValueError) as e:
+        raise InvalidCursor(_MALFORMED) from e
+    if kind != order or math.isnan(key[0]):
+        raise InvalidCursor(f"{_MALFORMED} (and keep the same order)")
+    return key
+
+
+def concept_album(
+    user_id: str,
+    concept_id: str,
+    *,
+    order: AlbumOrder = "newest",
+    limit: int = 50,
+    cursor: str | None = None,
+    cutoff: float | None = None,
+    db_session: Session,
+    serving: ServingModel,
+    index_cache: IndexCache,
+    adapter_cache: AdapterCache,
+    search_settings: SearchSettings,
+) -> Album:
+    """A page of the concept's album (NotFound for a missing or foreign concept); `cutoff`:
+    calibration.ALBUM_CUTOFF unless given."""
+    cutoff = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
+    concept = get_concept(user_id, concept_id, db_session=db_session).concept
+    after = _decode_cursor(cursor, order) if cursor else None
+    verdicts = repositories.active_verdicts(db_session=db_session, concept_id=concept.id)
+    rejected = {i for i, v in verdicts.items() if v.verdict == Verdict.REJECTED}
+    confirmed = [i for i, v in verdicts.items() if v.verdict == Verdict.CONFIRMED]
+    row = repositories.latest_adapters(db_session=db_session, concept_ids=[concept.id]).get(
+        concept.id
+    )
+    adapter = _adapter(adapter_cache, row, serving)
+    warnings: list[str] = []
+    members: dict[str, tuple[Image, Reason]] = {}
+    for image in repositories.taught_library_images(
+        db_session=db_session, user_id=user_id, concept_id=concept.id
+    ):
+        members[image.id] = (image, "taught")
+    for image in repositories.get_images(
+        db_session=db_session, user_id=user_id, image_ids=confirmed
+    ).values():
+        members[image.id] = (image, "confirmed")
+    scores: dict[str, float] = {}
+    scale = None
+    if adapter is None or row is None:
+        warnings.append(
+            f"'{concept.name}' has no trained version for the serving model yet: the album holds "
+            "only the photos it was taught from and the ones confirmed"
+        )
+    else:
+        cached = _index(db_session, user_id, serving, index_cache)
+        scorer = _scorer(db_session, row, adapter, serving, cached, adapter_cache, search_settings)
+        scale = scorer.scale
+        # FAISS keeps scores strictly above the radius, in float32: search a hair below the
+        # threshold and decide on the confidence itself, as the response reports it.
+        found, vec_ids = cached.index.range_search(scorer.vector, scale.threshold(cutoff) - _SLACK)
+        keep = scale.confidence(found) >= cutoff
+        found, vec_ids = found[keep], vec_ids[keep]
+        images = repositories.images_by_vec_id(
+            db_session=db_session, user_id=user_id, vec_ids=vec_ids.tolist()
+        )
+        for s, v in zip(found.tolist(), vec_ids.tolist(), strict=True):
+            hit = images.get(v)
+            if hit is not None:  # deleted since the index was read: absent
+                scores[hit.id] = s
+                members.setdefault(hit.id, (hit, "matched"))
+        unscored = [i for i in members if i not in scores]
+        vectors = repositories.image_embeddings_by_id(
+            db_session=db_session, user_id=user_id, image_ids=unscored, model_id=serving.model_id
+        )
+        scores |= {i: float(v @ scorer.vector) for i, v in vectors.items()}
+    photos = []
+    for image_id, (image, reason) in members.items():
+        if image_id in rejected:
+            continue  # never shown again
+        s = scores.get(image_id)
+        conf = None if s is None or scale is None else float(scale.confidence(np.array([s]))[0])
+        mark = verdicts.get(image_id)
+        photos.append(AlbumPhoto(image, s, conf, reason, mark.verdict if mark else None))
+    photos.sort(key=lambda p: _sort_key(p, order))
+    if after is not None:
+        photos_after = [p for p in photos if _sort_key(p, order) > after]
+    else:
+        photos_after = photos
+    page = photos_after[:limit]
+    more = len(photos_after) > limit
+    return Album(
+        concept=concept,
+        version=row.version if adapter is not None and row is not None else None,
+        cutoff=cutoff,
+        calibration=scale,
+        items=page,
+        total=len(photos),
+        next_cursor=_encode_cursor(order, _sort_key(page[-1], order)) if more else None,
+        warnings=warnings,
+    )
+
+
+def image_concepts(
+    user_id: str,
+    image_id: str,
+    *,
+    cutoff: float | None = None,
+    db_session: Session,
+    serving: ServingModel,
+    index_cache: IndexCache,
+    adapter_cache: AdapterCache,
+    search_settings: SearchSettings,
+) -> list[ImageConcept]:
+    """The user's concepts whose album holds the image, most confident first (NotFound for a
+    missing or foreign image)."""
+    cutoff = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
+    image = repositories.get_image(db_session=db_session, user_id=user_id, image_id=image_id)
+    if image is None:
+        raise NotFound.of("image")
+    concepts = repositories.user_concepts(db_session=db_session, user_id=user_id)
+    if not concepts:
+        return []
+    verdicts = repositories.image_verdicts(
+        db_session=db_session, user_id=user_id, image_id=image.id
+    )
+    taught = repositories.concepts_taught_with(
+        db_session=db_session, user_id=user_id, sha256=image.sha256
+    )
+    rows = repositories.latest_adapters(db_session=db_session, concept_ids=[c.id for c in concepts])
+    vector = repositories.image_embeddings_by_id(
+        db_session=db_session, user_id=user_id, image_ids=[image.id], model_id=serving.model_id
+    ).get(image.id)
+    cached = _index(db_session, user_id, serving, index_cache) if vector is not None else None
+    out = []
+    for concept in concepts:
+        verdict = verdicts.get(concept.id)
+        if verdict == Verdict.REJECTED:
+            continue
+        score = conf = None
+        row = rows.get(concept.id)
+        adapter = _adapter(adapter_cache, row, serving)
+        if vector is not None and cached is not None and adapter is not None and row is not None:
+            scorer = _scorer(
+                db_session, row, adapter, serving, cached, adapter_cache, search_settings
+            )
+            score = float(vector @ scorer.vector)
+            conf = float(scorer.scale.confidence(np.array([score]))[0])
+        reason: Reason
+        if verdict == Verdict.CONFIRMED:
+            reason = "confirmed"
+        elif concept.id in taught:
+            reason = "taught"
+        elif conf is not None and conf >= cutoff:
+            reason = "matched"
+        else:
+            continue
+        out.append(ImageConcept(concept, score, conf, reason, verdict))
+    out.sort(key=lambda c: (math.inf if c.confidence is None else -c.confidence, c.concept.id))
+    return out
+
+
+# --- feedback -----------------------------------------------------------------------------------
+
+
+def _check_verdict(verdict: str) -> Verdict:
+    try:
+        return Verdict(verdict)
+    except ValueError as e:
+        raise ValidationFailed(
+            f"verdict must be one of {', '.join(v.value for v in Verdict)}, not {verdict!r}",
+            code="invalid_verdict",
+        ) from e
+
+
+def _teaches(verdict: str | None) -> bool:
+    """Whether a photo's mark changes what the concept's next version learns."""
+    if verdict == Verdict.REJECTED:
+        return True
+    return verdict == Verdict.CONFIRMED and training.TRAIN_ON_CONFIRMED
+
+
+def _marked(
+    db_session: Session, user_id: str, concept_id: str, image_id: str
+) -> tuple[Concept, Image]:
+    """The concept (locked) and the image, both the user's; NotFound for either."""
+    concept = repositories.get_concept(
+        db_session=db_session, user_id=user_id, concept_id=concept_id, lock=True
+    )
+    if concept is None:
+        raise NotFound.of("concept")
+    image = repositories.get_image(db_session=db_session, user_id=user_id, image_id=image_id)
+    if image is None:
+        raise NotFound.of("image")
+    return concept, image
+
+
+def set_verdict(
+    user_id: str,
+    concept_id: str,
+    image_id: str,
+    verdict: str,
+    *,
+    db_session: Session,
+    queue: JobQueue,
+) -> VerdictChange:
+    """Mark a library photo "this is <concept>" (confirmed) or "not <concept>" (rejected); a
+    change that alters what the concept learns (a rejection, or its end; a confirmation when
+    training.TRAIN_ON_CONFIRMED) starts its next version. The same mark again changes nothing."""
+    wanted = _check_verdict(verdict)
+    try:
+        concept, image = _marked(db_session, user_id, concept_id, image_id)
+        active = repositories.active_verdict(
+            db_session=db_session, concept_id=concept.id, image_id=image.id, lock=True
+        )
+        if active is not None and active.verdict == wanted:
+            db_session.rollback()
+            return VerdictChange(
+                get_concept(user_id, concept.id, db_session=db_session), active, None
+            )
+        now = utcnow()
+        if active is not None:
+            active.ended_at = now
+            db_session.flush()  # the unique active mark is free before the new one
+        mark = ConceptVerdict(
+            id=new_id(),
+            user_id=user_id,
+            concept_id=concept.id,
+            image_id=image.id,
+            verdict=wanted.value,
+            concept_version=concept.version,
+            created_at=now,
+        )
+        db_session.add(mark)
+        teaches = _teaches(wanted) or _teaches(active.verdict if active else None)
+        job = start_new_version(db_session, concept) if teaches else None
+        db_session.commit()
+    except BaseException:
+        db_session.rollback()
+        raise
+    enqueue_committed(queue, job)
+    return VerdictChange(get_concept(user_id, concept.id, db_session=db_session), mark, job)
+
+
+def undo_verdict(
+    user_id: str, concept_id: str, image_id: str, *, db_session: Session, queue: JobQueue
+) -> VerdictChange:
+    """Take back the photo's mark (kept in the history as ended); the concept retrains without
+    it when the mark taught it. NotFound (`no_verdict`) when the photo has no mark for it."""
+    try:
+        concept, image = _marked(db_session, user_id, concept_id, image_id)
+        active = repositories.active_verdict(
+            db_session=db_session, concept_id=concept.id, image_id=image.id, lock=True
+        )
+        if active is None:
+            raise NotFound("this photo has no mark for this concept", code="no_verdict")
+        active.ended_at = utcnow()
+        job = start_new_version(db_session, concept) if _teaches(active.verdict) else None
+        db_session.commit()
+    except BaseException:
+        db_session.rollback()
+        raise
+    enqueue_committed(queue, job)
+    return VerdictChange(get_concept(user_id, concept.id, db_session=db_session), None, job)
+
+
+def verdict_history(
+    user_id: str, concept_id: str, *, limit: int, cursor: str | None, db_session: Session
+) -> repositories.Page[ConceptVerdict]:
+    """Every mark of the concept, undone and replaced ones too, newest first."""
+    concept = get_concept(user_id, concept_id, db_session=db_session).concept
+    return repositories.verdict_history_page(
+        db_session=db_session, concept_id=concept.id, limit=limit, cursor=cursor
+    )
+
+
+__all__ = [
+    "Album",
+    "AlbumPhoto",
+    "ImageConcept",
+    "VerdictChange",
+    "concept_album",
+    "image_concepts",
+    "set_verdict",
+    "undo_verdict",
+    "verdict_history",
+]

@@ -1,0 +1,383 @@
+"""Concept albums and one round of feedback on synthetic PerVL (docs/ALBUMS.md).
+
+    python bench/albums.py                  # val (choose cut-off and ν), then test: ~10 min, 2 CPUs
+    python bench/albums.py --quick          # 6 concepts, nothing written unless --out
+
+Concepts train as the service trains them (the demo model's recipe) and are queried with the
+service's recipe (`polar_multi_regions`, app.services.recipe). A concept's album is the pool
+images whose confidence under its album vector (app.services.calibration, the service's code)
+reaches the cut-off; the truth is every pool image that shows the concept. Per concept:
+precision, recall and F1 at the cut-off and the F1 at the best cut-off in hindsight (oracle).
+Then one round of simulated feedback: the 5 highest-ranked wrong photos are rejected and the
+5 lowest-ranked right ones confirmed; the concept retrains with the confirmed photos as more
+examples and the rejected ones as negatives (app.ml.train.away_from, weight ν), and the same
+figures are measured again, plus context and two-concept mRR and retention, before and after.
+A confirmed-only retraining (ν = 0) separates what the negatives themselves bring. The cut-off
+and ν are chosen on the validation split and reported on test. Album figures after feedback
+are given on the photos nobody marked (the marked ten are decided by the marks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.bench.datasets import QUERY_KINDS, PerVLDataset
+from app.bench.harness import demo, save_result
+from app.bench.metrics import caption_recall, retrieval_metrics
+from app.bench.runner import (
+    DEFAULT_METHOD,
+    METHODS,
+    BenchSettings,
+    Embedded,
+    embed_dataset,
+    evaluate,
+)
+from app.bench.service import ServiceRecipe
+from app.bench.synthetic import SyntheticConfig, build_synthetic
+from app.ml.adapter import ConceptAdapter
+from app.ml.model import ClipBundle
+from app.services import calibration
+from app.services.training import TRAIN_ON_CONFIRMED
+
+OUT = Path(__file__).parent / "results" / "albums_synthetic.json"
+CUTOFFS = np.round(np.linspace(-0.5, 1.5, 81), 3)  # confidence units
+NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+MARKS = 5  # photos marked per verdict in the feedback round
+
+
+@dataclass
+class ConceptAlbum:
+    """One concept's album scores over the pool."""
+
+    confidence: np.ndarray  # (N,)
+    truth: np.ndarray  # (N,) bool
+
+
+def prf(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Precision, recall, F1 of a predicted set (bool masks)."""
+    tp = float((predicted & truth).sum())
+    p = tp / max(float(predicted.sum()), 1.0)
+    r = tp / max(float(truth.sum()), 1.0)
+    return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+
+def oracle_f1(confidence: np.ndarray, truth: np.ndarray) -> float:
+    """The best F1 of any cut-off (every score as a threshold)."""
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(truth[order])
+    k = np.arange(1, len(order) + 1)
+    f1 = 2 * hits / (k + truth.sum())
+    return float(f1.max()) if len(f1) else 0.0
+
+
+def album_of(
+    bundle: ClipBundle,
+    method: ServiceRecipe,
+    cid: str,
+    photos: np.ndarray,
+    pool: np.ndarray,
+    confirmed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Confidences of the pool under the concept's album vector, as the service computes them
+    (app.services.albums: `photos` taught, `confirmed` marked)."""
+    adapter = method.adapters[cid]
+    both = photos if confirmed is None else np.concatenate([photos, confirmed])
+    vector = calibration.album_vector(bundle, adapter, both, method.search)
+    own = calibration.leave_one_out(bundle, adapter, photos, method.search, confirmed)
+    scores = pool @ vector
+    return calibration.calibrate(own, scores).confidence(scores)
+
+
+def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
+    """concept id -> pool images that show it (the concept-only query's ground truth)."""
+    out = {}
+    for q in ds.queries_of("concept"):
+        mask = np.zeros(len(ds.pool), dtype=bool)
+        mask[list(q.gt)] = True
+        out[q.concepts[0]] = mask
+    return out
+
+
+def album_figures(albums: dict[str, ConceptAlbum], cutoff: float) -> dict[str, Any]:
+    """Mean P/R/F1 at the cut-off and mean oracle F1, with the per-concept rows."""
+    rows = {}
+    for cid, a in albums.items():
+        p, r, f = prf(a.confidence >= cutoff, a.truth)
+        rows[cid] = {
+            "precision": p,
+            "recall": r,
+            "f1": f,
+            "oracle_f1": oracle_f1(*vars(a).values()),
+        }
+    mean = {k: float(np.mean([row[k] for row in rows.values()])) for k in next(iter(rows.values()))}
+    return {"mean": mean, "per_concept": rows}
+
+
+def best_cutoff(albums: dict[str, ConceptAlbum]) -> float:
+    """The cut-off of best mean F1."""
+    f1 = [album_figures(albums, float(c))["mean"]["f1"] for c in CUTOFFS]
+    return float(CUTOFFS[int(np.argmax(f1))])
+
+
+def search_figures(method: ServiceRecipe, ds: PerVLDataset, emb: Embedded) -> dict[str, Any]:
+    """Context / concept / two-concept retrieval and retention, the concepts as fitted now."""
+    out: dict[str, Any] = {}
+    for kind in QUERY_KINDS:
+        queries = ds.queries_of(kind)
+        if queries:
+            out[kind] = retrieval_metrics(method.score(queries, emb.pool), [q.gt for q in queries])
+    if emb.captions is not None and ds.captions is not None:
+        base = caption_recall(emb.captions, emb.pool)
+        kept = []
+        for cid in ds.concepts:
+            texts = method.retention_texts(cid, ds.captions)
+            kept.append(base if texts is None else caption_recall(texts, emb.pool))
+        out["retention"] = {"r@10": float(np.mean(kept)), "base_r@10": base}
+        out["retention"]["drop"] = base - out["retention"]["r@10"]
+    return out
+
+
+def marks(a: ConceptAlbum) -> tuple[np.ndarray, np.ndarray]:
+    """(rejected, confirmed) pool indices: the 5 highest-ranked wrong, the 5 lowest-ranked right."""
+    order = np.argsort(-a.confidence, kind="stable")
+    wrong = [i for i in order if not a.truth[i]][:MARKS]
+    right = [i for i in order if a.truth[i]][-MARKS:]
+    return np.array(wrong, dtype=np.int64), np.array(right, dtype=np.int64)
+
+
+def retrain(
+    method: ServiceRecipe,
+    cid: str,
+    photos: np.ndarray,
+    negatives: np.ndarray | None,
+    weight: float,
+) -> tuple[ConceptAdapter, float]:
+    """The concept trained again as the service's next version would be; (adapter, seconds)."""
+    old = method.adapters[cid]
+    kw: dict[str, Any] = {}
+    if negatives is not None and weight > 0:
+        kw = {"negatives": torch.from_numpy(negatives), "negative_weight": weight}
+    start = time.perf_counter()
+    adapter = method.trainer(
+        method.bundle, torch.from_numpy(photos), old.token, old.category,
+        lam=method.lam, steps=method.steps, lr=method.lr, seed=method.seed, **kw,
+    )  # fmt: skip
+    return adapter, time.perf_counter() - start
+
+
+def run_split(
+    bundle: ClipBundle,
+    split: str,
+    cfg: SyntheticConfig,
+    weights: tuple[float, ...],
+    cutoff: float | None,
+    negatives_only: tuple[float, ...] = (),
+) -> dict[str, Any]:
+    """Everything on one split; `cutoff` None: choose it here (validation)."""
+    ds = build_synthetic(split, cfg)
+    emb = embed_dataset(bundle, ds)
+    method = METHODS[DEFAULT_METHOD](bundle, BenchSettings(lam=bundle.default_lam))
+    assert isinstance(method, ServiceRecipe)
+    fitted = evaluate(method, ds, emb)  # fits every concept (timed) and scores the queries
+    truth = truths(ds)
+    before = {
+        cid: ConceptAlbum(album_of(bundle, method, cid, emb.photos[cid], emb.pool), truth[cid])
+        for cid in ds.concepts
+    }
+    chosen = best_cutoff(before) if cutoff is None else cutoff
+    result: dict[str, Any] = {
+        "split": split,
+        "pool": len(ds.pool),
+        "concepts": len(ds.concepts),
+        "cutoff": chosen,
+        "before": {"album": album_figures(before, chosen), "search": fitted},
+        "after": {},
+    }
+    base_adapters, base_photos = dict(method.adapters), dict(method.photos)
+    picked = {cid: marks(a) for cid, a in before.items()}
+    seconds: dict[float, list[float]] = {}
+    # (key, ν, whether the confirmed photos are examples): "negatives only" keeps the taught
+    # photos alone, to tell what the negative term does from what the confirmed photos do.
+    variants = [(str(w), w, True) for w in weights]
+    variants += [(f"negatives_only:{w}", w, False) for w in negatives_only]
+    for key, w, with_confirmed in variants:
+        method.adapters, method.photos = dict(base_adapters), dict(base_photos)
+        after: dict[str, ConceptAlbum] = {}
+        shown: dict[str, ConceptAlbum] = {}
+        if with_confirmed:
+            seconds[w] = []
+        for cid in ds.concepts:
+            rejected, confirmed = picked[cid]
+            extra = emb.pool[confirmed] if with_confirmed else emb.pool[confirmed][:0]
+            photos = np.concatenate([base_photos[cid], extra])
+            adapter, took = retrain(method, cid, photos, emb.pool[rejected], w)
+            if with_confirmed:
+                seconds[w].append(took)
+            method.adapters[cid], method.photos[cid] = adapter, photos
+            unmarked = np.ones(len(ds.pool), dtype=bool)
+            unmarked[np.concatenate([rejected, confirmed])] = False
+            conf = album_of(bundle, method, cid, base_photos[cid], emb.pool, extra)
+            after[cid] = ConceptAlbum(conf[unmarked], truth[cid][unmarked])
+            # As the person sees it: confirmed photos always in, rejected never.
+            marked = conf.copy()
+            marked[confirmed], marked[rejected] = np.inf, -np.inf
+            shown[cid] = ConceptAlbum(marked, truth[cid])
+        result["after"][key] = {
+            "album_shown": album_figures(shown, chosen),
+            "album": album_figures(after, chosen),
+            "search": search_figures(method, ds, emb),
+        }
+    method.adapters, method.photos = base_adapters, base_photos
+    # Training time with vs without negatives (same photos, same run, interleaved repeats).
+    if 0.0 in weights and len(weights) > 1:
+        with_neg = [w for w in weights if w > 0]
+        result["negatives_time_ratio"] = float(
+            statistics.median(seconds[with_neg[0]]) / statistics.median(seconds[0.0])
+        )
+    # The unmarked pool excludes 10 images per concept; "before" on the same subset:
+    unmarked_before = {}
+    for cid, a in before.items():
+        rejected, confirmed = picked[cid]
+        keep = np.ones(len(ds.pool), dtype=bool)
+        keep[np.concatenate([rejected, confirmed])] = False
+        unmarked_before[cid] = ConceptAlbum(a.confidence[keep], a.truth[keep])
+    result["before"]["album_unmarked"] = album_figures(unmarked_before, chosen)
+    return result
+
+
+def timing_ratio(bundle: ClipBundle, weight: float, repeats: int) -> dict[str, float]:
+    """Seconds to train one concept with and without 5 negatives, interleaved (same photos)."""
+    ds = build_synthetic("val", SyntheticConfig(concepts=2))
+    emb = embed_dataset(bundle, ds)
+    method = METHODS[DEFAULT_METHOD](bundle, BenchSettings(lam=bundle.default_lam))
+    assert isinstance(method, ServiceRecipe)
+    cid = next(iter(ds.concepts))
+    method.fit(ds.concepts[cid], emb.photos[cid])
+    photos, negatives = emb.photos[cid], emb.pool[:MARKS]
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(repeats):
+        times["without"].append(retrain(method, cid, photos, None, 0.0)[1])
+        times["with"].append(retrain(method, cid, photos, negatives, weight)[1])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "without_s": med["without"],
+        "with_s": med["with"],
+        "ratio": med["with"] / med["without"],
+    }
+
+
+def pick_weight(val: dict[str, Any]) -> float:
+    """ν of the best validation album F1 gain whose retention drop stays within 0.01 of before;
+    ties to the smaller ν."""
+    base_drop = val["before"]["search"]["retention"]["drop"]
+    best, best_f1 = 0.0, -1.0
+    for w, fig in val["after"].items():
+        if fig["search"]["retention"]["drop"] - base_drop > 0.01:
+            continue
+        f1 = fig["album"]["mean"]["f1"] + fig["search"]["context"]["mrr"]
+        if f1 > best_f1 + 1e-9:
+            best, best_f1 = float(w), f1
+    return best
+
+
+def table(res: dict[str, Any], weight: float) -> None:
+    cols = [res["before"], res["after"]["0.0"], res["after"][str(weight)]]
+    neg_only = [k for k in res["after"] if k.startswith("negatives_only:")]
+    cols += [res["after"][k] for k in neg_only]
+    unmarked = [res["before"]["album_unmarked"], *(c["album"] for c in cols[1:])]
+    shown = [res["before"]["album"], *(c["album_shown"] for c in cols[1:])]
+    rows = [
+        ("album F1 @ cut-off", [c["mean"]["f1"] for c in shown]),
+        ("album F1 oracle", [c["mean"]["oracle_f1"] for c in shown]),
+        ("album precision", [c["mean"]["precision"] for c in shown]),
+        ("album recall", [c["mean"]["recall"] for c in shown]),
+        ("F1 unmarked photos only", [u["mean"]["f1"] for u in unmarked]),
+        ("  oracle, unmarked", [u["mean"]["oracle_f1"] for u in unmarked]),
+        ("context mRR", [c["search"]["context"]["mrr"] for c in cols]),
+        ("concept-only mRR", [c["search"]["concept"]["mrr"] for c in cols]),
+        ("two-concept mRR", [c["search"]["multi"]["mrr"] for c in cols]),
+        ("retention drop", [c["search"]["retention"]["drop"] for c in cols]),
+    ]
+    print(f"\n{res['split']}: cut-off {res['cutoff']}, ν {weight}")
+    heads = ["before", "confirm only", "+ negatives", "negatives only"][: len(cols)]
+    print(f"{'':<24}" + "".join(f"{h:>15}" for h in heads))
+    for name, vals in rows:
+        print(f"{name:<24}" + "".join(f"{v:>15.3f}" for v in vals))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="6 concepts, 100 background images")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    bundle = demo()
+    cfg = SyntheticConfig(concepts=6, background=100) if a.quick else SyntheticConfig()
+    started = time.perf_counter()
+    val = run_split(bundle, "val", cfg, NEGATIVE_WEIGHTS, None)
+    weight = pick_weight(val)
+    table(val, weight)
+    test = run_split(
+        bundle,
+        "test",
+        cfg,
+        (0.0, weight) if weight > 0 else (0.0,),
+        val["cutoff"],
+        negatives_only=(weight or 0.25,),
+    )
+    table(test, weight)
+    timing = timing_ratio(bundle, weight or 0.5, a.repeats)
+    # The service's feedback: the rejected photos as negatives; confirmed photos shown, and
+    # trained on only when app.services.training.TRAIN_ON_CONFIRMED.
+    service_key = str(weight) if TRAIN_ON_CONFIRMED else f"negatives_only:{weight or 0.25}"
+    b, after = test["before"], test["after"][service_key]
+    mean = b["album"]["mean"]
+    targets: dict[str, float | str] = {
+        "service_feedback": service_key,
+        "chosen_over_oracle_f1": mean["f1"] / mean["oracle_f1"],
+        "album_f1_gain_as_shown": after["album_shown"]["mean"]["f1"] - mean["f1"],
+        "album_f1_gain_unmarked_only": after["album"]["mean"]["f1"]
+        - b["album_unmarked"]["mean"]["f1"],
+        "context_mrr_gain": after["search"]["context"]["mrr"] - b["search"]["context"]["mrr"],
+        "retention_drop_after": after["search"]["retention"]["drop"],
+        "retention_drop_change": after["search"]["retention"]["drop"]
+        - b["search"]["retention"]["drop"],
+        "train_time_with_over_without_negatives": timing["ratio"],
+    }
+    print("\ntargets (test):")
+    for k, v in targets.items():
+        print(f"  {k:<40} {v:.3f}" if isinstance(v, float) else f"  {k:<40} {v}")
+    print(
+        f"  (training {timing['without_s']:.3f} s without, {timing['with_s']:.3f} s with negatives)"
+    )
+    print(f"took {time.perf_counter() - started:.0f} s, loadavg {os.getloadavg()[0]:.1f}")
+    result = {
+        "model": "polar-demo",
+        "method": DEFAULT_METHOD,
+        "config": vars(cfg),
+        "marks_per_verdict": MARKS,
+        "negative_weight": weight,
+        "negative_weights_tried_on_val": list(NEGATIVE_WEIGHTS),
+        "cutoff_chosen_on_val": val["cutoff"],
+        "targets": targets,
+        "timing": timing,
+        "val": val,
+        "test": test,
+        "command": "python bench/albums.py" + (" --quick" if a.quick else ""),
+    }
+    save_result(result, a.out, OUT, a.quick)
+
+
+if __name__ == "__main__":
+    main()

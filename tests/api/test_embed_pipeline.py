@@ -1,0 +1,131 @@
+"""How embed_pending spends the CPU (issue 32): the next batch is decoded while the model runs
+on this one, and with POLAR_THREADS__EMBEDDING=0 a batch takes every core unless a search of
+this process is in flight. The vectors are those of the plain path."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from app.ml.encode import encode_images
+from app.ml.threads import cpu_count
+from app.models import Image
+from app.services import embedding
+from app.services.jobs import JobContext
+from tests.api.test_search import upload, wait_jobs
+from tests.model_fixtures import tiny_serving  # noqa: F401
+
+
+def _stale_library(client: Any, make_user: Any, n: int) -> tuple[Any, list[str]]:
+    """A user with `n` uploaded images whose embeddings are of another model (regions off)."""
+    client.app.state.settings.search.regions = "none"
+    user = make_user(client)
+    ids = upload(client, user, range(n))
+    wait_jobs(client)
+    with client.app.state.session_factory() as s:
+        s.execute(update(Image).values(embedding_model="old-model"))
+        s.commit()
+    return user, ids
+
+
+def _ctx(client: Any, user: Any) -> JobContext:
+    return JobContext("job", user.id, "rebuild_index", {}, client.app.state.container.jobs,
+                      lambda _: None)  # fmt: skip
+
+
+@pytest.mark.usefixtures("tiny_serving")
+def test_the_next_batch_is_decoded_while_the_model_runs(api_client, make_user, monkeypatch):
+    """The first batch's forward pass waits until a picture of the second batch is decoded: a
+    pipeline that decodes only between passes would never get there (it waits out the 10 s)."""
+    user, _ = _stale_library(api_client, make_user, 6)
+    monkeypatch.setattr(embedding, "BATCH", 3)
+    decoded_second = threading.Event()
+    open_rgb, encode = embedding._open_rgb, embedding.encode_images
+    calls: list[object] = []
+    overlapped: list[bool] = []
+
+    def spy_open(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) > 3:  # a picture of the second batch
+            decoded_second.set()
+        return open_rgb(*args, **kwargs)
+
+    def slow_encode(bundle, pictures, *args, **kwargs):
+        if not overlapped:
+            overlapped.append(decoded_second.wait(10))
+        return encode(bundle, pictures, *args, **kwargs)
+
+    monkeypatch.setattr(embedding, "_open_rgb", spy_open)
+    monkeypatch.setattr(embedding, "encode_images", slow_encode)
+    assert embedding.embed_pending(_ctx(api_client, user), None) == 6
+    assert overlapped == [True]
+
+
+def test_prefetched_vectors_equal_the_plain_path_and_failures_are_kept(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811
+    monkeypatch,
+):
+    """Across several batches (one image unreadable), every stored vector is the model's vector
+    of the image decoded alone, and the unreadable one is failed with its reason."""
+    user, ids = _stale_library(api_client, make_user, 7)
+    monkeypatch.setattr(embedding, "BATCH", 2)
+    with api_client.app.state.session_factory() as s:
+        paths = dict(s.execute(select(Image.id, Image.storage_path)).all())
+    store = api_client.app.state.container.store
+    broken = ids[3]
+    store.path(paths[broken]).write_bytes(b"no longer an image")
+    assert embedding.embed_pending(_ctx(api_client, user), None) == 7
+    side = embedding.decode_side(tiny_serving)
+    with api_client.app.state.session_factory() as s:
+        rows = {r.id: r for r in s.scalars(select(Image))}
+    for i in ids:
+        if i == broken:
+            assert rows[i].embedding_model == "old-model" and rows[i].embed_error
+            continue
+        picture = embedding._open_rgb(store, paths[i], side)
+        assert picture is not None
+        expected = encode_images(tiny_serving, [picture])[0]
+        stored = np.frombuffer(rows[i].embedding, np.float32)
+        np.testing.assert_allclose(stored, expected, atol=1e-6)
+        assert rows[i].embed_error is None
+
+
+@pytest.mark.parametrize(("searches", "expected"), [(0, "all"), (1, 1)])
+@pytest.mark.usefixtures("tiny_serving")
+def test_zero_threads_take_every_core_unless_a_search_runs(
+    api_client, make_user, monkeypatch, searches, expected
+):
+    user, _ = _stale_library(api_client, make_user, 4)
+    monkeypatch.setattr(embedding, "BATCH", 2)
+    api_client.app.state.settings.threads.embedding = 0
+    used: list[int] = []
+    real = embedding.cpu_threads
+
+    def spy(n: int):
+        used.append(n)
+        return real(n)
+
+    monkeypatch.setattr(embedding, "cpu_threads", spy)
+    foreground = api_client.app.state.container.foreground
+    with foreground.active() if searches else contextlib.nullcontext():
+        embedding.embed_pending(_ctx(api_client, user), None)
+    assert used == [cpu_count() if expected == "all" else expected] * 2
+
+
+@pytest.mark.usefixtures("tiny_serving")
+def test_a_set_thread_count_is_kept_while_searches_run(api_client, make_user, monkeypatch):
+    user, _ = _stale_library(api_client, make_user, 2)
+    api_client.app.state.settings.threads.embedding = 3
+    used: list[int] = []
+    real = embedding.cpu_threads
+    monkeypatch.setattr(embedding, "cpu_threads", lambda n: used.append(n) or real(n))
+    with api_client.app.state.container.foreground.active():
+        embedding.embed_pending(_ctx(api_client, user), None)
+    assert used == [3]
