@@ -454,7 +454,7 @@ def _concept_add(client: PolarClient, args: argparse.Namespace) -> int:
 
 def _concept_photos(client: PolarClient, args: argparse.Namespace) -> int:
     """Every photo of the concept: its album, with the confidence in words."""
-    from app.client import confidence_words
+    from app.cli.http import confidence_words
 
     concept = _find_concept(client, args.concept)
     head, photos = client.concept_album(concept.id, order=args.order, limit=args.limit)

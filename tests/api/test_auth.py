@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.cli import errors
+from app import errors
 from app.cli import main as cli
 from app.db import get_engine, head_revision
 from app.main import create_app

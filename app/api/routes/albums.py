@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from app.api.deps import CurrentUser, QueueDep, SearchContextDep, SessionDep
 from app.api.params import ConceptId, Cursor, ImageId, PageLimit
 from app.api.routes.concepts import concept_out
-from app.schemas import (
+from app.api.schemas import (
     AlbumCalibrationOut,
     AlbumPage,
     AlbumPhotoOut,
@@ -23,7 +23,7 @@ from app.schemas import (
     VerdictPage,
     VerdictResponse,
 )
-from app.schemas import error_responses as errors
+from app.api.schemas import error_responses as errors
 from app.services import albums as service
 
 router = APIRouter(tags=["albums"], responses=errors(401))
