@@ -376,9 +376,9 @@ def _ahead(items: Sequence[T], work: Callable[[T], R]) -> Iterator[R]:
     while the caller uses this one's result: decoding (Pillow lets go of the GIL) overlaps the
     model's pass, so a pass takes about the longer of the two rather than their sum. At most
     one item is worked ahead (memory: two batches of pictures). The thread is made by the
-    calling job thread, so it inherits its lowered priority (app/priority.py). An exception of
-    `work` is raised where its result is taken; leaving the loop early waits for the item
-    in flight."""
+    calling job thread, so it inherits its lowered priority (app/runtime/priority.py). An
+    exception of `work` is raised where its result is taken; leaving the loop early waits for
+    the item in flight."""
     if not items:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="polar-decode") as pool:

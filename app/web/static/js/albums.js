@@ -10,7 +10,7 @@ const thumbs = new Thumbs();
 const PAGE = 24;
 const REASONS = { taught: "taught from", confirmed: "you said it is", matched: "" };
 
-/** An album photo's confidence in words (the CLI says the same: app/client.py). */
+/** An album photo's confidence in words (the CLI says the same: app/cli/http.py). */
 export function confidenceWords(confidence, cutoff) {
   if (confidence === null || confidence === undefined) return "not scored yet";
   if (confidence >= 1) return "as sure as its own photos";
