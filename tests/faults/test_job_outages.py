@@ -68,6 +68,11 @@ def test_photos_whose_job_failed_get_a_new_one(
     stack: Stack, api: httpx.Client, database_url: str
 ) -> None:
     job_id = upload(api, 0, 12)  # no worker yet: it waits
+    # The API publishes from a background thread: once its message is in the broker, the
+    # incident (the job failed, its message consumed) can be staged; a message published after
+    # the flush below would run the failed job again instead.
+    broker = redis.Redis.from_url(stack.redis.url)
+    wait_until(lambda: broker.llen("celery") >= 1, 60, "the job's message in the broker")
     engine = make_engine(database_url)
     try:
         with engine.begin() as c:  # failed, as the incident left it
@@ -79,7 +84,7 @@ def test_photos_whose_job_failed_get_a_new_one(
         engine.dispose()
     assert job(api, job_id)["state"] == "failed"
     assert api.get("/index").json()["embedded"] == 0
-    redis.Redis.from_url(stack.redis.url).flushall()  # its message was consumed when it failed
+    broker.flushall()  # its message was consumed when it failed
 
     stack.start_worker()  # its reconciler finds 12 photos that no job will embed
     wait_until(lambda: api.get("/index").json()["embedded"] == 12, 120,
