@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.ml.model import demo_checkpoint_path
+from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path, forget_clips
 from tests.db_fixtures import *  # noqa: F403
 from tests.job_fixtures import *  # noqa: F403
 
@@ -47,6 +47,15 @@ def _release_apps() -> Iterator[None]:
     yield
     for cache in _FASTAPI_CALLABLE_CACHES:
         cache.cache_clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models() -> Iterator[None]:
+    """The process-wide model cache keeps every model a test module loaded (real-size ViT-B-32
+    checkpoints written by the Immich and speed tests: about 600 MB each). After each module
+    only the demo model stays, which most tests share."""
+    yield
+    forget_clips(lambda bundle: bundle.fingerprint.model_id.startswith(f"{DEMO_MODEL_NAME}/"))
 
 
 @pytest.fixture

@@ -509,6 +509,17 @@ _cache: dict[tuple[str, str, str, str | None, str], ClipBundle] = {}
 _lock = threading.Lock()
 
 
+def forget_clips(keep: Callable[[ClipBundle], bool]) -> int:
+    """Drop the process-wide bundles `keep` rejects; how many. A service loads one model and
+    keeps it; a process that loads many in turn (the test suite, a benchmark sweep) lets go of
+    those it is done with, or each stays in memory (a ViT-B-32 is about 600 MB)."""
+    with _lock:
+        gone = [key for key, bundle in _cache.items() if not keep(bundle)]
+        for key in gone:
+            del _cache[key]
+    return len(gone)
+
+
 def get_clip(
     name: str,
     pretrained: str,
