@@ -1162,7 +1162,7 @@ def test_the_demo_model_note_is_one_line_and_stays_dismissed_until_the_next_sign
     expect(banner).to_be_visible()
 
 
-def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
+def test_a_concepts_album_and_its_marks_in_the_browser(page, server, tmp_path):
     """A concept card opens its album (thumbnails, confidence in words); one click says "not
     it" or "it is", Undo takes it back; search hits carry the same actions; a mark that cannot
     be made (the concept is gone) says why."""
@@ -1192,6 +1192,13 @@ def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
         re.match(r"(As sure as its own photos|Likely|Possibly|Unlikely by its look)", w)
         for w in words
     ), words
+    bring_into_view(album)
+    shot(page, tmp_path, "album-1280")
+    page.set_viewport_size({"width": 390, "height": 844})
+    bring_into_view(photos.first)
+    images_loaded(page, sel)
+    shot(page, tmp_path, "album-390")
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     # "Not Sunny": marked, kept by the server (history too), gone from the album it serves.
     first = photos.first
@@ -1222,6 +1229,7 @@ def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
     bring_into_view(hit)
     click(page, hit.get_by_role("button", name=f"{hit_name} is Sunny", exact=True), ".card")
     expect(hit.locator(".mark-status")).to_have_text("Marked: Sunny")
+    shot(page, tmp_path, "search-marks-1280")
     marks = client.get(f"/concepts/{cid}/verdicts").json()["items"]
     assert (marks[0]["image_id"], marks[0]["verdict"], marks[0]["ended_at"]) == (
         hit_id,
@@ -1234,3 +1242,4 @@ def test_a_concepts_album_and_its_marks_in_the_browser(page, server):
     click(page, hit.get_by_role("button", name=f"{hit_name} is not Sunny", exact=True), ".card")
     expect(hit.locator(".marks .alert")).to_contain_text("concept not found")
     expect(hit.locator(".mark-status")).to_have_text("Marked: Sunny")
+    shot(page, tmp_path, "search-mark-refused-1280")
