@@ -8,16 +8,16 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-import httpx
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, web
 from app.api.deps import AUTH, KeyBeforeBody
 from app.api.errors import BodySizeLimit, SafeJSONResponse, Utf8Url, install_error_handlers
 from app.api.head import HeadAsGet, is_head
-from app.api.interactive import InteractiveRequests, SearchTurns
+from app.api.interactive import InteractiveRequests
 from app.api.metrics import Metrics, multiprocess_dir
 from app.api.openapi import install_openapi
 from app.api.routes import (
@@ -35,13 +35,9 @@ from app.api.routes import (
 from app.config import Settings, get_settings
 from app.db import migrate
 from app.logs import configure_logging
-from app.ml.threads import cpu_count
 from app.runtime import container as bootstrap
-from app.runtime.runner import JobRunner
 from app.services import images as images_service
-from app.services.index import IndexCache
 from app.services.jobs import JobHandler
-from app.services.search import AdapterCache
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +50,28 @@ _PART_OVERHEAD_BYTES = 64 * 1024
 def create_app(
     settings: Settings | None = None, *, handlers: Mapping[str, JobHandler] | None = None
 ) -> FastAPI:
-    """Build the ASGI app; tests pass their own settings (and job handlers)."""
+    """Build the ASGI app; tests pass their own settings (and job handlers). Every long-lived
+    object comes from the container (app/runtime/container.py), the one thing on `app.state`."""
     settings = settings or get_settings()
     container = bootstrap.build(settings, handlers=handlers)
-    engine = container.engine
-    queue = bootstrap.job_queue(container)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app.state.image_store.sweep_tmp()
+        container.store.sweep_tmp()
         # Idempotent, and serialised across replicas on Postgres (advisory lock);
         # deployments may also run `polar migrate` first.
-        migrate(engine)
+        migrate(container.engine)
         _sweep_originals(container)
         # Sync routes run in anyio's thread pool (40 by default): bound it to the request
         # threads the database pool was sized for; more requests wait in the event loop.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
-        app.state.model_loader.start()
-        # Embedded mode (no broker): a job thread pool in this process, stopped on exit.
-        runner = queue if isinstance(queue, JobRunner) else None
+        # The model's load, the embedded runner and the watchers (no broker); stopped on exit.
         try:
-            if runner is not None:
-                runner.start()
+            container.start()
             yield
         finally:
-            if runner is not None:
-                runner.stop()
-            app.state.index_cache.close()
-            if settings.immich.enabled:
-                await app.state.immich_client.aclose()
-            engine.dispose()
+            await container.aclose()
 
     # FastAPIOffline: /docs and /redoc with their assets served by this app (from the
     # fastapi-offline package), not from a CDN, so the docs work offline.
@@ -99,30 +86,12 @@ def create_app(
         default_response_class=SafeJSONResponse,
     )
     app.state.container = container
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.session_factory = container.session_factory
-    app.state.image_store = container.store
-    app.state.job_queue = queue
-    app.state.index_cache = IndexCache(
-        settings.data_dir / "index", max_bytes=settings.search.index_cache_mb * 1024 * 1024
-    )
-    app.state.adapter_cache = AdapterCache()
-    app.state.model_loader = container.model
-    app.state.metrics = Metrics()
-    install_error_handlers(app)
     # The API's routes, for each route's body limit and a 405's Allow header (app/api/errors.py).
-    routers = [health, images, concepts, jobs, search, embed, index, libraries]
-    if settings.immich.enabled:
-        routers.append(immich)
-    api_routes = [route for module in routers for route in module.router.routes]
-    app.state.api_routes = api_routes
+    routes = api_routes(settings)
+    install_error_handlers(app, api_routes=routes)
     # Searches: this process's jobs pause for them, and they take turns (app/api/interactive.py).
-    app.state.search_turns = SearchTurns(
-        container.foreground, settings.threads.concurrent_searches or cpu_count()
-    )
-    app.add_middleware(InteractiveRequests, turns=app.state.search_turns)
-    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(InteractiveRequests, turns=container.search_turns)
+    app.add_middleware(RequestMetrics, metrics=container.metrics)
     # Outermost but one: probes never wait behind the body limit, auth or a thread.
     app.add_middleware(health.HealthProbe)
     # Path and query string: UTF-8 or a 422, before anything decodes them with replacements.
@@ -134,7 +103,7 @@ def create_app(
     # capped while it is read), one image for Immich's /predict, a JSON document elsewhere.
     app.add_middleware(
         BodySizeLimit,
-        routes=api_routes,
+        routes=routes,
         limits={
             "upload": limits.max_files_per_request
             * (limits.max_upload_bytes + _PART_OVERHEAD_BYTES),
@@ -161,9 +130,6 @@ def create_app(
     app.include_router(embed.router)
     if settings.immich.enabled:
         # Immich's machine-learning protocol at /ping and /predict (off unless configured).
-        app.state.immich_client = httpx.AsyncClient()
-        app.state.immich_images = immich.ImageTurns(settings.immich.concurrent_images)
-        app.state.immich_rate = immich.ClientRateLimit(settings.immich.text_rate_per_minute)
         app.include_router(immich.router)
     app.include_router(index.router)
     app.include_router(libraries.router)
@@ -171,6 +137,15 @@ def create_app(
     web.install(app)
     install_openapi(app, limits)
     return app
+
+
+def api_routes(settings: Settings) -> list[BaseRoute]:
+    """The routes of the API's routers (the app keeps them inside its included routers), for
+    each route's body limit and a 405's Allow header (app/api/errors.py)."""
+    routers = [health, images, concepts, jobs, search, embed, index, libraries]
+    if settings.immich.enabled:
+        routers.append(immich)
+    return [route for module in routers for route in module.router.routes]
 
 
 def _sweep_originals(container: bootstrap.Container) -> None:

@@ -150,7 +150,7 @@ class ApiUser:
 def create_api_user(client: TestClient, name: str = "alice") -> ApiUser:
     """Create a user and a key in the database of the app behind `client`."""
     app: Any = client.app
-    with app.state.session_factory() as db_session:
+    with app.state.container.session_factory() as db_session:
         user = users.create_user(name, db_session=db_session)
         api_key, key = users.create_api_key(user.id, db_session=db_session)
         return ApiUser(id=user.id, key=key, key_id=api_key.id)

@@ -16,5 +16,5 @@ __all__ = ["tiny_serving"]
 def tiny_serving(api_client: Any) -> ClipBundle:
     """A tiny random CLIP (context 77) serves `api_client`'s app (its searches and jobs)."""
     bundle = tiny_clip(0)
-    api_client.app.state.model_loader.install(bundle)
+    api_client.app.state.container.model.install(bundle)
     return bundle

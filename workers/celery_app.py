@@ -1,7 +1,9 @@
 """The Celery app: `celery -A workers.celery_app worker`, configured from the same Settings.
 
-The worker's wiring (database, storage, model, handler table) comes from the composition root
-(app/runtime/container.py), built once per worker process on first use and kept on the Celery app.
+The worker's wiring (database, storage, model, handler table, its publisher, the reconciler and
+the library monitor) comes from the composition root (app/runtime/container.py), built once per
+worker process on first use and kept on the Celery app. The main process runs the watchers; the
+pool processes run the tasks.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from celery import Celery, signals
 from app.config import Settings, get_settings
 from app.logs import configure_logging
 from app.runtime.container import Container, build
-from app.runtime.library_monitor import LibraryMonitor
 from app.runtime.priority import lower_this_process
-from app.runtime.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobHandler
 from workers.queue import CeleryQueue, celery_config, runner_name
@@ -36,11 +36,8 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         self.conf.update(celery_config(settings))
         self.settings = settings
         self.warm_model_at_start = warm_model  # tests start workers that need no model
-        self._lock = threading.RLock()  # start_reconciler builds the container under it
+        self._lock = threading.RLock()  # the container is built under it
         self._container: Container | None = None
-        self._reconciler: Reconciler | None = None
-        self._monitor: LibraryMonitor | None = None
-        self._publisher: CeleryQueue | None = None
         self._handlers: Mapping[str, JobHandler] | None = None  # None: the service's table
         self._built_in = os.getpid()  # the process that built _container
 
@@ -48,9 +45,19 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         """This process's wiring (built on first use)."""
         with self._lock:
             if self._container is None:
-                self._container = build(self.settings, handlers=self._handlers)
-                self._built_in = os.getpid()
+                self._container = self._build()
             return self._container
+
+    def _build(self) -> Container:
+        """The container of a worker process: jobs go out through this Celery app (a background
+        publisher; the watchers send in the foreground, so a failed send is retried by them)."""
+        self._built_in = os.getpid()
+        return build(
+            self.settings,
+            handlers=self._handlers,
+            queue=lambda _env: CeleryQueue(self),
+            watch=lambda _env: CeleryQueue(self, background=False),
+        )
 
     def forget_parent(self) -> None:
         """In a pool process just forked from the worker's main process: drop the wiring it
@@ -60,7 +67,6 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
             return  # not forked (the solo pool runs tasks in the main process)
         self._lock = threading.RLock()
         container, self._container = self._container, None
-        self._reconciler = self._monitor = self._publisher = None
         if container is not None:
             container.engine.dispose(close=False)  # not closed: they are the parent's
 
@@ -85,19 +91,15 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         thread.start()
         return thread
 
-    def publisher(self) -> CeleryQueue:
+    def publisher(self) -> jobs.JobQueue:
         """This process's background publisher (sends again once the broker answers)."""
-        with self._lock:
-            if self._publisher is None:
-                self._publisher = CeleryQueue(self)
-            return self._publisher
+        return self.container().queue
 
     def use_handlers(self, handlers: Mapping[str, JobHandler]) -> None:
         """Run jobs with this handler table instead of the service's (tests)."""
         with self._lock:
             self._handlers = handlers
-            self._container = build(self.settings, handlers=handlers)
-            self._built_in = os.getpid()
+            self._container = self._build()
 
     def job_environment(self) -> JobEnvironment:
         return self.container().jobs
@@ -118,33 +120,18 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         thread.start()
         return thread
 
-    def start_reconciler(self) -> Reconciler:
+    def start_reconciler(self) -> None:
         """Re-send jobs that no worker has (lost messages, dead workers), and watch the library
-        folders (app/runtime/library_monitor.py), from this process."""
-        with self._lock:
-            if self._reconciler is None:
-                self._reconciler = Reconciler(
-                    self.job_environment().session_factory,
-                    CeleryQueue(self, background=False),
-                    ReconcilePolicy.of(self.settings.jobs),
-                )
-                self._reconciler.start()
-                self._monitor = LibraryMonitor(
-                    self.job_environment().session_factory,
-                    CeleryQueue(self, background=False),
-                    self.settings.library,
-                )
-                self._monitor.start()
-            return self._reconciler
+        folders (app/runtime/library_monitor.py), from this process: the container's watchers."""
+        watchers = self.container().watchers
+        assert watchers is not None, "a worker's container always has watchers"
+        watchers.start()
 
     def stop_reconciler(self) -> None:
         with self._lock:
-            reconciler, self._reconciler = self._reconciler, None
-            monitor, self._monitor = self._monitor, None
-        if reconciler is not None:
-            reconciler.stop()
-        if monitor is not None:
-            monitor.stop()
+            container = self._container
+        if container is not None and container.watchers is not None:
+            container.watchers.stop()
 
 
 def create_celery(settings: Settings | None = None, *, warm_model: bool = True) -> PolarCelery:

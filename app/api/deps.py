@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.interactive import ImmichBridge, SearchTurns
 from app.api.metrics import Metrics
 from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
@@ -61,10 +63,46 @@ _bearer = HTTPBearer(
 )
 
 
+class Parts(Protocol):
+    """What the API asks of its process's container (app/runtime/container.py), the one thing
+    on `app.state`: read-only, built once per process."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def session_factory(self) -> sessionmaker[Session]: ...
+    @property
+    def store(self) -> ImageStore: ...
+    @property
+    def model(self) -> ModelLoader: ...
+    @property
+    def queue(self) -> JobQueue: ...
+    @property
+    def index_cache(self) -> IndexCache: ...
+    @property
+    def adapter_cache(self) -> AdapterCache: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def search_turns(self) -> SearchTurns: ...
+    @property
+    def bridge(self) -> ImmichBridge | None: ...
+
+
+def parts_of(app: Any) -> Parts:
+    """The container of the app (a FastAPI app, or a request's `request.app`)."""
+    return cast(Parts, app.state.container)
+
+
+def get_parts(request: Request) -> Parts:
+    return parts_of(request.app)
+
+
 def get_settings_dep(request: Request) -> Settings:
     """The app's settings (tests pass their own to create_app)."""
-    settings: Settings = request.app.state.settings
-    return settings
+    return parts_of(request.app).settings
 
 
 def get_db_session(request: Request) -> Iterator[Session]:
@@ -75,7 +113,7 @@ def get_db_session(request: Request) -> Iterator[Session]:
     reach the server, which would then cut the connection without an answer: the session's
     connections are invalidated (the pool replaces them) and the failure logged.
     """
-    session: Session = request.app.state.session_factory()
+    session: Session = parts_of(request.app).session_factory()
     try:
         yield session
     finally:
@@ -89,16 +127,15 @@ def get_db_session(request: Request) -> Iterator[Session]:
 
 def get_store(request: Request) -> ImageStore:
     """The image store of the app's data folder."""
-    store: ImageStore = request.app.state.image_store
-    return store
+    return parts_of(request.app).store
 
 
 def get_queue(request: Request) -> JobQueue:
     """Where new jobs go: the embedded runner, or Celery (wired in app/runtime/container.py)."""
-    queue: JobQueue = request.app.state.job_queue
-    return queue
+    return parts_of(request.app).queue
 
 
+PartsDep = Annotated[Parts, Depends(get_parts)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 SessionDep = Annotated[Session, Depends(get_db_session)]
@@ -180,11 +217,12 @@ class SearchContext:
     """What a search needs from the app: settings, model, per-user index and adapter caches."""
 
     def __init__(self, request: Request) -> None:
-        self.settings: Settings = request.app.state.settings
-        self.index_cache: IndexCache = request.app.state.index_cache
-        self.adapter_cache: AdapterCache = request.app.state.adapter_cache
-        self.model_loader: ModelLoader = request.app.state.model_loader
-        self.metrics: Metrics = request.app.state.metrics
+        parts = parts_of(request.app)
+        self.settings = parts.settings
+        self.index_cache = parts.index_cache
+        self.adapter_cache = parts.adapter_cache
+        self.model_loader = parts.model
+        self.metrics = parts.metrics
 
     def query_options(self) -> dict[str, Any]:
         """The keyword arguments every query encoding takes from the app: the adapter cache,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote_to_bytes
@@ -164,7 +164,7 @@ def _body_error(request: Request, exc: StarletteHTTPException) -> DomainError | 
         return ValidationFailed(cause.message, code="invalid_utf8")
     if isinstance(cause, MultiPartException):
         if cause.message.startswith("Too many files"):
-            most = request.app.state.settings.limits.max_files_per_request
+            most = request.app.state.container.settings.limits.max_files_per_request
             return TooManyFiles(
                 f"more than {most} files in one request; the limit is {most}",
                 detail={"max_files": most},
@@ -174,7 +174,11 @@ def _body_error(request: Request, exc: StarletteHTTPException) -> DomainError | 
     return None
 
 
-async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+async def handle_http_exception(
+    request: Request, exc: Exception, api_routes: Sequence[BaseRoute] = ()
+) -> JSONResponse:
+    """An HTTPException as our error shape; a 405 names every method of the path (the
+    `api_routes` with the app's own)."""
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     if status == 400 and (better := _body_error(request, exc)) is not None:
@@ -186,17 +190,18 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
     else:
         message, detail = phrase, exc.detail
     headers = dict(exc.headers or {})
-    if status == 405 and (allowed := _allowed_methods(request)):
+    if status == 405 and (allowed := _allowed_methods(request, api_routes)):
         headers["Allow"] = ", ".join(allowed)
     return _response(status, code, message, detail, headers)
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method the path answers to (`app.state.api_routes`, and the app's own routes:
-    the docs, the web UI), HEAD wherever GET is (the app answers it: app/api/head.py). With
-    one route per method, Starlette's 405 names only the first route's."""
+def _allowed_methods(request: Request, api_routes: Sequence[BaseRoute]) -> list[str]:
+    """Every method the path answers to (the API's routes, which the app keeps inside its
+    included routers, and the app's own: the docs, the web UI), HEAD wherever GET is (the app
+    answers it: app/api/head.py). With one route per method, Starlette's 405 names only the
+    first route's."""
     own = (route for route in request.app.routes if getattr(route, "methods", None))
-    routes: Iterable[BaseRoute] = [*getattr(request.app.state, "api_routes", ()), *own]
+    routes: Iterable[BaseRoute] = [*api_routes, *own]
     methods = {
         method
         for route in routes
@@ -352,10 +357,14 @@ class Utf8Url:
         await self.app(scope, receive, send)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register every handler on the app."""
+def install_error_handlers(app: FastAPI, *, api_routes: Sequence[BaseRoute] = ()) -> None:
+    """Register every handler on the app; `api_routes`: the routes of its routers."""
+
+    async def http_exception(request: Request, exc: Exception) -> JSONResponse:
+        return await handle_http_exception(request, exc, api_routes)
+
     app.add_exception_handler(DomainError, handle_domain_error)
-    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     for error in DATABASE_DOWN:
         app.add_exception_handler(error, handle_database_down)

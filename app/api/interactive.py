@@ -23,11 +23,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
+import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.services.foreground import Foreground
+from app.services.immich import ClientRateLimit
 
 # Requests that run the model for a waiting user: searches and query embeddings.
 INTERACTIVE_PATHS = frozenset({"/search", "/embed/text"})
@@ -106,3 +109,27 @@ def _raising(error: Exception) -> Receive:
         raise error
 
     return refused
+
+
+class ImageTurns:
+    """Immich's images encoded `concurrency` at a time, apart from the searches' turns."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._limiter: anyio.CapacityLimiter | None = None  # made in the event loop
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.concurrency)
+        async with self._limiter:
+            yield
+
+
+@dataclass
+class ImmichBridge:
+    """What the Immich bridge keeps between requests (app/api/routes/immich.py)."""
+
+    client: httpx.AsyncClient  # forwards the requests that are not CLIP's to Immich's own ML
+    images: ImageTurns  # Immich's images encoded a few at a time
+    rate: ClientRateLimit  # text queries per client and minute

@@ -3,7 +3,8 @@
 It is a `JobQueue` (app/services/jobs.py) like the Celery queue in workers/queue.py, and runs the
 same `run_job` with the same job states and progress. Jobs found 'queued' or 'running' at start
 (the process died with them) are queued again. One process only: two API processes on one
-database would each re-run the other's jobs at start.
+database would each re-run the other's jobs at start. The reconciler and the library monitor
+that feed it are the container's (app/runtime/container.py), started after it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from app import repositories
 from app.db import session_scope
-from app.runtime.library_monitor import LibraryMonitor
 from app.runtime.priority import lower_this_thread
-from app.runtime.reconciler import ReconcilePolicy, Reconciler
 from app.services import jobs
 from app.services.jobs import JobEnvironment, JobInterrupted
 
@@ -36,7 +35,6 @@ class JobRunner:
         *,
         max_workers: int = 1,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
-        reconcile: ReconcilePolicy | None = None,
     ) -> None:
         # Jobs are CPU/GPU heavy and share one model: more threads than this only contend.
         assert 1 <= max_workers <= 2, "the embedded runner is for one small machine"
@@ -48,15 +46,6 @@ class JobRunner:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: set[str] = set()  # submitted here and not finished yet
         self._pending_lock = threading.Lock()
-        # Queued jobs this runner was never given (an enqueue that failed) are found and run.
-        self._reconciler = Reconciler(
-            self.session_factory,
-            self,
-            reconcile or ReconcilePolicy.of(env.settings.jobs),
-            skip=self._is_pending,
-        )
-        # Library folders watched and rescanned (nothing to do while libraries are off).
-        self._monitor = LibraryMonitor(self.session_factory, self, env.settings.library)
 
     @property
     def running(self) -> bool:
@@ -78,8 +67,6 @@ class JobRunner:
             self.submit(job_id)
         if recovered:
             log.info("re-queued %d unfinished job(s) from a previous run", len(recovered))
-        self._reconciler.start()
-        self._monitor.start()
         return recovered
 
     def requeue_unfinished(self) -> list[str]:
@@ -100,7 +87,8 @@ class JobRunner:
             self._pending.add(job_id)
         return self._executor.submit(self._run, job_id)
 
-    def _is_pending(self, job_id: str) -> bool:
+    def is_pending(self, job_id: str) -> bool:
+        """Submitted here and not finished (the reconciler leaves such jobs alone)."""
         with self._pending_lock:
             return job_id in self._pending
 
@@ -113,8 +101,6 @@ class JobRunner:
         if executor is None or self._stopping.is_set():
             return
         self._stopping.set()
-        self._reconciler.stop()
-        self._monitor.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         # Wait in a helper thread, so that the wait itself can time out.
         waiter = threading.Thread(target=executor.shutdown, name="polar-job-stop", daemon=True)

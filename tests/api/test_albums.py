@@ -36,7 +36,7 @@ def wait_jobs(client: TestClient, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     app: Any = client.app
     while time.monotonic() < deadline:
-        with app.state.session_factory() as s:
+        with app.state.container.session_factory() as s:
             states = list(s.scalars(select(Job.state)))
         if all(st in (JobState.SUCCEEDED, JobState.FAILED) for st in states):
             assert JobState.FAILED not in states, "a job failed"
@@ -89,7 +89,7 @@ def mark(client: TestClient, user: ApiUser, cid: str, image_id: str, verdict: st
 
 def verdict_rows(client: TestClient) -> int:
     app: Any = client.app
-    with app.state.session_factory() as s:
+    with app.state.container.session_factory() as s:
         return int(s.scalar(select(func.count()).select_from(ConceptVerdict)) or 0)
 
 

@@ -21,7 +21,7 @@ def test_an_app_that_served_uploads_and_searches_is_freed_when_it_stops(db_setti
     app = create_app(db_settings)
     with TestClient(app) as client:
         model = tiny_clip(0)
-        app.state.model_loader.install(model)
+        app.state.container.model.install(model)
         user = create_api_user(client)
         files = [("files", (f"{i}.jpg", noisy_jpeg(seed=i), "image/jpeg")) for i in range(4)]
         assert client.post("/images", files=files, headers=user.headers).status_code == 202

@@ -54,7 +54,7 @@ def test_missing_or_invalid_key_is_401(api_client, make_user, headers, words):
 def test_valid_key_works_and_is_stored_only_as_a_hash(api_client, make_user):
     user = make_user(api_client)
     assert api_client.get("/images", headers=user.headers).status_code == 200
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         key = s.scalars(select(ApiKey).where(ApiKey.id == user.key_id)).one()
         stored = [str(v) for v in vars(key).values()]
     assert all(user.key not in v for v in stored)
@@ -66,7 +66,7 @@ def test_revoked_key_is_401_and_other_keys_still_work(api_client, make_user):
     from app.services import users
 
     user = make_user(api_client)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         _, second = users.create_api_key(user.id, db_session=s)
         users.revoke_api_key(user.key_id, db_session=s)
     err = assert_error(api_client.get("/images", headers=user.headers), 401, "unauthorized")

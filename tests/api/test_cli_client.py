@@ -75,7 +75,7 @@ def polar(
 
 def images_in_db(client: Any) -> dict[str, Image]:
     """filename -> row, for every library image."""
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         return {i.original_filename: i for i in s.query(Image).all()}
 
 
@@ -174,7 +174,7 @@ def test_a_bad_file_is_rejected_and_the_rest_uploaded(polar, api_client, tmp_pat
 
 @pytest.mark.usefixtures("tiny_serving")
 def test_client_follows_the_servers_file_limit(api_client, user, tmp_path):
-    api_client.app.state.settings.limits.max_files_per_request = 2
+    api_client.app.state.container.settings.limits.max_files_per_request = 2
     paths = []
     for i in range(5):
         paths.append(tmp_path / f"p{i}.jpg")
@@ -312,7 +312,7 @@ def test_concept_create_then_search_through_the_cli(polar, api_client, user, tmp
 
     r = polar("concept", "create", "Fido", "--category", "hat", str(photos))
     assert r.code == 0, r.err
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         concept = s.query(Concept).one()
         assert (concept.name, concept.state, concept.version) == ("Fido", "ready", 1)
         placeholder = f"{concept.token} hat"
@@ -383,7 +383,7 @@ def test_concept_list_show_rename_category_add_delete(polar, api_client, tmp_pat
     shown = polar("concept", "show", "fido")  # any case, as queries match names
     assert shown.code == 0, shown.err
     assert "Fido: ready" in shown.out and "  photos (3):" in shown.out
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         concept = s.query(Concept).one()
     assert len(re.findall(rf"http://\S+/concepts/{concept.id}/examples/\S+/file", shown.out)) == 3
     verbose = polar("concept", "show", concept.id, "--verbose")
@@ -416,7 +416,7 @@ def test_concept_list_show_rename_category_add_delete(polar, api_client, tmp_pat
     assert r.code == 1 and "no concept named 'Fido' (yours: Rex)" in r.err
     r = polar("concept", "delete", "Rex", "--yes")
     assert r.code == 0 and "deleted Rex" in r.out
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         assert s.query(Concept).count() == 0
 
 
@@ -434,7 +434,7 @@ def test_concept_commands_report_refusals(polar, api_client, tmp_path):
     assert r.code == 2 and "no photos to add" in r.err
     r = polar("concept", "show", "Nobody")
     assert r.code == 1 and "no concept named 'Nobody'" in r.err
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         versions = sorted((c.name, c.version) for c in s.query(Concept))
     assert versions == [("Fido", 1), ("Rex", 1)]
 
@@ -444,7 +444,7 @@ def test_concept_create_refusal_is_an_error(polar, api_client, tmp_path):
     r = polar("concept", "create", "Fido", str(tmp_path / "one.jpg"))
     assert r.code == 1
     assert "(too_few_photos)" in r.err
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         assert s.query(Concept).count() == 0
 
 
@@ -469,7 +469,7 @@ def test_index_status_and_rebuild_through_the_cli(polar, api_client, tmp_path):
     assert "images: 2 (2 searchable, 0 pending)" in r.out
     assert "regions (five-both): 2 of 2" in r.out
     # A layout the stored crops do not have: the rebuild embeds them again.
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.query(Image).update({Image.region_layout: None, Image.region_embeddings: None})
         s.commit()
     assert "regions (five-both): 0 of 2" in polar("index").out
@@ -478,7 +478,7 @@ def test_index_status_and_rebuild_through_the_cli(polar, api_client, tmp_path):
     assert re.search(r"rebuild job: \S+ \(queued\)", r.out)
     assert "rebuilding: 100% (succeeded)" in r.err
     assert r.out.rstrip().endswith("regions (five-both): 2 of 2")
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         assert all(s.scalars(select(Image.region_embeddings)).all())
 
 

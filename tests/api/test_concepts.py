@@ -59,7 +59,7 @@ def tiny_bundle() -> ClipBundle:
 def tiny_app(settings: Settings) -> Any:
     """An app on `settings` whose searches and jobs use the tiny model."""
     app = create_app(settings)
-    app.state.model_loader.install(tiny_model())
+    app.state.container.model.install(tiny_model())
     return app
 
 
@@ -133,13 +133,13 @@ def run_now(client: TestClient, job_id: str) -> None:
 
 def count(client: TestClient, model: Any, *where: Any) -> int:
     app: Any = client.app
-    with app.state.session_factory() as s:
+    with app.state.container.session_factory() as s:
         return s.scalar(select(func.count()).select_from(model).where(*where))
 
 
 def stored_files(client: TestClient) -> list[Path]:
     app: Any = client.app
-    root = app.state.settings.data_dir
+    root = app.state.container.settings.data_dir
     return sorted(
         p.relative_to(root)
         for p in root.rglob("*")
@@ -164,7 +164,7 @@ def trained(client: TestClient, user: ApiUser, **kw: Any) -> dict:
 def context(client: TestClient, job_id: str) -> JobContext:
     """A JobContext for calling the handler directly, as a second delivery of the job would."""
     app: Any = client.app
-    with app.state.session_factory() as s:
+    with app.state.container.session_factory() as s:
         job = s.get(Job, job_id)
         return JobContext(
             job.id,
@@ -205,7 +205,7 @@ def test_create_trains_to_ready_with_metrics_and_retention(client, user):
     assert got["retention_score"] == pytest.approx(m["retention_adapted"])
     assert got["retention_flagged"] == (1.0 - got["retention_score"] > 0.03)
 
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         [row] = s.scalars(select(Adapter).where(Adapter.concept_id == concept["id"])).all()
         adapter = ConceptAdapter.from_bytes(row.weights)
         assert row.version == 1 and row.model_id == m["model_id"]
@@ -437,7 +437,7 @@ def test_new_category_retrains_as_a_new_version(client, user):
     assert wait_job(client, user, body["job"]["id"])["state"] == "succeeded"
     got = get(client, user, c["id"])
     assert (got["state"], got["version"], got["category"]) == ("ready", 2, "puppy")
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         rows = s.scalars(select(Adapter).order_by(Adapter.version)).all()
         assert [r.version for r in rows] == [1, 2]
         assert ConceptAdapter.from_bytes(rows[1].weights).category == "puppy"
@@ -479,7 +479,7 @@ def test_more_photos_train_a_new_version_on_all_of_them(client, user):
     assert wait_job(client, user, body["job"]["id"])["state"] == "succeeded"
     got = get(client, user, c["id"])
     assert (got["state"], got["version"], got["metrics"]["n_photos"]) == ("ready", 2, 7)
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         versions = s.scalars(select(ConceptExample.version_added)).all()
         assert sorted(versions) == [1] * 4 + [2] * 3
 
@@ -545,9 +545,9 @@ def test_delete_cascades_and_keeps_files_others_use(client, user):
     assert count(client, ConceptExample) == 0 and count(client, Adapter) == 0
     after = stored_files(client)
     assert len(after) == len(before) - 4  # two photos: original + thumbnail each
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         kept = s.scalar(select(ImageRow.storage_path))
-    assert (client.app.state.settings.data_dir / kept).is_file()
+    assert (client.app.state.container.settings.data_dir / kept).is_file()
     assert_error(client.delete(f"/concepts/{c['id']}", headers=user.headers), 404, "not_found")
     # The name is free again.
     assert create(client, user, files=photos(3, 60)).status_code == 202
@@ -573,7 +573,7 @@ def test_rerun_after_the_adapter_was_stored_finishes_the_concept(client, user):
     r = create(client, user).json()
     run_now(client, r["job"]["id"])
     # A crash between storing the adapter and the state change: the rerun only finishes.
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         s.execute(update(Concept).values(state="training", metrics=None))
         s.commit()
     training.train_concept(context(client, r["job"]["id"]))
@@ -595,7 +595,7 @@ def test_an_older_job_never_overwrites_a_newer_version(client, user):
     got = get(client, user, cid)
     assert (got["state"], got["version"], got["metrics"]["n_photos"]) == ("ready", 2, 6)
     assert got["job_id"] == v2_job
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         assert s.scalars(select(Adapter.version)).all() == [2]
 
 
@@ -617,16 +617,16 @@ def test_an_older_version_finishing_late_stores_its_adapter_but_not_the_state(
     run_now(client, r["job"]["id"])
     got = get(client, user, cid)
     assert (got["state"], got["version"], got["metrics"]) == ("training", 2, None)
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         assert s.scalars(select(Adapter.version)).all() == [1]
 
 
 @pytest.mark.usefixtures("manual_jobs")
 def test_failure_marks_the_concept_failed(client, user):
     r = create(client, user).json()
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         path = s.scalars(select(ConceptExample.storage_path)).first()
-    (client.app.state.settings.data_dir / path).unlink()
+    (client.app.state.container.settings.data_dir / path).unlink()
     run_now(client, r["job"]["id"])
     job = client.get(f"/jobs/{r['job']['id']}", headers=user.headers).json()
     assert job["state"] == "failed" and job["error"]["code"] == "file_missing"
@@ -661,7 +661,7 @@ def test_deleted_concept_fails_its_job_cleanly(client, user):
 @pytest.mark.usefixtures("manual_jobs")
 def test_cached_embeddings_are_recomputed_when_the_model_changed(client, user, tiny_bundle):
     r = create(client, user, files=photos(3)).json()
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         s.execute(
             update(ConceptExample).values(
                 embedding=np.ones(24, np.float32).tobytes(), embedding_model="old/model@1"
@@ -672,7 +672,7 @@ def test_cached_embeddings_are_recomputed_when_the_model_changed(client, user, t
     expected = encode_images(
         tiny_bundle, [Image.open(io.BytesIO(photo(i))).convert("RGB") for i in range(3)]
     )
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         rows = s.scalars(select(ConceptExample).order_by(ConceptExample.created_at)).all()
         got = {r.sha256: np.frombuffer(r.embedding, np.float32) for r in rows}
         assert {r.embedding_model for r in rows} == {tiny_bundle.fingerprint.model_id}
@@ -805,7 +805,7 @@ def test_a_concept_from_library_images_shares_their_files(client, user):
     assert stored_files(client) == files_before  # nothing copied
     cid = r.json()["concept"]["id"]
     assert get(client, user, cid)["state"] == "ready"
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         paths = {e.storage_path for e in s.scalars(select(ConceptExample))}
         assert paths == set(s.scalars(select(ImageRow.storage_path)))
     # Deleting the library images keeps the concept's photos (and the other way round).

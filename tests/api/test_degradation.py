@@ -7,6 +7,7 @@ answers and /readyz names the database. The disk full or read-only: 507 `storage
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_a_full_or_read_only_disk_refuses_uploads_and_keeps_serving_reads(
     listed = api_client.get("/images", headers=user.headers)
     assert listed.status_code == 200 and len(listed.json()["items"]) == 1
     assert api_client.get("/concepts", headers=user.headers).json()["items"] == []
-    data_dir = Path(api_client.app.state.settings.data_dir)
+    data_dir = Path(api_client.app.state.container.settings.data_dir)
     assert not any((data_dir / "tmp").glob("upload-*"))
 
 
@@ -90,7 +91,7 @@ def test_a_session_that_fails_to_close_does_not_cut_the_response(
     from sqlalchemy.exc import OperationalError
 
     user = make_user(api_client)
-    real = api_client.app.state.session_factory
+    real = api_client.app.state.container.session_factory
     closes: list[int] = []
 
     def factory() -> Any:
@@ -105,11 +106,12 @@ def test_a_session_that_fails_to_close_does_not_cut_the_response(
         session.close = failing_close
         return session
 
-    api_client.app.state.session_factory = factory
+    container = api_client.app.state.container
+    api_client.app.state.container = dataclasses.replace(container, session_factory=factory)
     try:
         r = api_client.get("/images", headers=user.headers)  # the client re-raises server errors
     finally:
-        api_client.app.state.session_factory = real
+        api_client.app.state.container = container
     assert r.status_code == 200, r.text
     assert r.json()["items"] == []
     assert closes  # the failing close did run

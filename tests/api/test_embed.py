@@ -23,12 +23,12 @@ def test_embedding_is_the_vector_search_ranks_with(api_client, library, tiny_ser
     q = np.asarray(body["embedding"], np.float32)
     assert np.linalg.norm(q) == pytest.approx(1.0, abs=1e-5)
     # Search's scores are exactly the cosines with this vector (before any crop re-ranking).
-    api_client.app.state.settings.search.concept_region_weight = 0.0
+    api_client.app.state.container.settings.search.concept_region_weight = 0.0
     hits = api_client.get(
         "/search", params={"q": "Fido at the beach", "k": 6}, headers=user.headers
     ).json()
     assert hits["rewritten"] == body["rewritten"]
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         emb = {i.id: np.frombuffer(i.embedding, np.float32) for i in s.query(Image).all()}
     for h in hits["hits"]:
         assert h["score"] == pytest.approx(float(emb[h["image"]["id"]] @ q), abs=1e-5)

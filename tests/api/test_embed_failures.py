@@ -203,8 +203,8 @@ def test_an_upload_whose_stored_file_is_lost_fails_and_is_read_again_when_sent_a
     ids = upload(api_client, user, range(2))
     wait_jobs(api_client)
     lost = ids[1]
-    settings = api_client.app.state.settings
-    with api_client.app.state.session_factory() as s:
+    settings = api_client.app.state.container.settings
+    with api_client.app.state.container.session_factory() as s:
         storage_path = s.get(Image, lost).storage_path
         # As after a model change: to be embedded again, and its stored original is gone.
         s.execute(

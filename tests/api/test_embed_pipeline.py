@@ -23,11 +23,11 @@ from tests.model_fixtures import tiny_serving  # noqa: F401
 
 def _stale_library(client: Any, make_user: Any, n: int) -> tuple[Any, list[str]]:
     """A user with `n` uploaded images whose embeddings are of another model (regions off)."""
-    client.app.state.settings.search.regions = "none"
+    client.app.state.container.settings.search.regions = "none"
     user = make_user(client)
     ids = upload(client, user, range(n))
     wait_jobs(client)
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         s.execute(update(Image).values(embedding_model="old-model"))
         s.commit()
     return user, ids
@@ -76,14 +76,14 @@ def test_prefetched_vectors_equal_the_plain_path_and_failures_are_kept(
     of the image decoded alone, and the unreadable one is failed with its reason."""
     user, ids = _stale_library(api_client, make_user, 7)
     monkeypatch.setattr(embedding, "BATCH", 2)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         paths = dict(s.execute(select(Image.id, Image.storage_path)).all())
     store = api_client.app.state.container.store
     broken = ids[3]
     store.path(paths[broken]).write_bytes(b"no longer an image")
     assert embedding.embed_pending(_ctx(api_client, user), None) == 7
     side = embedding.decode_side(tiny_serving)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         rows = {r.id: r for r in s.scalars(select(Image))}
     for i in ids:
         if i == broken:
@@ -104,7 +104,7 @@ def test_zero_threads_take_every_core_unless_a_search_runs(
 ):
     user, _ = _stale_library(api_client, make_user, 4)
     monkeypatch.setattr(embedding, "BATCH", 2)
-    api_client.app.state.settings.threads.embedding = 0
+    api_client.app.state.container.settings.threads.embedding = 0
     used: list[int] = []
     real = embedding.cpu_threads
 
@@ -122,7 +122,7 @@ def test_zero_threads_take_every_core_unless_a_search_runs(
 @pytest.mark.usefixtures("tiny_serving")
 def test_a_set_thread_count_is_kept_while_searches_run(api_client, make_user, monkeypatch):
     user, _ = _stale_library(api_client, make_user, 2)
-    api_client.app.state.settings.threads.embedding = 3
+    api_client.app.state.container.settings.threads.embedding = 3
     used: list[int] = []
     real = embedding.cpu_threads
     monkeypatch.setattr(embedding, "cpu_threads", lambda n: used.append(n) or real(n))

@@ -67,7 +67,7 @@ class _AlreadyStarted:
 def _start(url: str, data_dir: Path) -> Iterator[tuple[Any, ApiUser]]:
     settings = Settings(data_dir=data_dir, database_url=url, broker_url="")
     app = create_app(settings)
-    app.state.model_loader.install(tiny_clip(0))
+    app.state.container.model.install(tiny_clip(0))
     with TestClient(app) as client:
         user = create_api_user(client)
         upload(client, user, range(2))

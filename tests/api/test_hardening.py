@@ -32,7 +32,7 @@ def user(api_client, make_user, tiny_serving):  # noqa: F811, ARG001 (installs t
 
 def _concept(client: Any, user_id: str, name: str) -> str:
     """A concept still training (no adapter): the query names it, nothing is applied."""
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         c = Concept(user_id=user_id, name=name, name_key=fold(name), token="sks", version=1)
         s.add(c)
         s.commit()
@@ -337,7 +337,7 @@ def test_a_json_route_keeps_its_limit_when_the_body_claims_to_be_multipart(api_c
     assert_error(r, 413, "payload_too_large")
     assert (
         r.json()["error"]["detail"]["max_bytes"]
-        == api_client.app.state.settings.limits.max_json_bytes
+        == api_client.app.state.container.settings.limits.max_json_bytes
     )
 
 
@@ -384,7 +384,7 @@ def test_an_upload_without_a_good_key_is_refused_before_its_body_is_read(
     spooled to disk to answer 401. The gate answers first and reads nothing."""
     from app.api.deps import KeyBeforeBody
 
-    factory = api_client.app.state.session_factory
+    factory = api_client.app.state.container.session_factory
     headers = {"content-type": "multipart/form-data; boundary=b", "content-length": str(10**8)}
     if authorization is not None:
         headers["authorization"] = authorization

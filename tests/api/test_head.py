@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.main import api_routes
 from tests.api.test_auth import assert_error
 from tests.api.test_search import upload, wait_jobs
 from tests.db_fixtures import noisy_jpeg
@@ -82,7 +83,11 @@ def head_client(api_client) -> tuple[TestClient, SentBody]:
 
 
 def _get_paths(app: Any, ids: dict[str, str]) -> list[str]:
-    routes = [r for r in app.state.api_routes if isinstance(r, APIRoute) and "GET" in r.methods]
+    routes = [
+        r
+        for r in api_routes(app.state.container.settings)
+        if isinstance(r, APIRoute) and "GET" in r.methods
+    ]
     return [r.path.format(**ids) for r in routes]
 
 

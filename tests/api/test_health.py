@@ -44,7 +44,7 @@ def test_the_demo_fallback_logs_one_warning_no_error_and_readyz_shows_no_path(tm
     with _unreachable_model_app(tmp_path, fallback=True) as client:
         caplog.clear()
         with caplog.at_level(logging.DEBUG):
-            serving = client.app.state.model_loader.get()
+            serving = client.app.state.container.model.get()
         assert serving.is_demo
         records = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert [r.levelname for r in records] == ["WARNING"], [r.getMessage() for r in records]
@@ -62,7 +62,7 @@ def test_the_demo_fallback_logs_one_warning_no_error_and_readyz_shows_no_path(tm
 
 def test_readyz_shows_no_path_when_the_model_cannot_be_had(tmp_path):
     with _unreachable_model_app(tmp_path, fallback=False) as client:
-        loader = client.app.state.model_loader
+        loader = client.app.state.container.model
         loader._load()  # what the startup load does on failure: remember why
         body = client.get("/readyz")
         assert body.status_code == 503

@@ -57,12 +57,12 @@ def assert_error(response, status: int, code: str) -> dict:
 
 
 def count(client: TestClient, model: Any) -> int:
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         return s.scalar(select(func.count()).select_from(model))
 
 
 def stored_files(client: TestClient) -> list[Path]:
-    root = client.app.state.settings.data_dir
+    root = client.app.state.container.settings.data_dir
     return [
         p
         for p in root.rglob("*")
@@ -102,7 +102,7 @@ def test_upload_one_image(api_client, make_user):
 
     job = body["job"]
     assert (job["kind"], job["state"], job["progress"]) == ("embed_images", "queued", 0.0)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         row = s.get(Job, job["id"])
         assert row.user_id == user.id
         assert row.payload == {"image_ids": [img["id"]]}
@@ -126,7 +126,7 @@ def test_upload_many_formats_in_one_request(api_client, make_user):
     images = r.json()["images"]
     assert [i["mime"] for i in images] == list(formats.values())
     assert [i["filename"] for i in images] == [name for name, _ in files]
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         job = s.get(Job, r.json()["job"]["id"])
         assert job.payload["image_ids"] == [i["id"] for i in images]
 
@@ -135,7 +135,7 @@ def test_the_queue_gets_the_committed_job(api_client, make_user, queue):
     user = make_user(api_client)
     r = upload(api_client, user, ("a.jpg", jpeg()))
     assert queue.job_ids == [r.json()["job"]["id"]]
-    with api_client.app.state.session_factory() as s:  # committed before it was enqueued
+    with api_client.app.state.container.session_factory() as s:  # committed before it was enqueued
         assert s.get(Job, queue.job_ids[0]).state == "queued"
 
 
@@ -167,7 +167,7 @@ def test_duplicates_return_the_existing_image(api_client, make_user):
 def test_uploading_only_embedded_duplicates_queues_no_job(api_client, make_user):
     user = make_user(api_client)
     img_id = upload(api_client, user, ("a.jpg", jpeg())).json()["images"][0]["id"]
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         row = s.get(ImageRow, img_id)
         row.embedding, row.embedding_model = b"\0" * 16, "some-model"  # as the embed job does
         s.commit()
@@ -209,7 +209,7 @@ def test_path_like_filenames_are_reduced_to_their_base_name(api_client, make_use
     assert r.json()["images"][0]["filename"] == shown
     files = stored_files(api_client)
     assert files and all("passwd" not in str(p) and "cat" not in p.name for p in files)
-    data_dir = api_client.app.state.settings.data_dir.resolve()
+    data_dir = api_client.app.state.container.settings.data_dir.resolve()
     assert all(p.resolve().is_relative_to(data_dir) for p in files)
 
 
@@ -452,7 +452,7 @@ def test_missing_file_on_disk_is_reported_and_healed_by_reupload(api_client, mak
 def test_delete_removes_row_and_file_and_bumps_the_index_generation(api_client, make_user):
     user = make_user(api_client)
     img = upload(api_client, user, ("a.jpg", jpeg())).json()["images"][0]
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         generation = s.get(User, user.id).index_generation
     r = api_client.delete(f"/images/{img['id']}", headers=user.headers)
     assert r.status_code == 204 and r.content == b""
@@ -462,7 +462,7 @@ def test_delete_removes_row_and_file_and_bumps_the_index_generation(api_client, 
     assert [
         p for p in stored_files(api_client) if "originals" in p.parts or "thumbs" in p.parts
     ] == []
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         assert s.get(User, user.id).index_generation == generation + 1
 
 

@@ -78,10 +78,10 @@ def tiny_bundle() -> ClipBundle:
 @pytest.fixture
 def bridge(tmp_path: Path) -> Iterator[tuple[TestClient, ApiUser]]:
     app = create_app(_bridge(tmp_path, forward_url="http://immich-ml.invalid:3003"))
-    app.state.model_loader.install(tiny_bundle())
+    app.state.container.model.install(tiny_bundle())
     with TestClient(app) as client:
         user = create_api_user(client)
-        app.state.settings.immich.api_key = user.key
+        app.state.container.settings.immich.api_key = user.key
         yield client, user
 
 
@@ -171,7 +171,7 @@ def test_a_nul_in_the_text_is_a_422(bridge) -> None:
 def test_predict_takes_one_image_not_a_whole_upload(bridge) -> None:
     """/predict takes no key, so its body limit is one image's, not the upload routes'."""
     client, _ = bridge
-    limits = client.app.state.settings.limits
+    limits = client.app.state.container.settings.limits
     over = limits.max_upload_bytes + 1024 * 1024
     r = client.post(
         "/predict",
@@ -220,7 +220,7 @@ def test_model_mismatch_names_both_models(bridge) -> None:
 
 def test_a_revoked_bridge_key_is_a_clear_503(bridge) -> None:
     client, _ = bridge
-    client.app.state.settings.immich.api_key = PLACEHOLDER_KEY  # type: ignore[attr-defined]
+    client.app.state.container.settings.immich.api_key = PLACEHOLDER_KEY  # type: ignore[attr-defined]
     r = predict_text(client, textual(tiny_name()), "a dog")
     assert r.status_code == 503 and r.json()["error"]["code"] == "immich_bridge_misconfigured"
 
@@ -245,7 +245,9 @@ def test_other_tasks_are_forwarded_unchanged(bridge) -> None:
             200, json={"facial-recognition": [], "imageHeight": 8, "imageWidth": 9}
         )
 
-    client.app.state.immich_client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))  # type: ignore[attr-defined]
+    client.app.state.container.bridge.client = httpx.AsyncClient(
+        transport=httpx.MockTransport(upstream)
+    )
     jpeg = noisy_jpeg(seed=2)
     r = predict_image(client, FACES, jpeg)
     assert r.status_code == 200, r.text
@@ -259,7 +261,7 @@ def test_other_tasks_are_forwarded_unchanged(bridge) -> None:
 def test_upstream_errors_pass_through_and_a_dead_upstream_is_502(bridge) -> None:
     client, _ = bridge
     app: Any = client.app
-    app.state.immich_client = httpx.AsyncClient(
+    app.state.container.bridge.client = httpx.AsyncClient(
         transport=httpx.MockTransport(lambda _r: httpx.Response(422, json={"detail": "x"}))
     )
     assert predict_image(client, FACES, noisy_jpeg(seed=2)).status_code == 422
@@ -267,7 +269,7 @@ def test_upstream_errors_pass_through_and_a_dead_upstream_is_502(bridge) -> None
     def dead(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
-    app.state.immich_client = httpx.AsyncClient(transport=httpx.MockTransport(dead))
+    app.state.container.bridge.client = httpx.AsyncClient(transport=httpx.MockTransport(dead))
     r = predict_image(client, FACES, noisy_jpeg(seed=2))
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
 
@@ -279,7 +281,7 @@ def test_other_tasks_are_refused_without_a_forward_url(tmp_path: Path) -> None:
     028fab83fded0590eca2772ef2add592294749ac: healthy URLs first, a failure marks one
     unhealthy)."""
     app = create_app(_bridge(tmp_path))
-    app.state.model_loader.install(tiny_bundle())
+    app.state.container.model.install(tiny_bundle())
     with TestClient(app) as client:
         r = predict_image(client, FACES, noisy_jpeg(seed=2))
         assert r.status_code == 422
@@ -308,7 +310,7 @@ def test_immich_finds_fido_on_the_beach(tmp_path: Path) -> None:
     ]
     with TestClient(create_app(settings)) as client:
         user = create_api_user(client)
-        client.app.state.settings.immich.api_key = user.key  # type: ignore[attr-defined]
+        client.app.state.container.settings.immich.api_key = user.key  # type: ignore[attr-defined]
         stored: dict[str, np.ndarray] = {}  # Immich's smart_search table: asset -> embedding
         for item in library:
             r = predict_image(client, visual(DEMO_MODEL_NAME), item.png)
@@ -344,10 +346,10 @@ def test_ping_fails_while_the_bridge_key_is_revoked(bridge) -> None:
     """Immich's availability check (`check`: GET /ping, healthy when `response.ok`) must see a
     bridge that cannot answer its searches as down, or Immich keeps sending them here."""
     client, user = bridge
-    client.app.state.settings.immich.api_key = PLACEHOLDER_KEY  # type: ignore[attr-defined]
+    client.app.state.container.settings.immich.api_key = PLACEHOLDER_KEY  # type: ignore[attr-defined]
     r = client.get("/ping")
     assert r.status_code == 503 and "POLAR_IMMICH__API_KEY" in r.text
-    client.app.state.settings.immich.api_key = user.key  # type: ignore[attr-defined]
+    client.app.state.container.settings.immich.api_key = user.key  # type: ignore[attr-defined]
     assert client.get("/ping").text == "pong"
 
 
@@ -358,8 +360,8 @@ def test_ping_fails_while_the_model_is_not_loaded(tmp_path: Path) -> None:
     )
     with TestClient(create_app(settings)) as client:
         user = create_api_user(client)
-        client.app.state.settings.immich.api_key = user.key  # type: ignore[attr-defined]
-        loader = client.app.state.model_loader  # type: ignore[attr-defined]
+        client.app.state.container.settings.immich.api_key = user.key  # type: ignore[attr-defined]
+        loader = client.app.state.container.model  # type: ignore[attr-defined]
         while loader.loading:
             time.sleep(0.05)
         r = client.get("/ping")
@@ -447,10 +449,10 @@ def test_counts_and_errors_say_nothing_about_the_rewritten_text(bridge) -> None:
 
 def test_only_allowed_client_networks_reach_the_bridge(tmp_path: Path) -> None:
     app = create_app(_bridge(tmp_path, allowed_clients=["172.18.0.0/16"]))
-    app.state.model_loader.install(tiny_bundle())
+    app.state.container.model.install(tiny_bundle())
     with TestClient(app, client=("10.1.2.3", 40000)) as outsider:
         user = create_api_user(outsider)
-        app.state.settings.immich.api_key = user.key
+        app.state.container.settings.immich.api_key = user.key
         assert outsider.get("/ping").status_code == 403
         r = predict_text(outsider, textual(tiny_name()), "a dog")
         assert r.status_code == 403 and r.json()["error"]["code"] == "client_not_allowed"
@@ -467,10 +469,10 @@ def test_allowed_clients_must_be_networks() -> None:
 
 def test_textual_requests_are_rate_limited_per_client(tmp_path: Path) -> None:
     app = create_app(_bridge(tmp_path, text_rate_per_minute=2))
-    app.state.model_loader.install(tiny_bundle())
+    app.state.container.model.install(tiny_bundle())
     with TestClient(app, client=("172.18.0.5", 1)) as one:
         user = create_api_user(one)
-        app.state.settings.immich.api_key = user.key
+        app.state.container.settings.immich.api_key = user.key
         codes = [predict_text(one, textual(tiny_name()), "a dog").status_code for _ in range(3)]
         assert codes == [200, 200, 429]
         # Images (Immich's indexing job) are not counted.
@@ -500,7 +502,7 @@ def test_a_slow_forwarded_request_holds_no_search_turn(tmp_path: Path) -> None:
     settings = _bridge(tmp_path, forward_url="http://immich-ml.invalid:3003")
     settings.threads.concurrent_searches = 1
     app = create_app(settings)
-    app.state.model_loader.install(tiny_bundle())
+    app.state.container.model.install(tiny_bundle())
     release, arrived = threading.Event(), threading.Event()
 
     async def slow(request: httpx.Request) -> httpx.Response:  # noqa: ARG001
@@ -511,8 +513,8 @@ def test_a_slow_forwarded_request_holds_no_search_turn(tmp_path: Path) -> None:
 
     with TestClient(app) as client:
         user = create_api_user(client)
-        app.state.settings.immich.api_key = user.key
-        app.state.immich_client = httpx.AsyncClient(transport=httpx.MockTransport(slow))
+        app.state.container.settings.immich.api_key = user.key
+        app.state.container.bridge.client = httpx.AsyncClient(transport=httpx.MockTransport(slow))
         faces: list[int] = []
         jpeg = noisy_jpeg(seed=2)
         waiting = threading.Thread(
@@ -552,7 +554,7 @@ def test_bridge_images_take_their_own_turns_not_the_searches(
     settings = _bridge(tmp_path, concurrent_images=1)
     settings.threads.concurrent_searches = 1
     app = create_app(settings)
-    app.state.model_loader.install(tiny_bundle())
+    app.state.container.model.install(tiny_bundle())
     release, inside, most = threading.Event(), [0], [0]
     real = bridge_service.encode_images
 
@@ -566,7 +568,7 @@ def test_bridge_images_take_their_own_turns_not_the_searches(
     monkeypatch.setattr(bridge_service, "encode_images", held)
     with TestClient(app) as client:
         user = create_api_user(client)
-        app.state.settings.immich.api_key = user.key
+        app.state.container.settings.immich.api_key = user.key
         jpeg = noisy_jpeg(seed=4)
         codes: list[int] = []
         images = [

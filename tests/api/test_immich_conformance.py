@@ -118,8 +118,8 @@ def _app(tmp_path: Path, model: ModelSettings) -> Iterator[TestClient]:
     )
     with TestClient(create_app(settings)) as client:
         user = create_api_user(client)
-        client.app.state.settings.immich.api_key = user.key  # type: ignore[attr-defined]
-        client.app.state.model_loader.get()  # type: ignore[attr-defined]
+        client.app.state.container.settings.immich.api_key = user.key  # type: ignore[attr-defined]
+        client.app.state.container.model.get()  # type: ignore[attr-defined]
         yield client
 
 
@@ -165,7 +165,7 @@ def test_the_model_has_the_activation_its_weights_were_trained_with(declared, vi
     """open_clip's pretrained config says `quick_gelu: True` for ViT-B-32/openai; the served
     model must be built with it, and its id says so (/readyz, search answers, concepts)."""
     client = declared
-    serving = client.app.state.model_loader.get()  # type: ignore[attr-defined]
+    serving = client.app.state.container.model.get()  # type: ignore[attr-defined]
     want = "quick_gelu" if open_clip.get_pretrained_cfg("ViT-B-32", "openai")["quick_gelu"] else ""
     assert activation_of(serving.bundle.model) == want == serving.bundle.fingerprint.activation
     ready = client.get("/readyz").json()

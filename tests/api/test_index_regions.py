@@ -30,7 +30,7 @@ FIVE = len(LAYOUTS["five"])
 
 
 def _rows(client: Any) -> dict[str, Image]:
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         rows = s.scalars(select(Image)).all()
         for r in rows:
             _ = r.region_embeddings  # deferred column: load it before the session closes
@@ -66,7 +66,7 @@ def test_embedding_stores_the_crops_and_pooled_regions_of_each_image(
 
 @pytest.mark.usefixtures("tiny_serving")
 def test_regions_off_stores_none_and_index_says_so(api_client, make_user):
-    api_client.app.state.settings.search.regions = "none"
+    api_client.app.state.container.settings.search.regions = "none"
     user = make_user(api_client)
     upload(api_client, user, range(3))
     wait_jobs(api_client)
@@ -81,7 +81,7 @@ def test_regions_off_stores_none_and_index_says_so(api_client, make_user):
 def test_rebuild_fills_missing_regions_and_is_idempotent_while_open(api_client, library):  # noqa: F811
     user, ids = library
     before = {i: r.region_embeddings for i, r in _rows(api_client).items()}
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.execute(update(Image).values(region_embeddings=None, region_layout=None))
         s.commit()
     status = api_client.get("/index", headers=user.headers).json()
@@ -101,7 +101,7 @@ def test_rebuild_fills_missing_regions_and_is_idempotent_while_open(api_client, 
             np.frombuffer(before[i], np.float16),
         )
     # An open rebuild is returned, not duplicated.
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         job = Job(user_id=user.id, kind="rebuild_index", state=JobState.QUEUED.value, payload={})
         s.add(job)
         s.commit()
@@ -126,7 +126,7 @@ def _two_concepts(client: Any, user: Any, bundle: Any) -> None:
     a = _add_concept(client, user.id, bundle, "Fido", "hat")
     b = _add_concept(client, user.id, bundle, "Rex", "ball")
     # distinct tokens, as the service trains them
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         s.execute(update(Concept).where(Concept.id == b).values(token="tok"))
         s.commit()
     assert a != b
@@ -134,14 +134,14 @@ def _two_concepts(client: Any, user: Any, bundle: Any) -> None:
 
 def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> dict[str, float]:
     """The re-ranking score of every image, computed from the stored rows."""
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         adapters = [
-            client.app.state.adapter_cache.get(a)
+            client.app.state.container.adapter_cache.get(a)
             for a in s.scalars(select(Adapter).join(Concept).order_by(Concept.name))
         ]
         assert not s.scalars(select(ConceptExample)).all()  # no photos: parts are text only
     rows = _rows(client)
-    serving = client.app.state.model_loader.get()
+    serving = client.app.state.container.model.get()
     enc = encode_query_parts(serving, rewritten, adapters, [None] * len(adapters), cfg)
     assert enc.parts is not None and enc.parts.shape == (2, bundle.embed_dim)
     ids = list(rows)
@@ -175,7 +175,7 @@ def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> 
 def test_two_concept_queries_are_reranked_by_crops(api_client, library, tiny_serving, regions):  # noqa: F811
     user, _ = library
     _two_concepts(api_client, user, tiny_serving)
-    cfg = api_client.app.state.settings.search
+    cfg = api_client.app.state.container.settings.search
     cfg.regions = regions
     body = api_client.get(
         "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
@@ -200,13 +200,13 @@ def test_one_concept_queries_are_reranked_by_crops(api_client, library, tiny_ser
     params = {"q": "Fido on the beach", "k": 6}
     body = api_client.get("/search", params=params, headers=user.headers).json()
     assert body["reranked"] is True
-    search_settings = api_client.app.state.settings.search
+    search_settings = api_client.app.state.container.settings.search
     search_settings.concept_region_weight = 0.0  # POLAR_SEARCH__CONCEPT_REGION_WEIGHT=0
     body = api_client.get("/search", params=params, headers=user.headers).json()
     rows = _rows(api_client)
-    with api_client.app.state.session_factory() as s:
-        adapter = api_client.app.state.adapter_cache.get(s.scalars(select(Adapter)).one())
-    serving = api_client.app.state.model_loader.get()
+    with api_client.app.state.container.session_factory() as s:
+        adapter = api_client.app.state.container.adapter_cache.get(s.scalars(select(Adapter)).one())
+    serving = api_client.app.state.container.model.get()
     q = encode_query_parts(serving, body["rewritten"], [adapter], [None], search_settings)
     assert region_weights(q, search_settings, "both") == {} and body["reranked"] is False
     for h in body["hits"]:
@@ -231,20 +231,20 @@ def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_servi
     from app.services.embedding import embed_pending
     from app.services.jobs import JobContext
 
-    cfg = api_client.app.state.settings.search
+    cfg = api_client.app.state.container.settings.search
     cfg.regions, cfg.region_method = "none", method  # upload without regions first
     user = make_user(api_client)
     ids = upload(api_client, user, range(40, 75))  # 35 images: two batches per pass
     wait_jobs(api_client)
     cfg.regions = "five"
-    with api_client.app.state.session_factory() as s:  # as after a model switch
+    with api_client.app.state.container.session_factory() as s:  # as after a model switch
         s.execute(update(Image).values(embedding_model="old-model"))
         s.commit()
     final = "five" if method == "crops" else "five-both"
     seen: list[tuple[float, int, int, int]] = []
 
     def progress(fraction: float) -> None:
-        with api_client.app.state.session_factory() as s:
+        with api_client.app.state.container.session_factory() as s:
             rows = s.execute(select(Image.embedding_model, Image.region_layout)).all()
         current = sum(m == tiny_serving.fingerprint.model_id for m, _ in rows)
         pooled = sum(r == "five-pooled" for _, r in rows)
@@ -268,7 +268,7 @@ def test_a_model_switch_drops_the_old_models_crops(api_client, library, tiny_ser
     user, _ = library
     good = {i: r.region_embeddings for i, r in _rows(api_client).items()}
     junk = np.zeros((FIVE, tiny_serving.embed_dim), np.float16).tobytes()
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.execute(update(Image).values(embedding_model="old-model", region_embeddings=junk))
         s.commit()
     assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 0
@@ -309,7 +309,7 @@ def test_candidates_without_crops_are_matched_whole_and_named_in_a_warning(
     _two_concepts(api_client, user, tiny_serving)
     q = {"q": "Fido and Rex on the beach", "k": 6}
     assert not api_client.get("/search", params=q, headers=user.headers).json()["warnings"]
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.execute(
             update(Image)
             .where(Image.id.in_(ids[:2]))
@@ -322,14 +322,14 @@ def test_candidates_without_crops_are_matched_whole_and_named_in_a_warning(
         w.startswith("2 of the 6 re-ranked images lack region embeddings") for w in body["warnings"]
     )
     expected = _expected(
-        api_client, tiny_serving, body["rewritten"], api_client.app.state.settings.search
+        api_client, tiny_serving, body["rewritten"], api_client.app.state.container.settings.search
     )
     assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)
 
 
 def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tiny_serving):  # noqa: F811
     """POLAR_SEARCH__REGION_METHOD=pooled: one pass per image stores both, keyed five-pooled."""
-    api_client.app.state.settings.search.region_method = "pooled"
+    api_client.app.state.container.settings.search.region_method = "pooled"
     user = make_user(api_client)
     ids = upload(api_client, user, range(3))
     wait_jobs(api_client)
@@ -350,7 +350,7 @@ def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tin
 
 def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, tiny_serving):  # noqa: F811
     user, ids = library  # embedded with both kinds
-    cfg = api_client.app.state.settings.search
+    cfg = api_client.app.state.container.settings.search
     both = {i: r.region_embeddings for i, r in _rows(api_client).items()}
     cfg.region_method = "pooled"
     status = api_client.get("/index", headers=user.headers).json()
@@ -378,7 +378,7 @@ def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, 
 
 def test_a_switch_to_both_keeps_the_stored_crops(api_client, make_user, tiny_serving):  # noqa: F811
     """crops -> both: a rebuild adds the pooled regions and encodes no crop again."""
-    cfg = api_client.app.state.settings.search
+    cfg = api_client.app.state.container.settings.search
     cfg.region_method = "crops"
     user = make_user(api_client)
     ids = upload(api_client, user, range(3))
@@ -387,7 +387,7 @@ def test_a_switch_to_both_keeps_the_stored_crops(api_client, make_user, tiny_ser
     # Mark the stored crops: were they encoded again, the mark would be gone.
     mark = np.zeros((FIVE, d), np.float32)
     mark[:, 0] = 1.0
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.execute(update(Image).values(region_embeddings=mark.astype(np.float16).tobytes()))
         s.commit()
     cfg.region_method = "both"
@@ -415,7 +415,7 @@ def test_a_switch_from_both_to_crops_repacks_without_decoding(
     no image file (a decode per photo would be wasted)."""
     from app.services import embedding
 
-    cfg = api_client.app.state.settings.search
+    cfg = api_client.app.state.container.settings.search
     cfg.region_method = "both"
     user = make_user(api_client)
     ids = upload(api_client, user, range(3))
@@ -449,7 +449,7 @@ def test_candidates_with_one_kind_of_regions_are_matched_on_it_for_both(
     user, ids = library
     _two_concepts(api_client, user, tiny_serving)
     rows = _rows(api_client)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         for i in ids[:2]:
             crops_only = rows[i].region_embeddings[: len(rows[i].region_embeddings) // 2]
             s.execute(
@@ -462,6 +462,6 @@ def test_candidates_with_one_kind_of_regions_are_matched_on_it_for_both(
         "/search", params={"q": "Fido and Rex on the beach", "k": 6}, headers=user.headers
     ).json()
     assert any(w.startswith("2 of the 6 re-ranked") for w in body["warnings"])
-    cfg = api_client.app.state.settings.search
+    cfg = api_client.app.state.container.settings.search
     expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
     assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)

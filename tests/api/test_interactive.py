@@ -151,7 +151,7 @@ def test_a_slow_body_holds_no_turn_and_pauses_no_job() -> None:
 
 def test_an_oversized_streamed_search_body_is_refused_with_413(api_client, library):  # noqa: F811
     user, _ = library
-    limit = api_client.app.state.settings.limits.max_json_bytes
+    limit = api_client.app.state.container.settings.limits.max_json_bytes
 
     def body():
         yield b'{"q": "'

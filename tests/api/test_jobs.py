@@ -22,7 +22,7 @@ def add_job(
 ) -> str:
     """A queued job created straight in the database (nothing dispatches it)."""
     app: Any = client.app
-    with session_scope(app.state.session_factory) as s:
+    with session_scope(app.state.container.session_factory) as s:
         job = jobs.create_job(db_session=s, user_id=user.id, kind=kind, payload=payload)
         # Distinct, known creation times: the listing's order is tested, not the clock's.
         job.created_at = utcnow() - timedelta(seconds=age_s)
@@ -31,7 +31,7 @@ def add_job(
 
 def set_state(client: TestClient, job_id: str, **values: Any) -> None:
     app: Any = client.app
-    with session_scope(app.state.session_factory) as s:
+    with session_scope(app.state.container.session_factory) as s:
         s.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
@@ -61,8 +61,8 @@ def test_get_job_shows_state_progress_and_links(api_client, make_user):
     assert job["started_at"] is None and job["finished_at"] is None
     assert job["links"] == {"concept": f"/concepts/{concept_id}", "images": None}
 
-    jobs.mark_running(job_id, session_factory=api_client.app.state.session_factory)
-    jobs.set_progress(job_id, 0.25, session_factory=api_client.app.state.session_factory)
+    jobs.mark_running(job_id, session_factory=api_client.app.state.container.session_factory)
+    jobs.set_progress(job_id, 0.25, session_factory=api_client.app.state.container.session_factory)
     job = api_client.get(f"/jobs/{job_id}", headers=user.headers).json()
     assert (job["state"], job["progress"], job["attempts"]) == ("running", 0.25, 1)
     assert job["started_at"] is not None
@@ -75,7 +75,7 @@ def test_failed_job_shows_its_error_code_and_message(api_client, make_user):
         job_id,
         "file_missing",
         "a photo is gone",
-        session_factory=api_client.app.state.session_factory,
+        session_factory=api_client.app.state.container.session_factory,
     )
     job = api_client.get(f"/jobs/{job_id}", headers=user.headers).json()
     assert job["state"] == "failed" and job["finished_at"] is not None
@@ -135,7 +135,7 @@ def test_list_filters_by_state_and_kind(api_client, make_user):
     failed = add_job(api_client, user, JobKind.EMBED_IMAGES, {"image_ids": []}, age_s=3)
     training = add_job(api_client, user, JobKind.TRAIN_CONCEPT, {"concept_id": UNKNOWN}, age_s=2)
     queued = add_job(api_client, user, JobKind.EMBED_IMAGES, {"image_ids": []}, age_s=1)
-    factory = api_client.app.state.session_factory
+    factory = api_client.app.state.container.session_factory
     jobs.mark_failed(failed, "x", "y", session_factory=factory)
 
     def listed(**params: str) -> list[str]:

@@ -31,13 +31,13 @@ def _expected(client, user, q: str = "a photo") -> dict[str, float]:
     r = client.post("/embed/text", json={"q": q, "personalize": False}, headers=user.headers)
     assert r.status_code == 200, r.text
     text = np.asarray(r.json()["embedding"], np.float32)
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         rows = s.query(Image).filter(Image.embedding.is_not(None)).all()
         return {i.id: float(np.frombuffer(i.embedding, np.float32) @ text) for i in rows}
 
 
 def _serving(client) -> TestClient:
-    client.app.state.model_loader.install(tiny_clip(0))
+    client.app.state.container.model.install(tiny_clip(0))
     return client
 
 
@@ -78,7 +78,7 @@ def test_a_replaced_photo_is_searched_by_its_new_picture_at_once_and_after_a_res
         expected = _expected(api_client, user)
         assert _scores(second, user) == pytest.approx(expected, abs=1e-4)
         assert _scores(api_client, user) == pytest.approx(expected, abs=1e-4)
-    api_client.app.state.index_cache.flush()
+    api_client.app.state.container.index_cache.flush()
     # A restart loads the saved index: it holds the new vectors.
     with _serving(TestClient(create_app(db_settings))) as restarted:
         assert _scores(restarted, user) == pytest.approx(expected, abs=1e-4)
@@ -154,7 +154,7 @@ def test_a_touched_but_unchanged_photo_keeps_its_embedding(api_client, folder_us
         "id"
     ]
     wait_jobs(api_client)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         before = s.query(Image).one()
         vec_id, embedding = before.vec_id, before.embedding
     os.chmod(photo, 0o600)  # ctime changes, content does not
@@ -163,7 +163,7 @@ def test_a_touched_but_unchanged_photo_keeps_its_embedding(api_client, folder_us
     wait_jobs(api_client)
     rep = report(api_client, user, lib_id)
     assert (rep["changed"], rep["unchanged"]) == (0, 1), rep
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         after = s.query(Image).one()
         assert (after.vec_id, after.embedding) == (vec_id, embedding)
         assert after.source_ctime_ns == os.stat(photo).st_ctime_ns
@@ -184,7 +184,7 @@ def test_a_row_from_before_the_stamp_takes_it_without_a_read(api_client, folder_
         "id"
     ]
     wait_jobs(api_client)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.execute(update(Image).values(source_ctime_ns=None, source_ino=None))
         s.commit()
     read: list[object] = []
@@ -195,7 +195,7 @@ def test_a_row_from_before_the_stamp_takes_it_without_a_read(api_client, folder_
     assert api_client.post(f"/libraries/{lib_id}/scan", headers=user.headers).status_code == 202
     wait_jobs(api_client)
     assert (report(api_client, user, lib_id)["unchanged"], read) == (1, [])
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         row = s.query(Image).one()
         assert (row.source_ctime_ns, row.source_ino) == (
             os.stat(photo).st_ctime_ns,

@@ -229,7 +229,7 @@ def test_new_and_deleted_photos_appear_without_asking(
     lib = tmp_path / "photos" / "lib"
     (lib / "a.jpg").write_bytes(noisy_jpeg(seed=1))
     with TestClient(create_app(watch_settings)) as client:
-        client.app.state.model_loader.install(tiny_clip(0))
+        client.app.state.container.model.install(tiny_clip(0))
         user = make_user(client)
         r = client.post("/libraries", json={"path": str(lib)}, headers=user.headers)
         assert r.status_code == 202, r.text
@@ -270,7 +270,7 @@ def test_a_library_whose_folder_became_a_link_says_why_it_is_not_watched(
     (other / "b.jpg").write_bytes(noisy_jpeg(seed=2))
     (tmp_path / "outside").mkdir()
     with TestClient(create_app(watch_settings)) as client:
-        client.app.state.model_loader.install(tiny_clip(0))
+        client.app.state.container.model.install(tiny_clip(0))
         user = make_user(client)
         ids = []
         for folder in (lib, other):

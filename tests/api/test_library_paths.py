@@ -247,11 +247,11 @@ def test_a_report_stored_before_the_fix_is_still_answered(api_client, folder_use
     old["skipped"] = [{"path": bad, "reason": "not an image"}]
     old["skipped_count"] = 1
     try:
-        with api_client.app.state.session_factory() as s:
+        with api_client.app.state.container.session_factory() as s:
             s.execute(update(Library).where(Library.id == lib_id).values(report=old))
             s.commit()
     except (SQLAlchemyError, UnicodeError):  # PostgreSQL cannot even store it
-        assert api_client.app.state.engine.dialect.name == "postgresql"
+        assert api_client.app.state.container.engine.dialect.name == "postgresql"
         return
     r = api_client.get(f"/libraries/{lib_id}", headers=user.headers)
     assert r.status_code == 200, r.text

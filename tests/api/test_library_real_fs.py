@@ -155,7 +155,7 @@ def test_a_mount_that_changes_under_the_running_service_is_seen_by_the_next_scan
 
 def test_the_data_folder_is_never_a_library(api_client, folder_user, tmp_path, mounts):
     user, lib = folder_user
-    data = api_client.app.state.settings.data_dir.resolve()
+    data = api_client.app.state.container.settings.data_dir.resolve()
     photos = (tmp_path / "photos").resolve()
     # A bind mount of the data folder (or a folder in it) under an allowed root.
     (data / "originals").mkdir(exist_ok=True)

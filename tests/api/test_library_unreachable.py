@@ -228,7 +228,7 @@ def test_a_scan_batch_that_meets_an_upload_of_the_same_bytes_is_indexed_again(
     user, lib = folder_user
     # One file a batch: on SQLite a batch that has written holds the one writer lock, so only a
     # batch's first lookup can race an upload there.
-    monkeypatch.setattr(api_client.app.state.settings.library, "batch", 1)
+    monkeypatch.setattr(api_client.app.state.container.settings.library, "batch", 1)
     files = photos(lib)
     data = files["b"].read_bytes()
     lookup = repositories.get_image_by_sha256

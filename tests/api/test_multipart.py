@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from app.api.errors import body_kinds
 from app.api.forms import FormRoute
+from app.main import api_routes
 from app.models import Concept, ConceptExample, Job
 from app.models import Image as ImageRow
 from tests.api.test_auth import assert_error
@@ -54,7 +55,7 @@ def photos(n: int = 3, seed: int = 0) -> list[bytes]:
 
 
 def counts(client: Any) -> tuple[int, ...]:
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         return tuple(
             s.scalar(select(func.count()).select_from(m)) or 0
             for m in (Concept, ConceptExample, ImageRow, Job)
@@ -62,7 +63,7 @@ def counts(client: Any) -> tuple[int, ...]:
 
 
 def stored_files(client: Any) -> list[str]:
-    data = client.app.state.settings.data_dir
+    data = client.app.state.container.settings.data_dir
     return sorted(
         str(p.relative_to(data))
         for p in data.rglob("*")
@@ -223,6 +224,6 @@ def test_a_complete_body_with_an_epilogue_is_read(api_client, user):
 
 
 def test_every_route_that_takes_a_form_reads_it_strictly(api_client):
-    marked = body_kinds(api_client.app.state.api_routes)
+    marked = body_kinds(api_routes(api_client.app.state.container.settings))
     assert len(marked) >= 3  # POST /images, /concepts, /concepts/{id}/examples
     assert all(isinstance(route, FormRoute) for route, _ in marked)

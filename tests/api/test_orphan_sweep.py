@@ -43,13 +43,13 @@ def test_the_sweep_removes_old_unreferenced_originals_only(
                                           "image/png"))])  # fmt: skip
         assert r.status_code == 202, r.text
         app = client.app
-        store: ImageStore = app.state.image_store  # type: ignore[attr-defined]
+        store: ImageStore = app.state.container.store  # type: ignore[attr-defined]
         kept = r.json()["images"][0]
         kept_path = next(p for p, _ in store.originals())
         os.utime(store.path(kept_path), (OLD, OLD))
         orphan = store_file(store, (1, 2, 3))
         young = store_file(store, (4, 5, 6), mtime=time.time())  # an upload in flight
-        factory = app.state.session_factory  # type: ignore[attr-defined]
+        factory = app.state.container.session_factory  # type: ignore[attr-defined]
         with caplog.at_level(logging.WARNING, "app.services.images"):
             removed = sweep_unreferenced_originals(factory, store)
         assert removed == [orphan]

@@ -19,7 +19,7 @@ def wait_jobs(client: Any, timeout: float = 60.0) -> None:
     """Until no job is queued or running (the embedded runner works in the background)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with client.app.state.session_factory() as s:
+        with client.app.state.container.session_factory() as s:
             states = [j.state for j in s.query(Job).all()]
         if all(st in (JobState.SUCCEEDED, JobState.FAILED) for st in states):
             assert JobState.FAILED not in states, "a job failed"
@@ -61,7 +61,7 @@ def test_plain_search_ranks_every_image_by_cosine(api_client, library, tiny_serv
     from app.ml.encode import encode_texts
 
     q = encode_texts(tiny_serving, ["a photo of a hat"])[0]
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         emb = {i.id: np.frombuffer(i.embedding, np.float32) for i in s.query(Image).all()}
     for h in hits:
         assert h["score"] == pytest.approx(float(emb[h["image"]["id"]] @ q), abs=1e-5)
@@ -97,10 +97,10 @@ def test_deleted_image_leaves_the_results_at_once(api_client, library):
 def test_index_file_is_persisted_and_a_corrupt_one_is_rebuilt(api_client, library):
     user, _ = library
     before = api_client.get("/search", params={"q": "x"}, headers=user.headers).json()
-    files = list(api_client.app.state.settings.data_dir.glob("index/*/*.faiss"))
+    files = list(api_client.app.state.container.settings.data_dir.glob("index/*/*.faiss"))
     assert len(files) == 1
     files[0].write_bytes(b"garbage")
-    cache = api_client.app.state.index_cache
+    cache = api_client.app.state.container.index_cache
     cache._entries.clear()  # as if another process: only the file and the database remain
     after = api_client.get("/search", params={"q": "x"}, headers=user.headers).json()
     assert [h["image"]["id"] for h in after["hits"]] == [h["image"]["id"] for h in before["hits"]]
@@ -149,7 +149,7 @@ def test_search_needs_a_key(api_client):
 def _add_concept(client: Any, user_id: str, bundle: Any, name: str, category: str) -> str:
     emb = torch.nn.functional.normalize(torch.randn(5, bundle.embed_dim), dim=-1)
     adapter = train_adapter(bundle, emb, "sks", category, lam=0.01, steps=30)
-    with client.app.state.session_factory() as s:
+    with client.app.state.container.session_factory() as s:
         c = Concept(
             user_id=user_id, name=name, name_key=name.casefold(), category=category,
             token="sks", state="ready", version=1,
@@ -220,7 +220,7 @@ def test_post_with_a_foreign_concept_is_404(api_client, library, make_user, tiny
 
 def test_untrained_concept_is_searched_as_text_with_a_warning(api_client, library):
     user, _ = library
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         s.add(Concept(user_id=user.id, name="Luna", name_key="luna", token="sks",
                       state="training", version=1))  # fmt: skip
         s.commit()
@@ -314,5 +314,5 @@ def test_bad_file_times_are_422_and_store_nothing(api_client, make_user, modifie
     )
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "validation_failed"
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         assert s.query(Image).count() == 0

@@ -41,8 +41,8 @@ def test_a_rebuild_skips_swapped_files_and_embeds_the_rest(
     tiny_serving,  # noqa: F811
 ):
     user, ids = library
-    store = api_client.app.state.image_store
-    with api_client.app.state.session_factory() as s:
+    store = api_client.app.state.container.store
+    with api_client.app.state.container.session_factory() as s:
         paths = dict(s.execute(select(Image.id, Image.storage_path)).all())
         s.execute(update(Image).values(embedding=None, embedding_model=None))
         s.commit()
@@ -56,7 +56,7 @@ def test_a_rebuild_skips_swapped_files_and_embeds_the_rest(
         wait_jobs(api_client, timeout=30)
     finally:
         unblock_fifo(fifo)
-    with api_client.app.state.session_factory() as s:
+    with api_client.app.state.container.session_factory() as s:
         embedded = dict(s.execute(select(Image.id, Image.embedding_model)).all())
     assert embedded[ids[0]] is None and embedded[ids[1]] is None
     assert all(embedded[i] == tiny_serving.fingerprint.model_id for i in ids[2:])

@@ -168,9 +168,9 @@ WORKER_MAIN = textwrap.dedent(
 CLIENT_MAIN = textwrap.dedent(
     """
     import sys
-    from app.runtime.container import build, job_queue
+    from app.runtime.container import build
     from app.config import get_settings
-    queue = job_queue(build(get_settings()))
+    queue = build(get_settings()).queue
     queue.celery.conf.task_default_queue = sys.argv[1]  # this test's own queue
     for job_id in sys.argv[2:]:
         queue.enqueue(job_id)

@@ -16,6 +16,7 @@ from sqlalchemy import update
 from app.config import Settings
 from app.db import session_scope
 from app.models import Image, Job, JobKind, utcnow
+from app.runtime.container import Watchers
 from app.runtime.reconciler import ReconcilePolicy, reconcile_once
 from app.runtime.runner import JobRunner
 from app.services import jobs, users
@@ -142,8 +143,17 @@ def test_the_embedded_runner_finds_jobs_it_was_never_given(
 ) -> None:
     ran = threading.Event()
     env = env_with(tmp_path, factory, {KIND: lambda _ctx: ran.set()})
-    runner = JobRunner(env, reconcile=ReconcilePolicy(resend_after_s=0.2, interval_s=0.05))
+    runner = JobRunner(env)
+    # Wired as the container wires an embedded process (app/runtime/container.py).
+    watchers = Watchers(
+        factory,
+        runner,
+        env.settings,
+        skip=runner.is_pending,
+        policy=ReconcilePolicy(resend_after_s=0.2, interval_s=0.05),
+    )
     assert runner.start() == []
+    watchers.start()
     try:
         job_id = new_job(factory, user_id)  # committed, but its enqueue never happened
         assert ran.wait(20)
@@ -152,6 +162,7 @@ def test_the_embedded_runner_finds_jobs_it_was_never_given(
             assert time.monotonic() < deadline
             time.sleep(0.02)
     finally:
+        watchers.stop()
         runner.stop()
 
 

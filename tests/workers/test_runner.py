@@ -18,7 +18,7 @@ from app.db import session_scope
 from app.errors import NotFound, ValidationFailed
 from app.main import create_app
 from app.models import Job, JobKind
-from app.runtime.container import build, job_queue
+from app.runtime.container import build
 from app.runtime.runner import JobRunner
 from app.services import jobs, users
 from app.services.jobs import JobContext, JobEnvironment, ProgressThrottle, SessionFactory
@@ -230,16 +230,21 @@ def test_the_composition_root_picks_the_queue(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     embedded_root = build(Settings(data_dir=tmp_path, broker_url=""))
-    queue = job_queue(embedded_root)
-    assert isinstance(queue, JobRunner) and not queue.running  # the caller starts it
+    queue = embedded_root.queue
+    assert isinstance(queue, JobRunner) and not queue.running  # container.start() starts it
+    assert embedded_root.runner is queue
+    # The embedded process watches (reconciler, library monitor), through its own runner.
+    assert embedded_root.watchers is not None
+    assert embedded_root.watchers.reconciler.queue is queue
     with pytest.raises(RuntimeError):
         queue.enqueue("j1")  # not started: the job stays queued in the database
     assert set(embedded_root.jobs.handlers) == {k.value for k in JobKind}
     embedded_root.engine.dispose()
 
     brokered = build(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/9"))
-    celery_queue = job_queue(brokered)
+    celery_queue = brokered.queue
     assert isinstance(celery_queue, CeleryQueue)
+    assert brokered.runner is None and brokered.watchers is None  # the Celery worker watches
     sent: list[tuple[str, Any]] = []
     monkeypatch.setattr(
         celery_queue.celery,
@@ -397,9 +402,9 @@ def test_app_lifespan_runs_jobs_in_process(db_settings: Settings, handlers: dict
     handlers[KIND] = lambda _ctx: done.set()
     with TestClient(create_app(db_settings, handlers=handlers)) as client:
         app: Any = client.app
-        runner = app.state.job_queue
+        runner = app.state.container.queue
         assert isinstance(runner, JobRunner) and runner.running
-        factory = app.state.session_factory
+        factory = app.state.container.session_factory
         with session_scope(factory) as s:
             uid = users.create_user("carol", db_session=s).id
         job_id = new_job(factory, uid)
@@ -449,3 +454,37 @@ def test_a_worker_process_lowers_itself_once_and_zero_means_unchanged() -> None:
     ).stdout.split()
     base = int(out[0])
     assert out[1:] == [str(min(19, base + 4)), "None", str(min(19, base + 4))]
+
+
+def _alive(name: str) -> bool:
+    return any(t.name == name and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_container_starts_and_stops_what_it_owns(db_url: str, tmp_path: Any) -> None:
+    """One container per process builds every long-lived object once: start() loads the model,
+    starts the runner, then the watchers that feed it; stop() ends them all."""
+    settings = embedded(db_url, tmp_path)
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"preload": False})}
+    )
+    container = build(settings)
+    runner, watchers = container.runner, container.watchers
+    assert runner is not None and watchers is not None
+    assert watchers.reconciler.queue is runner and watchers.monitor.queue is runner
+    assert not runner.running and not _alive("polar-reconciler")
+    container.start()
+    try:
+        assert runner.running and _alive("polar-reconciler")
+    finally:
+        container.stop()
+    assert not runner.running
+    deadline = time.monotonic() + 10
+    while _alive("polar-reconciler"):
+        assert time.monotonic() < deadline, "the reconciler outlived its container"
+        time.sleep(0.02)
+
+
+def test_the_apps_state_holds_only_the_container(db_settings: Settings) -> None:
+    with TestClient(create_app(db_settings)) as client:
+        app: Any = client.app
+        assert set(vars(app.state)["_state"]) == {"container"}

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
+from app.api.deps import parts_of
 from app.config import Settings
 from app.text import without_paths
 
@@ -66,7 +67,7 @@ class HealthProbe:
 
 def _check_db(request: Request) -> Check:
     try:
-        with request.app.state.engine.connect() as conn:
+        with parts_of(request.app).engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return Check(ok=True)
     except Exception as e:  # any failure means "not ready"; the detail says which
@@ -93,9 +94,9 @@ def _check_broker(settings: Settings) -> Check:
     responses={503: {"model": Readiness, "description": "not ready; `checks` says why"}},
 )
 def readyz(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    loader = request.app.state.model_loader
-    state = loader.state()
+    parts = parts_of(request.app)
+    settings = parts.settings
+    state = parts.model.state()
     checks = {
         "database": _check_db(request),
         "broker": _check_broker(settings),
@@ -131,20 +132,19 @@ def readyz(request: Request) -> Response:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
 )
 def metrics(request: Request) -> Response:
-    m = request.app.state.metrics
     sample_process_state(request.app)
-    return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(parts_of(request.app).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def sample_process_state(app: Any) -> None:
     """Copy this process's index cache and model into its gauges. Done after every request it
     serves (app/main.py), so with several API processes each one's share stays current
     whichever of them a scrape reaches."""
-    m = app.state.metrics
-    cache = app.state.index_cache
+    parts = parts_of(app)
+    m, cache = parts.metrics, parts.index_cache
     m.index_rebuilds.set(cache.rebuilds)
     m.index_cache_bytes.set(cache.nbytes)
     m.index_evictions.set(cache.evictions)
-    serving = app.state.model_loader.state().serving
+    serving = parts.model.state().serving
     if serving is not None:
         m.model_info.labels(serving.model_id, str(int(serving.is_demo))).set(1)

@@ -16,48 +16,27 @@ OCR request is I/O: sent asynchronously, it holds neither a thread nor a turn.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import SearchContextDep, SessionDep
+from app.api.deps import SearchContextDep, SessionDep, parts_of
 from app.api.errors import error_response, takes_body
 from app.api.forms import FormRoute
-from app.api.interactive import SearchTurns
 from app.config import ImmichSettings
 from app.errors import ClientNotAllowed, RateLimited, ValidationFailed
 from app.services import immich as service
-from app.services.immich import ClientRateLimit
 from app.text import UnsafeText, clean_text
 
-__all__ = ["BridgeClients", "ClientRateLimit", "ImageTurns", "router"]
+__all__ = ["BridgeClients", "router"]
 
 router = APIRouter(tags=["immich"], include_in_schema=False, route_class=FormRoute)
 
 BRIDGE_PATHS = frozenset({"/ping", "/predict"})
-
-
-class ImageTurns:
-    """Immich's images encoded `concurrency` at a time, apart from the searches' turns."""
-
-    def __init__(self, concurrency: int) -> None:
-        self.concurrency = concurrency
-        self._limiter: anyio.CapacityLimiter | None = None  # made in the event loop
-
-    @asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.concurrency)
-        async with self._limiter:
-            yield
 
 
 class BridgeClients:
@@ -97,10 +76,11 @@ class BridgeClients:
 def ping(request: Request, db_session: SessionDep) -> PlainTextResponse:
     """Immich's availability check: `pong` only while the bridge can answer Immich's searches
     (the model loaded, the bridge key valid); else 503, and Immich stops sending them here."""
-    state = request.app.state.model_loader.state()
+    parts = parts_of(request.app)
+    state = parts.model.state()
     try:
         reason = service.unready_reason(
-            request.app.state.settings.immich,
+            parts.settings.immich,
             db_session,
             model_ok=state.ok,
             model_detail=state.detail,
@@ -124,15 +104,16 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
     form = await request.form()
     entries = service.parse_entries(_text_field(form.get("entries"), "entries"))
     settings = ctx.settings.immich
-    state = request.app.state
+    bridge = parts_of(request.app).bridge
+    assert bridge is not None, "the bridge's routes are mounted only when it is on"
     if not service.is_clip_request(entries):
-        client: httpx.AsyncClient = state.immich_client
+        client = bridge.client
         content_type = request.headers.get("content-type", "")
         out = await service.forward(body, content_type, settings=settings, client=client)
         return Response(out.body, status_code=out.status, media_type=out.content_type)
     entry = service.clip_entry(entries)
     if entry.type == service.TEXTUAL:
-        rate: ClientRateLimit = state.immich_rate
+        rate = bridge.rate
         if not rate.allow(_client(request)):
             raise RateLimited(
                 f"more than {rate.per_minute} textual requests a minute from this address "
@@ -146,7 +127,7 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
         if not isinstance(image, UploadFile):
             raise ValidationFailed("a visual CLIP request needs an 'image' file", code="no_input")
         data = await image.read(ctx.settings.limits.max_upload_bytes + 1)
-        images: ImageTurns = state.immich_images
+        images = bridge.images
         async with images.turn():
             result = await run_in_threadpool(
                 service.encode_visual,
@@ -154,13 +135,13 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
                 serving=serving,
                 limits=ctx.settings.limits,
                 threads=ctx.settings.threads.search,
-                step_aside=state.search_turns.foreground.wait_idle,
+                step_aside=parts_of(request.app).search_turns.foreground.wait_idle,
             )
     else:
         query = _text_field(text, "text")
         if query is None:
             raise ValidationFailed("a textual CLIP request needs a 'text' field", code="no_input")
-        turns: SearchTurns = state.search_turns
+        turns = parts_of(request.app).search_turns
         async with turns.turn():
             result = await run_in_threadpool(
                 service.encode_textual,
