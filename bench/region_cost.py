@@ -74,7 +74,14 @@ from app.models import Adapter, Concept, ConceptExample, Image
 from app.services import recipe
 from app.services.index import IndexCache
 from app.services.model import ServingModel
-from app.services.search import AdapterCache, photo_mean, rerank_by_regions, search_images
+from app.services.search import (
+    AdapterCache,
+    SearchEnv,
+    SearchQuery,
+    photo_mean,
+    rerank_by_regions,
+    search_images,
+)
 from app.services.users import create_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,17 +356,15 @@ def bench_query_one(
 
         def search(mode: str) -> tuple[list[str], str]:
             with factory() as s:
-                out = search_images(
-                    user_id,
-                    QUERY,
-                    k=K,
+                env = SearchEnv(
                     db_session=s,
                     serving=serving,
                     index_cache=cache,
                     adapter_cache=adapters,
                     limits=limits,
-                    search_settings=settings[mode],
+                    search=settings[mode],
                 )
+                out = search_images(user_id, SearchQuery(text=QUERY, k=K), env)
             assert out.personalized and len(out.concepts) == 2 and len(out.hits) == K
             assert out.indexed == n and out.reranked == (mode == "on")
             return [h.image.id for h in out.hits], out.text

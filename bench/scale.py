@@ -49,7 +49,7 @@ from app.ml.index import VectorIndex
 from app.models import Image
 from app.services.index import IndexCache, load_embeddings, sync_index
 from app.services.model import ServingModel
-from app.services.search import AdapterCache, SearchFilters, search_images
+from app.services.search import AdapterCache, SearchEnv, SearchFilters, SearchQuery, search_images
 from app.services.users import create_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,17 +244,14 @@ def bench_db_one(
 
         def search(filters: SearchFilters | None) -> int:
             with factory() as s:
-                out = search_images(
-                    user_id,
-                    QUERY,
-                    k=K,
-                    filters=filters,
+                env = SearchEnv(
                     db_session=s,
                     serving=serving,
                     index_cache=cache,
                     adapter_cache=adapters,
                     limits=limits,
                 )
+                out = search_images(user_id, SearchQuery(text=QUERY, k=K, filters=filters), env)
             assert len(out.hits) == K and out.indexed == n
             return len(out.hits)
 

@@ -29,10 +29,11 @@ from app.config import Settings
 from app.errors import ModelUnavailable, Unauthorized
 from app.models import User
 from app.services import users as users_service
+from app.services.images import PhotoEnv
 from app.services.index import IndexCache
 from app.services.jobs import JobQueue
 from app.services.model import ModelLoader, ServingModel
-from app.services.search import AdapterCache
+from app.services.search import AdapterCache, QueryEnv, SearchEnv
 from app.storage import ImageStore
 
 # Reachable without a key: probes, metrics (process-wide counters, nothing about any user: a
@@ -142,6 +143,23 @@ SessionDep = Annotated[Session, Depends(get_db_session)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
 
 
+def get_photo_env(request: Request, db_session: SessionDep) -> PhotoEnv:
+    """What a request that stores photos or queues jobs works with (app/services/images.py)."""
+    parts = parts_of(request.app)
+    settings = parts.settings
+    return PhotoEnv(
+        db_session=db_session,
+        store=parts.store,
+        queue=parts.queue,
+        limits=settings.limits,
+        training=settings.training,
+        library_roots=settings.library.roots,
+    )
+
+
+PhotoEnvDep = Annotated[PhotoEnv, Depends(get_photo_env)]
+
+
 def authenticate(
     request: Request,
     db_session: SessionDep,
@@ -224,15 +242,23 @@ class SearchContext:
         self.model_loader = parts.model
         self.metrics = parts.metrics
 
-    def query_options(self) -> dict[str, Any]:
-        """The keyword arguments every query encoding takes from the app: the adapter cache,
-        the limits, the search recipe and the threads of one search."""
-        return {
-            "adapter_cache": self.adapter_cache,
-            "limits": self.settings.limits,
-            "search_settings": self.settings.search,
-            "threads": self.settings.threads.search,
-        }
+    def query_env(self, db_session: Session) -> QueryEnv:
+        """What encoding a query needs: the request's session, the serving model (503 while it
+        loads), the adapter cache, the limits, the search recipe, one search's threads."""
+        settings = self.settings
+        return QueryEnv(
+            db_session=db_session,
+            serving=self.serving(),
+            adapter_cache=self.adapter_cache,
+            limits=settings.limits,
+            search=settings.search,
+            threads=settings.threads.search,
+        )
+
+    def search_env(self, db_session: Session) -> SearchEnv:
+        """A query's environment and the per-user index cache."""
+        query = self.query_env(db_session)
+        return SearchEnv(**vars(query), index_cache=self.index_cache)
 
     def serving(self) -> ServingModel:
         """The serving model (loaded on first use; ModelUnavailable → 503).

@@ -12,8 +12,8 @@ synthetic PerVL validation split (bench/results/pervl_synthetic_calibration.json
 
 Exact and cheap like the plain trainer: Q and K of the last block are untouched, so every
 text's attention at its pooled row is computed once, and each step recomputes only those rows
-through V + B·Â, the out-projection, the MLP, the final norm and the projection. An optional
-InfoNCE term (weight ν) contrasts each photo with the user's library images.
+through V + B·Â, the out-projection, the MLP, the final norm and the projection. Photos a
+person rejected shift the regression target away from them (app.ml.train.away_from).
 """
 
 from __future__ import annotations
@@ -90,14 +90,11 @@ def train_selective(
     seed: int = 0,
     keep: float = 1.0,
     others: int = 2,
-    library: torch.Tensor | None = None,
-    contrast: float = 0.0,
-    temperature: float = 0.05,
     progress: Progress | None = None,
     negatives: torch.Tensor | None = None,
     negative_weight: float = 0.0,
 ) -> ConceptAdapter:
-    """POLAR with the keep term (weight `keep`) and an optional library-contrastive term;
+    """POLAR with the keep term (weight `keep`);
     `negatives` (K, D), rejected photos, are pushed away with weight ν (app.ml.train.away_from:
     the regression target shifted, exactly the negative term)."""
     tower = text_tower(bundle.model)
@@ -112,7 +109,6 @@ def train_selective(
     if neg is not None:
         with torch.no_grad():
             base = F.normalize(head_out(tower, block_tail(tower.last, neg, neg.o)), dim=-1)
-    lib = None if library is None else F.normalize(library.to(dev, dtype), dim=-1)  # (M, D)
     a, b = init_factors(tower.width, seed, dtype, dev)
     a.requires_grad_(True)
     b.requires_grad_(True)
@@ -124,8 +120,6 @@ def train_selective(
         if neg is not None and base is not None:
             g = F.normalize(updated_features(tower, neg, a, b), dim=-1)  # (M, D)
             loss = loss + keep * (g - base).pow(2).mean()
-        if lib is not None and contrast > 0:
-            loss = loss + contrast * _library_nce(f, photos, lib, temperature)
         return loss
 
     for step in range(steps):
@@ -148,13 +142,3 @@ def train_selective(
         lr=lr,
         final_loss=final,
     )
-
-
-def _library_nce(
-    f: torch.Tensor, target: torch.Tensor, library: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """InfoNCE: each text's own photo against the library images as negatives."""
-    positive = (f * target).sum(-1, keepdim=True)  # (N, 1)
-    logits = torch.cat([positive, f @ library.T], dim=1) / temperature  # (N, 1 + M)
-    labels = torch.zeros(f.shape[0], dtype=torch.long, device=f.device)
-    return F.cross_entropy(logits, labels)

@@ -40,8 +40,14 @@ from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import placeholder_phrase
 from app.models import Concept, ConceptExample, ConceptState, Image, Job, JobKind, new_id
 from app.services import jobs
-from app.services.images import IncomingFile, delete_unused_files, ensure_unchanged, stage_all
-from app.services.jobs import JobQueue, enqueue_committed
+from app.services.images import (
+    IncomingFile,
+    PhotoEnv,
+    delete_unused_files,
+    ensure_unchanged,
+    stage_all,
+)
+from app.services.jobs import enqueue_committed
 from app.services.query import normalize_name
 from app.storage import ImageStore, StagedImage, is_gone_error, open_library_file
 
@@ -262,17 +268,17 @@ def _copies_of_folder_photos(
 
 
 def _gather_photos(
-    db_session: Session,
-    store: ImageStore,
-    limits: LimitSettings,
-    user_id: str,
-    files: Sequence[IncomingFile],
-    image_ids: Sequence[str],
-    roots: Sequence[Path],
+    env: PhotoEnv, user_id: str, files: Sequence[IncomingFile], image_ids: Sequence[str]
 ) -> tuple[list[StagedImage], list[Photo], list[StagedImage]]:
     """(uploads staged, library photos, every staged file to discard unless committed)."""
+    db_session, store, limits = env.db_session, env.store, env.limits
     library, copies = _copies_of_folder_photos(
-        db_session, store, limits, user_id, library_photos(db_session, user_id, image_ids), roots
+        db_session,
+        store,
+        limits,
+        user_id,
+        library_photos(db_session, user_id, image_ids),
+        env.library_roots,
     )
     try:
         uploads = stage_all(files, store, limits)
@@ -342,33 +348,28 @@ def start_new_version(db_session: Session, concept: Concept) -> Job:
 # --- use cases ----------------------------------------------------------------------------------
 
 
-def create_concept(
-    user_id: str,
-    name: str,
-    category: str | None,
-    files: Sequence[IncomingFile],
-    *,
-    db_session: Session,
-    store: ImageStore,
-    training: TrainingSettings,
-    limits: LimitSettings,
-    queue: JobQueue,
-    image_ids: Sequence[str] = (),
-    library_roots: Sequence[Path] = (),
-) -> ConceptChange:
-    """Store a new concept (version 1, `training`) with its photos and queue its training.
+@dataclass(frozen=True)
+class NewPhotos:
+    """A concept's photos as a request sends them: uploaded files and the user's library
+    images, together."""
 
-    The photos are the uploaded `files` and the user's library images `image_ids`, together.
-    """
+    files: Sequence[IncomingFile] = ()
+    image_ids: Sequence[str] = ()
+
+
+def create_concept(
+    user_id: str, name: str, category: str | None, photos_sent: NewPhotos, env: PhotoEnv
+) -> ConceptChange:
+    """Store a new concept (version 1, `env.training`) with its photos and queue its training."""
+    db_session, store, training = env.db_session, env.store, env.training
+    files = photos_sent.files
     name, category = clean_name(name), clean_category(category)
-    image_ids = list(dict.fromkeys(image_ids))  # an id sent twice is one photo
+    image_ids = list(dict.fromkeys(photos_sent.image_ids))  # an id sent twice is one photo
     sent = len(files) + len(image_ids)
     if sent < training.min_photos:
         raise _photo_range_error(sent, training, "got")
     _check_name_free(db_session, user_id, name)
-    uploads, library, staged = _gather_photos(
-        db_session, store, limits, user_id, files, image_ids, library_roots
-    )
+    uploads, library, staged = _gather_photos(env, user_id, files, image_ids)
     created_paths: list[str] = []
     try:
         # The maximum is checked here, on distinct photos: the same bytes sent twice count once
@@ -400,7 +401,7 @@ def create_concept(
     finally:
         for s in staged:
             store.discard(s)  # no-op for the committed ones
-    enqueue_committed(queue, job)
+    enqueue_committed(env.queue, job)
     return ConceptChange(ConceptView(concept, len(photos), job.id), job)
 
 
@@ -440,13 +441,13 @@ def get_example(
 def update_concept(
     user_id: str,
     concept_id: str,
+    env: PhotoEnv,
     *,
-    db_session: Session,
-    queue: JobQueue,
     name: str | None = None,
     category: str | _Keep | None = KEEP,
 ) -> ConceptChange:
     """Rename (no retraining) and/or change the category (new placeholder phrase: retrains)."""
+    db_session = env.db_session
     if name is None and category is KEEP:
         raise ValidationFailed("send a new `name` and/or `category`")
     new_name = clean_name(name) if name is not None else None
@@ -469,37 +470,24 @@ def update_concept(
     except BaseException:
         db_session.rollback()
         raise
-    enqueue_committed(queue, job)
+    enqueue_committed(env.queue, job)
     return ConceptChange(_view(db_session, concept), job)
 
 
 def add_examples(
-    user_id: str,
-    concept_id: str,
-    files: Sequence[IncomingFile],
-    *,
-    db_session: Session,
-    store: ImageStore,
-    training: TrainingSettings,
-    limits: LimitSettings,
-    queue: JobQueue,
-    image_ids: Sequence[str] = (),
-    library_roots: Sequence[Path] = (),
+    user_id: str, concept_id: str, photos_sent: NewPhotos, env: PhotoEnv
 ) -> ConceptChange:
-    """Add photos (a new version trains on all of them); the total stays within max_photos.
-
-    The photos are the uploaded `files` and the user's library images `image_ids`, together.
-    """
+    """Add photos (a new version trains on all of them); the total stays within max_photos."""
+    db_session, store, training = env.db_session, env.store, env.training
+    files = photos_sent.files
     _get(db_session, user_id, concept_id)  # 404 before reading any upload
-    image_ids = list(dict.fromkeys(image_ids))  # an id sent twice is one photo
+    image_ids = list(dict.fromkeys(photos_sent.image_ids))  # an id sent twice is one photo
     if not files and not image_ids:
         raise ValidationFailed(
             "send at least one photo: files in the form field 'files' or library images in "
             "'image_ids'"
         )
-    uploads, library, staged = _gather_photos(
-        db_session, store, limits, user_id, files, image_ids, library_roots
-    )
+    uploads, library, staged = _gather_photos(env, user_id, files, image_ids)
     created_paths: list[str] = []
     try:
         concept = _get(db_session, user_id, concept_id, lock=True)
@@ -526,7 +514,7 @@ def add_examples(
     finally:
         for s in staged:
             store.discard(s)
-    enqueue_committed(queue, job)
+    enqueue_committed(env.queue, job)
     return ConceptChange(ConceptView(concept, total, job.id), job)
 
 

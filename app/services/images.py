@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import repositories
-from app.config import LimitSettings
+from app.config import LimitSettings, TrainingSettings
 from app.db import session_scope, transaction_lock
 from app.errors import (
     Conflict,
@@ -52,6 +52,20 @@ from app.storage import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PhotoEnv:
+    """What a request that stores photos or queues their jobs works with: its database session,
+    the image store, the job queue, the limits, the training settings (a concept's photo
+    range) and the library roots whose photos it may use."""
+
+    db_session: Session
+    store: ImageStore
+    queue: JobQueue
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    library_roots: Sequence[Path] = ()
+
+
 @dataclass(frozen=True)
 class IncomingFile:
     """One uploaded file, independent of the web framework."""
@@ -77,16 +91,9 @@ class UploadOutcome:
     job: Job | None
 
 
-def upload_images(
-    user_id: str,
-    files: Sequence[IncomingFile],
-    *,
-    db_session: Session,
-    store: ImageStore,
-    limits: LimitSettings,
-    queue: JobQueue,
-) -> UploadOutcome:
+def upload_images(user_id: str, files: Sequence[IncomingFile], env: PhotoEnv) -> UploadOutcome:
     """Validate every file, then store them all (deduplicated) and queue one embed job."""
+    db_session, store, limits, queue = env.db_session, env.store, env.limits, env.queue
     if not files:
         raise ValidationFailed("send at least one file in the form field 'files'")
     if len(files) > limits.max_files_per_request:

@@ -32,7 +32,7 @@ import open_clip
 from PIL import Image, ImageOps
 from sqlalchemy.orm import Session
 
-from app.config import ImmichSettings, LimitSettings, SearchSettings
+from app.config import ImmichSettings, LimitSettings
 from app.errors import (
     InvalidImage,
     Misconfigured,
@@ -46,7 +46,7 @@ from app.ml.model import DEMO_MODEL_NAME, ClipBundle
 from app.ml.threads import cpu_threads
 from app.services import users as users_service
 from app.services.model import ServingModel
-from app.services.search import AdapterCache, embed_text
+from app.services.search import QueryEnv, TextQuery, embed_text
 from app.storage import untrusted_image
 from app.text import UnsafeText, check_text
 
@@ -285,33 +285,13 @@ def bridge_user_id(settings: ImmichSettings, db_session: Session) -> str:
     return user.id
 
 
-def encode_textual(
-    text: str,
-    *,
-    settings: ImmichSettings,
-    db_session: Session,
-    serving: ServingModel,
-    adapter_cache: AdapterCache,
-    limits: LimitSettings,
-    search_settings: SearchSettings,
-    threads: int = 0,
-) -> dict[str, Any]:
+def encode_textual(text: str, settings: ImmichSettings, env: QueryEnv) -> dict[str, Any]:
     """Immich's textual CLIP answer: the query encoded as /search encodes it for the bridge
     user (concept names rewritten, adapters stacked, photos fused), cut to the model's context
     as Immich's machine learning cuts (no `query_too_long`: nothing about the rewritten text is
     counted back to whoever asks)."""
-    user_id = bridge_user_id(settings, db_session)
-    out = embed_text(
-        user_id,
-        text,
-        db_session=db_session,
-        serving=serving,
-        adapter_cache=adapter_cache,
-        limits=limits,
-        search_settings=search_settings,
-        threads=threads,
-        truncate=True,
-    )
+    user_id = bridge_user_id(settings, env.db_session)
+    out = embed_text(user_id, TextQuery(text=text, truncate=True), env)
     return {CLIP_TASK: _serialize(out.vector)}
 
 

@@ -53,6 +53,48 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class QueryEnv:
+    """What encoding a query needs from its process and its request: the request's session,
+    the serving model, the adapter cache, the limits, the search recipe and the threads of one
+    search (POLAR_THREADS__SEARCH; 0 = the process's)."""
+
+    db_session: Session
+    serving: ServingModel
+    adapter_cache: AdapterCache
+    limits: LimitSettings
+    search: SearchSettings = field(default_factory=SearchSettings)
+    threads: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchEnv(QueryEnv):
+    """A search's environment: a query's, and the per-user index cache it ranks with."""
+
+    index_cache: IndexCache
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextQuery:
+    """A query as a person or an application wrote it. `personalize`: false = plain CLIP;
+    `concept_ids`: concepts applied besides those named; `truncate`: a query past the model's
+    context is cut to it as Immich's machine learning cuts instead of refused."""
+
+    text: str
+    personalize: bool = True
+    concept_ids: Sequence[str] = ()
+    truncate: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchQuery(TextQuery):
+    """A search: the query, the page (`k` hits after `offset`) and filters on the images."""
+
+    k: int = 20
+    offset: int = 0
+    filters: SearchFilters | None = None
+
+
 @dataclass(frozen=True)
 class SearchFilters:
     """Restrict hits to images matching all given conditions."""
@@ -383,43 +425,31 @@ def _check_length(serving: ServingModel, text: str) -> None:
         )
 
 
-def search_images(
-    user_id: str,
-    query: str,
-    *,
-    k: int,
-    offset: int = 0,
-    personalize: bool = True,
-    concept_ids: Sequence[str] = (),
-    filters: SearchFilters | None = None,
-    db_session: Session,
-    serving: ServingModel,
-    index_cache: IndexCache,
-    adapter_cache: AdapterCache,
-    limits: LimitSettings,
-    search_settings: SearchSettings | None = None,
-    threads: int = 0,
-) -> SearchOutcome:
-    """Rank the user's images for `query`; concept names in it personalise the text encoder.
-
-    `threads`: torch/FAISS threads for this search (POLAR_THREADS__SEARCH; 0 = the process's).
-    """
-    text = validate_query(query, limits)
+def search_images(user_id: str, query: SearchQuery, env: SearchEnv) -> SearchOutcome:
+    """Rank the user's images for `query`; concept names in it personalise the text encoder."""
+    db_session, serving, limits, k, offset = (
+        env.db_session,
+        env.serving,
+        env.limits,
+        query.k,
+        query.offset,
+    )
+    text = validate_query(query.text, limits)
     if not 1 <= k <= limits.max_k:
         raise ValidationFailed(f"k must be between 1 and {limits.max_k}", code="invalid_k")
     if not 0 <= offset <= limits.max_offset:
         raise ValidationFailed(
             f"offset must be between 0 and {limits.max_offset}", code="invalid_offset"
         )
-    named = _understand(db_session, user_id, text, personalize, concept_ids, serving, adapter_cache)
-    cfg = search_settings or SearchSettings()
+    named = _understand(user_id, text, query, env)
+    cfg = env.search
     want = offset + k
     # One query is small work: one thread per search, searches side by side on the cores.
-    with cpu_threads(threads):
+    with cpu_threads(env.threads):
         encoding = recipe.encode_query(
             serving.bundle, named.text, named.adapters, named.photo_means, cfg
         )
-        cached = index_cache.get(
+        cached = env.index_cache.get(
             db_session=db_session,
             user_id=user_id,
             model_id=serving.model_id,
@@ -428,7 +458,7 @@ def search_images(
         method = region_method(serving.bundle, cfg.region_method)
         weights = recipe.region_weights(encoding, cfg, method)
         ranked = _rank(
-            db_session, user_id, encoding, weights, cached, want, filters, cfg, named.warnings
+            db_session, user_id, encoding, weights, cached, want, query.filters, cfg, named.warnings
         )
     images = repositories.images_by_vec_id(
         db_session=db_session, user_id=user_id, vec_ids=[i for i, _ in ranked]
@@ -437,7 +467,7 @@ def search_images(
     ranked = [(i, s) for i, s in ranked if i in images]
     hits = [SearchHit(images[i], s, offset + n + 1) for n, (i, s) in enumerate(ranked[offset:want])]
     return SearchOutcome(
-        query=query,
+        query=query.text,
         text=named.text,
         personalized=bool(named.adapters),
         model_id=serving.model_id,
@@ -449,25 +479,25 @@ def search_images(
     )
 
 
-def _understand(
-    db_session: Session,
-    user_id: str,
-    text: str,
-    personalize: bool,
-    concept_ids: Sequence[str],
-    serving: ServingModel,
-    adapter_cache: AdapterCache,
-    truncate: bool = False,
-) -> _Personalized:
-    """The query as it will be encoded (names rewritten, adapters found), within the context:
-    QueryTooLong past it, or (`truncate`) cut to it as Immich's machine learning cuts."""
+def _understand(user_id: str, text: str, query: TextQuery, env: QueryEnv) -> _Personalized:
+    """The query's `text` as it will be encoded (names rewritten, adapters found), within the
+    context: QueryTooLong past it, or (`query.truncate`) cut to it as Immich's machine learning
+    cuts."""
     named = (
-        _personalize(db_session, user_id, text, concept_ids, serving, adapter_cache, truncate)
-        if personalize
+        _personalize(
+            env.db_session,
+            user_id,
+            text,
+            query.concept_ids,
+            env.serving,
+            env.adapter_cache,
+            query.truncate,
+        )
+        if query.personalize
         else _Personalized(text)
     )
-    if not truncate:
-        _check_length(serving, named.text)
+    if not query.truncate:
+        _check_length(env.serving, named.text)
     return named
 
 
@@ -484,36 +514,21 @@ class TextEmbedding:
     warnings: list[str] = field(default_factory=list)
 
 
-def embed_text(
-    user_id: str,
-    query: str,
-    *,
-    personalize: bool = True,
-    concept_ids: Sequence[str] = (),
-    db_session: Session,
-    serving: ServingModel,
-    adapter_cache: AdapterCache,
-    limits: LimitSettings,
-    search_settings: SearchSettings | None = None,
-    threads: int = 0,
-    truncate: bool = False,
-) -> TextEmbedding:
+def embed_text(user_id: str, query: TextQuery, env: QueryEnv) -> TextEmbedding:
     """The vector `search_images` would rank the library with (the same rewriting, stacking and
     photo fusion), for an application that searches its own index of the same model's image
     embeddings. The per-concept parts of a several-concept query (region re-ranking) stay here:
-    the vector alone is the product. `truncate`: a query past the model's context is cut to
-    it as Immich's machine learning cuts (`_fit_context`) instead of refused."""
-    text = validate_query(query, limits)
-    named = _understand(
-        db_session, user_id, text, personalize, concept_ids, serving, adapter_cache, truncate
-    )
-    cfg = search_settings or SearchSettings()
-    with cpu_threads(threads):
+    the vector alone is the product. `query.truncate`: a query past the model's context is
+    cut to it as Immich's machine learning cuts (`_fit_context`) instead of refused."""
+    serving = env.serving
+    text = validate_query(query.text, env.limits)
+    named = _understand(user_id, text, query, env)
+    with cpu_threads(env.threads):
         encoding = recipe.encode_query(
-            serving.bundle, named.text, named.adapters, named.photo_means, cfg
+            serving.bundle, named.text, named.adapters, named.photo_means, env.search
         )
     return TextEmbedding(
-        query=query,
+        query=query.text,
         text=named.text,
         personalized=bool(named.adapters),
         model_id=serving.model_id,

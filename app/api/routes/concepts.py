@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentUser, PhotoEnvDep, SessionDep, StoreDep
 from app.api.errors import takes_body
 from app.api.files import (
     FILE_RESPONSES,
@@ -88,10 +88,7 @@ def create_concept(
         CleanStr, Form(description="what queries call it, e.g. Fido (1-64 characters)")
     ],
     user: CurrentUser,
-    db_session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    queue: QueueDep,
+    env: PhotoEnvDep,
     files: Annotated[list[UploadFile] | None, File(description=_PHOTOS_DOC)] = None,
     image_ids: LibraryImageIds = None,
     category: Annotated[
@@ -100,19 +97,8 @@ def create_concept(
 ) -> ConceptJobResponse:
     """All or nothing: a bad photo, an unknown image id, a taken name or a wrong photo count
     stores nothing. Photos are uploaded `files`, library `image_ids`, or both."""
-    change = service.create_concept(
-        user.id,
-        name,
-        category,
-        _incoming(files),
-        db_session=db_session,
-        store=store,
-        training=settings.training,
-        limits=settings.limits,
-        queue=queue,
-        library_roots=settings.library.roots,
-        image_ids=image_ids or [],
-    )
+    photos = service.NewPhotos(_incoming(files), image_ids or [])
+    change = service.create_concept(user.id, name, category, photos, env)
     return change_out(change)
 
 
@@ -152,13 +138,10 @@ def update_concept(
     concept_id: ConceptId,
     body: ConceptPatch,
     user: CurrentUser,
-    db_session: SessionDep,
-    queue: QueueDep,
+    env: PhotoEnvDep,
 ) -> ConceptJobResponse:
     category = body.category if "category" in body.model_fields_set else service.KEEP
-    change = service.update_concept(
-        user.id, concept_id, db_session=db_session, queue=queue, name=body.name, category=category
-    )
+    change = service.update_concept(user.id, concept_id, env, name=body.name, category=category)
     return change_out(change)
 
 
@@ -173,27 +156,14 @@ def update_concept(
 def add_examples(
     concept_id: ConceptId,
     user: CurrentUser,
-    db_session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    queue: QueueDep,
+    env: PhotoEnvDep,
     files: Annotated[list[UploadFile] | None, File(description=_PHOTOS_DOC)] = None,
     image_ids: LibraryImageIds = None,
 ) -> ConceptJobResponse:
     """All or nothing; the concept's photos stay within training.max_photos in total. Photos are
     uploaded `files`, library `image_ids`, or both."""
-    change = service.add_examples(
-        user.id,
-        concept_id,
-        _incoming(files),
-        db_session=db_session,
-        store=store,
-        training=settings.training,
-        limits=settings.limits,
-        queue=queue,
-        library_roots=settings.library.roots,
-        image_ids=image_ids or [],
-    )
+    photos = service.NewPhotos(_incoming(files), image_ids or [])
+    change = service.add_examples(user.id, concept_id, photos, env)
     return change_out(change)
 
 

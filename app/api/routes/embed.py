@@ -19,16 +19,10 @@ def embed_text(
     """The vector search would rank your library with: your concept names in `q` rewritten,
     their adapters stacked and fused with their photos. Compare it (dot product) with image
     embeddings of the same model (`model`)."""
-    serving = ctx.serving()
-    out = service.embed_text(
-        user.id,
-        body.q,
-        personalize=body.personalize,
-        concept_ids=body.concept_ids,
-        db_session=db_session,
-        serving=serving,
-        **ctx.query_options(),
+    query = service.TextQuery(
+        text=body.q, personalize=body.personalize, concept_ids=body.concept_ids
     )
+    out = service.embed_text(user.id, query, ctx.query_env(db_session))
     vector = [float(v) for v in out.vector]
     return EmbedTextResponse(
         query=out.query,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import Field
 
-from app.api.deps import CurrentUser, QueueDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentUser, PhotoEnvDep, SessionDep, SettingsDep, StoreDep
 from app.api.errors import takes_body
 from app.api.files import (
     FILE_RESPONSES,
@@ -48,10 +48,7 @@ def upload_images(
         File(description="image files: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF, HEIC/HEIF"),
     ],
     user: CurrentUser,
-    db_session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    queue: QueueDep,
+    env: PhotoEnvDep,
     modified_at: Annotated[
         list[Annotated[int, Field(ge=0, le=MAX_EPOCH_MS)]] | None,
         Form(
@@ -75,9 +72,7 @@ def upload_images(
         service.IncomingFile(f.filename, f.file, times[i] if times else None)
         for i, f in enumerate(files)
     ]
-    outcome = service.upload_images(
-        user.id, incoming, db_session=db_session, store=store, limits=settings.limits, queue=queue
-    )
+    outcome = service.upload_images(user.id, incoming, env)
     return UploadResponse(
         images=[
             UploadedImageOut(**ImageOut.from_model(u.image).model_dump(), duplicate=u.duplicate)

@@ -144,12 +144,7 @@ async def predict(request: Request, db_session: SessionDep, ctx: SearchContextDe
         turns = parts_of(request.app).search_turns
         async with turns.turn():
             result = await run_in_threadpool(
-                service.encode_textual,
-                query,
-                settings=settings,
-                db_session=db_session,
-                serving=serving,
-                **ctx.query_options(),
+                service.encode_textual, query, settings, ctx.query_env(db_session)
             )
     return JSONResponse(result)
 

@@ -57,22 +57,18 @@ def _run(
             taken_before=body.filters.taken_before,
             mime=tuple(body.filters.mime),
         )
-    serving = ctx.serving()
-    outcome = service.search_images(
-        user.id,
-        body.q,
+    env = ctx.search_env(db_session)
+    query = service.SearchQuery(
+        text=body.q,
         k=body.k,
         offset=body.offset,
         personalize=body.personalize,
         concept_ids=body.concept_ids,
         filters=filters,
-        db_session=db_session,
-        serving=serving,
-        index_cache=ctx.index_cache,
-        **ctx.query_options(),
     )
+    outcome = service.search_images(user.id, query, env)
     ctx.metrics.searches.labels(str(outcome.personalized).lower()).inc()
-    pending = service.unembedded_count(db_session, user.id, serving.model_id)
+    pending = service.unembedded_count(db_session, user.id, env.serving.model_id)
     return _respond(outcome, body.k, body.offset, pending)
 
 

@@ -37,7 +37,7 @@ from app.ml.regions import pack_regions, unpack_regions
 from app.models import Adapter, Concept, ConceptExample, Image
 from app.services.index import IndexCache
 from app.services.model import ServingModel
-from app.services.search import AdapterCache, search_images
+from app.services.search import AdapterCache, SearchEnv, SearchQuery, search_images
 from app.services.users import create_user
 
 SMALL = SyntheticConfig(concepts=3, context_scenes=2, pair_scenes=2, background=6)
@@ -120,17 +120,16 @@ def service_ranking(
     s: Session, user_id: str, query: Query, setup: Setup, tiny: ClipBundle, index: Path
 ) -> tuple[list[int], list[float], str]:
     """Pool indices best first, their scores, and the text the service encoded."""
-    out = search_images(
-        user_id,
-        render(query.text, [setup.names[c] for c in query.concepts]),
-        k=len(setup.ds.pool),
+    env = SearchEnv(
         db_session=s,
         serving=ServingModel(tiny, "tiny", None),
         index_cache=IndexCache(index),
         adapter_cache=AdapterCache(),
         limits=LimitSettings(),
-        search_settings=SearchSettings(),
+        search=SearchSettings(),
     )
+    text = render(query.text, [setup.names[c] for c in query.concepts])
+    out = search_images(user_id, SearchQuery(text=text, k=len(setup.ds.pool)), env)
     assert out.personalized and out.reranked  # every query naming concepts, by default
     return [h.image.vec_id - 1 for h in out.hits], [h.score for h in out.hits], out.text
 

@@ -17,8 +17,9 @@ from app.config import Settings
 from app.errors import PhotoCountOutOfRange, UploadRejected
 from app.models import Concept, Image, Job, JobKind
 from app.services import concepts, embedding, images
-from app.services.images import IncomingFile
-from app.services.jobs import SessionFactory
+from app.services.concepts import NewPhotos
+from app.services.images import IncomingFile, PhotoEnv
+from app.services.jobs import JobQueue, SessionFactory
 from app.storage import ImageStore
 from tests.db_fixtures import image_bytes
 from tests.fakes import RecordingQueue
@@ -56,6 +57,18 @@ def files(*seeds: int) -> list[IncomingFile]:
     ]
 
 
+def env(s: Session, store: ImageStore, queue: JobQueue, settings: Settings) -> PhotoEnv:
+    """A request's photo environment, as the API's dependency builds it."""
+    return PhotoEnv(
+        db_session=s,
+        store=store,
+        queue=queue,
+        limits=settings.limits,
+        training=settings.training,
+        library_roots=settings.library.roots,
+    )
+
+
 def count(s: Session, model: type) -> int:
     return int(s.scalar(select(func.count()).select_from(model)) or 0)
 
@@ -65,16 +78,12 @@ def test_upload_enqueues_its_committed_embed_job(
 ) -> None:
     queue = CheckingQueue(factory)
     with factory() as s:
-        outcome = images.upload_images(
-            user_id, files(1, 2), db_session=s, store=store, limits=settings.limits, queue=queue
-        )
+        outcome = images.upload_images(user_id, files(1, 2), env(s, store, queue, settings))
     assert outcome.job is not None and outcome.job.kind == JobKind.EMBED_IMAGES.value
     assert queue.job_ids == [outcome.job.id] and queue.seen == ["queued"]
     # The same content again before it was embedded: a duplicate, embedded by a new job.
     with factory() as s:
-        again = images.upload_images(
-            user_id, files(1), db_session=s, store=store, limits=settings.limits, queue=queue
-        )
+        again = images.upload_images(user_id, files(1), env(s, store, queue, settings))
     first = outcome.images[0].image.id
     assert again.images[0].duplicate and again.images[0].image.id == first
     assert again.job is not None and again.job.payload == {"image_ids": [first]}
@@ -87,9 +96,7 @@ def test_bad_upload_enqueues_nothing_and_stores_nothing(
     queue = CheckingQueue(factory)
     bad = [*files(1), IncomingFile("x.png", io.BytesIO(b"not an image"))]
     with factory() as s, pytest.raises(UploadRejected):
-        images.upload_images(
-            user_id, bad, db_session=s, store=store, limits=settings.limits, queue=queue
-        )
+        images.upload_images(user_id, bad, env(s, store, queue, settings))
     with factory() as s:
         assert (count(s, Image), count(s, Job)) == (0, 0)
     assert queue.job_ids == []
@@ -100,9 +107,7 @@ def test_a_queue_that_is_down_leaves_the_job_queued(
 ) -> None:
     queue = CheckingQueue(factory, fail=True)
     with factory() as s:
-        outcome = images.upload_images(
-            user_id, files(3), db_session=s, store=store, limits=settings.limits, queue=queue
-        )
+        outcome = images.upload_images(user_id, files(3), env(s, store, queue, settings))
     assert outcome.job is not None and queue.job_ids == []
     with factory() as s:  # the database is the queue of record: the job waits there
         assert s.get_one(Job, outcome.job.id).state == "queued"
@@ -113,36 +118,37 @@ def test_concept_use_cases_enqueue_a_training_job_per_new_version(
     factory: SessionFactory, settings: Settings, store: ImageStore, user_id: str
 ) -> None:
     queue = CheckingQueue(factory)
-    common = {"store": store, "training": settings.training, "limits": settings.limits}
     with factory() as s:
         created = concepts.create_concept(
-            user_id, "Fido", "dog", files(1, 2, 3), db_session=s, queue=queue, **common
+            user_id, "Fido", "dog", NewPhotos(files(1, 2, 3)), env(s, store, queue, settings)
         )
     concept_id = created.view.concept.id
     assert created.job is not None and queue.job_ids == [created.job.id]
 
     with factory() as s:  # a rename retrains nothing
         renamed = concepts.update_concept(
-            user_id, concept_id, db_session=s, queue=queue, name="Rex"
+            user_id, concept_id, env(s, store, queue, settings), name="Rex"
         )
     assert renamed.job is None and len(queue.job_ids) == 1
 
     with factory() as s:  # a new category is a new version
         recat = concepts.update_concept(
-            user_id, concept_id, db_session=s, queue=queue, category="cat"
+            user_id, concept_id, env(s, store, queue, settings), category="cat"
         )
     assert recat.job is not None and recat.job.payload == {"concept_id": concept_id, "version": 2}
 
     with factory() as s:  # more photos: version 3
         more = concepts.add_examples(
-            user_id, concept_id, files(4), db_session=s, queue=queue, **common
+            user_id, concept_id, NewPhotos(files(4)), env(s, store, queue, settings)
         )
     assert more.job is not None and more.job.payload["version"] == 3
     assert queue.job_ids == [created.job.id, recat.job.id, more.job.id]
     assert queue.seen == ["queued"] * 3  # each one committed before it was enqueued
 
     with factory() as s, pytest.raises(PhotoCountOutOfRange):
-        concepts.create_concept(user_id, "Tom", None, files(5), db_session=s, queue=queue, **common)
+        concepts.create_concept(
+            user_id, "Tom", None, NewPhotos(files(5)), env(s, store, queue, settings)
+        )
     with factory() as s:
         assert count(s, Concept) == 1
     assert len(queue.job_ids) == 3
