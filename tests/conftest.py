@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +59,48 @@ def _release_models() -> Iterator[None]:
     only the demo model stays, which most tests share."""
     yield
     forget_clips(lambda bundle: bundle.fingerprint.model_id.startswith(f"{DEMO_MODEL_NAME}/"))
+    _return_freed_memory()
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _return_freed_memory() -> None:
+    """Collect cycles, then hand the heap's free pages back to the system (glibc's malloc_trim):
+    the many short-lived threads of the suite's apps leave freed memory in malloc's arenas,
+    where it counts as resident until trimmed."""
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _resident_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pytest_runtest_logfinish(nodeid: str) -> None:
+    """POLAR_TEST_RSS_LOG=<file>: the suite's resident memory after each test, a line each
+    (to find what holds memory; docs/DEVELOPMENT.md)."""
+    path = os.environ.get("POLAR_TEST_RSS_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{_resident_kb()}\t{nodeid}\n")
 
 
 @pytest.fixture
