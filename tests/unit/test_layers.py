@@ -31,8 +31,12 @@ def test_every_top_level_module_of_app_is_in_a_layer():
     assert named - present - {"workers"} == set(), "layers name rooms that are gone"
 
 
-def test_the_architecture_picture_is_the_linted_layers():
-    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    block = text.split("## Layers", 1)[1].split("```", 2)[1]
-    drawn = [line.split("  ")[0].strip() for line in block.splitlines() if line[:1].strip()]
-    assert drawn == _layers()
+def _drawn(path: Path, heading: str) -> list[str]:
+    """The rooms of the first code block under `heading`, one layer per unindented line."""
+    block = path.read_text().split(heading, 1)[1].split("```", 2)[1]
+    return [line.split("  ")[0].strip() for line in block.splitlines() if line[:1].strip()]
+
+
+def test_the_architecture_pictures_are_the_linted_layers():
+    assert _drawn(ROOT / "docs" / "ARCHITECTURE.md", "## Layers") == _layers()
+    assert _drawn(ROOT / "README.md", "## How it is built") == _layers()
