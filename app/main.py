@@ -40,7 +40,7 @@ from app.runtime import container as bootstrap
 from app.runtime.runner import JobRunner
 from app.services import images as images_service
 from app.services.index import IndexCache
-from app.services.jobs import JobHandler
+from app.services.job_runs import JobHandler
 from app.services.search import AdapterCache
 
 log = logging.getLogger(__name__)

@@ -189,6 +189,103 @@ def get_job(*, db_session: Session, user_id: str, job_id: str) -> Job | None:
     return db_session.scalar(select(Job).where(Job.id == job_id, Job.user_id == user_id))
 
 
+# A job's state changes (app.services.job_runs), each a single statement on its row.
+
+
+def set_running_progress(*, db_session: Session, job_id: str, fraction: float) -> None:
+    """A running job's progress (a job no longer running keeps its own)."""
+    db_session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .values(progress=fraction, updated_at=utcnow())
+    )
+
+
+def claim_job(*, db_session: Session, job_id: str, runner: str | None) -> bool:
+    """-> running (one more attempt, progress from 0, named `runner`) unless it is running or
+    succeeded already; whether this caller got it."""
+    result = db_session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.state.not_in([JobState.RUNNING.value, JobState.SUCCEEDED.value]),
+        )
+        .values(
+            state=JobState.RUNNING.value,
+            progress=0.0,
+            attempts=Job.attempts + 1,
+            runner=runner,
+            started_at=utcnow(),
+            finished_at=None,
+            error_code=None,
+            error_message=None,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def requeue_lost_run(*, db_session: Session, job_id: str, runner: str) -> bool:
+    """-> queued, only if the job is still running under the name `runner`; whether it was."""
+    result = db_session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.runner == runner)
+        .values(state=JobState.QUEUED.value, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def touch_running_job(*, db_session: Session, job_id: str) -> None:
+    """A running job's heartbeat: its row's updated_at is now."""
+    db_session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_job_queued(*, db_session: Session, job_id: str) -> None:
+    """-> queued, unless it succeeded."""
+    db_session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state != JobState.SUCCEEDED.value)
+        .values(state=JobState.QUEUED.value, updated_at=utcnow())
+    )
+
+
+def mark_job_succeeded(*, db_session: Session, job_id: str) -> None:
+    """-> succeeded, progress 1."""
+    db_session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            state=JobState.SUCCEEDED.value,
+            progress=1.0,
+            finished_at=utcnow(),
+            updated_at=utcnow(),
+        )
+    )
+
+
+def mark_job_failed(*, db_session: Session, job_id: str, code: str, message: str) -> None:
+    """-> failed with `code` (cut to the column's 64 characters) and `message`, unless it
+    succeeded."""
+    db_session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state != JobState.SUCCEEDED.value)
+        .values(
+            state=JobState.FAILED.value,
+            error_code=code[:64],
+            error_message=message,
+            finished_at=utcnow(),
+            updated_at=utcnow(),
+        )
+    )
+
+
 def requeue_running_jobs(*, db_session: Session) -> int:
     """Every 'running' job back to 'queued' (their process died); how many."""
     result = db_session.execute(

@@ -21,8 +21,8 @@ from app.runtime.container import Container, build
 from app.runtime.library_monitor import LibraryMonitor
 from app.runtime.priority import lower_this_process
 from app.runtime.reconciler import ReconcilePolicy, Reconciler
-from app.services import jobs
-from app.services.jobs import JobEnvironment, JobHandler
+from app.services import job_runs
+from app.services.job_runs import JobEnvironment, JobHandler
 from workers.queue import CeleryQueue, celery_config, runner_name
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,10 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         def resume() -> None:
             try:
                 factory = self.job_environment().session_factory
-                if not jobs.requeue_lost_run(job_id, runner_name(task_id), session_factory=factory):
+                requeued = job_runs.requeue_lost_run(
+                    job_id, runner_name(task_id), session_factory=factory
+                )
+                if not requeued:
                     return  # finished meanwhile, or another delivery holds it
                 log.warning("job %s lost its worker process; re-queued and sent again", job_id,
                             extra={"job_id": job_id})  # fmt: skip

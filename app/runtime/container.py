@@ -17,7 +17,8 @@ from app.db import make_engine, make_session_factory
 from app.runtime.runner import JobRunner
 from app.services.foreground import Foreground
 from app.services.job_handlers import handler_table
-from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
+from app.services.job_runs import JobEnvironment, JobHandler, SessionFactory
+from app.services.jobs import JobQueue
 from app.services.libraries import refuse_data_folder_in_roots
 from app.services.model import ModelLoader
 from app.storage import ImageStore

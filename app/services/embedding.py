@@ -38,7 +38,8 @@ from app.ml.regions import (
 )
 from app.ml.threads import cpu_count, cpu_threads
 from app.models import Image, Job, JobKind, JobState, Library, new_vec_id
-from app.services.jobs import JobContext, JobQueue, enqueue_committed
+from app.services.job_runs import JobContext
+from app.services.jobs import JobQueue, enqueue_committed
 from app.services.model import ServingModel
 from app.storage import (
     FileStamp,

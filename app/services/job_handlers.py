@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 from app.models import JobKind
 from app.services import embedding, libraries, training
-from app.services.jobs import JobHandler
+from app.services.job_runs import JobHandler
 
 
 def handler_table() -> Mapping[str, JobHandler]:

@@ -51,7 +51,8 @@ from app.models import Image, Job, JobKind, JobState, Library, utcnow
 from app.services.embedding import embed_pending
 from app.services.folders import ancestry_keys, folder_key, open_folder_beneath, walk
 from app.services.images import delete_unused_files, set_source_stamp, source_stamp
-from app.services.jobs import JobContext, JobQueue, enqueue_committed
+from app.services.job_runs import JobContext
+from app.services.jobs import JobQueue, enqueue_committed
 from app.storage import FileStamp, inspect_file, is_gone_error, os_error_reason, root_of
 from app.text import UnsafeText, check_text
 

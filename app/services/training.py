@@ -36,8 +36,8 @@ from app.ml.threads import cpu_threads
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
 from app.models import Adapter, Concept, ConceptExample, ConceptState, Verdict, new_id
-from app.services import jobs, recipe, retention
-from app.services.jobs import JobContext, JobInterrupted
+from app.services import job_runs, recipe, retention
+from app.services.job_runs import JobContext, JobInterrupted
 from app.services.model import ServingModel
 from app.storage import ImageStore, open_regular_file, untrusted_image
 
@@ -379,15 +379,16 @@ def _save(ctx: JobContext, concept_id: str, version: int, fitted: Adapter) -> No
 
 def _mark_failed(ctx: JobContext, concept_id: str, version: int, error: BaseException) -> None:
     """Set the concept `failed` if this job's version is still the current one. An outage
-    (`jobs.outage_of`) says so: the job is retried, and a retry that succeeds sets it `ready`."""
-    outage = jobs.outage_of(error)
+    (`job_runs.outage_of`) says so: the job is retried, and a retry that succeeds sets it
+    `ready`."""
+    outage = job_runs.outage_of(error)
     if outage is not None:
         failure = {"code": outage.code, "message": outage.message}
     elif isinstance(error, DomainError):
         failure = {"code": error.code, "message": error.message}
     else:
         # The exception itself is in the job's log line, not in what the client reads.
-        failure = {"code": jobs.INTERNAL_ERROR, "message": jobs.INTERNAL_ERROR_MESSAGE}
+        failure = {"code": job_runs.INTERNAL_ERROR, "message": job_runs.INTERNAL_ERROR_MESSAGE}
     try:
         with session_scope(ctx.session_factory) as s:
             s.execute(

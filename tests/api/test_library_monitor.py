@@ -23,7 +23,7 @@ from app.runtime.library_monitor import (
     watch_plan,
 )
 from app.services import libraries
-from app.services.jobs import JobContext, JobEnvironment
+from app.services.job_runs import JobContext, JobEnvironment
 from app.storage import ImageStore
 from tests.api.test_libraries import library_settings
 from tests.api.test_search import wait_jobs

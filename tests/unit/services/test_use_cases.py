@@ -18,7 +18,7 @@ from app.errors import PhotoCountOutOfRange, UploadRejected
 from app.models import Concept, Image, Job, JobKind
 from app.services import concepts, embedding, images
 from app.services.images import IncomingFile
-from app.services.jobs import SessionFactory
+from app.services.job_runs import SessionFactory
 from app.storage import ImageStore
 from tests.db_fixtures import image_bytes
 from tests.fakes import RecordingQueue
