@@ -995,6 +995,11 @@ def library_storage_paths(*, db_session: Session, library_id: str) -> list[str]:
     )
 
 
+def delete_library_images(*, db_session: Session, library_id: str) -> None:
+    """Every image indexed from the library leaves the index (their files are not touched)."""
+    db_session.execute(delete(Image).where(Image.library_id == library_id))
+
+
 def library_images_at(*, db_session: Session, library_id: str, paths: list[str]) -> list[Image]:
     return list(
         db_session.scalars(

@@ -19,7 +19,7 @@ from app.services.foreground import Foreground
 from app.services.job_handlers import handler_table
 from app.services.job_runs import JobEnvironment, JobHandler, SessionFactory
 from app.services.jobs import JobQueue
-from app.services.libraries import refuse_data_folder_in_roots
+from app.services.library_paths import refuse_data_folder_in_roots
 from app.services.model import ModelLoader
 from app.storage import ImageStore
 from workers.queue import CeleryQueue, celery_client
