@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
@@ -848,6 +848,55 @@ def count_unembedded_images(*, db_session: Session, user_id: str, model_id: str)
         )
     )
     return int(db_session.scalar(query) or 0)
+
+
+# --- the vector index: what app.services.index reads ------------------------------------------
+
+
+def index_generation(*, db_session: Session, user_id: str) -> int | None:
+    """The user's index generation (bumped by every change to their searchable images); None
+    for a missing user."""
+    return db_session.scalar(select(User.index_generation).where(User.id == user_id))
+
+
+def _embedded_by(user_id: str, model_id: str) -> tuple[Any, ...]:
+    """The user's images that carry an embedding of `model_id`."""
+    return (
+        Image.user_id == user_id,
+        Image.embedding_model == model_id,
+        Image.embedding.is_not(None),
+    )
+
+
+def stream_embeddings(
+    *, db_session: Session, user_id: str, model_id: str
+) -> Iterator[tuple[int, bytes | None]]:
+    """(vec_id, embedding) of every image of the user embedded by `model_id`, streamed from the
+    database 2000 rows at a time."""
+    rows = db_session.execute(
+        select(Image.vec_id, Image.embedding)
+        .where(*_embedded_by(user_id, model_id))
+        .execution_options(yield_per=2000)
+    )
+    return iter(rows.tuples())
+
+
+def embedded_vec_ids(*, db_session: Session, user_id: str, model_id: str) -> Iterable[int]:
+    """The vec_ids of the user's images embedded by `model_id`."""
+    return db_session.scalars(select(Image.vec_id).where(*_embedded_by(user_id, model_id)))
+
+
+def embeddings_of(
+    *, db_session: Session, user_id: str, model_id: str, vec_ids: list[int]
+) -> list[tuple[int, bytes | None]]:
+    """(vec_id, embedding) of those of `vec_ids` (at most a few hundred: one IN list) that
+    name an image of the user embedded by `model_id`."""
+    rows = db_session.execute(
+        select(Image.vec_id, Image.embedding).where(
+            *_embedded_by(user_id, model_id), Image.vec_id.in_(vec_ids)
+        )
+    )
+    return [(v, b) for v, b in rows]
 
 
 # --- libraries ------------------------------------------------------------------------------------
