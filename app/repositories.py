@@ -21,6 +21,7 @@ from app.models import (
     ApiKey,
     Concept,
     ConceptExample,
+    ConceptState,
     ConceptVerdict,
     Image,
     Job,
@@ -554,6 +555,58 @@ def delete_concept(*, db_session: Session, concept_id: str) -> None:
     """Core DELETE; the database cascades to photos and adapters (ON DELETE CASCADE)."""
     db_session.execute(
         delete(Concept).where(Concept.id == concept_id).execution_options(synchronize_session=False)
+    )
+
+
+# Training (app.services.training): a concept version's photos, tokens and adapter.
+
+
+def other_concept_tokens(*, db_session: Session, user_id: str, concept_id: str) -> set[str]:
+    """The tokens of the user's other concepts."""
+    return set(
+        db_session.scalars(
+            select(Concept.token).where(Concept.user_id == user_id, Concept.id != concept_id)
+        )
+    )
+
+
+def get_adapter(*, db_session: Session, concept_id: str, version: int) -> Adapter | None:
+    """The adapter stored for one version of a concept, if any."""
+    return db_session.scalar(
+        select(Adapter).where(Adapter.concept_id == concept_id, Adapter.version == version)
+    )
+
+
+def examples_up_to(*, db_session: Session, concept_id: str, version: int) -> list[ConceptExample]:
+    """A concept's photos added up to `version`, oldest first, with their embeddings."""
+    return list(
+        db_session.scalars(
+            select(ConceptExample)
+            .where(ConceptExample.concept_id == concept_id, ConceptExample.version_added <= version)
+            .order_by(ConceptExample.created_at, ConceptExample.id)
+        ).all()
+    )
+
+
+def store_example_embedding(
+    *, db_session: Session, example_id: str, embedding: bytes, model_id: str
+) -> None:
+    """A concept photo's embedding, by `model_id`."""
+    db_session.execute(
+        update(ConceptExample)
+        .where(ConceptExample.id == example_id)
+        .values(embedding=embedding, embedding_model=model_id)
+    )
+
+
+def fail_concept_version(
+    *, db_session: Session, concept_id: str, version: int, metrics: dict[str, Any]
+) -> None:
+    """The concept -> failed (`metrics` says why), if `version` is still its current one."""
+    db_session.execute(
+        update(Concept)
+        .where(Concept.id == concept_id, Concept.version == version)
+        .values(state=ConceptState.FAILED.value, metrics=metrics)
     )
 
 
