@@ -1,4 +1,4 @@
-"""Every query lives in app/repositories.py: no use case in app/services builds or runs a SQL
+"""Every query lives in app/repositories/: no use case in app/services builds or runs a SQL
 statement. Read from the source with `ast`, so a new service module is covered as it lands.
 
 What a service may still use of SQLAlchemy: the `Session` it is handed (and `sessionmaker` as a
@@ -64,7 +64,7 @@ def test_no_service_builds_or_runs_a_query():
     offending = {
         p.name: hits for p in modules if (hits := query_code(p.read_text(encoding="utf-8")))
     }
-    assert offending == {}, "move these queries into app/repositories.py"
+    assert offending == {}, "move these queries into app/repositories/"
 
 
 # What services held before the queries moved (app/services/jobs.py, libraries.py,
