@@ -340,15 +340,10 @@ def run_job(
     `runner` names this run in the row (`mark_running`).
     """
     factory = env.session_factory
-    with session_scope(factory) as s:
-        job = s.get(Job, job_id)
-        if job is None:  # deleted with its user
-            log.warning("job %s no longer exists", job_id)
-            return
-        if job.state == JobState.SUCCEEDED.value:
-            log.info("job %s already succeeded; not running it again", job_id)
-            return
-        user_id, kind, payload = job.user_id, job.kind, dict(job.payload or {})
+    loaded = _load(job_id, factory)
+    if loaded is None:
+        return
+    user_id, kind, payload = loaded
     fields = {"job_id": job_id, "user_id": user_id, "kind": kind}
     handler = env.handlers.get(kind)
     if handler is None:
@@ -365,7 +360,30 @@ def run_job(
         log.info("job %s is running or done elsewhere; this delivery does nothing", job_id,
                  extra=fields)  # fmt: skip
         return
-    throttle = ProgressThrottle(job_id, factory)
+    progress = _progress_callback(job_id, env, should_stop)
+    _run_handler(handler, JobContext(job_id, user_id, kind, payload, env, progress), fields)
+
+
+def _load(job_id: str, factory: SessionFactory) -> tuple[str, str, dict[str, Any]] | None:
+    """(user_id, kind, payload) of a job to run; None when it is gone (deleted with its user)
+    or succeeded already (a redelivered task)."""
+    with session_scope(factory) as s:
+        job = s.get(Job, job_id)
+        if job is None:  # deleted with its user
+            log.warning("job %s no longer exists", job_id)
+            return None
+        if job.state == JobState.SUCCEEDED.value:
+            log.info("job %s already succeeded; not running it again", job_id)
+            return None
+        return job.user_id, job.kind, dict(job.payload or {})
+
+
+def _progress_callback(
+    job_id: str, env: JobEnvironment, should_stop: Callable[[], bool] | None
+) -> ProgressCallback:
+    """A handler's progress callback: interrupts the job when the runner stops, writes the
+    progress (throttled), and steps aside while this process serves searches."""
+    throttle = ProgressThrottle(job_id, env.session_factory)
 
     def progress(fraction: float) -> None:
         if should_stop is not None and should_stop():
@@ -374,9 +392,14 @@ def run_job(
         if env.foreground is not None:
             env.foreground.wait_idle()
 
-    ctx = JobContext(job_id, user_id, kind, payload, env, progress)
+    return progress
+
+
+def _run_handler(handler: JobHandler, ctx: JobContext, fields: dict[str, Any]) -> None:
+    """Run a claimed job's handler with its heartbeat beating, and record how it ended."""
+    job_id, factory = ctx.job_id, ctx.session_factory
     started = time.perf_counter()
-    log.info("job %s started (%s)", job_id, kind, extra=fields)
+    log.info("job %s started (%s)", job_id, ctx.kind, extra=fields)
 
     def took() -> dict[str, Any]:
         return {**fields, "duration_s": round(time.perf_counter() - started, 3)}

@@ -226,34 +226,10 @@ def confine_folder(
             "this server allows no library folders (the admin sets POLAR_LIBRARY__ROOTS)",
             code="libraries_disabled",
         )
-    p = Path(raw)
-    if not p.is_absolute():
-        raise ValidationFailed(f"give an absolute path, not {raw!r}", code="path_not_absolute")
-    if ".." in p.parts:
-        raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
-    try:  # the API refuses these first (app/api/schemas.py LibraryIn); the database would fail
-        check_text(raw)
-    except UnsafeText as e:
-        raise ValidationFailed(
-            f"this path cannot be used as a folder: {e}", code="invalid_path"
-        ) from None
+    p = _typed_path(raw)
     if db_session is not None:
-        # As typed, then with its symlinks followed as far as they go (realpath keeps a missing
-        # part, a loop or a name too long as it is), before any error the file system could
-        # give but one: no permission to read a link on the way (a /proc link), a 422 below.
-        refuse_other_users(db_session, user_id, p, roots)
-        try:
-            followed = os.path.realpath(p)
-        except OSError as e:
-            raise unusable_path(e) from None
-        refuse_other_users(db_session, user_id, Path(shown(followed)), roots)
-    try:  # what the file system says of a path a user typed: any error is a clear 422
-        real = p.resolve()
-        if not is_utf8(str(real)):  # a symlink on the way leads to a name that is not UTF-8
-            raise ValueError(f"it leads to {shown(real)}, a name that is not valid UTF-8")
-        is_dir = real.is_dir()
-    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, a loop, EACCES
-        raise unusable_path(e) from None
+        _refuse_other_users_as_typed_and_followed(db_session, user_id, p, roots)
+    real, is_dir = _resolved(p)
     if not any(real.is_relative_to(r) for r in roots):
         via = " (through a symlink)" if real != Path(os.path.normpath(p)) else ""
         raise ValidationFailed(
@@ -269,6 +245,50 @@ def confine_folder(
         except OSError as e:
             raise unusable_path(e) from None
     return real
+
+
+def _typed_path(raw: str) -> Path:
+    """`raw` as a path, if it is absolute, has no `..` and is text a folder name can be."""
+    p = Path(raw)
+    if not p.is_absolute():
+        raise ValidationFailed(f"give an absolute path, not {raw!r}", code="path_not_absolute")
+    if ".." in p.parts:
+        raise ValidationFailed("a library path may not contain '..'", code="path_traversal")
+    try:  # the API refuses these first (app/api/schemas.py LibraryIn); the database would fail
+        check_text(raw)
+    except UnsafeText as e:
+        raise ValidationFailed(
+            f"this path cannot be used as a folder: {e}", code="invalid_path"
+        ) from None
+    return p
+
+
+def _refuse_other_users_as_typed_and_followed(
+    db_session: Session, user_id: str, p: Path, roots: list[Path]
+) -> None:
+    """Conflict if `p` is in or around another user's library as typed, then with its symlinks
+    followed as far as they go (realpath keeps a missing part, a loop or a name too long as it
+    is), before any error the file system could give but one: no permission to read a link on
+    the way (a /proc link), a 422."""
+    refuse_other_users(db_session, user_id, p, roots)
+    try:
+        followed = os.path.realpath(p)
+    except OSError as e:
+        raise unusable_path(e) from None
+    refuse_other_users(db_session, user_id, Path(shown(followed)), roots)
+
+
+def _resolved(p: Path) -> tuple[Path, bool]:
+    """`p` resolved, and whether it is a folder; whatever the file system says of a path a user
+    typed (too long, a NUL byte, a loop, no permission, a link to a name that is not UTF-8) is a
+    clear 422."""
+    try:
+        real = p.resolve()
+        if not is_utf8(str(real)):  # a symlink on the way leads to a name that is not UTF-8
+            raise ValueError(f"it leads to {shown(real)}, a name that is not valid UTF-8")
+        return real, real.is_dir()
+    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, a loop, EACCES
+        raise unusable_path(e) from None
 
 
 def own_overlap(db_session: Session, user_id: str, folder: Path) -> Library | None:
