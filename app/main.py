@@ -37,7 +37,7 @@ from app.db import migrate
 from app.logs import configure_logging
 from app.runtime import container as bootstrap
 from app.services import images as images_service
-from app.services.jobs import JobHandler
+from app.services.job_runs import JobHandler
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ from app.ml.regions import LAYOUTS, crop_regions, encode_regions
 from app.models import Image, utcnow
 from app.services import embedding
 from app.services.embedding import _open_rgb, decode_side, embed_pending
-from app.services.jobs import JobContext, JobEnvironment
+from app.services.job_runs import JobContext, JobEnvironment
 from app.services.model import ServingModel
 from app.services.users import create_user
 from app.storage import ImageStore

@@ -55,7 +55,7 @@ from app.db import make_engine, make_session_factory, migrate
 from app.ml.model import ClipBundle
 from app.models import Image
 from app.services import embedding
-from app.services.jobs import JobContext, JobEnvironment
+from app.services.job_runs import JobContext, JobEnvironment
 from app.services.model import ServingModel
 from app.storage import ImageStore
 

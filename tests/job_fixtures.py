@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from app.db import make_engine, make_session_factory, migrate, session_scope
 from app.services import users
-from app.services.jobs import SessionFactory
+from app.services.job_runs import SessionFactory
 
 __all__ = ["engine", "factory", "user_id"]
 

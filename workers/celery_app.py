@@ -21,8 +21,9 @@ from app.config import Settings, get_settings
 from app.logs import configure_logging
 from app.runtime.container import Container, build
 from app.runtime.priority import lower_this_process
-from app.services import jobs
-from app.services.jobs import JobEnvironment, JobHandler
+from app.services import job_runs
+from app.services.job_runs import JobEnvironment, JobHandler
+from app.services.jobs import JobQueue
 from workers.queue import CeleryQueue, celery_config, runner_name
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,10 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         def resume() -> None:
             try:
                 factory = self.job_environment().session_factory
-                if not jobs.requeue_lost_run(job_id, runner_name(task_id), session_factory=factory):
+                requeued = job_runs.requeue_lost_run(
+                    job_id, runner_name(task_id), session_factory=factory
+                )
+                if not requeued:
                     return  # finished meanwhile, or another delivery holds it
                 log.warning("job %s lost its worker process; re-queued and sent again", job_id,
                             extra={"job_id": job_id})  # fmt: skip
@@ -91,7 +95,7 @@ class PolarCelery(Celery):  # type: ignore[misc]  # celery ships no type hints: 
         thread.start()
         return thread
 
-    def publisher(self) -> jobs.JobQueue:
+    def publisher(self) -> JobQueue:
         """This process's background publisher (sends again once the broker answers)."""
         return self.container().queue
 

@@ -1,4 +1,4 @@
-"""Celery tasks: a job id in, one service call out (app.services.jobs.run_job)."""
+"""Celery tasks: a job id in, one service call out (app.services.job_runs.run_job)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task
 
-from app.services import jobs
+from app.services import job_runs
 from workers.celery_app import PolarCelery, celery_app
 from workers.queue import RUN_JOB_TASK, runner_name
 
@@ -41,9 +41,9 @@ class _JobTask(Task):  # type: ignore[misc]  # celery ships no type hints: Task 
             return
         log.error("job %s: Celery gave up on it: %r", job_id, exc,
                   extra={"job_id": job_id})  # fmt: skip
-        outage = jobs.outage_of(exc) or jobs.INTERNAL_FAULT
+        outage = job_runs.outage_of(exc) or job_runs.INTERNAL_FAULT
         try:
-            jobs.mark_failed(
+            job_runs.mark_failed(
                 job_id,
                 outage.code,
                 outage.message,
@@ -63,12 +63,12 @@ def _app(task: Task) -> PolarCelery:
     name=RUN_JOB_TASK, bind=True, base=_JobTask, max_retries=MAX_RETRIES
 )
 def run_job_task(self: Task, job_id: str) -> None:
-    """Run one job; infrastructure errors (database, broker, file system: jobs.is_transient) are
+    """Run one job; infrastructure errors (database, broker, file system: job_runs.is_transient) are
     retried with backoff, each retry one more `attempts`; anything else is the job's outcome."""
     try:
-        jobs.run_job(job_id, _app(self).job_environment(), runner=runner_name(self.request.id))
+        job_runs.run_job(job_id, _app(self).job_environment(), runner=runner_name(self.request.id))
     except Exception as e:
-        if not jobs.is_transient(e):
+        if not job_runs.is_transient(e):
             raise
         # Past MAX_RETRIES, retry() raises `e` itself: on_failure marks the job failed.
         raise self.retry(exc=e, countdown=retry_delay(self.request.retries)) from e

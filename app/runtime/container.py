@@ -36,8 +36,9 @@ from app.services.foreground import Foreground
 from app.services.immich import ClientRateLimit
 from app.services.index import IndexCache
 from app.services.job_handlers import handler_table
-from app.services.jobs import JobEnvironment, JobHandler, JobQueue, SessionFactory
-from app.services.libraries import refuse_data_folder_in_roots
+from app.services.job_runs import JobEnvironment, JobHandler, SessionFactory
+from app.services.jobs import JobQueue
+from app.services.library_paths import refuse_data_folder_in_roots
 from app.services.model import ModelLoader
 from app.services.search import AdapterCache
 from app.storage import ImageStore

@@ -37,7 +37,8 @@ from app.db import session_scope
 from app.models import utcnow
 from app.services import libraries
 from app.services.folders import is_real_folder, open_folder_beneath, walk
-from app.services.jobs import JobQueue, SessionFactory
+from app.services.job_runs import SessionFactory
+from app.services.jobs import JobQueue
 from app.storage import os_error_reason, root_of
 
 log = logging.getLogger(__name__)

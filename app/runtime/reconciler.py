@@ -30,7 +30,8 @@ from app import repositories
 from app.config import JobSettings
 from app.db import session_scope, transaction_lock
 from app.models import JobKind, utcnow
-from app.services.jobs import JobQueue, SessionFactory
+from app.services.job_runs import SessionFactory
+from app.services.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 

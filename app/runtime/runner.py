@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from app import repositories
 from app.db import session_scope
 from app.runtime.priority import lower_this_thread
-from app.services import jobs
-from app.services.jobs import JobEnvironment, JobInterrupted
+from app.services import job_runs
+from app.services.job_runs import JobEnvironment, JobInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +122,18 @@ class JobRunner:
             if self._stopping.is_set():
                 return  # still 'queued' in the database
             try:
-                jobs.run_job(
+                job_runs.run_job(
                     job_id,
                     self.env,
                     should_stop=self._stopping.is_set,
-                    runner=jobs.embedded_runner_name(),
+                    runner=job_runs.embedded_runner_name(),
                 )
                 return
             except JobInterrupted:
                 log.info("job %s interrupted by shutdown; it will run after the next start", job_id)
                 return
             except Exception as e:
-                outage = jobs.outage_of(e)
+                outage = job_runs.outage_of(e)
                 if outage is None:
                     log.exception("job %s: the runner caught an unexpected error", job_id)
                     return
@@ -143,11 +143,11 @@ class JobRunner:
                 # wait() returns early on shutdown: the job stays queued for the next start.
                 self._stopping.wait(self.retry_delays[attempt])
 
-    def _give_up(self, job_id: str, error: BaseException, outage: jobs.Outage) -> None:
+    def _give_up(self, job_id: str, error: BaseException, outage: job_runs.Outage) -> None:
         try:
             log.error("job %s: giving up after %d retries: %s", job_id, len(self.retry_delays),
                       error, extra={"job_id": job_id})  # fmt: skip
-            jobs.mark_failed(
+            job_runs.mark_failed(
                 job_id, outage.code, outage.message, session_factory=self.session_factory
             )
         except Exception:

@@ -15,7 +15,6 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps
-from sqlalchemy import ColumnElement, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import repositories
@@ -37,8 +36,9 @@ from app.ml.regions import (
     unpack_regions,
 )
 from app.ml.threads import cpu_count, cpu_threads
-from app.models import Image, Job, JobKind, JobState, Library, new_vec_id
-from app.services.jobs import JobContext, JobQueue, enqueue_committed
+from app.models import Job, JobKind, new_vec_id
+from app.services.job_runs import JobContext
+from app.services.jobs import JobQueue, enqueue_committed
 from app.services.model import ServingModel
 from app.storage import (
     FileStamp,
@@ -191,28 +191,19 @@ def _stamp(
 
 
 def _pending(
-    ctx: JobContext, image_ids: Sequence[str] | None, *conditions: ColumnElement[bool]
+    ctx: JobContext, image_ids: Sequence[str] | None, model_id: str, region_key: str | None = None
 ) -> list[tuple[str, ImageSource]]:
-    """(id, where its bytes are) of the user's images (among `image_ids`) matching all
-    conditions."""
+    """(id, where its bytes are) of the user's readable images (among `image_ids`) that lack an
+    embedding by `model_id` or, with `region_key`, regions stored as `region_key`
+    (repositories.images_to_embed)."""
     with session_scope(ctx.session_factory) as s:
-        query = (
-            select(
-                Image.id,
-                Image.storage_path,
-                Image.source_path,
-                Library.path,
-                Image.source_size,
-                Image.source_mtime_ns,
-                Image.source_ctime_ns,
-                Image.source_ino,
-            )
-            .outerjoin(Library, Library.id == Image.library_id)
-            .where(Image.user_id == ctx.user_id, *conditions)
+        rows = repositories.images_to_embed(
+            db_session=s,
+            user_id=ctx.user_id,
+            model_id=model_id,
+            image_ids=image_ids,
+            region_key=region_key,
         )
-        if image_ids is not None:
-            query = query.where(Image.id.in_(list(image_ids)))
-        rows = s.execute(query.order_by(Image.created_at, Image.id))
         return [
             (i, ImageSource(p, sp, lp, _stamp(size, m, c, ino)))
             for i, p, sp, lp, size, m, c, ino in rows
@@ -257,13 +248,10 @@ def embed_pending(
     roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
     max_pixels = ctx.settings.limits.max_pixels  # the files are checked again as uploads are
-    current = Image.embedding_model == model_id
     # An image whose file could not be read is not read again by every pass: only once the file
     # changes (a rescan or a new upload of the bytes clears embed_error) or a rebuild is asked.
-    readable = Image.embed_error.is_(None)
-    whole = _pending(ctx, image_ids, or_(Image.embedding.is_(None), ~current), readable)
-    stale_regions = or_(Image.region_layout.is_(None), Image.region_layout != key)
-    crops_left = len(_pending(ctx, image_ids, current, stale_regions, readable)) if boxes else 0
+    whole = _pending(ctx, image_ids, model_id)
+    crops_left = len(_pending(ctx, image_ids, model_id, key)) if boxes else 0
     total = max(1, len(whole) + cost * ((0 if method == "pooled" else len(whole)) + crops_left))
     work = 0
     last_publish, unpublished = time.monotonic(), False
@@ -294,18 +282,17 @@ def embed_pending(
                 for n, ((image_id, _), vec) in enumerate(zip(decoded, vectors, strict=True)):
                     # A row deleted meanwhile simply matches nothing. Crops of another model
                     # are dropped with its embedding.
-                    s.execute(
-                        update(Image)
-                        .where(Image.id == image_id, Image.user_id == ctx.user_id)
-                        .values(
-                            embedding=vec.tobytes(),
-                            embedding_model=model_id,
-                            # A vec_id names one vector, never a row: the index caches of every
-                            # process see a re-embedded row as one vector gone, one new.
-                            vec_id=new_vec_id(),
-                            region_embeddings=None if regions is None else pack_regions(regions[n]),
-                            region_layout=None if regions is None else first_key,
-                        )
+                    repositories.store_embedding(
+                        db_session=s,
+                        user_id=ctx.user_id,
+                        image_id=image_id,
+                        embedding=vec.tobytes(),
+                        model_id=model_id,
+                        # A vec_id names one vector, never a row: the index caches of every
+                        # process see a re-embedded row as one vector gone, one new.
+                        vec_id=new_vec_id(),
+                        region_embeddings=None if regions is None else pack_regions(regions[n]),
+                        region_layout=None if regions is None else first_key,
                     )
                 unpublished = True
                 if time.monotonic() - last_publish >= PUBLISH_INTERVAL_S:
@@ -316,7 +303,7 @@ def embed_pending(
     if unpublished:
         with session_scope(ctx.session_factory) as s:
             repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
-    crops = _pending(ctx, image_ids, current, stale_regions, readable) if boxes else []
+    crops = _pending(ctx, image_ids, model_id, key) if boxes else []
     total = max(1, work + cost * len(crops))
     kinds = method_kinds(method)
 
@@ -345,10 +332,13 @@ def embed_pending(
             with session_scope(ctx.session_factory) as s:
                 for image_id, reg in zip(ready, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
-                    s.execute(
-                        update(Image)
-                        .where(Image.id == image_id, Image.user_id == ctx.user_id, current)
-                        .values(region_embeddings=pack_regions(reg), region_layout=key)
+                    repositories.store_regions(
+                        db_session=s,
+                        user_id=ctx.user_id,
+                        image_id=image_id,
+                        model_id=model_id,
+                        region_embeddings=pack_regions(reg),
+                        region_layout=key,
                     )
         work += cost * len(batch)
         ctx.progress(work / total)
@@ -402,10 +392,12 @@ def _record_failures(ctx: JobContext, failed: dict[str, tuple[str, bool]]) -> No
         return
     with session_scope(ctx.session_factory) as s:
         for image_id, (reason, transient) in failed.items():
-            s.execute(
-                update(Image)
-                .where(Image.id == image_id, Image.user_id == ctx.user_id)
-                .values(embed_error=reason, embed_error_transient=transient)
+            repositories.set_embed_error(
+                db_session=s,
+                user_id=ctx.user_id,
+                image_id=image_id,
+                reason=reason,
+                transient=transient,
             )
 
 
@@ -425,13 +417,7 @@ def _stored_kinds(
     """The region rows by kind that the images already have stored for `layout`."""
     found: dict[str, dict[str, np.ndarray]] = {}
     with session_scope(ctx.session_factory) as s:
-        rows = s.execute(
-            select(Image.id, Image.region_embeddings, Image.region_layout).where(
-                Image.id.in_(list(ids)),
-                Image.user_id == ctx.user_id,
-                Image.region_layout.is_not(None),
-            )
-        )
+        rows = repositories.stored_regions(db_session=s, user_id=ctx.user_id, image_ids=ids)
         for image_id, blob, key in rows:
             if _layout_of(key) == layout:
                 found[image_id] = split_regions(unpack_regions(blob, dim), key)
@@ -478,11 +464,7 @@ def rebuild_index_job(ctx: JobContext) -> None:
     an image whose file could not be read before is tried once more (asked for by the user:
     a file whose permissions or share were fixed, which changed neither its size nor time)."""
     with session_scope(ctx.session_factory) as s:
-        s.execute(
-            update(Image)
-            .where(Image.user_id == ctx.user_id, Image.embed_error.is_not(None))
-            .values(embed_error=None, embed_error_transient=None)
-        )
+        repositories.clear_embed_errors(db_session=s, user_id=ctx.user_id)
     embed_pending(ctx, None)
     with session_scope(ctx.session_factory) as s:
         repositories.bump_index_generation(db_session=s, user_id=ctx.user_id)
@@ -507,45 +489,23 @@ class IndexStatus:
 
 def index_status(db_session: Session, user_id: str, model_id: str, layout: str) -> IndexStatus:
     """Counts for GET /index (one query); `layout` is the stored key (`stored_layout`)."""
-    current = Image.embedding_model == model_id
-    failed = Image.embed_error.is_not(None) & or_(
-        Image.embedding_model.is_(None), Image.embedding_model != model_id
+    counts = repositories.index_counts(
+        db_session=db_session, user_id=user_id, model_id=model_id, layout=layout
     )
-    row = db_session.execute(
-        select(
-            func.count(),
-            func.count(case((current, 1))),
-            func.count(case((current & (Image.region_layout == layout), 1))),
-            func.count(case((failed, 1))),
-        ).where(Image.user_id == user_id)
-    ).one()
     return IndexStatus(
-        images=int(row[0]),
-        embedded=int(row[1]),
-        failed=int(row[3]),
-        with_regions=int(row[2]) if layout != "none" else 0,
+        images=counts.images,
+        embedded=counts.embedded,
+        failed=counts.failed,
+        with_regions=counts.with_regions if layout != "none" else 0,
         region_layout=layout,
-        rebuild_job=_open_rebuild(db_session, user_id),
+        rebuild_job=repositories.open_rebuild_job(db_session=db_session, user_id=user_id),
     )
-
-
-def _open_rebuild(db_session: Session, user_id: str) -> Job | None:
-    return db_session.scalars(
-        select(Job)
-        .where(
-            Job.user_id == user_id,
-            Job.kind == JobKind.REBUILD_INDEX.value,
-            Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]),
-        )
-        .order_by(Job.created_at.desc())
-        .limit(1)
-    ).first()
 
 
 def request_rebuild(db_session: Session, user_id: str, queue: JobQueue) -> tuple[Job, bool]:
     """Queue a rebuild_index job (embeds what the serving model and region layout lack), or
     return the one already queued or running; (job, created). Commits."""
-    open_job = _open_rebuild(db_session, user_id)
+    open_job = repositories.open_rebuild_job(db_session=db_session, user_id=user_id)
     if open_job is not None:
         return open_job, False
     job = repositories.add_job(

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import repositories
 from app.errors import NotFound
 from app.ml.index import IndexCorruptError, VectorIndex
-from app.models import Image, User
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +52,7 @@ def load_embeddings(
     *, db_session: Session, user_id: str, model_id: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(vec_ids (N,) int64, vectors (N, D) float32) of the user's images embedded by `model_id`."""
-    rows = db_session.execute(
-        select(Image.vec_id, Image.embedding)
-        .where(
-            Image.user_id == user_id,
-            Image.embedding_model == model_id,
-            Image.embedding.is_not(None),
-        )
-        .execution_options(yield_per=2000)
-    )
+    rows = repositories.stream_embeddings(db_session=db_session, user_id=user_id, model_id=model_id)
     ids: list[int] = []
     chunks: list[bytes] = []
     for vec_id, blob in rows:
@@ -89,12 +80,10 @@ def sync_index(
     write of an embedding gives the row a new vec_id (a library file replaced in place and
     embedded again, a rebuild, a model change), so ids alone tell what changed.
     """
-    mine = (
-        Image.user_id == user_id,
-        Image.embedding_model == model_id,
-        Image.embedding.is_not(None),
+    db_ids = np.fromiter(
+        repositories.embedded_vec_ids(db_session=db_session, user_id=user_id, model_id=model_id),
+        dtype=np.int64,
     )
-    db_ids = np.fromiter(db_session.scalars(select(Image.vec_id).where(*mine)), dtype=np.int64)
     have = index.ids()
     new = np.setdiff1d(db_ids, have)
     gone = np.setdiff1d(have, db_ids)
@@ -103,8 +92,8 @@ def sync_index(
     found: list[tuple[int, bytes]] = []
     for start in range(0, len(new), 900):  # stay under SQLite's bound-parameter limit
         chunk = new[start : start + 900].tolist()
-        rows = db_session.execute(
-            select(Image.vec_id, Image.embedding).where(*mine, Image.vec_id.in_(chunk))
+        rows = repositories.embeddings_of(
+            db_session=db_session, user_id=user_id, model_id=model_id, vec_ids=chunk
         )
         found += [(int(v), b) for v, b in rows if b is not None]
     removed = index.remove(gone)
@@ -152,7 +141,7 @@ class IndexCache:
 
     def get(self, *, db_session: Session, user_id: str, model_id: str, dim: int) -> CachedIndex:
         """The user's index at the database's current generation."""
-        generation = db_session.scalar(select(User.index_generation).where(User.id == user_id))
+        generation = repositories.index_generation(db_session=db_session, user_id=user_id)
         if generation is None:
             raise NotFound.of("user")
         key = (user_id, model_id)

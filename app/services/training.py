@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -35,9 +34,9 @@ from app.ml.selective import train_selective
 from app.ml.threads import cpu_threads
 from app.ml.tokens import SHARED_TOKEN
 from app.ml.train import pick_concept_token, placeholder_phrase, train_adapter
-from app.models import Adapter, Concept, ConceptExample, ConceptState, Verdict, new_id
-from app.services import jobs, recipe, retention
-from app.services.jobs import JobContext, JobInterrupted
+from app.models import Adapter, Concept, ConceptState, Verdict, new_id
+from app.services import job_runs, recipe, retention
+from app.services.job_runs import JobContext, JobInterrupted
 from app.services.model import ServingModel
 from app.storage import ImageStore, open_regular_file, untrusted_image
 
@@ -111,12 +110,8 @@ def _choose_token(
         return SHARED_TOKEN
     if concept.token != SHARED_TOKEN:
         return concept.token
-    taken = set(
-        db_session.scalars(
-            select(Concept.token).where(
-                Concept.user_id == concept.user_id, Concept.id != concept.id
-            )
-        )
+    taken = repositories.other_concept_tokens(
+        db_session=db_session, user_id=concept.user_id, concept_id=concept.id
     )
     return pick_concept_token(bundle, taken, settings.token_mode)
 
@@ -138,27 +133,19 @@ def _read_plan(
     """Load what training needs; None when there is nothing to do (done, or superseded)."""
     model_id = serving.model_id
     with session_scope(ctx.session_factory) as s:
-        concept = s.scalar(
-            select(Concept).where(Concept.id == concept_id, Concept.user_id == ctx.user_id)
-        )
+        concept = repositories.get_concept(db_session=s, user_id=ctx.user_id, concept_id=concept_id)
         if concept is None:
             raise ConceptDeleted("the concept was deleted before it was trained")
         if concept.version > version:
             log.info("concept %s v%d superseded by v%d; not training", concept_id, version,
                      concept.version)  # fmt: skip
             return None
-        existing = s.scalar(
-            select(Adapter).where(Adapter.concept_id == concept_id, Adapter.version == version)
-        )
+        existing = repositories.get_adapter(db_session=s, concept_id=concept_id, version=version)
         if existing is not None:  # a rerun after the adapter was stored: just finish
             _apply_result(concept, existing)
             return None
         concept.state = ConceptState.TRAINING.value  # a retry after a failure trains again
-        examples = s.scalars(
-            select(ConceptExample)
-            .where(ConceptExample.concept_id == concept_id, ConceptExample.version_added <= version)
-            .order_by(ConceptExample.created_at, ConceptExample.id)
-        ).all()
+        examples = repositories.examples_up_to(db_session=s, concept_id=concept_id, version=version)
         cached: list[np.ndarray | None] = []
         for ex in examples:
             vec = None
@@ -213,12 +200,11 @@ def _embed_photos(ctx: JobContext, plan: _Plan, serving: ServingModel) -> np.nda
         with session_scope(ctx.session_factory) as s:
             for i, vec in zip(missing, fresh, strict=True):
                 vectors[i] = vec
-                s.execute(
-                    update(ConceptExample)
-                    .where(ConceptExample.id == plan.example_ids[i])
-                    .values(
-                        embedding=vec.astype(np.float32).tobytes(), embedding_model=serving.model_id
-                    )
+                repositories.store_example_embedding(
+                    db_session=s,
+                    example_id=plan.example_ids[i],
+                    embedding=vec.astype(np.float32).tobytes(),
+                    model_id=serving.model_id,
                 )
     # Photos a person confirmed are examples too (after the taught ones, in marking order).
     return np.stack([*(v for v in vectors if v is not None), *plan.confirmed]).astype(np.float32)
@@ -345,18 +331,12 @@ def _save(ctx: JobContext, concept_id: str, version: int, fitted: Adapter) -> No
     for attempt in (1, 2):
         try:
             with session_scope(ctx.session_factory) as s:
-                concept = s.scalar(
-                    select(Concept)
-                    .where(Concept.id == concept_id, Concept.user_id == ctx.user_id)
-                    .with_for_update()
+                concept = repositories.get_concept(
+                    db_session=s, user_id=ctx.user_id, concept_id=concept_id, lock=True
                 )
                 if concept is None:
                     raise ConceptDeleted("the concept was deleted while it was training")
-                row = s.scalar(
-                    select(Adapter).where(
-                        Adapter.concept_id == concept_id, Adapter.version == version
-                    )
-                )
+                row = repositories.get_adapter(db_session=s, concept_id=concept_id, version=version)
                 if row is None:  # else another run of this job stored it first: keep that one
                     row = Adapter(
                         id=new_id(),
@@ -379,21 +359,20 @@ def _save(ctx: JobContext, concept_id: str, version: int, fitted: Adapter) -> No
 
 def _mark_failed(ctx: JobContext, concept_id: str, version: int, error: BaseException) -> None:
     """Set the concept `failed` if this job's version is still the current one. An outage
-    (`jobs.outage_of`) says so: the job is retried, and a retry that succeeds sets it `ready`."""
-    outage = jobs.outage_of(error)
+    (`job_runs.outage_of`) says so: the job is retried, and a retry that succeeds sets it
+    `ready`."""
+    outage = job_runs.outage_of(error)
     if outage is not None:
         failure = {"code": outage.code, "message": outage.message}
     elif isinstance(error, DomainError):
         failure = {"code": error.code, "message": error.message}
     else:
         # The exception itself is in the job's log line, not in what the client reads.
-        failure = {"code": jobs.INTERNAL_ERROR, "message": jobs.INTERNAL_ERROR_MESSAGE}
+        failure = {"code": job_runs.INTERNAL_ERROR, "message": job_runs.INTERNAL_ERROR_MESSAGE}
     try:
         with session_scope(ctx.session_factory) as s:
-            s.execute(
-                update(Concept)
-                .where(Concept.id == concept_id, Concept.version == version)
-                .values(state=ConceptState.FAILED.value, metrics={"error": failure})
+            repositories.fail_concept_version(
+                db_session=s, concept_id=concept_id, version=version, metrics={"error": failure}
             )
     except Exception:
         log.exception("could not mark concept %s failed", concept_id)

@@ -29,8 +29,8 @@ from app.ml.encode import encode_images
 from app.ml.model import ClipBundle, bundle_from_model, demo_checkpoint_path
 from app.models import Adapter, Concept, ConceptExample, Job
 from app.models import Image as ImageRow
-from app.services import jobs, training
-from app.services.jobs import JobContext
+from app.services import job_runs, training
+from app.services.job_runs import JobContext
 from tests.db_fixtures import ApiUser, create_api_user, image_bytes
 from tests.fakes import RecordingQueue, use_queue
 
@@ -128,7 +128,7 @@ def wait_job(client: TestClient, user: ApiUser, job_id: str, timeout: float = 60
 
 def run_now(client: TestClient, job_id: str) -> None:
     app: Any = client.app
-    jobs.run_job(job_id, app.state.container.jobs)
+    job_runs.run_job(job_id, app.state.container.jobs)
 
 
 def count(client: TestClient, model: Any, *where: Any) -> int:

@@ -18,7 +18,7 @@ from sqlalchemy import update
 
 from app.models import Image
 from app.services import embedding
-from app.services import libraries as libraries_service
+from app.services import library_scan as libraries_service
 from tests.api.test_libraries import db_settings, report  # noqa: F401 (fixture)
 from tests.api.test_search import upload, wait_jobs
 from tests.db_fixtures import noisy_jpeg, png_claiming

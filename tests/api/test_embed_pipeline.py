@@ -16,7 +16,7 @@ from app.ml.encode import encode_images
 from app.ml.threads import cpu_count
 from app.models import Image
 from app.services import embedding
-from app.services.jobs import JobContext
+from app.services.job_runs import JobContext
 from tests.api.test_search import upload, wait_jobs
 from tests.model_fixtures import tiny_serving  # noqa: F401
 

@@ -229,7 +229,7 @@ def test_whole_embeddings_land_before_any_crop(api_client, make_user, tiny_servi
     """Every image is searchable before the crop pass starts (with both, re-ranked by its
     pooled regions too); progress only moves forward."""
     from app.services.embedding import embed_pending
-    from app.services.jobs import JobContext
+    from app.services.job_runs import JobContext
 
     cfg = api_client.app.state.container.settings.search
     cfg.regions, cfg.region_method = "none", method  # upload without regions first

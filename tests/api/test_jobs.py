@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from app.db import session_scope
 from app.models import Job, JobKind, utcnow
-from app.services import jobs
+from app.services import job_runs, jobs
 from tests.db_fixtures import ApiUser
 
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -61,8 +61,10 @@ def test_get_job_shows_state_progress_and_links(api_client, make_user):
     assert job["started_at"] is None and job["finished_at"] is None
     assert job["links"] == {"concept": f"/concepts/{concept_id}", "images": None}
 
-    jobs.mark_running(job_id, session_factory=api_client.app.state.container.session_factory)
-    jobs.set_progress(job_id, 0.25, session_factory=api_client.app.state.container.session_factory)
+    job_runs.mark_running(job_id, session_factory=api_client.app.state.container.session_factory)
+    job_runs.set_progress(
+        job_id, 0.25, session_factory=api_client.app.state.container.session_factory
+    )
     job = api_client.get(f"/jobs/{job_id}", headers=user.headers).json()
     assert (job["state"], job["progress"], job["attempts"]) == ("running", 0.25, 1)
     assert job["started_at"] is not None
@@ -71,7 +73,7 @@ def test_get_job_shows_state_progress_and_links(api_client, make_user):
 def test_failed_job_shows_its_error_code_and_message(api_client, make_user):
     user = make_user(api_client)
     job_id = add_job(api_client, user, JobKind.EMBED_IMAGES, {"image_ids": ["a", "b"]})
-    jobs.mark_failed(
+    job_runs.mark_failed(
         job_id,
         "file_missing",
         "a photo is gone",
@@ -136,7 +138,7 @@ def test_list_filters_by_state_and_kind(api_client, make_user):
     training = add_job(api_client, user, JobKind.TRAIN_CONCEPT, {"concept_id": UNKNOWN}, age_s=2)
     queued = add_job(api_client, user, JobKind.EMBED_IMAGES, {"image_ids": []}, age_s=1)
     factory = api_client.app.state.container.session_factory
-    jobs.mark_failed(failed, "x", "y", session_factory=factory)
+    job_runs.mark_failed(failed, "x", "y", session_factory=factory)
 
     def listed(**params: str) -> list[str]:
         r = api_client.get("/jobs", params=params, headers=user.headers)

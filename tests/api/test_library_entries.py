@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.services.libraries import MAX_STORED_PATH_BYTES, TOO_LONG_TO_STORE
+from app.services.library_scan import MAX_STORED_PATH_BYTES, TOO_LONG_TO_STORE
 from tests.api.test_libraries import library_settings, paths, report
 from tests.api.test_search import wait_jobs
 from tests.db_fixtures import noisy_jpeg
@@ -146,7 +146,7 @@ def test_a_path_too_long_to_store_is_skipped_not_a_failed_scan(api_client, folde
     import random
     import string
 
-    from app.services.libraries import MAX_STORED_PATH_BYTES
+    from app.services.library_scan import MAX_STORED_PATH_BYTES
 
     user, lib = folder_user
     (lib / "ok.jpg").write_bytes(noisy_jpeg(seed=33))

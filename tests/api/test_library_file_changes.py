@@ -175,7 +175,7 @@ def test_a_row_from_before_the_stamp_takes_it_without_a_read(api_client, folder_
     with its mtime put back is then seen."""
     from sqlalchemy import update
 
-    from app.services import libraries as libraries_service
+    from app.services import library_scan as libraries_service
 
     user, lib = folder_user
     photo = lib / "p.jpg"

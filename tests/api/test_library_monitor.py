@@ -22,8 +22,8 @@ from app.runtime.library_monitor import (
     real_folders,
     watch_plan,
 )
-from app.services import libraries
-from app.services.jobs import JobContext, JobEnvironment
+from app.services import libraries, library_scan
+from app.services.job_runs import JobContext, JobEnvironment
 from app.storage import ImageStore
 from tests.api.test_libraries import library_settings
 from tests.api.test_search import wait_jobs
@@ -187,7 +187,7 @@ def test_a_second_scan_of_a_library_does_nothing_while_one_runs(
     settings = Settings(data_dir=tmp_path / "data", library=cfg(tmp_path))
     env = JobEnvironment(settings, factory, ImageStore(settings.data_dir), {}, no_model)
     ctx = JobContext(dup.id, user_id, "scan_library", {"library_id": library.id}, env, print)
-    libraries.scan_library_job(ctx)
+    library_scan.scan_library_job(ctx)
     with session_scope(factory) as s:
         assert s.get(Library, library.id).scan_generation == 0  # type: ignore[union-attr]
 

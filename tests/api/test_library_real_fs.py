@@ -298,7 +298,7 @@ def test_a_proc_link_the_server_may_not_read_is_a_422():
 
     from app.errors import ValidationFailed
     from app.models import Base
-    from app.services.libraries import confine_folder
+    from app.services.library_paths import confine_folder
 
     work = Path(tempfile.mkdtemp(prefix="polar-nobody-"))
     os.chmod(work, 0o777)

@@ -20,7 +20,7 @@ import pytest
 from app import repositories
 from app.services import concepts as concepts_service
 from app.services import images as images_service
-from app.services import libraries as libraries_service
+from app.services import library_scan as libraries_service
 from tests.api.test_libraries import db_settings, paths, report  # noqa: F401 (fixture)
 from tests.api.test_search import wait_jobs
 from tests.db_fixtures import noisy_jpeg

@@ -84,8 +84,8 @@ def test_run_job_logs_start_and_end_with_ids_and_duration(
     from app.config import Settings
     from app.db import make_engine, make_session_factory, migrate, session_scope
     from app.models import JobKind
-    from app.services import jobs, users
-    from app.services.jobs import JobEnvironment
+    from app.services import job_runs, jobs, users
+    from app.services.job_runs import JobEnvironment
     from app.storage import ImageStore
 
     assert isinstance(tmp_path, Path)
@@ -99,8 +99,8 @@ def test_run_job_logs_start_and_end_with_ids_and_duration(
     with session_scope(factory) as s:
         uid = users.create_user("alice", db_session=s).id
         job_id = jobs.create_job(db_session=s, user_id=uid, kind=kind, payload={}).id
-    with caplog.at_level(logging.INFO, logger="app.services.jobs"):
-        jobs.run_job(job_id, env)
+    with caplog.at_level(logging.INFO, logger="app.services.job_runs"):
+        job_runs.run_job(job_id, env)
     lines = [r for r in caplog.records if getattr(r, "job_id", None) == job_id]
     assert [r.getMessage() for r in lines] == [
         f"job {job_id} started ({kind})",

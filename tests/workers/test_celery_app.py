@@ -22,8 +22,8 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory, migrate, session_scope
 from app.errors import ValidationFailed
 from app.models import Job, JobKind
-from app.services import jobs, users
-from app.services.jobs import JobContext
+from app.services import job_runs, jobs, users
+from app.services.job_runs import JobContext
 from workers import celery_app as celery_module
 from workers.celery_app import create_celery
 from workers.tasks import MAX_RETRIES, run_job_task
@@ -71,7 +71,7 @@ def test_run_job_task_retries_only_infrastructure_errors(
         def run(*_: Any, error: Exception = error, **__: Any) -> None:
             raise error
 
-        monkeypatch.setattr(jobs, "run_job", run)
+        monkeypatch.setattr(job_runs, "run_job", run)
         with pytest.raises(Retry):
             run_job_task.run("job-1")
     assert retried[0][0] is db_down and len(retried) == 3
@@ -80,7 +80,7 @@ def test_run_job_task_retries_only_infrastructure_errors(
     def bad(*_: Any, **__: Any) -> None:
         raise ValidationFailed("bad input")
 
-    monkeypatch.setattr(jobs, "run_job", bad)
+    monkeypatch.setattr(job_runs, "run_job", bad)
     with pytest.raises(ValidationFailed):
         run_job_task.run("job-1")
     assert len(retried) == 3
@@ -92,10 +92,10 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     ran: list[tuple[str, Any]] = []
     failed: list[tuple[str, str, str]] = []
     monkeypatch.setattr(
-        jobs, "run_job", lambda job_id, env, runner: ran.append((job_id, env, runner))
+        job_runs, "run_job", lambda job_id, env, runner: ran.append((job_id, env, runner))
     )
     monkeypatch.setattr(
-        jobs,
+        job_runs,
         "mark_failed",
         lambda job_id, code, message, **_: failed.append((job_id, code, message)),
     )
@@ -109,8 +109,8 @@ def test_run_job_task_calls_the_service_and_marks_failed_when_retries_end(
     run_job_task.on_failure(db_down, "task-id", ["job-3"], {}, None)
     # The client reads a message that says what was down; the exception goes to the log only.
     assert failed == [
-        ("job-2", jobs.RETRIES_EXHAUSTED, jobs.RETRIES_EXHAUSTED_MESSAGE),
-        ("job-3", "database_unavailable", jobs.DATABASE_OUTAGE.message),
+        ("job-2", job_runs.RETRIES_EXHAUSTED, job_runs.RETRIES_EXHAUSTED_MESSAGE),
+        ("job-3", "database_unavailable", job_runs.DATABASE_OUTAGE.message),
     ]
 
 
@@ -199,7 +199,7 @@ def worker_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLAR_")}
     env.update(
         POLAR_DATA_DIR=str(tmp_path / "data"),
-        POLAR_DATABASE_URL=f"sqlite:///{(tmp_path / 'jobs.db').as_posix()}",
+        POLAR_DATABASE_URL=f"sqlite:///{(tmp_path / 'job_runs.db').as_posix()}",
         POLAR_BROKER_URL=REDIS_URL,
         PYTHONPATH=str(ROOT),
     )
@@ -316,7 +316,7 @@ def test_a_new_worker_runs_jobs_that_were_never_published_or_lost_their_worker(
         orphan = jobs.create_job(
             db_session=s, user_id=uid, kind=KIND, payload={"out": str(tmp_path / "orphan.txt")}
         ).id
-    assert jobs.mark_running(orphan, session_factory=factory)  # ... and then its host was lost
+    assert job_runs.mark_running(orphan, session_factory=factory)  # ... and then its host was lost
     env = {
         **worker_env,
         "POLAR_JOBS__RESEND_AFTER_S": "1",
@@ -363,7 +363,7 @@ def test_a_lost_pool_process_resumes_its_job_at_once(
     with session_scope(factory) as s:
         uid = users.create_user("alice", db_session=s).id
         job_id = jobs.create_job(db_session=s, user_id=uid, kind=KIND, payload={}).id
-    assert jobs.mark_running(job_id, session_factory=factory, runner="celery:task-1")
+    assert job_runs.mark_running(job_id, session_factory=factory, runner="celery:task-1")
     sent = RecordingQueue()
     monkeypatch.setattr(app, "publisher", lambda: sent)
 

@@ -19,8 +19,8 @@ from app.db import database_disk_full, make_engine, session_scope
 from app.errors import StorageFull, ValidationFailed
 from app.models import Job, JobKind
 from app.runtime.runner import JobRunner
-from app.services import jobs
-from app.services.jobs import JobContext, JobEnvironment, SessionFactory
+from app.services import job_runs, jobs
+from app.services.job_runs import JobContext, JobEnvironment, SessionFactory
 from app.storage import ImageStore
 
 KIND = JobKind.REBUILD_INDEX.value
@@ -52,14 +52,14 @@ def db_error(cls: type[DBAPIError], *, invalidated: bool = False) -> DBAPIError:
         # A connection whose session state is broken (a statement prepared twice on a
         # connection two processes shared): dropped by the pool, the statement was fine.
         (db_error(ProgrammingError, invalidated=True), "database_unavailable"),
-        (ConnectionError("reset by peer"), jobs.RETRIES_EXHAUSTED),
+        (ConnectionError("reset by peer"), job_runs.RETRIES_EXHAUSTED),
         (OSError(errno.ENOSPC, "No space left on device"), "storage_full"),
         (OSError(errno.EROFS, "Read-only file system"), "storage_unavailable"),
         (StorageFull("the server's disk is full"), "storage_full"),
     ],
 )
 def test_infrastructure_errors_are_outages(error: BaseException, code: str) -> None:
-    outage = jobs.outage_of(error)
+    outage = job_runs.outage_of(error)
     assert outage is not None and outage.code == code
 
 
@@ -70,7 +70,7 @@ def test_a_wrapped_infrastructure_error_is_one_too() -> None:
         except OperationalError as e:
             raise RuntimeError("while saving the adapter") from e
     except RuntimeError as wrapped:
-        assert jobs.is_transient(wrapped)
+        assert job_runs.is_transient(wrapped)
 
 
 def test_a_domain_error_raised_over_an_outage_is_the_outcome() -> None:
@@ -80,7 +80,7 @@ def test_a_domain_error_raised_over_an_outage_is_the_outcome() -> None:
         except OperationalError as e:
             raise ValidationFailed("the concept was deleted meanwhile") from e
     except ValidationFailed as decided:
-        assert not jobs.is_transient(decided)
+        assert not job_runs.is_transient(decided)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_a_domain_error_raised_over_an_outage_is_the_outcome() -> None:
     ],
 )
 def test_input_errors_and_bugs_are_not(error: BaseException) -> None:
-    assert jobs.outage_of(error) is None
+    assert job_runs.outage_of(error) is None
 
 
 def test_a_job_that_meets_a_broken_connection_is_retried_not_failed(
@@ -142,19 +142,19 @@ def test_an_outage_that_outlasts_the_retries_fails_with_its_code(
         runner.stop()
     job = load(factory, job_id)
     assert (job.state, job.attempts, job.error_code) == ("failed", 3, "storage_full")
-    assert job.error_message == jobs.STORAGE_FULL_OUTAGE.message
+    assert job.error_message == job_runs.STORAGE_FULL_OUTAGE.message
 
 
 def test_a_lost_run_is_put_back_only_under_its_own_name(
     factory: SessionFactory, user_id: str
 ) -> None:
     job_id = new_job(factory, user_id)
-    assert jobs.mark_running(job_id, session_factory=factory, runner="celery:task-1")
-    assert not jobs.requeue_lost_run(job_id, "celery:task-0", session_factory=factory)
+    assert job_runs.mark_running(job_id, session_factory=factory, runner="celery:task-1")
+    assert not job_runs.requeue_lost_run(job_id, "celery:task-0", session_factory=factory)
     assert load(factory, job_id).state == "running"  # another run's loss says nothing of it
-    assert jobs.requeue_lost_run(job_id, "celery:task-1", session_factory=factory)
+    assert job_runs.requeue_lost_run(job_id, "celery:task-1", session_factory=factory)
     assert load(factory, job_id).state == "queued"
-    assert not jobs.requeue_lost_run(job_id, "celery:task-1", session_factory=factory)
+    assert not job_runs.requeue_lost_run(job_id, "celery:task-1", session_factory=factory)
 
 
 # --- no connection crosses a fork (PostgreSQL) -------------------------------------------------
@@ -223,7 +223,7 @@ def test_a_statement_prepared_twice_drops_the_connection(postgres_url: str) -> N
             with pytest.raises(DBAPIError) as caught:
                 c.exec_driver_sql("PREPARE polar_twice AS SELECT 1")
         assert caught.value.connection_invalidated
-        assert jobs.is_transient(caught.value)
+        assert job_runs.is_transient(caught.value)
         with engine.connect() as c:
             assert c.execute(text("SELECT 1")).scalar_one() == 1
     finally:
@@ -243,7 +243,7 @@ def test_a_database_on_a_full_disk_is_a_full_disk_not_an_outage_of_the_database(
         with pytest.raises(OperationalError) as caught, engine.begin() as c:
             c.exec_driver_sql("INSERT INTO t VALUES (zeroblob(1000000))")
         assert database_disk_full(caught.value)
-        outage = jobs.outage_of(caught.value)
+        outage = job_runs.outage_of(caught.value)
         assert outage is not None and outage.code == "storage_full"
         assert not database_disk_full(db_error(OperationalError))
     finally:

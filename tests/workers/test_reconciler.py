@@ -19,8 +19,8 @@ from app.models import Image, Job, JobKind, utcnow
 from app.runtime.container import Watchers
 from app.runtime.reconciler import ReconcilePolicy, reconcile_once
 from app.runtime.runner import JobRunner
-from app.services import jobs, users
-from app.services.jobs import JobContext, JobEnvironment, SessionFactory
+from app.services import job_runs, jobs, users
+from app.services.job_runs import JobContext, JobEnvironment, SessionFactory
 from app.storage import ImageStore
 from tests.fakes import RecordingQueue
 
@@ -48,7 +48,7 @@ def state(factory: SessionFactory, job_id: str) -> str:
 
 
 def env_with(
-    tmp_path: Path, factory: SessionFactory, handlers: dict[str, jobs.JobHandler]
+    tmp_path: Path, factory: SessionFactory, handlers: dict[str, job_runs.JobHandler]
 ) -> JobEnvironment:
     settings = Settings(data_dir=tmp_path / "data", broker_url="")
     return JobEnvironment(settings, factory, ImageStore(settings.data_dir), handlers, lambda: None)  # type: ignore[arg-type,return-value]
@@ -102,13 +102,13 @@ def test_two_deliveries_never_run_one_job_at_once(
 
     env = env_with(tmp_path, factory, {KIND: slow})
     job_id = new_job(factory, user_id)
-    first = threading.Thread(target=jobs.run_job, args=(job_id, env))
+    first = threading.Thread(target=job_runs.run_job, args=(job_id, env))
     first.start()
     assert started.wait(20)
-    jobs.run_job(job_id, env)  # a duplicate message while the first runs: does nothing
+    job_runs.run_job(job_id, env)  # a duplicate message while the first runs: does nothing
     release.set()
     first.join(20)
-    jobs.run_job(job_id, env)  # and once it succeeded, nothing either
+    job_runs.run_job(job_id, env)  # and once it succeeded, nothing either
     assert calls == [job_id]
     with factory() as s:
         job = s.get_one(Job, job_id)
@@ -118,7 +118,7 @@ def test_two_deliveries_never_run_one_job_at_once(
 def test_running_jobs_heartbeat(
     factory: SessionFactory, user_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "HEARTBEAT_INTERVAL_S", 0.05)
+    monkeypatch.setattr(job_runs, "HEARTBEAT_INTERVAL_S", 0.05)
     beats: list[Any] = []
 
     def quiet(ctx: JobContext) -> None:  # reports no progress for a while
@@ -134,7 +134,7 @@ def test_running_jobs_heartbeat(
                 return
 
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, env_with(tmp_path, factory, {KIND: quiet}))
+    job_runs.run_job(job_id, env_with(tmp_path, factory, {KIND: quiet}))
     assert beats, "the row of a running job was never touched"
 
 

@@ -1,5 +1,5 @@
-"""Job service (app/services/jobs.py) and the embedded runner (app/runtime/runner.py) on a
-real database."""
+"""Job services (app/services/jobs.py, app/services/job_runs.py) and the embedded runner
+(app/runtime/runner.py) on a real database."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from app.main import create_app
 from app.models import Job, JobKind
 from app.runtime.container import build
 from app.runtime.runner import JobRunner
-from app.services import jobs, users
-from app.services.jobs import JobContext, JobEnvironment, ProgressThrottle, SessionFactory
+from app.services import job_runs, jobs, users
+from app.services.job_runs import JobContext, JobEnvironment, ProgressThrottle, SessionFactory
 from app.storage import ImageStore
 from workers.queue import RUN_JOB_TASK, CeleryQueue
 
@@ -29,7 +29,7 @@ KIND = JobKind.REBUILD_INDEX.value
 
 
 @pytest.fixture
-def handlers() -> dict[str, jobs.JobHandler]:
+def handlers() -> dict[str, job_runs.JobHandler]:
     """The test's own handler table (tests fill it; environments hold it by reference)."""
     return {}
 
@@ -39,14 +39,14 @@ def no_model() -> Any:
 
 
 def job_env(
-    settings: Settings, factory: SessionFactory, handlers: dict[str, jobs.JobHandler]
+    settings: Settings, factory: SessionFactory, handlers: dict[str, job_runs.JobHandler]
 ) -> JobEnvironment:
     return JobEnvironment(settings, factory, ImageStore(settings.data_dir), handlers, no_model)
 
 
 @pytest.fixture
 def env(
-    settings: Settings, factory: SessionFactory, handlers: dict[str, jobs.JobHandler]
+    settings: Settings, factory: SessionFactory, handlers: dict[str, job_runs.JobHandler]
 ) -> JobEnvironment:
     return job_env(settings, factory, handlers)
 
@@ -113,7 +113,7 @@ def test_run_job_succeeds_with_progress_and_context(
 
     handlers[KIND] = handler
     job_id = new_job(factory, user_id, {"n": 3})
-    jobs.run_job(job_id, env)
+    job_runs.run_job(job_id, env)
     assert seen == {"state": "running", "progress": 0.25, "payload": {"n": 3}, "user": user_id}
     job = load(factory, job_id)
     assert (job.state, job.progress, job.attempts, job.error_code) == ("succeeded", 1.0, 1, None)
@@ -130,8 +130,8 @@ def test_run_job_is_idempotent_once_succeeded(
     calls: list[str] = []
     handlers[KIND] = lambda ctx: calls.append(ctx.job_id)
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, env)
-    jobs.run_job(job_id, env)  # a redelivered task
+    job_runs.run_job(job_id, env)
+    job_runs.run_job(job_id, env)  # a redelivered task
     assert calls == [job_id]
     assert load(factory, job_id).attempts == 1
 
@@ -141,7 +141,7 @@ def test_run_job_is_idempotent_once_succeeded(
     [
         (ValidationFailed("too few photos", code="too_few"), "too_few", "too few photos"),
         # The client reads a message written for it; the exception is only in the log.
-        (KeyError("boom"), jobs.INTERNAL_ERROR, jobs.INTERNAL_ERROR_MESSAGE),
+        (KeyError("boom"), job_runs.INTERNAL_ERROR, job_runs.INTERNAL_ERROR_MESSAGE),
     ],
 )
 def test_run_job_records_failures(
@@ -158,7 +158,7 @@ def test_run_job_records_failures(
 
     handlers[KIND] = handler
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, env)
+    job_runs.run_job(job_id, env)
     job = load(factory, job_id)
     assert (job.state, job.error_code, job.error_message) == ("failed", code, message)
     assert job.finished_at is not None
@@ -168,9 +168,9 @@ def test_run_job_without_handler_fails_the_job(
     factory: SessionFactory, user_id: str, env: JobEnvironment
 ) -> None:
     job_id = new_job(factory, user_id)
-    jobs.run_job(job_id, env)
+    job_runs.run_job(job_id, env)
     job = load(factory, job_id)
-    assert (job.state, job.error_code) == ("failed", jobs.NO_HANDLER)
+    assert (job.state, job.error_code) == ("failed", job_runs.NO_HANDLER)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ def test_run_job_reraises_transient_errors_and_requeues(
     handlers[KIND] = handler
     job_id = new_job(factory, user_id)
     with pytest.raises(type(error)):
-        jobs.run_job(job_id, env)
+        job_runs.run_job(job_id, env)
     job = load(factory, job_id)
     assert (job.state, job.attempts, job.error_code) == ("queued", 1, None)
 
@@ -198,7 +198,7 @@ def test_progress_is_throttled_monotonic_and_clamped(
     factory: SessionFactory, engine: Engine, user_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = new_job(factory, user_id)
-    jobs.mark_running(job_id, session_factory=factory)
+    job_runs.mark_running(job_id, session_factory=factory)
     updates: list[str] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -211,7 +211,7 @@ def test_progress_is_throttled_monotonic_and_clamped(
         written = [throttle(i / 500) for i in range(1, 501)]
         assert written[0] and sum(written) <= 2  # 500 steps in well under a second
         assert len(updates) == sum(written)
-        monkeypatch.setattr(jobs, "PROGRESS_MIN_INTERVAL_S", 0.0)
+        monkeypatch.setattr(job_runs, "PROGRESS_MIN_INTERVAL_S", 0.0)
         assert not throttle(0.0001)  # never backwards
         assert throttle(7.0)
     finally:
@@ -221,8 +221,8 @@ def test_progress_is_throttled_monotonic_and_clamped(
 
 def test_progress_is_not_written_to_finished_jobs(factory: SessionFactory, user_id: str) -> None:
     job_id = new_job(factory, user_id)
-    jobs.mark_failed(job_id, "x", "y", session_factory=factory)
-    jobs.set_progress(job_id, 0.5, session_factory=factory)
+    job_runs.mark_failed(job_id, "x", "y", session_factory=factory)
+    job_runs.set_progress(job_id, 0.5, session_factory=factory)
     assert load(factory, job_id).progress == 0.0
 
 
@@ -309,8 +309,8 @@ def test_runner_requeues_jobs_left_by_a_crash(
     ran: list[str] = []
     handlers[KIND] = lambda ctx: ran.append(ctx.job_id)
     queued, running, done = (new_job(factory, user_id) for _ in range(3))
-    jobs.mark_running(running, session_factory=factory)  # the process died mid-job
-    jobs.mark_succeeded(done, session_factory=factory)
+    job_runs.mark_running(running, session_factory=factory)  # the process died mid-job
+    job_runs.mark_succeeded(done, session_factory=factory)
     runner = JobRunner(job_env(embedded(db_url, tmp_path), factory, handlers))
     try:
         assert sorted(runner.start()) == sorted([queued, running])
@@ -349,8 +349,8 @@ def test_runner_retries_transient_errors_then_gives_up(
     job = load(factory, flaky)
     assert (job.state, job.attempts) == ("succeeded", 3)
     job = load(factory, dead)
-    assert (job.state, job.attempts, job.error_code) == ("failed", 4, jobs.RETRIES_EXHAUSTED)
-    assert job.error_message == jobs.RETRIES_EXHAUSTED_MESSAGE
+    assert (job.state, job.attempts, job.error_code) == ("failed", 4, job_runs.RETRIES_EXHAUSTED)
+    assert job.error_message == job_runs.RETRIES_EXHAUSTED_MESSAGE
 
 
 def test_runner_stop_interrupts_and_the_next_start_finishes(

@@ -9,6 +9,7 @@ from app.api.params import LibraryId
 from app.api.schemas import JobOut, LibraryIn, LibraryList, LibraryOut
 from app.api.schemas import error_responses as errors
 from app.services import libraries as service
+from app.services.library_paths import allowed_roots
 
 router = APIRouter(prefix="/libraries", tags=["libraries"], responses=errors(401))
 
@@ -38,7 +39,7 @@ def list_libraries(user: CurrentUser, db_session: SessionDep, settings: Settings
     items = service.list_libraries(user.id, db_session=db_session)
     return LibraryList(
         items=[LibraryOut.from_model(lib) for lib in items],
-        roots=[str(r) for r in service.allowed_roots(settings)],
+        roots=[str(r) for r in allowed_roots(settings)],
     )
 
 

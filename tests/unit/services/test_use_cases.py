@@ -19,7 +19,8 @@ from app.models import Concept, Image, Job, JobKind
 from app.services import concepts, embedding, images
 from app.services.concepts import NewPhotos
 from app.services.images import IncomingFile, PhotoEnv
-from app.services.jobs import JobQueue, SessionFactory
+from app.services.job_runs import SessionFactory
+from app.services.jobs import JobQueue
 from app.storage import ImageStore
 from tests.db_fixtures import image_bytes
 from tests.fakes import RecordingQueue
