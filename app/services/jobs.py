@@ -10,6 +10,7 @@ is app/services/job_runs.py.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
@@ -50,18 +51,30 @@ def get_job(*, db_session: Session, user_id: str, job_id: str) -> Job:
     return job
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """Which of a user's jobs a listing shows: of one state and/or one kind (None: any)."""
+
+    state: str | None = None
+    kind: str | None = None
+
+
 def list_jobs(
     *,
     db_session: Session,
     user_id: str,
     limit: int,
     cursor: str | None = None,
-    state: str | None = None,
-    kind: str | None = None,
+    only: JobFilter = JobFilter(),
 ) -> Page[Job]:
     """A page of the user's jobs, newest first, optionally of one state and kind."""
     return repositories.list_jobs_page(
-        db_session=db_session, user_id=user_id, limit=limit, cursor=cursor, state=state, kind=kind
+        db_session=db_session,
+        user_id=user_id,
+        limit=limit,
+        cursor=cursor,
+        state=only.state,
+        kind=only.kind,
     )
 
 

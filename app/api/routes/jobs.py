@@ -35,8 +35,10 @@ def list_jobs(
         user_id=user.id,
         limit=limit,
         cursor=cursor,
-        state=state.value if state is not None else None,
-        kind=kind.value if kind is not None else None,
+        only=service.JobFilter(
+            state=state.value if state is not None else None,
+            kind=kind.value if kind is not None else None,
+        ),
     )
     return JobPage(items=[JobDetail.from_job(j) for j in page.items], next_cursor=page.next_cursor)
 
