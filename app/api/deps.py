@@ -143,14 +143,15 @@ SessionDep = Annotated[Session, Depends(get_db_session)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
 
 
-def get_photo_env(request: Request, db_session: SessionDep) -> PhotoEnv:
-    """What a request that stores photos or queues jobs works with (app/services/images.py)."""
-    parts = parts_of(request.app)
-    settings = parts.settings
+def get_photo_env(
+    db_session: SessionDep, store: StoreDep, settings: SettingsDep, queue: QueueDep
+) -> PhotoEnv:
+    """What a request that stores photos or queues jobs works with (app/services/images.py),
+    from the dependencies above (so a test's override of one of them applies)."""
     return PhotoEnv(
         db_session=db_session,
-        store=parts.store,
-        queue=parts.queue,
+        store=store,
+        queue=queue,
         limits=settings.limits,
         training=settings.training,
         library_roots=settings.library.roots,
