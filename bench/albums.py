@@ -371,7 +371,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="6 concepts, 100 background images")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats")
+    p.add_argument("--repeats", type=int, default=15, help="timing repeats")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     bundle = demo()
