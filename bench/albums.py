@@ -11,10 +11,14 @@ precision, recall and F1 at the cut-off and the F1 at the best cut-off in hindsi
 Then one round of simulated feedback: the 5 highest-ranked wrong photos are rejected and the
 5 lowest-ranked right ones confirmed; the concept retrains with the confirmed photos as more
 examples and the rejected ones as negatives (app.ml.train.away_from, weight ν), and the same
-figures are measured again, plus context and two-concept mRR and retention, before and after.
+figures are measured again, plus context and two-concept mRR and retention, before and after;
+search after feedback leaves the rejected photos out of the hits of queries naming the concept,
+as the service does (and, to compare, keeps them).
 A confirmed-only retraining (ν = 0) separates what the negatives themselves bring. The cut-off
 and ν are chosen on the validation split and reported on test. Album figures after feedback
-are given on the photos nobody marked (the marked ten are decided by the marks).
+are given on the photos nobody marked (the marked ten are decided by the marks), at the
+concept's cut-off learned from its rejected photos (calibration.learned_cutoff, as the service
+does) and, to compare, at the global one.
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ from app.bench.synthetic import SyntheticConfig, build_synthetic
 from app.ml.adapter import ConceptAdapter
 from app.ml.model import ClipBundle
 from app.services import calibration
-from app.services.training import TRAIN_ON_CONFIRMED
+from app.services.training import NEGATIVE_WEIGHT, TRAIN_ON_CONFIRMED
 
 OUT = Path(__file__).parent / "results" / "albums_synthetic.json"
 CUTOFFS = np.round(np.linspace(-0.5, 1.5, 81), 3)  # confidence units
-NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # ν tried on validation, in the service's feedback
 MARKS = 5  # photos marked per verdict in the feedback round
 
 
@@ -60,6 +64,7 @@ class ConceptAlbum:
 
     confidence: np.ndarray  # (N,)
     truth: np.ndarray  # (N,) bool
+    cutoff: float | None = None  # the concept's own cut-off; None: the global one
 
 
 def prf(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -86,15 +91,20 @@ def album_of(
     photos: np.ndarray,
     pool: np.ndarray,
     confirmed: np.ndarray | None = None,
-) -> np.ndarray:
-    """Confidences of the pool under the concept's album vector, as the service computes them
-    (app.services.albums: `photos` taught, `confirmed` marked)."""
+    rejected: np.ndarray | None = None,
+    cutoff: float = calibration.ALBUM_CUTOFF,
+) -> tuple[np.ndarray, float]:
+    """Confidences of the pool under the concept's album vector and the concept's cut-off, as
+    the service computes them (app.services.albums: `photos` taught, `confirmed` and `rejected`
+    marked; `cutoff` the global one, learned per concept from the rejected photos)."""
     adapter = method.adapters[cid]
     both = photos if confirmed is None else np.concatenate([photos, confirmed])
     vector = calibration.album_vector(bundle, adapter, both, method.search)
     own = calibration.leave_one_out(bundle, adapter, photos, method.search, confirmed)
     scores = pool @ vector
-    return calibration.calibrate(own, scores).confidence(scores)
+    scale = calibration.calibrate(own, scores)
+    negatives = [] if rejected is None else rejected @ vector
+    return scale.confidence(scores), calibration.learned_cutoff(scale, own, negatives, cutoff)
 
 
 def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
@@ -107,16 +117,21 @@ def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
     return out
 
 
-def album_figures(albums: dict[str, ConceptAlbum], cutoff: float) -> dict[str, Any]:
-    """Mean P/R/F1 at the cut-off and mean oracle F1, with the per-concept rows."""
+def album_figures(
+    albums: dict[str, ConceptAlbum], cutoff: float, per_concept: bool = True
+) -> dict[str, Any]:
+    """Mean P/R/F1 at the cut-off (each concept's own when it has one and `per_concept`) and
+    mean oracle F1, with the per-concept rows."""
     rows = {}
     for cid, a in albums.items():
-        p, r, f = prf(a.confidence >= cutoff, a.truth)
+        at = a.cutoff if per_concept and a.cutoff is not None else cutoff
+        p, r, f = prf(a.confidence >= at, a.truth)
         rows[cid] = {
             "precision": p,
             "recall": r,
             "f1": f,
-            "oracle_f1": oracle_f1(*vars(a).values()),
+            "oracle_f1": oracle_f1(a.confidence, a.truth),
+            "cutoff": at,
         }
     mean = {k: float(np.mean([row[k] for row in rows.values()])) for k in next(iter(rows.values()))}
     return {"mean": mean, "per_concept": rows}
@@ -128,13 +143,18 @@ def best_cutoff(albums: dict[str, ConceptAlbum]) -> float:
     return float(CUTOFFS[int(np.argmax(f1))])
 
 
-def search_figures(method: ServiceRecipe, ds: PerVLDataset, emb: Embedded) -> dict[str, Any]:
-    """Context / concept / two-concept retrieval and retention, the concepts as fitted now."""
+def search_figures(
+    method: ServiceRecipe, ds: PerVLDataset, emb: Embedded, retention: bool = True
+) -> dict[str, Any]:
+    """Context / concept / two-concept retrieval and (`retention`) retention, the concepts as
+    fitted now (and the photos in `method.rejected` left out, as the service leaves them)."""
     out: dict[str, Any] = {}
     for kind in QUERY_KINDS:
         queries = ds.queries_of(kind)
         if queries:
             out[kind] = retrieval_metrics(method.score(queries, emb.pool), [q.gt for q in queries])
+    if not retention:
+        return out
     if emb.captions is not None and ds.captions is not None:
         base = caption_recall(emb.captions, emb.pool)
         kept = []
@@ -190,7 +210,7 @@ def run_split(
     fitted = evaluate(method, ds, emb)  # fits every concept (timed) and scores the queries
     truth = truths(ds)
     before = {
-        cid: ConceptAlbum(album_of(bundle, method, cid, emb.photos[cid], emb.pool), truth[cid])
+        cid: ConceptAlbum(album_of(bundle, method, cid, emb.photos[cid], emb.pool)[0], truth[cid])
         for cid in ds.concepts
     }
     chosen = best_cutoff(before) if cutoff is None else cutoff
@@ -225,18 +245,27 @@ def run_split(
             method.adapters[cid], method.photos[cid] = adapter, photos
             unmarked = np.ones(len(ds.pool), dtype=bool)
             unmarked[np.concatenate([rejected, confirmed])] = False
-            conf = album_of(bundle, method, cid, base_photos[cid], emb.pool, extra)
-            after[cid] = ConceptAlbum(conf[unmarked], truth[cid][unmarked])
+            conf, own_cut = album_of(
+                bundle, method, cid, base_photos[cid], emb.pool, extra, emb.pool[rejected], chosen
+            )
+            after[cid] = ConceptAlbum(conf[unmarked], truth[cid][unmarked], own_cut)
             # As the person sees it: confirmed photos always in, rejected never.
             marked = conf.copy()
             marked[confirmed], marked[rejected] = np.inf, -np.inf
-            shown[cid] = ConceptAlbum(marked, truth[cid])
+            shown[cid] = ConceptAlbum(marked, truth[cid], own_cut)
+        method.rejected = {}
+        kept_in = search_figures(method, ds, emb, retention=False)
+        method.rejected = {cid: picked[cid][0] for cid in ds.concepts}
         result["after"][key] = {
+            # the rejected photos still among the hits: what the retrained concept alone does
+            "search_rejected_kept": kept_in,
             "album_shown": album_figures(shown, chosen),
             "album": album_figures(after, chosen),
+            # the same photos at the one global cut-off, to tell what the learned one brings
+            "album_global_cutoff": album_figures(after, chosen, per_concept=False),
             "search": search_figures(method, ds, emb),
         }
-    method.adapters, method.photos = base_adapters, base_photos
+    method.adapters, method.photos, method.rejected = base_adapters, base_photos, {}
     # Training time with vs without negatives (same photos, same run, interleaved repeats).
     if 0.0 in weights and len(weights) > 1:
         with_neg = [w for w in weights if w > 0]
@@ -275,12 +304,19 @@ def timing_ratio(bundle: ClipBundle, weight: float, repeats: int) -> dict[str, f
     }
 
 
+def service_key(weight: float) -> str:
+    """The `after` variant the service's feedback is: the rejected photos as negatives (ν
+    `weight`); confirmed photos shown, and trained on only when TRAIN_ON_CONFIRMED."""
+    return str(weight) if TRAIN_ON_CONFIRMED else f"negatives_only:{weight}"
+
+
 def pick_weight(val: dict[str, Any]) -> float:
-    """ν of the best validation album F1 gain whose retention drop stays within 0.01 of before;
-    ties to the smaller ν."""
+    """ν of the service's feedback with the best validation album F1 (unmarked photos) plus
+    context mRR whose retention drop stays within 0.01 of before; ties to the smaller ν."""
     base_drop = val["before"]["search"]["retention"]["drop"]
     best, best_f1 = 0.0, -1.0
-    for w, fig in val["after"].items():
+    for w in NEGATIVE_WEIGHTS:
+        fig = val["after"][service_key(w)]
         if fig["search"]["retention"]["drop"] - base_drop > 0.01:
             continue
         f1 = fig["album"]["mean"]["f1"] + fig["search"]["context"]["mrr"]
@@ -289,26 +325,42 @@ def pick_weight(val: dict[str, Any]) -> float:
     return best
 
 
+def heading(key: str) -> str:
+    """A column's name: what the simulated person's marks trained."""
+    if key.startswith("negatives_only:"):
+        return f"reject ν{float(key.split(':')[1]):g}"
+    return f"conf+rej ν{float(key):g}"
+
+
 def table(res: dict[str, Any], weight: float) -> None:
-    cols = [res["before"], res["after"]["0.0"], res["after"][str(weight)]]
-    neg_only = [k for k in res["after"] if k.startswith("negatives_only:")]
-    cols += [res["after"][k] for k in neg_only]
+    keys = list(res["after"])
+    cols = [res["before"], *(res["after"][k] for k in keys)]
     unmarked = [res["before"]["album_unmarked"], *(c["album"] for c in cols[1:])]
     shown = [res["before"]["album"], *(c["album_shown"] for c in cols[1:])]
+    unmarked_global = [
+        res["before"]["album_unmarked"],
+        *(c["album_global_cutoff"] for c in cols[1:]),
+    ]
     rows = [
         ("album F1 @ cut-off", [c["mean"]["f1"] for c in shown]),
         ("album F1 oracle", [c["mean"]["oracle_f1"] for c in shown]),
         ("album precision", [c["mean"]["precision"] for c in shown]),
         ("album recall", [c["mean"]["recall"] for c in shown]),
         ("F1 unmarked photos only", [u["mean"]["f1"] for u in unmarked]),
+        ("  at the global cut-off", [u["mean"]["f1"] for u in unmarked_global]),
         ("  oracle, unmarked", [u["mean"]["oracle_f1"] for u in unmarked]),
         ("context mRR", [c["search"]["context"]["mrr"] for c in cols]),
+        (
+            "  rejected not left out",
+            [c["search"]["context"]["mrr"] for c in cols[:1]]
+            + [c["search_rejected_kept"]["context"]["mrr"] for c in cols[1:]],
+        ),
         ("concept-only mRR", [c["search"]["concept"]["mrr"] for c in cols]),
         ("two-concept mRR", [c["search"]["multi"]["mrr"] for c in cols]),
         ("retention drop", [c["search"]["retention"]["drop"] for c in cols]),
     ]
     print(f"\n{res['split']}: cut-off {res['cutoff']}, ν {weight}")
-    heads = ["before", "confirm only", "+ negatives", "negatives only"][: len(cols)]
+    heads = ["before", *(heading(k) for k in keys)]
     print(f"{'':<24}" + "".join(f"{h:>15}" for h in heads))
     for name, vals in rows:
         print(f"{name:<24}" + "".join(f"{v:>15.3f}" for v in vals))
@@ -319,37 +371,41 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="6 concepts, 100 background images")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats")
+    p.add_argument("--repeats", type=int, default=15, help="timing repeats")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     bundle = demo()
     cfg = SyntheticConfig(concepts=6, background=100) if a.quick else SyntheticConfig()
     started = time.perf_counter()
-    val = run_split(bundle, "val", cfg, NEGATIVE_WEIGHTS, None)
+    # Validation: the service's feedback (reject only, unless TRAIN_ON_CONFIRMED) at each ν, and
+    # training on the confirmed photos too (ν 0 and the service's), to re-measure that choice.
+    both = (0.0, NEGATIVE_WEIGHT)
+    val = run_split(bundle, "val", cfg, both, None, negatives_only=NEGATIVE_WEIGHTS)
     weight = pick_weight(val)
     table(val, weight)
     test = run_split(
         bundle,
         "test",
         cfg,
-        (0.0, weight) if weight > 0 else (0.0,),
+        both,
         val["cutoff"],
-        negatives_only=(weight or 0.25,),
+        negatives_only=tuple(sorted({0.0, weight, NEGATIVE_WEIGHT})),
     )
     table(test, weight)
-    timing = timing_ratio(bundle, weight or 0.5, a.repeats)
-    # The service's feedback: the rejected photos as negatives; confirmed photos shown, and
-    # trained on only when app.services.training.TRAIN_ON_CONFIRMED.
-    service_key = str(weight) if TRAIN_ON_CONFIRMED else f"negatives_only:{weight or 0.25}"
-    b, after = test["before"], test["after"][service_key]
+    timing = timing_ratio(bundle, NEGATIVE_WEIGHT, a.repeats)
+    # The service's feedback, at the service's ν (app.services.training.NEGATIVE_WEIGHT).
+    key = service_key(NEGATIVE_WEIGHT)
+    b, after = test["before"], test["after"][key]
     mean = b["album"]["mean"]
     targets: dict[str, float | str] = {
-        "service_feedback": service_key,
+        "service_feedback": key,
         "chosen_over_oracle_f1": mean["f1"] / mean["oracle_f1"],
         "album_f1_gain_as_shown": after["album_shown"]["mean"]["f1"] - mean["f1"],
         "album_f1_gain_unmarked_only": after["album"]["mean"]["f1"]
         - b["album_unmarked"]["mean"]["f1"],
         "context_mrr_gain": after["search"]["context"]["mrr"] - b["search"]["context"]["mrr"],
+        "context_mrr_gain_rejected_kept": after["search_rejected_kept"]["context"]["mrr"]
+        - b["search"]["context"]["mrr"],
         "retention_drop_after": after["search"]["retention"]["drop"],
         "retention_drop_change": after["search"]["retention"]["drop"]
         - b["search"]["retention"]["drop"],
@@ -367,7 +423,8 @@ def main() -> None:
         "method": DEFAULT_METHOD,
         "config": vars(cfg),
         "marks_per_verdict": MARKS,
-        "negative_weight": weight,
+        "negative_weight": NEGATIVE_WEIGHT,
+        "negative_weight_best_on_val": weight,
         "negative_weights_tried_on_val": list(NEGATIVE_WEIGHTS),
         "cutoff_chosen_on_val": val["cutoff"],
         "targets": targets,

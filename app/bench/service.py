@@ -59,6 +59,9 @@ class ServiceRecipe(Polar):
 
     search: SearchSettings = field(default_factory=SearchSettings)
     regions: np.ndarray | None = field(default=None, repr=False)
+    # concept id -> pool indices a person marked "not it": never hits of a query naming the
+    # concept (app.services.search.search_images leaves them out); bench/albums.py sets it
+    rejected: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def layout(self) -> str | None:
@@ -135,4 +138,9 @@ class ServiceRecipe(Polar):
                 weights,
             )
             scores[i] = place_on_top(scores[i], idx[order], new)
+        for i, q in enumerate(queries):
+            for concept_id in q.concepts:
+                marked = self.rejected.get(concept_id)
+                if marked is not None and len(marked):
+                    scores[i, marked] = -np.inf  # left out: below every photo
         return scores

@@ -19,6 +19,7 @@ from app.models import (
     Image,
     Job,
     JobKind,
+    Verdict,
 )
 from app.repositories.common import IN_CHUNK, Page, keyset_page
 
@@ -221,6 +222,25 @@ def active_verdicts(*, db_session: Session, concept_id: str) -> dict[str, Concep
         )
     )
     return {v.image_id: v for v in rows}
+
+
+def rejected_vec_ids(*, db_session: Session, user_id: str, concept_ids: Sequence[str]) -> set[int]:
+    """FAISS ids of the user's images with an active "not it" mark for any of the concepts."""
+    if not concept_ids:
+        return set()
+    rows = db_session.scalars(
+        select(Image.vec_id)
+        .join(ConceptVerdict, ConceptVerdict.image_id == Image.id)
+        .where(
+            ConceptVerdict.user_id == user_id,
+            Image.user_id == user_id,
+            ConceptVerdict.concept_id.in_(list(concept_ids)),
+            ConceptVerdict.verdict == Verdict.REJECTED,
+            ConceptVerdict.ended_at.is_(None),
+            Image.vec_id.is_not(None),
+        )
+    )
+    return {int(v) for v in rows}
 
 
 def image_verdicts(*, db_session: Session, user_id: str, image_id: str) -> dict[str, str]:

@@ -93,6 +93,7 @@ class _Scorer:
 
     vector: np.ndarray  # (D,)
     scale: calibration.Calibration
+    own: np.ndarray  # (n,) leave-one-out scores of the concept's own photos
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -147,7 +148,26 @@ def _scorer(
         return calibration.calibrate(own, scores[0][np.isfinite(scores[0])])
 
     key = f"album-scale:{row.id}:{serving.model_id}:{cached.generation}:{len(cached.index)}"
-    return _Scorer(vector, adapter_cache.memo(key, scale))
+    return _Scorer(vector, adapter_cache.memo(key, scale), own)
+
+
+def _cutoff(
+    db_session: Session,
+    user_id: str,
+    scorer: _Scorer,
+    rejected: list[str],
+    serving: ServingModel,
+    default: float,
+) -> float:
+    """The concept's cut-off: learned from its rejected photos when it has some
+    (calibration.learned_cutoff), `default` otherwise."""
+    if not rejected:
+        return default
+    vectors = repositories.image_embeddings_by_id(
+        db_session=db_session, user_id=user_id, image_ids=rejected, model_id=serving.model_id
+    )
+    scores = [float(v @ scorer.vector) for v in vectors.values()]
+    return calibration.learned_cutoff(scorer.scale, scorer.own, scores, default)
 
 
 def _index(
@@ -204,12 +224,15 @@ def concept_album(
     search_settings: SearchSettings,
 ) -> Album:
     """A page of the concept's album (NotFound for a missing or foreign concept); `cutoff`:
-    calibration.ALBUM_CUTOFF unless given."""
+    unless given, calibration.ALBUM_CUTOFF, or the concept's own once it has rejected photos
+    (calibration.learned_cutoff)."""
+    fixed = cutoff
     cutoff = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
     concept = get_concept(user_id, concept_id, db_session=db_session).concept
     after = _decode_cursor(cursor, order) if cursor else None
     verdicts = repositories.active_verdicts(db_session=db_session, concept_id=concept.id)
-    rejected = {i for i, v in verdicts.items() if v.verdict == Verdict.REJECTED}
+    rejected = [i for i, v in verdicts.items() if v.verdict == Verdict.REJECTED]
+    never = set(rejected)
     confirmed = [i for i, v in verdicts.items() if v.verdict == Verdict.CONFIRMED]
     row = repositories.latest_adapters(db_session=db_session, concept_ids=[concept.id]).get(
         concept.id
@@ -236,6 +259,8 @@ def concept_album(
         cached = _index(db_session, user_id, serving, index_cache)
         scorer = _scorer(db_session, row, adapter, serving, cached, adapter_cache, search_settings)
         scale = scorer.scale
+        if fixed is None:
+            cutoff = _cutoff(db_session, user_id, scorer, rejected, serving, cutoff)
         # FAISS keeps scores strictly above the radius, in float32: search a hair below the
         # threshold and decide on the confidence itself, as the response reports it.
         found, vec_ids = cached.index.range_search(scorer.vector, scale.threshold(cutoff) - _SLACK)
@@ -256,7 +281,7 @@ def concept_album(
         scores |= {i: float(v @ scorer.vector) for i, v in vectors.items()}
     photos = []
     for image_id, (image, reason) in members.items():
-        if image_id in rejected:
+        if image_id in never:
             continue  # never shown again
         s = scores.get(image_id)
         conf = None if s is None or scale is None else float(scale.confidence(np.array([s]))[0])
@@ -293,8 +318,8 @@ def image_concepts(
     search_settings: SearchSettings,
 ) -> list[ImageConcept]:
     """The user's concepts whose album holds the image, most confident first (NotFound for a
-    missing or foreign image)."""
-    cutoff = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
+    missing or foreign image); each concept's cut-off as in its album (`concept_album`)."""
+    default = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
     image = repositories.get_image(db_session=db_session, user_id=user_id, image_id=image_id)
     if image is None:
         raise NotFound.of("image")
@@ -318,6 +343,7 @@ def image_concepts(
         if verdict == Verdict.REJECTED:
             continue
         score = conf = None
+        at = default
         row = rows.get(concept.id)
         adapter = _adapter(adapter_cache, row, serving)
         if vector is not None and cached is not None and adapter is not None and row is not None:
@@ -326,12 +352,17 @@ def image_concepts(
             )
             score = float(vector @ scorer.vector)
             conf = float(scorer.scale.confidence(np.array([score]))[0])
+            if cutoff is None and verdict is None and concept.id not in taught:
+                # Only a photo that could be "matched" needs its concept's own cut-off.
+                marks = repositories.active_verdicts(db_session=db_session, concept_id=concept.id)
+                rejected = [i for i, v in marks.items() if v.verdict == Verdict.REJECTED]
+                at = _cutoff(db_session, user_id, scorer, rejected, serving, default)
         reason: Reason
         if verdict == Verdict.CONFIRMED:
             reason = "confirmed"
         elif concept.id in taught:
             reason = "taught"
-        elif conf is not None and conf >= cutoff:
+        elif conf is not None and conf >= at:
             reason = "matched"
         else:
             continue

@@ -336,3 +336,57 @@ def test_image_concepts_name_the_albums_that_hold_it(client, fido, monkeypatch):
     )
     got = client.get(f"/images/{ids[9]}/concepts", headers=user.headers).json()["items"][0]
     assert got["confidence"] == pytest.approx(photo["confidence"], rel=1e-4)
+
+
+def test_rejections_teach_the_album_its_own_cutoff(client, fido):
+    """Once photos are rejected, the album's cut-off is learned from them (midway between the
+    concept's least typical own photo and its most convincing rejected one, within
+    MAX_LEARNED_SHIFT of the global one); GET /images/{id}/concepts decides at the same
+    cut-off; an undo of the last rejection gives the global one back."""
+    user, cid, ids = fido
+    assert album(client, user, cid)["cutoff"] == calibration.ALBUM_CUTOFF
+    assert mark(client, user, cid, ids[5], "rejected").status_code == 200
+    assert mark(client, user, cid, ids[6], "rejected").status_code == 200
+    wait_jobs(client)
+    body = album(client, user, cid, order="confidence", limit=200)
+    learned = body["cutoff"]
+    assert learned != calibration.ALBUM_CUTOFF
+    assert abs(learned - calibration.ALBUM_CUTOFF) <= calibration.MAX_LEARNED_SHIFT + 1e-9
+    matched = {p["image"]["id"] for p in body["items"] if p["reason"] == "matched"}
+    assert all(p["confidence"] >= learned - 1e-6 for p in body["items"] if p["reason"] == "matched")
+    for image_id in ids[3:]:
+        if image_id in (ids[5], ids[6]):
+            continue
+        r = client.get(f"/images/{image_id}/concepts", headers=user.headers)
+        reasons = {c["concept_id"]: c["reason"] for c in r.json()["items"]}
+        assert (reasons.get(cid) == "matched") == (image_id in matched), image_id
+    r = client.delete(f"/concepts/{cid}/photos/{ids[5]}/verdict", headers=user.headers)
+    assert r.status_code == 200
+    r = client.delete(f"/concepts/{cid}/photos/{ids[6]}/verdict", headers=user.headers)
+    assert r.status_code == 200
+    wait_jobs(client)
+    assert album(client, user, cid)["cutoff"] == calibration.ALBUM_CUTOFF
+
+
+def test_rejected_photos_are_never_hits_of_a_query_naming_the_concept(client, fido):
+    user, cid, ids = fido
+
+    def hits(q: str) -> list[str]:
+        r = client.get("/search", params={"q": q, "k": 50}, headers=user.headers)
+        assert r.status_code == 200, r.text
+        return [h["image"]["id"] for h in r.json()["hits"]]
+
+    assert sorted(hits("Fido")) == sorted(ids)
+    assert mark(client, user, cid, ids[5], "rejected").status_code == 200
+    wait_jobs(client)
+    # Every other photo is still found: the rejected one is left out, not a page cut short.
+    assert sorted(hits("Fido")) == sorted(i for i in ids if i != ids[5])
+    assert sorted(hits("photos of Fido in the park")) == sorted(i for i in ids if i != ids[5])
+    assert ids[5] in hits("a photo")  # a query that does not name Fido finds it as before
+    # Confirmed photos stay hits; an undone rejection makes it a hit again.
+    assert mark(client, user, cid, ids[7], "confirmed").status_code == 200
+    assert ids[7] in hits("Fido")
+    r = client.delete(f"/concepts/{cid}/photos/{ids[5]}/verdict", headers=user.headers)
+    assert r.status_code == 200
+    wait_jobs(client)
+    assert sorted(hits("Fido")) == sorted(ids)

@@ -1163,9 +1163,10 @@ def test_the_demo_model_note_is_one_line_and_stays_dismissed_until_the_next_sign
 
 
 def test_a_concepts_album_and_its_marks_in_the_browser(page, server, tmp_path):
-    """A concept card opens its album (thumbnails, confidence in words); one click says "not
-    it" or "it is", Undo takes it back; search hits carry the same actions; a mark that cannot
-    be made (the concept is gone) says why."""
+    """A concept card opens its album in a panel across the whole Concepts view (thumbnails in
+    a grid, confidence in words; ✕ or Escape closes it); one click says "not it" or "it is",
+    Undo takes it back; search hits carry the same actions; a mark that cannot be made (the
+    concept is gone) says why."""
     client = api(server)
     ensure_library(server)
     cid = ready_concept(client, "Sunny", FIDO_CATEGORY, server.photos[:4])["id"]
@@ -1176,41 +1177,100 @@ def test_a_concepts_album_and_its_marks_in_the_browser(page, server, tmp_path):
     card = page.locator(f'#concepts-list li[data-concept-id="{cid}"]')
     expect(card.locator(".state")).to_have_text("Ready")
     bring_into_view(card)
-    click(page, card.get_by_role("button", name="Every photo of Sunny"), ".concept")
-    album = card.get_by_role("region", name="Album of Sunny")
+    opener = card.get_by_role("button", name="Every photo of Sunny")
+    click(page, opener, ".concept")
+    expect(opener).to_have_attribute("aria-expanded", "true")
+    panel = page.locator("#concept-album")
+    album = panel.get_by_role("region", name="Album of Sunny")
+    expect(panel.get_by_role("heading", name="Every photo of Sunny")).to_be_visible()
     expect(album.locator(".album-summary")).not_to_have_text("Looking…")
     expect(album.locator(":scope > p.alert")).to_be_hidden()
     photos = album.locator(".album-photo")
     expect(photos).to_have_count(min(total, 24))
     expect(album.locator(".album-summary")).to_contain_text(f"{total} photo")
-    sel = f'#concepts-list li[data-concept-id="{cid}"] .album-photo img'
-    bring_into_view(photos.last)  # thumbnails load as they scroll into view
-    assert images_loaded(page, sel) == min(total, 24)
-    text_fits(page, ".album")
+    sel = "#concept-album .album-photo img"
     words = album.locator(".confidence").all_text_contents()
     assert all(
         re.match(r"(As sure as its own photos|Likely|Possibly|Unlikely by its look)", w)
         for w in words
     ), words
-    bring_into_view(album)
-    shot(page, tmp_path, "album-1280")
-    page.set_viewport_size({"width": 390, "height": 844})
-    bring_into_view(photos.first)
-    images_loaded(page, sel)
-    shot(page, tmp_path, "album-390")
+    close = panel.get_by_role("button", name="Close the album of Sunny")
+    for width, height in ((1280, 900), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        # The panel spans the view's content width (as wide as the list of cards), and the
+        # photos lie in rows of several, each thumbnail a real, readable size.
+        panel_box, list_box = panel.bounding_box(), page.locator("#concepts-list").bounding_box()
+        assert panel_box and list_box
+        assert abs(panel_box["width"] - list_box["width"]) <= 1, (panel_box, list_box)
+        boxes = [photos.nth(i).locator("img").bounding_box() for i in range(photos.count())]
+        assert all(b and b["width"] >= 120 for b in boxes), boxes
+        per_row = sum(1 for b in boxes if b and abs(b["y"] - boxes[0]["y"]) < 1)  # type: ignore[index]
+        assert per_row >= min(5 if width >= 1200 else 2, len(boxes)), (
+            width,
+            per_row,
+            panel_box,
+            album.locator(".album-photos").evaluate(
+                "(e) => getComputedStyle(e).gridTemplateColumns"
+            ),
+        )
+        assert no_horizontal_scroll(page)
+        text_fits(page, "#concept-album")
+        reachable(close, ".album-panel")
+        for i in (0, photos.count() - 1):
+            bring_into_view(photos.nth(i))  # thumbnails load as they scroll into view
+            name = photos.nth(i).locator("img").get_attribute("alt")
+            reachable(
+                photos.nth(i).get_by_role("button", name=f"{name} is not Sunny", exact=True),
+                ".album-photo",
+            )
+            reachable(
+                photos.nth(i).get_by_role("button", name=f"{name} is Sunny", exact=True),
+                ".album-photo",
+            )
+        assert images_loaded(page, sel) == min(total, 24)
+        # Opened again at this width: the page shows the panel from its heading, below the
+        # sticky top bar, thumbnails loaded; that view is the screenshot.
+        click(page, close, ".album-panel")
+        expect(panel).to_be_hidden()
+        click(page, opener, ".concept")
+        heading = panel.get_by_role("heading", name="Every photo of Sunny")
+        uncovered = heading.evaluate(
+            """(h) => { const r = h.getBoundingClientRect();
+                        const at = document.elementFromPoint(r.left + 5, r.top + r.height / 2);
+                        return r.top >= 0 && !!at && h.contains(at); }"""
+        )
+        assert uncovered, f"the album's heading is hidden at {width} px when it opens"
+        images_loaded(page, "#concept-album .album-photo:nth-child(-n+2) img")
+        shot(page, tmp_path, f"album-{width}")
     page.set_viewport_size({"width": 1280, "height": 900})
+    # Escape closes it (focus back on the card's button), and the button opens it again.
+    page.keyboard.press("Escape")
+    expect(panel).to_be_hidden()
+    expect(opener).to_have_attribute("aria-expanded", "false")
+    expect(opener).to_be_focused()
+    click(page, opener, ".concept")
+    expect(photos).to_have_count(min(total, 24))
+    # ✕ closes it as well; open again for the marks below.
+    click(page, close, ".album-panel")
+    expect(panel).to_be_hidden()
+    click(page, opener, ".concept")
+    expect(photos).to_have_count(min(total, 24))
 
     # "Not Sunny": marked, kept by the server (history too), gone from the album it serves.
     first = photos.first
     name = first.locator("img").get_attribute("alt")
     image_id = first.get_attribute("data-image-id")
     bring_into_view(first)
-    click(page, first.get_by_role("button", name=f"{name} is not Sunny", exact=True), ".album")
+    click(
+        page, first.get_by_role("button", name=f"{name} is not Sunny", exact=True), ".album-photo"
+    )
     expect(first.locator(".mark-status")).to_have_text("Marked: not Sunny")
     listed = client.get(f"/concepts/{cid}/photos", params={"limit": 200}).json()
     assert image_id not in [p["image"]["id"] for p in listed["items"]]
     # Undo: the mark ends (kept as history) and the photo is back.
-    click(page, first.get_by_role("button", name=f"Undo the mark of {name} for Sunny"), ".album")
+    click(
+        page, first.get_by_role("button", name=f"Undo the mark of {name} for Sunny"), ".album-photo"
+    )
     expect(first.locator(".mark-status")).to_have_text("")
     history = client.get(f"/concepts/{cid}/verdicts").json()["items"]
     assert [(v["verdict"], v["ended_at"] is not None) for v in history] == [("rejected", True)]

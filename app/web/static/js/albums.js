@@ -1,9 +1,11 @@
 // Concept albums (docs/ALBUMS.md): every photo of a concept in the library, with how sure the
 // service is in words, and one click to say "not it" or "it is", with undo. Search hits that
 // named a concept carry the same two actions. A mark teaches: the concept learns again from it.
+// The album opens in a panel across the whole width of the Concepts view (#concept-album, one
+// album at a time) with a responsive grid of thumbnails; ✕ or Escape closes it.
 
 import { api, isAbort } from "./api.js";
-import { busy, el, plural, setAlert, toast } from "./dom.js";
+import { $, busy, clear, el, plural, setAlert, toast } from "./dom.js";
 import { Thumbs } from "./thumbs.js";
 
 const thumbs = new Thumbs();
@@ -96,7 +98,7 @@ export function markControls(concept, image, initial = null, onChange = () => {}
 
 function albumPhoto(concept, photo, cutoff) {
   const name = photo.image.filename || "untitled";
-  const img = el("img", { alt: name, width: 96, height: 96, decoding: "async" });
+  const img = el("img", { alt: name, width: 160, height: 160, decoding: "async" });
   thumbs.attach(img, photo.image.thumbnail_url);
   const reason = REASONS[photo.reason] || "";
   const words = capital(confidenceWords(photo.confidence, cutoff));
@@ -162,3 +164,69 @@ export function albumSection(concept) {
     error,
   );
 }
+
+let shown = null; // { concept, opener } of the open album panel, null when closed
+const listeners = new Set(); // hear the panel open and close: (concept id or null) => void
+
+/** The id of the concept whose album is open, or null. */
+export function openAlbumId() {
+  return shown ? shown.concept.id : null;
+}
+
+/** `listener(conceptId | null)` after the panel opens or closes (cards keep aria-expanded). */
+export function onAlbumChange(listener) {
+  listeners.add(listener);
+}
+
+function announce() {
+  for (const listener of listeners) listener(openAlbumId());
+}
+
+/** Close the album panel; focus goes back to the button that opened it (when still there). */
+export function closeAlbum({ refocus = true } = {}) {
+  if (!shown) return;
+  const { opener } = shown;
+  shown = null;
+  thumbs.clear();
+  const panel = $("concept-album");
+  clear(panel);
+  panel.hidden = true;
+  announce();
+  if (refocus && opener?.isConnected) opener.focus();
+}
+
+/** Open `concept`'s album in the full-width panel (replacing any other album shown there). */
+export function openAlbum(concept, opener = null) {
+  closeAlbum({ refocus: false });
+  const panel = $("concept-album");
+  const close = el("button", {
+    type: "button",
+    className: "button ghost album-close",
+    text: "✕",
+    attrs: { "aria-label": `Close the album of ${concept.name}`, title: "Close (Esc)" },
+    on: { click: () => closeAlbum() },
+  });
+  const head = el(
+    "div",
+    { className: "album-head" },
+    el("h2", { text: `Every photo of ${concept.name}` }),
+    close,
+  );
+  panel.replaceChildren(head, albumSection(concept));
+  panel.hidden = false;
+  shown = { concept, opener };
+  announce();
+  // Its heading just below the sticky top bar (taller on a phone, where the nav wraps).
+  const bar = document.querySelector(".topbar");
+  const top = panel.getBoundingClientRect().top + window.scrollY;
+  window.scrollTo({ top: Math.max(0, top - (bar ? bar.offsetHeight : 0) - 8) });
+  close.focus({ preventScroll: true });
+}
+
+// Escape closes the album, unless a dialog (the photo viewer) is open above it and takes it.
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape" || !shown || event.defaultPrevented) return;
+  if (document.querySelector("dialog[open]")) return;
+  event.preventDefault();
+  closeAlbum();
+});

@@ -2,7 +2,7 @@
 // train, see in words how it does and the photos it learned from; rename it, change its
 // category, give it more photos, delete it.
 
-import { albumSection } from "./albums.js";
+import { closeAlbum, onAlbumChange, openAlbum, openAlbumId } from "./albums.js";
 import { api, isAbort, waitForJob } from "./api.js";
 import {
   $,
@@ -30,7 +30,6 @@ const thumbs = new Thumbs(); // library picks' previews and the concepts' photos
 let cursor = null;
 let generation = 0; // bumped by every reload: pages of an older listing are dropped
 const watching = new Set(); // concept ids whose training job is being polled
-const openAlbums = new Set(); // concept ids whose album is open: kept when the card is redrawn
 
 export function setupConcepts() {
   const input = $("concept-files");
@@ -42,6 +41,12 @@ export function setupConcepts() {
   });
   $("concepts-refresh").addEventListener("click", () => loadConcepts());
   $("concepts-more").addEventListener("click", () => loadPage());
+  // Each card's "Every photo" says whether its album is the one open.
+  onAlbumChange((open) => {
+    for (const button of $("concepts-list").querySelectorAll("button[data-album-of]")) {
+      button.setAttribute("aria-expanded", String(button.dataset.albumOf === open));
+    }
+  });
 }
 
 export function resetConcepts() {
@@ -57,7 +62,7 @@ export function resetConcepts() {
   cursor = null;
   generation += 1;
   watching.clear();
-  openAlbums.clear();
+  closeAlbum({ refocus: false });
 }
 
 /** Teach a new concept from library images (a selection's "Teach a new concept"). */
@@ -323,18 +328,17 @@ function card(concept, job = null) {
     type: "button",
     className: "button small",
     text: "Every photo",
-    attrs: { "aria-label": `Every photo of ${concept.name}`, "aria-expanded": "false" },
+    attrs: {
+      "aria-label": `Every photo of ${concept.name}`,
+      "aria-controls": "concept-album",
+      "aria-expanded": String(openAlbumId() === concept.id),
+    },
+    dataset: { albumOf: concept.id },
   });
-  let album = null;
-  const showAlbum = (open) => {
-    album?.remove();
-    album = open ? albumSection(concept) : null;
-    if (album) actions.after(album);
-    if (open) openAlbums.add(concept.id);
-    else openAlbums.delete(concept.id);
-    albumButton.setAttribute("aria-expanded", String(open));
-  };
-  albumButton.addEventListener("click", () => showAlbum(!album));
+  albumButton.addEventListener("click", () => {
+    if (openAlbumId() === concept.id) closeAlbum();
+    else openAlbum(concept, albumButton);
+  });
   actions.append(albumButton);
   const editButton = el("button", {
     type: "button",
@@ -389,7 +393,6 @@ function card(concept, job = null) {
     if (!editor.hidden) editor.querySelector("input").focus();
   });
   item.append(editor, error);
-  if (openAlbums.has(concept.id)) showAlbum(true);
   return item;
 }
 
@@ -504,6 +507,7 @@ async function removeConcept(concept, item, button, error) {
     try {
       await api.del(`/concepts/${encodeURIComponent(concept.id)}`);
       item.remove();
+      if (openAlbumId() === concept.id) closeAlbum({ refocus: false });
       toast(`Deleted ${concept.name}.`);
       $("concepts-refresh").focus();
     } catch (e) {
