@@ -83,24 +83,28 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-def _resident_kb() -> int:
+def _memory_kb() -> tuple[int, int]:
+    """(resident now, the process's peak resident so far), in kB."""
+    found = {"VmRSS:": 0, "VmHWM:": 0}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                key = line.split(maxsplit=1)[0]
+                if key in found:
+                    found[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return found["VmRSS:"], found["VmHWM:"]
 
 
 def pytest_runtest_logfinish(nodeid: str) -> None:
-    """POLAR_TEST_RSS_LOG=<file>: the suite's resident memory after each test, a line each
-    (to find what holds memory; docs/DEVELOPMENT.md)."""
+    """POLAR_TEST_RSS_LOG=<file>: the suite's resident memory after each test and its peak so
+    far (kB), a line each, to find what holds memory (docs/DEVELOPMENT.md)."""
     path = os.environ.get("POLAR_TEST_RSS_LOG")
     if path:
+        rss, peak = _memory_kb()
         with open(path, "a") as f:
-            f.write(f"{_resident_kb()}\t{nodeid}\n")
+            f.write(f"{rss}\t{peak}\t{nodeid}\n")
 
 
 @pytest.fixture

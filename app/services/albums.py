@@ -31,10 +31,11 @@ from app.ml.model import AdapterMismatchError
 from app.models import Adapter, Concept, ConceptVerdict, Image, Job, Verdict, new_id, utcnow
 from app.services import calibration, training
 from app.services.concepts import ConceptView, get_concept, start_new_version
+from app.services.images import PhotoEnv
 from app.services.index import CachedIndex, IndexCache
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.model import ServingModel
-from app.services.search import AdapterCache
+from app.services.search import AdapterCache, SearchEnv
 
 AlbumOrder = Literal["newest", "confidence"]
 Reason = Literal["confirmed", "taught", "matched"]
@@ -209,25 +210,26 @@ def _decode_cursor(cursor: str, order: AlbumOrder) -> tuple[float, str]:
     return key
 
 
-def concept_album(
-    user_id: str,
-    concept_id: str,
-    *,
-    order: AlbumOrder = "newest",
-    limit: int = 50,
-    cursor: str | None = None,
-    cutoff: float | None = None,
-    db_session: Session,
-    serving: ServingModel,
-    index_cache: IndexCache,
-    adapter_cache: AdapterCache,
-    search_settings: SearchSettings,
-) -> Album:
+@dataclass(frozen=True, kw_only=True)
+class AlbumRequest:
+    """Which page of an album: its order, size and cursor; `cutoff` replaces the concept's
+    (benchmarks and tests)."""
+
+    order: AlbumOrder = "newest"
+    limit: int = 50
+    cursor: str | None = None
+    cutoff: float | None = None
+
+
+def concept_album(user_id: str, concept_id: str, request: AlbumRequest, env: SearchEnv) -> Album:
     """A page of the concept's album (NotFound for a missing or foreign concept); `cutoff`:
     unless given, calibration.ALBUM_CUTOFF, or the concept's own once it has rejected photos
     (calibration.learned_cutoff)."""
-    fixed = cutoff
-    cutoff = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
+    db_session, serving, index_cache = env.db_session, env.serving, env.index_cache
+    adapter_cache, search_settings = env.adapter_cache, env.search
+    order, limit, cursor = request.order, request.limit, request.cursor
+    fixed = request.cutoff
+    cutoff = calibration.ALBUM_CUTOFF if fixed is None else fixed
     concept = get_concept(user_id, concept_id, db_session=db_session).concept
     after = _decode_cursor(cursor, order) if cursor else None
     verdicts = repositories.active_verdicts(db_session=db_session, concept_id=concept.id)
@@ -307,18 +309,12 @@ def concept_album(
 
 
 def image_concepts(
-    user_id: str,
-    image_id: str,
-    *,
-    cutoff: float | None = None,
-    db_session: Session,
-    serving: ServingModel,
-    index_cache: IndexCache,
-    adapter_cache: AdapterCache,
-    search_settings: SearchSettings,
+    user_id: str, image_id: str, env: SearchEnv, *, cutoff: float | None = None
 ) -> list[ImageConcept]:
     """The user's concepts whose album holds the image, most confident first (NotFound for a
     missing or foreign image); each concept's cut-off as in its album (`concept_album`)."""
+    db_session, serving, index_cache = env.db_session, env.serving, env.index_cache
+    adapter_cache, search_settings = env.adapter_cache, env.search
     default = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
     image = repositories.get_image(db_session=db_session, user_id=user_id, image_id=image_id)
     if image is None:
@@ -407,17 +403,12 @@ def _marked(
 
 
 def set_verdict(
-    user_id: str,
-    concept_id: str,
-    image_id: str,
-    verdict: str,
-    *,
-    db_session: Session,
-    queue: JobQueue,
+    user_id: str, concept_id: str, image_id: str, verdict: str, env: PhotoEnv
 ) -> VerdictChange:
     """Mark a library photo "this is <concept>" (confirmed) or "not <concept>" (rejected); a
     change that alters what the concept learns (a rejection, or its end; a confirmation when
     training.TRAIN_ON_CONFIRMED) starts its next version. The same mark again changes nothing."""
+    db_session, queue = env.db_session, env.queue
     wanted = _check_verdict(verdict)
     try:
         concept, image = _marked(db_session, user_id, concept_id, image_id)

@@ -22,6 +22,7 @@ and `Content-Type: application/octet-stream`, and ends with `--boundary--`.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import random
@@ -39,7 +40,13 @@ from safetensors.torch import load_file, save_file
 
 from app.config import ImmichSettings, ModelSettings, Settings
 from app.main import create_app
-from app.ml.model import ModelUnavailableError, activation_of, load_clip
+from app.ml.model import (
+    DEMO_MODEL_NAME,
+    ModelUnavailableError,
+    activation_of,
+    forget_clips,
+    load_clip,
+)
 from app.services.immich import IMMICH_CLIP_MODELS
 from tests.db_fixtures import create_api_user, noisy_jpeg
 
@@ -96,6 +103,15 @@ def as_immich_stores_it(clip: object, model: str) -> np.ndarray:
     assert vector.shape == (IMMICH_CLIP_MODELS[model],)
     assert np.all(np.isfinite(vector))
     return vector
+
+
+@pytest.fixture(autouse=True)
+def _one_model_of_a_test_at_a_time() -> Iterator[None]:
+    """The models a test loads through the process-wide cache (about 600 MB each) go when it
+    ends; only the demo model and the module's served app stay."""
+    yield
+    forget_clips(lambda bundle: bundle.fingerprint.model_id.startswith(f"{DEMO_MODEL_NAME}/"))
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ the linter checks them."""
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -40,3 +41,46 @@ def _drawn(path: Path, heading: str) -> list[str]:
 def test_the_architecture_pictures_are_the_linted_layers():
     assert _drawn(ROOT / "docs" / "ARCHITECTURE.md", "## Layers") == _layers()
     assert _drawn(ROOT / "README.md", "## How it is built") == _layers()
+
+
+# Request-side use cases take one environment object and a value, as jobs take JobEnvironment
+# (docs/CONTRACTS.md#request-side-use-cases); a sixth parameter means an environment is missing.
+MAX_USE_CASE_PARAMETERS = 5
+
+
+def parameter_count(node: ast.FunctionDef) -> int:
+    args = node.args
+    extra = (args.vararg is not None) + (args.kwarg is not None)
+    return len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + extra
+
+
+def over_the_limit(source: str, limit: int = MAX_USE_CASE_PARAMETERS) -> list[str]:
+    """The public module-level functions of `source` that take more than `limit` parameters."""
+    return [
+        f"{node.name} ({parameter_count(node)})"
+        for node in ast.parse(source).body
+        if isinstance(node, ast.FunctionDef)
+        and not node.name.startswith("_")
+        and parameter_count(node) > limit
+    ]
+
+
+def test_the_count_sees_every_kind_of_parameter():
+    source = "\n".join(
+        [
+            "def f(a, /, b, *c, d, **e): ...",
+            "def g(a, b, *, c, d, e): ...",
+            "def _h(a, b, c, d, e, f): ...",
+        ]
+    )
+    assert over_the_limit(source, 4) == ["f (5)", "g (5)"]
+    assert over_the_limit(source) == []
+
+
+def test_no_use_case_takes_more_than_five_parameters():
+    found = {
+        str(path.relative_to(ROOT)): over
+        for path in sorted((ROOT / "app" / "services").glob("*.py"))
+        if (over := over_the_limit(path.read_text()))
+    }
+    assert found == {}, "give these use cases an environment object (docs/CONTRACTS.md)"

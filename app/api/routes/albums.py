@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import CurrentUser, QueueDep, SearchContextDep, SessionDep
+from app.api.deps import CurrentUser, PhotoEnvDep, QueueDep, SearchContextDep, SessionDep
 from app.api.params import ConceptId, Cursor, ImageId, PageLimit
 from app.api.routes.concepts import concept_out
 from app.api.schemas import (
@@ -57,18 +57,8 @@ def concept_album(
 ) -> AlbumPage:
     """Current without asking: photos indexed after the concept was trained are in it. The
     photos it was taught from and those you confirmed always are; those you rejected never."""
-    album = service.concept_album(
-        user.id,
-        concept_id,
-        order=order,
-        limit=limit,
-        cursor=cursor,
-        db_session=db_session,
-        serving=ctx.serving(),
-        index_cache=ctx.index_cache,
-        adapter_cache=ctx.adapter_cache,
-        search_settings=ctx.settings.search,
-    )
+    page = service.AlbumRequest(order=order, limit=limit, cursor=cursor)
+    album = service.concept_album(user.id, concept_id, page, ctx.search_env(db_session))
     scale = album.calibration
     return AlbumPage(
         concept_id=album.concept.id,
@@ -102,16 +92,13 @@ def set_verdict(
     image_id: ImageId,
     body: VerdictIn,
     user: CurrentUser,
-    db_session: SessionDep,
-    queue: QueueDep,
+    env: PhotoEnvDep,
 ) -> VerdictResponse:
     """A new mark replaces the photo's previous one (kept in the history). A rejection (or the
     end of one) starts the concept's next version, with the rejected photos as negatives;
     confirmed photos are always in the album (docs/ALBUMS.md says why they do not retrain it).
     The same mark again changes nothing (`job` is null)."""
-    change = service.set_verdict(
-        user.id, concept_id, image_id, body.verdict, db_session=db_session, queue=queue
-    )
+    change = service.set_verdict(user.id, concept_id, image_id, body.verdict, env)
     return _change_out(change)
 
 
@@ -164,15 +151,7 @@ def image_concepts(
     image_id: ImageId, user: CurrentUser, db_session: SessionDep, ctx: SearchContextDep
 ) -> ImageConceptList:
     """Your concepts whose album holds the photo, most confident first."""
-    found = service.image_concepts(
-        user.id,
-        image_id,
-        db_session=db_session,
-        serving=ctx.serving(),
-        index_cache=ctx.index_cache,
-        adapter_cache=ctx.adapter_cache,
-        search_settings=ctx.settings.search,
-    )
+    found = service.image_concepts(user.id, image_id, ctx.search_env(db_session))
     return ImageConceptList(
         items=[
             ImageConceptOut(
