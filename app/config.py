@@ -31,6 +31,13 @@ class ModelSettings(BaseModel):
         True, description="serve the bundled demo model (loudly) if the weights cannot be had"
     )
     preload: bool = Field(True, description="load the model at startup (else on first use)")
+    onnx: bool = Field(
+        True,
+        description="run the image tower on ONNX Runtime where it is installed (the onnx extra: "
+        "pip install 'polar-search[onnx]') and its vectors agree with PyTorch's within 1e-4 on a "
+        "check batch; exported at first use into <data_dir>/onnx, one file per set of image "
+        "weights; false = always PyTorch",
+    )
     threads: int = Field(
         0,
         ge=0,

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from app.ml.encode import encode_images
+from app.ml.encode import ImageEngine, encode_images
 from app.ml.model import ClipBundle
 from app.ml.region_pool import encode_with_regions, supports_pooling
 
@@ -119,29 +119,41 @@ def rows_of_kind(stored: Mapping[str, np.ndarray], kind: str, dim: int) -> np.nd
 
 
 def embed_with_regions(
-    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    layout: str,
+    method: str,
+    engine: ImageEngine | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Whole-image embeddings (N, D) and region embeddings (N, R_total, D) by a method that
     `region_method` resolved: "pooled" makes both in one forward pass per image, "crops" encodes
-    the image and then each crop, "both" adds the crops to the pooled pass (crop rows first)."""
+    the image and then each crop, "both" adds the crops to the pooled pass (crop rows first).
+    `engine` (app.ml.onnx_engine) encodes whole images and crops; pooling needs PyTorch."""
     boxes = layout_boxes(layout)
     if method in ("pooled", "both") and boxes:
         whole, pooled = encode_with_regions(bundle, images, boxes)
         if method == "pooled":
             return whole, pooled
-        return whole, np.concatenate([encode_boxes(bundle, images, boxes), pooled], axis=1)
-    return encode_images(bundle, images), encode_boxes(bundle, images, boxes)
+        crops = encode_boxes(bundle, images, boxes, engine=engine)
+        return whole, np.concatenate([crops, pooled], axis=1)
+    return encode_images(bundle, images, engine=engine), encode_boxes(
+        bundle, images, boxes, engine=engine
+    )
 
 
 def encode_regions_by(
-    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    layout: str,
+    method: str,
+    engine: ImageEngine | None = None,
 ) -> np.ndarray:
     """Region embeddings (N, R_total, D) by a resolved method (pooled: from one pass per image;
-    both: the crops, then the pooled regions)."""
+    both: the crops, then the pooled regions); crops through `engine` when one is given."""
     boxes = layout_boxes(layout)
     if method in ("pooled", "both") and boxes:
-        return embed_with_regions(bundle, images, layout, method)[1]
-    return encode_boxes(bundle, images, boxes)
+        return embed_with_regions(bundle, images, layout, method, engine)[1]
+    return encode_boxes(bundle, images, boxes, engine=engine)
 
 
 def layout_boxes(layout: str) -> tuple[Box, ...]:
@@ -171,13 +183,17 @@ def encode_regions(
 
 
 def encode_boxes(
-    bundle: ClipBundle, images: Sequence[Image.Image], boxes: Sequence[Box], batch_size: int = 64
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    boxes: Sequence[Box],
+    batch_size: int = 64,
+    engine: ImageEngine | None = None,
 ) -> np.ndarray:
     """Unit embeddings of every image cropped to each of the given boxes, (N, R, D) float32."""
     if not boxes:
         return np.zeros((len(images), 0, bundle.embed_dim), dtype=np.float32)
     crops = [c for im in images for c in crop_regions(im, boxes)]
-    flat = encode_images(bundle, crops, batch_size=batch_size)  # (N * R, D)
+    flat = encode_images(bundle, crops, batch_size=batch_size, engine=engine)  # (N * R, D)
     return flat.reshape(len(images), len(boxes), bundle.embed_dim)
 
 
