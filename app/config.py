@@ -143,14 +143,16 @@ class SearchSettings(BaseModel):
         description="crops embedded per image at index time to re-rank queries that name several "
         "concepts (five = four 60 % corners + centre, 6x the embedding work; none = off)",
     )
-    region_method: Literal["crops", "pooled", "both"] = Field(
-        "both",
+    region_method: Literal["auto", "crops", "pooled", "both"] = Field(
+        "auto",
         description="how the regions are embedded: crops = each crop encoded on its own (R more "
         "forward passes per image); pooled = each box pooled from the whole image's one forward "
         "pass (1.04x / 1.18x the cost of no regions on the demo model / ViT-B-32, against 4.7x / "
         "7.8x for crops); both = crops and pooled regions stored side by side, each matched on "
-        "its own (about the cost of crops, twice the region storage; best for queries naming "
-        "several concepts); a model pooling cannot serve falls back to crops",
+        "its own (about the cost of crops, twice the region storage); auto = the method measured "
+        "best for the image tower's family on the synthetic PerVL benchmark: both for "
+        "ModifiedResNets (the demo model), crops for ViTs and others (docs/BENCHMARKS.md); a "
+        "model pooling cannot serve falls back to crops",
     )
     region_weight: float = Field(
         8.0,

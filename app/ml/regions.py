@@ -27,7 +27,7 @@ from PIL import Image
 
 from app.ml.encode import ImageEngine, encode_images
 from app.ml.model import ClipBundle
-from app.ml.region_pool import encode_with_regions, supports_pooling
+from app.ml.region_pool import encode_with_regions, supports_pooling, tower_family
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
 
@@ -46,7 +46,19 @@ LAYOUTS: dict[str, tuple[Box, ...]] = {
 
 REGION_METHODS = ("crops", "pooled", "both")
 REGION_KINDS = ("crops", "pooled")  # what one stored region row is
+AUTO = "auto"  # the setting's default: the method measured best for the tower's family
 _SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both"}
+# The region method each image-tower family gets with POLAR_SEARCH__REGION_METHOD=auto, from
+# the synthetic PerVL benchmark (bench/vit_regions.py; docs/BENCHMARKS.md, "Regions on a ViT
+# image tower"), validation seeds 0-3, two-concept mRR:
+#   modified_resnet (the demo model, 2x2 final cells): both 0.887 > pooled 0.826 > crops 0.724
+#       (seeds 0-1; test 0.833 / 0.792 / 0.767);
+#   vit (polar-demo-vit, 8x8 patches): crops 0.693 > both 0.474 > none 0.587 > pooled 0.312
+#       (test 0.724 / 0.407 / 0.393 / 0.195): regions pooled from that ViT's last block
+#       mislead the re-ranking at every weight tried (4-64), so ViTs get crops, at ~6x the
+#       indexing work of no regions on ViT-B-32 (pooled would cost ~1x);
+#   other towers cannot be pooled: crops.
+FAMILY_METHODS = {"vit": "crops", "modified_resnet": "both", "other": "crops"}
 
 
 def _check_method(method: str) -> None:
@@ -54,9 +66,16 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
 
 
+def default_method(bundle: ClipBundle) -> str:
+    """The region method `auto` stands for on this model: its tower family's."""
+    return FAMILY_METHODS[tower_family(bundle)]
+
+
 def region_method(bundle: ClipBundle, method: str) -> str:
-    """The method that will run: "pooled" and "both" fall back to "crops" for a tower that
-    cannot be pooled."""
+    """The method that will run: "auto" is the tower family's (`default_method`); "pooled" and
+    "both" fall back to "crops" for a tower that cannot be pooled."""
+    if method == AUTO:
+        method = default_method(bundle)
     _check_method(method)
     return method if method == "crops" or supports_pooling(bundle) else "crops"
 
