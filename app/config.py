@@ -31,6 +31,13 @@ class ModelSettings(BaseModel):
         True, description="serve the bundled demo model (loudly) if the weights cannot be had"
     )
     preload: bool = Field(True, description="load the model at startup (else on first use)")
+    onnx: bool = Field(
+        True,
+        description="run the image tower on ONNX Runtime where it is installed (the onnx extra: "
+        "pip install 'polar-search[onnx]') and its vectors agree with PyTorch's within 1e-4 on a "
+        "check batch; exported at first use into <data_dir>/onnx, one file per set of image "
+        "weights; false = always PyTorch",
+    )
     threads: int = Field(
         0,
         ge=0,
@@ -136,14 +143,16 @@ class SearchSettings(BaseModel):
         description="crops embedded per image at index time to re-rank queries that name several "
         "concepts (five = four 60 % corners + centre, 6x the embedding work; none = off)",
     )
-    region_method: Literal["crops", "pooled", "both"] = Field(
-        "both",
+    region_method: Literal["auto", "crops", "pooled", "both"] = Field(
+        "auto",
         description="how the regions are embedded: crops = each crop encoded on its own (R more "
         "forward passes per image); pooled = each box pooled from the whole image's one forward "
         "pass (1.04x / 1.18x the cost of no regions on the demo model / ViT-B-32, against 4.7x / "
         "7.8x for crops); both = crops and pooled regions stored side by side, each matched on "
-        "its own (about the cost of crops, twice the region storage; best for queries naming "
-        "several concepts); a model pooling cannot serve falls back to crops",
+        "its own (about the cost of crops, twice the region storage); auto = the method measured "
+        "best for the image tower's family on the synthetic PerVL benchmark: both for "
+        "ModifiedResNets (the demo model), crops for ViTs and others (docs/BENCHMARKS.md); a "
+        "model pooling cannot serve falls back to crops",
     )
     region_weight: float = Field(
         8.0,

@@ -454,7 +454,7 @@ def run_job(
     with (
         patched(repositories, "bump_index_generation", timed_bump),
         patched(embedding, "_open_rgb", timed(embedding._open_rgb, decode_s)),
-        patched(embedding, "encode_images", timed(embedding.encode_images, encode_whole_s)),
+        patched(embedding, "encode_pixels", timed(embedding.encode_pixels, encode_whole_s)),
         patched(embedding, "encode_regions", timed(embedding.encode_regions, encode_crops_s)),
         patched(embedding, "decode_side", embedding.decode_side if draft else lambda _bundle: 0),
     ):

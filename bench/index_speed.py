@@ -12,7 +12,10 @@ the bare image tower, every number a ratio to a baseline taken in the same run.
             until every photo is searchable (its whole embedding committed and the index
             generation bumped) and until full quality (the job ends: every region stored); and
             regions off with the next batch decoded in the same thread (the code before issue
-            32) as the baseline of the decode-ahead lever.
+            32) as the baseline of the decode-ahead lever; and regions off with the image
+            tower on ONNX Runtime (`off-onnx`: app.ml.onnx_engine, POLAR_MODEL__ONNX, the
+            engine the service uses where the onnx extra is installed; every other row runs
+            PyTorch).
 
 Configurations alternate within each round (the order reversed every other round) and medians
 are reported; the load average is recorded with each run. On a machine shared with other work
@@ -26,6 +29,8 @@ Prints tables, writes bench/results/index_speed.json; never run by the tests.
 
     .venv/bin/python bench/index_speed.py            # about 9 minutes on 2 shared CPUs
     .venv/bin/python bench/index_speed.py --quick    # smoke run, nothing written
+    .venv/bin/python bench/index_speed.py --models ViT-B-32 --sizes 1600x1200 \
+        --out bench/results/index_speed_onnx.json    # a subset, to its own file
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from app import repositories, storage
 from app.bench.harness import demo, loadavg, save_result, vit_b32
 from app.config import SearchSettings, Settings
 from app.db import make_engine, make_session_factory, migrate
+from app.ml import onnx_engine
 from app.ml.model import ClipBundle
 from app.models import Image
 from app.services import embedding
@@ -62,18 +68,18 @@ from app.storage import ImageStore
 OUT = Path(__file__).resolve().parent / "results" / "index_speed.json"
 LIBRARY = 50_000
 TOWER_BATCH = 16
-METHODS = ("off", "off-no-ahead", "pooled", "both", "crops")
+METHODS = ("off", "off-onnx", "off-no-ahead", "pooled", "both", "crops")
 # (model, photo size, POLAR_THREADS__EMBEDDING, region methods): ViT-B-32's region passes cost
 # 6 forward passes a photo, so they are timed where they say the most, within ~10 minutes.
 CONFIGS: list[tuple[str, str, int, tuple[str, ...]]] = [
     ("demo", "1600x1200", 1, METHODS),
     ("demo", "1600x1200", 2, METHODS),
-    ("demo", "4000x3000", 1, ("off", "off-no-ahead", "both")),
-    ("demo", "4000x3000", 2, ("off", "both")),
-    ("ViT-B-32", "1600x1200", 1, ("off", "off-no-ahead", "pooled", "both")),
-    ("ViT-B-32", "1600x1200", 2, ("off", "off-no-ahead", "pooled")),
-    ("ViT-B-32", "4000x3000", 1, ("off", "off-no-ahead")),
-    ("ViT-B-32", "4000x3000", 2, ("off",)),
+    ("demo", "4000x3000", 1, ("off", "off-onnx", "off-no-ahead", "both")),
+    ("demo", "4000x3000", 2, ("off", "off-onnx", "both")),
+    ("ViT-B-32", "1600x1200", 1, ("off", "off-onnx", "off-no-ahead", "pooled", "both")),
+    ("ViT-B-32", "1600x1200", 2, ("off", "off-onnx", "off-no-ahead", "pooled")),
+    ("ViT-B-32", "4000x3000", 1, ("off", "off-onnx", "off-no-ahead")),
+    ("ViT-B-32", "4000x3000", 2, ("off", "off-onnx")),
 ]
 
 
@@ -91,33 +97,18 @@ def _torch_tower(bundle: ClipBundle) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _ort_tower(bundle: ClipBundle, folder: Path) -> Callable[[int], Any] | str:
-    """A factory of ONNX Runtime sessions (by thread count) of the bundle's image tower, or why
-    there is none."""
+    """A factory of ONNX Runtime sessions (by thread count) of the bundle's image tower, on the
+    very file the service's engine exports (app.ml.onnx_engine.export_tower), or why there is
+    none."""
     try:
         import onnxruntime as ort
     except ImportError:
         return "onnxruntime is not installed"
     path = folder / f"tower-{bundle.fingerprint.name}.onnx"
-    side = bundle.model.visual.image_size  # type: ignore[union-attr]
-    side = side if isinstance(side, int) else side[0]
-    x = torch.randn(2, 3, side, side)
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention op has no ONNX form
     try:
-        torch.onnx.export(
-            bundle.model.visual,  # type: ignore[union-attr]
-            (x,),
-            str(path),
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+        onnx_engine.export_tower(bundle, path)
     except Exception as e:  # any exporter failure: the row says so
         return f"export failed: {type(e).__name__}: {str(e)[:200]}"
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
 
     def session(threads: int) -> Callable[[np.ndarray], np.ndarray]:
         opts = ort.SessionOptions()
@@ -225,6 +216,7 @@ def run_pipeline(
         gc.collect()
         settings.search.regions = "none" if method.startswith("off") else "five"
         settings.search.region_method = "both" if method.startswith("off") else method
+        settings.model.onnx = method.endswith("-onnx")  # every other row: PyTorch
         settings.threads.embedding = n_thr
         current = Image.embedding_model == serving.model_id
         bumps: list[float] = []
@@ -312,8 +304,12 @@ def bench_pipeline(
         for method in methods
     ]
     first = libraries[next(iter(sizes))]
-    for m in models:  # warm-up, untimed: first-call allocations and lazy initialisation
+    for m in models:  # warm-up, untimed: first-call allocations and lazy initialisation (and
+        # the ONNX engine's export and check, once per process)
         run_pipeline(*first, models[m], "off", 1)
+        if any(m == c[0] and "off-onnx" in c[3] for c in CONFIGS):
+            run_pipeline(*first, models[m], "off-onnx", 1)
+            run_pipeline(*first, models[m], "off-onnx", 2)
     print(f"\n{'pipeline':<34}{'searchable s':>13}{'full s':>9}{'photos/s':>10}{'load':>16}")
     for r in range(rounds):
         for m, size, thr, method in configs if r % 2 == 0 else list(reversed(configs)):
@@ -358,6 +354,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[st
                 "searchable_photos_per_s": round(rate, 2),
                 "full_photos_per_s": round(n / full, 2),
                 "full_over_regions_off": round(full / off, 2),
+                "searchable_speedup_over_off": round(off / searchable, 2),
                 "searchable_over_torch_tower": beside("torch"),
                 "searchable_over_ort_tower": beside("onnxruntime"),
                 "hours_to_searchable_50k": round(LIBRARY / rate / 3600, 2),
@@ -366,14 +363,15 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[st
         )  # fmt: skip
     lines = [
         f"{'model':<10}{'size':>10}{'thr':>4}{'regions':>14}{'search/s':>9}{'full/s':>8}"
-        f"{'full/off':>9}{'vs torch':>9}{'vs ORT':>8}{'50k: h search':>14}{'h full':>8}"
+        f"{'full/off':>9}{'x off':>7}{'vs torch':>9}{'vs ORT':>8}{'50k: h search':>14}{'h full':>8}"
     ]
     for row in rows:
         ort_ratio = row["searchable_over_ort_tower"]
         lines.append(
             f"{row['model']:<10}{row['size']:>10}{row['threads']:>4}{row['regions']:>14}"
             f"{row['searchable_photos_per_s']:>9.2f}{row['full_photos_per_s']:>8.2f}"
-            f"{row['full_over_regions_off']:>9.2f}{row['searchable_over_torch_tower']:>9.2f}"
+            f"{row['full_over_regions_off']:>9.2f}{row['searchable_speedup_over_off']:>7.2f}"
+            f"{row['searchable_over_torch_tower']:>9.2f}"
             f"{'-' if ort_ratio is None else f'{ort_ratio:.2f}':>8}"
             f"{row['hours_to_searchable_50k']:>14.2f}{row['hours_to_full_50k']:>8.2f}"
         )
@@ -385,14 +383,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run; nothing written")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--models", default="demo,ViT-B-32", help="comma list: demo, ViT-B-32")
+    ap.add_argument("--sizes", default="1600x1200,4000x3000", help="comma list of photo sizes")
     args = ap.parse_args()
     # Two batches of embed_pending (BATCH = 32) at least: decoding ahead overlaps from the second.
     sizes = {"1600x1200": 4, "4000x3000": 2} if args.quick else {"1600x1200": 64, "4000x3000": 32}
+    sizes = {k: v for k, v in sizes.items() if k in args.sizes.split(",")}
     rounds = 1 if args.quick else args.rounds
     torch.set_num_threads(1)
     load_before = loadavg()
     print(f"load average before: {load_before}")
-    bundles = {"demo": demo(), "ViT-B-32": vit_b32()}
+    makers = {"demo": demo, "ViT-B-32": vit_b32}
+    bundles = {k: makers[k]() for k in args.models.split(",")}
     models = {k: ServingModel(b, k, None) for k, b in bundles.items()}
     with tempfile.TemporaryDirectory(prefix="polar-index-speed-") as tmp:
         root = Path(tmp)

@@ -14,7 +14,12 @@ __all__ = ["tiny_serving"]
 
 @pytest.fixture
 def tiny_serving(api_client: Any) -> ClipBundle:
-    """A tiny random CLIP (context 77) serves `api_client`'s app (its searches and jobs)."""
+    """A tiny random CLIP (context 77) serves `api_client`'s app (its searches and jobs).
+
+    Its image tower is a ViT, for which POLAR_SEARCH__REGION_METHOD=auto means crops only; the
+    API tests were written for both kinds of regions (what auto means for the demo model), so
+    the app stores both here. tests/api/test_index_regions.py checks auto itself."""
     bundle = tiny_clip(0)
     api_client.app.state.container.model.install(bundle)
+    api_client.app.state.container.settings.search.region_method = "both"
     return bundle

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,21 +15,55 @@ from app.ml.text import encode_tokens, text_tower
 from app.ml.tokens import count_tokens as _count_tokens
 
 TEXT_BATCH = 256  # texts per forward pass; bounds memory for bulk caption encoding
+# Another engine for the image tower: preprocessed pixels (B, 3, H, W) -> features (B, D) as
+# `model.encode_image` gives them (app.ml.onnx_engine); None = the model's own PyTorch pass.
+ImageEngine = Callable[[torch.Tensor], torch.Tensor]
 
 
-def encode_images(
-    bundle: ClipBundle, images: Sequence[Image.Image], batch_size: int = 64
+def preprocess_images(bundle: ClipBundle, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The model's preprocessing of each image, stacked: (N, 3, H, W) float32 on the CPU. The
+    embedding job runs it in its decoding thread, ahead of the model (app.services.embedding)."""
+    if not images:
+        return torch.zeros((0, 3, 1, 1))
+    return torch.stack([bundle.preprocess(im) for im in images])
+
+
+def encode_pixels(
+    bundle: ClipBundle,
+    pixels: torch.Tensor,
+    batch_size: int = 64,
+    engine: ImageEngine | None = None,
 ) -> np.ndarray:
-    """L2-normalised image embeddings, (N, D) float32."""
+    """L2-normalised embeddings (N, D) float32 of preprocessed images (`preprocess_images`),
+    through `engine` when one is given, else the model's PyTorch pass."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     out = [np.zeros((0, bundle.embed_dim), dtype=np.float32)]
     dtype = text_tower(bundle.model).dtype
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([bundle.preprocess(im) for im in images[start : start + batch_size]])
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size]
         with torch.inference_mode():
-            f = bundle.model.encode_image(batch.to(bundle.device, dtype))  # type: ignore[operator]
+            if engine is not None:
+                f = engine(batch)
+            else:
+                f = bundle.model.encode_image(batch.to(bundle.device, dtype))  # type: ignore[operator]
             out.append(F.normalize(f.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def encode_images(
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    batch_size: int = 64,
+    engine: ImageEngine | None = None,
+) -> np.ndarray:
+    """L2-normalised image embeddings, (N, D) float32 (through `engine` when one is given)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    out = [np.zeros((0, bundle.embed_dim), dtype=np.float32)]
+    for start in range(0, len(images), batch_size):
+        pixels = preprocess_images(bundle, images[start : start + batch_size])
+        out.append(encode_pixels(bundle, pixels, batch_size, engine))
     return np.concatenate(out)
 
 

@@ -69,6 +69,18 @@ def _frame_transforms(preprocess: object) -> list[nn.Module] | None:
     return out
 
 
+def tower_family(bundle: ClipBundle) -> str:
+    """The image tower's family, as the region defaults know it: "vit" (open_clip's
+    VisionTransformer), "modified_resnet" (OpenAI's RN50 layout, the demo model's), or "other"
+    (timm towers and anything else)."""
+    visual = getattr(bundle.model, "visual", None)
+    if isinstance(visual, VisionTransformer):
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "modified_resnet"
+    return "other"
+
+
 def supports_pooling(bundle: ClipBundle) -> bool:
     """Whether this model's regions can be pooled (a ViT pooling its CLS token or a
     ModifiedResNet, with Resize + CenterCrop preprocessing); otherwise use crops."""

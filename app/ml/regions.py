@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from app.ml.encode import encode_images
+from app.ml.encode import ImageEngine, encode_images
 from app.ml.model import ClipBundle
-from app.ml.region_pool import encode_with_regions, supports_pooling
+from app.ml.region_pool import encode_with_regions, supports_pooling, tower_family
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
 
@@ -46,7 +46,19 @@ LAYOUTS: dict[str, tuple[Box, ...]] = {
 
 REGION_METHODS = ("crops", "pooled", "both")
 REGION_KINDS = ("crops", "pooled")  # what one stored region row is
+AUTO = "auto"  # the setting's default: the method measured best for the tower's family
 _SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both"}
+# The region method each image-tower family gets with POLAR_SEARCH__REGION_METHOD=auto, from
+# the synthetic PerVL benchmark (bench/vit_regions.py; docs/BENCHMARKS.md, "Regions on a ViT
+# image tower"), validation seeds 0-3, two-concept mRR:
+#   modified_resnet (the demo model, 2x2 final cells): both 0.887 > pooled 0.826 > crops 0.724
+#       (seeds 0-1; test 0.833 / 0.792 / 0.767);
+#   vit (polar-demo-vit, 8x8 patches): crops 0.693 > both 0.474 > none 0.587 > pooled 0.312
+#       (test 0.724 / 0.407 / 0.393 / 0.195): regions pooled from that ViT's last block
+#       mislead the re-ranking at every weight tried (4-64), so ViTs get crops, at ~6x the
+#       indexing work of no regions on ViT-B-32 (pooled would cost ~1x);
+#   other towers cannot be pooled: crops.
+FAMILY_METHODS = {"vit": "crops", "modified_resnet": "both", "other": "crops"}
 
 
 def _check_method(method: str) -> None:
@@ -54,9 +66,16 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown region method {method!r}; known: {list(REGION_METHODS)}")
 
 
+def default_method(bundle: ClipBundle) -> str:
+    """The region method `auto` stands for on this model: its tower family's."""
+    return FAMILY_METHODS[tower_family(bundle)]
+
+
 def region_method(bundle: ClipBundle, method: str) -> str:
-    """The method that will run: "pooled" and "both" fall back to "crops" for a tower that
-    cannot be pooled."""
+    """The method that will run: "auto" is the tower family's (`default_method`); "pooled" and
+    "both" fall back to "crops" for a tower that cannot be pooled."""
+    if method == AUTO:
+        method = default_method(bundle)
     _check_method(method)
     return method if method == "crops" or supports_pooling(bundle) else "crops"
 
@@ -119,29 +138,41 @@ def rows_of_kind(stored: Mapping[str, np.ndarray], kind: str, dim: int) -> np.nd
 
 
 def embed_with_regions(
-    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    layout: str,
+    method: str,
+    engine: ImageEngine | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Whole-image embeddings (N, D) and region embeddings (N, R_total, D) by a method that
     `region_method` resolved: "pooled" makes both in one forward pass per image, "crops" encodes
-    the image and then each crop, "both" adds the crops to the pooled pass (crop rows first)."""
+    the image and then each crop, "both" adds the crops to the pooled pass (crop rows first).
+    `engine` (app.ml.onnx_engine) encodes whole images and crops; pooling needs PyTorch."""
     boxes = layout_boxes(layout)
     if method in ("pooled", "both") and boxes:
         whole, pooled = encode_with_regions(bundle, images, boxes)
         if method == "pooled":
             return whole, pooled
-        return whole, np.concatenate([encode_boxes(bundle, images, boxes), pooled], axis=1)
-    return encode_images(bundle, images), encode_boxes(bundle, images, boxes)
+        crops = encode_boxes(bundle, images, boxes, engine=engine)
+        return whole, np.concatenate([crops, pooled], axis=1)
+    return encode_images(bundle, images, engine=engine), encode_boxes(
+        bundle, images, boxes, engine=engine
+    )
 
 
 def encode_regions_by(
-    bundle: ClipBundle, images: Sequence[Image.Image], layout: str, method: str
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    layout: str,
+    method: str,
+    engine: ImageEngine | None = None,
 ) -> np.ndarray:
     """Region embeddings (N, R_total, D) by a resolved method (pooled: from one pass per image;
-    both: the crops, then the pooled regions)."""
+    both: the crops, then the pooled regions); crops through `engine` when one is given."""
     boxes = layout_boxes(layout)
     if method in ("pooled", "both") and boxes:
-        return embed_with_regions(bundle, images, layout, method)[1]
-    return encode_boxes(bundle, images, boxes)
+        return embed_with_regions(bundle, images, layout, method, engine)[1]
+    return encode_boxes(bundle, images, boxes, engine=engine)
 
 
 def layout_boxes(layout: str) -> tuple[Box, ...]:
@@ -171,13 +202,17 @@ def encode_regions(
 
 
 def encode_boxes(
-    bundle: ClipBundle, images: Sequence[Image.Image], boxes: Sequence[Box], batch_size: int = 64
+    bundle: ClipBundle,
+    images: Sequence[Image.Image],
+    boxes: Sequence[Box],
+    batch_size: int = 64,
+    engine: ImageEngine | None = None,
 ) -> np.ndarray:
     """Unit embeddings of every image cropped to each of the given boxes, (N, R, D) float32."""
     if not boxes:
         return np.zeros((len(images), 0, bundle.embed_dim), dtype=np.float32)
     crops = [c for im in images for c in crop_regions(im, boxes)]
-    flat = encode_images(bundle, crops, batch_size=batch_size)  # (N * R, D)
+    flat = encode_images(bundle, crops, batch_size=batch_size, engine=engine)  # (N * R, D)
     return flat.reshape(len(images), len(boxes), bundle.embed_dim)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import numpy as np
+import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
 from sqlalchemy.orm import Session
@@ -21,8 +22,9 @@ from app import repositories
 from app.config import LimitSettings, SearchSettings
 from app.db import session_scope
 from app.errors import DomainError
-from app.ml.encode import encode_images
+from app.ml.encode import ImageEngine, encode_pixels, preprocess_images
 from app.ml.model import ClipBundle
+from app.ml.onnx_engine import image_engine
 from app.ml.regions import (
     embed_with_regions,
     encode_regions_by,
@@ -248,6 +250,8 @@ def embed_pending(
     roots = [r.resolve() for r in ctx.settings.library.roots]
     side = decode_side(bundle)
     max_pixels = ctx.settings.limits.max_pixels  # the files are checked again as uploads are
+    # ONNX Runtime for whole images and crops where installed and equal (app.ml.onnx_engine)
+    engine = image_engine(bundle, ctx.settings.data_dir / "onnx", ctx.settings.model.onnx)
     # An image whose file could not be read is not read again by every pass: only once the file
     # changes (a rescan or a new upload of the bytes clears embed_error) or a rebuild is asked.
     whole = _pending(ctx, image_ids, model_id)
@@ -264,7 +268,10 @@ def embed_pending(
             if (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
             is not None
         }
-        return _Decoded(batch, pictures, failed)
+        # Without pooling the model needs only the preprocessed pixels: made here too, in the
+        # decoding thread, so the model's thread runs the tower alone (issue 32).
+        pixels = None if pooled else preprocess_images(bundle, list(pictures.values()))
+        return _Decoded(batch, pictures, failed, pixels=pixels)
 
     # The next batch is decoded in a second thread while the model runs on this one.
     for part in _ahead(_batches(whole), decode):
@@ -277,7 +284,8 @@ def embed_pending(
                 if pooled:  # (B, D) and (B, R, D) from one pass
                     vectors, regions = embed_with_regions(bundle, pictures, layout, "pooled")
                 else:
-                    vectors, regions = encode_images(bundle, pictures), None
+                    assert part.pixels is not None
+                    vectors, regions = encode_pixels(bundle, part.pixels, engine=engine), None
             with session_scope(ctx.session_factory) as s:
                 for n, ((image_id, _), vec) in enumerate(zip(decoded, vectors, strict=True)):
                     # A row deleted meanwhile simply matches nothing. Crops of another model
@@ -328,7 +336,7 @@ def embed_pending(
         ready = [i for i, _ in batch if i in complete or i in pictures_of]
         if ready:
             with cpu_threads(embedding_threads(ctx)):
-                regions = _regions_of(bundle, ready, pictures_of, found, layout, method)
+                regions = _regions_of(bundle, ready, pictures_of, found, layout, method, engine)
             with session_scope(ctx.session_factory) as s:
                 for image_id, reg in zip(ready, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
@@ -355,6 +363,7 @@ class _Decoded:
     failed: dict[str, tuple[str, bool]]
     found: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     complete: set[str] = field(default_factory=set)
+    pixels: torch.Tensor | None = None  # the pictures preprocessed, in order (whole pass)
 
 
 def _batches(items: list[T]) -> list[list[T]]:
@@ -431,6 +440,7 @@ def _regions_of(
     found: dict[str, dict[str, np.ndarray]],
     layout: str,
     method: str,
+    engine: ImageEngine | None = None,
 ) -> np.ndarray:
     """The images' region rows for the layout and a resolved method, (B, R_total, D).
 
@@ -447,7 +457,7 @@ def _regions_of(
         lacking = [n for n, i in enumerate(ids) if kind not in found.get(i, {})]
         if lacking:
             sub = [pictures[ids[n]] for n in lacking]
-            out[lacking, rows_of] = encode_regions_by(bundle, sub, layout, kind)
+            out[lacking, rows_of] = encode_regions_by(bundle, sub, layout, kind, engine)
         for n, image_id in enumerate(ids):
             if kind in found.get(image_id, {}):
                 out[n, rows_of] = found[image_id][kind]

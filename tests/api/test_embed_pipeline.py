@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
+from app.ml import onnx_engine
 from app.ml.encode import encode_images
 from app.ml.threads import cpu_count
 from app.models import Image
@@ -45,7 +46,7 @@ def test_the_next_batch_is_decoded_while_the_model_runs(api_client, make_user, m
     user, _ = _stale_library(api_client, make_user, 6)
     monkeypatch.setattr(embedding, "BATCH", 3)
     decoded_second = threading.Event()
-    open_rgb, encode = embedding._open_rgb, embedding.encode_images
+    open_rgb, encode = embedding._open_rgb, embedding.encode_pixels
     calls: list[object] = []
     overlapped: list[bool] = []
 
@@ -55,13 +56,13 @@ def test_the_next_batch_is_decoded_while_the_model_runs(api_client, make_user, m
             decoded_second.set()
         return open_rgb(*args, **kwargs)
 
-    def slow_encode(bundle, pictures, *args, **kwargs):
+    def slow_encode(bundle, pixels, *args, **kwargs):
         if not overlapped:
             overlapped.append(decoded_second.wait(10))
-        return encode(bundle, pictures, *args, **kwargs)
+        return encode(bundle, pixels, *args, **kwargs)
 
     monkeypatch.setattr(embedding, "_open_rgb", spy_open)
-    monkeypatch.setattr(embedding, "encode_images", slow_encode)
+    monkeypatch.setattr(embedding, "encode_pixels", slow_encode)
     assert embedding.embed_pending(_ctx(api_client, user), None) == 6
     assert overlapped == [True]
 
@@ -129,3 +130,47 @@ def test_a_set_thread_count_is_kept_while_searches_run(api_client, make_user, mo
     with api_client.app.state.container.foreground.active():
         embedding.embed_pending(_ctx(api_client, user), None)
     assert used == [3]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_onnx_engine_embeds_when_installed_and_enabled(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811
+    enabled,
+):
+    """POLAR_MODEL__ONNX (on by default): the job's whole-image pass runs on ONNX Runtime,
+    exported into <data_dir>/onnx, and stores the PyTorch vectors within 1e-4; off, PyTorch
+    runs and nothing is exported."""
+    if enabled:
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    onnx_engine.forget_engines()
+    settings = api_client.app.state.container.settings
+    settings.model.onnx = enabled
+    user, ids = _stale_library(api_client, make_user, 3)
+    calls: list[int] = []
+    real = onnx_engine.OnnxImageTower.__call__
+
+    def counted(self, pixels):
+        calls.append(len(pixels))
+        return real(self, pixels)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_engine.OnnxImageTower, "__call__", counted)
+        assert embedding.embed_pending(_ctx(api_client, user), None) == 3
+    onnx_engine.forget_engines()
+    exported = list((settings.data_dir / "onnx").glob("*.onnx"))
+    if enabled:
+        assert len(exported) == 1 and sum(calls) == 3
+    else:
+        assert not exported and not calls
+    store = api_client.app.state.container.store
+    side = embedding.decode_side(tiny_serving)
+    with api_client.app.state.container.session_factory() as s:
+        rows = {r.id: r for r in s.scalars(select(Image))}
+    for i in ids:
+        picture = embedding._open_rgb(store, rows[i].storage_path, side)
+        assert picture is not None
+        expected = encode_images(tiny_serving, [picture])[0]
+        stored = np.frombuffer(rows[i].embedding, np.float32)
+        np.testing.assert_allclose(stored, expected, atol=1e-4)

@@ -13,7 +13,14 @@ from sqlalchemy import select, update
 from app.config import SearchSettings
 from app.ml.encode import encode_images
 from app.ml.region_pool import encode_with_regions
-from app.ml.regions import LAYOUTS, encode_regions, region_match, split_regions, unpack_regions
+from app.ml.regions import (
+    LAYOUTS,
+    encode_regions,
+    region_match,
+    region_method,
+    split_regions,
+    unpack_regions,
+)
 from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
 from app.services.recipe import region_weights
 from app.services.search import encode_query_parts
@@ -62,6 +69,23 @@ def test_embedding_stores_the_crops_and_pooled_regions_of_each_image(
         assert np.abs(regions[:FIVE] - regions[FIVE:]).max() > 0.05  # two different kinds
         whole = np.frombuffer(row.embedding, np.float32)
         np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture])[0], atol=1e-5)
+
+
+def test_auto_stores_the_method_of_the_towers_family(api_client, make_user, tiny_serving):  # noqa: F811
+    """POLAR_SEARCH__REGION_METHOD=auto (the default): a ViT stores its five crops, each
+    encoded on its own (the demo model, a ModifiedResNet, both kinds: tests/unit/ml)."""
+    cfg = api_client.app.state.container.settings.search
+    cfg.region_method = "auto"
+    assert SearchSettings().region_method == "auto"
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(2))
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    assert {rows[i].region_layout for i in ids} == {"five"}
+    for i in ids:
+        assert unpack_regions(rows[i].region_embeddings, tiny_serving.embed_dim).shape[0] == FIVE
+    status = api_client.get("/index", headers=user.headers).json()
+    assert status["region_layout"] == "five" and status["with_regions"] == 2
 
 
 @pytest.mark.usefixtures("tiny_serving")
@@ -156,9 +180,8 @@ def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> 
         return dict(zip(ids, base.tolist(), strict=True))
     # Each kind the method stores, at its own weight; an image without it matched whole.
     kinds = {"crops": cfg.region_weight, "pooled": cfg.pooled_region_weight}
-    kinds = {
-        k: w for k, w in kinds.items() if k in cfg.region_method or cfg.region_method == "both"
-    }
+    method = region_method(bundle, cfg.region_method)
+    kinds = {k: w for k, w in kinds.items() if k in method or method == "both"}
     empty = np.zeros((0, bundle.embed_dim), np.float32)
 
     def rows(r: dict[str, np.ndarray], kind: str) -> np.ndarray:

@@ -42,6 +42,7 @@ from app.services.users import create_user
 
 SMALL = SyntheticConfig(concepts=3, context_scenes=2, pair_scenes=2, background=6)
 NAMES = ("fido", "luna", "rex")  # one word each, as a user would name them
+BOTH = SearchSettings(region_method="both")
 
 
 @dataclass
@@ -58,11 +59,15 @@ def setup(tiny: ClipBundle) -> Setup:
     ds = build_synthetic("test", SMALL)
     method = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.0))
     assert isinstance(method, ServiceRecipe) and method.search == SearchSettings()
+    assert method.layout == "five"  # auto: crops for a ViT such as this tiny model
+    # Parity is checked with both kinds of regions (the demo model's auto), which runs the
+    # code of both: the service below gets the same settings.
+    method.search = BOTH
     method.steps = 30  # training length only; the query recipe is the registered one
     emb = embed_dataset(tiny, ds)
     for cid, concept in ds.concepts.items():
         method.fit(concept, emb.photos[cid])
-    assert method.layout == "five-both"  # the default: crops and pooled regions
+    assert method.layout == "five-both"  # crops and pooled regions
     stored = pool_regions(tiny, ds, emb, method.layout)  # (N, 10, D) float32
     regions = np.stack([unpack_regions(pack_regions(r), tiny.embed_dim) for r in stored])
     pool = emb.pool
@@ -126,7 +131,7 @@ def service_ranking(
         index_cache=IndexCache(index),
         adapter_cache=AdapterCache(),
         limits=LimitSettings(),
-        search=SearchSettings(),
+        search=BOTH,
     )
     text = render(query.text, [setup.names[c] for c in query.concepts])
     out = search_images(user_id, SearchQuery(text=text, k=len(setup.ds.pool)), env)
@@ -165,7 +170,7 @@ def test_a_drifted_bench_would_rank_differently(setup: Setup, drift: dict[str, f
     # The same adapters under one changed recipe setting: some query's ranking moves, so the
     # parity test above would catch a bench that re-implemented the recipe differently.
     drifted = ServiceRecipe(
-        setup.method.bundle, "drifted", search=SearchSettings(**drift),  # type: ignore[arg-type]
+        setup.method.bundle, "drifted", search=SearchSettings(region_method="both", **drift),  # type: ignore[arg-type]
         **TUNED_TRAINING,  # type: ignore[arg-type]
     )  # fmt: skip
     share_fit(setup.method, drifted)

@@ -34,7 +34,10 @@ SMALL = SyntheticConfig(concepts=2, context_scenes=1, pair_scenes=1, background=
 
 
 def service(bundle: ClipBundle, **search: Any) -> ServiceRecipe:
-    """The service's recipe under `search` overrides, with few training steps."""
+    """The service's recipe under `search` overrides, with few training steps. The tiny model
+    is a ViT, whose `auto` region method is crops; these tests were written for both kinds of
+    regions (the demo model's `auto`), so that is the method unless a test names one."""
+    search.setdefault("region_method", "both")
     opts = TUNED_TRAINING | {"steps": STEPS}
     return ServiceRecipe(bundle, "m", search=SearchSettings(**search), **opts)  # type: ignore[arg-type]
 
@@ -187,9 +190,11 @@ def test_evaluate_embeds_regions_once_and_only_when_needed(
     calls: list[int] = []
     real = ml_regions.encode_boxes
 
-    def counting(bundle: ClipBundle, images: list[Any], boxes: Any, batch_size: int = 64) -> Any:
+    def counting(
+        bundle: ClipBundle, images: list[Any], boxes: Any, batch_size: int = 64, engine: Any = None
+    ) -> Any:
         calls.append(len(images))
-        return real(bundle, images, boxes, batch_size)
+        return real(bundle, images, boxes, batch_size, engine)
 
     monkeypatch.setattr(ml_regions, "encode_boxes", counting)
     evaluate(service(base.bundle, regions="none"), ds, emb)
@@ -209,7 +214,8 @@ def test_the_default_method_is_the_services_defaults(tiny: ClipBundle) -> None:
     assert DEFAULT_METHOD == "polar_multi_regions" and DEFAULT_METHOD in DEFAULT_METHODS
     m = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.1))
     assert isinstance(m, ServiceRecipe) and m.name == "polar_multi_regions"
-    assert m.search == SearchSettings() and m.layout == "five-both"
+    # the service's defaults: region method auto, which for this tiny ViT is crops
+    assert m.search == SearchSettings() and m.layout == "five"
     # The tiny model has no recipe of its own: the paper's objective with its λ, as the
     # service trains it; the demo model's recipe (its polar.json) brings the keep term.
     assert m.token_mode == "distinct" and m.lam == tiny.default_lam and m.lr == 1e-3

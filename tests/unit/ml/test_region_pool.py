@@ -17,10 +17,12 @@ from app.ml.region_pool import (
     encode_with_regions,
     pool_features,
     supports_pooling,
+    tower_family,
     visible_frame,
 )
 from app.ml.regions import (
     LAYOUTS,
+    default_method,
     embed_with_regions,
     encode_boxes,
     encode_regions_by,
@@ -238,3 +240,31 @@ def test_pooling_on_cuda_matches_encode_images(make, dtype) -> None:
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     np.testing.assert_allclose(whole, encode_images(bundle, images), atol=tol)
     assert np.isfinite(regions).all() and regions.shape == (2, 5, bundle.embed_dim)
+
+
+def test_auto_is_the_method_measured_for_the_towers_family() -> None:
+    """POLAR_SEARCH__REGION_METHOD=auto: crops for a ViT, both for a ModifiedResNet (the demo
+    model's kind), crops for a tower that cannot be pooled (docs/BENCHMARKS.md)."""
+    vit, resnet = tiny_clip(0, torch.float32), tiny_resnet(0, torch.float32)
+    assert (tower_family(vit), tower_family(resnet)) == ("vit", "modified_resnet")
+    assert default_method(vit) == region_method(vit, "auto") == "crops"
+    assert default_method(resnet) == region_method(resnet, "auto") == "both"
+    odd = bundle_from_model(
+        vit.model,
+        T.Compose([T.RandomCrop(32, pad_if_needed=True), T.ToTensor()]),
+        name="tiny",
+        pretrained="odd",
+    )
+    assert region_method(odd, "auto") == "crops"  # a ViT whose regions cannot be pooled either
+    resnet_odd = bundle_from_model(
+        resnet.model, T.Compose([T.RandomCrop(128), T.ToTensor()]), name="tiny-rn", pretrained="o"
+    )
+    assert region_method(resnet_odd, "auto") == "crops"  # both needs pooling: crops
+
+    class Other(torch.nn.Module):
+        visual = torch.nn.Identity()
+
+    other = type("B", (), {"model": Other()})()
+    assert tower_family(other) == "other" and default_method(other) == "crops"  # type: ignore[arg-type]
+    for explicit in ("crops", "pooled", "both"):  # a set method is kept
+        assert region_method(vit, explicit) == region_method(resnet, explicit) == explicit
