@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from app.ml.model import DEMO_MODEL_NAME, demo_checkpoint_path, forget_clips
+from app.ml.onnx_engine import forget_engines
 from tests.db_fixtures import *  # noqa: F403
 from tests.job_fixtures import *  # noqa: F403
 
@@ -50,6 +51,7 @@ def _release_apps() -> Iterator[None]:
     yield
     for cache in _FASTAPI_CALLABLE_CACHES:
         cache.cache_clear()
+    _trim_heap()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,6 +61,7 @@ def _release_models() -> Iterator[None]:
     only the demo model stays, which most tests share."""
     yield
     forget_clips(lambda bundle: bundle.fingerprint.model_id.startswith(f"{DEMO_MODEL_NAME}/"))
+    forget_engines()  # their ONNX Runtime sessions hold a copy of the weights each
     _return_freed_memory()
 
 
@@ -73,14 +76,19 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-def _return_freed_memory() -> None:
-    """Collect cycles, then hand the heap's free pages back to the system (glibc's malloc_trim):
-    the many short-lived threads of the suite's apps leave freed memory in malloc's arenas,
-    where it counts as resident until trimmed."""
-    gc.collect()
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim): the suite's apps
+    run many short-lived threads, whose freed memory stays in malloc's arenas, resident, until
+    trimmed (a few milliseconds)."""
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def _return_freed_memory() -> None:
+    """Collect cycles (a model in one), then trim the heap."""
+    gc.collect()
+    _trim_heap()
 
 
 def _memory_kb() -> tuple[int, int]:
