@@ -105,6 +105,13 @@ def _memory_kb() -> tuple[int, int]:
     return found["VmRSS:"], found["VmHWM:"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `real_size` (a ViT-B-32 or two, about 600 MB each, plus their load's
+    transients) run first, in their order, while the process's heap is still small: later, on
+    top of what the suite has grown to, they set the suite's peak resident memory."""
+    items.sort(key=lambda item: item.get_closest_marker("real_size") is None)
+
+
 def pytest_runtest_logfinish(nodeid: str) -> None:
     """POLAR_TEST_RSS_LOG=<file>: the suite's resident memory after each test and its peak so
     far (kB), a line each, to find what holds memory (docs/DEVELOPMENT.md)."""

@@ -50,7 +50,7 @@ from app.ml.model import (
 from app.services.immich import IMMICH_CLIP_MODELS
 from tests.db_fixtures import create_api_user, noisy_jpeg
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_size]
 
 IMMICH_DEFAULT = "ViT-B-32__openai"
 

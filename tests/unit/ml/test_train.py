@@ -77,6 +77,7 @@ def test_fast_grads_match_in_float32(clip32: ClipBundle) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.real_size
 def test_fast_grads_equal_open_clip_forward_on_vit_b_32() -> None:
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
