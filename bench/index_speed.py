@@ -68,18 +68,23 @@ from app.storage import ImageStore
 OUT = Path(__file__).resolve().parent / "results" / "index_speed.json"
 LIBRARY = 50_000
 TOWER_BATCH = 16
-METHODS = ("off", "off-onnx", "off-no-ahead", "pooled", "both", "crops")
+METHODS = ("off", "off-onnx", "off-no-ahead", "off-onnx-before", "pooled", "both", "crops")
 # (model, photo size, POLAR_THREADS__EMBEDDING, region methods): ViT-B-32's region passes cost
 # 6 forward passes a photo, so they are timed where they say the most, within ~10 minutes.
 CONFIGS: list[tuple[str, str, int, tuple[str, ...]]] = [
     ("demo", "1600x1200", 1, METHODS),
     ("demo", "1600x1200", 2, METHODS),
-    ("demo", "4000x3000", 1, ("off", "off-onnx", "off-no-ahead", "both")),
-    ("demo", "4000x3000", 2, ("off", "off-onnx", "both")),
-    ("ViT-B-32", "1600x1200", 1, ("off", "off-onnx", "off-no-ahead", "pooled", "both")),
-    ("ViT-B-32", "1600x1200", 2, ("off", "off-onnx", "off-no-ahead", "pooled")),
-    ("ViT-B-32", "4000x3000", 1, ("off", "off-onnx", "off-no-ahead")),
-    ("ViT-B-32", "4000x3000", 2, ("off", "off-onnx")),
+    ("demo", "4000x3000", 1, ("off", "off-onnx", "off-onnx-before", "off-no-ahead", "both")),
+    ("demo", "4000x3000", 2, ("off", "off-onnx", "off-onnx-before", "both")),
+    (
+        "ViT-B-32",
+        "1600x1200",
+        1,
+        ("off", "off-onnx", "off-onnx-before", "off-no-ahead", "pooled", "both"),
+    ),
+    ("ViT-B-32", "1600x1200", 2, ("off", "off-onnx", "off-onnx-before", "off-no-ahead", "pooled")),
+    ("ViT-B-32", "4000x3000", 1, ("off", "off-onnx", "off-onnx-before", "off-no-ahead")),
+    ("ViT-B-32", "4000x3000", 2, ("off", "off-onnx", "off-onnx-before")),
 ]
 
 
@@ -199,6 +204,15 @@ def _no_ahead(items: Sequence[Any], work: Callable[[Any], Any]) -> Iterator[Any]
         yield work(item)
 
 
+_DECODE_SIDE = embedding.decode_side
+
+
+def _crop_side_only(bundle: ClipBundle, *, crops: bool = True) -> int:
+    """The decode side before the whole pass decoded at the model's side: twice it, always."""
+    del crops  # whichever pass asks
+    return _DECODE_SIDE(bundle, crops=True)
+
+
 def run_pipeline(
     settings: Settings, user_id: str, ids: list[str], serving: ServingModel, method: str, n_thr: int
 ) -> dict[str, float]:
@@ -216,7 +230,7 @@ def run_pipeline(
         gc.collect()
         settings.search.regions = "none" if method.startswith("off") else "five"
         settings.search.region_method = "both" if method.startswith("off") else method
-        settings.model.onnx = method.endswith("-onnx")  # every other row: PyTorch
+        settings.model.onnx = "-onnx" in method  # every other row: PyTorch
         settings.threads.embedding = n_thr
         current = Image.embedding_model == serving.model_id
         bumps: list[float] = []
@@ -231,9 +245,14 @@ def run_pipeline(
         env = JobEnvironment(settings, factory, ImageStore(settings.data_dir), {}, lambda: serving)
         ctx = JobContext("bench", user_id, "embed_images", {}, env, lambda _: None)
         ahead = _no_ahead if method == "off-no-ahead" else embedding._ahead
+        before = method.endswith("-before")  # the two levers of this round undone
+        side = _crop_side_only if before else embedding.decode_side
+        first = embedding.BATCH if before else embedding.FIRST_BATCH
         with (
             patched(repositories, "bump_index_generation", timed_bump),
             patched(embedding, "_ahead", ahead),
+            patched(embedding, "decode_side", side),
+            patched(embedding, "FIRST_BATCH", first),
         ):
             t0 = time.perf_counter()
             touched = embedding.embed_pending(ctx, ids, serving)
@@ -276,6 +295,7 @@ def bench_pipeline(
     rounds: int,
     root: Path,
     towers: Towers,
+    only: set[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     runs: list[dict[str, Any]] = []
     paths: dict[str, list[Path]] = {}
@@ -302,6 +322,7 @@ def bench_pipeline(
         for m, size, thr, methods in CONFIGS
         if m in models and size in sizes
         for method in methods
+        if not only or method in only or method == "off"  # "off": every row's baseline
     ]
     first = libraries[next(iter(sizes))]
     for m in models:  # warm-up, untimed: first-call allocations and lazy initialisation (and
@@ -385,6 +406,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--models", default="demo,ViT-B-32", help="comma list: demo, ViT-B-32")
     ap.add_argument("--sizes", default="1600x1200,4000x3000", help="comma list of photo sizes")
+    ap.add_argument("--methods", default="", help="comma list: only these pipeline rows")
     args = ap.parse_args()
     # Two batches of embed_pending (BATCH = 32) at least: decoding ahead overlaps from the second.
     sizes = {"1600x1200": 4, "4000x3000": 2} if args.quick else {"1600x1200": 64, "4000x3000": 32}
@@ -410,7 +432,8 @@ def main() -> None:
                 print(f"{name + ' ' + row['engine']:<24}{row['threads']:>8}"
                       f"{row['images_per_s']:>10.2f}{'' if diff is None else f'{diff:.1e}':>12}"
                       f"  {row['note']}")  # fmt: skip
-        runs, scan = bench_pipeline(models, sizes, rounds, root, tower_set)
+        only = set(args.methods.split(",")) - {""}
+        runs, scan = bench_pipeline(models, sizes, rounds, root, tower_set, only)
     rows, lines = summarize(runs)
     load_after = loadavg()
     print("\n" + "\n".join(lines))

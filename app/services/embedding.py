@@ -6,7 +6,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BATCH = 32  # images per forward pass and per commit: progress moves, memory stays flat
+FIRST_BATCH = 4  # a pass's first batch: batches double from it up to BATCH (`_batches`)
 # A generation bump makes the next search rebuild the user's index (bench/scale.py: 1.5 s at
 # 100k images), so during a long upload new images become searchable at most this often.
 PUBLISH_INTERVAL_S = 10.0
@@ -162,16 +163,21 @@ def _open_rgb(
         return None
 
 
-def decode_side(bundle: ClipBundle) -> int:
-    """Smallest side an image is decoded at: twice the model's input side, so that a 60 % crop
-    still has more pixels than the model reads (0 = decode at full size)."""
+def decode_side(bundle: ClipBundle, *, crops: bool = True) -> int:
+    """Smallest side an image is decoded at (0 = at full size): for the crops' pass twice the
+    model's input side, so that a 60 % crop still has more pixels than the model reads; for the
+    whole-image pass (pooled regions included: they come from the model's input) the input
+    side itself, which lets a JPEG decode at a quarter or an eighth of its size (a 1600x1200
+    photo: 400x300 in ~2/3 of the time at 800x600, and its resize to the input in half the
+    time: bench/index_speed.py)."""
     size = getattr(getattr(bundle.model, "visual", None), "image_size", None)
+    scale = 2 if crops else 1
     if isinstance(size, int):
-        return 2 * size
+        return scale * size
     if isinstance(size, tuple | list):
         sides = [v for v in size if isinstance(v, int)]
         if sides and len(sides) == len(size):
-            return 2 * max(sides)
+            return scale * max(sides)
     return 0
 
 
@@ -248,7 +254,7 @@ def embed_pending(
     cost = 1 if method == "pooled" else boxes  # encodes per image for its regions
     store = ctx.store
     roots = [r.resolve() for r in ctx.settings.library.roots]
-    side = decode_side(bundle)
+    whole_side, crop_side = decode_side(bundle, crops=False), decode_side(bundle)
     max_pixels = ctx.settings.limits.max_pixels  # the files are checked again as uploads are
     # ONNX Runtime for whole images and crops where installed and equal (app.ml.onnx_engine)
     engine = image_engine(bundle, ctx.settings.data_dir / "onnx", ctx.settings.model.onnx)
@@ -265,7 +271,11 @@ def embed_pending(
         pictures = {
             i: im
             for i, p in batch
-            if (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
+            if (
+                im := _open_rgb(
+                    store, p, whole_side, roots, max_pixels, on_failure=_note(failed, i)
+                )
+            )
             is not None
         }
         # Without pooling the model needs only the preprocessed pixels: made here too, in the
@@ -315,28 +325,35 @@ def embed_pending(
     total = max(1, work + cost * len(crops))
     kinds = method_kinds(method)
 
+    # Each kind from the picture its pass would decode: the crops from twice the model's side,
+    # the pooled regions from the whole pass's (so a rebuild stores what the first pass does).
+    kind_side = {"crops": crop_side, "pooled": whole_side}
+
     def decode_lacking(batch: list[tuple[str, ImageSource]]) -> _Decoded:
         found = _stored_kinds(ctx, [i for i, _ in batch], layout, bundle.embed_dim)
-        # Only an image lacking a kind is decoded: after a switch between methods every row
-        # may be stored already, and a re-pack costs no decode.
-        complete = {i for i, _ in batch if set(kinds) <= found.get(i, {}).keys()}
+        # Only an image lacking a kind is decoded, at that kind's side: after a switch between
+        # methods every row may be stored already, and a re-pack costs no decode.
         failed: dict[str, tuple[str, bool]] = {}
-        pictures = {
-            i: im
-            for i, p in batch
-            if i not in complete
-            and (im := _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i)))
-            is not None
-        }
-        return _Decoded(batch, pictures, failed, found, complete)
+        by_kind: dict[str, dict[str, PILImage.Image]] = {kind: {} for kind in kinds}
+        ready = []
+        for i, p in batch:
+            lacking = [kind for kind in kinds if kind not in found.get(i, {})]
+            for kind in lacking:
+                side = kind_side[kind]
+                im = _open_rgb(store, p, side, roots, max_pixels, on_failure=_note(failed, i))
+                if im is None:
+                    break
+                by_kind[kind][i] = im
+            else:
+                ready.append(i)
+        return _Decoded(batch, {}, failed, found, set(ready), by_kind)
 
     for part in _ahead(_batches(crops), decode_lacking):
-        batch, found, complete, pictures_of = part.batch, part.found, part.complete, part.pictures
+        batch, found, ready = part.batch, part.found, [i for i, _ in part.batch if i in part.ready]
         _record_failures(ctx, part.failed)
-        ready = [i for i, _ in batch if i in complete or i in pictures_of]
         if ready:
             with cpu_threads(embedding_threads(ctx)):
-                regions = _regions_of(bundle, ready, pictures_of, found, layout, method, engine)
+                regions = _regions_of(bundle, ready, part.by_kind, found, layout, method, engine)
             with session_scope(ctx.session_factory) as s:
                 for image_id, reg in zip(ready, regions, strict=True):
                     # Only next to an embedding of the same model (a model switch may race).
@@ -362,12 +379,19 @@ class _Decoded:
     pictures: dict[str, PILImage.Image]
     failed: dict[str, tuple[str, bool]]
     found: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    complete: set[str] = field(default_factory=set)
+    ready: set[str] = field(default_factory=set)  # region pass: every lacking kind decoded
+    by_kind: dict[str, dict[str, PILImage.Image]] = field(default_factory=dict)  # region pass
     pixels: torch.Tensor | None = None  # the pictures preprocessed, in order (whole pass)
 
 
 def _batches(items: list[T]) -> list[list[T]]:
-    return [items[start : start + BATCH] for start in range(0, len(items), BATCH)]
+    """The items in batches of FIRST_BATCH, twice that, ... up to BATCH: the model starts on
+    the first few photos while the next are decoded, instead of waiting for BATCH decodes."""
+    out, start, size = [], 0, min(FIRST_BATCH, BATCH)
+    while start < len(items):
+        out.append(items[start : start + size])
+        start, size = start + size, min(2 * size, BATCH)
+    return out
 
 
 def _ahead(items: Sequence[T], work: Callable[[T], R]) -> Iterator[R]:
@@ -436,7 +460,7 @@ def _stored_kinds(
 def _regions_of(
     bundle: ClipBundle,
     ids: Sequence[str],
-    pictures: dict[str, PILImage.Image],
+    pictures: Mapping[str, Mapping[str, PILImage.Image]],
     found: dict[str, dict[str, np.ndarray]],
     layout: str,
     method: str,
@@ -446,9 +470,9 @@ def _regions_of(
 
     A kind of region an image already has stored for this layout (`found`: its pooled regions
     from the first pass, its crops from before a switch to "both", either from before a switch
-    back) is reused, so only what is missing is encoded, from `pictures` (decoded images of
-    those that lack a kind): a switch from crops to both costs one pass per image, not R + 1,
-    and a switch from both to one kind none.
+    back) is reused, so only what is missing is encoded, from `pictures` (by kind, the images
+    that lack it, each decoded at its pass's side): a switch from crops to both costs one pass
+    per image, not R + 1, and a switch from both to one kind none.
     """
     boxes = layout_boxes(layout)
     out = np.empty((len(ids), len(method_kinds(method)) * len(boxes), bundle.embed_dim), np.float32)
@@ -456,7 +480,7 @@ def _regions_of(
         rows_of = slice(n_kind * len(boxes), (n_kind + 1) * len(boxes))
         lacking = [n for n, i in enumerate(ids) if kind not in found.get(i, {})]
         if lacking:
-            sub = [pictures[ids[n]] for n in lacking]
+            sub = [pictures[kind][ids[n]] for n in lacking]
             out[lacking, rows_of] = encode_regions_by(bundle, sub, layout, kind, engine)
         for n, image_id in enumerate(ids):
             if kind in found.get(image_id, {}):

@@ -83,7 +83,7 @@ def test_prefetched_vectors_equal_the_plain_path_and_failures_are_kept(
     broken = ids[3]
     store.path(paths[broken]).write_bytes(b"no longer an image")
     assert embedding.embed_pending(_ctx(api_client, user), None) == 7
-    side = embedding.decode_side(tiny_serving)
+    side = embedding.decode_side(tiny_serving, crops=False)  # the whole pass
     with api_client.app.state.container.session_factory() as s:
         rows = {r.id: r for r in s.scalars(select(Image))}
     for i in ids:
@@ -165,7 +165,7 @@ def test_the_onnx_engine_embeds_when_installed_and_enabled(
     else:
         assert not exported and not calls
     store = api_client.app.state.container.store
-    side = embedding.decode_side(tiny_serving)
+    side = embedding.decode_side(tiny_serving, crops=False)  # the whole pass
     with api_client.app.state.container.session_factory() as s:
         rows = {r.id: r for r in s.scalars(select(Image))}
     for i in ids:
@@ -174,3 +174,42 @@ def test_the_onnx_engine_embeds_when_installed_and_enabled(
         expected = encode_images(tiny_serving, [picture])[0]
         stored = np.frombuffer(rows[i].embedding, np.float32)
         np.testing.assert_allclose(stored, expected, atol=1e-4)
+
+
+def test_batches_start_small_and_double_up_to_the_batch_size(monkeypatch):
+    """The model starts on FIRST_BATCH photos, not after BATCH decodes; each item once, in order."""
+    monkeypatch.setattr(embedding, "FIRST_BATCH", 4)
+    monkeypatch.setattr(embedding, "BATCH", 32)
+    items = list(range(100))
+    batches = embedding._batches(items)
+    assert [len(b) for b in batches] == [4, 8, 16, 32, 32, 8]
+    assert [i for b in batches for i in b] == items
+    monkeypatch.setattr(embedding, "BATCH", 3)  # a batch size below the first: it wins
+    assert [len(b) for b in embedding._batches(items[:7])] == [3, 3, 1]
+    assert embedding._batches([]) == []
+
+
+def test_the_whole_pass_decodes_at_the_models_side_and_the_crops_at_twice_it(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811
+    monkeypatch,
+):
+    """A JPEG is decoded as small as its pass needs: the whole-image pass at the model's input
+    side (a quarter-size draft of a camera photo), the crops' pass at twice it (a 60 % crop
+    keeps more pixels than the model reads)."""
+    user, _ = _stale_library(api_client, make_user, 3)
+    settings = api_client.app.state.container.settings
+    settings.search.regions, settings.search.region_method = "five", "crops"
+    sides: list[int] = []
+    open_rgb = embedding._open_rgb
+
+    def spy(store, src, min_side=0, *args, **kwargs):
+        sides.append(min_side)
+        return open_rgb(store, src, min_side, *args, **kwargs)
+
+    monkeypatch.setattr(embedding, "_open_rgb", spy)
+    assert embedding.embed_pending(_ctx(api_client, user), None) == 3
+    model_side = max(tiny_serving.model.visual.image_size)  # 32
+    assert model_side == 32 and embedding.decode_side(tiny_serving, crops=False) == model_side
+    assert sides == [model_side] * 3 + [2 * model_side] * 3

@@ -22,6 +22,7 @@ from app.ml.regions import (
     unpack_regions,
 )
 from app.models import Adapter, Concept, ConceptExample, Image, Job, JobState
+from app.services.embedding import decode_side
 from app.services.recipe import region_weights
 from app.services.search import encode_query_parts
 from tests.api.test_search import (
@@ -34,6 +35,15 @@ from tests.db_fixtures import noisy_jpeg
 from tests.model_fixtures import tiny_serving  # noqa: F401
 
 FIVE = len(LAYOUTS["five"])
+
+
+def _decoded(seed: int, bundle: Any, *, crops: bool) -> PILImage.Image:
+    """The uploaded picture `seed` as the embedding job decodes it for a pass: a JPEG draft at
+    the whole pass's side (the model's input) or the crops' (twice it)."""
+    im = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed)))
+    side = decode_side(bundle, crops=crops)
+    im.draft("RGB", (side, side))
+    return im.convert("RGB")
 
 
 def _rows(client: Any) -> dict[str, Image]:
@@ -61,8 +71,10 @@ def test_embedding_stores_the_crops_and_pooled_regions_of_each_image(
         assert regions.shape == (2 * FIVE, d)
         # The stored crops are the layout's crops of the uploaded picture (float16 storage),
         # the pooled regions those of the picture's one pass.
-        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
-        expected = encode_regions(tiny_serving, [picture], "five")[0]
+        picture = _decoded(seed, tiny_serving, crops=False)
+        expected = encode_regions(tiny_serving, [_decoded(seed, tiny_serving, crops=True)], "five")[
+            0
+        ]
         np.testing.assert_allclose(regions[:FIVE], expected, atol=2e-3)
         pooled = encode_with_regions(tiny_serving, [picture], LAYOUTS["five"])[1][0]
         np.testing.assert_allclose(regions[FIVE:], pooled, atol=2e-3)
@@ -361,7 +373,7 @@ def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tin
     for seed, image_id in enumerate(ids):
         row = rows[image_id]
         assert row.region_layout == "five-pooled"
-        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        picture = _decoded(seed, tiny_serving, crops=False)
         whole, regions = encode_with_regions(tiny_serving, [picture], LAYOUTS["five"])
         np.testing.assert_allclose(unpack_regions(row.region_embeddings, d), regions[0], atol=2e-3)
         np.testing.assert_allclose(np.frombuffer(row.embedding, np.float32), whole[0], atol=1e-5)
@@ -422,7 +434,7 @@ def test_a_switch_to_both_keeps_the_stored_crops(api_client, make_user, tiny_ser
         assert rows[image_id].region_layout == "five-both"
         regions = unpack_regions(rows[image_id].region_embeddings, d)
         np.testing.assert_array_equal(regions[:FIVE], mark)
-        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        picture = _decoded(seed, tiny_serving, crops=False)
         pooled = encode_with_regions(tiny_serving, [picture], LAYOUTS["five"])[1][0]
         np.testing.assert_allclose(regions[FIVE:], pooled, atol=2e-3)
     assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 3
