@@ -3,6 +3,8 @@
 Layout (paths in the database are relative to data_dir, so the folder can move):
     originals/ab/cd/<sha256>.<ext>   the uploaded bytes, unchanged (EXIF and all)
     thumbs/ab/cd/<sha256>.webp       256 px (longest side), EXIF orientation applied, made once
+    previews/ab/cd/<sha256>-512.jpg  512 px (shortest side), upright RGB, for photos larger than
+                                     that: what the embedding job decodes instead of the original
     tmp/                             staging; same filesystem, so os.replace is atomic
 One file serves every row (any user, images or concept examples) with the same content; callers
 delete it only when no row references it any more (see services/images.delete_image).
@@ -55,6 +57,14 @@ ALLOWED_FORMATS: dict[str, tuple[str, str]] = {
 THUMB_SIZE = 256
 THUMB_DRAFT = 2 * THUMB_SIZE  # smallest side a JPEG is decoded at for validation and thumbnail
 THUMB_MIME = "image/webp"
+# The embedding's preview (`_make_preview`): the shortest side of the picture the validating
+# decode already holds, re-encoded once at scan or upload time, so that the embedding job reads
+# a ~60 KB JPEG instead of decoding the original a second time (a 12 MP JPEG: ~25 ms of entropy
+# decoding that no draft scale saves; HEIC and PNG have no draft at all). 512 covers a 224 px
+# model's whole pass and its crops' (twice the input side); a pass that needs more reads the
+# original. The side is in the file name, so another side never reads a stale preview.
+PREVIEW_SIDE = 512
+PREVIEW_QUALITY = 90
 _CHUNK = 1024 * 1024
 _MAX_NAME_CHARS = 255
 
@@ -78,6 +88,7 @@ class StagedImage:
     filename: str | None  # sanitised display name, never used in a path
     thumbnail: bytes  # WebP
     taken_at: datetime | None = None  # EXIF DateTimeOriginal, aware (UTC unless EXIF says)
+    preview: bytes | None = None  # JPEG for the embedding (`_make_preview`); None: small photo
 
     @property
     def mime(self) -> str:
@@ -172,6 +183,27 @@ def _make_thumbnail(img: Image.Image, orientation: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def _make_preview(img: Image.Image, orientation: int = 1) -> bytes | None:
+    """The picture the embedding would decode from the original, made from the one decoded
+    already: RGB as `app.services.embedding._open_rgb` converts it (alpha dropped, palettes
+    and CMYK converted), upright, its shortest side PREVIEW_SIDE, as a JPEG. None when the
+    decoded picture is no larger than that (a JPEG's draft may be: then the original it came
+    from decodes as fast)."""
+    rgb = img.convert("RGB")  # a copy: the thumbnail is made from `img` next
+    w, h = rgb.size
+    short = min(w, h)
+    if short <= PREVIEW_SIDE:
+        return None
+    scale = PREVIEW_SIDE / short
+    size = (max(PREVIEW_SIDE, round(w * scale)), max(PREVIEW_SIDE, round(h * scale)))
+    rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    if orientation in _UPRIGHT:
+        rgb = rgb.transpose(_UPRIGHT[orientation])
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=PREVIEW_QUALITY)
+    return buf.getvalue()
+
+
 def _sniff_format(path: Path | BinaryIO) -> str | None:
     """The format Pillow would recognise without our allow-list (to word the error)."""
     try:
@@ -206,6 +238,12 @@ class ImageStore:
         sha = Path(storage_path).stem
         return f"thumbs/{sha[:2]}/{sha[2:4]}/{sha}.webp"
 
+    @staticmethod
+    def preview_relpath(storage_path: str) -> str:
+        """Relative path of the embedding's preview of an original (it may not exist)."""
+        sha = Path(storage_path).stem
+        return f"previews/{sha[:2]}/{sha[2:4]}/{sha}-{PREVIEW_SIDE}.jpg"
+
     def path(self, relpath: str) -> Path:
         """Absolute path of a stored file; refuses anything outside the data folder."""
         p = (self.root / relpath).resolve()
@@ -229,7 +267,7 @@ class ImageStore:
             if size == 0:
                 raise InvalidImage("the file is empty (0 bytes)")
             with open(tmp, "rb") as f:
-                fmt, width, height, thumb, taken_at = _inspect(f, max_pixels)
+                fmt, width, height, thumb, taken_at, preview = _inspect(f, max_pixels)
             return StagedImage(
                 temp_path=tmp,
                 sha256=sha,
@@ -240,6 +278,7 @@ class ImageStore:
                 filename=display_filename(filename),
                 thumbnail=thumb,
                 taken_at=taken_at,
+                preview=preview,
             )
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -274,7 +313,21 @@ class ImageStore:
                 if created:  # the disk filled up between the two: no original without a row
                     dest.unlink(missing_ok=True)
                 raise
+        self._write_preview(relpath, staged.preview)
         return relpath, created
+
+    def _write_preview(self, relpath: str, preview: bytes | None) -> None:
+        """Store an original's preview unless stored already. Best effort: without it the
+        embedding decodes the original, so a full disk here fails nothing."""
+        if preview is None:
+            return
+        dest = self.path(self.preview_relpath(relpath))
+        if dest.exists():
+            return
+        try:
+            _atomic_write(dest, preview)
+        except OSError:
+            dest.unlink(missing_ok=True)
 
     def originals(self) -> Iterator[tuple[str, float]]:
         """(storage_path, modification time) of every stored original."""
@@ -300,14 +353,18 @@ class ImageStore:
         self.delete(storage_path)
         return True
 
-    def cache_thumbnail(self, sha256: str, ext: str, thumbnail: bytes) -> str:
-        """Cache a library file's thumbnail; returns the content address (storage_path) that
-        names it. No original is stored under that address: the library keeps the file."""
+    def cache_thumbnail(
+        self, sha256: str, ext: str, thumbnail: bytes, preview: bytes | None = None
+    ) -> str:
+        """Cache a library file's thumbnail (and its embedding preview); returns the content
+        address (storage_path) that names them. No original is stored under that address: the
+        library keeps the file."""
         relpath = self.original_relpath(sha256, ext)
         thumb = self.path(self.thumbnail_relpath(relpath))
-        if not thumb.exists():
-            with storage_writes():
+        with storage_writes():
+            if not thumb.exists():
                 _atomic_write(thumb, thumbnail)
+            self._write_preview(relpath, preview)
         return relpath
 
     def discard(self, staged: StagedImage) -> None:
@@ -327,9 +384,11 @@ class ImageStore:
         return removed
 
     def delete(self, storage_path: str) -> None:
-        """Remove an original and its thumbnail (callers check nothing references them)."""
+        """Remove an original, its thumbnail and its preview (callers check nothing references
+        them)."""
         self.path(storage_path).unlink(missing_ok=True)
         self.path(self.thumbnail_relpath(storage_path)).unlink(missing_ok=True)
+        self.path(self.preview_relpath(storage_path)).unlink(missing_ok=True)
 
 
 def _touch(path: Path) -> bool:
@@ -402,6 +461,7 @@ class InspectedFile:
     height: int
     thumbnail: bytes
     taken_at: datetime | None
+    preview: bytes | None = None  # JPEG for the embedding (`_make_preview`); None: small photo
 
     @property
     def mime(self) -> str:
@@ -431,8 +491,8 @@ def inspect_file(
         if size == 0:
             raise InvalidImage("the file is empty (0 bytes)")
         f.seek(0)
-        fmt, width, height, thumb, taken_at = _inspect(f, max_pixels)
-    return InspectedFile(sha, size, fmt, width, height, thumb, taken_at)
+        fmt, width, height, thumb, taken_at, preview = _inspect(f, max_pixels)
+    return InspectedFile(sha, size, fmt, width, height, thumb, taken_at, preview)
 
 
 def root_of(folder: str | Path, roots: Sequence[Path]) -> Path:
@@ -732,9 +792,12 @@ def untrusted_image(
         ) from e
 
 
-def _inspect(fp: BinaryIO, max_pixels: int) -> tuple[str, int, int, bytes, datetime | None]:
-    """Fully decode the first frame: (format, width, height, thumbnail, taken_at) after EXIF
-    orientation; a DomainError (see `untrusted_image`) for a file that is not acceptable."""
+def _inspect(
+    fp: BinaryIO, max_pixels: int
+) -> tuple[str, int, int, bytes, datetime | None, bytes | None]:
+    """Fully decode the first frame: (format, width, height, thumbnail, taken_at, preview)
+    after EXIF orientation; a DomainError (see `untrusted_image`) for a file that is not
+    acceptable."""
     with untrusted_image(fp, max_pixels=max_pixels) as img:
         fmt = str(img.format)
         width, height = img.size  # the header's: a draft below decodes fewer pixels
@@ -748,5 +811,6 @@ def _inspect(fp: BinaryIO, max_pixels: int) -> tuple[str, int, int, bytes, datet
         orientation = _orientation(img)
         if orientation in (5, 6, 7, 8):  # a quarter turn: upright, the sides swap
             width, height = height, width
+        preview = _make_preview(img, orientation) if min(width, height) > PREVIEW_SIDE else None
         thumb = _make_thumbnail(img, orientation)
-    return fmt, width, height, thumb, taken_at
+    return fmt, width, height, thumb, taken_at, preview

@@ -15,15 +15,18 @@ the bare image tower, every number a ratio to a baseline taken in the same run.
             32) as the baseline of the decode-ahead lever; and regions off with the image
             tower on ONNX Runtime (`off-onnx`: app.ml.onnx_engine, POLAR_MODEL__ONNX, the
             engine the service uses where the onnx extra is installed; every other row runs
-            PyTorch).
+            PyTorch); and `off-onnx-before`, the same with this round's three decode levers
+            undone: the original decoded again instead of the scan's preview, at twice the
+            model's side instead of its side, and a first batch of 32 instead of 4.
 
 Configurations alternate within each round (the order reversed every other round) and medians
 are reported; the load average is recorded with each run. On a machine shared with other work
 a tower timed minutes apart is no baseline, so each pipeline run is also divided by the bare
 towers' rate timed just before and just after it (a batch of 8, same thread count): the
 "vs torch" and "vs ORT" columns are medians of those ratios. The scan section times what a
-library scan does per new photo before embedding (hash, validating decode, thumbnail), with
-the thumbnail's draft decode and with a full decode (the code before issue 32). The
+library scan does per new photo before embedding (hash, validating decode, thumbnail, the
+embedding's preview): as shipped, without the preview, and with a full decode (the code before
+issue 32). The
 50,000-photo estimate divides by the median throughput of each row (the embedding job's alone).
 Prints tables, writes bench/results/index_speed.json; never run by the tests.
 
@@ -245,14 +248,16 @@ def run_pipeline(
         env = JobEnvironment(settings, factory, ImageStore(settings.data_dir), {}, lambda: serving)
         ctx = JobContext("bench", user_id, "embed_images", {}, env, lambda _: None)
         ahead = _no_ahead if method == "off-no-ahead" else embedding._ahead
-        before = method.endswith("-before")  # the two levers of this round undone
+        before = method.endswith("-before")  # the three levers of this round undone
         side = _crop_side_only if before else embedding.decode_side
         first = embedding.BATCH if before else embedding.FIRST_BATCH
+        preview = 0 if before else embedding.PREVIEW_SIDE  # 0: the original is decoded
         with (
             patched(repositories, "bump_index_generation", timed_bump),
             patched(embedding, "_ahead", ahead),
             patched(embedding, "decode_side", side),
             patched(embedding, "FIRST_BATCH", first),
+            patched(embedding, "PREVIEW_SIDE", preview),
         ):
             t0 = time.perf_counter()
             touched = embedding.embed_pending(ctx, ids, serving)
@@ -265,27 +270,36 @@ def run_pipeline(
 
 def bench_scan(paths: dict[str, list[Path]], rounds: int) -> list[dict[str, Any]]:
     """What a library scan reads per new photo before embedding it: hash, validating decode and
-    thumbnail (app.storage.inspect_file), with the thumbnail's draft decode (as shipped) and
-    with a full-size decode (the code before issue 32), alternating; median ms per photo."""
+    thumbnail (app.storage.inspect_file): as shipped (the thumbnail's draft decode, and the
+    embedding's preview made from it), without the preview (the code before it), and with a
+    full-size decode (the code before issue 32), alternating; median ms per photo."""
     limits = Settings().limits
     rows = []
-    print(f"\n{'scan: inspect a photo':<24}{'draft ms':>10}{'full ms':>10}{'full/draft':>12}")
+    modes = ("preview", "draft", "full")
+    print(f"\n{'scan: inspect a photo':<24}{'preview ms':>11}{'draft ms':>10}{'full ms':>10}")
     for size, files in paths.items():
-        times: dict[str, list[float]] = {"draft": [], "full": []}
+        times: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(rounds):
-            for mode in ("draft", "full") if r % 2 == 0 else ("full", "draft"):
-                side = storage.THUMB_DRAFT if mode == "draft" else 1 << 20  # 1 << 20: no draft
-                with patched(storage, "THUMB_DRAFT", side):
+            for mode in modes if r % 2 == 0 else tuple(reversed(modes)):
+                side = storage.THUMB_DRAFT if mode != "full" else 1 << 20  # 1 << 20: no draft
+                preview = storage.PREVIEW_SIDE if mode == "preview" else 1 << 20  # none made
+                with (
+                    patched(storage, "THUMB_DRAFT", side),
+                    patched(storage, "PREVIEW_SIDE", preview),
+                ):
                     for f in files:
                         t = time.perf_counter()
                         storage.inspect_file(
                             f, max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels
                         )
                         times[mode].append(time.perf_counter() - t)
-        draft, full = (1000 * statistics.median(times[m]) for m in ("draft", "full"))
-        rows.append({"size": size, "draft_ms": round(draft, 1), "full_ms": round(full, 1),
-                     "full_over_draft": round(full / draft, 2), "load": loadavg()})  # fmt: skip
-        print(f"{size:<24}{draft:>10.1f}{full:>10.1f}{full / draft:>12.2f}")
+        ms = {m: 1000 * statistics.median(times[m]) for m in modes}
+        rows.append({"size": size, "preview_ms": round(ms["preview"], 1),
+                     "draft_ms": round(ms["draft"], 1), "full_ms": round(ms["full"], 1),
+                     "preview_over_draft": round(ms["preview"] / ms["draft"], 2),
+                     "full_over_draft": round(ms["full"] / ms["draft"], 2),
+                     "load": loadavg()})  # fmt: skip
+        print(f"{size:<24}{ms['preview']:>11.1f}{ms['draft']:>10.1f}{ms['full']:>10.1f}")
     return rows
 
 
@@ -310,6 +324,10 @@ def bench_pipeline(
         )
         store = ImageStore(folder)
         files = [write_jpeg(store, synthetic_photo((w, h), seed), 1) for seed in range(n)]
+        for f in files:  # the preview the upload or scan makes (the "-before" rows ignore it)
+            info = storage.inspect_file(store.path(f["storage_path"]), max_bytes=1 << 30,
+                                        max_pixels=1 << 30)  # fmt: skip
+            store._write_preview(f["storage_path"], info.preview)
         engine = make_engine(settings.database_url)
         migrate(engine)
         user_id, ids = build_library(make_session_factory(engine), files)

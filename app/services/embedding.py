@@ -43,6 +43,7 @@ from app.services.job_runs import JobContext
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.model import ServingModel
 from app.storage import (
+    PREVIEW_SIDE,
     FileStamp,
     ImageStore,
     open_library_file,
@@ -144,9 +145,18 @@ def _open_rgb(
     waiting on a FIFO; an allowed format; at most `max_pixels`), since it may have been swapped
     since it was validated. None, logged and told to `on_failure` (the reason, and whether it
     may pass without the file changing: `may_pass`), when it cannot be read or decoded for any
-    reason: only this image is skipped, never its batch."""
+    reason: only this image is skipped, never its batch.
+
+    A photo larger than the preview's side (app.storage.PREVIEW_SIDE) is read from its preview
+    instead, when `min_side` fits in it: the picture the scan or upload decoded, stored
+    upright as a small JPEG under the content's hash, so the bytes embedded are those the row's
+    hash names without a second decode of the original."""
     if isinstance(src, str):
         src = ImageSource(src)
+    if 0 < min_side <= PREVIEW_SIDE:
+        preview = _open_preview(store, src.storage_path, min_side, max_pixels)
+        if preview is not None:
+            return preview
     try:
         with (
             _opened(store, list(roots), src) as f,
@@ -160,6 +170,24 @@ def _open_rgb(
         log.warning("cannot read %s for embedding: %s", src.source_path or src.storage_path, e)
         if on_failure is not None:
             on_failure(failure_reason(e), may_pass(e))
+        return None
+
+
+def _open_preview(
+    store: ImageStore, storage_path: str, min_side: int, max_pixels: int
+) -> PILImage.Image | None:
+    """The stored preview of an original, RGB, decoded at the smallest scale keeping both sides
+    >= `min_side`; None when there is none (a small photo, or stored before previews) or it
+    cannot be read: the original is read then."""
+    try:
+        path = store.path(store.preview_relpath(storage_path))
+        with open_regular_file(path) as f, untrusted_image(f, max_pixels=max_pixels) as im:
+            im.draft("RGB", (min_side, min_side))
+            return im.convert("RGB")
+    except FileNotFoundError:
+        return None
+    except (DomainError, OSError, ValueError) as e:
+        log.warning("cannot read the preview of %s; reading the original: %s", storage_path, e)
         return None
 
 

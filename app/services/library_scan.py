@@ -529,7 +529,7 @@ def _index_entry(b: _Batch, p: Path, real: Path) -> None:
     info = _read_file(b, p, real, st)
     if info is None:
         return
-    storage_path = b.ctx.store.cache_thumbnail(info.sha256, info.ext, info.thumbnail)
+    storage_path = b.ctx.store.cache_thumbnail(info.sha256, info.ext, info.thumbnail, info.preview)
     mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC)
     same = repositories.get_image_by_sha256(
         db_session=b.db_session, user_id=b.ctx.user_id, sha256=info.sha256

@@ -213,3 +213,48 @@ def test_the_whole_pass_decodes_at_the_models_side_and_the_crops_at_twice_it(
     model_side = max(tiny_serving.model.visual.image_size)  # 32
     assert model_side == 32 and embedding.decode_side(tiny_serving, crops=False) == model_side
     assert sides == [model_side] * 3 + [2 * model_side] * 3
+
+
+def test_a_large_photo_is_embedded_from_its_preview_not_decoded_twice(
+    api_client,
+    make_user,
+    tiny_serving,  # noqa: F811
+):
+    """A camera-sized upload is embedded from the preview its upload made (the original is
+    not opened again: here it is gone, and the vector is still stored), and the vector is the
+    model's vector of that preview; a pass needing more than PREVIEW_SIDE reads the original."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from app.storage import PREVIEW_SIDE
+    from tests.unit.test_storage import _gradient
+
+    client = api_client
+    client.app.state.container.settings.search.regions = "none"
+    user = make_user(client)
+    buf = io.BytesIO()
+    PILImage.fromarray(_gradient(1600, 1200)).save(buf, "JPEG", quality=90)
+    r = client.post("/images", headers=user.headers,
+                    files={"files": ("big.jpg", buf.getvalue(), "image/jpeg")})  # fmt: skip
+    assert r.status_code == 202, r.text
+    wait_jobs(client)
+    store = client.app.state.container.store
+    with client.app.state.container.session_factory() as s:
+        row = s.scalars(select(Image)).one()
+        s.execute(update(Image).values(embedding_model="old-model"))
+        s.commit()
+    preview = store.path(store.preview_relpath(row.storage_path))
+    assert preview.exists()
+    store.path(row.storage_path).unlink()  # only the preview can give the vector now
+    assert embedding.embed_pending(_ctx(client, user), None) == 1
+    with client.app.state.container.session_factory() as s:
+        row = s.scalars(select(Image)).one()
+    assert row.embed_error is None and row.embedding_model != "old-model"
+    with PILImage.open(preview) as p:
+        p.draft("RGB", (32, 32))
+        expected = encode_images(tiny_serving, [p.convert("RGB")])[0]
+    np.testing.assert_allclose(np.frombuffer(row.embedding, np.float32), expected, atol=1e-6)
+    # More than the preview holds: the original is read (and is gone here).
+    assert embedding._open_rgb(store, row.storage_path, PREVIEW_SIDE + 1) is None
+    assert embedding._open_rgb(store, row.storage_path, PREVIEW_SIDE).size == (683, 512)

@@ -281,3 +281,82 @@ def test_a_large_jpeg_is_validated_and_thumbnailed_at_a_reduced_scale(store, mon
         assert thumb.size == (171, THUMB_SIZE)  # 256 x 1600 / 2400, rounded
     with pytest.raises(InvalidImage, match="truncated"):
         stage(store, data[: len(data) * 2 // 3])
+
+
+def _gradient(w: int, h: int):
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // w, yy * 255 // h, (xx // 97 % 2) * 255], axis=-1).astype("uint8")
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_photo_gets_an_upright_rgb_preview_that_delete_removes(store, orientation):
+    """A photo larger than PREVIEW_SIDE gets the embedding's preview: a JPEG, upright, its
+    shortest side PREVIEW_SIDE, showing what the original shows (the picture `_open_rgb`
+    decodes from the original: EXIF-upright RGB); delete removes it with the original."""
+    import numpy as np
+    from PIL import ImageOps
+
+    from app.storage import PREVIEW_SIDE
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(1600, 1200)).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    relpath, _ = store.commit(stage(store, buf.getvalue()))
+    preview_path = store.path(store.preview_relpath(relpath))
+    with Image.open(preview_path) as preview:
+        assert preview.format == "JPEG" and preview.mode == "RGB"
+        want_size = (683, 512) if orientation == 1 else (512, 683)
+        assert preview.size == want_size and min(preview.size) == PREVIEW_SIDE
+        got = np.asarray(preview.convert("RGB"), dtype=float)
+    with Image.open(io.BytesIO(buf.getvalue())) as original:
+        want = ImageOps.exif_transpose(original).convert("RGB").resize(want_size)
+    diff = np.abs(got - np.asarray(want, dtype=float)).mean()
+    assert diff < 6.0, diff  # JPEG twice; a wrong turn or a wrong picture differs by ~70
+    store.delete(relpath)
+    assert not preview_path.exists() and files_under(store.root / "previews") == []
+
+
+def test_a_photo_no_larger_than_the_preview_gets_none(store):
+    """A photo whose shortest side is at most PREVIEW_SIDE is read from the original: as
+    fast, and no copy is kept."""
+    staged = stage(store, image_bytes("JPEG", (900, 512)))
+    assert staged.preview is None
+    relpath, _ = store.commit(staged)
+    assert not store.path(store.preview_relpath(relpath)).exists()
+    assert files_under(store.root / "previews") == []
+
+
+def test_a_transparent_png_preview_is_the_rgb_the_embedding_would_read(store):
+    """Alpha is dropped as `_open_rgb` drops it (Pillow's RGBA -> RGB), not composited."""
+    import numpy as np
+
+    rgba = np.zeros((800, 1000, 4), dtype="uint8")
+    rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    staged = stage(store, buf.getvalue())
+    assert staged.preview is not None
+    with Image.open(io.BytesIO(staged.preview)) as preview:
+        r, g, b = preview.convert("RGB").getpixel((300, 300))  # type: ignore[misc]
+    assert r > 180 and g < 30 and b < 30
+
+
+def test_a_preview_that_cannot_be_written_fails_no_upload(store, monkeypatch):
+    """The preview is best effort: a full disk while writing it keeps the upload."""
+    from app import storage
+
+    real = storage._atomic_write
+
+    def full(path: Path, data: bytes) -> None:
+        if "previews" in path.parts:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(storage, "_atomic_write", full)
+    relpath, created = store.commit(stage(store, image_bytes("JPEG", (1200, 900))))
+    assert created and store.path(relpath).exists()
+    assert store.path(store.thumbnail_relpath(relpath)).exists()
+    assert not store.path(store.preview_relpath(relpath)).exists()
