@@ -257,4 +257,4 @@ def test_a_large_photo_is_embedded_from_its_preview_not_decoded_twice(
     np.testing.assert_allclose(np.frombuffer(row.embedding, np.float32), expected, atol=1e-6)
     # More than the preview holds: the original is read (and is gone here).
     assert embedding._open_rgb(store, row.storage_path, PREVIEW_SIDE + 1) is None
-    assert embedding._open_rgb(store, row.storage_path, PREVIEW_SIDE).size == (683, 512)
+    assert embedding._open_rgb(store, row.storage_path, PREVIEW_SIDE).size == (800, 600)

@@ -292,9 +292,10 @@ def _gradient(w: int, h: int):
 
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_a_large_photo_gets_an_upright_rgb_preview_that_delete_removes(store, orientation):
-    """A photo larger than PREVIEW_SIDE gets the embedding's preview: a JPEG, upright, its
-    shortest side PREVIEW_SIDE, showing what the original shows (the picture `_open_rgb`
-    decodes from the original: EXIF-upright RGB); delete removes it with the original."""
+    """A photo larger than PREVIEW_SIDE gets the embedding's preview: a JPEG, upright, the
+    validating decode's draft (800x600 of 1600x1200: shortest side from PREVIEW_SIDE to twice
+    it), showing what the original shows (the picture `_open_rgb` decodes from the original:
+    EXIF-upright RGB); delete removes it with the original."""
     import numpy as np
     from PIL import ImageOps
 
@@ -308,8 +309,8 @@ def test_a_large_photo_gets_an_upright_rgb_preview_that_delete_removes(store, or
     preview_path = store.path(store.preview_relpath(relpath))
     with Image.open(preview_path) as preview:
         assert preview.format == "JPEG" and preview.mode == "RGB"
-        want_size = (683, 512) if orientation == 1 else (512, 683)
-        assert preview.size == want_size and min(preview.size) == PREVIEW_SIDE
+        want_size = (800, 600) if orientation == 1 else (600, 800)
+        assert preview.size == want_size and PREVIEW_SIDE <= min(preview.size) < 2 * PREVIEW_SIDE
         got = np.asarray(preview.convert("RGB"), dtype=float)
     with Image.open(io.BytesIO(buf.getvalue())) as original:
         want = ImageOps.exif_transpose(original).convert("RGB").resize(want_size)
@@ -330,16 +331,18 @@ def test_a_photo_no_larger_than_the_preview_gets_none(store):
 
 
 def test_a_transparent_png_preview_is_the_rgb_the_embedding_would_read(store):
-    """Alpha is dropped as `_open_rgb` drops it (Pillow's RGBA -> RGB), not composited."""
+    """Alpha is dropped as `_open_rgb` drops it (Pillow's RGBA -> RGB), not composited; a PNG
+    (no draft decoding) is shrunk by a whole factor into PREVIEW_SIDE..2 x PREVIEW_SIDE."""
     import numpy as np
 
-    rgba = np.zeros((800, 1000, 4), dtype="uint8")
+    rgba = np.zeros((1100, 2400, 4), dtype="uint8")
     rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, "PNG")
     staged = stage(store, buf.getvalue())
     assert staged.preview is not None
     with Image.open(io.BytesIO(staged.preview)) as preview:
+        assert preview.size == (1200, 550)  # 1/2: 1100 // 512
         r, g, b = preview.convert("RGB").getpixel((300, 300))  # type: ignore[misc]
     assert r > 180 and g < 30 and b < 30
 
