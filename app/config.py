@@ -341,7 +341,9 @@ class Settings(BaseSettings):
         env_prefix="POLAR_", env_nested_delimiter="__", env_file=".env", extra="ignore"
     )
 
-    data_dir: Path = Field(Path("./data"), description="images, thumbnails, index files")
+    data_dir: Path = Field(
+        Path("./data"), description="images, thumbnails, the embedding's previews, index files"
+    )
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty = SQLite file in the data folder"
     )
