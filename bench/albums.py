@@ -49,11 +49,14 @@ from app.bench.service import ServiceRecipe
 from app.bench.synthetic import SyntheticConfig, build_synthetic
 from app.ml.adapter import ConceptAdapter
 from app.ml.model import ClipBundle
-from app.services import calibration
+from app.ml.regions import split_regions
+from app.services import calibration, recipe
 from app.services.training import NEGATIVE_WEIGHT, TRAIN_ON_CONFIRMED
 
 OUT = Path(__file__).parent / "results" / "albums_synthetic.json"
 CUTOFFS = np.round(np.linspace(-0.5, 1.5, 81), 3)  # confidence units
+QUANTILES = (0.5, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99)  # the library's confidence 0, on val
+MAX_SHIFTS = (0.0, 0.1, 0.25, 0.5)  # how far the learned cut-off may move, on val
 NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # ν tried on validation, in the service's feedback
 MARKS = 5  # photos marked per verdict in the feedback round
 
@@ -65,6 +68,26 @@ class ConceptAlbum:
     confidence: np.ndarray  # (N,)
     truth: np.ndarray  # (N,) bool
     cutoff: float | None = None  # the concept's own cut-off; None: the global one
+
+
+@dataclass
+class RawAlbum:
+    """One concept's album scores before calibration: what the quantile sweep needs."""
+
+    scores: np.ndarray  # (N,) calibration.album_scores over the pool
+    own: np.ndarray  # (n,) leave-one-out scores of its photos
+    rejected: np.ndarray  # (k,) scores of the photos marked "not it"
+
+    def scale(self, quantile: float) -> calibration.Calibration:
+        return calibration.calibrate(self.own, self.scores, quantile)
+
+    def confidence(self, quantile: float) -> np.ndarray:
+        return self.scale(quantile).confidence(self.scores)
+
+    def cutoff(self, quantile: float, default: float, max_shift: float) -> float:
+        """The cut-off the service would use (learned once there are rejected photos)."""
+        scale = self.scale(quantile)
+        return calibration.learned_cutoff(scale, self.own, self.rejected, default, max_shift)
 
 
 def prf(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -84,27 +107,52 @@ def oracle_f1(confidence: np.ndarray, truth: np.ndarray) -> float:
     return float(f1.max()) if len(f1) else 0.0
 
 
+def pool_rows(method: ServiceRecipe) -> np.ndarray:
+    """The pool's stored region rows, every kind side by side (N, R, D), as the service reads
+    them (app.ml.regions.split_regions)."""
+    assert method.regions is not None and method.layout is not None
+    kinds = split_regions(method.regions, method.layout)
+    return np.concatenate(list(kinds.values()), axis=1)
+
+
 def album_of(
-    bundle: ClipBundle,
-    method: ServiceRecipe,
-    cid: str,
     photos: np.ndarray,
     pool: np.ndarray,
+    regions: np.ndarray,
     confirmed: np.ndarray | None = None,
     rejected: np.ndarray | None = None,
-    cutoff: float = calibration.ALBUM_CUTOFF,
-) -> tuple[np.ndarray, float]:
-    """Confidences of the pool under the concept's album vector and the concept's cut-off, as
-    the service computes them (app.services.albums: `photos` taught, `confirmed` and `rejected`
-    marked; `cutoff` the global one, learned per concept from the rejected photos)."""
-    adapter = method.adapters[cid]
+) -> RawAlbum:
+    """Album scores of the pool and the concept's own photos, as the service computes them
+    (app.services.albums: `photos` taught, `confirmed` marked and trained on (or None),
+    `rejected` the pool indices marked "not it")."""
     both = photos if confirmed is None else np.concatenate([photos, confirmed])
-    vector = calibration.album_vector(bundle, adapter, both, method.search)
-    own = calibration.leave_one_out(bundle, adapter, photos, method.search, confirmed)
-    scores = pool @ vector
-    scale = calibration.calibrate(own, scores)
-    negatives = [] if rejected is None else rejected @ vector
-    return scale.confidence(scores), calibration.learned_cutoff(scale, own, negatives, cutoff)
+    mean = recipe.photo_mean(both)
+    assert mean is not None
+    scores = calibration.album_scores(mean, pool, regions)
+    own = calibration.leave_one_out(photos, confirmed)
+    marked = scores[rejected] if rejected is not None else np.zeros(0, np.float32)
+    return RawAlbum(scores, own, marked)
+
+
+def calibrated(
+    raw: dict[str, RawAlbum],
+    truth: dict[str, np.ndarray],
+    quantile: float,
+    cutoff: float,
+    max_shift: float | None = None,
+    keep: dict[str, np.ndarray] | None = None,
+) -> dict[str, ConceptAlbum]:
+    """The albums on the concepts' scales at a library quantile; each concept's cut-off learned
+    from its rejected photos when `max_shift` is given (else the global `cutoff`); `keep`: the
+    pool images to score (concept id -> bool mask), all when None."""
+    out = {}
+    for cid, r in raw.items():
+        conf, t = r.confidence(quantile), truth[cid]
+        if keep is not None:
+            conf, t = conf[keep[cid]], t[keep[cid]]
+        own = None if max_shift is None else r.cutoff(quantile, cutoff, max_shift)
+        out[cid] = ConceptAlbum(conf, t, own)
+    return out
 
 
 def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
@@ -137,10 +185,25 @@ def album_figures(
     return {"mean": mean, "per_concept": rows}
 
 
-def best_cutoff(albums: dict[str, ConceptAlbum]) -> float:
-    """The cut-off of best mean F1."""
-    f1 = [album_figures(albums, float(c))["mean"]["f1"] for c in CUTOFFS]
-    return float(CUTOFFS[int(np.argmax(f1))])
+def best_scale(
+    raw: dict[str, RawAlbum], truth: dict[str, np.ndarray]
+) -> tuple[float, float, list[dict[str, float]]]:
+    """(library quantile, cut-off) of best mean album F1, and the sweep's best F1 per quantile.
+    A quantile that some concept's own photos do not outscore is no scale for it (calibrate
+    falls back to the median): skipped."""
+    best = (calibration.LIBRARY_QUANTILE, calibration.ALBUM_CUTOFF, -1.0)
+    sweep = []
+    for q in QUANTILES:
+        degenerate = sum(not calibration.has_scale(r.own, r.scores, q) for r in raw.values())
+        albums = calibrated(raw, truth, q, 0.0)
+        f1 = [album_figures(albums, float(c))["mean"]["f1"] for c in CUTOFFS]
+        at = int(np.argmax(f1))
+        oracle = album_figures(albums, 0.0)["mean"]["oracle_f1"]
+        row = {"quantile": q, "cutoff": float(CUTOFFS[at]), "f1": f1[at], "oracle_f1": oracle}
+        sweep.append(row | {"degenerate_concepts": float(degenerate)})
+        if not degenerate and f1[at] > best[2] + 1e-9:
+            best = (q, float(CUTOFFS[at]), f1[at])
+    return best[0], best[1], sweep
 
 
 def search_figures(
@@ -194,76 +257,114 @@ def retrain(
     return adapter, time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class Scale:
+    """The album's calibration choices (made on validation): the library quantile that is
+    confidence 0, the global cut-off, how far a learned cut-off may move."""
+
+    quantile: float
+    cutoff: float
+    max_shift: float
+
+
 def run_split(
     bundle: ClipBundle,
     split: str,
     cfg: SyntheticConfig,
     weights: tuple[float, ...],
-    cutoff: float | None,
+    scale: Scale | None,
     negatives_only: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Everything on one split; `cutoff` None: choose it here (validation)."""
+    """Everything on one split; `scale` None: choose it here (validation: the quantile and
+    cut-off on the albums before feedback, the learned cut-off's bound on the service's
+    feedback after it)."""
     ds = build_synthetic(split, cfg)
     emb = embed_dataset(bundle, ds)
     method = METHODS[DEFAULT_METHOD](bundle, BenchSettings(lam=bundle.default_lam))
     assert isinstance(method, ServiceRecipe)
     fitted = evaluate(method, ds, emb)  # fits every concept (timed) and scores the queries
+    regions = pool_rows(method)
     truth = truths(ds)
-    before = {
-        cid: ConceptAlbum(album_of(bundle, method, cid, emb.photos[cid], emb.pool)[0], truth[cid])
-        for cid in ds.concepts
-    }
-    chosen = best_cutoff(before) if cutoff is None else cutoff
+    raw_before = {cid: album_of(emb.photos[cid], emb.pool, regions) for cid in ds.concepts}
+    sweep: list[dict[str, float]] = []
+    if scale is None:
+        q, cut, sweep = best_scale(raw_before, truth)
+    else:
+        q, cut = scale.quantile, scale.cutoff
+    before = calibrated(raw_before, truth, q, cut)
     result: dict[str, Any] = {
         "split": split,
         "pool": len(ds.pool),
         "concepts": len(ds.concepts),
-        "cutoff": chosen,
-        "before": {"album": album_figures(before, chosen), "search": fitted},
+        "cutoff": cut,
+        "library_quantile": q,
+        "scale_sweep": sweep,
+        "before": {"album": album_figures(before, cut), "search": fitted},
         "after": {},
     }
     base_adapters, base_photos = dict(method.adapters), dict(method.photos)
     picked = {cid: marks(a) for cid, a in before.items()}
+    unmarked = {}
+    for cid, (rejected, confirmed) in picked.items():
+        unmarked[cid] = np.ones(len(ds.pool), dtype=bool)
+        unmarked[cid][np.concatenate([rejected, confirmed])] = False
     seconds: dict[float, list[float]] = {}
+    raw_after: dict[str, dict[str, RawAlbum]] = {}
     # (key, ν, whether the confirmed photos are examples): "negatives only" keeps the taught
     # photos alone, to tell what the negative term does from what the confirmed photos do.
     variants = [(str(w), w, True) for w in weights]
     variants += [(f"negatives_only:{w}", w, False) for w in negatives_only]
     for key, w, with_confirmed in variants:
         method.adapters, method.photos = dict(base_adapters), dict(base_photos)
-        after: dict[str, ConceptAlbum] = {}
-        shown: dict[str, ConceptAlbum] = {}
+        raw_after[key] = {}
         if with_confirmed:
             seconds[w] = []
         for cid in ds.concepts:
             rejected, confirmed = picked[cid]
-            extra = emb.pool[confirmed] if with_confirmed else emb.pool[confirmed][:0]
-            photos = np.concatenate([base_photos[cid], extra])
+            extra = emb.pool[confirmed] if with_confirmed else None
+            photos = (
+                base_photos[cid] if extra is None else np.concatenate([base_photos[cid], extra])
+            )
             adapter, took = retrain(method, cid, photos, emb.pool[rejected], w)
             if with_confirmed:
                 seconds[w].append(took)
             method.adapters[cid], method.photos[cid] = adapter, photos
-            unmarked = np.ones(len(ds.pool), dtype=bool)
-            unmarked[np.concatenate([rejected, confirmed])] = False
-            conf, own_cut = album_of(
-                bundle, method, cid, base_photos[cid], emb.pool, extra, emb.pool[rejected], chosen
-            )
-            after[cid] = ConceptAlbum(conf[unmarked], truth[cid][unmarked], own_cut)
-            # As the person sees it: confirmed photos always in, rejected never.
-            marked = conf.copy()
-            marked[confirmed], marked[rejected] = np.inf, -np.inf
-            shown[cid] = ConceptAlbum(marked, truth[cid], own_cut)
+            raw_after[key][cid] = album_of(base_photos[cid], emb.pool, regions, extra, rejected)
         method.rejected = {}
         kept_in = search_figures(method, ds, emb, retention=False)
         method.rejected = {cid: picked[cid][0] for cid in ds.concepts}
         result["after"][key] = {
             # the rejected photos still among the hits: what the retrained concept alone does
             "search_rejected_kept": kept_in,
-            "album_shown": album_figures(shown, chosen),
-            "album": album_figures(after, chosen),
-            # the same photos at the one global cut-off, to tell what the learned one brings
-            "album_global_cutoff": album_figures(after, chosen, per_concept=False),
             "search": search_figures(method, ds, emb),
+        }
+    # The learned cut-off's bound: on validation the best for the service's feedback.
+    by_shift = {
+        key: {
+            m: album_figures(calibrated(raw, truth, q, cut, m, unmarked), cut)["mean"]["f1"]
+            for m in MAX_SHIFTS
+        }
+        for key, raw in raw_after.items()
+    }
+    if scale is None:
+        service = by_shift[service_key(NEGATIVE_WEIGHT)]
+        shift = max(MAX_SHIFTS, key=lambda m: (round(service[m], 9), -m))
+    else:
+        shift = scale.max_shift
+    result["max_shift"] = shift
+    for key, raw in raw_after.items():
+        after = calibrated(raw, truth, q, cut, shift, unmarked)
+        shown = calibrated(raw, truth, q, cut, shift)
+        for cid, a in shown.items():  # as the person sees it: confirmed in, rejected never
+            rejected, confirmed = picked[cid]
+            a.confidence = a.confidence.copy()
+            a.confidence[confirmed], a.confidence[rejected] = np.inf, -np.inf
+        result["after"][key] |= {
+            "album_shown": album_figures(shown, cut),
+            "album": album_figures(after, cut),
+            # the same photos at the one global cut-off, to tell what the learned one brings
+            "album_global_cutoff": album_figures(after, cut, per_concept=False),
+            "album_f1_by_max_shift": by_shift[key],
         }
     method.adapters, method.photos, method.rejected = base_adapters, base_photos, {}
     # Training time with vs without negatives (same photos, same run, interleaved repeats).
@@ -273,13 +374,9 @@ def run_split(
             statistics.median(seconds[with_neg[0]]) / statistics.median(seconds[0.0])
         )
     # The unmarked pool excludes 10 images per concept; "before" on the same subset:
-    unmarked_before = {}
-    for cid, a in before.items():
-        rejected, confirmed = picked[cid]
-        keep = np.ones(len(ds.pool), dtype=bool)
-        keep[np.concatenate([rejected, confirmed])] = False
-        unmarked_before[cid] = ConceptAlbum(a.confidence[keep], a.truth[keep])
-    result["before"]["album_unmarked"] = album_figures(unmarked_before, chosen)
+    result["before"]["album_unmarked"] = album_figures(
+        calibrated(raw_before, truth, q, cut, keep=unmarked), cut
+    )
     return result
 
 
@@ -359,7 +456,16 @@ def table(res: dict[str, Any], weight: float) -> None:
         ("two-concept mRR", [c["search"]["multi"]["mrr"] for c in cols]),
         ("retention drop", [c["search"]["retention"]["drop"] for c in cols]),
     ]
-    print(f"\n{res['split']}: cut-off {res['cutoff']}, ν {weight}")
+    print(
+        f"\n{res['split']}: library quantile {res['library_quantile']}, cut-off {res['cutoff']}, "
+        f"learned cut-off within {res['max_shift']}, ν {weight}"
+    )
+    for row in res["scale_sweep"]:
+        print(
+            f"  quantile {row['quantile']:<6} best cut-off {row['cutoff']:6.3f}: F1 {row['f1']:.3f}"
+            f" of oracle {row['oracle_f1']:.3f} ({row['f1'] / row['oracle_f1']:.3f}),"
+            f" {row['degenerate_concepts']:.0f} concepts without a scale"
+        )
     heads = ["before", *(heading(k) for k in keys)]
     print(f"{'':<24}" + "".join(f"{h:>15}" for h in heads))
     for name, vals in rows:
@@ -383,12 +489,18 @@ def main() -> None:
     val = run_split(bundle, "val", cfg, both, None, negatives_only=NEGATIVE_WEIGHTS)
     weight = pick_weight(val)
     table(val, weight)
+    chosen = Scale(val["library_quantile"], val["cutoff"], val["max_shift"])
+    service = Scale(
+        calibration.LIBRARY_QUANTILE, calibration.ALBUM_CUTOFF, calibration.MAX_LEARNED_SHIFT
+    )
+    if chosen != service:
+        print(f"NOTE: validation chose {chosen}, the service runs {service}: update calibration.py")
     test = run_split(
         bundle,
         "test",
         cfg,
         both,
-        val["cutoff"],
+        chosen,
         negatives_only=tuple(sorted({0.0, weight, NEGATIVE_WEIGHT})),
     )
     table(test, weight)
@@ -427,6 +539,9 @@ def main() -> None:
         "negative_weight_best_on_val": weight,
         "negative_weights_tried_on_val": list(NEGATIVE_WEIGHTS),
         "cutoff_chosen_on_val": val["cutoff"],
+        "library_quantile_chosen_on_val": val["library_quantile"],
+        "max_learned_shift_chosen_on_val": val["max_shift"],
+        "service_scale": vars(service),
         "targets": targets,
         "timing": timing,
         "val": val,

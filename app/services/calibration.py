@@ -1,21 +1,25 @@
-"""A concept's album cut-off, calibrated per concept: pure math on the model, no database.
+"""A concept's album score and cut-off, calibrated per concept: pure math, no database.
 
-The album ranks library photos by the concept's *album vector*: the search vector of the query
-that names the concept and nothing else ("Fido": the placeholder phrase under the concept's
-update, fused with its photos' mean, `app.services.recipe`). Raw cosines mean different things
-for different concepts, so each score is put on the concept's own scale:
+The album scores each library photo by how well the concept's look matches it *anywhere in the
+frame*: the best match between the concept's photo mean (its photos, plus the ones a person
+confirmed when those train it) and the photo's whole embedding or any of its stored region rows
+(`album_scores`; app.ml.regions: crops and/or pooled boxes). A whole-image vector misses a
+concept that is one of two objects in a busy photo; its region does not (synthetic PerVL
+validation: oracle album F1 0.50 -> 0.68, recall at the cut-off 0.35 -> 0.64). Raw cosines
+mean different things for different concepts, so each score is put on the concept's own scale:
 
     confidence = (score - library) / (own - library)
 
 `own` is the mean leave-one-out score of the concept's own photos (each photo scored by the
-vector built from the *other* photos: what a new photo of the concept scores; photos a person
-confirmed help build the vector but are not scored: they were picked for ranking low), `library` the
-median score of the user's library (most photos are not of the concept). So 0 is a typical
-library photo, 1 a typical photo of the concept; a photo is in the album from the cut-off up:
-`ALBUM_CUTOFF` (chosen on the benchmark's validation split: docs/ALBUMS.md) until a person
-has rejected photos of the concept, then one learned per concept from its labelled photos
-(`learned_cutoff`: midway between its least typical own photo and its most convincing
-rejected one). The service and the benchmark (bench/albums.py) both call these functions.
+photo mean of the *other* photos: what a new photo of the concept scores; photos a person
+confirmed help build the mean but are not scored: they were picked for ranking low), `library`
+the score that only the top `LIBRARY_QUANTILE` of the user's library reaches (the most
+convincing photos that are not the concept; a median would say nothing about them). So 0 is
+such a library photo, 1 a typical photo of the concept; a photo is in the album from the
+cut-off up: `ALBUM_CUTOFF` (chosen with LIBRARY_QUANTILE on the benchmark's validation split:
+docs/ALBUMS.md) until a person has rejected photos of the concept, then one learned per concept
+from its labelled photos (`learned_cutoff`). The service (app.services.albums) and the
+benchmark (bench/albums.py) both call these functions.
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.config import SearchSettings
-from app.ml.adapter import ConceptAdapter
-from app.ml.model import ClipBundle
-from app.ml.train import placeholder_phrase
+from app.ml.regions import part_matches
 from app.services import recipe
 
-# Where the album starts, in confidence units (chosen on the synthetic PerVL validation split by
-# bench/albums.py; docs/ALBUMS.md has the sweep).
-ALBUM_CUTOFF = 0.95
+# Where the album starts, in confidence units, and which quantile of the library's scores is
+# confidence 0: the pair of best mean album F1 on the synthetic PerVL validation split among the
+# quantiles that every concept's own photos outscore (bench/albums.py sweeps both;
+# docs/ALBUMS.md). In a library of 640 photos, 0.97 is about the 20th best score.
+ALBUM_CUTOFF = 0.65
+LIBRARY_QUANTILE = 0.97
 # How far a cut-off learned from a concept's marks may move from ALBUM_CUTOFF, in confidence units
 # (the learned cut-offs of the validation split lie within 0.1 of it; bounded so that one odd
 # mark cannot empty or flood an album).
@@ -48,15 +52,15 @@ class Calibration:
     """One concept's score scale: its own photos' typical score and the library's."""
 
     own: float  # mean leave-one-out score of the concept's photos
-    library: float  # median score of the library
+    library: float  # the library's LIBRARY_QUANTILE score
 
     @property
     def span(self) -> float:
         return max(self.own - self.library, MIN_SPAN)
 
     def confidence(self, scores: np.ndarray) -> np.ndarray:
-        """Scores on the concept's scale: 0 = a typical library photo, 1 = a typical photo of
-        the concept."""
+        """Scores on the concept's scale: 0 = the library's LIBRARY_QUANTILE, 1 = a typical
+        photo of the concept."""
         return (np.asarray(scores, dtype=np.float64) - self.library) / self.span
 
     def threshold(self, cutoff: float) -> float:
@@ -69,12 +73,14 @@ def learned_cutoff(
     own_scores: Sequence[float] | np.ndarray,
     rejected_scores: Sequence[float] | np.ndarray,
     default: float,
+    max_shift: float | None = None,
 ) -> float:
     """The concept's own cut-off once a person rejected some of its photos: midway (in
     confidence units) between the lowest leave-one-out score of its own photos (the least
     typical photo of it that should still be in) and the highest score of a rejected photo
-    (the most convincing look-alike that should be out), within MAX_LEARNED_SHIFT of
-    `default`; `default` when there is nothing to learn from (no rejected or no own photo).
+    (the most convincing look-alike that should be out), within `max_shift`
+    (MAX_LEARNED_SHIFT) of `default`; `default` when there is nothing to learn from (no
+    rejected or no own photo).
 
     Synthetic PerVL, one feedback round: album F1 on the photos nobody marked 0.839 -> 0.883 on
     validation, 0.877 -> 0.932 on test; at the global cut-off 0.826 and 0.877 (bench/albums.py)."""
@@ -83,50 +89,72 @@ def learned_cutoff(
     low = float(scale.confidence(np.array([np.min(own_scores)]))[0])
     high = float(scale.confidence(np.array([np.max(rejected_scores)]))[0])
     mid = (low + high) / 2
-    return float(np.clip(mid, default - MAX_LEARNED_SHIFT, default + MAX_LEARNED_SHIFT))
+    shift = MAX_LEARNED_SHIFT if max_shift is None else max_shift
+    return float(np.clip(mid, default - shift, default + shift))
 
 
-def album_text(adapter: ConceptAdapter) -> str:
-    """What the album searches for: the concept's placeholder phrase alone."""
-    return placeholder_phrase(adapter.token, adapter.category)
-
-
-def album_vector(
-    bundle: ClipBundle,
-    adapter: ConceptAdapter,
-    photos: np.ndarray,
-    settings: SearchSettings,
+def album_scores(
+    mean: np.ndarray, whole: np.ndarray, regions: np.ndarray | Sequence[np.ndarray]
 ) -> np.ndarray:
-    """The concept's album vector, (D,) unit: the search vector of its name alone."""
-    mean = recipe.photo_mean(photos)
-    encoding = recipe.encode_query(bundle, album_text(adapter), [adapter], [mean], settings)
-    vector: np.ndarray = encoding.vector[0]
-    return vector
-
-
-def leave_one_out(
-    bundle: ClipBundle,
-    adapter: ConceptAdapter,
-    photos: np.ndarray,
-    settings: SearchSettings,
-    confirmed: np.ndarray | None = None,
-) -> np.ndarray:
-    """Each of the concept's own photos scored by the album vector built from the others (and
-    the `confirmed` library photos, which are not scored: a person picked them because they
-    ranked low, so they would not say what a typical photo scores), (n,)."""
-    photos = recipe.unit(np.asarray(photos, dtype=np.float32))
-    extra = np.zeros((0, photos.shape[1]), np.float32) if confirmed is None else confirmed
-    out = np.zeros(len(photos), dtype=np.float32)
-    for i in range(len(photos)):  # n <= a few dozen: one short text pass each
-        rest = np.concatenate([np.delete(photos, i, axis=0), extra])
-        q = album_vector(bundle, adapter, rest, settings)
-        out[i] = float(photos[i] @ q)
+    """Each photo's album score, (N,): the best cosine between the concept's photo mean (D,)
+    and the photo's whole embedding or one of its region rows. whole (N, D); regions (N, R, D),
+    or one (R_n, D) array per photo (R_n = 0: the whole embedding only)."""
+    if not len(whole):
+        return np.zeros(0, dtype=np.float32)
+    out: np.ndarray = part_matches(np.asarray(mean, dtype=np.float32)[None], whole, regions)[0]
     return out
 
 
-def calibrate(own_scores: Sequence[float] | np.ndarray, library_scores: np.ndarray) -> Calibration:
+def leave_one_out(
+    photos: np.ndarray,
+    confirmed: np.ndarray | None = None,
+    regions: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Each of the concept's own photos scored by the photo mean of the others (and of the
+    `confirmed` library photos, which are not scored: a person picked them because they ranked
+    low, so they would not say what a typical photo scores), (n,), as `album_scores` scores a
+    library photo: its best match among the whole photo and its `regions` (one (R_i, D) array
+    per photo, R_i = 0 where none are known, e.g. a photo that is not in the library). A
+    concept with one photo scores it against itself (1)."""
+    photos = recipe.unit(np.asarray(photos, dtype=np.float32))
+    dim = photos.shape[1]
+    extra = np.zeros((0, dim), np.float32) if confirmed is None else confirmed
+    rows = regions if regions is not None else [np.zeros((0, dim), np.float32)] * len(photos)
+    out = np.zeros(len(photos), dtype=np.float32)
+    for i in range(len(photos)):
+        rest = np.concatenate([np.delete(photos, i, axis=0), extra])
+        mean = recipe.photo_mean(rest if len(rest) else photos[i : i + 1])
+        assert mean is not None
+        out[i] = album_scores(mean, photos[i : i + 1], [rows[i]])[0]
+    return out
+
+
+def calibrate(
+    own_scores: Sequence[float] | np.ndarray,
+    library_scores: np.ndarray,
+    quantile: float | None = None,
+) -> Calibration:
     """The concept's scale from its own photos' leave-one-out scores and the library's scores
-    (an empty library: 0, the cosine of unrelated vectors)."""
+    (leave the concept's own library photos out): `library` is their `quantile`
+    (LIBRARY_QUANTILE); their median when that quantile reaches `own` (look-alikes that
+    outscore the concept's own photos, or a concept in more of the library's photos than the
+    quantile leaves out: no validation concept at the chosen quantile); an empty library: 0,
+    the cosine of unrelated vectors."""
+    q = LIBRARY_QUANTILE if quantile is None else quantile
     own = float(np.mean(own_scores)) if len(own_scores) else 1.0
-    library = float(np.median(library_scores)) if len(library_scores) else 0.0
+    if not len(library_scores):
+        return Calibration(own=own, library=0.0)
+    scores = np.asarray(library_scores, dtype=np.float64)
+    library = float(np.quantile(scores, q))
+    if library >= own:
+        library = float(np.median(scores))
     return Calibration(own=own, library=library)
+
+
+def has_scale(
+    own_scores: Sequence[float] | np.ndarray, library_scores: np.ndarray, quantile: float
+) -> bool:
+    """Whether the concept's own photos outscore the library's `quantile` (else `calibrate`
+    falls back to the median)."""
+    own = float(np.mean(own_scores)) if len(own_scores) else 1.0
+    return not len(library_scores) or float(np.quantile(library_scores, quantile)) < own
