@@ -1,11 +1,12 @@
 """Concept albums and one round of feedback on synthetic PerVL (docs/ALBUMS.md).
 
-    python bench/albums.py                  # val (choose cut-off and ν), then test: ~10 min, 2 CPUs
+    python bench/albums.py                  # val (scale, ν), then test: ~12 min, 2 CPUs
     python bench/albums.py --quick          # 6 concepts, nothing written unless --out
 
 Concepts train as the service trains them (the demo model's recipe) and are queried with the
 service's recipe (`polar_multi_regions`, app.services.recipe). A concept's album is the pool
-images whose confidence under its album vector (app.services.calibration, the service's code)
+images whose confidence (app.services.calibration, the service's code: the best match of the
+concept's photo mean with the image or one of its stored region rows, on the concept's scale)
 reaches the cut-off; the truth is every pool image that shows the concept. Per concept:
 precision, recall and F1 at the cut-off and the F1 at the best cut-off in hindsight (oracle).
 Then one round of simulated feedback: the 5 highest-ranked wrong photos are rejected and the
@@ -14,8 +15,9 @@ examples and the rejected ones as negatives (app.ml.train.away_from, weight ν),
 figures are measured again, plus context and two-concept mRR and retention, before and after;
 search after feedback leaves the rejected photos out of the hits of queries naming the concept,
 as the service does (and, to compare, keeps them).
-A confirmed-only retraining (ν = 0) separates what the negatives themselves bring. The cut-off
-and ν are chosen on the validation split and reported on test. Album figures after feedback
+A confirmed-only retraining (ν = 0) separates what the negatives themselves bring. The
+library quantile of the scale, the cut-off, the learned cut-off's bound and ν are chosen on the
+validation split and reported on test. Album figures after feedback
 are given on the photos nobody marked (the marked ten are decided by the marks), at the
 concept's cut-off learned from its rejected photos (calibration.learned_cutoff, as the service
 does) and, to compare, at the global one.
@@ -56,7 +58,7 @@ from app.services.training import NEGATIVE_WEIGHT, TRAIN_ON_CONFIRMED
 OUT = Path(__file__).parent / "results" / "albums_synthetic.json"
 CUTOFFS = np.round(np.linspace(-0.5, 1.5, 81), 3)  # confidence units
 QUANTILES = (0.5, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99)  # the library's confidence 0, on val
-MAX_SHIFTS = (0.0, 0.1, 0.25, 0.5)  # how far the learned cut-off may move, on val
+MAX_SHIFTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # how far the learned cut-off may move, on val
 NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # ν tried on validation, in the service's feedback
 MARKS = 5  # photos marked per verdict in the feedback round
 

@@ -51,7 +51,7 @@ class AlbumPhoto:
     """A photo in an album, with why it is there."""
 
     image: Image
-    score: float | None  # cosine with the album vector; None: not embedded by this model
+    score: float | None  # calibration.album_scores; None: not embedded by this model
     confidence: float | None  # on the concept's scale (calibration.Calibration.confidence)
     reason: Reason  # confirmed by a person, taught from, or matched at the cut-off
     verdict: str | None  # the photo's current mark for the concept
