@@ -26,6 +26,7 @@ does) and, to compare, at the global one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -58,9 +59,25 @@ from app.services.training import NEGATIVE_WEIGHT, TRAIN_ON_CONFIRMED
 OUT = Path(__file__).parent / "results" / "albums_synthetic.json"
 CUTOFFS = np.round(np.linspace(-0.5, 1.5, 81), 3)  # confidence units
 QUANTILES = (0.5, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99)  # the library's confidence 0, on val
+SLOPES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the cut-off's rise with the library's top, on val
+CUTOFF_QUANTILES = (0.98, 0.985, 0.99, 0.995)  # which top of the library, on val
 MAX_SHIFTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # how far the learned cut-off may move, on val
 NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # ν tried on validation, in the service's feedback
 MARKS = 5  # photos marked per verdict in the feedback round
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The album's calibration choices (made on validation): the library quantile that is
+    confidence 0; the cut-off before marks, `cutoff` + `slope` x the confidence of the
+    library's `cutoff_quantile` (calibration.concept_cutoff); how far a learned cut-off may
+    move from it."""
+
+    quantile: float
+    cutoff: float
+    slope: float
+    cutoff_quantile: float
+    max_shift: float
 
 
 @dataclass
@@ -70,11 +87,12 @@ class ConceptAlbum:
     confidence: np.ndarray  # (N,)
     truth: np.ndarray  # (N,) bool
     cutoff: float | None = None  # the concept's own cut-off; None: the global one
+    base: float | None = None  # the concept's cut-off before marks (concept_cutoff)
 
 
 @dataclass
 class RawAlbum:
-    """One concept's album scores before calibration: what the quantile sweep needs."""
+    """One concept's album scores before calibration: what the scale's sweep needs."""
 
     scores: np.ndarray  # (N,) calibration.album_scores over the pool
     own: np.ndarray  # (n,) leave-one-out scores of its photos
@@ -86,10 +104,18 @@ class RawAlbum:
     def confidence(self, quantile: float) -> np.ndarray:
         return self.scale(quantile).confidence(self.scores)
 
-    def cutoff(self, quantile: float, default: float, max_shift: float) -> float:
-        """The cut-off the service would use (learned once there are rejected photos)."""
-        scale = self.scale(quantile)
-        return calibration.learned_cutoff(scale, self.own, self.rejected, default, max_shift)
+    def base_cutoff(self, s: Scale) -> float:
+        """The concept's cut-off before marks, as the service computes it."""
+        scale = self.scale(s.quantile)
+        return calibration.concept_cutoff(scale, self.scores, s.cutoff, s.slope, s.cutoff_quantile)
+
+    def cutoff(self, s: Scale, learned: bool) -> float:
+        """The cut-off the service would use: learned once there are rejected photos."""
+        base = self.base_cutoff(s)
+        if not learned:
+            return base
+        scale = self.scale(s.quantile)
+        return calibration.learned_cutoff(scale, self.own, self.rejected, base, s.max_shift)
 
 
 def prf(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -139,21 +165,19 @@ def album_of(
 def calibrated(
     raw: dict[str, RawAlbum],
     truth: dict[str, np.ndarray],
-    quantile: float,
-    cutoff: float,
-    max_shift: float | None = None,
+    s: Scale,
+    learned: bool = False,
     keep: dict[str, np.ndarray] | None = None,
 ) -> dict[str, ConceptAlbum]:
-    """The albums on the concepts' scales at a library quantile; each concept's cut-off learned
-    from its rejected photos when `max_shift` is given (else the global `cutoff`); `keep`: the
-    pool images to score (concept id -> bool mask), all when None."""
+    """The albums on the concepts' scales, each at its cut-off (learned from its rejected
+    photos when `learned`); `keep`: the pool images to score (concept id -> bool mask), all
+    when None."""
     out = {}
     for cid, r in raw.items():
-        conf, t = r.confidence(quantile), truth[cid]
+        conf, t = r.confidence(s.quantile), truth[cid]
         if keep is not None:
             conf, t = conf[keep[cid]], t[keep[cid]]
-        own = None if max_shift is None else r.cutoff(quantile, cutoff, max_shift)
-        out[cid] = ConceptAlbum(conf, t, own)
+        out[cid] = ConceptAlbum(conf, t, r.cutoff(s, learned), r.base_cutoff(s))
     return out
 
 
@@ -170,11 +194,12 @@ def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
 def album_figures(
     albums: dict[str, ConceptAlbum], cutoff: float, per_concept: bool = True
 ) -> dict[str, Any]:
-    """Mean P/R/F1 at the cut-off (each concept's own when it has one and `per_concept`) and
-    mean oracle F1, with the per-concept rows."""
+    """Mean P/R/F1 at each concept's cut-off (`per_concept`: learned from marks, else the one
+    before marks; `cutoff` where a concept has none) and mean oracle F1, per concept too."""
     rows = {}
     for cid, a in albums.items():
-        at = a.cutoff if per_concept and a.cutoff is not None else cutoff
+        own = a.cutoff if per_concept else a.base
+        at = own if own is not None else cutoff
         p, r, f = prf(a.confidence >= at, a.truth)
         rows[cid] = {
             "precision": p,
@@ -189,23 +214,35 @@ def album_figures(
 
 def best_scale(
     raw: dict[str, RawAlbum], truth: dict[str, np.ndarray]
-) -> tuple[float, float, list[dict[str, float]]]:
-    """(library quantile, cut-off) of best mean album F1, and the sweep's best F1 per quantile.
-    A quantile that some concept's own photos do not outscore is no scale for it (calibrate
-    falls back to the median): skipped."""
-    best = (calibration.LIBRARY_QUANTILE, calibration.ALBUM_CUTOFF, -1.0)
+) -> tuple[Scale, list[dict[str, float]]]:
+    """The scale of best mean album F1 before marks (library quantile, cut-off, slope and its
+    quantile), and the sweep's best F1 per library quantile. A library quantile that some
+    concept's own photos do not outscore is no scale for it (calibrate falls back to the
+    median): skipped."""
+    best, best_f1 = None, -1.0
     sweep = []
     for q in QUANTILES:
         degenerate = sum(not calibration.has_scale(r.own, r.scores, q) for r in raw.values())
-        albums = calibrated(raw, truth, q, 0.0)
-        f1 = [album_figures(albums, float(c))["mean"]["f1"] for c in CUTOFFS]
-        at = int(np.argmax(f1))
-        oracle = album_figures(albums, 0.0)["mean"]["oracle_f1"]
-        row = {"quantile": q, "cutoff": float(CUTOFFS[at]), "f1": f1[at], "oracle_f1": oracle}
+        conf = {cid: r.confidence(q) for cid, r in raw.items()}
+        oracle = float(np.mean([oracle_f1(conf[c], truth[c]) for c in raw]))
+        row = {"quantile": q, "f1": -1.0, "oracle_f1": oracle}
+        for slope in SLOPES:
+            for cq in CUTOFF_QUANTILES if slope else CUTOFF_QUANTILES[:1]:
+                top = {c: float(np.quantile(conf[c], cq)) for c in raw}
+                for cut in CUTOFFS:
+                    f1 = float(
+                        np.mean([prf(conf[c] >= cut + slope * top[c], truth[c])[2] for c in raw])
+                    )
+                    if f1 > row["f1"] + 1e-9:
+                        row |= {"f1": f1, "cutoff": float(cut), "slope": slope, "at": cq}
+                    if f1 > row.get("f1_flat", -1.0) + 1e-9 and slope == 0:
+                        row |= {"f1_flat": f1, "cutoff_flat": float(cut)}
         sweep.append(row | {"degenerate_concepts": float(degenerate)})
-        if not degenerate and f1[at] > best[2] + 1e-9:
-            best = (q, float(CUTOFFS[at]), f1[at])
-    return best[0], best[1], sweep
+        if not degenerate and row["f1"] > best_f1 + 1e-9:
+            best_f1 = row["f1"]
+            best = Scale(q, row["cutoff"], row["slope"], row["at"], calibration.MAX_LEARNED_SHIFT)
+    assert best is not None
+    return best, sweep
 
 
 def search_figures(
@@ -259,16 +296,6 @@ def retrain(
     return adapter, time.perf_counter() - start
 
 
-@dataclass(frozen=True)
-class Scale:
-    """The album's calibration choices (made on validation): the library quantile that is
-    confidence 0, the global cut-off, how far a learned cut-off may move."""
-
-    quantile: float
-    cutoff: float
-    max_shift: float
-
-
 def run_split(
     bundle: ClipBundle,
     split: str,
@@ -290,16 +317,18 @@ def run_split(
     raw_before = {cid: album_of(emb.photos[cid], emb.pool, regions) for cid in ds.concepts}
     sweep: list[dict[str, float]] = []
     if scale is None:
-        q, cut, sweep = best_scale(raw_before, truth)
+        chosen, sweep = best_scale(raw_before, truth)
     else:
-        q, cut = scale.quantile, scale.cutoff
-    before = calibrated(raw_before, truth, q, cut)
+        chosen = scale
+    cut = chosen.cutoff
+    before = calibrated(raw_before, truth, chosen)
     result: dict[str, Any] = {
         "split": split,
         "pool": len(ds.pool),
         "concepts": len(ds.concepts),
         "cutoff": cut,
-        "library_quantile": q,
+        "scale": dataclasses.asdict(chosen),
+        "library_quantile": chosen.quantile,
         "scale_sweep": sweep,
         "before": {"album": album_figures(before, cut), "search": fitted},
         "after": {},
@@ -343,7 +372,10 @@ def run_split(
     # The learned cut-off's bound: on validation the best for the service's feedback.
     by_shift = {
         key: {
-            m: album_figures(calibrated(raw, truth, q, cut, m, unmarked), cut)["mean"]["f1"]
+            m: album_figures(
+                calibrated(raw, truth, dataclasses.replace(chosen, max_shift=m), True, unmarked),
+                cut,
+            )["mean"]["f1"]
             for m in MAX_SHIFTS
         }
         for key, raw in raw_after.items()
@@ -354,9 +386,11 @@ def run_split(
     else:
         shift = scale.max_shift
     result["max_shift"] = shift
+    chosen = dataclasses.replace(chosen, max_shift=shift)
+    result["scale"] = dataclasses.asdict(chosen)
     for key, raw in raw_after.items():
-        after = calibrated(raw, truth, q, cut, shift, unmarked)
-        shown = calibrated(raw, truth, q, cut, shift)
+        after = calibrated(raw, truth, chosen, True, unmarked)
+        shown = calibrated(raw, truth, chosen, True)
         for cid, a in shown.items():  # as the person sees it: confirmed in, rejected never
             rejected, confirmed = picked[cid]
             a.confidence = a.confidence.copy()
@@ -364,7 +398,7 @@ def run_split(
         result["after"][key] |= {
             "album_shown": album_figures(shown, cut),
             "album": album_figures(after, cut),
-            # the same photos at the one global cut-off, to tell what the learned one brings
+            # the same photos at the cut-off before marks, to tell what the learned one brings
             "album_global_cutoff": album_figures(after, cut, per_concept=False),
             "album_f1_by_max_shift": by_shift[key],
         }
@@ -377,7 +411,7 @@ def run_split(
         )
     # The unmarked pool excludes 10 images per concept; "before" on the same subset:
     result["before"]["album_unmarked"] = album_figures(
-        calibrated(raw_before, truth, q, cut, keep=unmarked), cut
+        calibrated(raw_before, truth, chosen, keep=unmarked), cut
     )
     return result
 
@@ -458,15 +492,14 @@ def table(res: dict[str, Any], weight: float) -> None:
         ("two-concept mRR", [c["search"]["multi"]["mrr"] for c in cols]),
         ("retention drop", [c["search"]["retention"]["drop"] for c in cols]),
     ]
-    print(
-        f"\n{res['split']}: library quantile {res['library_quantile']}, cut-off {res['cutoff']}, "
-        f"learned cut-off within {res['max_shift']}, ν {weight}"
-    )
+    print(f"\n{res['split']}: {res['scale']}, ν {weight}")
     for row in res["scale_sweep"]:
         print(
-            f"  quantile {row['quantile']:<6} best cut-off {row['cutoff']:6.3f}: F1 {row['f1']:.3f}"
-            f" of oracle {row['oracle_f1']:.3f} ({row['f1'] / row['oracle_f1']:.3f}),"
-            f" {row['degenerate_concepts']:.0f} concepts without a scale"
+            f"  quantile {row['quantile']:<6} cut-off {row['cutoff']:6.3f} + {row['slope']:g} x"
+            f" conf at {row['at']}: F1 {row['f1']:.3f} of oracle {row['oracle_f1']:.3f}"
+            f" ({row['f1'] / row['oracle_f1']:.3f}); one cut-off {row['cutoff_flat']:6.3f}:"
+            f" {row['f1_flat'] / row['oracle_f1']:.3f}; {row['degenerate_concepts']:.0f}"
+            " concepts without a scale"
         )
     heads = ["before", *(heading(k) for k in keys)]
     print(f"{'':<24}" + "".join(f"{h:>15}" for h in heads))
@@ -491,9 +524,13 @@ def main() -> None:
     val = run_split(bundle, "val", cfg, both, None, negatives_only=NEGATIVE_WEIGHTS)
     weight = pick_weight(val)
     table(val, weight)
-    chosen = Scale(val["library_quantile"], val["cutoff"], val["max_shift"])
+    chosen = Scale(**val["scale"])
     service = Scale(
-        calibration.LIBRARY_QUANTILE, calibration.ALBUM_CUTOFF, calibration.MAX_LEARNED_SHIFT
+        calibration.LIBRARY_QUANTILE,
+        calibration.ALBUM_CUTOFF,
+        calibration.CUTOFF_SLOPE,
+        calibration.CUTOFF_QUANTILE,
+        calibration.MAX_LEARNED_SHIFT,
     )
     if chosen != service:
         print(f"NOTE: validation chose {chosen}, the service runs {service}: update calibration.py")
@@ -543,7 +580,8 @@ def main() -> None:
         "cutoff_chosen_on_val": val["cutoff"],
         "library_quantile_chosen_on_val": val["library_quantile"],
         "max_learned_shift_chosen_on_val": val["max_shift"],
-        "service_scale": vars(service),
+        "scale_chosen_on_val": val["scale"],
+        "service_scale": dataclasses.asdict(service),
         "targets": targets,
         "timing": timing,
         "val": val,

@@ -717,10 +717,10 @@ class LibraryList(BaseModel):
 # -- albums and feedback (docs/ALBUMS.md) ----------------------------------------------------
 
 CONFIDENCE_DOC = (
-    "the score on the concept's own scale: 0 = as the best-matching photos of your library "
-    "that are not the concept score (its top 3 %), 1 = as a typical photo of the concept "
-    "scores (its own photos, each left out in turn); photos from `cutoff` up are in the album. "
-    "null: the photo is not embedded yet, or the concept has no trained version"
+    "the score on the concept's own scale: 0 = as a typical photo of your library scores, 1 = "
+    "as a typical photo of the concept scores (its own photos, each left out in turn); photos "
+    "from `cutoff` up are in the album. null: the photo is not embedded yet, or the concept "
+    "has no trained version"
 )
 REASON_DOC = (
     "why it is in the album: confirmed (you said it is), taught (one of the concept's photos), "
@@ -733,8 +733,8 @@ class AlbumCalibrationOut(BaseModel):
 
     own: float = Field(description="mean leave-one-out score of the concept's own photos")
     library: float = Field(
-        description="the score only the top few percent of your library reach "
-        "(LIBRARY_QUANTILE), the concept's own photos left out"
+        description="the median score of your library (the photos known to show the concept "
+        "left out)"
     )
 
 
@@ -757,9 +757,10 @@ class AlbumPage(BaseModel):
     concept_id: str
     version: int | None = Field(description="the trained version that scored it; null: none yet")
     cutoff: float = Field(
-        description="the confidence from which a photo is in this concept's album: one value "
-        'for every concept until photos of it are marked "not it", then the concept\'s own, '
-        "learned from those marks"
+        description="the confidence from which a photo is in this concept's album: the "
+        "concept's own, higher when many of your library's photos score close to its own "
+        'photos (its look-alikes), and learned from its "not it" marks within '
+        "MAX_LEARNED_SHIFT (docs/ALBUMS.md)"
     )
     calibration: AlbumCalibrationOut | None
     total: int = Field(description="photos in the whole album")

@@ -99,6 +99,11 @@ class _Scorer:
     own: np.ndarray  # (n,) leave-one-out scores of the concept's own photos
     vec_ids: np.ndarray  # (N,) int64: every vector of the library
     scores: np.ndarray  # (N,) its album score (calibration.album_scores)
+    others: np.ndarray  # the scores of the library photos not known to show the concept
+
+    def cutoff(self, base: float) -> float:
+        """The concept's cut-off before any mark (calibration.concept_cutoff)."""
+        return calibration.concept_cutoff(self.scale, self.others, base)
 
     def score_of(self, vec_id: int) -> float | None:
         """The album score of one library vector; None when it is not in the library."""
@@ -242,7 +247,7 @@ def _scorer(
     vec_ids, scores = _library_scores(db_session, user_id, serving, mean, held)
     known = np.array(list(own_photos), dtype=np.int64)
     others = scores[~np.isin(vec_ids, known)]
-    return _Scorer(calibration.calibrate(own, others), own, vec_ids, scores)
+    return _Scorer(calibration.calibrate(own, others), own, vec_ids, scores, others)
 
 
 def _own_photos(db_session: Session, user_id: str, concept_id: str) -> list[int]:
@@ -314,8 +319,8 @@ class AlbumRequest:
 
 def concept_album(user_id: str, concept_id: str, request: AlbumRequest, env: SearchEnv) -> Album:
     """A page of the concept's album (NotFound for a missing or foreign concept); `cutoff`:
-    unless given, calibration.ALBUM_CUTOFF, or the concept's own once it has rejected photos
-    (calibration.learned_cutoff)."""
+    unless given, the concept's (calibration.concept_cutoff), learned once it has rejected
+    photos (calibration.learned_cutoff)."""
     db_session, serving, adapter_cache = env.db_session, env.serving, env.adapter_cache
     order, limit, cursor = request.order, request.limit, request.cursor
     fixed = request.cutoff
@@ -354,7 +359,7 @@ def concept_album(user_id: str, concept_id: str, request: AlbumRequest, env: Sea
     else:
         scale = scorer.scale
         if fixed is None:
-            cutoff = _cutoff(db_session, user_id, scorer, rejected, cutoff)
+            cutoff = _cutoff(db_session, user_id, scorer, rejected, scorer.cutoff(cutoff))
         keep = scale.confidence(scorer.scores) >= cutoff
         found, vec_ids = scorer.scores[keep], scorer.vec_ids[keep]
         images = repositories.images_by_vec_id(
@@ -440,7 +445,7 @@ def image_concepts(
                 # Only a photo that could be "matched" needs its concept's own cut-off.
                 marks = repositories.active_verdicts(db_session=db_session, concept_id=concept.id)
                 rejected = [i for i, v in marks.items() if v.verdict == Verdict.REJECTED]
-                at = _cutoff(db_session, user_id, scorer, rejected, default)
+                at = _cutoff(db_session, user_id, scorer, rejected, scorer.cutoff(default))
         reason: Reason
         if verdict == Verdict.CONFIRMED:
             reason = "confirmed"

@@ -13,13 +13,14 @@ mean different things for different concepts, so each score is put on the concep
 `own` is the mean leave-one-out score of the concept's own photos (each photo scored by the
 photo mean of the *other* photos: what a new photo of the concept scores; photos a person
 confirmed help build the mean but are not scored: they were picked for ranking low), `library`
-the score that only the top `LIBRARY_QUANTILE` of the user's library reaches (the most
-convincing photos that are not the concept; a median would say nothing about them). So 0 is
-such a library photo, 1 a typical photo of the concept; a photo is in the album from the
-cut-off up: `ALBUM_CUTOFF` (chosen with LIBRARY_QUANTILE on the benchmark's validation split:
-docs/ALBUMS.md) until a person has rejected photos of the concept, then one learned per concept
-from its labelled photos (`learned_cutoff`). The service (app.services.albums) and the
-benchmark (bench/albums.py) both call these functions.
+the user's library's LIBRARY_QUANTILE score (the median: most photos are not of the concept).
+So 0 is a typical library photo, 1 a typical photo of the concept. A photo is in the album from
+the concept's cut-off up (`concept_cutoff`): ALBUM_CUTOFF, raised by CUTOFF_SLOPE times the
+confidence that the top of the library (its CUTOFF_QUANTILE) reaches, so a concept whose
+look-alikes crowd the top of the library gets a higher bar (synthetic PerVL validation: F1 at
+the cut-off 0.837 -> 0.94 of the oracle's); once a person has rejected photos of the concept,
+`learned_cutoff` may move it (by at most MAX_LEARNED_SHIFT, 0 as chosen on validation). The
+service (app.services.albums) and the benchmark (bench/albums.py) both call these functions.
 """
 
 from __future__ import annotations
@@ -32,16 +33,22 @@ import numpy as np
 from app.ml.regions import part_matches
 from app.services import recipe
 
-# Where the album starts, in confidence units, and which quantile of the library's scores is
-# confidence 0: the pair of best mean album F1 on the synthetic PerVL validation split among the
-# quantiles that every concept's own photos outscore (bench/albums.py sweeps both;
-# docs/ALBUMS.md). In a library of 640 photos, 0.97 is about the 20th best score.
-ALBUM_CUTOFF = 0.65
-LIBRARY_QUANTILE = 0.97
-# How far a cut-off learned from a concept's marks may move from ALBUM_CUTOFF, in confidence units
-# (chosen on the validation split among 0, 0.1, 0.25, 0.5 and 1 by bench/albums.py; bounded so
-# that one odd mark cannot empty or flood an album).
-MAX_LEARNED_SHIFT = 1.0
+# Where the album starts, in confidence units: ALBUM_CUTOFF + CUTOFF_SLOPE x the confidence that
+# the library's CUTOFF_QUANTILE reaches (`concept_cutoff`: a concept whose look-alikes crowd
+# the top of the library gets a higher cut-off), and which quantile of the library's scores is
+# confidence 0 (0.5: the median): the values of best mean album F1 on the synthetic PerVL
+# validation split (bench/albums.py sweeps them; docs/ALBUMS.md). In a library of 640 photos,
+# 0.985 is about the 10th best score.
+ALBUM_CUTOFF = 0.275
+CUTOFF_SLOPE = 0.75
+CUTOFF_QUANTILE = 0.985
+LIBRARY_QUANTILE = 0.5
+# How far a cut-off learned from a concept's rejected photos may move from its cut-off before
+# marks, in confidence units: chosen on the validation split among 0, 0.1, 0.25, 0.5 and 1 by
+# bench/albums.py. 0: with the per-concept cut-off above, the album F1 on the photos nobody
+# marked is 1.000 before feedback on validation, and every learned shift lowered it (to 0.907),
+# so the marks leave the cut-off where it is (they still take the rejected photos out).
+MAX_LEARNED_SHIFT = 0.0
 # The smallest own-to-library span: a concept whose photos do not stand out from the library
 # still gets finite confidences.
 MIN_SPAN = 1e-3
@@ -91,6 +98,26 @@ def learned_cutoff(
     mid = (low + high) / 2
     shift = MAX_LEARNED_SHIFT if max_shift is None else max_shift
     return float(np.clip(mid, default - shift, default + shift))
+
+
+def concept_cutoff(
+    scale: Calibration,
+    library_scores: np.ndarray,
+    base: float | None = None,
+    slope: float | None = None,
+    quantile: float | None = None,
+) -> float:
+    """The concept's cut-off before any mark: `base` (ALBUM_CUTOFF) plus `slope`
+    (CUTOFF_SLOPE) times the confidence of the library's `quantile` (CUTOFF_QUANTILE) of its
+    scores: the more library photos score close to the concept's own, the higher the bar (on
+    validation: F1 0.910 -> 0.94 of the oracle's). `base` for an empty library or slope 0."""
+    b = ALBUM_CUTOFF if base is None else base
+    k = CUTOFF_SLOPE if slope is None else slope
+    if not len(library_scores) or k == 0:
+        return b
+    q = CUTOFF_QUANTILE if quantile is None else quantile
+    top = float(np.quantile(np.asarray(library_scores, dtype=np.float64), q))
+    return b + k * float(scale.confidence(np.array([top]))[0])
 
 
 def album_scores(

@@ -99,7 +99,8 @@ def verdict_rows(client: TestClient) -> int:
 def test_album_has_the_taught_photos_and_a_calibrated_confidence(client, fido):
     user, cid, ids = fido
     body = album(client, user, cid, order="confidence")
-    assert body["version"] == 1 and body["cutoff"] == calibration.ALBUM_CUTOFF
+    # the concept's own cut-off: ALBUM_CUTOFF raised by how high the library's top reaches
+    assert body["version"] == 1 and body["cutoff"] >= calibration.ALBUM_CUTOFF - 1e-9
     scale = body["calibration"]
     # The tiny random model's noise photos all score alike: its own photos need not outscore
     # the library's top (calibration.calibrate); the scale is still the one every score is on.
@@ -127,7 +128,10 @@ def test_every_photo_above_the_cutoff_is_in_and_none_below(client, fido, monkeyp
     cut = sorted(p["confidence"] for p in everything["items"])[5]
     monkeypatch.setattr(calibration, "ALBUM_CUTOFF", cut)
     some = album(client, user, cid, limit=200)
-    expect = {p["image"]["id"] for p in everything["items"] if p["confidence"] >= cut - 1e-6}
+    # the concept's cut-off: ALBUM_CUTOFF raised by how high the library's top reaches
+    assert some["cutoff"] >= cut - 1e-9
+    at = some["cutoff"]
+    expect = {p["image"]["id"] for p in everything["items"] if p["confidence"] >= at - 1e-6}
     assert set(ids_of(some)) == expect | set(ids[:3])
 
 
@@ -341,20 +345,23 @@ def test_image_concepts_name_the_albums_that_hold_it(client, fido, monkeypatch):
     assert got["confidence"] == pytest.approx(photo["confidence"], rel=1e-4)
 
 
-def test_rejections_teach_the_album_its_own_cutoff(client, fido):
+def test_rejections_teach_the_album_its_own_cutoff(client, fido, monkeypatch):
     """Once photos are rejected, the album's cut-off is learned from them (midway between the
     concept's least typical own photo and its most convincing rejected one, within
-    MAX_LEARNED_SHIFT of the global one); GET /images/{id}/concepts decides at the same
-    cut-off; an undo of the last rejection gives the global one back."""
+    MAX_LEARNED_SHIFT of the concept's cut-off before marks; the service's bound is 0, as
+    chosen on the benchmark, so the mechanism is tested at 0.25); GET /images/{id}/concepts
+    decides at the same cut-off; an undo of the last rejection gives the first one back."""
+    monkeypatch.setattr(calibration, "MAX_LEARNED_SHIFT", 0.25)
     user, cid, ids = fido
-    assert album(client, user, cid)["cutoff"] == calibration.ALBUM_CUTOFF
+    before = album(client, user, cid)["cutoff"]
+    assert before >= calibration.ALBUM_CUTOFF - 1e-9
     assert mark(client, user, cid, ids[5], "rejected").status_code == 200
     assert mark(client, user, cid, ids[6], "rejected").status_code == 200
     wait_jobs(client)
     body = album(client, user, cid, order="confidence", limit=200)
     learned = body["cutoff"]
-    assert learned != calibration.ALBUM_CUTOFF
-    assert abs(learned - calibration.ALBUM_CUTOFF) <= calibration.MAX_LEARNED_SHIFT + 1e-9
+    assert learned != pytest.approx(before, abs=1e-9)
+    assert abs(learned - before) <= calibration.MAX_LEARNED_SHIFT + 1e-6
     matched = {p["image"]["id"] for p in body["items"] if p["reason"] == "matched"}
     assert all(p["confidence"] >= learned - 1e-6 for p in body["items"] if p["reason"] == "matched")
     for image_id in ids[3:]:
@@ -368,7 +375,7 @@ def test_rejections_teach_the_album_its_own_cutoff(client, fido):
     r = client.delete(f"/concepts/{cid}/photos/{ids[6]}/verdict", headers=user.headers)
     assert r.status_code == 200
     wait_jobs(client)
-    assert album(client, user, cid)["cutoff"] == calibration.ALBUM_CUTOFF
+    assert album(client, user, cid)["cutoff"] == pytest.approx(before, abs=1e-9)
 
 
 def test_rejected_photos_are_never_hits_of_a_query_naming_the_concept(client, fido):

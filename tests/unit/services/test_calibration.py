@@ -14,19 +14,17 @@ SCALE = Calibration(own=0.8, library=0.2)  # confidence = (score - 0.2) / 0.6
 def test_midway_between_the_least_typical_own_photo_and_the_best_rejected_one():
     own = [0.8, 0.74, 0.86]  # confidences 1.0, 0.9, 1.1
     rejected = [0.5, 0.77]  # confidences 0.5, 0.95
-    assert learned_cutoff(SCALE, own, rejected, 1.0) == pytest.approx((0.9 + 0.95) / 2)
+    assert learned_cutoff(SCALE, own, rejected, 1.0, 0.25) == pytest.approx((0.9 + 0.95) / 2)
 
 
-def test_within_the_allowed_shift_of_the_default():
+@pytest.mark.parametrize("shift", [0.0, 0.25, None])
+def test_within_the_allowed_shift_of_the_default(shift):
+    bound = calibration.MAX_LEARNED_SHIFT if shift is None else shift
     own = [0.8]  # confidence 1
     far_above = [2.0]  # confidence 3: midway is 2
-    assert learned_cutoff(SCALE, own, far_above, 0.95) == pytest.approx(
-        0.95 + calibration.MAX_LEARNED_SHIFT
-    )
+    assert learned_cutoff(SCALE, own, far_above, 0.95, shift) == pytest.approx(0.95 + bound)
     far_below = [-2.0]  # confidence about -3.7
-    assert learned_cutoff(SCALE, own, far_below, 0.95) == pytest.approx(
-        0.95 - calibration.MAX_LEARNED_SHIFT
-    )
+    assert learned_cutoff(SCALE, own, far_below, 0.95, shift) == pytest.approx(0.95 - bound)
 
 
 @pytest.mark.parametrize(("own", "rejected"), [([0.8], []), ([], [0.5]), ([], [])])
@@ -35,7 +33,7 @@ def test_nothing_to_learn_from_keeps_the_default(own, rejected):
 
 
 def test_the_threshold_in_score_units_is_where_the_confidence_reaches_it():
-    cut = learned_cutoff(SCALE, [0.74], [0.77], 1.0)
+    cut = learned_cutoff(SCALE, [0.74], [0.77], 1.0, 0.25)
     assert SCALE.confidence(np.array([SCALE.threshold(cut)]))[0] == pytest.approx(cut)
 
 
@@ -86,3 +84,17 @@ def test_a_library_quantile_the_own_photos_do_not_outscore_falls_back_to_the_med
     scale = calibration.calibrate([0.8], library, 0.9)
     assert scale.library == pytest.approx(0.5)
     assert calibration.has_scale([0.95], library, 0.9)
+
+
+def test_the_cutoff_rises_with_the_top_of_the_library():
+    library = np.linspace(0.0, 1.0, 101)
+    scale = calibration.calibrate([0.9], library, 0.5)  # confidence = (s - 0.5) / 0.4
+    assert calibration.concept_cutoff(scale, library, 0.3, 0.0, 0.99) == 0.3
+    raised = calibration.concept_cutoff(scale, library, 0.3, 0.5, 0.99)
+    assert raised == pytest.approx(0.3 + 0.5 * (0.99 - 0.5) / 0.4)
+    # two libraries, the same median: look-alikes crowding the top raise the bar
+    calm = np.concatenate([np.full(95, 0.5), np.linspace(0.5, 0.6, 5)])
+    crowded = np.concatenate([np.full(95, 0.5), np.full(5, 0.88)])
+    calm_cut = calibration.concept_cutoff(scale, calm, 0.3, 0.5, 0.97)
+    assert calibration.concept_cutoff(scale, crowded, 0.3, 0.5, 0.97) > calm_cut
+    assert calibration.concept_cutoff(scale, np.zeros(0), 0.3, 0.5, 0.99) == 0.3
