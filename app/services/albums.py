@@ -2,13 +2,13 @@
 
 A concept's album is the user's library photos the service believes show it: those whose
 confidence (`app.services.calibration`: the best match of the concept's photos with the photo
-or one of its stored regions, on the concept's own scale) reaches the cut-off. Each version of
-a concept keeps the score of every library vector in the process (`_LibraryScores`, 12 bytes
-a photo) and scores only what changed since the last request (photos added, regions stored:
-one read of the (vec id, region layout) pairs, then the new rows), so photos indexed after the
-concept was trained appear without anyone asking. The photos it was taught from (the same
-content in the library) and the photos a person confirmed are always in it; the photos a
-person rejected never are.
+or one of its stored regions, on the concept's own scale) reaches the concept's cut-off. Each
+version of a concept keeps the score of every library vector in the process
+(`_LibraryScores`, about 150 bytes a photo with its region layout key) and scores only what
+changed since the last request (photos added, regions stored: one read of the (vec id, region
+layout) pairs, then the new rows), so photos indexed after the concept was trained appear
+without anyone asking. The photos it was taught from (the same content in the library) and the
+photos a person confirmed are always in it; the photos a person rejected never are.
 
 Marks are kept as history (`ConceptVerdict` rows; a new mark or an undo ends the previous one)
 and every change starts a new version of the concept through the usual training job: confirmed
