@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.config import Settings
-from app.models import ConceptVerdict, Job, JobState
+from app.ml.regions import pack_regions, unpack_regions
+from app.models import ConceptVerdict, Image, Job, JobState
 from app.services import calibration, training
 from tests.api.test_concepts import tiny_app
 from tests.api.test_concepts import tiny_settings as tiny_settings  # the fixture
@@ -144,6 +146,46 @@ def test_photos_indexed_after_training_appear_without_asking(client, fido, monke
     newest = album(client, user, cid, limit=200)
     assert set(new) <= set(ids_of(newest))
     assert ids_of(newest)[:2] == list(reversed(new)) or set(ids_of(newest)[:2]) == set(new)
+
+
+def test_a_photo_is_scored_on_its_regions_once_they_are_stored(client, fido, monkeypatch):
+    """The album score is the best match over the photo and its stored regions; regions stored
+    after the album was last read (the region pass follows the whole-image pass) count at the
+    next request, without a new version or index generation."""
+    user, cid, ids = fido
+    monkeypatch.setattr(calibration, "ALBUM_CUTOFF", EVERYTHING)
+    app: Any = client.app
+    target = ids[9]
+    with app.state.container.session_factory() as s:
+        rows = {i.id: i for i in s.scalars(select(Image).where(Image.id.in_(ids)))}
+        layout = rows[target].region_layout
+        dim = len(rows[target].embedding) // 4
+        stored = unpack_regions(rows[target].region_embeddings, dim)
+        taught = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids[:3]])
+        s.execute(
+            update(Image)
+            .where(Image.id == target)
+            .values(region_embeddings=None, region_layout=None)
+        )
+        s.commit()
+    assert layout is not None and len(stored)
+    before = {p["image"]["id"]: p["score"] for p in album(client, user, cid, limit=200)["items"]}
+    whole = taught / np.linalg.norm(taught, axis=1, keepdims=True)
+    mean = whole.mean(axis=0)
+    mean /= np.linalg.norm(mean)
+    # one region row that shows exactly the concept's look: the best possible match
+    regions = np.concatenate([stored[:-1], mean[None]]).astype(np.float32)
+    with app.state.container.session_factory() as s:
+        s.execute(
+            update(Image)
+            .where(Image.id == target)
+            .values(region_embeddings=pack_regions(regions), region_layout=layout)
+        )
+        s.commit()
+    after = {p["image"]["id"]: p["score"] for p in album(client, user, cid, limit=200)["items"]}
+    assert after[target] == pytest.approx(1.0, abs=5e-3)
+    assert after[target] > before[target]
+    assert all(after[i] == pytest.approx(before[i], abs=1e-6) for i in ids if i != target)
 
 
 def test_pages_walk_the_whole_album_in_either_order(client, fido, monkeypatch):
