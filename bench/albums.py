@@ -1,11 +1,12 @@
 """Concept albums and one round of feedback on synthetic PerVL (docs/ALBUMS.md).
 
-    python bench/albums.py                  # val (choose cut-off and ν), then test: ~10 min, 2 CPUs
+    python bench/albums.py                  # val (scale, ν), then test: ~12 min, 2 CPUs
     python bench/albums.py --quick          # 6 concepts, nothing written unless --out
 
 Concepts train as the service trains them (the demo model's recipe) and are queried with the
 service's recipe (`polar_multi_regions`, app.services.recipe). A concept's album is the pool
-images whose confidence under its album vector (app.services.calibration, the service's code)
+images whose confidence (app.services.calibration, the service's code: the best match of the
+concept's photo mean with the image or one of its stored region rows, on the concept's scale)
 reaches the cut-off; the truth is every pool image that shows the concept. Per concept:
 precision, recall and F1 at the cut-off and the F1 at the best cut-off in hindsight (oracle).
 Then one round of simulated feedback: the 5 highest-ranked wrong photos are rejected and the
@@ -14,8 +15,9 @@ examples and the rejected ones as negatives (app.ml.train.away_from, weight ν),
 figures are measured again, plus context and two-concept mRR and retention, before and after;
 search after feedback leaves the rejected photos out of the hits of queries naming the concept,
 as the service does (and, to compare, keeps them).
-A confirmed-only retraining (ν = 0) separates what the negatives themselves bring. The cut-off
-and ν are chosen on the validation split and reported on test. Album figures after feedback
+A confirmed-only retraining (ν = 0) separates what the negatives themselves bring. The
+library quantile of the scale, the cut-off, the learned cut-off's bound and ν are chosen on the
+validation split and reported on test. Album figures after feedback
 are given on the photos nobody marked (the marked ten are decided by the marks), at the
 concept's cut-off learned from its rejected photos (calibration.learned_cutoff, as the service
 does) and, to compare, at the global one.
@@ -24,6 +26,7 @@ does) and, to compare, at the global one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -49,13 +52,32 @@ from app.bench.service import ServiceRecipe
 from app.bench.synthetic import SyntheticConfig, build_synthetic
 from app.ml.adapter import ConceptAdapter
 from app.ml.model import ClipBundle
-from app.services import calibration
+from app.ml.regions import split_regions
+from app.services import calibration, recipe
 from app.services.training import NEGATIVE_WEIGHT, TRAIN_ON_CONFIRMED
 
 OUT = Path(__file__).parent / "results" / "albums_synthetic.json"
 CUTOFFS = np.round(np.linspace(-0.5, 1.5, 81), 3)  # confidence units
+QUANTILES = (0.5, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99)  # the library's confidence 0, on val
+SLOPES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the cut-off's rise with the library's top, on val
+CUTOFF_QUANTILES = (0.98, 0.985, 0.99, 0.995)  # which top of the library, on val
+MAX_SHIFTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # how far the learned cut-off may move, on val
 NEGATIVE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # ν tried on validation, in the service's feedback
 MARKS = 5  # photos marked per verdict in the feedback round
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The album's calibration choices (made on validation): the library quantile that is
+    confidence 0; the cut-off before marks, `cutoff` + `slope` x the confidence of the
+    library's `cutoff_quantile` (calibration.concept_cutoff); how far a learned cut-off may
+    move from it."""
+
+    quantile: float
+    cutoff: float
+    slope: float
+    cutoff_quantile: float
+    max_shift: float
 
 
 @dataclass
@@ -65,6 +87,35 @@ class ConceptAlbum:
     confidence: np.ndarray  # (N,)
     truth: np.ndarray  # (N,) bool
     cutoff: float | None = None  # the concept's own cut-off; None: the global one
+    base: float | None = None  # the concept's cut-off before marks (concept_cutoff)
+
+
+@dataclass
+class RawAlbum:
+    """One concept's album scores before calibration: what the scale's sweep needs."""
+
+    scores: np.ndarray  # (N,) calibration.album_scores over the pool
+    own: np.ndarray  # (n,) leave-one-out scores of its photos
+    rejected: np.ndarray  # (k,) scores of the photos marked "not it"
+
+    def scale(self, quantile: float) -> calibration.Calibration:
+        return calibration.calibrate(self.own, self.scores, quantile)
+
+    def confidence(self, quantile: float) -> np.ndarray:
+        return self.scale(quantile).confidence(self.scores)
+
+    def base_cutoff(self, s: Scale) -> float:
+        """The concept's cut-off before marks, as the service computes it."""
+        scale = self.scale(s.quantile)
+        return calibration.concept_cutoff(scale, self.scores, s.cutoff, s.slope, s.cutoff_quantile)
+
+    def cutoff(self, s: Scale, learned: bool) -> float:
+        """The cut-off the service would use: learned once there are rejected photos."""
+        base = self.base_cutoff(s)
+        if not learned:
+            return base
+        scale = self.scale(s.quantile)
+        return calibration.learned_cutoff(scale, self.own, self.rejected, base, s.max_shift)
 
 
 def prf(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -84,27 +135,50 @@ def oracle_f1(confidence: np.ndarray, truth: np.ndarray) -> float:
     return float(f1.max()) if len(f1) else 0.0
 
 
+def pool_rows(method: ServiceRecipe) -> np.ndarray:
+    """The pool's stored region rows, every kind side by side (N, R, D), as the service reads
+    them (app.ml.regions.split_regions)."""
+    assert method.regions is not None and method.layout is not None
+    kinds = split_regions(method.regions, method.layout)
+    return np.concatenate(list(kinds.values()), axis=1)
+
+
 def album_of(
-    bundle: ClipBundle,
-    method: ServiceRecipe,
-    cid: str,
     photos: np.ndarray,
     pool: np.ndarray,
+    regions: np.ndarray,
     confirmed: np.ndarray | None = None,
     rejected: np.ndarray | None = None,
-    cutoff: float = calibration.ALBUM_CUTOFF,
-) -> tuple[np.ndarray, float]:
-    """Confidences of the pool under the concept's album vector and the concept's cut-off, as
-    the service computes them (app.services.albums: `photos` taught, `confirmed` and `rejected`
-    marked; `cutoff` the global one, learned per concept from the rejected photos)."""
-    adapter = method.adapters[cid]
+) -> RawAlbum:
+    """Album scores of the pool and the concept's own photos, as the service computes them
+    (app.services.albums: `photos` taught, `confirmed` marked and trained on (or None),
+    `rejected` the pool indices marked "not it")."""
     both = photos if confirmed is None else np.concatenate([photos, confirmed])
-    vector = calibration.album_vector(bundle, adapter, both, method.search)
-    own = calibration.leave_one_out(bundle, adapter, photos, method.search, confirmed)
-    scores = pool @ vector
-    scale = calibration.calibrate(own, scores)
-    negatives = [] if rejected is None else rejected @ vector
-    return scale.confidence(scores), calibration.learned_cutoff(scale, own, negatives, cutoff)
+    mean = recipe.photo_mean(both)
+    assert mean is not None
+    scores = calibration.album_scores(mean, pool, regions)
+    own = calibration.leave_one_out(photos, confirmed)
+    marked = scores[rejected] if rejected is not None else np.zeros(0, np.float32)
+    return RawAlbum(scores, own, marked)
+
+
+def calibrated(
+    raw: dict[str, RawAlbum],
+    truth: dict[str, np.ndarray],
+    s: Scale,
+    learned: bool = False,
+    keep: dict[str, np.ndarray] | None = None,
+) -> dict[str, ConceptAlbum]:
+    """The albums on the concepts' scales, each at its cut-off (learned from its rejected
+    photos when `learned`); `keep`: the pool images to score (concept id -> bool mask), all
+    when None."""
+    out = {}
+    for cid, r in raw.items():
+        conf, t = r.confidence(s.quantile), truth[cid]
+        if keep is not None:
+            conf, t = conf[keep[cid]], t[keep[cid]]
+        out[cid] = ConceptAlbum(conf, t, r.cutoff(s, learned), r.base_cutoff(s))
+    return out
 
 
 def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
@@ -120,11 +194,12 @@ def truths(ds: PerVLDataset) -> dict[str, np.ndarray]:
 def album_figures(
     albums: dict[str, ConceptAlbum], cutoff: float, per_concept: bool = True
 ) -> dict[str, Any]:
-    """Mean P/R/F1 at the cut-off (each concept's own when it has one and `per_concept`) and
-    mean oracle F1, with the per-concept rows."""
+    """Mean P/R/F1 at each concept's cut-off (`per_concept`: learned from marks, else the one
+    before marks; `cutoff` where a concept has none) and mean oracle F1, per concept too."""
     rows = {}
     for cid, a in albums.items():
-        at = a.cutoff if per_concept and a.cutoff is not None else cutoff
+        own = a.cutoff if per_concept else a.base
+        at = own if own is not None else cutoff
         p, r, f = prf(a.confidence >= at, a.truth)
         rows[cid] = {
             "precision": p,
@@ -137,10 +212,37 @@ def album_figures(
     return {"mean": mean, "per_concept": rows}
 
 
-def best_cutoff(albums: dict[str, ConceptAlbum]) -> float:
-    """The cut-off of best mean F1."""
-    f1 = [album_figures(albums, float(c))["mean"]["f1"] for c in CUTOFFS]
-    return float(CUTOFFS[int(np.argmax(f1))])
+def best_scale(
+    raw: dict[str, RawAlbum], truth: dict[str, np.ndarray]
+) -> tuple[Scale, list[dict[str, float]]]:
+    """The scale of best mean album F1 before marks (library quantile, cut-off, slope and its
+    quantile), and the sweep's best F1 per library quantile. A library quantile that some
+    concept's own photos do not outscore is no scale for it (calibrate falls back to the
+    median): skipped."""
+    best, best_f1 = None, -1.0
+    sweep = []
+    for q in QUANTILES:
+        degenerate = sum(not calibration.has_scale(r.own, r.scores, q) for r in raw.values())
+        conf = {cid: r.confidence(q) for cid, r in raw.items()}
+        oracle = float(np.mean([oracle_f1(conf[c], truth[c]) for c in raw]))
+        row = {"quantile": q, "f1": -1.0, "oracle_f1": oracle}
+        for slope in SLOPES:
+            for cq in CUTOFF_QUANTILES if slope else CUTOFF_QUANTILES[:1]:
+                top = {c: float(np.quantile(conf[c], cq)) for c in raw}
+                for cut in CUTOFFS:
+                    f1 = float(
+                        np.mean([prf(conf[c] >= cut + slope * top[c], truth[c])[2] for c in raw])
+                    )
+                    if f1 > row["f1"] + 1e-9:
+                        row |= {"f1": f1, "cutoff": float(cut), "slope": slope, "at": cq}
+                    if f1 > row.get("f1_flat", -1.0) + 1e-9 and slope == 0:
+                        row |= {"f1_flat": f1, "cutoff_flat": float(cut)}
+        sweep.append(row | {"degenerate_concepts": float(degenerate)})
+        if not degenerate and row["f1"] > best_f1 + 1e-9:
+            best_f1 = row["f1"]
+            best = Scale(q, row["cutoff"], row["slope"], row["at"], calibration.MAX_LEARNED_SHIFT)
+    assert best is not None
+    return best, sweep
 
 
 def search_figures(
@@ -199,71 +301,106 @@ def run_split(
     split: str,
     cfg: SyntheticConfig,
     weights: tuple[float, ...],
-    cutoff: float | None,
+    scale: Scale | None,
     negatives_only: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Everything on one split; `cutoff` None: choose it here (validation)."""
+    """Everything on one split; `scale` None: choose it here (validation: the quantile and
+    cut-off on the albums before feedback, the learned cut-off's bound on the service's
+    feedback after it)."""
     ds = build_synthetic(split, cfg)
     emb = embed_dataset(bundle, ds)
     method = METHODS[DEFAULT_METHOD](bundle, BenchSettings(lam=bundle.default_lam))
     assert isinstance(method, ServiceRecipe)
     fitted = evaluate(method, ds, emb)  # fits every concept (timed) and scores the queries
+    regions = pool_rows(method)
     truth = truths(ds)
-    before = {
-        cid: ConceptAlbum(album_of(bundle, method, cid, emb.photos[cid], emb.pool)[0], truth[cid])
-        for cid in ds.concepts
-    }
-    chosen = best_cutoff(before) if cutoff is None else cutoff
+    raw_before = {cid: album_of(emb.photos[cid], emb.pool, regions) for cid in ds.concepts}
+    sweep: list[dict[str, float]] = []
+    if scale is None:
+        chosen, sweep = best_scale(raw_before, truth)
+    else:
+        chosen = scale
+    cut = chosen.cutoff
+    before = calibrated(raw_before, truth, chosen)
     result: dict[str, Any] = {
         "split": split,
         "pool": len(ds.pool),
         "concepts": len(ds.concepts),
-        "cutoff": chosen,
-        "before": {"album": album_figures(before, chosen), "search": fitted},
+        "cutoff": cut,
+        "scale": dataclasses.asdict(chosen),
+        "library_quantile": chosen.quantile,
+        "scale_sweep": sweep,
+        "before": {"album": album_figures(before, cut), "search": fitted},
         "after": {},
     }
     base_adapters, base_photos = dict(method.adapters), dict(method.photos)
     picked = {cid: marks(a) for cid, a in before.items()}
+    unmarked = {}
+    for cid, (rejected, confirmed) in picked.items():
+        unmarked[cid] = np.ones(len(ds.pool), dtype=bool)
+        unmarked[cid][np.concatenate([rejected, confirmed])] = False
     seconds: dict[float, list[float]] = {}
+    raw_after: dict[str, dict[str, RawAlbum]] = {}
     # (key, ν, whether the confirmed photos are examples): "negatives only" keeps the taught
     # photos alone, to tell what the negative term does from what the confirmed photos do.
     variants = [(str(w), w, True) for w in weights]
     variants += [(f"negatives_only:{w}", w, False) for w in negatives_only]
     for key, w, with_confirmed in variants:
         method.adapters, method.photos = dict(base_adapters), dict(base_photos)
-        after: dict[str, ConceptAlbum] = {}
-        shown: dict[str, ConceptAlbum] = {}
+        raw_after[key] = {}
         if with_confirmed:
             seconds[w] = []
         for cid in ds.concepts:
             rejected, confirmed = picked[cid]
-            extra = emb.pool[confirmed] if with_confirmed else emb.pool[confirmed][:0]
-            photos = np.concatenate([base_photos[cid], extra])
+            extra = emb.pool[confirmed] if with_confirmed else None
+            photos = (
+                base_photos[cid] if extra is None else np.concatenate([base_photos[cid], extra])
+            )
             adapter, took = retrain(method, cid, photos, emb.pool[rejected], w)
             if with_confirmed:
                 seconds[w].append(took)
             method.adapters[cid], method.photos[cid] = adapter, photos
-            unmarked = np.ones(len(ds.pool), dtype=bool)
-            unmarked[np.concatenate([rejected, confirmed])] = False
-            conf, own_cut = album_of(
-                bundle, method, cid, base_photos[cid], emb.pool, extra, emb.pool[rejected], chosen
-            )
-            after[cid] = ConceptAlbum(conf[unmarked], truth[cid][unmarked], own_cut)
-            # As the person sees it: confirmed photos always in, rejected never.
-            marked = conf.copy()
-            marked[confirmed], marked[rejected] = np.inf, -np.inf
-            shown[cid] = ConceptAlbum(marked, truth[cid], own_cut)
+            raw_after[key][cid] = album_of(base_photos[cid], emb.pool, regions, extra, rejected)
         method.rejected = {}
         kept_in = search_figures(method, ds, emb, retention=False)
         method.rejected = {cid: picked[cid][0] for cid in ds.concepts}
         result["after"][key] = {
             # the rejected photos still among the hits: what the retrained concept alone does
             "search_rejected_kept": kept_in,
-            "album_shown": album_figures(shown, chosen),
-            "album": album_figures(after, chosen),
-            # the same photos at the one global cut-off, to tell what the learned one brings
-            "album_global_cutoff": album_figures(after, chosen, per_concept=False),
             "search": search_figures(method, ds, emb),
+        }
+    # The learned cut-off's bound: on validation the best for the service's feedback.
+    by_shift = {
+        key: {
+            m: album_figures(
+                calibrated(raw, truth, dataclasses.replace(chosen, max_shift=m), True, unmarked),
+                cut,
+            )["mean"]["f1"]
+            for m in MAX_SHIFTS
+        }
+        for key, raw in raw_after.items()
+    }
+    if scale is None:
+        service = by_shift[service_key(NEGATIVE_WEIGHT)]
+        shift = max(MAX_SHIFTS, key=lambda m: (round(service[m], 9), -m))
+    else:
+        shift = scale.max_shift
+    result["max_shift"] = shift
+    chosen = dataclasses.replace(chosen, max_shift=shift)
+    result["scale"] = dataclasses.asdict(chosen)
+    for key, raw in raw_after.items():
+        after = calibrated(raw, truth, chosen, True, unmarked)
+        shown = calibrated(raw, truth, chosen, True)
+        for cid, a in shown.items():  # as the person sees it: confirmed in, rejected never
+            rejected, confirmed = picked[cid]
+            a.confidence = a.confidence.copy()
+            a.confidence[confirmed], a.confidence[rejected] = np.inf, -np.inf
+        result["after"][key] |= {
+            "album_shown": album_figures(shown, cut),
+            "album": album_figures(after, cut),
+            # the same photos at the cut-off before marks, to tell what the learned one brings
+            "album_global_cutoff": album_figures(after, cut, per_concept=False),
+            "album_f1_by_max_shift": by_shift[key],
         }
     method.adapters, method.photos, method.rejected = base_adapters, base_photos, {}
     # Training time with vs without negatives (same photos, same run, interleaved repeats).
@@ -273,13 +410,9 @@ def run_split(
             statistics.median(seconds[with_neg[0]]) / statistics.median(seconds[0.0])
         )
     # The unmarked pool excludes 10 images per concept; "before" on the same subset:
-    unmarked_before = {}
-    for cid, a in before.items():
-        rejected, confirmed = picked[cid]
-        keep = np.ones(len(ds.pool), dtype=bool)
-        keep[np.concatenate([rejected, confirmed])] = False
-        unmarked_before[cid] = ConceptAlbum(a.confidence[keep], a.truth[keep])
-    result["before"]["album_unmarked"] = album_figures(unmarked_before, chosen)
+    result["before"]["album_unmarked"] = album_figures(
+        calibrated(raw_before, truth, chosen, keep=unmarked), cut
+    )
     return result
 
 
@@ -359,7 +492,15 @@ def table(res: dict[str, Any], weight: float) -> None:
         ("two-concept mRR", [c["search"]["multi"]["mrr"] for c in cols]),
         ("retention drop", [c["search"]["retention"]["drop"] for c in cols]),
     ]
-    print(f"\n{res['split']}: cut-off {res['cutoff']}, ν {weight}")
+    print(f"\n{res['split']}: {res['scale']}, ν {weight}")
+    for row in res["scale_sweep"]:
+        print(
+            f"  quantile {row['quantile']:<6} cut-off {row['cutoff']:6.3f} + {row['slope']:g} x"
+            f" conf at {row['at']}: F1 {row['f1']:.3f} of oracle {row['oracle_f1']:.3f}"
+            f" ({row['f1'] / row['oracle_f1']:.3f}); one cut-off {row['cutoff_flat']:6.3f}:"
+            f" {row['f1_flat'] / row['oracle_f1']:.3f}; {row['degenerate_concepts']:.0f}"
+            " concepts without a scale"
+        )
     heads = ["before", *(heading(k) for k in keys)]
     print(f"{'':<24}" + "".join(f"{h:>15}" for h in heads))
     for name, vals in rows:
@@ -383,12 +524,22 @@ def main() -> None:
     val = run_split(bundle, "val", cfg, both, None, negatives_only=NEGATIVE_WEIGHTS)
     weight = pick_weight(val)
     table(val, weight)
+    chosen = Scale(**val["scale"])
+    service = Scale(
+        calibration.LIBRARY_QUANTILE,
+        calibration.ALBUM_CUTOFF,
+        calibration.CUTOFF_SLOPE,
+        calibration.CUTOFF_QUANTILE,
+        calibration.MAX_LEARNED_SHIFT,
+    )
+    if chosen != service:
+        print(f"NOTE: validation chose {chosen}, the service runs {service}: update calibration.py")
     test = run_split(
         bundle,
         "test",
         cfg,
         both,
-        val["cutoff"],
+        chosen,
         negatives_only=tuple(sorted({0.0, weight, NEGATIVE_WEIGHT})),
     )
     table(test, weight)
@@ -427,6 +578,10 @@ def main() -> None:
         "negative_weight_best_on_val": weight,
         "negative_weights_tried_on_val": list(NEGATIVE_WEIGHTS),
         "cutoff_chosen_on_val": val["cutoff"],
+        "library_quantile_chosen_on_val": val["library_quantile"],
+        "max_learned_shift_chosen_on_val": val["max_shift"],
+        "scale_chosen_on_val": val["scale"],
+        "service_scale": dataclasses.asdict(service),
         "targets": targets,
         "timing": timing,
         "val": val,

@@ -732,14 +732,20 @@ class AlbumCalibrationOut(BaseModel):
     """The concept's score scale under the library as indexed now."""
 
     own: float = Field(description="mean leave-one-out score of the concept's own photos")
-    library: float = Field(description="median score of your library")
+    library: float = Field(
+        description="the median score of your library (the photos known to show the concept "
+        "left out)"
+    )
 
 
 class AlbumPhotoOut(BaseModel):
     """A photo in a concept's album."""
 
     image: ImageOut
-    score: float | None = Field(description="cosine with the concept's album vector")
+    score: float | None = Field(
+        description="the best cosine between the concept's photos (their mean) and the photo "
+        "or one of its regions"
+    )
     confidence: float | None = Field(description=CONFIDENCE_DOC)
     reason: str = Field(description=REASON_DOC)
     verdict: str | None = Field(description="your current mark on it: confirmed, or null")
@@ -750,7 +756,12 @@ class AlbumPage(BaseModel):
 
     concept_id: str
     version: int | None = Field(description="the trained version that scored it; null: none yet")
-    cutoff: float = Field(description="the confidence from which a photo is in the album")
+    cutoff: float = Field(
+        description="the confidence from which a photo is in this concept's album: the "
+        "concept's own, higher when many of your library's photos score close to its own "
+        'photos (its look-alikes), and learned from its "not it" marks within '
+        "MAX_LEARNED_SHIFT (docs/ALBUMS.md)"
+    )
     calibration: AlbumCalibrationOut | None
     total: int = Field(description="photos in the whole album")
     items: list[AlbumPhotoOut]

@@ -38,6 +38,7 @@ from app.repositories.embedding import (
     ImageSourceRow,
     IndexCounts,
     clear_embed_errors,
+    embedded_region_layouts,
     embedded_vec_ids,
     embeddings_of,
     images_to_embed,
@@ -98,6 +99,7 @@ from app.repositories.libraries import (
 )
 from app.repositories.search import (
     ImageVectors,
+    adapter_examples,
     adapter_photo_embeddings,
     adapter_photo_embeddings_by_kind,
     count_unembedded_images,
@@ -105,6 +107,7 @@ from app.repositories.search import (
     image_vectors,
     images_by_vec_id,
     latest_adapters,
+    library_regions_by_hash,
     recent_image_embeddings,
     user_concepts,
 )
@@ -119,6 +122,7 @@ __all__ = [
     "Page",
     "active_verdict",
     "active_verdicts",
+    "adapter_examples",
     "adapter_photo_embeddings",
     "adapter_photo_embeddings_by_kind",
     "add_job",
@@ -133,6 +137,7 @@ __all__ = [
     "decode_cursor",
     "delete_concept",
     "delete_library_images",
+    "embedded_region_layouts",
     "embedded_vec_ids",
     "embeddings_of",
     "encode_cursor",
@@ -167,6 +172,7 @@ __all__ = [
     "library_embed_failures",
     "library_folder_keys",
     "library_images_at",
+    "library_regions_by_hash",
     "library_storage_paths",
     "list_concepts_page",
     "list_examples",

@@ -218,6 +218,18 @@ def embedded_vec_ids(*, db_session: Session, user_id: str, model_id: str) -> Ite
     return db_session.scalars(select(Image.vec_id).where(*_embedded_by(user_id, model_id)))
 
 
+def embedded_region_layouts(
+    *, db_session: Session, user_id: str, model_id: str
+) -> list[tuple[int, str | None]]:
+    """(vec_id, region_layout) of every image of the user embedded by `model_id`: which vectors
+    there are and whether their regions are stored yet (the regions follow in a second pass,
+    under the same vec_id)."""
+    rows = db_session.execute(
+        select(Image.vec_id, Image.region_layout).where(*_embedded_by(user_id, model_id))
+    )
+    return [(int(v), k) for v, k in rows]
+
+
 def embeddings_of(
     *, db_session: Session, user_id: str, model_id: str, vec_ids: list[int]
 ) -> list[tuple[int, bytes | None]]:

@@ -103,6 +103,41 @@ class ImageVectors(NamedTuple):
     region_layout: str | None
 
 
+def adapter_examples(
+    *, db_session: Session, adapter: Adapter, model_id: str
+) -> list[tuple[str, bytes]]:
+    """(content hash, embedding) of the concept's photos the adapter was trained on."""
+    rows = db_session.execute(
+        select(ConceptExample.sha256, ConceptExample.embedding).where(
+            ConceptExample.concept_id == adapter.concept_id,
+            ConceptExample.version_added <= adapter.version,
+            ConceptExample.embedding_model == model_id,
+            ConceptExample.embedding.is_not(None),
+        )
+    )
+    return [(h, e) for h, e in rows if e is not None]
+
+
+def library_regions_by_hash(
+    *, db_session: Session, user_id: str, model_id: str, hashes: Sequence[str]
+) -> dict[str, ImageVectors]:
+    """content hash -> the stored vectors of a library image of the user with that content,
+    embedded by `model_id` (any one of them when several)."""
+    ids = list(dict.fromkeys(hashes))
+    found: dict[str, ImageVectors] = {}
+    for start in range(0, len(ids), IN_CHUNK):
+        query = select(
+            Image.sha256, Image.embedding, Image.region_embeddings, Image.region_layout
+        ).where(
+            Image.user_id == user_id,
+            Image.sha256.in_(ids[start : start + IN_CHUNK]),
+            Image.embedding_model == model_id,
+            Image.embedding.is_not(None),
+        )
+        found.update((h, ImageVectors(e, r, k)) for h, e, r, k in db_session.execute(query))
+    return found
+
+
 def image_vectors(
     *, db_session: Session, user_id: str, vec_ids: Sequence[int]
 ) -> dict[int, ImageVectors]:

@@ -1,11 +1,14 @@
 """Concept albums and feedback: every photo of Fido, and "this is / not Fido" marks that teach.
 
 A concept's album is the user's library photos the service believes show it: those whose
-confidence (`app.services.calibration`: the score under the concept's album vector, on the
-concept's own scale) reaches the cut-off, found by FAISS range search over the user's cached
-index, so photos indexed after the concept was trained appear without anyone asking. The
-photos it was taught from (the same content in the library) and the photos a person confirmed
-are always in it; the photos a person rejected never are.
+confidence (`app.services.calibration`: the best match of the concept's photos with the photo
+or one of its stored regions, on the concept's own scale) reaches the concept's cut-off. Each
+version of a concept keeps the score of every library vector in the process
+(`_LibraryScores`, about 150 bytes a photo with its region layout key) and scores only what
+changed since the last request (photos added, regions stored: one read of the (vec id, region
+layout) pairs, then the new rows), so photos indexed after the concept was trained appear
+without anyone asking. The photos it was taught from (the same content in the library) and the
+photos a person confirmed are always in it; the photos a person rejected never are.
 
 Marks are kept as history (`ConceptVerdict` rows; a new mark or an undo ends the previous one)
 and every change starts a new version of the concept through the usual training job: confirmed
@@ -17,6 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,22 +29,20 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app import repositories
-from app.config import SearchSettings
 from app.errors import InvalidCursor, NotFound, ValidationFailed
 from app.ml.adapter import ConceptAdapter
 from app.ml.model import AdapterMismatchError
+from app.ml.regions import split_regions, unpack_regions
 from app.models import Adapter, Concept, ConceptVerdict, Image, Job, Verdict, new_id, utcnow
-from app.services import calibration, training
+from app.services import calibration, recipe, training
 from app.services.concepts import ConceptView, get_concept, start_new_version
 from app.services.images import PhotoEnv
-from app.services.index import CachedIndex, IndexCache
 from app.services.jobs import JobQueue, enqueue_committed
 from app.services.model import ServingModel
 from app.services.search import AdapterCache, SearchEnv
 
 AlbumOrder = Literal["newest", "confidence"]
 Reason = Literal["confirmed", "taught", "matched"]
-_SLACK = 1e-5  # below the threshold, in cosine units (float32 rounding)
 _MALFORMED = "malformed cursor: pass back next_cursor unchanged"
 
 
@@ -48,7 +51,7 @@ class AlbumPhoto:
     """A photo in an album, with why it is there."""
 
     image: Image
-    score: float | None  # cosine with the album vector; None: not embedded by this model
+    score: float | None  # calibration.album_scores; None: not embedded by this model
     confidence: float | None  # on the concept's scale (calibration.Calibration.confidence)
     reason: Reason  # confirmed by a person, taught from, or matched at the cut-off
     verdict: str | None  # the photo's current mark for the concept
@@ -90,11 +93,35 @@ class VerdictChange:
 
 @dataclass(frozen=True)
 class _Scorer:
-    """A concept's album vector and scale under one index generation."""
+    """A concept's album scores over the library as stored now, and its scale."""
 
-    vector: np.ndarray  # (D,)
     scale: calibration.Calibration
     own: np.ndarray  # (n,) leave-one-out scores of the concept's own photos
+    vec_ids: np.ndarray  # (N,) int64: every vector of the library
+    scores: np.ndarray  # (N,) its album score (calibration.album_scores)
+    others: np.ndarray  # the scores of the library photos not known to show the concept
+
+    def cutoff(self, base: float) -> float:
+        """The concept's cut-off before any mark (calibration.concept_cutoff)."""
+        return calibration.concept_cutoff(self.scale, self.others, base)
+
+    def score_of(self, vec_id: int) -> float | None:
+        """The album score of one library vector; None when it is not in the library."""
+        at = int(np.searchsorted(self.vec_ids, vec_id))
+        if at < len(self.vec_ids) and int(self.vec_ids[at]) == vec_id:
+            return float(self.scores[at])
+        return None
+
+
+@dataclass
+class _LibraryScores:
+    """One concept version's album score of each library vector, kept between requests and
+    brought up to date by difference (vectors added or gone, regions stored since)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    keys: dict[int, str | None] = field(default_factory=dict)  # vec id -> its region layout
+    vec_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -113,43 +140,125 @@ def _adapter(
     return adapter
 
 
+def _stack(blobs: list[bytes], dim: int) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.stack([np.frombuffer(b, np.float32) for b in blobs])
+
+
+def _score_vectors(
+    db_session: Session, user_id: str, vec_ids: list[int], mean: np.ndarray, dim: int
+) -> tuple[list[int], np.ndarray]:
+    """Album scores of those library vectors (whole embedding and every stored region row:
+    calibration.album_scores); vectors deleted meanwhile are left out."""
+    rows = repositories.image_vectors(db_session=db_session, user_id=user_id, vec_ids=vec_ids)
+    found = [v for v in vec_ids if v in rows and rows[v].embedding is not None]
+    if not found:
+        return [], np.zeros(0, np.float32)
+    whole = np.stack([np.frombuffer(rows[v].embedding, np.float32) for v in found])  # type: ignore[arg-type]
+    regions = [_region_rows(rows[v], dim) for v in found]
+    return found, calibration.album_scores(mean, whole, regions)
+
+
+def _library_scores(
+    db_session: Session,
+    user_id: str,
+    serving: ServingModel,
+    mean: np.ndarray,
+    held: _LibraryScores,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(vec ids sorted, album scores) of every vector of the user's library: the ones scored
+    before are kept, new vectors (and vectors whose regions were stored since) are scored."""
+    dim = serving.bundle.embed_dim
+    now = dict(
+        repositories.embedded_region_layouts(
+            db_session=db_session, user_id=user_id, model_id=serving.model_id
+        )
+    )
+    with held.lock:
+        if now == held.keys:
+            return held.vec_ids, held.scores
+        known = dict(zip(held.vec_ids.tolist(), held.scores.tolist(), strict=True))
+        fresh = [v for v, key in now.items() if v not in known or held.keys.get(v) != key]
+        scored = {v: s for v, s in known.items() if v in now and held.keys.get(v) == now[v]}
+        for start in range(0, len(fresh), 900):
+            ids, new = _score_vectors(db_session, user_id, fresh[start : start + 900], mean, dim)
+            scored.update(zip(ids, new.tolist(), strict=True))
+        vec_ids = np.array(sorted(scored), dtype=np.int64)
+        held.vec_ids = vec_ids
+        held.scores = np.array([scored[v] for v in vec_ids.tolist()], dtype=np.float32)
+        held.keys = {v: now[v] for v in scored}
+        return held.vec_ids, held.scores
+
+
+def _region_rows(stored: repositories.ImageVectors | None, dim: int) -> np.ndarray:
+    """Every stored region row of an image, (R, D); (0, D) when none are stored."""
+    if stored is None:
+        return np.zeros((0, dim), np.float32)
+    by_kind = split_regions(unpack_regions(stored.regions, dim), stored.region_layout)
+    return np.concatenate(list(by_kind.values())) if by_kind else np.zeros((0, dim), np.float32)
+
+
+def _mean_and_own(
+    db_session: Session, user_id: str, row: Adapter, serving: ServingModel
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The version's photo mean (its photos and the confirmed ones it trained on) and the
+    leave-one-out scores of its photos, each matched on its regions too when the same photo is
+    in the library (calibration.leave_one_out); a few rows, read at each request, so regions
+    stored since count at once."""
+    dim = serving.bundle.embed_dim
+    examples = repositories.adapter_examples(
+        db_session=db_session, adapter=row, model_id=serving.model_id
+    )
+    _, confirmed = repositories.adapter_photo_embeddings_by_kind(
+        db_session=db_session, adapter=row, model_id=serving.model_id
+    )
+    own, extra = _stack([e for _, e in examples], dim), _stack(confirmed, dim)
+    mean = recipe.photo_mean(np.concatenate([own, extra]))
+    if not len(own):
+        return mean, np.zeros(0, np.float32)
+    library = repositories.library_regions_by_hash(
+        db_session=db_session,
+        user_id=user_id,
+        model_id=serving.model_id,
+        hashes=[h for h, _ in examples],
+    )
+    regions = [_region_rows(library.get(h), dim) for h, _ in examples]
+    return mean, calibration.leave_one_out(own, extra, regions)
+
+
 def _scorer(
     db_session: Session,
+    user_id: str,
     row: Adapter,
-    adapter: ConceptAdapter,
     serving: ServingModel,
-    cached: CachedIndex,
     adapter_cache: AdapterCache,
-    settings: SearchSettings,
-) -> _Scorer:
-    """The album vector and calibration of an adapter over the library as indexed now."""
+    own_photos: Iterable[int],
+) -> _Scorer | None:
+    """The version's album scores and calibration over the library as stored now; None when
+    none of its photos is embedded by the serving model. `own_photos`: the vec ids of the
+    library photos known to show the concept (taught, confirmed), left out of the library's
+    side of the scale (in a small library they would be its top)."""
 
-    def vector_and_own() -> tuple[np.ndarray, np.ndarray]:
-        taught, confirmed = repositories.adapter_photo_embeddings_by_kind(
-            db_session=db_session, adapter=row, model_id=serving.model_id
-        )
-        dim = serving.bundle.embed_dim
+    mean, own = _mean_and_own(db_session, user_id, row, serving)
+    if mean is None:
+        return None
+    held = adapter_cache.memo(f"album-library:{row.id}:{serving.model_id}", _LibraryScores)
+    vec_ids, scores = _library_scores(db_session, user_id, serving, mean, held)
+    known = np.array(list(own_photos), dtype=np.int64)
+    others = scores[~np.isin(vec_ids, known)]
+    return _Scorer(calibration.calibrate(own, others), own, vec_ids, scores, others)
 
-        def stack(blobs: list[bytes]) -> np.ndarray:
-            if not blobs:
-                return np.zeros((0, dim), np.float32)
-            return np.stack([np.frombuffer(b, np.float32) for b in blobs])
 
-        own, extra = stack(taught), stack(confirmed)
-        both = np.concatenate([own, extra])
-        vector = calibration.album_vector(serving.bundle, adapter, both, settings)
-        loo = calibration.leave_one_out(serving.bundle, adapter, own, settings, extra)
-        return vector, loo
-
-    vector, own = adapter_cache.memo(f"album:{row.id}:{serving.model_id}", vector_and_own)
-
-    def scale() -> calibration.Calibration:
-        # The library's scores: one exact FAISS pass over the user's index per generation.
-        scores, _ = cached.index.search(vector[None], len(cached.index))
-        return calibration.calibrate(own, scores[0][np.isfinite(scores[0])])
-
-    key = f"album-scale:{row.id}:{serving.model_id}:{cached.generation}:{len(cached.index)}"
-    return _Scorer(vector, adapter_cache.memo(key, scale), own)
+def _own_photos(db_session: Session, user_id: str, concept_id: str) -> list[int]:
+    """The vec ids of the library photos known to show the concept: taught from, confirmed."""
+    taught = repositories.taught_library_images(
+        db_session=db_session, user_id=user_id, concept_id=concept_id
+    )
+    marks = repositories.active_verdicts(db_session=db_session, concept_id=concept_id)
+    confirmed = [i for i, v in marks.items() if v.verdict == Verdict.CONFIRMED]
+    images = repositories.get_images(db_session=db_session, user_id=user_id, image_ids=confirmed)
+    return [i.vec_id for i in taught] + [i.vec_id for i in images.values()]
 
 
 def _cutoff(
@@ -157,29 +266,16 @@ def _cutoff(
     user_id: str,
     scorer: _Scorer,
     rejected: list[str],
-    serving: ServingModel,
     default: float,
 ) -> float:
     """The concept's cut-off: learned from its rejected photos when it has some
     (calibration.learned_cutoff), `default` otherwise."""
     if not rejected:
         return default
-    vectors = repositories.image_embeddings_by_id(
-        db_session=db_session, user_id=user_id, image_ids=rejected, model_id=serving.model_id
-    )
-    scores = [float(v @ scorer.vector) for v in vectors.values()]
-    return calibration.learned_cutoff(scorer.scale, scorer.own, scores, default)
-
-
-def _index(
-    db_session: Session, user_id: str, serving: ServingModel, cache: IndexCache
-) -> CachedIndex:
-    return cache.get(
-        db_session=db_session,
-        user_id=user_id,
-        model_id=serving.model_id,
-        dim=serving.bundle.embed_dim,
-    )
+    images = repositories.get_images(db_session=db_session, user_id=user_id, image_ids=rejected)
+    scores = [scorer.score_of(i.vec_id) for i in images.values()]
+    found = [s for s in scores if s is not None]
+    return calibration.learned_cutoff(scorer.scale, scorer.own, found, default)
 
 
 # --- the album ----------------------------------------------------------------------------------
@@ -223,10 +319,9 @@ class AlbumRequest:
 
 def concept_album(user_id: str, concept_id: str, request: AlbumRequest, env: SearchEnv) -> Album:
     """A page of the concept's album (NotFound for a missing or foreign concept); `cutoff`:
-    unless given, calibration.ALBUM_CUTOFF, or the concept's own once it has rejected photos
-    (calibration.learned_cutoff)."""
-    db_session, serving, index_cache = env.db_session, env.serving, env.index_cache
-    adapter_cache, search_settings = env.adapter_cache, env.search
+    unless given, the concept's (calibration.concept_cutoff), learned once it has rejected
+    photos (calibration.learned_cutoff)."""
+    db_session, serving, adapter_cache = env.db_session, env.serving, env.adapter_cache
     order, limit, cursor = request.order, request.limit, request.cursor
     fixed = request.cutoff
     cutoff = calibration.ALBUM_CUTOFF if fixed is None else fixed
@@ -252,35 +347,32 @@ def concept_album(user_id: str, concept_id: str, request: AlbumRequest, env: Sea
         members[image.id] = (image, "confirmed")
     scores: dict[str, float] = {}
     scale = None
-    if adapter is None or row is None:
+    scorer = None
+    if adapter is not None and row is not None:
+        own_photos = [image.vec_id for image, _ in members.values()]
+        scorer = _scorer(db_session, user_id, row, serving, adapter_cache, own_photos)
+    if scorer is None:
         warnings.append(
             f"'{concept.name}' has no trained version for the serving model yet: the album holds "
             "only the photos it was taught from and the ones confirmed"
         )
     else:
-        cached = _index(db_session, user_id, serving, index_cache)
-        scorer = _scorer(db_session, row, adapter, serving, cached, adapter_cache, search_settings)
         scale = scorer.scale
         if fixed is None:
-            cutoff = _cutoff(db_session, user_id, scorer, rejected, serving, cutoff)
-        # FAISS keeps scores strictly above the radius, in float32: search a hair below the
-        # threshold and decide on the confidence itself, as the response reports it.
-        found, vec_ids = cached.index.range_search(scorer.vector, scale.threshold(cutoff) - _SLACK)
-        keep = scale.confidence(found) >= cutoff
-        found, vec_ids = found[keep], vec_ids[keep]
+            cutoff = _cutoff(db_session, user_id, scorer, rejected, scorer.cutoff(cutoff))
+        keep = scale.confidence(scorer.scores) >= cutoff
+        found, vec_ids = scorer.scores[keep], scorer.vec_ids[keep]
         images = repositories.images_by_vec_id(
             db_session=db_session, user_id=user_id, vec_ids=vec_ids.tolist()
         )
-        for s, v in zip(found.tolist(), vec_ids.tolist(), strict=True):
+        for sc, v in zip(found.tolist(), vec_ids.tolist(), strict=True):
             hit = images.get(v)
-            if hit is not None:  # deleted since the index was read: absent
-                scores[hit.id] = s
+            if hit is not None:  # deleted since the scores were read: absent
+                scores[hit.id] = sc
                 members.setdefault(hit.id, (hit, "matched"))
-        unscored = [i for i in members if i not in scores]
-        vectors = repositories.image_embeddings_by_id(
-            db_session=db_session, user_id=user_id, image_ids=unscored, model_id=serving.model_id
-        )
-        scores |= {i: float(v @ scorer.vector) for i, v in vectors.items()}
+        for image_id, (image, _) in members.items():
+            if image_id not in scores and (known := scorer.score_of(image.vec_id)) is not None:
+                scores[image_id] = known
     photos = []
     for image_id, (image, reason) in members.items():
         if image_id in never:
@@ -313,8 +405,7 @@ def image_concepts(
 ) -> list[ImageConcept]:
     """The user's concepts whose album holds the image, most confident first (NotFound for a
     missing or foreign image); each concept's cut-off as in its album (`concept_album`)."""
-    db_session, serving, index_cache = env.db_session, env.serving, env.index_cache
-    adapter_cache, search_settings = env.adapter_cache, env.search
+    db_session, serving, adapter_cache = env.db_session, env.serving, env.adapter_cache
     default = calibration.ALBUM_CUTOFF if cutoff is None else cutoff
     image = repositories.get_image(db_session=db_session, user_id=user_id, image_id=image_id)
     if image is None:
@@ -329,10 +420,6 @@ def image_concepts(
         db_session=db_session, user_id=user_id, sha256=image.sha256
     )
     rows = repositories.latest_adapters(db_session=db_session, concept_ids=[c.id for c in concepts])
-    vector = repositories.image_embeddings_by_id(
-        db_session=db_session, user_id=user_id, image_ids=[image.id], model_id=serving.model_id
-    ).get(image.id)
-    cached = _index(db_session, user_id, serving, index_cache) if vector is not None else None
     out = []
     for concept in concepts:
         verdict = verdicts.get(concept.id)
@@ -342,17 +429,23 @@ def image_concepts(
         at = default
         row = rows.get(concept.id)
         adapter = _adapter(adapter_cache, row, serving)
-        if vector is not None and cached is not None and adapter is not None and row is not None:
+        scorer = None
+        if adapter is not None and row is not None:
             scorer = _scorer(
-                db_session, row, adapter, serving, cached, adapter_cache, search_settings
+                db_session,
+                user_id,
+                row,
+                serving,
+                adapter_cache,
+                _own_photos(db_session, user_id, concept.id),
             )
-            score = float(vector @ scorer.vector)
+        if scorer is not None and (score := scorer.score_of(image.vec_id)) is not None:
             conf = float(scorer.scale.confidence(np.array([score]))[0])
             if cutoff is None and verdict is None and concept.id not in taught:
                 # Only a photo that could be "matched" needs its concept's own cut-off.
                 marks = repositories.active_verdicts(db_session=db_session, concept_id=concept.id)
                 rejected = [i for i, v in marks.items() if v.verdict == Verdict.REJECTED]
-                at = _cutoff(db_session, user_id, scorer, rejected, serving, default)
+                at = _cutoff(db_session, user_id, scorer, rejected, scorer.cutoff(default))
         reason: Reason
         if verdict == Verdict.CONFIRMED:
             reason = "confirmed"

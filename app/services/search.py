@@ -187,7 +187,7 @@ class AdapterCache:
 
     def memo(self, key: str, load: Callable[[], T]) -> T:
         """What `load()` returns for `key`, computed once while it stays among the most recent
-        (an album's vector and calibration, app.services.albums)."""
+        (an album's photo mean and library scores, app.services.albums)."""
         with self._lock:
             if key in self._memo:
                 self._memo.move_to_end(key)

@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.config import Settings
-from app.models import ConceptVerdict, Job, JobState
+from app.ml.regions import pack_regions, unpack_regions
+from app.models import ConceptVerdict, Image, Job, JobState
 from app.services import calibration, training
 from tests.api.test_concepts import tiny_app
 from tests.api.test_concepts import tiny_settings as tiny_settings  # the fixture
@@ -99,15 +101,19 @@ def verdict_rows(client: TestClient) -> int:
 def test_album_has_the_taught_photos_and_a_calibrated_confidence(client, fido):
     user, cid, ids = fido
     body = album(client, user, cid, order="confidence")
-    assert body["version"] == 1 and body["cutoff"] == calibration.ALBUM_CUTOFF
+    # the concept's own cut-off: ALBUM_CUTOFF raised by how high the library's top reaches
+    assert body["version"] == 1 and body["cutoff"] >= calibration.ALBUM_CUTOFF - 1e-9
     scale = body["calibration"]
-    assert scale is not None and scale["own"] > scale["library"]
+    # The tiny random model's noise photos all score alike: its own photos need not outscore
+    # the library's top (calibration.calibrate); the scale is still the one every score is on.
+    assert scale is not None and 0 < scale["own"] <= 1 + 1e-6
+    span = max(scale["own"] - scale["library"], calibration.MIN_SPAN)
     by_id = {p["image"]["id"]: p for p in body["items"]}
     assert set(ids[:3]) <= set(by_id)  # the photos it was taught from: always in
     assert all(by_id[i]["reason"] == "taught" for i in ids[:3])
     for p in body["items"]:
         # confidence = (score - library) / (own - library), and matches reach the cut-off
-        expected = (p["score"] - scale["library"]) / (scale["own"] - scale["library"])
+        expected = (p["score"] - scale["library"]) / span
         assert p["confidence"] == pytest.approx(expected, abs=1e-5)
         if p["reason"] == "matched":
             assert p["confidence"] >= body["cutoff"] - 1e-6
@@ -124,7 +130,10 @@ def test_every_photo_above_the_cutoff_is_in_and_none_below(client, fido, monkeyp
     cut = sorted(p["confidence"] for p in everything["items"])[5]
     monkeypatch.setattr(calibration, "ALBUM_CUTOFF", cut)
     some = album(client, user, cid, limit=200)
-    expect = {p["image"]["id"] for p in everything["items"] if p["confidence"] >= cut - 1e-6}
+    # the concept's cut-off: ALBUM_CUTOFF raised by how high the library's top reaches
+    assert some["cutoff"] >= cut - 1e-9
+    at = some["cutoff"]
+    expect = {p["image"]["id"] for p in everything["items"] if p["confidence"] >= at - 1e-6}
     assert set(ids_of(some)) == expect | set(ids[:3])
 
 
@@ -137,6 +146,46 @@ def test_photos_indexed_after_training_appear_without_asking(client, fido, monke
     newest = album(client, user, cid, limit=200)
     assert set(new) <= set(ids_of(newest))
     assert ids_of(newest)[:2] == list(reversed(new)) or set(ids_of(newest)[:2]) == set(new)
+
+
+def test_a_photo_is_scored_on_its_regions_once_they_are_stored(client, fido, monkeypatch):
+    """The album score is the best match over the photo and its stored regions; regions stored
+    after the album was last read (the region pass follows the whole-image pass) count at the
+    next request, without a new version or index generation."""
+    user, cid, ids = fido
+    monkeypatch.setattr(calibration, "ALBUM_CUTOFF", EVERYTHING)
+    app: Any = client.app
+    target = ids[9]
+    with app.state.container.session_factory() as s:
+        rows = {i.id: i for i in s.scalars(select(Image).where(Image.id.in_(ids)))}
+        layout = rows[target].region_layout
+        dim = len(rows[target].embedding) // 4
+        stored = unpack_regions(rows[target].region_embeddings, dim)
+        taught = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids[:3]])
+        s.execute(
+            update(Image)
+            .where(Image.id == target)
+            .values(region_embeddings=None, region_layout=None)
+        )
+        s.commit()
+    assert layout is not None and len(stored)
+    before = {p["image"]["id"]: p["score"] for p in album(client, user, cid, limit=200)["items"]}
+    whole = taught / np.linalg.norm(taught, axis=1, keepdims=True)
+    mean = whole.mean(axis=0)
+    mean /= np.linalg.norm(mean)
+    # one region row that shows exactly the concept's look: the best possible match
+    regions = np.concatenate([stored[:-1], mean[None]]).astype(np.float32)
+    with app.state.container.session_factory() as s:
+        s.execute(
+            update(Image)
+            .where(Image.id == target)
+            .values(region_embeddings=pack_regions(regions), region_layout=layout)
+        )
+        s.commit()
+    after = {p["image"]["id"]: p["score"] for p in album(client, user, cid, limit=200)["items"]}
+    assert after[target] == pytest.approx(1.0, abs=5e-3)
+    assert after[target] > before[target]
+    assert all(after[i] == pytest.approx(before[i], abs=1e-6) for i in ids if i != target)
 
 
 def test_pages_walk_the_whole_album_in_either_order(client, fido, monkeypatch):
@@ -338,20 +387,23 @@ def test_image_concepts_name_the_albums_that_hold_it(client, fido, monkeypatch):
     assert got["confidence"] == pytest.approx(photo["confidence"], rel=1e-4)
 
 
-def test_rejections_teach_the_album_its_own_cutoff(client, fido):
+def test_rejections_teach_the_album_its_own_cutoff(client, fido, monkeypatch):
     """Once photos are rejected, the album's cut-off is learned from them (midway between the
     concept's least typical own photo and its most convincing rejected one, within
-    MAX_LEARNED_SHIFT of the global one); GET /images/{id}/concepts decides at the same
-    cut-off; an undo of the last rejection gives the global one back."""
+    MAX_LEARNED_SHIFT of the concept's cut-off before marks; the service's bound is 0, as
+    chosen on the benchmark, so the mechanism is tested at 0.25); GET /images/{id}/concepts
+    decides at the same cut-off; an undo of the last rejection gives the first one back."""
+    monkeypatch.setattr(calibration, "MAX_LEARNED_SHIFT", 0.25)
     user, cid, ids = fido
-    assert album(client, user, cid)["cutoff"] == calibration.ALBUM_CUTOFF
+    before = album(client, user, cid)["cutoff"]
+    assert before >= calibration.ALBUM_CUTOFF - 1e-9
     assert mark(client, user, cid, ids[5], "rejected").status_code == 200
     assert mark(client, user, cid, ids[6], "rejected").status_code == 200
     wait_jobs(client)
     body = album(client, user, cid, order="confidence", limit=200)
     learned = body["cutoff"]
-    assert learned != calibration.ALBUM_CUTOFF
-    assert abs(learned - calibration.ALBUM_CUTOFF) <= calibration.MAX_LEARNED_SHIFT + 1e-9
+    assert learned != pytest.approx(before, abs=1e-9)
+    assert abs(learned - before) <= calibration.MAX_LEARNED_SHIFT + 1e-6
     matched = {p["image"]["id"] for p in body["items"] if p["reason"] == "matched"}
     assert all(p["confidence"] >= learned - 1e-6 for p in body["items"] if p["reason"] == "matched")
     for image_id in ids[3:]:
@@ -365,7 +417,7 @@ def test_rejections_teach_the_album_its_own_cutoff(client, fido):
     r = client.delete(f"/concepts/{cid}/photos/{ids[6]}/verdict", headers=user.headers)
     assert r.status_code == 200
     wait_jobs(client)
-    assert album(client, user, cid)["cutoff"] == calibration.ALBUM_CUTOFF
+    assert album(client, user, cid)["cutoff"] == pytest.approx(before, abs=1e-9)
 
 
 def test_rejected_photos_are_never_hits_of_a_query_naming_the_concept(client, fido):
