@@ -143,7 +143,7 @@ class SearchSettings(BaseModel):
         description="crops embedded per image at index time to re-rank queries that name several "
         "concepts (five = four 60 % corners + centre, 6x the embedding work; none = off)",
     )
-    region_method: Literal["auto", "crops", "pooled", "both"] = Field(
+    region_method: Literal["auto", "crops", "pooled", "both", "late"] = Field(
         "auto",
         description="how the regions are embedded: crops = each crop encoded on its own (R more "
         "forward passes per image); pooled = each box pooled from the whole image's one forward "
@@ -165,6 +165,12 @@ class SearchSettings(BaseModel):
         ge=0,
         description="queries naming several concepts: weight of the concepts' best pooled-region "
         "matches in the re-ranking score (region_method pooled or both)",
+    )
+    late_region_weight: float = Field(
+        8.0,
+        ge=0,
+        description="queries naming several concepts: weight of the concepts' best late-region "
+        "matches in the re-ranking score (region_method late)",
     )
     concept_region_weight: float = Field(
         1.0,

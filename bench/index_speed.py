@@ -8,7 +8,8 @@ the bare image tower, every number a ratio to a baseline taken in the same run.
   pipeline  embed_pending on a SQLite library of camera-sized JPEGs (synthetic photo-like
             pictures at 1600x1200 and 4000x3000, quality 90) with the demo model and ViT-B-32
             (random weights: it costs what it costs with real ones), POLAR_THREADS__EMBEDDING 1
-            and 2, regions off / pooled / both (crops + pooled, the default) / crops: the time
+            and 2, regions off / pooled / late (ViT-B-32 only: app.ml.region_late, the ViT
+            default) / both (crops + pooled, the demo model's default) / crops: the time
             until every photo is searchable (its whole embedding committed and the index
             generation bumped) and until full quality (the job ends: every region stored); and
             regions off with the next batch decoded in the same thread (the code before issue
@@ -72,6 +73,7 @@ OUT = Path(__file__).resolve().parent / "results" / "index_speed.json"
 LIBRARY = 50_000
 TOWER_BATCH = 16
 METHODS = ("off", "off-onnx", "off-no-ahead", "off-onnx-before", "pooled", "both", "crops")
+VIT_REGIONS = ("pooled", "late")  # late needs a ViT: its rows are ViT-B-32's
 # (model, photo size, POLAR_THREADS__EMBEDDING, region methods): ViT-B-32's region passes cost
 # 6 forward passes a photo, so they are timed where they say the most, within ~10 minutes.
 CONFIGS: list[tuple[str, str, int, tuple[str, ...]]] = [
@@ -83,9 +85,14 @@ CONFIGS: list[tuple[str, str, int, tuple[str, ...]]] = [
         "ViT-B-32",
         "1600x1200",
         1,
-        ("off", "off-onnx", "off-onnx-before", "off-no-ahead", "pooled", "both"),
+        ("off", "off-onnx", "off-onnx-before", "off-no-ahead", *VIT_REGIONS, "both"),
     ),
-    ("ViT-B-32", "1600x1200", 2, ("off", "off-onnx", "off-onnx-before", "off-no-ahead", "pooled")),
+    (
+        "ViT-B-32",
+        "1600x1200",
+        2,
+        ("off", "off-onnx", "off-onnx-before", "off-no-ahead", *VIT_REGIONS),
+    ),
     ("ViT-B-32", "4000x3000", 1, ("off", "off-onnx", "off-onnx-before", "off-no-ahead")),
     ("ViT-B-32", "4000x3000", 2, ("off", "off-onnx", "off-onnx-before")),
 ]

@@ -25,7 +25,7 @@ from app.config import SearchSettings, TrainingSettings
 from app.ml.encode import encode_images, encode_texts
 from app.ml.model import ClipBundle, TrainingRecipe, demo_checkpoint_path, training_recipe
 from app.ml.regions import (
-    REGION_KINDS,
+    BOTH_KINDS,
     encode_regions_by,
     layout_boxes,
     parse_stored_layout,
@@ -200,10 +200,10 @@ def pool_regions(bundle: ClipBundle, ds: PerVLDataset, emb: Embedded, key: str) 
     if key not in emb.regions:
         layout, method = parse_stored_layout(key)
         if method == "both":
-            kinds = [pool_regions(bundle, ds, emb, stored_layout(layout, k)) for k in REGION_KINDS]
+            kinds = [pool_regions(bundle, ds, emb, stored_layout(layout, k)) for k in BOTH_KINDS]
             emb.regions[key] = np.concatenate(kinds, axis=1)
             emb.region_seconds[key] = sum(
-                emb.region_seconds[stored_layout(layout, k)] for k in REGION_KINDS
+                emb.region_seconds[stored_layout(layout, k)] for k in BOTH_KINDS
             )
             return emb.regions[key]
         start = time.perf_counter()

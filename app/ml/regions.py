@@ -27,6 +27,7 @@ from PIL import Image
 
 from app.ml.encode import ImageEngine, encode_images
 from app.ml.model import ClipBundle
+from app.ml.region_late import encode_late_regions, late_blocks, supports_late
 from app.ml.region_pool import encode_with_regions, supports_pooling, tower_family
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
@@ -44,10 +45,12 @@ LAYOUTS: dict[str, tuple[Box, ...]] = {
 }
 
 
-REGION_METHODS = ("crops", "pooled", "both")
-REGION_KINDS = ("crops", "pooled")  # what one stored region row is
+REGION_METHODS = ("crops", "pooled", "both", "late")
+REGION_KINDS = ("crops", "pooled", "late")  # what one stored region row is
+BOTH_KINDS = ("crops", "pooled")  # what "both" stores, in order
 AUTO = "auto"  # the setting's default: the method measured best for the tower's family
-_SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both"}
+# A change of what a method computes needs a new suffix, so that stored regions go stale.
+_SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both", "late": "-late"}
 # The region method each image-tower family gets with POLAR_SEARCH__REGION_METHOD=auto, from
 # the synthetic PerVL benchmark (bench/vit_regions.py; docs/BENCHMARKS.md, "Regions on a ViT
 # image tower"), validation seeds 0-3, two-concept mRR:
@@ -73,10 +76,13 @@ def default_method(bundle: ClipBundle) -> str:
 
 def region_method(bundle: ClipBundle, method: str) -> str:
     """The method that will run: "auto" is the tower family's (`default_method`); "pooled" and
-    "both" fall back to "crops" for a tower that cannot be pooled."""
+    "both" fall back to "crops" for a tower that cannot be pooled, "late" for one that is not
+    a ViT whose last blocks can be re-run (app.ml.region_late)."""
     if method == AUTO:
         method = default_method(bundle)
     _check_method(method)
+    if method == "late":
+        return method if supports_late(bundle) else "crops"
     return method if method == "crops" or supports_pooling(bundle) else "crops"
 
 
@@ -84,7 +90,7 @@ def method_kinds(method: str) -> tuple[str, ...]:
     """The kinds of region rows a method stores, in their stored order: "both" stores the crops
     first, then the pooled regions."""
     _check_method(method)
-    return REGION_KINDS if method == "both" else (method,)
+    return BOTH_KINDS if method == "both" else (method,)
 
 
 def stored_layout(layout: str, method: str) -> str:
@@ -149,6 +155,9 @@ def embed_with_regions(
     the image and then each crop, "both" adds the crops to the pooled pass (crop rows first).
     `engine` (app.ml.onnx_engine) encodes whole images and crops; pooling needs PyTorch."""
     boxes = layout_boxes(layout)
+    if method == "late" and boxes:
+        blocks, own_cls = late_blocks(bundle)
+        return encode_late_regions(bundle, images, boxes, blocks, own_cls)
     if method in ("pooled", "both") and boxes:
         whole, pooled = encode_with_regions(bundle, images, boxes)
         if method == "pooled":
@@ -170,7 +179,7 @@ def encode_regions_by(
     """Region embeddings (N, R_total, D) by a resolved method (pooled: from one pass per image;
     both: the crops, then the pooled regions); crops through `engine` when one is given."""
     boxes = layout_boxes(layout)
-    if method in ("pooled", "both") and boxes:
+    if method in ("pooled", "both", "late") and boxes:
         return embed_with_regions(bundle, images, layout, method, engine)[1]
     return encode_boxes(bundle, images, boxes, engine=engine)
 

@@ -263,11 +263,12 @@ def embed_pending(
     PUBLISH_INTERVAL_S), so a new library is searchable after the cheap pass; the crops cost
     R more encodes per image (bench/region_cost.py) and only refine queries naming several
     concepts, so they follow. Progress counts encodes: a crop costs as much as a whole image.
-    With POLAR_SEARCH__REGION_METHOD=pooled the regions come from the whole image's own pass
-    and are stored with it; images whose regions are stale cost one encode each. With "both"
-    (the default) the pooled regions are stored by the first pass, so queries naming several
-    concepts are re-ranked by them at once, and the crops follow; a kind of region an image
-    already has for the layout is kept, not encoded again.
+    With POLAR_SEARCH__REGION_METHOD=pooled or late the regions come with the whole image's own
+    pass (late: plus the last blocks re-run per box, app.ml.region_late) and are stored with
+    it; images whose regions are stale cost one encode each. With "both" the pooled regions
+    are stored by the first pass, so queries naming several concepts are re-ranked by them at
+    once, and the crops follow; a kind of region an image already has for the layout is kept,
+    not encoded again.
     """
     serving = serving or ctx.serving()
     model_id, bundle = serving.model_id, serving.bundle
@@ -275,11 +276,13 @@ def embed_pending(
     method = region_method(bundle, ctx.settings.search.region_method)
     key = region_key(ctx.settings.search, bundle)  # what region_layout says of the regions
     boxes = len(layout_boxes(layout))
-    # pooled and both: the first pass pools the regions from the whole image's pass and stores
-    # them at once ("five-pooled"); both then adds the crops in the second pass.
-    pooled = method in ("pooled", "both") and boxes > 0
-    first_key = stored_layout(layout, "pooled") if pooled else None
-    cost = 1 if method == "pooled" else boxes  # encodes per image for its regions
+    # pooled, late and both: the first pass makes the regions with the whole image's pass and
+    # stores them at once ("five-pooled", "five-late"); both then adds the crops in the second.
+    first_kind = {"pooled": "pooled", "both": "pooled", "late": "late"}.get(method)
+    first_kind = first_kind if boxes else None
+    first_key = stored_layout(layout, first_kind) if first_kind else None
+    one_pass = method in ("pooled", "late")
+    cost = 1 if one_pass else boxes  # encodes per image for its regions
     store = ctx.store
     roots = [r.resolve() for r in ctx.settings.library.roots]
     whole_side, crop_side = decode_side(bundle, crops=False), decode_side(bundle)
@@ -290,7 +293,7 @@ def embed_pending(
     # changes (a rescan or a new upload of the bytes clears embed_error) or a rebuild is asked.
     whole = _pending(ctx, image_ids, model_id)
     crops_left = len(_pending(ctx, image_ids, model_id, key)) if boxes else 0
-    total = max(1, len(whole) + cost * ((0 if method == "pooled" else len(whole)) + crops_left))
+    total = max(1, len(whole) + cost * ((0 if one_pass else len(whole)) + crops_left))
     work = 0
     last_publish, unpublished = time.monotonic(), False
 
@@ -308,7 +311,7 @@ def embed_pending(
         }
         # Without pooling the model needs only the preprocessed pixels: made here too, in the
         # decoding thread, so the model's thread runs the tower alone (issue 32).
-        pixels = None if pooled else preprocess_images(bundle, list(pictures.values()))
+        pixels = None if first_kind else preprocess_images(bundle, list(pictures.values()))
         return _Decoded(batch, pictures, failed, pixels=pixels)
 
     # The next batch is decoded in a second thread while the model runs on this one.
@@ -319,8 +322,8 @@ def embed_pending(
         if decoded:
             with cpu_threads(embedding_threads(ctx)):
                 pictures = [im for _, im in decoded]
-                if pooled:  # (B, D) and (B, R, D) from one pass
-                    vectors, regions = embed_with_regions(bundle, pictures, layout, "pooled")
+                if first_kind:  # (B, D) and (B, R, D) from one pass
+                    vectors, regions = embed_with_regions(bundle, pictures, layout, first_kind)
                 else:
                     assert part.pixels is not None
                     vectors, regions = encode_pixels(bundle, part.pixels, engine=engine), None

@@ -163,7 +163,11 @@ def region_weights(
         return {}
     kinds = method_kinds(method)
     if len(encoding.parts) >= 2:
-        per_kind = {"crops": settings.region_weight, "pooled": settings.pooled_region_weight}
+        per_kind = {
+            "crops": settings.region_weight,
+            "pooled": settings.pooled_region_weight,
+            "late": settings.late_region_weight,
+        }
         weights = {kind: per_kind[kind] for kind in kinds}
     else:
         one = (

@@ -15,6 +15,7 @@ from app.ml.encode import encode_images
 from app.ml.region_pool import encode_with_regions
 from app.ml.regions import (
     LAYOUTS,
+    embed_with_regions,
     encode_regions,
     region_match,
     region_method,
@@ -191,14 +192,18 @@ def _expected(client: Any, bundle: Any, rewritten: str, cfg: SearchSettings) -> 
     if cfg.regions == "none":
         return dict(zip(ids, base.tolist(), strict=True))
     # Each kind the method stores, at its own weight; an image without it matched whole.
-    kinds = {"crops": cfg.region_weight, "pooled": cfg.pooled_region_weight}
+    kinds = {
+        "crops": cfg.region_weight,
+        "pooled": cfg.pooled_region_weight,
+        "late": cfg.late_region_weight,
+    }
     method = region_method(bundle, cfg.region_method)
-    kinds = {k: w for k, w in kinds.items() if k in method or method == "both"}
+    kinds = {k: w for k, w in kinds.items() if k == method or (method == "both" and k != "late")}
     empty = np.zeros((0, bundle.embed_dim), np.float32)
 
     def rows(r: dict[str, np.ndarray], kind: str) -> np.ndarray:
         # A kind the image lacks: the kind it has stands in; no regions: the whole image.
-        return r.get(kind, r.get("crops", r.get("pooled", empty)))
+        return r.get(kind, r.get("crops", r.get("pooled", r.get("late", empty))))
 
     scores = base.copy()
     for kind, weight in kinds.items():
@@ -381,6 +386,39 @@ def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tin
         np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture]), atol=1e-5)
     body = api_client.get("/index", headers=user.headers).json()
     assert (body["region_layout"], body["with_regions"]) == ("five-pooled", 3)
+
+
+def test_late_regions_come_with_the_whole_embedding(api_client, make_user, tiny_serving):  # noqa: F811
+    """POLAR_SEARCH__REGION_METHOD=late: one pass per image (plus the last blocks re-run per
+    box) stores the whole embedding and five late regions, keyed five-late; a two-concept
+    query is re-ranked by them."""
+    cfg = api_client.app.state.container.settings.search
+    cfg.region_method = "late"
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(3))
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    d = tiny_serving.embed_dim
+    for seed, image_id in enumerate(ids):
+        row = rows[image_id]
+        assert row.region_layout == "five-late"
+        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        whole, regions = embed_with_regions(tiny_serving, [picture], "five", "late")
+        np.testing.assert_allclose(unpack_regions(row.region_embeddings, d), regions[0], atol=2e-3)
+        np.testing.assert_allclose(np.frombuffer(row.embedding, np.float32), whole[0], atol=1e-5)
+        np.testing.assert_allclose(whole, encode_images(tiny_serving, [picture]), atol=1e-5)
+    body = api_client.get("/index", headers=user.headers).json()
+    assert (body["region_layout"], body["with_regions"]) == ("five-late", 3)
+    _two_concepts(api_client, user, tiny_serving)
+    body = api_client.get(
+        "/search", params={"q": "Fido and Rex on the beach", "k": 3}, headers=user.headers
+    ).json()
+    assert body["reranked"] is True and not body["warnings"]
+    expected = _expected(api_client, tiny_serving, body["rewritten"], cfg)
+    assert {h["image"]["id"]: h["score"] for h in body["hits"]} == pytest.approx(expected, abs=2e-4)
+    cfg.region_method = "pooled"  # another method: stale
+    status = api_client.get("/index", headers=user.headers).json()
+    assert (status["region_layout"], status["with_regions"]) == ("five-pooled", 0)
 
 
 def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, tiny_serving):  # noqa: F811
