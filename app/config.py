@@ -149,10 +149,12 @@ class SearchSettings(BaseModel):
         "forward passes per image); pooled = each box pooled from the whole image's one forward "
         "pass (1.04x / 1.18x the cost of no regions on the demo model / ViT-B-32, against 4.7x / "
         "7.8x for crops); both = crops and pooled regions stored side by side, each matched on "
-        "its own (about the cost of crops, twice the region storage); auto = the method measured "
-        "best for the image tower's family on the synthetic PerVL benchmark: both for "
-        "ModifiedResNets (the demo model), crops for ViTs and others (docs/BENCHMARKS.md); a "
-        "model pooling cannot serve falls back to crops",
+        "its own (about the cost of crops, twice the region storage); late = ViTs only: in the "
+        "one forward pass each box gets its own CLS token attending to the box's patches, and the "
+        "last block is re-run on the box's tokens (1.2x the time of no regions on ViT-B-32); "
+        "auto = the method measured best for the image tower's family on the synthetic PerVL "
+        "benchmark: both for ModifiedResNets (the demo model), late for ViTs, crops for others "
+        "(docs/BENCHMARKS.md); a model a method cannot serve falls back to crops",
     )
     region_weight: float = Field(
         8.0,
@@ -167,10 +169,11 @@ class SearchSettings(BaseModel):
         "matches in the re-ranking score (region_method pooled or both)",
     )
     late_region_weight: float = Field(
-        8.0,
+        4.0,
         ge=0,
         description="queries naming several concepts: weight of the concepts' best late-region "
-        "matches in the re-ranking score (region_method late)",
+        "matches in the re-ranking score (region_method late; queries naming one concept are not "
+        "re-ranked by late regions)",
     )
     concept_region_weight: float = Field(
         1.0,

@@ -16,7 +16,7 @@ __all__ = ["tiny_serving"]
 def tiny_serving(api_client: Any) -> ClipBundle:
     """A tiny random CLIP (context 77) serves `api_client`'s app (its searches and jobs).
 
-    Its image tower is a ViT, for which POLAR_SEARCH__REGION_METHOD=auto means crops only; the
+    Its image tower is a ViT, for which POLAR_SEARCH__REGION_METHOD=auto means late regions; the
     API tests were written for both kinds of regions (what auto means for the demo model), so
     the app stores both here. tests/api/test_index_regions.py checks auto itself."""
     bundle = tiny_clip(0)

@@ -9,10 +9,14 @@ embedding put into it), and ln_post and proj make the box's embedding. k = L is 
 (the crop of the patch grid, not of the pixels); k = 1 is exactly "pooled".
 
 `own_cls`: each box also gets its own CLS token from the first block on, which in the shared
-blocks attends only to itself and the box's cells (an attention mask on one extra token per box
-in the shared pass: the image's own tokens never see them), so what the CLS token gathers
-before the last k blocks is the box's alone; the patch tokens below block L - k have still seen
-the whole image.
+blocks attends only to itself and the box's cells (one extra token per box in the shared pass,
+with its own attention row; the image's own tokens never see them, so the whole-image
+embedding is unchanged), so what the CLS token gathers before the last k blocks is the box's
+alone; the patch tokens below block L - k have still seen the whole image. With it, k = 0 and
+k = 1 give the same embedding (in the last block only the CLS row matters).
+
+The "late" region method (app.ml.regions) runs `late_blocks`: own CLS tokens and k = 1, chosen
+on polar-demo-vit's validation seeds (bench/vit_late.py; docs/BENCHMARKS.md, "Late regions").
 
 A box holds the cells whose centre lies inside it (app.ml.region_pool.cell_masks); the full box
 reproduces the whole-image embedding. Cost per box: about k/L x (cells in the box / all cells)
@@ -45,13 +49,25 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions
 
 def supports_late(bundle: ClipBundle) -> bool:
     """Whether this model's regions can be made by late blocks: an open_clip ViT pooling its
-    CLS token whose blocks all take an attention mask, with Resize + CenterCrop preprocessing."""
+    CLS token whose blocks are plain self-attention blocks (one packed in-projection, taking an
+    attention mask), with Resize + CenterCrop preprocessing."""
     visual = getattr(bundle.model, "visual", None)
     return (
         isinstance(visual, VisionTransformer)
         and _vit_supported(visual)
-        and all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks)
+        and all(_plain_block(b) for b in visual.transformer.resblocks)
         and _frame_transforms(bundle.preprocess) is not None
+    )
+
+
+def _plain_block(blk: torch.nn.Module) -> bool:
+    attn = getattr(blk, "attn", None)
+    return (
+        type(blk) is ResidualAttentionBlock
+        and isinstance(attn, torch.nn.MultiheadAttention)
+        and attn._qkv_same_embed_dim
+        and attn.bias_k is None
+        and not attn.add_zero_attn
     )
 
 
@@ -90,6 +106,38 @@ def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, 0.0, -math.inf).to(dtype)
 
 
+def _block_with_box_cls(
+    blk: ResidualAttentionBlock, x: torch.Tensor, cls: torch.Tensor, sel: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on the image's tokens x (B, T, C), as `blk(x)`, and on the boxes' own CLS
+    tokens cls (B, R, C), each attending to itself and its box's cells (sel (R, T - 1)); the
+    image's tokens never attend to the boxes'. The projections and the MLP run on all T + R
+    tokens at once; the image's attention runs unmasked (the fast kernel), the boxes' on
+    their own rows."""
+    attn = blk.attn
+    assert isinstance(attn, torch.nn.MultiheadAttention)
+    t, nr, c = x.shape[1], cls.shape[1], x.shape[2]
+    heads = attn.num_heads
+    both = torch.cat([x, cls], dim=1)
+    qkv = F.linear(blk.ln_1(both), attn.in_proj_weight, attn.in_proj_bias)
+    b, n = qkv.shape[0], qkv.shape[1]
+    q, k, v = (
+        z.reshape(b, n, heads, c // heads).transpose(1, 2) for z in torch.split(qkv, c, dim=-1)
+    )
+    image = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t])
+    allowed = torch.zeros(nr, t - 1 + nr, dtype=torch.bool, device=x.device)
+    allowed[:, : t - 1] = sel
+    allowed[torch.arange(nr), t - 1 + torch.arange(nr)] = True
+    keys, values = k[:, :, 1:], v[:, :, 1:]  # the cells and the boxes' CLS tokens
+    boxes = F.scaled_dot_product_attention(
+        q[:, :, t:], keys, values, attn_mask=_bias(allowed, x.dtype)
+    )
+    out = attn.out_proj(torch.cat([image, boxes], dim=2).transpose(1, 2).flatten(2))
+    both = both + blk.ls_1(out)
+    both = both + blk.ls_2(blk.mlp(blk.ln_2(both)))
+    return both[:, :t], both[:, t:]
+
+
 def box_tokens(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For cell masks (R, H*W): each box's token indices into [CLS, cells] (R, 1 + n_max), the
     CLS token (0) first, then its cells in row-major order, padded with the CLS index; and which
@@ -123,14 +171,11 @@ def late_features(
     nr = len(masks)
     sel = masks > 0
     if own_cls and shared and nr:
-        # one extra CLS token per box; the image's tokens never attend to them
-        allowed = torch.zeros(t + nr, t + nr, dtype=torch.bool)
-        allowed[:t, :t] = True
-        allowed[t:, 1:t] = sel
-        allowed[t + torch.arange(nr), t + torch.arange(nr)] = True
-        ext = torch.cat([x, x[:, :1].expand(b, nr, c)], dim=1)
-        ext = _run(tr, tr.resblocks[:shared], ext, _bias(allowed, x.dtype).to(x.device))
-        x, cls = ext[:, :t], ext[:, t:]
+        # one extra CLS token per box, attending to itself and the box's cells only
+        cls = x[:, :1].expand(b, nr, c)
+        for blk in tr.resblocks[:shared]:
+            assert isinstance(blk, ResidualAttentionBlock)
+            x, cls = _block_with_box_cls(blk, x, cls, sel)
     else:
         x = _run(tr, tr.resblocks[:shared], x, None)
         cls = x[:, :1].expand(b, nr, c)

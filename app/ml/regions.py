@@ -1,8 +1,10 @@
 """Region embeddings: a few crops of each library image, for queries that name several concepts.
 
-Three ways to embed them (`POLAR_SEARCH__REGION_METHOD`): "crops" encodes each crop on its own;
+Four ways to embed them (`POLAR_SEARCH__REGION_METHOD`): "crops" encodes each crop on its own;
 "pooled" pools each box from the image tower's one forward pass (app.ml.region_pool); "both"
-stores the two kinds side by side, and the re-ranking weighs each kind's match on its own.
+stores the two kinds side by side, and the re-ranking weighs each kind's match on its own;
+"late" (ViTs) gives each box its own CLS token in the tower's one pass and re-runs the last
+block on the box's tokens (app.ml.region_late).
 
 A whole-image CLIP embedding of a photo with two objects says little about *which* instance of
 each object is there (synthetic PerVL: a concept's photo mean ranks its own two-object scene above
@@ -52,16 +54,21 @@ AUTO = "auto"  # the setting's default: the method measured best for the tower's
 # A change of what a method computes needs a new suffix, so that stored regions go stale.
 _SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both", "late": "-late"}
 # The region method each image-tower family gets with POLAR_SEARCH__REGION_METHOD=auto, from
-# the synthetic PerVL benchmark (bench/vit_regions.py; docs/BENCHMARKS.md, "Regions on a ViT
-# image tower"), validation seeds 0-3, two-concept mRR:
-#   modified_resnet (the demo model, 2x2 final cells): both 0.887 > pooled 0.826 > crops 0.724
-#       (seeds 0-1; test 0.833 / 0.792 / 0.767);
-#   vit (polar-demo-vit, 8x8 patches): crops 0.693 > both 0.474 > none 0.587 > pooled 0.312
-#       (test 0.724 / 0.407 / 0.393 / 0.195): regions pooled from that ViT's last block
-#       mislead the re-ranking at every weight tried (4-64), so ViTs get crops, at ~6x the
-#       indexing work of no regions on ViT-B-32 (pooled would cost ~1x);
-#   other towers cannot be pooled: crops.
-FAMILY_METHODS = {"vit": "crops", "modified_resnet": "both", "other": "crops"}
+# the synthetic PerVL benchmark (docs/BENCHMARKS.md, "Regions on a ViT image tower"),
+# validation seeds 0-3, two-concept mRR:
+#   modified_resnet (the demo model, 2x2 final cells; bench/vit_regions.py): both 0.887 >
+#       pooled 0.826 > crops 0.724 (seeds 0-1; test 0.833 / 0.792 / 0.767);
+#   vit (polar-demo-vit, 8x8 patches, 4 blocks): crops 0.693 > none 0.587 > pooled 0.312
+#       (bench/vit_regions.py: regions pooled from the last block's CLS attention mislead the
+#       re-ranking), and late 0.702 (bench/vit_late.py: each box its own CLS token masked to
+#       its cells from the first block, app.ml.region_late; weight 4), within 0.02 of crops as
+#       the rule declared before the test run asks, so ViTs get late: on ViT-B-32 full quality
+#       takes 1.20x the indexing time of no regions on the ONNX engine (1.03x PyTorch's; the
+#       tower alone 1.14x) where crops take 5-7.6x (bench/index_speed.py, bench/late_cost.py).
+#       Test seeds 0-3 (80 queries): crops 0.680 > late 0.590 > none 0.475: late keeps about
+#       half of what crops gain there (crops stay one setting away: REGION_METHOD=crops);
+#   other towers can neither be pooled nor re-run: crops.
+FAMILY_METHODS = {"vit": "late", "modified_resnet": "both", "other": "crops"}
 
 
 def _check_method(method: str) -> None:

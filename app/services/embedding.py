@@ -194,8 +194,8 @@ def _open_preview(
 def decode_side(bundle: ClipBundle, *, crops: bool = True) -> int:
     """Smallest side an image is decoded at (0 = at full size): for the crops' pass twice the
     model's input side, so that a 60 % crop still has more pixels than the model reads; for the
-    whole-image pass (pooled regions included: they come from the model's input) the input
-    side itself, which lets a JPEG decode at a quarter or an eighth of its size (a 1600x1200
+    whole-image pass (pooled and late regions included: they come from the model's input) the
+    input side itself, which lets a JPEG decode at a quarter or an eighth of its size (a 1600x1200
     photo: 400x300 in ~2/3 of the time at 800x600, and its resize to the input in half the
     time: bench/index_speed.py)."""
     size = getattr(getattr(bundle.model, "visual", None), "image_size", None)
@@ -357,8 +357,9 @@ def embed_pending(
     kinds = method_kinds(method)
 
     # Each kind from the picture its pass would decode: the crops from twice the model's side,
-    # the pooled regions from the whole pass's (so a rebuild stores what the first pass does).
-    kind_side = {"crops": crop_side, "pooled": whole_side}
+    # the pooled and late regions from the whole pass's (so a rebuild stores what the first
+    # pass does).
+    kind_side = {"crops": crop_side, "pooled": whole_side, "late": whole_side}
 
     def decode_lacking(batch: list[tuple[str, ImageSource]]) -> _Decoded:
         found = _stored_kinds(ctx, [i for i, _ in batch], layout, bundle.embed_dim)

@@ -85,8 +85,8 @@ def test_embedding_stores_the_crops_and_pooled_regions_of_each_image(
 
 
 def test_auto_stores_the_method_of_the_towers_family(api_client, make_user, tiny_serving):  # noqa: F811
-    """POLAR_SEARCH__REGION_METHOD=auto (the default): a ViT stores its five crops, each
-    encoded on its own (the demo model, a ModifiedResNet, both kinds: tests/unit/ml)."""
+    """POLAR_SEARCH__REGION_METHOD=auto (the default): a ViT stores five late regions with its
+    whole embedding (the demo model, a ModifiedResNet, both kinds: tests/unit/ml)."""
     cfg = api_client.app.state.container.settings.search
     cfg.region_method = "auto"
     assert SearchSettings().region_method == "auto"
@@ -94,11 +94,11 @@ def test_auto_stores_the_method_of_the_towers_family(api_client, make_user, tiny
     ids = upload(api_client, user, range(2))
     wait_jobs(api_client)
     rows = _rows(api_client)
-    assert {rows[i].region_layout for i in ids} == {"five"}
+    assert {rows[i].region_layout for i in ids} == {"five-late"}
     for i in ids:
         assert unpack_regions(rows[i].region_embeddings, tiny_serving.embed_dim).shape[0] == FIVE
     status = api_client.get("/index", headers=user.headers).json()
-    assert status["region_layout"] == "five" and status["with_regions"] == 2
+    assert status["region_layout"] == "five-late" and status["with_regions"] == 2
 
 
 @pytest.mark.usefixtures("tiny_serving")
@@ -389,9 +389,9 @@ def test_pooled_regions_come_with_the_whole_embedding(api_client, make_user, tin
 
 
 def test_late_regions_come_with_the_whole_embedding(api_client, make_user, tiny_serving):  # noqa: F811
-    """POLAR_SEARCH__REGION_METHOD=late: one pass per image (plus the last blocks re-run per
-    box) stores the whole embedding and five late regions, keyed five-late; a two-concept
-    query is re-ranked by them."""
+    """POLAR_SEARCH__REGION_METHOD=late: one pass per image (plus the last block re-run per
+    box) stores the whole embedding and five late regions, keyed five-late, from the whole
+    pass's picture; a two-concept query is re-ranked by them; another method makes them stale."""
     cfg = api_client.app.state.container.settings.search
     cfg.region_method = "late"
     user = make_user(api_client)
@@ -402,7 +402,7 @@ def test_late_regions_come_with_the_whole_embedding(api_client, make_user, tiny_
     for seed, image_id in enumerate(ids):
         row = rows[image_id]
         assert row.region_layout == "five-late"
-        picture = PILImage.open(io.BytesIO(noisy_jpeg(seed=seed))).convert("RGB")
+        picture = _decoded(seed, tiny_serving, crops=False)
         whole, regions = embed_with_regions(tiny_serving, [picture], "five", "late")
         np.testing.assert_allclose(unpack_regions(row.region_embeddings, d), regions[0], atol=2e-3)
         np.testing.assert_allclose(np.frombuffer(row.embedding, np.float32), whole[0], atol=1e-5)
@@ -419,6 +419,28 @@ def test_late_regions_come_with_the_whole_embedding(api_client, make_user, tiny_
     cfg.region_method = "pooled"  # another method: stale
     status = api_client.get("/index", headers=user.headers).json()
     assert (status["region_layout"], status["with_regions"]) == ("five-pooled", 0)
+
+
+def test_a_switch_to_late_re_embeds_the_regions_by_a_rebuild(api_client, make_user, tiny_serving):  # noqa: F811
+    """crops -> late: the stored crops go stale; a rebuild stores the late regions of the whole
+    pass's picture (the region pass, not the first pass, makes them here)."""
+    cfg = api_client.app.state.container.settings.search
+    cfg.region_method = "crops"
+    user = make_user(api_client)
+    ids = upload(api_client, user, range(2))
+    wait_jobs(api_client)
+    cfg.region_method = "late"
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 0
+    assert api_client.post("/index/rebuild", headers=user.headers).status_code == 202
+    wait_jobs(api_client)
+    rows = _rows(api_client)
+    for seed, image_id in enumerate(ids):
+        assert rows[image_id].region_layout == "five-late"
+        picture = _decoded(seed, tiny_serving, crops=False)
+        late = embed_with_regions(tiny_serving, [picture], "five", "late")[1][0]
+        stored = unpack_regions(rows[image_id].region_embeddings, tiny_serving.embed_dim)
+        np.testing.assert_allclose(stored, late, atol=2e-3)
+    assert api_client.get("/index", headers=user.headers).json()["with_regions"] == 2
 
 
 def test_a_change_of_region_method_makes_the_regions_stale(api_client, library, tiny_serving):  # noqa: F811

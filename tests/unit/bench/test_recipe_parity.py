@@ -59,7 +59,7 @@ def setup(tiny: ClipBundle) -> Setup:
     ds = build_synthetic("test", SMALL)
     method = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.0))
     assert isinstance(method, ServiceRecipe) and method.search == SearchSettings()
-    assert method.layout == "five"  # auto: crops for a ViT such as this tiny model
+    assert method.layout == "five-late"  # auto: late regions for a ViT such as this tiny model
     # Parity is checked with both kinds of regions (the demo model's auto), which runs the
     # code of both: the service below gets the same settings.
     method.search = BOTH

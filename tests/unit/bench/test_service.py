@@ -214,8 +214,8 @@ def test_the_default_method_is_the_services_defaults(tiny: ClipBundle) -> None:
     assert DEFAULT_METHOD == "polar_multi_regions" and DEFAULT_METHOD in DEFAULT_METHODS
     m = METHODS["polar_multi_regions"](tiny, BenchSettings(lam=0.1))
     assert isinstance(m, ServiceRecipe) and m.name == "polar_multi_regions"
-    # the service's defaults: region method auto, which for this tiny ViT is crops
-    assert m.search == SearchSettings() and m.layout == "five"
+    # the service's defaults: region method auto, which for this tiny ViT is late
+    assert m.search == SearchSettings() and m.layout == "five-late"
     # The tiny model has no recipe of its own: the paper's objective with its λ, as the
     # service trains it; the demo model's recipe (its polar.json) brings the keep term.
     assert m.token_mode == "distinct" and m.lam == tiny.default_lam and m.lr == 1e-3

@@ -28,7 +28,7 @@ def test_the_assembled_checkpoint_shares_the_demo_text_tower(tmp_path: Path) -> 
     assert vit.fingerprint.text_sha256 == demo.fingerprint.text_sha256
     assert vit.default_lam == demo.default_lam and vit.recipe == demo.recipe
     assert tower_family(vit) == "vit" and tuple(vit.model.visual.grid_size) == (8, 8)
-    assert supports_pooling(vit) and region_method(vit, "auto") == "crops"
+    assert supports_pooling(vit) and region_method(vit, "auto") == "late"
     assert region_method(demo, "auto") == "both"
 
 

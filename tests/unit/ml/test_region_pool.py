@@ -243,11 +243,11 @@ def test_pooling_on_cuda_matches_encode_images(make, dtype) -> None:
 
 
 def test_auto_is_the_method_measured_for_the_towers_family() -> None:
-    """POLAR_SEARCH__REGION_METHOD=auto: crops for a ViT, both for a ModifiedResNet (the demo
+    """POLAR_SEARCH__REGION_METHOD=auto: late for a ViT, both for a ModifiedResNet (the demo
     model's kind), crops for a tower that cannot be pooled (docs/BENCHMARKS.md)."""
     vit, resnet = tiny_clip(0, torch.float32), tiny_resnet(0, torch.float32)
     assert (tower_family(vit), tower_family(resnet)) == ("vit", "modified_resnet")
-    assert default_method(vit) == region_method(vit, "auto") == "crops"
+    assert default_method(vit) == region_method(vit, "auto") == "late"
     assert default_method(resnet) == region_method(resnet, "auto") == "both"
     odd = bundle_from_model(
         vit.model,
@@ -255,7 +255,7 @@ def test_auto_is_the_method_measured_for_the_towers_family() -> None:
         name="tiny",
         pretrained="odd",
     )
-    assert region_method(odd, "auto") == "crops"  # a ViT whose regions cannot be pooled either
+    assert region_method(odd, "auto") == "crops"  # a ViT whose regions cannot be pooled or re-run
     resnet_odd = bundle_from_model(
         resnet.model, T.Compose([T.RandomCrop(128), T.ToTensor()]), name="tiny-rn", pretrained="o"
     )
@@ -268,3 +268,4 @@ def test_auto_is_the_method_measured_for_the_towers_family() -> None:
     assert tower_family(other) == "other" and default_method(other) == "crops"  # type: ignore[arg-type]
     for explicit in ("crops", "pooled", "both"):  # a set method is kept
         assert region_method(vit, explicit) == region_method(resnet, explicit) == explicit
+    assert region_method(vit, "late") == "late" and region_method(resnet, "late") == "crops"
