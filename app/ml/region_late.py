@@ -169,7 +169,7 @@ def late_features(
     x = _embed(visual, pixels)
     b, t, c = x.shape
     nr = len(masks)
-    sel = masks > 0
+    sel = masks.to(x.device) > 0
     if own_cls and shared and nr:
         # one extra CLS token per box, attending to itself and the box's cells only
         cls = x[:, :1].expand(b, nr, c)

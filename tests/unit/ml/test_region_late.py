@@ -212,3 +212,16 @@ def test_own_cls_with_no_block_re_run_is_one_block_re_run() -> None:
     w1, r1 = encode_late_regions(bundle, IMAGES, FIVE, 1, own_cls=True)
     np.testing.assert_allclose(r1, r0, atol=1e-10)
     np.testing.assert_allclose(w1, w0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_late_regions_on_cuda_match_the_cpu(dtype: torch.dtype) -> None:
+    cpu = deep_vit(8, torch.float32)
+    model = cpu.model.to("cuda", dtype)
+    bundle = bundle_from_model(model, cpu.preprocess, name="deep-vit", pretrained="cuda")
+    whole, regions = encode_late_regions(bundle, IMAGES, FIVE, 1, own_cls=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    np.testing.assert_allclose(whole, encode_images(bundle, IMAGES), atol=tol)
+    expected = encode_late_regions(deep_vit(8, torch.float32), IMAGES, FIVE, 1, own_cls=True)[1]
+    np.testing.assert_allclose(regions, expected, atol=tol)
