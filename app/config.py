@@ -151,7 +151,7 @@ class SearchSettings(BaseModel):
         "7.8x for crops); both = crops and pooled regions stored side by side, each matched on "
         "its own (about the cost of crops, twice the region storage); late = ViTs only: in the "
         "one forward pass each box gets its own CLS token attending to the box's patches, and the "
-        "last block is re-run on the box's tokens (1.2x the time of no regions on ViT-B-32); "
+        "last block is re-run on the box's tokens (1.3x the time of no regions on ViT-B-32); "
         "auto = the method measured best for the image tower's family on the synthetic PerVL "
         "benchmark: both for ModifiedResNets (the demo model), late for ViTs, crops for others "
         "(docs/BENCHMARKS.md); a model a method cannot serve falls back to crops",

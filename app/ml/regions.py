@@ -63,7 +63,7 @@ _SUFFIX = {"crops": "", "pooled": "-pooled", "both": "-both", "late": "-late"}
 #       re-ranking), and late 0.702 (bench/vit_late.py: each box its own CLS token masked to
 #       its cells from the first block, app.ml.region_late; weight 4), within 0.02 of crops as
 #       the rule declared before the test run asks, so ViTs get late: on ViT-B-32 full quality
-#       takes 1.20x the indexing time of no regions on the ONNX engine (1.03x PyTorch's; the
+#       takes 1.31x the indexing time of no regions on the ONNX engine (1.12x PyTorch's; the
 #       tower alone 1.14x) where crops take 5-7.6x (bench/index_speed.py, bench/late_cost.py).
 #       Test seeds 0-3 (80 queries): crops 0.680 > late 0.590 > none 0.475: late keeps about
 #       half of what crops gain there (crops stay one setting away: REGION_METHOD=crops);
