@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 
 from app.config import Settings
 from app.ml.regions import pack_regions, unpack_regions
-from app.models import ConceptVerdict, Image, Job, JobState
+from app.models import ConceptExample, ConceptVerdict, Image, Job, JobState
 from app.services import calibration, training
 from tests.api.test_concepts import tiny_app
 from tests.api.test_concepts import tiny_settings as tiny_settings  # the fixture
@@ -161,7 +161,10 @@ def test_a_photo_is_scored_on_its_regions_once_they_are_stored(client, fido, mon
         layout = rows[target].region_layout
         dim = len(rows[target].embedding) // 4
         stored = unpack_regions(rows[target].region_embeddings, dim)
-        taught = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids[:3]])
+        # the concept's photos as it was trained on them (the album's photo mean is theirs; a
+        # library row of the same picture is embedded from the job's smaller decode)
+        examples = s.scalars(select(ConceptExample).where(ConceptExample.concept_id == cid))
+        taught = np.stack([np.frombuffer(e.embedding, np.float32) for e in examples])
         s.execute(
             update(Image)
             .where(Image.id == target)
